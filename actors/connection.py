@@ -1,0 +1,284 @@
+"""The connection actor: one pykka actor per pooled connection.
+
+The actor owns its connection's lifecycle and nothing else.  It connects
+(calling ``configure`` before every attempt), runs ``after_connect``, backs
+off and retries on failure, pings when the pool finds it idle, and drops and
+re-opens the connection when told to.  Once connected it hands its
+:class:`~dbpool.actors.slot.Slot` to the pool's checkout queue; from then on
+callers borrow the slot directly, and queries never pass through this
+actor's mailbox.
+
+Failures are of two kinds, as in DBConnection:
+
+- *expected* (the database refused or dropped us): logged without secrets,
+  then retried after a backoff step, or, with ``backoff_type="stop"``,
+  reported to the pool, which stops;
+- *unexpected* (``configure`` raised, a bug): the actor crashes and the pool
+  actor restarts it, up to ``max_restarts`` within ``max_seconds``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import pykka
+from psycopg.conninfo import conninfo_to_dict
+
+from dbpool.driver import Driver, Ok
+from dbpool.errors import ConnectionError
+
+from . import backoff as backoff_mod
+from .listeners import ConnectionEvent, EventKind
+from .messages import (
+    Connect,
+    ConnectFailed,
+    ConnectionCrashed,
+    ConnectionGaveUp,
+    Notify,
+    Ping,
+    Reconnect,
+)
+from .scheduler import Scheduler
+from .slot import Slot
+
+__all__ = ["ConnectionActor", "ConnectionConfig"]
+
+logger = logging.getLogger("dbpool.actors.connection")
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """What a connection actor needs from its pool; shared by all of them."""
+
+    pool_name: str
+    driver: Driver[Any]
+    connect_opts: Mapping[str, Any]
+    scheduler: Scheduler
+    #: Hands a ready slot to the pool's checkout queue; False if the pool is closed.
+    release: Callable[[Slot], bool]
+    #: Delivers an event directly, for when the pool actor has already stopped.
+    deliver: Callable[[ConnectionEvent], None]
+    configure: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None
+    #: Runs the user's after_connect on a slot (the pool wraps it in a Connection).
+    after_connect: Callable[[Slot], None] | None = None
+    after_connect_timeout: float = 15.0
+    backoff_type: str = "rand_exp"
+    backoff_min: float | None = None
+    backoff_max: float | None = None
+    show_sensitive_data_on_connection_error: bool = False
+
+
+class ConnectionActor(pykka.ThreadingActor):
+    """Keeps one connection open for pool ``pool_ref``, in slot ``slot``."""
+
+    def __init__(self, slot: Slot, config: ConnectionConfig, pool_ref: pykka.ActorRef[Any]) -> None:
+        super().__init__()
+        self.slot = slot
+        self.config = config
+        self.pool_ref = pool_ref
+        self.backoff = backoff_mod.new(config.backoff_type, config.backoff_min, config.backoff_max)
+        self._attempt = 0
+
+    # -- pykka hooks -----------------------------------------------------
+
+    def on_start(self) -> None:
+        self.slot.actor = self.actor_ref
+        self._schedule_connect(0.0)
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case Connect(attempt) if attempt == self._attempt:
+                self._connect()
+            case Reconnect(slot, generation, error, backoff) if (
+                slot is self.slot and generation == slot.generation
+            ):
+                self._reconnect(error, backoff=backoff)
+            case Ping(slot) if slot is self.slot and slot.driver_state is not None:
+                self._ping()
+            case Connect() | Reconnect() | Ping():
+                pass  # stale: overtaken by a newer attempt or connection
+            case _:
+                logger.warning("%s: connection %d ignored unknown message %r",
+                               self.config.pool_name, self.slot.index, message)
+
+    def on_stop(self) -> None:
+        self._attempt += 1  # invalidate any scheduled Connect
+        if self.slot.lent_at is None:
+            self._close(ConnectionError("the pool is stopping", reason="stopped"))
+
+    def on_failure(
+        self,
+        exception_type: type[BaseException] | None,
+        exception_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        error = exception_value or RuntimeError("connection actor failed")
+        if self.slot.lent_at is None:
+            self._close(error)
+        self._tell_pool(ConnectionCrashed(self.slot.index, error, self.actor_ref))
+
+    # -- lifecycle -------------------------------------------------------
+
+    def _connect(self) -> None:
+        opts: dict[str, Any] = {**self.config.connect_opts, "pool_index": self.slot.index}
+        if self.config.configure is not None:
+            # An exception here is a crash on purpose: the pool restarts us.
+            opts = dict(self.config.configure(opts))
+        try:
+            state = self.config.driver.connect(opts)
+        except Exception as exc:
+            self._connect_failed(self._connect_error(exc, opts))
+            return
+        self.slot.mark_connected(state)
+        self._notify("connected")
+        if self.config.after_connect is not None:
+            failure = self._run_after_connect()
+            if failure is not None:
+                self._reconnect(failure, backoff=True)
+                return
+        if self.backoff is not None:
+            self.backoff.reset()
+        self._release()
+
+    def _connect_failed(self, error: ConnectionError) -> None:
+        logger.error("%s", error)
+        self._tell_pool(ConnectFailed(self.slot.index, error))
+        if self.backoff is None:
+            self._tell_pool(ConnectionGaveUp(self.slot.index, error))
+        else:
+            self._schedule_connect(self.backoff.next())
+
+    def _reconnect(self, error: BaseException, *, backoff: bool) -> None:
+        logger.info("%s: connection %d disconnected: %s",
+                    self.config.pool_name, self.slot.index, _one_line(error))
+        self._close(error)
+        if self.backoff is None:
+            self._tell_pool(ConnectionGaveUp(self.slot.index, error))
+        else:
+            self._schedule_connect(self.backoff.next() if backoff else 0.0)
+
+    def _ping(self) -> None:
+        outcome = self.config.driver.ping(self.slot.driver_state)
+        if isinstance(outcome, Ok):
+            self._release()
+        else:
+            self._reconnect(outcome.error, backoff=False)
+
+    def _release(self) -> None:
+        if not self.config.release(self.slot):  # the pool closed meanwhile
+            self._close(ConnectionError("the pool is stopping", reason="stopped"))
+
+    def _close(self, error: BaseException) -> None:
+        """Disconnect if connected and tell the listeners."""
+        state = self.slot.driver_state
+        if state is None:
+            return
+        self.slot.driver_state = None
+        self.config.driver.disconnect(error, state)
+        self._notify("disconnected", reason=_one_line(error), backend_pid=_backend_pid(state))
+
+    def _schedule_connect(self, delay: float) -> None:
+        self._attempt += 1
+        message = Connect(self._attempt)
+        if delay <= 0:
+            self.actor_ref.tell(message)
+        else:
+            self.config.scheduler.tell_later(delay, self.actor_ref, message)
+
+    def _run_after_connect(self) -> BaseException | None:
+        """Run after_connect on its own thread so that its timeout can be enforced."""
+        assert self.config.after_connect is not None
+        run, slot, timeout = self.config.after_connect, self.slot, self.config.after_connect_timeout
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                run(slot)
+            except BaseException as exc:
+                failure.append(exc)
+            finally:
+                done.set()
+
+        name = f"{self.config.pool_name}-after-connect-{slot.index}"
+        threading.Thread(target=target, name=name, daemon=True).start()
+        if done.wait(timeout):
+            return failure[0] if failure else None
+        # Stop the statement it is running, then give it a moment to notice
+        # before the connection is closed under it.
+        cancel = getattr(self.config.driver, "cancel", None)
+        if cancel is not None:
+            try:
+                cancel(slot.driver_state)
+            except Exception:
+                logger.debug("cancel after after_connect timeout failed", exc_info=True)
+        done.wait(min(timeout, 5.0))
+        return ConnectionError(
+            f"{self.config.pool_name}: after_connect on connection {slot.index} "
+            f"timed out after {timeout:g}s"
+        )
+
+    # -- helpers ---------------------------------------------------------
+
+    def _notify(
+        self, kind: EventKind, *, reason: str | None = None, backend_pid: int | None = None
+    ) -> None:
+        if backend_pid is None:
+            backend_pid = _backend_pid(self.slot.driver_state)
+        event = ConnectionEvent(kind, self.config.pool_name, self.slot.index, self.actor_ref,
+                                backend_pid, reason=reason)
+        try:
+            self.pool_ref.tell(Notify(event))
+        except pykka.ActorDeadError:  # the pool is stopping us: deliver it ourselves
+            self.config.deliver(event)
+
+    def _tell_pool(self, message: Any) -> None:
+        try:
+            self.pool_ref.tell(message)
+        except pykka.ActorDeadError:
+            pass  # the pool is stopping; nothing left to report to
+
+    def _connect_error(self, exc: Exception, opts: Mapping[str, Any]) -> ConnectionError:
+        """A ConnectionError for a failed connect, with no secret in it or its chain."""
+        where = f"{self.config.pool_name}: connection {self.slot.index} failed to connect"
+        detail = f"{type(exc).__name__}: {_one_line(exc)}"
+        if self.config.show_sensitive_data_on_connection_error:
+            error = ConnectionError(f"{where}: {detail}")
+            error.__cause__ = exc
+            return error
+        for secret in _secrets(self.config.connect_opts) | _secrets(opts):
+            detail = detail.replace(secret, "******")
+        return ConnectionError(f"{where}: {detail}")
+
+
+def _secrets(opts: Mapping[str, Any]) -> set[str]:
+    """The password values in ``opts``, including one inside a conninfo string or URI."""
+    found = {str(opts["password"])} if opts.get("password") else set()
+    conninfo = opts.get("conninfo")
+    if conninfo:
+        try:
+            password = conninfo_to_dict(str(conninfo)).get("password")
+        except Exception:
+            # Unparseable: the whole string may hold a password, so hide it all.
+            found.add(str(conninfo))
+        else:
+            if password:
+                found.add(str(password))
+    return {s for s in found if s}
+
+
+def _backend_pid(state: Any) -> int | None:
+    try:
+        return getattr(state, "backend_pid", None)
+    except Exception:  # a closed connection may not say
+        return None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+

@@ -1,0 +1,83 @@
+"""Connection listeners: who hears that a connection connected or disconnected.
+
+A listener is a pykka :class:`~pykka.ActorRef` (it is *told* the event) or a
+callable (it is *called* with the event), optionally paired with a tag:
+``listeners=[ref, on_event, (ref2, "replica-a")]``.  The tag rides along in
+:attr:`ConnectionEvent.tag`, as DBConnection's ``{:connected, pid, tag}``.
+
+Delivery never harms the pool: a dead actor or a callable that raises is
+logged and skipped.  Callables run on the pool actor's thread, so they must
+be quick; hand long work to an actor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal, TypeAlias
+
+import pykka
+
+__all__ = ["ConnectionEvent", "EventKind", "Listener", "ListenerSpec", "deliver", "normalize"]
+
+logger = logging.getLogger("dbpool.actors.listeners")
+
+EventKind = Literal["connected", "disconnected"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionEvent:
+    """A connection of pool :attr:`pool` (index :attr:`index`) connected or disconnected.
+
+    :attr:`connection` is the connection actor's ActorRef; :attr:`backend_pid`
+    is the server process that served it (None if never connected);
+    :attr:`reason` says why a connection disconnected.
+    """
+
+    kind: EventKind
+    pool: str
+    index: int
+    connection: Any
+    backend_pid: int | None
+    tag: Any = None
+    reason: str | None = None
+
+
+Target: TypeAlias = "pykka.ActorRef[Any] | Callable[[ConnectionEvent], object]"
+ListenerSpec: TypeAlias = "Target | tuple[Target, Any]"
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    target: Any
+    tag: Any = None
+
+
+def normalize(specs: Iterable[ListenerSpec] | None) -> tuple[Listener, ...]:
+    """Turn the ``connection_listeners`` option into :class:`Listener` values."""
+    listeners = []
+    for spec in specs or ():
+        target, tag = spec if isinstance(spec, tuple) else (spec, None)
+        if not (isinstance(target, pykka.ActorRef) or callable(target)):
+            raise TypeError(f"a connection listener must be an ActorRef or a callable: {target!r}")
+        listeners.append(Listener(target, tag))
+    return tuple(listeners)
+
+
+def deliver(listeners: Sequence[Listener], event: ConnectionEvent) -> None:
+    """Send ``event`` to every listener, each with its own tag."""
+    for listener in listeners:
+        tagged = event if listener.tag is None else replace(event, tag=listener.tag)
+        try:
+            if isinstance(listener.target, pykka.ActorRef):
+                listener.target.tell(tagged)
+            else:
+                listener.target(tagged)
+        except pykka.ActorDeadError:
+            logger.warning("connection listener %r is dead; event %s dropped", listener.target,
+                           event.kind)
+        except Exception:
+            logger.exception("connection listener %r raised on %s", listener.target, event.kind)
+
+

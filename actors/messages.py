@@ -1,0 +1,85 @@
+"""The messages dbpool's actors tell each other.
+
+Connection actors receive :class:`Connect`, :class:`Reconnect` and
+:class:`Ping`.  The pool actor receives the rest from its connection actors.
+All are immutable; none carries a password.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .listeners import ConnectionEvent
+from .slot import Slot
+
+__all__ = [
+    "Connect",
+    "ConnectFailed",
+    "ConnectionCrashed",
+    "ConnectionGaveUp",
+    "Notify",
+    "Ping",
+    "Reconnect",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """Try to connect.  ``attempt`` lets a stale, scheduled Connect be ignored."""
+
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """Drop the connection in ``slot`` for ``error``, then connect again.
+
+    ``backoff`` waits one backoff step before the first new attempt; without
+    it the first attempt is immediate, as DBConnection does after a
+    disconnect.
+    """
+
+    slot: Slot
+    generation: int
+    error: BaseException
+    backoff: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Ping the idle connection in ``slot``, then return it to the pool."""
+
+    slot: Slot
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """A connection event for the pool actor to deliver to listeners."""
+
+    event: ConnectionEvent
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFailed:
+    """A connect attempt failed with ``error`` (already free of secrets)."""
+
+    index: int
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionGaveUp:
+    """``backoff_type="stop"``: connection ``index`` failed and will not retry."""
+
+    index: int
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionCrashed:
+    """Connection actor ``index`` died of an unexpected exception."""
+
+    index: int
+    error: BaseException
+    actor: Any

@@ -1,0 +1,4 @@
+"""The remote client library (``Client``, ``AsyncClient``) for ``dbpool serve``.
+
+It arrives with the ZeroMQ front end; until then this package is empty.
+"""

@@ -1,0 +1,100 @@
+"""Pool options: names follow DBConnection's, durations are in seconds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from dbpool.actors import backoff
+from dbpool.actors.listeners import ListenerSpec
+
+from dbpool.errors import ConfigurationError
+
+__all__ = ["PoolOptions"]
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """Every option :meth:`dbpool.pool.Pool.start` takes besides the conninfo.
+
+    Connection lifecycle:
+
+    - ``pool_size`` (10): connections kept open.
+    - ``backoff_type`` (``"rand_exp"``), ``backoff_min`` (1.0), ``backoff_max``
+      (30.0): reconnect delays, see :mod:`dbpool.actors.backoff`.
+      ``"stop"`` makes a failed connect stop the pool.
+    - ``configure``: ``fn(opts) -> opts``, called before every connect attempt
+      with the connect options plus ``pool_index``; what it returns is used for
+      that attempt (rotate credentials, re-resolve DNS).
+    - ``after_connect``: ``fn(conn)``, run on each new connection before it
+      serves anyone; it may query through ``conn``.  A failure, or running
+      past ``after_connect_timeout`` (15.0), drops the connection and
+      reconnects after a backoff step.
+    - ``idle_interval`` (1.0): how often idle connections are pinged;
+      ``idle_limit`` (pool_size): the most pinged per interval, oldest first.
+    - ``connection_listeners``: ActorRefs and callables told of connected and
+      disconnected events; see :mod:`dbpool.actors.listeners`.
+    - ``max_restarts`` (3) within ``max_seconds`` (5.0): crashes of connection
+      actors tolerated before the pool stops.
+    - ``show_sensitive_data_on_connection_error`` (False): keep connect
+      errors whole, password and all.
+
+    Checkout:
+
+    - ``timeout`` (15.0): default time a checkout may wait for a connection.
+    - ``queue`` (True): default for whether a checkout may wait at all.
+
+    ``name`` names the pool in logs, events and threads.  ``connect_kwargs``
+    are extra libpq keywords (``password="..."``, ``connect_timeout=5``).
+    """
+
+    pool_size: int = 10
+    name: str = "dbpool"
+    backoff_type: str = "rand_exp"
+    backoff_min: float | None = None
+    backoff_max: float | None = None
+    configure: Callable[[dict[str, Any]], Mapping[str, Any]] | None = None
+    after_connect: Callable[[Any], object] | None = None
+    after_connect_timeout: float = 15.0
+    idle_interval: float = 1.0
+    idle_limit: int | None = None
+    connection_listeners: Sequence[ListenerSpec] = ()
+    max_restarts: int = 3
+    max_seconds: float = 5.0
+    show_sensitive_data_on_connection_error: bool = False
+    timeout: float = 15.0
+    queue: bool = True
+    connect_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pool_size, int) or self.pool_size < 1:
+            raise ConfigurationError(f"pool_size must be an integer >= 1, got {self.pool_size!r}")
+        backoff.new(self.backoff_type, self.backoff_min, self.backoff_max)  # validates
+        for name in ("after_connect_timeout", "idle_interval", "max_seconds", "timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value <= 0:
+                raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
+        if self.idle_limit is not None and self.idle_limit < 0:
+            raise ConfigurationError(f"idle_limit must be >= 0, got {self.idle_limit!r}")
+        if self.max_restarts < 0:
+            raise ConfigurationError(f"max_restarts must be >= 0, got {self.max_restarts!r}")
+        for name in ("configure", "after_connect"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise ConfigurationError(f"{name} must be callable, got {value!r}")
+
+    @property
+    def effective_idle_limit(self) -> int:
+        return self.pool_size if self.idle_limit is None else self.idle_limit
+
+    @classmethod
+    def from_kwargs(cls, options: Mapping[str, Any]) -> PoolOptions:
+        """Build options, rejecting unknown names (a typo should not pass silently)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown pool option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**options)

@@ -1,0 +1,150 @@
+"""The pool actor: supervises connection actors and runs the pool's timers.
+
+Contract:
+
+- On start it starts ``pool_size`` connection actors, one per slot index.
+- A connection actor that crashes is restarted with a fresh slot, unless
+  that would exceed ``max_restarts`` within ``max_seconds``; then the pool
+  stops with a :class:`~dbpool.errors.PoolStoppedError` whose ``cause`` is
+  the crash.  A connection that gives up (``backoff_type="stop"``) stops the
+  pool the same way.
+- It delivers connection events to listeners and telemetry, in order.
+- Every ``idle_interval`` it hands connections idle for a whole interval to
+  their actors to ping, oldest first, at most ``idle_limit`` of them.
+- On stop it refuses new checkouts, fails the waiters, stops its connection
+  actors (closing idle connections; lent ones close at checkin) and then
+  tells the monitors why it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+from dbpool.actors.connection import ConnectionActor, ConnectionConfig
+from dbpool.actors.messages import (
+    ConnectFailed,
+    ConnectionCrashed,
+    ConnectionGaveUp,
+    Notify,
+    Ping,
+)
+from dbpool.actors.slot import Slot
+from dbpool.actors.supervisor import RestartIntensity
+
+from dbpool import telemetry
+from dbpool.errors import PoolStoppedError
+
+from .core import PoolCore
+
+__all__ = ["PoolActor"]
+
+logger = logging.getLogger("dbpool.pool")
+
+
+@dataclass(frozen=True, slots=True)
+class _IdleSweep:
+    """Timer tick: ping what has been idle since ``since``."""
+
+    since: float
+
+
+class PoolActor(pykka.ThreadingActor):
+    """One per pool.  See the module docstring for its contract."""
+
+    def __init__(self, core: PoolCore, config: ConnectionConfig) -> None:
+        super().__init__()
+        self.core = core
+        self.config = config
+        self.connections: dict[int, pykka.ActorRef[Any]] = {}
+        self.restarts = RestartIntensity(core.options.max_restarts, core.options.max_seconds)
+        self._stop_error: BaseException | None = None
+
+    def on_start(self) -> None:
+        for index in range(self.core.options.pool_size):
+            self._start_connection(index)
+        self._schedule_idle_sweep()
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case Notify(event):
+                self.core.deliver(event)
+            case ConnectFailed(_, error):
+                telemetry.emit("connection_error", {"count": 1},
+                               {"pool": self.core.name, "error": error})
+            case ConnectionGaveUp(index, error):
+                self._fail(PoolStoppedError(
+                    f"{self.core.name}: connection {index} failed and backoff_type is 'stop', "
+                    f"so the pool stopped: {error}", cause=error))
+            case ConnectionCrashed(index, error, actor):
+                self._restart(index, error, actor)
+            case _IdleSweep(since):
+                self._idle_sweep(since)
+            case _:
+                logger.warning("%s: pool actor ignored unknown message %r", self.core.name, message)
+
+    def on_stop(self) -> None:
+        error = self._stop_error
+        closed = PoolStoppedError(
+            f"{self.core.name}: the pool is stopped" + (f": {error}" if error else ""), cause=error)
+        for slot in self.core.queue.close(closed):
+            slot.lent_at = None  # back in its actor's hands, which close it
+        for ref in self.connections.values():
+            try:
+                ref.stop(block=True, timeout=10)
+            except (pykka.ActorDeadError, pykka.Timeout):
+                pass
+        self.core.scheduler.stop()
+        self.core.mark_stopped(error)
+
+    def on_failure(self, *exc_info: Any) -> None:
+        # A bug in the pool actor itself: fail closed, never leave callers hanging.
+        self._stop_error = exc_info[1]
+        self.on_stop()
+
+    # -- supervision -----------------------------------------------------
+
+    def _start_connection(self, index: int) -> None:
+        slot = Slot(index)
+        ref = ConnectionActor.start(slot, self.config, self.actor_ref)
+        self.connections[index] = ref
+
+    def _restart(self, index: int, error: BaseException, actor: Any) -> None:
+        current = self.connections.get(index)
+        if current is None or current.actor_urn != actor.actor_urn:
+            return  # a crash report from an actor already replaced
+        if not self.restarts.allow():
+            self._fail(PoolStoppedError(
+                f"{self.core.name}: connection actors crashed more than "
+                f"{self.restarts.max_restarts} times within {self.restarts.max_seconds:g}s, "
+                f"so the pool stopped; last crash (connection {index}): "
+                f"{type(error).__name__}: {error}", cause=error))
+            return
+        logger.error("%s: connection %d crashed (%s: %s); restarting it",
+                     self.core.name, index, type(error).__name__, error)
+        self._start_connection(index)
+
+    def _fail(self, error: BaseException) -> None:
+        if self._stop_error is None:
+            logger.error("%s", error)
+            self._stop_error = error
+            self.stop()
+
+    # -- idle pings ------------------------------------------------------
+
+    def _schedule_idle_sweep(self) -> None:
+        interval = self.core.options.idle_interval
+        self.core.scheduler.tell_later(interval, self.actor_ref, _IdleSweep(time.monotonic()))
+
+    def _idle_sweep(self, since: float) -> None:
+        limit = self.core.options.effective_idle_limit
+        for slot in self.core.queue.take_idle(since, limit):
+            try:
+                slot.actor.tell(Ping(slot))
+            except pykka.ActorDeadError:
+                pass
+        self._schedule_idle_sweep()
+

@@ -1,0 +1,1 @@
+"""dbpool: a PostgreSQL connection pool built from pykka actors."""

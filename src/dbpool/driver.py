@@ -1,0 +1,195 @@
+"""The driver behaviour: what a database driver must do for dbpool.
+
+This mirrors DBConnection's callbacks.  The pool owns *when* a callback runs;
+the driver owns *how* it talks to the database.  A driver keeps its
+per-connection state in an object of its own type ``S`` (for psycopg, the
+``psycopg.Connection`` and a little bookkeeping) and is otherwise stateless,
+so one driver instance serves every connection of a pool.
+
+Every callback except :meth:`Driver.connect` and :meth:`Driver.disconnect`
+returns an :data:`Outcome`:
+
+- :class:`Ok` carries the value; the connection stays in service.
+- :class:`Error` carries an exception for the caller; the connection stays
+  in service (a SQL error, for example).
+- :class:`Disconnect` carries an exception for the caller; the connection is
+  dropped, then reconnected by its actor.
+
+The transaction callbacks may also return :class:`WrongStatus`, meaning
+"this cannot run while the connection is in that status" (``begin`` while a
+transaction is open, say); the pool turns it into a
+:class:`~dbpool.errors.TransactionError`.
+
+Callbacks run in whichever thread holds the connection: the connection's
+actor while it connects or pings, the caller's thread while it is lent.
+They are never called concurrently for one connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, Protocol, TypeAlias, TypeVar
+
+from .errors import TransactionStatus
+
+__all__ = [
+    "Column",
+    "Disconnect",
+    "Driver",
+    "Error",
+    "FetchStatus",
+    "Ok",
+    "Outcome",
+    "Query",
+    "Result",
+    "TxOutcome",
+    "WrongStatus",
+]
+
+T = TypeVar("T")
+S = TypeVar("S")
+Params: TypeAlias = Sequence[Any] | Mapping[str, Any] | None
+Options: TypeAlias = Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Ok(Generic[T]):
+    """The callback succeeded with :attr:`value`."""
+
+    value: T
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """The callback failed with :attr:`error`; the connection is still good."""
+
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """The callback failed with :attr:`error`; the connection must be dropped."""
+
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class WrongStatus:
+    """A transaction callback cannot run while the connection is in :attr:`status`."""
+
+    status: TransactionStatus
+
+
+Outcome: TypeAlias = Ok[T] | Error | Disconnect
+TxOutcome: TypeAlias = Ok[T] | WrongStatus | Error | Disconnect
+
+#: What :meth:`Driver.handle_fetch` says of the cursor after a batch.
+FetchStatus = Literal["cont", "halt"]
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """A result column: its name and PostgreSQL type OID."""
+
+    name: str
+    type_oid: int
+
+
+@dataclass(slots=True)
+class Result:
+    """The result of one statement.
+
+    ``command`` is the server's command tag (``"SELECT 1"``, ``"INSERT 0 3"``);
+    ``rowcount`` is the number of rows returned or affected (-1 if unknown).
+    """
+
+    columns: list[Column]
+    rows: list[tuple[Any, ...]]
+    rowcount: int
+    command: str | None
+
+
+@dataclass(slots=True)
+class Query:
+    """A statement, optionally named for use as a prepared statement.
+
+    Unnamed queries use psycopg's placeholders (``%s``, ``%(name)s``).  A
+    named query is prepared on the server, so it uses PostgreSQL's own
+    placeholders (``$1``, ``$2``).
+    """
+
+    sql: str
+    name: str | None = None
+
+
+class Driver(Protocol[S]):
+    """The callbacks a database driver implements (DBConnection's behaviour)."""
+
+    def connect(self, opts: Options) -> S:
+        """Open a connection with ``opts`` and return its state.
+
+        Raise to fail; the connection actor backs off and tries again.
+        """
+        ...
+
+    def disconnect(self, err: BaseException | None, state: S) -> None:
+        """Close the connection; ``err`` is why, or None for a clean close.
+
+        Must not raise and must not block for long.
+        """
+        ...
+
+    def checkout(self, state: S) -> Outcome[None]:
+        """Prepare an idle connection to be lent to a caller."""
+        ...
+
+    def ping(self, state: S) -> Outcome[None]:
+        """Check an idle connection is alive."""
+        ...
+
+    def handle_begin(self, opts: Options, state: S) -> TxOutcome[Result]:
+        """Begin a transaction."""
+        ...
+
+    def handle_commit(self, opts: Options, state: S) -> TxOutcome[Result]:
+        """Commit the open transaction."""
+        ...
+
+    def handle_rollback(self, opts: Options, state: S) -> TxOutcome[Result]:
+        """Roll back the open (or failed) transaction."""
+        ...
+
+    def handle_status(self, opts: Options, state: S) -> Outcome[TransactionStatus]:
+        """Return the connection's transaction status."""
+        ...
+
+    def handle_prepare(self, query: Query, opts: Options, state: S) -> Outcome[Query]:
+        """Prepare ``query`` on the server and return it ready to execute."""
+        ...
+
+    def handle_execute(
+        self, query: Query, params: Params, opts: Options, state: S
+    ) -> Outcome[Result]:
+        """Execute ``query`` (prepared if it has a name) with ``params``."""
+        ...
+
+    def handle_close(self, query: Query, opts: Options, state: S) -> Outcome[None]:
+        """Release the prepared statement ``query`` on the server."""
+        ...
+
+    def handle_declare(self, query: Query, params: Params, opts: Options, state: S) -> Outcome[Any]:
+        """Declare a server-side cursor for ``query`` and return it."""
+        ...
+
+    def handle_fetch(
+        self, query: Query, cursor: Any, opts: Options, state: S
+    ) -> Outcome[tuple[FetchStatus, Result]]:
+        """Fetch the next batch (``opts["max_rows"]`` rows) from ``cursor``."""
+        ...
+
+    def handle_deallocate(
+        self, query: Query, cursor: Any, opts: Options, state: S
+    ) -> Outcome[None]:
+        """Close ``cursor`` on the server."""
+        ...

@@ -1,0 +1,121 @@
+"""The errors dbpool raises.
+
+The hierarchy is small on purpose::
+
+    DBPoolError
+     ├── ConnectionError      no usable connection: reason says why
+     │    └── PoolStoppedError the pool was stopped (or stopped itself)
+     ├── TransactionError     begin/commit/rollback met the wrong status
+     └── ConfigurationError   an option is invalid (also a ValueError)
+
+SQL errors are not wrapped: a statement that fails raises the
+``psycopg.errors`` class the server reported (``UniqueViolation``,
+``SyntaxError``, ...), which keeps the SQLSTATE (``err.sqlstate``), the
+message (``err.diag.message_primary``) and the detail
+(``err.diag.message_detail``).  :func:`sql_error_fields` reads them into a
+plain dict, the form the wire protocol and log entries use.
+
+``dbpool.errors.ConnectionError`` shadows the builtin of that name inside
+this module only; import it qualified (``from dbpool import errors``) if the
+builtin matters to your code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import psycopg
+
+__all__ = [
+    "ConfigurationError",
+    "ConnectionError",
+    "DBPoolError",
+    "PoolStoppedError",
+    "Reason",
+    "TransactionError",
+    "TransactionStatus",
+    "sql_error_fields",
+]
+
+#: Why a connection could not be had or was lost.
+#:
+#: - ``error``: connecting failed or the connection was dropped.
+#: - ``queue_timeout``: the checkout waited past its deadline or was shed by
+#:   the CoDel queue.
+#: - ``queue_disabled``: ``queue=False`` and no connection was idle.
+#: - ``queue_full``: ``max_waiting`` callers were already queued.
+#: - ``deadline``: the holder's deadline passed while it held the connection.
+#: - ``stopped``: the pool is stopped.
+#: - ``unavailable``: the database is known to be down (circuit open).
+Reason = Literal[
+    "error", "queue_timeout", "queue_disabled", "queue_full", "deadline", "stopped", "unavailable"
+]
+
+#: A connection's transaction status, as DBConnection names it.
+TransactionStatus = Literal["idle", "transaction", "error"]
+
+
+class DBPoolError(Exception):
+    """Base class of every error dbpool raises itself."""
+
+
+class ConnectionError(DBPoolError):
+    """No usable connection, for the reason in :attr:`reason`.
+
+    The message never contains a password unless the pool was started with
+    ``show_sensitive_data_on_connection_error=True``.
+    """
+
+    def __init__(self, message: str, *, reason: Reason = "error") -> None:
+        super().__init__(message)
+        self.reason: Reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_connection_error, (type(self), str(self), self.reason))
+
+
+def _rebuild_connection_error(
+    cls: type[ConnectionError], message: str, reason: Reason
+) -> ConnectionError:
+    return cls(message, reason=reason)
+
+
+class PoolStoppedError(ConnectionError):
+    """The pool is stopped; :attr:`cause` is the error that stopped it, if any."""
+
+    def __init__(self, message: str, *, cause: BaseException | None = None) -> None:
+        super().__init__(message, reason="stopped")
+        self.cause = cause
+
+
+class TransactionError(DBPoolError):
+    """A transaction call met a connection whose status did not allow it.
+
+    :attr:`status` is the status the connection actually had, for example
+    ``"transaction"`` when ``begin`` finds a transaction already open.
+    """
+
+    def __init__(self, message: str, *, status: TransactionStatus) -> None:
+        super().__init__(message)
+        self.status: TransactionStatus = status
+
+
+class ConfigurationError(DBPoolError, ValueError):
+    """An option has a value dbpool cannot use."""
+
+
+def sql_error_fields(err: psycopg.Error) -> dict[str, str | None]:
+    """Return the fields of a PostgreSQL error as a plain dict.
+
+    Keys: ``class`` (the psycopg class name), ``sqlstate``, ``message``,
+    ``detail`` and ``hint``.
+    """
+    diag = err.diag
+    return {
+        "class": type(err).__name__,
+        "sqlstate": err.sqlstate,
+        "message": diag.message_primary or str(err),
+        "detail": diag.message_detail,
+        "hint": diag.message_hint,
+    }
+

@@ -1,0 +1,253 @@
+"""The psycopg 3 implementation of the driver behaviour.
+
+Connections run in autocommit mode: dbpool sends ``BEGIN``/``COMMIT``
+itself, so the transaction status the server reports is the only truth.
+
+Prepared statements are named server-side statements (``PREPARE`` /
+``EXECUTE`` / ``DEALLOCATE``) written with PostgreSQL's ``$1`` placeholders.
+Streams use psycopg's server-side cursors (``DECLARE`` / ``FETCH`` /
+``CLOSE``), so only one batch is in memory at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import pq, sql
+
+from .driver import (
+    Column,
+    Disconnect,
+    Error,
+    FetchStatus,
+    Ok,
+    Options,
+    Outcome,
+    Params,
+    Query,
+    Result,
+    TxOutcome,
+    WrongStatus,
+)
+from .errors import TransactionStatus
+
+__all__ = ["PgDriver", "PgState"]
+
+logger = logging.getLogger("dbpool.pgdriver")
+
+#: Option keys that belong to dbpool, never passed on to libpq.
+_POOL_KEYS = frozenset({"pool_index", "conninfo"})
+
+_STATUS: dict[pq.TransactionStatus, TransactionStatus] = {
+    pq.TransactionStatus.IDLE: "idle",
+    pq.TransactionStatus.INTRANS: "transaction",
+    pq.TransactionStatus.INERROR: "error",
+}
+
+
+@dataclass(slots=True, eq=False)
+class PgState:
+    """One psycopg connection and what the driver remembers about it."""
+
+    conn: psycopg.Connection[Any]
+    cursor: psycopg.Cursor[Any]
+    #: Names of the prepared statements this connection has.
+    prepared: set[str] = field(default_factory=set)
+    _cursor_ids: itertools.count[int] = field(default_factory=itertools.count)
+
+    @property
+    def backend_pid(self) -> int:
+        """The server process id serving this connection."""
+        return self.conn.info.backend_pid
+
+    def next_cursor_name(self) -> str:
+        return f"dbpool_cursor_{next(self._cursor_ids)}"
+
+
+class PgDriver:
+    """The driver behaviour on psycopg 3 (see :class:`dbpool.driver.Driver`)."""
+
+    def connect(self, opts: Options) -> PgState:
+        kwargs = {k: v for k, v in opts.items() if k not in _POOL_KEYS}
+        kwargs.setdefault("application_name", "dbpool")
+        conn = psycopg.Connection.connect(str(opts.get("conninfo", "")), autocommit=True, **kwargs)
+        return PgState(conn=conn, cursor=conn.cursor())
+
+    def disconnect(self, err: BaseException | None, state: PgState) -> None:
+        try:
+            state.conn.close()
+        except Exception:  # closing must never raise into the pool
+            logger.debug("error while closing connection", exc_info=True)
+
+    def checkout(self, state: PgState) -> Outcome[None]:
+        if state.conn.closed:
+            return Disconnect(psycopg.OperationalError("the connection is closed"))
+        return _OK_NONE
+
+    def ping(self, state: PgState) -> Outcome[None]:
+        try:
+            state.cursor.execute("SELECT 1")
+        except psycopg.Error as err:
+            return Disconnect(err)
+        return _OK_NONE
+
+    def cancel(self, state: PgState) -> None:
+        """Ask the server to cancel the statement running on ``state``.
+
+        Safe to call from any thread while another thread runs a query.
+        """
+        state.conn.cancel_safe(timeout=5.0)
+
+    # -- transactions ----------------------------------------------------
+
+    def handle_begin(self, opts: Options, state: PgState) -> TxOutcome[Result]:
+        status = _status(state)
+        if status != "idle":
+            return WrongStatus(status)
+        return self._run(state, "BEGIN")
+
+    def handle_commit(self, opts: Options, state: PgState) -> TxOutcome[Result]:
+        status = _status(state)
+        if status != "transaction":
+            return WrongStatus(status)
+        return self._run(state, "COMMIT")
+
+    def handle_rollback(self, opts: Options, state: PgState) -> TxOutcome[Result]:
+        status = _status(state)
+        if status == "idle":
+            return WrongStatus(status)
+        return self._run(state, "ROLLBACK")
+
+    def handle_status(self, opts: Options, state: PgState) -> Outcome[TransactionStatus]:
+        status = _STATUS.get(state.conn.info.transaction_status)
+        if status is None:  # UNKNOWN (broken) or ACTIVE (a query still running)
+            return Disconnect(psycopg.OperationalError("the connection is not usable"))
+        return Ok(status)
+
+    # -- statements ------------------------------------------------------
+
+    def handle_prepare(self, query: Query, opts: Options, state: PgState) -> Outcome[Query]:
+        if query.name is None:
+            return Error(ValueError("only a named query can be prepared"))
+        try:
+            state.cursor.execute(
+                sql.SQL("PREPARE {} AS ").format(sql.Identifier(query.name)) + sql.SQL(query.sql)
+            )
+        except psycopg.Error as err:
+            return _failure(state, err)
+        state.prepared.add(query.name)
+        return Ok(query)
+
+    def handle_execute(
+        self, query: Query, params: Params, opts: Options, state: PgState
+    ) -> Outcome[Result]:
+        cur = state.cursor
+        try:
+            if query.name is None:
+                cur.execute(query.sql, params)
+            else:
+                cur.execute(self._execute_sql(query, params, state))
+            return Ok(_result(cur, cur.description))
+        except psycopg.Error as err:
+            return _failure(state, err)
+
+    def handle_close(self, query: Query, opts: Options, state: PgState) -> Outcome[None]:
+        if query.name is None or query.name not in state.prepared:
+            return _OK_NONE
+        try:
+            state.cursor.execute(sql.SQL("DEALLOCATE {}").format(sql.Identifier(query.name)))
+        except psycopg.Error as err:
+            return _failure(state, err)
+        state.prepared.discard(query.name)
+        return _OK_NONE
+
+    def _execute_sql(self, query: Query, params: Params, state: PgState) -> sql.Composed:
+        """``EXECUTE name(literal, ...)``, preparing first if this connection lacks it.
+
+        The arguments go as literals quoted by psycopg: a utility statement's
+        bind parameters would reach the server untyped.
+        """
+        assert query.name is not None
+        if query.name not in state.prepared:
+            prepared = self.handle_prepare(query, {}, state)
+            if not isinstance(prepared, Ok):
+                raise prepared.error
+        if isinstance(params, Mapping):
+            raise TypeError("a prepared statement takes positional parameters ($1, $2, ...)")
+        args = sql.SQL(", ").join(sql.Literal(p) for p in params or ())
+        return sql.SQL("EXECUTE {}({})").format(sql.Identifier(query.name), args)
+
+    # -- cursors ---------------------------------------------------------
+
+    def handle_declare(
+        self, query: Query, params: Params, opts: Options, state: PgState
+    ) -> Outcome[psycopg.ServerCursor[Any]]:
+        cursor = state.conn.cursor(name=state.next_cursor_name())
+        try:
+            cursor.execute(query.sql, params)
+        except psycopg.Error as err:
+            cursor.close()
+            return _failure(state, err)
+        return Ok(cursor)
+
+    def handle_fetch(
+        self, query: Query, cursor: Any, opts: Options, state: PgState
+    ) -> Outcome[tuple[FetchStatus, Result]]:
+        max_rows = int(opts.get("max_rows", 500))
+        try:
+            rows = cursor.fetchmany(max_rows)
+        except psycopg.Error as err:
+            return _failure(state, err)
+        columns = _columns(cursor.description)
+        status: FetchStatus = "cont" if len(rows) == max_rows else "halt"
+        return Ok((status, Result(columns, rows, len(rows), f"FETCH {len(rows)}")))
+
+    def handle_deallocate(
+        self, query: Query, cursor: Any, opts: Options, state: PgState
+    ) -> Outcome[None]:
+        try:
+            cursor.close()
+        except psycopg.Error as err:
+            return _failure(state, err)
+        return _OK_NONE
+
+    # -- helpers ---------------------------------------------------------
+
+    def _run(self, state: PgState, statement: str) -> Outcome[Result]:
+        try:
+            state.cursor.execute(statement)
+        except psycopg.Error as err:
+            return _failure(state, err)
+        return Ok(_result(state.cursor, None))
+
+
+_OK_NONE: Ok[None] = Ok(None)
+
+
+def _status(state: PgState) -> TransactionStatus:
+    return _STATUS.get(state.conn.info.transaction_status, "error")
+
+
+def _columns(description: Any) -> list[Column]:
+    if not description:
+        return []
+    return [Column(c.name, c.type_code) for c in description]
+
+
+def _result(cur: psycopg.Cursor[Any], description: Any) -> Result:
+    if description is None:
+        return Result([], [], cur.rowcount, cur.statusmessage)
+    return Result(_columns(description), cur.fetchall(), cur.rowcount, cur.statusmessage)
+
+
+def _failure(state: PgState, err: psycopg.Error) -> Error | Disconnect:
+    """A SQL error keeps the connection; a broken connection does not."""
+    if state.conn.closed or state.conn.broken:
+        return Disconnect(err)
+    return Error(err)
+

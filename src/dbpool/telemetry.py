@@ -1,0 +1,80 @@
+"""Telemetry: named events that any callable can subscribe to.
+
+In the manner of Erlang's ``:telemetry``, which DBConnection uses::
+
+    from dbpool import telemetry
+
+    def on_error(event, measurements, metadata):
+        print(metadata["pool"], metadata["error"])
+
+    telemetry.attach("my-handler", ["connection_error"], on_error)
+
+Events (``metadata`` always has ``pool``, the pool's name):
+
+======================  ==========================  ===========================
+event                   measurements                metadata
+======================  ==========================  ===========================
+``connection_error``    ``count=1``                 ``error`` (ConnectionError)
+``connected``           ``count=1``                 ``event`` (ConnectionEvent)
+``disconnected``        ``count=1``                 ``event`` (ConnectionEvent)
+======================  ==========================  ===========================
+
+Handlers run synchronously in the thread that emits, so keep them quick.  A
+handler that raises is logged and skipped; it never breaks the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeAlias
+
+__all__ = ["Handler", "attach", "detach", "emit"]
+
+logger = logging.getLogger("dbpool.telemetry")
+
+Handler: TypeAlias = Callable[[str, Mapping[str, float], Mapping[str, Any]], object]
+
+_lock = threading.Lock()
+_handlers: dict[str, tuple[frozenset[str], Handler]] = {}
+# event -> handlers, rebuilt on attach/detach so that emit takes no lock.
+_by_event: dict[str, tuple[Handler, ...]] = {}
+
+
+def attach(handler_id: str, events: Iterable[str], handler: Handler) -> None:
+    """Call ``handler(event, measurements, metadata)`` for each of ``events``.
+
+    Raises ValueError if ``handler_id`` is already attached.
+    """
+    with _lock:
+        if handler_id in _handlers:
+            raise ValueError(f"telemetry handler {handler_id!r} is already attached")
+        _handlers[handler_id] = (frozenset(events), handler)
+        _rebuild()
+
+
+def detach(handler_id: str) -> bool:
+    """Remove a handler; return whether it was attached."""
+    with _lock:
+        found = _handlers.pop(handler_id, None) is not None
+        _rebuild()
+        return found
+
+
+def emit(event: str, measurements: Mapping[str, float], metadata: Mapping[str, Any]) -> None:
+    """Call every handler attached to ``event``."""
+    for handler in _by_event.get(event, ()):
+        try:
+            handler(event, measurements, metadata)
+        except Exception:
+            logger.exception("telemetry handler %r raised on %s", handler, event)
+
+
+def _rebuild() -> None:
+    global _by_event
+    table: dict[str, list[Handler]] = {}
+    for events, handler in _handlers.values():
+        for event in events:
+            table.setdefault(event, []).append(handler)
+    _by_event = {event: tuple(handlers) for event, handlers in table.items()}
