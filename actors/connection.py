@@ -180,7 +180,7 @@ class ConnectionActor(pykka.ThreadingActor):
             return
         self.slot.driver_state = None
         self.config.driver.disconnect(error, state)
-        self._notify("disconnected", reason=_one_line(error), backend_pid=_backend_pid(state))
+        self._notify("disconnected", reason=_one_line(error))
 
     def _schedule_connect(self, delay: float) -> None:
         self._attempt += 1
@@ -225,13 +225,9 @@ class ConnectionActor(pykka.ThreadingActor):
 
     # -- helpers ---------------------------------------------------------
 
-    def _notify(
-        self, kind: EventKind, *, reason: str | None = None, backend_pid: int | None = None
-    ) -> None:
-        if backend_pid is None:
-            backend_pid = _backend_pid(self.slot.driver_state)
+    def _notify(self, kind: EventKind, *, reason: str | None = None) -> None:
         event = ConnectionEvent(kind, self.config.pool_name, self.slot.index, self.actor_ref,
-                                backend_pid, reason=reason)
+                                self.slot.backend_pid, reason=reason)
         try:
             self.pool_ref.tell(Notify(event))
         except pykka.ActorDeadError:  # the pool is stopping us: deliver it ourselves
@@ -270,13 +266,6 @@ def _secrets(opts: Mapping[str, Any]) -> set[str]:
             if password:
                 found.add(str(password))
     return {s for s in found if s}
-
-
-def _backend_pid(state: Any) -> int | None:
-    try:
-        return getattr(state, "backend_pid", None)
-    except Exception:  # a closed connection may not say
-        return None
 
 
 def _one_line(error: BaseException) -> str:

@@ -20,6 +20,7 @@ class Slot:
 
     __slots__ = (
         "actor",
+        "backend_pid",
         "broken",
         "connected_at",
         "driver_state",
@@ -36,6 +37,8 @@ class Slot:
         self.actor: Any = None
         #: The driver's state while connected, else None.
         self.driver_state: Any = None
+        #: The server process of the current (or last) connection, if the driver says.
+        self.backend_pid: int | None = None
         #: Bumped on every successful connect; tells a stale handle from a live one.
         self.generation = 0
         self.connected_at = 0.0
@@ -48,6 +51,7 @@ class Slot:
     def mark_connected(self, driver_state: Any) -> None:
         now = time.monotonic()
         self.driver_state = driver_state
+        self.backend_pid = getattr(driver_state, "backend_pid", None)
         self.generation += 1
         self.connected_at = now
         self.idle_since = now

@@ -72,9 +72,9 @@ class PoolActor(pykka.ThreadingActor):
         match message:
             case Notify(event):
                 self.core.deliver(event)
-            case ConnectFailed(_, error):
+            case ConnectFailed(index, error):
                 telemetry.emit("connection_error", {"count": 1},
-                               {"pool": self.core.name, "error": error})
+                               {"pool": self.core.name, "error": error, "index": index})
             case ConnectionGaveUp(index, error):
                 self._fail(PoolStoppedError(
                     f"{self.core.name}: connection {index} failed and backoff_type is 'stop', "

@@ -14,7 +14,8 @@ Events (``metadata`` always has ``pool``, the pool's name):
 ======================  ==========================  ===========================
 event                   measurements                metadata
 ======================  ==========================  ===========================
-``connection_error``    ``count=1``                 ``error`` (ConnectionError)
+``connection_error``    ``count=1``                 ``error`` (ConnectionError);
+                                                    ``index`` when a connect failed
 ``connected``           ``count=1``                 ``event`` (ConnectionEvent)
 ``disconnected``        ``count=1``                 ``event`` (ConnectionEvent)
 ======================  ==========================  ===========================

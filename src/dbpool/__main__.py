@@ -1,0 +1,3 @@
+from dbpool.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""The ``dbpool`` command.
+
+``dbpool demo`` starts a pool (on the embedded PostgreSQL unless ``--dsn``
+or ``$DBPOOL_DSN`` names a server), runs queries through it from several
+threads and prints the connection events as they happen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from collections.abc import Sequence
+
+from .actors.listeners import ConnectionEvent
+
+__all__ = ["main"]
+
+logger = logging.getLogger("dbpool.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dbpool", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="run queries through a pool, showing its events")
+    demo.add_argument("--dsn", default=os.environ.get("DBPOOL_DSN"),
+                      help="libpq conninfo or URI (default: $DBPOOL_DSN, else embedded)")
+    demo.add_argument("--pool-size", type=int, default=3)
+    demo.add_argument("--threads", type=int, default=4)
+    demo.add_argument("--queries", type=int, default=25, help="queries per thread")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "demo":
+        return _demo(args)
+    return 2  # pragma: no cover - argparse enforces a command
+
+
+def _print_event(event: ConnectionEvent) -> None:
+    reason = f" ({event.reason})" if event.reason else ""
+    print(f"[event] connection {event.index} {event.kind}: backend pid "
+          f"{event.backend_pid}{reason}", flush=True)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .errors import DBPoolError
+    from .pool import Pool
+
+    if args.dsn is None:
+        print("no DSN given: starting the embedded PostgreSQL", flush=True)
+    try:
+        pool = Pool.start(args.dsn, pool_size=args.pool_size, name="demo",
+                          connection_listeners=[_print_event])
+    except DBPoolError as exc:
+        print(f"dbpool: {exc}", file=sys.stderr)
+        return 1
+    try:
+        version = pool.query("SHOW server_version").rows[0][0]
+        print(f"connected to PostgreSQL {version}", flush=True)
+        served: dict[int, int] = {}
+        lock = threading.Lock()
+
+        def work() -> None:
+            for _ in range(args.queries):
+                pid = pool.query("SELECT pg_backend_pid()").rows[0][0]
+                with lock:
+                    served[pid] = served.get(pid, 0) + 1
+
+        threads = [threading.Thread(target=work) for _ in range(args.threads)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        total = sum(served.values())
+        print(f"ran {total} queries from {args.threads} threads on "
+              f"{len(served)} connections:", flush=True)
+        for pid, count in sorted(served.items()):
+            print(f"  backend pid {pid}: {count} queries", flush=True)
+        print(f"metrics: {pool.metrics()}", flush=True)
+    except DBPoolError as exc:
+        print(f"dbpool: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        pool.stop()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

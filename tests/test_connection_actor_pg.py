@@ -1,0 +1,241 @@
+"""The connection actor against a real PostgreSQL: events, kills, restarts, options."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from dbpool import telemetry
+from dbpool.actors.listeners import ConnectionEvent
+from dbpool.pool import Pool
+from tests.support.events import Recorder, kind
+from tests.support.pgcluster import PgCluster
+
+
+@pytest.fixture
+def pools() -> Iterator[list[Pool]]:
+    started: list[Pool] = []
+    yield started
+    for pool in started:
+        pool.stop()
+
+
+@pytest.fixture
+def connect_errors() -> Iterator[Recorder[dict[str, Any]]]:
+    errors: Recorder[dict[str, Any]] = Recorder()
+    telemetry.attach("test-connect-errors", ["connection_error"], lambda _e, _m, meta: errors(meta))
+    yield errors
+    telemetry.detach("test-connect-errors")
+
+
+def backends(dsn: str, application_name: str) -> dict[int, str]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pid, application_name FROM pg_stat_activity WHERE application_name LIKE %s",
+            (application_name + "%",),
+        ).fetchall()
+    return dict(rows)
+
+
+def test_pool_size_3_gives_3_distinct_connected_events(pg_dsn: str, pools: list[Pool]) -> None:
+    events: Recorder[ConnectionEvent] = Recorder()
+    pools.append(
+        Pool.start(
+            pg_dsn,
+            pool_size=3,
+            connection_listeners=[events],
+            connect_kwargs={"application_name": "dbpool-three"},
+        )
+    )
+    connected = events.wait_count(kind("connected"), 3)
+    pids = {e.backend_pid for e in connected}
+    assert len(pids) == 3 and sorted(e.index for e in connected) == [0, 1, 2]
+    assert set(backends(pg_dsn, "dbpool-three")) == pids  # really three server sessions
+
+
+def test_killed_server_disconnects_backs_off_and_reconnects_after_restart(
+    pg_cluster: PgCluster, pools: list[Pool], connect_errors: Recorder[dict[str, Any]]
+) -> None:
+    events: Recorder[ConnectionEvent] = Recorder()
+    pool = Pool.start(
+        pg_cluster.conninfo(),
+        pool_size=2,
+        connection_listeners=[events],
+        idle_interval=0.05,
+        backoff_type="exp",
+        backoff_min=0.1,
+        backoff_max=0.4,
+    )
+    pools.append(pool)
+    first = events.wait_count(kind("connected"), 2)
+
+    pg_cluster.kill()
+    gone = events.wait_count(kind("disconnected"), 2, timeout=5)
+    assert {e.backend_pid for e in gone} == {e.backend_pid for e in first}
+    failures = connect_errors.wait_count(lambda m: m.get("index") == 0, 5, timeout=10)
+    assert all(m["error"].reason == "error" for m in failures)
+    times = connect_errors.times(lambda m: m.get("index") == 0)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)][:4]
+    # The first reconnect is immediate and fails; then one exp step each: 0.1, 0.2, 0.4, 0.4.
+    for gap, expected in zip(gaps, [0.1, 0.2, 0.4, 0.4], strict=True):
+        assert expected - 0.01 <= gap < expected + 0.25, gaps
+
+    pg_cluster.start()
+    again = events.wait_count(kind("connected"), 4, timeout=5)[2:]
+    assert {e.index for e in again} == {0, 1}
+    assert {e.backend_pid for e in again}.isdisjoint({e.backend_pid for e in first})
+    assert pool.query("SELECT 1").rows == [(1,)]
+
+
+def test_stopped_server_with_backoff_stop_stops_the_pool(
+    pg_cluster: PgCluster, pools: list[Pool]
+) -> None:
+    events: Recorder[ConnectionEvent] = Recorder()
+    stopped: Recorder[BaseException | None] = Recorder()
+    pool = Pool.start(
+        pg_cluster.conninfo(),
+        pool_size=1,
+        backoff_type="stop",
+        idle_interval=0.05,
+        connection_listeners=[events],
+    )
+    pools.append(pool)
+    pool.add_monitor(stopped)
+    events.wait_count(kind("connected"), 1)
+    pg_cluster.stop()
+    (error,) = stopped.wait_until(lambda v: len(v) == 1, timeout=5)
+    assert error is not None and "backoff_type is 'stop'" in str(error)
+    assert not pool.alive and not pool.ref.is_alive()
+
+
+def test_configure_is_used_for_every_connection(pg_dsn: str, pools: list[Pool]) -> None:
+    seen: Recorder[int] = Recorder()
+
+    def configure(opts: dict[str, Any]) -> dict[str, Any]:
+        seen(opts["pool_index"])
+        return {**opts, "application_name": f"dbpool-configured-{opts['pool_index']}"}
+
+    events: Recorder[ConnectionEvent] = Recorder()
+    pools.append(
+        Pool.start(pg_dsn, pool_size=2, configure=configure, connection_listeners=[events])
+    )
+    connected = events.wait_count(kind("connected"), 2)
+    names = backends(pg_dsn, "dbpool-configured-")
+    assert {names[e.backend_pid] for e in connected} == {
+        "dbpool-configured-0",
+        "dbpool-configured-1",
+    }
+    assert sorted(seen.values()) == [0, 1]
+
+
+def test_after_connect_prepares_each_connection_before_it_serves(
+    pg_dsn: str, pools: list[Pool]
+) -> None:
+    def after_connect(conn: Any) -> None:
+        conn.query("SET application_name = 'dbpool-after-connect'")
+
+    pool = Pool.start(pg_dsn, pool_size=2, after_connect=after_connect)
+    pools.append(pool)
+    for _ in range(4):
+        assert pool.query("SHOW application_name").rows == [("dbpool-after-connect",)]
+
+
+def test_after_connect_sql_error_reconnects_after_backoff(pg_dsn: str, pools: list[Pool]) -> None:
+    runs: Recorder[int] = Recorder()
+
+    def after_connect(conn: Any) -> None:
+        runs(conn.backend_pid)
+        if len(runs.values()) == 1:
+            conn.query("SELECT * FROM no_such_table_here")
+
+    events: Recorder[ConnectionEvent] = Recorder()
+    pool = Pool.start(
+        pg_dsn,
+        pool_size=1,
+        after_connect=after_connect,
+        connection_listeners=[events],
+        backoff_type="exp",
+        backoff_min=0.3,
+    )
+    pools.append(pool)
+    kinds = [e.kind for e in events.wait_count(kind("connected"), 2)]
+    assert len(kinds) == 2
+    times = events.times(lambda e: True)
+    assert times[2] - times[1] >= 0.3  # disconnected, then a backoff step
+    # connected is announced before after_connect runs, as in DBConnection.
+    first, second = runs.wait_until(lambda v: len(v) == 2)
+    assert first != second
+    assert pool.query("SELECT pg_backend_pid()").rows == [(second,)]
+
+
+def test_after_connect_timeout_cancels_the_statement_and_reconnects(
+    pg_dsn: str, pools: list[Pool]
+) -> None:
+    runs: Recorder[int] = Recorder()
+    failed = threading.Event()
+
+    def after_connect(conn: Any) -> None:
+        runs(conn.backend_pid)
+        if len(runs.values()) == 1:
+            try:
+                conn.query("SELECT pg_sleep(30) /* dbpool-after-connect-sleep */")
+            except Exception:
+                failed.set()
+                raise
+
+    events: Recorder[ConnectionEvent] = Recorder()
+    pool = Pool.start(
+        pg_dsn,
+        pool_size=1,
+        after_connect=after_connect,
+        after_connect_timeout=0.3,
+        connection_listeners=[events],
+        backoff_type="exp",
+        backoff_min=0.1,
+    )
+    pools.append(pool)
+    events.wait_count(kind("connected"), 2, timeout=10)
+    assert failed.wait(5), "the sleeping statement was not cancelled"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        sleeping = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
+            ("%dbpool-after-connect-sleep%",),
+        ).fetchone()
+    assert sleeping == (0,)
+    assert pool.query("SELECT 1").rows == [(1,)]
+
+
+def test_password_never_appears_in_logs_or_errors_of_a_failing_connect(
+    pools: list[Pool],
+    caplog: pytest.LogCaptureFixture,
+    connect_errors: Recorder[dict[str, Any]],
+    fault_proxy: Any,
+    pg_dsn: str,
+) -> None:
+    secret = "s3cr3t-pa55"
+    proxy = fault_proxy("127.0.0.1", 5432)
+    proxy.refuse(True)
+    dsn = f"postgresql://postgres:{secret}@127.0.0.1:{proxy.port}/postgres"
+    with caplog.at_level(logging.DEBUG):
+        pool = Pool.start(
+            dsn,
+            pool_size=1,
+            backoff_type="exp",
+            backoff_min=0.05,
+            connect_kwargs={"password": secret},
+        )
+        pools.append(pool)
+        connect_errors.wait_count(lambda m: True, 2)
+        with pytest.raises(Exception) as raised:
+            pool.query("SELECT 1", timeout=0.2)
+    assert secret not in repr(raised.value) and secret not in str(raised.value)
+    assert any("failed to connect" in r.getMessage() for r in caplog.records)
+    for record in caplog.records:
+        assert secret not in record.getMessage()
+    for meta in connect_errors.values():
+        assert secret not in str(meta["error"]) and meta["error"].__cause__ is None
