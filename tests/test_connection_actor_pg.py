@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 import pytest
 
 from dbpool import telemetry
@@ -218,8 +219,9 @@ def test_password_never_appears_in_logs_or_errors_of_a_failing_connect(
     pg_dsn: str,
 ) -> None:
     secret = "s3cr3t-pa55"
-    proxy = fault_proxy("127.0.0.1", 5432)
-    proxy.refuse(True)
+    target = conninfo_to_dict(pg_dsn)
+    proxy = fault_proxy(str(target["host"]), int(target["port"]))
+    proxy.refuse(True)  # every attempt fails, so every failure path is logged
     dsn = f"postgresql://postgres:{secret}@127.0.0.1:{proxy.port}/postgres"
     with caplog.at_level(logging.DEBUG):
         pool = Pool.start(

@@ -33,11 +33,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--threads", type=int, default=4)
     demo.add_argument("--queries", type=int, default=25, help="queries per thread")
 
+    bench = commands.add_parser("bench", help="SELECT 1 through raw psycopg, psycopg_pool, dbpool")
+    bench.add_argument("--dsn", default=os.environ.get("DBPOOL_DSN"),
+                       help="libpq conninfo or URI (default: $DBPOOL_DSN, else embedded)")
+    bench.add_argument("--duration", type=float, default=1.0, help="seconds per run")
+    bench.add_argument("--rounds", type=int, default=3, help="runs per cell; the best counts")
+    bench.add_argument("--json", action="store_true", help="machine-readable output")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
         return _demo(args)
+    if args.command == "bench":
+        return _bench(args)
     return 2  # pragma: no cover - argparse enforces a command
 
 
@@ -45,6 +54,15 @@ def _print_event(event: ConnectionEvent) -> None:
     reason = f" ({event.reason})" if event.reason else ""
     print(f"[event] connection {event.index} {event.kind}: backend pid "
           f"{event.backend_pid}{reason}", flush=True)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run
+    from .embedded import embedded_conninfo
+
+    run(args.dsn or embedded_conninfo(), duration=args.duration, rounds=args.rounds,
+        as_json=args.json)
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:

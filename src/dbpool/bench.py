@@ -1,0 +1,236 @@
+"""``dbpool bench``: every contender, one run, one machine, the same workload.
+
+Contenders for ``SELECT 1``:
+
+- ``psycopg``: raw psycopg on one connection, shared by the threads;
+- ``psycopg_pool``: ``psycopg_pool.ConnectionPool`` (autocommit, fixed size);
+- ``dbpool``: :class:`dbpool.pool.Pool` in-process.
+
+Each runs at 1, 4, 16 and 64 threads on pools of 1, 4, 4 and 10 connections.
+A second table times a bare checkout+checkin cycle (no query) for the two
+pools.  Ratios are dbpool's figure over each other contender's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psycopg
+
+__all__ = ["run"]
+
+#: (threads, pool size) pairs, as the issue specifies them.
+SCENARIOS: tuple[tuple[int, int], ...] = ((1, 1), (4, 4), (16, 4), (64, 10))
+SQL = "SELECT 1"
+
+
+@dataclass
+class Cell:
+    contender: str
+    threads: int
+    pool_size: int
+    queries: int
+    seconds: float
+
+    @property
+    def qps(self) -> float:
+        return self.queries / self.seconds
+
+
+Worker = Callable[[threading.Event], int]
+
+
+def _drive(threads: int, make_worker: Callable[[], Worker], duration: float) -> tuple[int, float]:
+    """Run ``threads`` workers for ``duration`` seconds; return (queries, seconds)."""
+    stop = threading.Event()
+    start = threading.Barrier(threads + 1)
+    counts: list[int] = []
+    lock = threading.Lock()
+
+    def body() -> None:
+        worker = make_worker()
+        start.wait()
+        n = worker(stop)
+        with lock:
+            counts.append(n)
+
+    pool = [threading.Thread(target=body, daemon=True) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    start.wait()
+    began = time.perf_counter()
+    time.sleep(duration)
+    stop.set()
+    for t in pool:
+        t.join()
+    return sum(counts), time.perf_counter() - began
+
+
+def _loop(step: Callable[[], object]) -> Worker:
+    def worker(stop: threading.Event) -> int:
+        n = 0
+        is_set = stop.is_set
+        while not is_set():
+            step()
+            n += 1
+        return n
+
+    return worker
+
+
+@contextmanager
+def _raw(dsn: str, size: int) -> Iterator[Callable[[], object]]:
+    conn = psycopg.connect(dsn, autocommit=True)
+    try:
+        yield lambda: conn.execute(SQL).fetchall()
+    finally:
+        conn.close()
+
+
+@contextmanager
+def _psycopg_pool(dsn: str, size: int) -> Iterator[Callable[[], object]]:
+    from psycopg_pool import ConnectionPool
+
+    pool = ConnectionPool(dsn, min_size=size, max_size=size, kwargs={"autocommit": True},
+                          open=True)
+    pool.wait()
+
+    def step() -> object:
+        with pool.connection() as conn:
+            return conn.execute(SQL).fetchall()
+
+    try:
+        yield step
+    finally:
+        pool.close()
+
+
+@contextmanager
+def _dbpool(dsn: str, size: int) -> Iterator[Callable[[], object]]:
+    from dbpool.pool import Pool
+
+    pool = Pool.start(dsn, pool_size=size, name="bench")
+    _warm(pool, size)
+    try:
+        yield lambda: pool.query(SQL)
+    finally:
+        pool.stop()
+
+
+def _warm(pool: Any, size: int) -> None:
+    """Wait until every connection of a dbpool pool is open."""
+    deadline = time.monotonic() + 30
+    while pool.metrics()["ready_conn_count"] < size and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+CONTENDERS = {"psycopg": _raw, "psycopg_pool": _psycopg_pool, "dbpool": _dbpool}
+
+
+def _checkout_cycle(dsn: str, cycles: int) -> dict[str, float]:
+    """Microseconds per bare checkout+checkin, single thread, pool of 1."""
+    from psycopg_pool import ConnectionPool
+
+    from dbpool.pool import Pool
+
+    results: dict[str, float] = {}
+    ppool = ConnectionPool(dsn, min_size=1, max_size=1, kwargs={"autocommit": True})
+    ppool.wait()
+    try:
+        results["psycopg_pool"] = _time_cycles(ppool.connection, cycles)
+    finally:
+        ppool.close()
+    dpool = Pool.start(dsn, pool_size=1, name="bench-checkout")
+    _warm(dpool, 1)
+    try:
+        results["dbpool"] = _time_cycles(dpool.checkout, cycles)
+    finally:
+        dpool.stop()
+    return results
+
+
+def _time_cycles(checkout: Callable[[], Any], cycles: int) -> float:
+    best = float("inf")
+    for _ in range(3):  # best of three: least disturbed by the rest of the machine
+        began = time.perf_counter()
+        for _ in range(cycles):
+            with checkout():
+                pass
+        best = min(best, time.perf_counter() - began)
+    return best / cycles * 1e6
+
+
+def run(dsn: str, duration: float = 1.0, rounds: int = 3, as_json: bool = False,
+        contenders: tuple[str, ...] = tuple(CONTENDERS)) -> dict[str, Any]:
+    """Run the benchmark, print a table (or JSON) and return the results.
+
+    Each cell is the best of ``rounds`` runs of ``duration`` seconds, the
+    contenders taking turns round by round, so that a burst of load from
+    elsewhere on the machine does not decide the comparison.
+    """
+    cells: list[Cell] = []
+    for threads, size in SCENARIOS:
+        best: dict[str, Cell] = {}
+        for _ in range(rounds):
+            for name in contenders:
+                with CONTENDERS[name](dsn, size) as step:
+                    queries, seconds = _drive(threads, lambda step=step: _loop(step), duration)
+                cell = Cell(name, threads, size, queries, seconds)
+                if name not in best or cell.qps > best[name].qps:
+                    best[name] = cell
+        for name in contenders:
+            cells.append(best[name])
+            if not as_json:
+                print(f"  {name:>12} {threads:>3} threads: {best[name].qps:9.0f} q/s",
+                      file=sys.stderr, flush=True)
+    cycle = _checkout_cycle(dsn, 20_000)
+    report = _report(cells, cycle)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_table(report)
+    return report
+
+
+def _report(cells: list[Cell], cycle: dict[str, float]) -> dict[str, Any]:
+    rows = []
+    for threads, size in SCENARIOS:
+        here = {c.contender: c for c in cells if c.threads == threads}
+        row: dict[str, Any] = {"threads": threads, "pool_size": size,
+                               "qps": {k: round(c.qps) for k, c in here.items()}}
+        if "dbpool" in here:
+            row["ratio"] = {f"dbpool/{k}": round(here["dbpool"].qps / c.qps, 3)
+                            for k, c in here.items() if k != "dbpool"}
+        rows.append(row)
+    return {
+        "workload": SQL,
+        "cpus": os.cpu_count(),
+        "scenarios": rows,
+        "checkout_checkin_us": {k: round(v, 2) for k, v in cycle.items()},
+        "cells": [asdict(c) | {"qps": round(c.qps)} for c in cells],
+    }
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    names = list(report["scenarios"][0]["qps"])
+    print(f"\n{SQL!r}, queries per second ({report['cpus']} CPUs)\n")
+    header = f"{'threads':>7} {'pool':>4} " + " ".join(f"{n:>12}" for n in names)
+    ratios = [k for k in report["scenarios"][0].get("ratio", {})]
+    header += " " + " ".join(f"{r:>20}" for r in ratios)
+    print(header)
+    for row in report["scenarios"]:
+        line = f"{row['threads']:>7} {row['pool_size']:>4} "
+        line += " ".join(f"{row['qps'][n]:>12}" for n in names)
+        line += " " + " ".join(f"{row['ratio'][r]:>19.2f}x" for r in ratios)
+        print(line)
+    print("\nbare checkout+checkin, µs per cycle (1 thread, pool of 1):")
+    for name, us in report["checkout_checkin_us"].items():
+        print(f"  {name:>12}: {us:6.2f}")

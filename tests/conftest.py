@@ -1,0 +1,133 @@
+"""Shared pytest fixtures: real PostgreSQL servers and a fault-injecting proxy.
+
+Fixtures
+--------
+``pg_binaries`` (session)
+    Directory with initdb/pg_ctl/postgres (see :func:`find_pg_bindir`).
+``pg_template`` (session)
+    The once-per-session ``initdb`` that every private cluster is copied from.
+``pg_cluster`` (function)
+    A fresh, started :class:`PgCluster` of its own; tests may stop, kill or
+    restart it freely. Deleted at teardown.
+``pg_cluster_factory`` (function)
+    ``make(**settings) -> PgCluster`` for tests that need several clusters or
+    custom ``postgresql.conf`` settings; all are started and cleaned up.
+``pg_dsn`` (session)
+    A conninfo string for a server that tests must *not* break: the machine's
+    service at 127.0.0.1:5432 if it answers within 2 s, else a private cluster
+    shared by the session.
+``fault_proxy`` (function)
+    ``make(host, port) -> FaultProxy``; every proxy made is closed at teardown.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from tests.support.faultproxy import FaultProxy, ProxyFactory
+from tests.support.pgcluster import (
+    ClusterFactory,
+    PgCluster,
+    PgTemplate,
+    SettingValue,
+    cleanup_shared_templates,
+    find_pg_bindir,
+    shared_template,
+)
+
+log = logging.getLogger("tests.conftest")
+
+_SYSTEM_DSN = make_conninfo("", host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: soak tests, run separately with `-m slow`")
+
+
+@pytest.fixture(scope="session")
+def pg_binaries() -> Path:
+    """Directory holding the PostgreSQL server binaries (errors clearly if none)."""
+    return find_pg_bindir()
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_binaries: Path) -> Iterator[PgTemplate]:
+    """Session-wide initdb template (shared with any direct ``PgCluster()`` use)."""
+    template = shared_template(pg_binaries)
+    yield template
+    cleanup_shared_templates()
+
+
+@pytest.fixture
+def pg_cluster(pg_template: PgTemplate) -> Iterator[PgCluster]:
+    """A fresh private cluster, started; stopped and deleted after the test."""
+    cluster = PgCluster(template=pg_template)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture
+def pg_cluster_factory(pg_template: PgTemplate) -> Iterator[ClusterFactory]:
+    """Factory ``make(**settings)`` of started private clusters, all cleaned up after the test."""
+    clusters: list[PgCluster] = []
+
+    def make(**settings: SettingValue) -> PgCluster:
+        cluster = PgCluster(template=pg_template, settings=settings)
+        clusters.append(cluster)
+        cluster.start()
+        return cluster
+
+    try:
+        yield make
+    finally:
+        for cluster in clusters:
+            cluster.cleanup()
+
+
+def _system_server_available() -> bool:
+    try:
+        # libpq's connect_timeout has a 2 s floor, which is the budget we want.
+        with psycopg.connect(_SYSTEM_DSN, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        log.info("no usable server at 127.0.0.1:5432 (%s); using a private cluster", exc)
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Conninfo for a long-lived server; do not stop or kill it from tests."""
+    if _system_server_available():
+        yield _SYSTEM_DSN
+        return
+    # Only now pay for initdb: the system server is the common case.
+    template: PgTemplate = request.getfixturevalue("pg_template")
+    with PgCluster(template=template) as cluster:
+        yield cluster.conninfo()
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[ProxyFactory]:
+    """Factory ``make(host, port) -> FaultProxy``; all proxies are closed at teardown."""
+    proxies: list[FaultProxy] = []
+
+    def make(host: str, port: int) -> FaultProxy:
+        proxy = FaultProxy(host, port)
+        proxies.append(proxy)
+        return proxy
+
+    try:
+        yield make
+    finally:
+        for proxy in proxies:
+            proxy.close()

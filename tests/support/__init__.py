@@ -1,0 +1,8 @@
+"""Test-support helpers.
+
+* :mod:`tests.support.pgcluster` -- ``PgCluster``: private, throwaway PostgreSQL servers.
+* :mod:`tests.support.faultproxy` -- ``FaultProxy``: a TCP proxy that injects network faults.
+
+Import from the modules directly; this package init stays empty so importing
+one helper never drags in (or starts) another.
+"""
