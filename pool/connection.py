@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, NoReturn, TypeVar
 
 from dbpool.actors.slot import Slot
-
 from dbpool.driver import Error, Ok, Outcome, Params, Query, Result
 from dbpool.errors import ConnectionError, TransactionStatus
 

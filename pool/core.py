@@ -13,12 +13,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from dbpool import telemetry
 from dbpool.actors.listeners import ConnectionEvent, Listener, deliver, normalize
 from dbpool.actors.messages import Reconnect
 from dbpool.actors.scheduler import Scheduler
 from dbpool.actors.slot import Slot
-
-from dbpool import telemetry
 from dbpool.driver import Driver
 
 from .options import PoolOptions

@@ -8,7 +8,6 @@ from typing import Any
 
 from dbpool.actors import backoff
 from dbpool.actors.listeners import ListenerSpec
-
 from dbpool.errors import ConfigurationError
 
 __all__ = ["PoolOptions"]

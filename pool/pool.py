@@ -22,10 +22,10 @@ from types import TracebackType
 from typing import Any
 
 import pykka
-from dbpool.actors.connection import ConnectionConfig
-from dbpool.actors.slot import Slot
 
 from dbpool import telemetry
+from dbpool.actors.connection import ConnectionConfig
+from dbpool.actors.slot import Slot
 from dbpool.driver import Disconnect, Driver, Ok, Params, Result
 from dbpool.errors import ConnectionError
 from dbpool.pgdriver import PgDriver

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pykka
+
+from dbpool import telemetry
 from dbpool.actors.connection import ConnectionActor, ConnectionConfig
 from dbpool.actors.messages import (
     ConnectFailed,
@@ -34,8 +36,6 @@ from dbpool.actors.messages import (
 )
 from dbpool.actors.slot import Slot
 from dbpool.actors.supervisor import RestartIntensity
-
-from dbpool import telemetry
 from dbpool.errors import PoolStoppedError
 
 from .core import PoolCore

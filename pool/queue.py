@@ -14,7 +14,6 @@ import time
 from collections import deque
 
 from dbpool.actors.slot import Slot
-
 from dbpool.errors import ConnectionError
 
 __all__ = ["CheckoutQueue"]

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from dbpool import telemetry
 from dbpool.actors.listeners import ConnectionEvent
@@ -81,7 +82,7 @@ def test_killed_server_disconnects_backs_off_and_reconnects_after_restart(
     failures = connect_errors.wait_count(lambda m: m.get("index") == 0, 5, timeout=10)
     assert all(m["error"].reason == "error" for m in failures)
     times = connect_errors.times(lambda m: m.get("index") == 0)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)][:4]
+    gaps = [b - a for a, b in itertools.pairwise(times)][:4]
     # The first reconnect is immediate and fails; then one exp step each: 0.1, 0.2, 0.4, 0.4.
     for gap, expected in zip(gaps, [0.1, 0.2, 0.4, 0.4], strict=True):
         assert expected - 0.01 <= gap < expected + 0.25, gaps

@@ -1,3 +1,5 @@
-from dbpool.cli import main
 import sys
+
+from dbpool.cli import main
+
 sys.exit(main())

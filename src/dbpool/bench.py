@@ -86,6 +86,10 @@ def _loop(step: Callable[[], object]) -> Worker:
     return worker
 
 
+def _loop_factory(step: Callable[[], object]) -> Callable[[], Worker]:
+    return lambda: _loop(step)
+
+
 @contextmanager
 def _raw(dsn: str, size: int) -> Iterator[Callable[[], object]]:
     conn = psycopg.connect(dsn, autocommit=True)
@@ -182,7 +186,7 @@ def run(dsn: str, duration: float = 1.0, rounds: int = 3, as_json: bool = False,
         for _ in range(rounds):
             for name in contenders:
                 with CONTENDERS[name](dsn, size) as step:
-                    queries, seconds = _drive(threads, lambda step=step: _loop(step), duration)
+                    queries, seconds = _drive(threads, _loop_factory(step), duration)
                 cell = Cell(name, threads, size, queries, seconds)
                 if name not in best or cell.qps > best[name].qps:
                     best[name] = cell
