@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def test_distribution_metadata_and_console_script() -> None:
     scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
     assert scripts["dbpool"] == "dbpool.cli:main"
     # Nothing lands in site-packages as a top-level pool/actors/client.
-    site = Path(str(dist.locate_file("")))
+    site = Path(sysconfig.get_paths()["purelib"])
     assert not any((site / name).exists() for name in ("pool", "actors", "client"))
 
 
