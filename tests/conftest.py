@@ -18,6 +18,9 @@ Fixtures
     shared by the session.
 ``fault_proxy`` (function)
     ``make(host, port) -> FaultProxy``; every proxy made is closed at teardown.
+``pools`` (function)
+    A list to append started :class:`~dbpool.pool.Pool` handles to; all are
+    stopped at teardown.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from dbpool.pool import Pool
 from tests.support.faultproxy import FaultProxy, ProxyFactory
 from tests.support.pgcluster import (
     ClusterFactory,
@@ -131,3 +135,12 @@ def fault_proxy() -> Iterator[ProxyFactory]:
     finally:
         for proxy in proxies:
             proxy.close()
+
+
+@pytest.fixture
+def pools() -> Iterator[list[Pool]]:
+    """A list to append started pools to; each is stopped at teardown."""
+    started: list[Pool] = []
+    yield started
+    for pool in started:
+        pool.stop()

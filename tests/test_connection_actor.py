@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pykka
@@ -23,14 +22,6 @@ from tests.support.events import Recorder, kind
 from tests.support.scripted import FakeState, ScriptedDriver
 
 FAST = {"backoff_type": "exp", "backoff_min": 0.05, "backoff_max": 0.2}
-
-
-@pytest.fixture
-def pools() -> Iterator[list[Pool]]:
-    started: list[Pool] = []
-    yield started
-    for pool in started:
-        pool.stop()
 
 
 def start(pools: list[Pool], driver: ScriptedDriver, **options: Any) -> Pool:
@@ -57,6 +48,27 @@ def test_failed_connects_are_retried_with_exp_backoff_spacing(pools: list[Pool])
     # exp: 0.05, 0.1, 0.2, 0.2 (capped).  A timer never fires early.
     for gap, expected in zip(gaps, [0.05, 0.1, 0.2, 0.2], strict=True):
         assert expected <= gap < expected + 0.15, gaps
+
+
+def test_failed_connects_are_retried_with_rand_backoff_spacing(pools: list[Pool]) -> None:
+    driver = ScriptedDriver({"connect": [OSError("refused")] * 5})
+    start(pools, driver, pool_size=1, backoff_type="rand", backoff_min=0.05, backoff_max=0.15)
+    calls = driver.wait_for("connect", 6, timeout=5)
+    gaps = [b.at - a.at for a, b in itertools.pairwise(calls)]
+    assert all(0.05 <= gap < 0.15 + 0.1 for gap in gaps), gaps
+
+
+def test_failed_connects_are_retried_with_rand_exp_backoff_spacing(pools: list[Pool]) -> None:
+    driver = ScriptedDriver({"connect": [OSError("refused")] * 6})
+    start(pools, driver, pool_size=1, backoff_type="rand_exp", backoff_min=0.02,
+          backoff_max=0.3)
+    calls = driver.wait_for("connect", 7, timeout=5)
+    gaps = [b.at - a.at for a, b in itertools.pairwise(calls)]
+    lower, prev = 0.1, 0.02  # lower = max(min, max / 3); prev starts at min
+    for gap in gaps:
+        # A timer fires a little late, never early: measured gaps overshoot.
+        assert min(prev, lower) - 0.02 <= gap < min(prev * 3, 0.3) + 0.1, gaps
+        prev = gap
 
 
 def test_configure_runs_before_every_attempt_with_pool_index(pools: list[Pool]) -> None:

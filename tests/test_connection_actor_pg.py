@@ -20,14 +20,6 @@ from tests.support.pgcluster import PgCluster
 
 
 @pytest.fixture
-def pools() -> Iterator[list[Pool]]:
-    started: list[Pool] = []
-    yield started
-    for pool in started:
-        pool.stop()
-
-
-@pytest.fixture
 def connect_errors() -> Iterator[Recorder[dict[str, Any]]]:
     errors: Recorder[dict[str, Any]] = Recorder()
     telemetry.attach("test-connect-errors", ["connection_error"], lambda _e, _m, meta: errors(meta))

@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import psycopg
 from psycopg.conninfo import make_conninfo
@@ -210,29 +210,22 @@ def _run(
     argv = [os.fspath(c) for c in cmd]
     log.debug("run: %s", " ".join(argv))
     try:
-        if ident.uid is not None:
-            proc = subprocess.run(
-                argv,
-                cwd=cwd,
-                env=_child_env(),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                user=ident.uid,
-                group=ident.gid,
-                extra_groups=[],  # drop root's supplementary groups
-            )
-        else:
-            proc = subprocess.run(
-                argv,
-                cwd=cwd,
-                env=_child_env(),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
+        # As root, drop to the server identity (and root's supplementary groups).
+        as_user: dict[str, Any] = (
+            {"user": ident.uid, "group": ident.gid, "extra_groups": []}
+            if ident.uid is not None
+            else {}
+        )
+        proc = subprocess.run(
+            argv,
+            cwd=cwd,
+            env=_child_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **as_user,
+        )
     except subprocess.TimeoutExpired as exc:
         raise PgClusterError(f"{argv[0]} timed out after {timeout}s: {' '.join(argv)}") from exc
     if check and proc.returncode != 0:
