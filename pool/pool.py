@@ -18,6 +18,7 @@ ActorRef.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -206,7 +207,7 @@ class _Checkout:
             self._conn = None
 
 
-def _after_connect_runner(core: PoolCore) -> Any:
+def _after_connect_runner(core: PoolCore) -> Callable[[Slot], None]:
     """Wrap the user's after_connect so that it receives a Connection."""
     user_fn = core.options.after_connect
     assert user_fn is not None
