@@ -39,6 +39,7 @@ from .pool_actor import PoolActor
 __all__ = ["Pool"]
 
 logger = logging.getLogger("dbpool.pool")
+_NO_OPTS: dict[str, Any] = {}
 
 
 class Pool:
@@ -138,7 +139,27 @@ class Pool:
             raise
 
     def _return(self, conn: Connection) -> None:
-        self._core.checkin(conn._end())
+        slot = conn._end()
+        if slot.broken is None:
+            self._roll_back_if_dirty(slot)
+        self._core.checkin(slot)
+
+    def _roll_back_if_dirty(self, slot: Slot) -> None:
+        """Never lend a connection on inside a transaction: roll it back, or replace it."""
+        driver, state = self._core.driver, slot.driver_state
+        status = driver.handle_status(_NO_OPTS, state)
+        if not isinstance(status, Ok):
+            slot.broken = status.error
+            return
+        if status.value == "idle":
+            return
+        outcome = driver.handle_rollback(_NO_OPTS, state)
+        if isinstance(outcome, Ok):
+            logger.warning("%s: connection %d was checked in with status %r; rolled back",
+                           self.name, slot.index, status.value)
+            return
+        slot.broken = getattr(outcome, "error", None) or ConnectionError(
+            f"connection checked in with status {status.value!r} could not be rolled back")
 
     # -- lifecycle -------------------------------------------------------
 

@@ -234,3 +234,25 @@ def test_password_never_appears_in_logs_or_errors_of_a_failing_connect(
         assert secret not in record.getMessage()
     for meta in connect_errors.values():
         assert secret not in str(meta["error"]) and meta["error"].__cause__ is None
+
+
+@pytest.mark.parametrize("dirty", ["transaction", "error"])
+def test_a_connection_checked_in_dirty_is_rolled_back(
+    pg_dsn: str, pools: list[Pool], dirty: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = Pool.start(pg_dsn, pool_size=1)
+    pools.append(pool)
+    with pool.checkout() as conn:
+        pid = conn.backend_pid
+        conn.query("CREATE TEMP TABLE IF NOT EXISTS dirty_check (v int)")
+        conn.query("BEGIN")
+        conn.query("INSERT INTO dirty_check VALUES (1)")
+        if dirty == "error":
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                conn.query("SELECT 1/0")
+        assert conn.status() == dirty
+    with pool.checkout() as conn:
+        assert conn.backend_pid == pid  # the same connection, cleaned, not replaced
+        assert conn.status() == "idle"
+        assert conn.query("SELECT count(*) FROM dirty_check").rows == [(0,)]
+    assert any("rolled back" in r.getMessage() for r in caplog.records)
