@@ -22,7 +22,6 @@ class Slot:
         "actor",
         "backend_pid",
         "broken",
-        "connected_at",
         "driver_state",
         "generation",
         "idle_since",
@@ -41,7 +40,6 @@ class Slot:
         self.backend_pid: int | None = None
         #: Bumped on every successful connect; tells a stale handle from a live one.
         self.generation = 0
-        self.connected_at = 0.0
         self.idle_since = 0.0
         #: When it was lent (monotonic), or None while not lent.
         self.lent_at: float | None = None
@@ -49,12 +47,10 @@ class Slot:
         self.broken: BaseException | None = None
 
     def mark_connected(self, driver_state: Any) -> None:
-        now = time.monotonic()
         self.driver_state = driver_state
         self.backend_pid = getattr(driver_state, "backend_pid", None)
         self.generation += 1
-        self.connected_at = now
-        self.idle_since = now
+        self.idle_since = time.monotonic()
         self.broken = None
 
     def __repr__(self) -> str:

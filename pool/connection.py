@@ -8,6 +8,7 @@ rather than touch a connection that may now be another caller's.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, NoReturn, TypeVar
 
 from dbpool.actors.slot import Slot
@@ -17,6 +18,8 @@ from dbpool.errors import ConnectionError, TransactionStatus
 from .core import PoolCore
 
 __all__ = ["Connection"]
+
+logger = logging.getLogger("dbpool.pool")
 
 T = TypeVar("T")
 _NO_OPTS: dict[str, Any] = {}
@@ -84,9 +87,32 @@ class Connection:
         raise ConnectionError(f"connection lost: {' '.join(str(error).split())}") from error
 
     def _end(self) -> Slot:
-        """End the loan; the caller gives the returned slot back."""
+        """End the loan and return the slot, never dirty.
+
+        A connection left inside a transaction (open or failed) is rolled
+        back; if that fails, the slot is marked broken so that it is replaced.
+        """
+        slot = self._slot
+        if self._open and slot.broken is None:
+            self._roll_back_if_dirty(slot)
         self._open = False
-        return self._slot
+        return slot
+
+    def _roll_back_if_dirty(self, slot: Slot) -> None:
+        driver, state = self._core.driver, slot.driver_state
+        status = driver.handle_status(_NO_OPTS, state)
+        if not isinstance(status, Ok):
+            slot.broken = status.error
+            return
+        if status.value == "idle":
+            return
+        outcome = driver.handle_rollback(_NO_OPTS, state)
+        if isinstance(outcome, Ok):
+            logger.warning("%s: connection %d was checked in with status %r; rolled back",
+                           self._core.name, slot.index, status.value)
+            return
+        slot.broken = getattr(outcome, "error", None) or ConnectionError(
+            f"connection checked in with status {status.value!r} could not be rolled back")
 
     def __repr__(self) -> str:
         state = "open" if self._open else "ended"

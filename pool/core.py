@@ -54,10 +54,10 @@ class PoolCore:
         elif not self.queue.put(slot):
             self.dispose(slot)
 
-    def reconnect(self, slot: Slot, error: BaseException, *, backoff: bool = False) -> None:
-        """Have the slot's actor drop the connection and connect again."""
+    def reconnect(self, slot: Slot, error: BaseException) -> None:
+        """Have the slot's actor drop the connection and connect again at once."""
         try:
-            slot.actor.tell(Reconnect(slot, slot.generation, error, backoff))
+            slot.actor.tell(Reconnect(slot, slot.generation, error))
         except Exception:  # the actor is gone: the pool is stopping
             self.dispose(slot)
 

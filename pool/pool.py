@@ -39,7 +39,6 @@ from .pool_actor import PoolActor
 __all__ = ["Pool"]
 
 logger = logging.getLogger("dbpool.pool")
-_NO_OPTS: dict[str, Any] = {}
 
 
 class Pool:
@@ -139,27 +138,7 @@ class Pool:
             raise
 
     def _return(self, conn: Connection) -> None:
-        slot = conn._end()
-        if slot.broken is None:
-            self._roll_back_if_dirty(slot)
-        self._core.checkin(slot)
-
-    def _roll_back_if_dirty(self, slot: Slot) -> None:
-        """Never lend a connection on inside a transaction: roll it back, or replace it."""
-        driver, state = self._core.driver, slot.driver_state
-        status = driver.handle_status(_NO_OPTS, state)
-        if not isinstance(status, Ok):
-            slot.broken = status.error
-            return
-        if status.value == "idle":
-            return
-        outcome = driver.handle_rollback(_NO_OPTS, state)
-        if isinstance(outcome, Ok):
-            logger.warning("%s: connection %d was checked in with status %r; rolled back",
-                           self.name, slot.index, status.value)
-            return
-        slot.broken = getattr(outcome, "error", None) or ConnectionError(
-            f"connection checked in with status {status.value!r} could not be rolled back")
+        self._core.checkin(conn._end())
 
     # -- lifecycle -------------------------------------------------------
 
@@ -239,5 +218,7 @@ def _after_connect_runner(core: PoolCore) -> Callable[[Slot], None]:
             user_fn(conn)
         finally:
             conn._end()  # the actor, not a queue, takes the slot back
+        if slot.broken is not None:  # e.g. left in a transaction that would not roll back
+            raise slot.broken
 
     return run

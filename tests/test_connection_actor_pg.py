@@ -256,3 +256,17 @@ def test_a_connection_checked_in_dirty_is_rolled_back(
         assert conn.status() == "idle"
         assert conn.query("SELECT count(*) FROM dirty_check").rows == [(0,)]
     assert any("rolled back" in r.getMessage() for r in caplog.records)
+
+
+def test_after_connect_that_leaves_a_transaction_open_does_not_lend_it_dirty(
+    pg_dsn: str, pools: list[Pool]
+) -> None:
+    def after_connect(conn: Any) -> None:
+        conn.query("BEGIN")
+        conn.query("SET LOCAL application_name = 'dbpool-left-open'")
+
+    pool = Pool.start(pg_dsn, pool_size=1, after_connect=after_connect)
+    pools.append(pool)
+    with pool.checkout() as conn:
+        assert conn.status() == "idle"
+        assert conn.query("SHOW application_name").rows != [("dbpool-left-open",)]
