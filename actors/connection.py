@@ -20,6 +20,7 @@ Failures are of two kinds, as in DBConnection:
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ class ConnectionConfig:
     backoff_min: float | None = None
     backoff_max: float | None = None
     show_sensitive_data_on_connection_error: bool = False
+    #: ``(min, max)`` seconds: each connection's lifetime is drawn from it.
+    max_lifetime: tuple[float, float] | None = None
 
 
 class ConnectionActor(pykka.ThreadingActor):
@@ -134,7 +137,9 @@ class ConnectionActor(pykka.ThreadingActor):
         except Exception as exc:
             self._connect_failed(self._connect_error(exc, opts))
             return
-        self.slot.mark_connected(state)
+        lifetime = self.config.max_lifetime
+        self.slot.mark_connected(
+            state, random.uniform(*lifetime) if lifetime is not None else float("inf"))
         self._notify("connected")
         if self.config.after_connect is not None:
             failure = self._run_after_connect()

@@ -22,7 +22,9 @@ class Slot:
         "actor",
         "backend_pid",
         "broken",
+        "connected_at",
         "driver_state",
+        "expires_at",
         "generation",
         "idle_since",
         "index",
@@ -41,16 +43,22 @@ class Slot:
         #: Bumped on every successful connect; tells a stale handle from a live one.
         self.generation = 0
         self.idle_since = 0.0
+        #: When the current connection was made (monotonic).
+        self.connected_at = 0.0
+        #: When ``max_lifetime`` retires the current connection (monotonic).
+        self.expires_at = float("inf")
         #: When it was lent (monotonic), or None while not lent.
         self.lent_at: float | None = None
         #: Why the current borrower found the connection unusable, if it did.
         self.broken: BaseException | None = None
 
-    def mark_connected(self, driver_state: Any) -> None:
+    def mark_connected(self, driver_state: Any, lifetime: float = float("inf")) -> None:
+        now = time.monotonic()
         self.driver_state = driver_state
         self.backend_pid = getattr(driver_state, "backend_pid", None)
         self.generation += 1
-        self.idle_since = time.monotonic()
+        self.connected_at = self.idle_since = now
+        self.expires_at = now + lifetime
         self.broken = None
 
     def __repr__(self) -> str:

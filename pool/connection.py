@@ -1,25 +1,38 @@
 """The lent connection: what a caller holds between checkout and checkin.
 
 A :class:`Connection` runs driver callbacks directly on the caller's thread;
-nothing goes through an actor.  It is valid only until its checkout ends:
-after that every call raises ``ConnectionError`` ("outdated connection")
-rather than touch a connection that may now be another caller's.
+nothing goes through an actor.  It is valid only until its loan ends, and a
+loan ends exactly once, by whichever comes first:
+
+- the caller checks it in (leaving the ``with`` block);
+- its deadline passes: the pool cancels the running statement, gives the
+  slot a fresh connection, and the caller's next call raises
+  ``ConnectionError(reason="deadline")`` (the old connection is closed then,
+  on the caller's own thread, so no two threads ever use it at once);
+- it is abandoned: garbage-collected, or its thread ended, while lent.  The
+  pool rolls it back and takes it back, and logs where it was checked out.
+
+After that every call raises ``ConnectionError`` rather than touch a
+connection that may now be another caller's.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any, NoReturn, TypeVar
+import asyncio
+import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from dbpool.actors.slot import Slot
 from dbpool.driver import Error, Ok, Outcome, Params, Query, Result
 from dbpool.errors import ConnectionError, TransactionStatus
 
-from .core import PoolCore
+from .loans import Loan
 
-__all__ = ["Connection"]
+if TYPE_CHECKING:
+    from .core import PoolCore
 
-logger = logging.getLogger("dbpool.pool")
+__all__ = ["AsyncConnection", "Connection"]
 
 T = TypeVar("T")
 _NO_OPTS: dict[str, Any] = {}
@@ -28,13 +41,13 @@ _NO_OPTS: dict[str, Any] = {}
 class Connection:
     """A connection lent to the current caller.  Not thread-safe: one borrower."""
 
-    __slots__ = ("_core", "_generation", "_open", "_slot")
+    __slots__ = ("_core", "_driver_state", "_loan", "_slot")
 
-    def __init__(self, core: PoolCore, slot: Slot) -> None:
+    def __init__(self, core: PoolCore, slot: Slot, loan: Loan) -> None:
         self._core = core
         self._slot = slot
-        self._generation = slot.generation
-        self._open = True
+        self._loan = loan
+        self._driver_state = slot.driver_state
 
     # -- queries ---------------------------------------------------------
 
@@ -65,18 +78,26 @@ class Connection:
     # -- internals -------------------------------------------------------
 
     def _state(self) -> Any:
-        slot = self._slot
-        if not self._open or slot.generation != self._generation:
-            raise ConnectionError(
-                "outdated connection: its checkout has ended, so it may now serve another caller")
-        if slot.broken is not None:
+        if not self._loan.claim:
+            self._raise_ended()
+        if self._slot.broken is not None:
             raise ConnectionError(
                 "connection is closed because of an error, disconnect or timeout")
-        return slot.driver_state
+        return self._driver_state
+
+    def _raise_ended(self) -> NoReturn:
+        revoked = self._loan.revoked
+        if revoked is not None:
+            self._close_revoked(revoked)
+            raise revoked
+        raise ConnectionError(
+            "outdated connection: its checkout has ended, so it may now serve another caller")
 
     def _unwrap(self, outcome: Outcome[T]) -> T:
         if isinstance(outcome, Ok):
             return outcome.value
+        if not self._loan.claim:  # revoked while the call ran (its deadline passed)
+            self._raise_ended()
         if isinstance(outcome, Error):
             raise outcome.error
         self._lose(outcome.error)
@@ -86,34 +107,94 @@ class Connection:
         self._slot.broken = error
         raise ConnectionError(f"connection lost: {' '.join(str(error).split())}") from error
 
-    def _end(self) -> Slot:
-        """End the loan and return the slot, never dirty.
+    def _end(self) -> Slot | None:
+        """End the loan: return the slot, cleaned, or None if the pool took it already.
 
         A connection left inside a transaction (open or failed) is rolled
         back; if that fails, the slot is marked broken so that it is replaced.
         """
-        slot = self._slot
-        if self._open and slot.broken is None:
-            self._roll_back_if_dirty(slot)
-        self._open = False
-        return slot
+        loan = self._loan
+        if not loan.take():
+            if loan.revoked is not None:
+                self._close_revoked(loan.revoked)
+            return None
+        self._driver_state = None  # ours no longer; nothing below may close it
+        self._core.forget(loan)
+        self._core.clean(self._slot)
+        return self._slot
 
-    def _roll_back_if_dirty(self, slot: Slot) -> None:
-        driver, state = self._core.driver, slot.driver_state
-        status = driver.handle_status(_NO_OPTS, state)
-        if not isinstance(status, Ok):
-            slot.broken = status.error
-            return
-        if status.value == "idle":
-            return
-        outcome = driver.handle_rollback(_NO_OPTS, state)
-        if isinstance(outcome, Ok):
-            logger.warning("%s: connection %d was checked in with status %r; rolled back",
-                           self._core.name, slot.index, status.value)
-            return
-        slot.broken = getattr(outcome, "error", None) or ConnectionError(
-            f"connection checked in with status {status.value!r} could not be rolled back")
+    def _needs_cleaning(self) -> bool:
+        """Whether checkin will have to roll back (which is I/O)."""
+        if not self._loan.claim or self._slot.broken is not None:
+            return False
+        status = self._core.driver.handle_status(_NO_OPTS, self._driver_state)
+        return not (isinstance(status, Ok) and status.value == "idle")
+
+    def _close_revoked(self, error: BaseException) -> None:
+        """Close the connection the deadline took from us, on this (its owner's) thread."""
+        state, self._driver_state = self._driver_state, None
+        if state is not None:
+            self._core.driver.disconnect(error, state)
+
+    def __del__(self) -> None:
+        # Garbage-collected while lent: hand it back through the pool's watcher
+        # (no I/O and no locks here: this may run in the middle of any code).
+        loan = getattr(self, "_loan", None)
+        if loan is not None and loan.take():
+            self._core.watcher.abandoned(loan, "it was garbage-collected while checked out")
 
     def __repr__(self) -> str:
-        state = "open" if self._open else "ended"
+        state = "lent" if self._loan.claim else "ended"
         return f"<dbpool Connection {self._core.name}#{self._slot.index} {state}>"
+
+
+class AsyncConnection:
+    """A lent connection for asyncio code: every call runs on a worker thread.
+
+    The calls of one connection run one at a time, in order, so the event
+    loop is never blocked by the database.
+    """
+
+    __slots__ = ("_conn", "_pending")
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._pending: asyncio.Future[Any] | None = None
+
+    async def query(self, sql: str, params: Params = None) -> Result:
+        """See :meth:`Connection.query`."""
+        return await self._in_thread(self._conn.query, sql, params)
+
+    async def status(self) -> TransactionStatus:
+        """See :meth:`Connection.status`."""
+        return await self._in_thread(self._conn.status)
+
+    @property
+    def backend_pid(self) -> int | None:
+        return self._conn.backend_pid
+
+    @property
+    def index(self) -> int:
+        return self._conn.index
+
+    @property
+    def sync(self) -> Connection:
+        """The underlying :class:`Connection` (blocking calls; use in a thread)."""
+        return self._conn
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, functools.partial(fn, *args))
+        self._pending = future
+        # Shielded: if the task is cancelled, the call still finishes before
+        # checkin (see _settle), so two threads never share the connection.
+        return await asyncio.shield(future)
+
+    async def _settle(self) -> None:
+        """Wait for a call abandoned by a cancelled task to finish."""
+        pending, self._pending = self._pending, None
+        if pending is not None and not pending.done():
+            await asyncio.wait([pending])
+
+    def __repr__(self) -> str:
+        return f"<dbpool AsyncConnection {self._conn!r}>"

@@ -1,15 +1,16 @@
-"""What a pool's parts share: the driver, the options and the checkout queue.
+"""What a pool's parts share: the driver, the options, the queue and the loans.
 
 :class:`PoolCore` is the meeting point of the pool actor (lifecycle), the
-connection actors (via the release callback) and callers (checkout and
-checkin on their own threads).  It holds no policy of its own beyond
-checkin: where a returned slot goes next.
+connection actors (via the release callback), the loan watcher (deadlines
+and leaks) and callers (checkout and checkin on their own threads).  Its own
+policy is lending and taking back: where a returned slot goes next.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +19,12 @@ from dbpool.actors.listeners import ConnectionEvent, Listener, deliver, normaliz
 from dbpool.actors.messages import Reconnect
 from dbpool.actors.scheduler import Scheduler
 from dbpool.actors.slot import Slot
-from dbpool.driver import Driver
+from dbpool.driver import Disconnect, Driver, Ok
+from dbpool.errors import ConnectionError
 
+from .connection import _NO_OPTS, Connection
+from .loans import Loan, LoanWatcher, Location
+from .metrics import PoolMetrics
 from .options import PoolOptions
 from .queue import CheckoutQueue
 
@@ -29,30 +34,154 @@ logger = logging.getLogger("dbpool.pool")
 
 Monitor = Callable[[BaseException | None], object]
 
+# Spreads disconnect_all over its interval: connection i goes at
+# frac(i * golden ratio) of the way, an even, deterministic stagger.
+_GOLDEN = 0.6180339887498949
+
 
 class PoolCore:
-    """The state one pool's actors and callers share."""
+    """The state one pool's actors, watcher and callers share."""
 
     def __init__(self, driver: Driver[Any], options: PoolOptions) -> None:
         self.name = options.name
         self.driver = driver
         self.options = options
-        self.queue = CheckoutQueue()
+        self.metrics = PoolMetrics()
+        self.queue = CheckoutQueue(
+            name=options.name, target=options.queue_target, interval=options.queue_interval,
+            max_waiting=options.max_waiting, metrics=self.metrics)
         self.scheduler = Scheduler(name=f"{options.name}-scheduler")
         self.listeners: tuple[Listener, ...] = normalize(options.connection_listeners)
+        #: Lent connections by slot index, for the watcher's sweeps.
+        self.loans: dict[int, Loan] = {}
+        self.watcher = LoanWatcher(self)
         self.stopped = threading.Event()
         #: Why the pool stopped: None for a requested stop, else the error.
         self.exit_error: BaseException | None = None
+        #: (start, interval) of the latest disconnect_all, if any.
+        self._flush: tuple[float, float] | None = None
+        self._recycling = options.max_lifetime is not None
         self._monitors: list[Monitor] = []
         self._monitor_lock = threading.Lock()
 
-    def checkin(self, slot: Slot) -> None:
-        """Take back a lent slot: broken ones to their actor, good ones to the queue."""
+    # -- lending ---------------------------------------------------------
+
+    def lend(self, timeout: float, queue: bool, where: Location | None) -> Connection:
+        """Check out a connection for this thread (see :meth:`Pool.checkout`)."""
+        started = time.monotonic()
+        try:
+            while True:
+                slot = self.queue.get(started + timeout - time.monotonic(), queue)
+                conn = self.accept(slot, started, timeout, where)
+                if conn is not None:
+                    if telemetry.enabled("checkout"):
+                        self.emit_checkout(slot, started)
+                    return conn
+        except ConnectionError as error:
+            self.report(error)
+            raise
+
+    def report(self, error: ConnectionError) -> None:
+        """Emit the connection_error telemetry event for a failed checkout."""
+        telemetry.emit("connection_error", {"count": 1}, {"pool": self.name, "error": error})
+
+    def give_back(self, conn: Connection) -> None:
+        """End a loan from its owner's side: clean the slot and check it in."""
+        lent_at = conn._slot.lent_at
+        slot = conn._end()
+        if slot is not None:
+            self.checkin(slot)
+            if lent_at is not None and telemetry.enabled("checkin"):
+                telemetry.emit("checkin", {"usage_time": time.monotonic() - lent_at},
+                               {"pool": self.name, "index": slot.index})
+
+    def emit_checkout(self, slot: Slot, started: float) -> None:
+        telemetry.emit("checkout", {"queue_time": time.monotonic() - started},
+                       {"pool": self.name, "index": slot.index})
+
+    def accept(
+        self, slot: Slot, started: float, timeout: float, where: Location | None
+    ) -> Connection | None:
+        """Lend a slot taken from the queue, or None if its connection died while idle.
+
+        Raises the driver's error if its checkout callback fails otherwise.
+        """
+        outcome = self.driver.checkout(slot.driver_state)
+        if isinstance(outcome, Ok):
+            loan = Loan(slot, started + timeout, timeout, where)
+            self.loans[slot.index] = loan
+            self.watcher.watch(loan)
+            return Connection(self, slot, loan)
+        if isinstance(outcome, Disconnect):
+            slot.broken = outcome.error  # have it replaced; the caller takes another
+            self.checkin(slot)
+            return None
+        self.checkin(slot)
+        raise outcome.error
+
+    def forget(self, loan: Loan) -> None:
+        """Drop an ended loan from the watcher's table."""
+        if self.loans.get(loan.slot.index) is loan:
+            del self.loans[loan.slot.index]
+
+    def clean(self, slot: Slot) -> None:
+        """Roll back a connection left in a transaction; mark it broken if that fails."""
         if slot.broken is not None:
-            slot.lent_at = None
+            return
+        driver, state = self.driver, slot.driver_state
+        status = driver.handle_status(_NO_OPTS, state)
+        if not isinstance(status, Ok):
+            slot.broken = status.error
+            return
+        if status.value == "idle":
+            return
+        outcome = driver.handle_rollback(_NO_OPTS, state)
+        if isinstance(outcome, Ok):
+            logger.warning("%s: connection %d was checked in with status %r; rolled back",
+                           self.name, slot.index, status.value)
+            return
+        slot.broken = getattr(outcome, "error", None) or ConnectionError(
+            f"connection checked in with status {status.value!r} could not be rolled back")
+
+    def checkin(self, slot: Slot) -> None:
+        """Take back a slot: broken or expired ones to their actor, good ones to the queue."""
+        if slot.broken is not None:
+            self.queue.record_usage(slot)
             self.reconnect(slot, slot.broken)
-        elif not self.queue.put(slot):
+            return
+        if self._recycling:
+            reason = self.recycle_reason(slot)
+            if reason is not None:
+                self.queue.record_usage(slot)
+                self.recycle(slot, reason)
+                return
+        if not self.queue.put(slot):
             self.dispose(slot)
+
+    # -- recycling -------------------------------------------------------
+
+    def disconnect_all(self, interval: float) -> None:
+        """Recycle every connection made before now, staggered over ``interval`` seconds."""
+        self._flush = (time.monotonic(), max(interval, 0.0))
+        self._recycling = True
+
+    def recycle_reason(self, slot: Slot) -> str | None:
+        """Why the slot's connection should be replaced now (disconnect_all, max_lifetime)."""
+        now = time.monotonic()
+        flush = self._flush
+        if flush is not None:
+            start, interval = flush
+            if slot.connected_at <= start and now >= start + interval * (
+                (slot.index * _GOLDEN) % 1.0
+            ):
+                return "disconnect_all"
+        if now >= slot.expires_at:
+            return "max_lifetime exceeded"
+        return None
+
+    def recycle(self, slot: Slot, reason: str) -> None:
+        self.metrics.add("recycled")
+        self.reconnect(slot, ConnectionError(f"{self.name}: connection {slot.index}: {reason}"))
 
     def reconnect(self, slot: Slot, error: BaseException) -> None:
         """Have the slot's actor drop the connection and connect again at once."""
@@ -71,6 +200,7 @@ class PoolCore:
 
     def deliver(self, event: ConnectionEvent) -> None:
         """Give a connection event to the listeners and to telemetry."""
+        self.metrics.add("connects" if event.kind == "connected" else "disconnects")
         deliver(self.listeners, event)
         telemetry.emit(event.kind, {"count": 1}, {"pool": self.name, "event": event})
 

@@ -41,8 +41,25 @@ class PoolOptions:
 
     Checkout:
 
-    - ``timeout`` (15.0): default time a checkout may wait for a connection.
+    - ``timeout`` (15.0): default deadline of a checkout, counted from its
+      start: it covers the wait in the queue *and* the use.  A holder past
+      its deadline has its statement cancelled and its connection replaced.
     - ``queue`` (True): default for whether a checkout may wait at all.
+    - ``queue_target`` (0.05) and ``queue_interval`` (2.0): CoDel load
+      shedding, as in DBConnection.  When waits stay above ``queue_target``
+      for a whole ``queue_interval``, waiters older than twice the target
+      are dropped with ``ConnectionError(reason="queue_timeout")``.
+    - ``max_waiting`` (0, unbounded): past this many waiters a checkout fails
+      at once with ``ConnectionError(reason="queue_full")``.
+
+    Recycling:
+
+    - ``max_lifetime`` (None): ``(min, max)`` seconds; each connection is
+      replaced after a lifetime drawn uniformly from that range, so that
+      connections do not all reconnect at once.
+    - ``disconnect_all_every`` (None) and ``disconnect_all_interval`` (15.0):
+      call :meth:`~dbpool.pool.Pool.disconnect_all` with that interval
+      periodically, so that e.g. a DNS change is picked up.
 
     ``name`` names the pool in logs, events and threads.  ``connect_kwargs``
     are extra libpq keywords (``password="..."``, ``connect_timeout=5``).
@@ -64,18 +81,44 @@ class PoolOptions:
     show_sensitive_data_on_connection_error: bool = False
     timeout: float = 15.0
     queue: bool = True
+    queue_target: float = 0.05
+    queue_interval: float = 2.0
+    max_waiting: int = 0
+    max_lifetime: tuple[float, float] | None = None
+    disconnect_all_every: float | None = None
+    disconnect_all_interval: float = 15.0
     connect_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.pool_size, int) or self.pool_size < 1:
             raise ConfigurationError(f"pool_size must be an integer >= 1, got {self.pool_size!r}")
         backoff.new(self.backoff_type, self.backoff_min, self.backoff_max)  # validates
-        for name in ("after_connect_timeout", "idle_interval", "max_seconds", "timeout"):
+        for name in ("after_connect_timeout", "idle_interval", "max_seconds", "timeout",
+                     "queue_target", "queue_interval"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value <= 0:
                 raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
         if self.idle_limit is not None and self.idle_limit < 0:
             raise ConfigurationError(f"idle_limit must be >= 0, got {self.idle_limit!r}")
+        if not isinstance(self.max_waiting, int) or self.max_waiting < 0:
+            raise ConfigurationError(
+                f"max_waiting must be an integer >= 0, got {self.max_waiting!r}")
+        if self.max_lifetime is not None:
+            try:
+                low, high = (float(x) for x in self.max_lifetime)
+            except (TypeError, ValueError):
+                low = high = -1.0
+            if not 0 < low <= high:
+                raise ConfigurationError(
+                    f"max_lifetime must be (min, max) seconds with 0 < min <= max, "
+                    f"got {self.max_lifetime!r}")
+        if self.disconnect_all_every is not None and not self.disconnect_all_every > 0:
+            raise ConfigurationError(
+                f"disconnect_all_every must be a positive number or None, "
+                f"got {self.disconnect_all_every!r}")
+        if not self.disconnect_all_interval >= 0:
+            raise ConfigurationError(
+                f"disconnect_all_interval must be >= 0, got {self.disconnect_all_interval!r}")
         if self.max_restarts < 0:
             raise ConfigurationError(f"max_restarts must be >= 0, got {self.max_restarts!r}")
         for name in ("configure", "after_connect"):

@@ -10,6 +10,9 @@
         conn.query("SELECT pg_backend_pid()")
     pool.stop()
 
+    async with pool.acheckout() as conn:  # asyncio: the loop never blocks
+        await conn.query("SELECT 1")
+
 ``Pool.start`` returns at once; connections open in the background and
 callers queue until one is ready.  ``pool.ref`` is the pool actor's pykka
 ActorRef.
@@ -17,7 +20,9 @@ ActorRef.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -27,12 +32,13 @@ import pykka
 from dbpool import telemetry
 from dbpool.actors.connection import ConnectionConfig
 from dbpool.actors.slot import Slot
-from dbpool.driver import Disconnect, Driver, Ok, Params, Result
+from dbpool.driver import Driver, Params, Result
 from dbpool.errors import ConnectionError
 from dbpool.pgdriver import PgDriver
 
-from .connection import Connection
+from .connection import AsyncConnection, Connection
 from .core import Monitor, PoolCore
+from .loans import Loan, caller_location
 from .options import PoolOptions
 from .pool_actor import PoolActor
 
@@ -84,6 +90,7 @@ class Pool:
             backoff_min=opts.backoff_min,
             backoff_max=opts.backoff_max,
             show_sensitive_data_on_connection_error=opts.show_sensitive_data_on_connection_error,
+            max_lifetime=opts.max_lifetime,
         )
         ref = PoolActor.start(core, config)
         return cls(core, ref)
@@ -101,12 +108,28 @@ class Pool:
     def checkout(self, timeout: float | None = None, queue: bool | None = None) -> _Checkout:
         """Lend one connection to this thread: ``with pool.checkout() as conn: ...``.
 
-        Waits up to ``timeout`` seconds (the pool's ``timeout`` option by
-        default) for a connection, or fails at once if ``queue=False`` and
-        none is idle.  Raises :class:`~dbpool.errors.ConnectionError`.
+        ``timeout`` (the pool's ``timeout`` option by default) is a deadline
+        counted from now: it covers the wait for a connection and its use.
+        Waiting past it raises ``ConnectionError(reason="queue_timeout")``;
+        holding past it gets the running statement cancelled, the connection
+        replaced, and ``ConnectionError(reason="deadline")`` from the next
+        call.  ``queue=False`` fails at once if no connection is idle.
         """
         return _Checkout(
-            self,
+            self._core,
+            self._default_timeout if timeout is None else timeout,
+            self._default_queue if queue is None else queue,
+        )
+
+    def acheckout(self, timeout: float | None = None, queue: bool | None = None) -> _AsyncCheckout:
+        """:meth:`checkout` for asyncio: ``async with pool.acheckout() as conn: ...``.
+
+        Waiting for a connection never blocks the event loop, and each call
+        on the :class:`~dbpool.pool.connection.AsyncConnection` runs on a
+        worker thread.
+        """
+        return _AsyncCheckout(
+            self._core,
             self._default_timeout if timeout is None else timeout,
             self._default_queue if queue is None else queue,
         )
@@ -119,26 +142,23 @@ class Pool:
         with self.checkout(timeout, queue) as conn:
             return conn.query(sql, params)
 
-    def _lend(self, timeout: float, queue: bool) -> Connection:
-        core = self._core
-        try:
-            while True:
-                slot = core.queue.get(timeout, queue)
-                outcome = core.driver.checkout(slot.driver_state)
-                if isinstance(outcome, Ok):
-                    return Connection(core, slot)
-                if not isinstance(outcome, Disconnect):
-                    core.checkin(slot)
-                    raise outcome.error
-                # The connection died while idle: have it replaced, take another.
-                slot.broken = outcome.error
-                core.checkin(slot)
-        except ConnectionError as error:
-            telemetry.emit("connection_error", {"count": 1}, {"pool": core.name, "error": error})
-            raise
+    async def aquery(
+        self, sql: str, params: Params = None, *, timeout: float | None = None,
+        queue: bool | None = None,
+    ) -> Result:
+        """:meth:`query` for asyncio."""
+        async with self.acheckout(timeout, queue) as conn:
+            return await conn.query(sql, params)
 
-    def _return(self, conn: Connection) -> None:
-        self._core.checkin(conn._end())
+    def disconnect_all(self, interval: float = 0.0) -> None:
+        """Replace every connection made before this call, spread over ``interval`` seconds.
+
+        Each connection goes at its own deterministic point in the interval,
+        when next checked in or found idle by the idle sweep, so the
+        database never sees them all reconnect at once.  Use it to pick up a
+        DNS change or new credentials from ``configure``.
+        """
+        self._core.disconnect_all(interval)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -169,9 +189,15 @@ class Pool:
         return self._core.stopped.wait(timeout)
 
     def metrics(self) -> dict[str, Any]:
-        """Counts as DBConnection's ``get_connection_metrics`` gives them."""
+        """The pool's gauges, counters and histograms.
+
+        ``ready_conn_count`` and ``checkout_queue_length`` are as DBConnection's
+        ``get_connection_metrics`` gives them; the rest is described in
+        :class:`~dbpool.pool.metrics.PoolMetrics`.
+        """
         ready, waiting = self._core.queue.counts()
-        return {"ready_conn_count": ready, "checkout_queue_length": waiting}
+        return {"ready_conn_count": ready, "checkout_queue_length": waiting,
+                **self._core.metrics.snapshot()}
 
     def __enter__(self) -> Pool:
         return self
@@ -186,16 +212,16 @@ class Pool:
 class _Checkout:
     """The context manager :meth:`Pool.checkout` returns."""
 
-    __slots__ = ("_conn", "_pool", "_queue", "_timeout")
+    __slots__ = ("_conn", "_core", "_queue", "_timeout")
 
-    def __init__(self, pool: Pool, timeout: float, queue: bool) -> None:
-        self._pool = pool
+    def __init__(self, core: PoolCore, timeout: float, queue: bool) -> None:
+        self._core = core
         self._timeout = timeout
         self._queue = queue
         self._conn: Connection | None = None
 
     def __enter__(self) -> Connection:
-        self._conn = self._pool._lend(self._timeout, self._queue)
+        self._conn = self._core.lend(self._timeout, self._queue, caller_location())
         return self._conn
 
     def __exit__(
@@ -203,8 +229,52 @@ class _Checkout:
         tb: TracebackType | None,
     ) -> None:
         if self._conn is not None:
-            self._pool._return(self._conn)
+            self._core.give_back(self._conn)
             self._conn = None
+
+
+class _AsyncCheckout:
+    """The async context manager :meth:`Pool.acheckout` returns."""
+
+    __slots__ = ("_conn", "_core", "_queue", "_timeout")
+
+    def __init__(self, core: PoolCore, timeout: float, queue: bool) -> None:
+        self._core = core
+        self._timeout = timeout
+        self._queue = queue
+        self._conn: AsyncConnection | None = None
+
+    async def __aenter__(self) -> AsyncConnection:
+        core, where = self._core, caller_location()
+        started = time.monotonic()
+        try:
+            while True:
+                slot = await core.queue.aget(started + self._timeout - time.monotonic(),
+                                             self._queue)
+                conn = core.accept(slot, started, self._timeout, where)
+                if conn is not None:
+                    break
+        except ConnectionError as error:
+            core.report(error)
+            raise
+        if telemetry.enabled("checkout"):
+            core.emit_checkout(slot, started)
+        self._conn = AsyncConnection(conn)
+        return self._conn
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        await conn._settle()
+        if conn.sync._needs_cleaning():  # a rollback is I/O: not on the loop
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._core.give_back, conn.sync)
+        else:
+            self._core.give_back(conn.sync)
 
 
 def _after_connect_runner(core: PoolCore) -> Callable[[Slot], None]:
@@ -213,7 +283,7 @@ def _after_connect_runner(core: PoolCore) -> Callable[[Slot], None]:
     assert user_fn is not None
 
     def run(slot: Slot) -> None:
-        conn = Connection(core, slot)
+        conn = Connection(core, slot, Loan(slot))
         try:
             user_fn(conn)
         finally:

@@ -9,8 +9,13 @@ Contract:
   the crash.  A connection that gives up (``backoff_type="stop"``) stops the
   pool the same way.
 - It delivers connection events to listeners and telemetry, in order.
-- Every ``idle_interval`` it hands connections idle for a whole interval to
-  their actors to ping, oldest first, at most ``idle_limit`` of them.
+- Every ``idle_interval`` it takes connections idle for a whole interval,
+  oldest first, at most ``idle_limit`` of them, and has their actors replace
+  them if ``disconnect_all`` or ``max_lifetime`` says so, else ping them.
+- Every ``queue_interval`` it polls the checkout queue (CoDel load
+  shedding); every ``disconnect_all_every`` it calls ``disconnect_all``.
+- It runs :class:`~dbpool.pool.messages.RunQuery` messages from other actors
+  on worker threads, never on its own (see :mod:`dbpool.pool.messages`).
 - On stop it refuses new checkouts, fails the waiters, stops its connection
   actors (closing idle connections; lent ones close at checkin) and then
   tells the monitors why it stopped.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +45,7 @@ from dbpool.actors.supervisor import RestartIntensity
 from dbpool.errors import PoolStoppedError
 
 from .core import PoolCore
+from .messages import QueryReply, RunQuery
 
 __all__ = ["PoolActor"]
 
@@ -52,6 +59,14 @@ class _IdleSweep:
     since: float
 
 
+class _QueuePoll:
+    """Timer tick: CoDel's periodic queue check."""
+
+
+class _PeriodicDisconnectAll:
+    """Timer tick: the ``disconnect_all_every`` option."""
+
+
 class PoolActor(pykka.ThreadingActor):
     """One per pool.  See the module docstring for its contract."""
 
@@ -62,17 +77,25 @@ class PoolActor(pykka.ThreadingActor):
         self.connections: dict[int, pykka.ActorRef[Any]] = {}
         self.restarts = RestartIntensity(core.options.max_restarts, core.options.max_seconds)
         self._stop_error: BaseException | None = None
+        self._workers: ThreadPoolExecutor | None = None
 
     def on_start(self) -> None:
         for index in range(self.core.options.pool_size):
             self._start_connection(index)
+        self.core.watcher.start()
         self._schedule_idle_sweep()
+        self._tick_later(self.core.options.queue_interval, _QueuePoll())
+        if self.core.options.disconnect_all_every is not None:
+            self._tick_later(self.core.options.disconnect_all_every, _PeriodicDisconnectAll())
 
     def on_receive(self, message: Any) -> Any:
         match message:
             case Notify(event):
                 self.core.deliver(event)
+            case RunQuery():
+                return self._run_query(message)
             case ConnectFailed(index, error):
+                self.core.metrics.add("connect_errors")
                 telemetry.emit("connection_error", {"count": 1},
                                {"pool": self.core.name, "error": error, "index": index})
             case ConnectionGaveUp(index, error):
@@ -83,6 +106,14 @@ class PoolActor(pykka.ThreadingActor):
                 self._restart(index, error, actor)
             case _IdleSweep(since):
                 self._idle_sweep(since)
+            case _QueuePoll():
+                self.core.queue.poll()
+                self._tick_later(self.core.options.queue_interval, message)
+            case _PeriodicDisconnectAll():
+                self.core.disconnect_all(self.core.options.disconnect_all_interval)
+                every = self.core.options.disconnect_all_every
+                assert every is not None
+                self._tick_later(every, message)
             case _:
                 logger.warning("%s: pool actor ignored unknown message %r", self.core.name, message)
 
@@ -97,6 +128,9 @@ class PoolActor(pykka.ThreadingActor):
                 ref.stop(block=True, timeout=10)
             except (pykka.ActorDeadError, pykka.Timeout):
                 pass
+        if self._workers is not None:
+            self._workers.shutdown(wait=False)  # queued ones fail fast: the queue is closed
+        self.core.watcher.stop()
         self.core.scheduler.stop()
         self.core.mark_stopped(error)
 
@@ -133,18 +167,60 @@ class PoolActor(pykka.ThreadingActor):
             self._stop_error = error
             self.stop()
 
-    # -- idle pings ------------------------------------------------------
+    # -- timers ----------------------------------------------------------
+
+    def _tick_later(self, delay: float, message: Any) -> None:
+        self.core.scheduler.tell_later(delay, self.actor_ref, message)
 
     def _schedule_idle_sweep(self) -> None:
-        interval = self.core.options.idle_interval
-        self.core.scheduler.tell_later(interval, self.actor_ref, _IdleSweep(time.monotonic()))
+        self._tick_later(self.core.options.idle_interval, _IdleSweep(time.monotonic()))
 
     def _idle_sweep(self, since: float) -> None:
-        limit = self.core.options.effective_idle_limit
-        for slot in self.core.queue.take_idle(since, limit):
+        core = self.core
+        for slot in core.queue.take_idle(since, core.options.effective_idle_limit):
+            reason = core.recycle_reason(slot)
+            if reason is not None:
+                core.recycle(slot, reason)
+                continue
             try:
                 slot.actor.tell(Ping(slot))
             except pykka.ActorDeadError:
                 pass
         self._schedule_idle_sweep()
 
+    # -- queries from other actors ---------------------------------------
+
+    def _run_query(self, request: RunQuery) -> pykka.Future[Any] | None:
+        future: pykka.Future[Any] | None = None if request.reply_to is not None else (
+            pykka.ThreadingFuture())
+        if self._workers is None:
+            self._workers = ThreadPoolExecutor(
+                max_workers=self.core.options.pool_size,
+                thread_name_prefix=f"{self.core.name}-query")
+        self._workers.submit(_answer, self.core, request, future)
+        return future
+
+
+
+def _answer(core: PoolCore, request: RunQuery, future: pykka.Future[Any] | None) -> None:
+    """Run a RunQuery on a worker thread and deliver its result or error."""
+    timeout = core.options.timeout if request.timeout is None else request.timeout
+    result, error = None, None
+    try:
+        conn = core.lend(timeout, core.options.queue, None)
+        try:
+            result = conn.query(request.sql, request.params)
+        finally:
+            core.give_back(conn)
+    except Exception as exc:
+        error = exc
+    if future is not None:
+        if error is None:
+            future.set(result)
+        else:
+            future.set_exception((type(error), error, error.__traceback__))
+        return
+    try:
+        request.reply_to.tell(QueryReply(request.tag, result, error))
+    except pykka.ActorDeadError:
+        logger.info("%s: the actor that sent %r is gone; reply dropped", core.name, request)

@@ -1,14 +1,27 @@
-"""The checkout queue: idle slots and the callers waiting for one.
+"""The checkout queue: idle slots, the callers waiting for one, and load shedding.
 
 This is the hot path.  A caller takes an idle slot under one short lock, with
 no actor hop: DBConnection lends connections the same way, through a shared
-table, and only waiting involves the pool.  A slot checked in while callers
-wait goes straight to the one waiting longest.  Idle slots are handed out
-longest-idle first.
+table, and only waiting involves the pool.  Idle slots are handed out
+longest-idle first.  A slot checked in while callers wait goes straight to
+the one waiting longest.
+
+Load shedding follows DBConnection's CoDel queue (``connection_pool.ex``):
+
+- the queue tracks the smallest wait seen during each ``interval``;
+- if that minimum stayed above ``target`` for a whole interval, the queue is
+  *slow*: at checkin, waiters that have waited more than ``2 * target`` are
+  dropped rather than served, and the pool's poll (every ``interval``) drops
+  all of them when the queue made no progress since the last poll;
+- a dropped caller gets ``ConnectionError(reason="queue_timeout")``.
+
+Waiters are threads (blocked on a lock of their own) or asyncio tasks
+(awaiting a future that the checkin resolves through their loop).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -16,7 +29,18 @@ from collections import deque
 from dbpool.actors.slot import Slot
 from dbpool.errors import ConnectionError
 
+from .metrics import PoolMetrics
+
 __all__ = ["CheckoutQueue"]
+
+_DROP_ADVICE = (
+    "This means requests are coming in and your connection pool cannot serve them fast "
+    "enough. You can address this by:\n"
+    "  1. Ensuring your database is available and that you can connect to it\n"
+    "  2. Tracking down slow queries and making sure they are running fast enough\n"
+    "  3. Increasing the pool_size (although this increases resource consumption)\n"
+    "  4. Allowing requests to wait longer by increasing queue_target and queue_interval"
+)
 
 
 class _Waiter:
@@ -31,15 +55,66 @@ class _Waiter:
         self.slot: Slot | None = None
         self.error: BaseException | None = None
 
+    def wake(self, slot: Slot | None, error: BaseException | None) -> None:
+        self.slot = slot
+        self.error = error
+        self.lock.release()
+
+
+class _AsyncWaiter:
+    """An asyncio task awaiting in :meth:`CheckoutQueue.aget`."""
+
+    __slots__ = ("future", "loop", "queue", "since")
+
+    def __init__(self, since: float, queue: CheckoutQueue) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[Slot] = self.loop.create_future()
+        self.since = since
+        self.queue = queue
+
+    def wake(self, slot: Slot | None, error: BaseException | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._resolve, slot, error)
+        except RuntimeError:  # the loop is closed: nobody will take the slot
+            if slot is not None:
+                self.queue.put(slot)
+
+    def _resolve(self, slot: Slot | None, error: BaseException | None) -> None:
+        if self.future.done():  # the task gave up (timeout, cancel) as it was served
+            if slot is not None:
+                self.queue.put(slot)
+        elif error is not None:
+            self.future.set_exception(error)
+        else:
+            assert slot is not None
+            self.future.set_result(slot)
+
 
 class CheckoutQueue:
-    """Idle slots plus FIFO waiters, guarded by one lock."""
+    """Idle slots plus FIFO waiters, guarded by one lock.
 
-    def __init__(self) -> None:
+    ``target`` and ``interval`` are CoDel's (seconds); ``max_waiting`` > 0
+    bounds the number of waiters.  Counters and histograms go to ``metrics``.
+    """
+
+    def __init__(
+        self, *, name: str = "dbpool", target: float = 0.05, interval: float = 2.0,
+        max_waiting: int = 0, metrics: PoolMetrics | None = None,
+    ) -> None:
+        self.name = name
+        self.metrics = metrics if metrics is not None else PoolMetrics()
         self._lock = threading.Lock()
         self._idle: deque[Slot] = deque()
-        self._waiters: deque[_Waiter] = deque()
+        self._waiters: deque[_Waiter | _AsyncWaiter] = deque()
         self._closed: BaseException | None = None
+        self._max_waiting = max_waiting
+        # CoDel state, as DBConnection names it.
+        self._target = target
+        self._interval = interval
+        self._delay = 0.0  # smallest wait seen this interval
+        self._slow = False
+        self._next = time.monotonic()
+        self._poll_last_sent = self._next
 
     # -- callers ---------------------------------------------------------
 
@@ -47,63 +122,169 @@ class CheckoutQueue:
         """Take an idle slot, waiting up to ``timeout`` seconds if ``queue``.
 
         Raises :class:`~dbpool.errors.ConnectionError` with reason
-        ``queue_disabled`` or ``queue_timeout``, or the pool's stop error.
+        ``queue_disabled``, ``queue_full`` or ``queue_timeout``, or the
+        pool's stop error.
         """
         with self._lock:
             now = time.monotonic()
             if self._idle:
-                slot = self._idle.popleft()
-                slot.lent_at = now
-                return slot
-            if self._closed is not None:
-                raise self._closed
-            if not queue:
-                raise ConnectionError(
-                    "connection not available and queuing is disabled", reason="queue_disabled"
-                )
+                return self._lend_idle(now)
             waiter = _Waiter(now)
-            self._waiters.append(waiter)
+            self._enqueue(waiter, queue)
         if waiter.lock.acquire(timeout=max(timeout, 0.0)):
-            return self._woken(waiter)
+            return self._woken(waiter.slot, waiter.error)
         with self._lock:
             if waiter.slot is None and waiter.error is None:
                 self._waiters.remove(waiter)
-                raise ConnectionError(
-                    f"connection not available after waiting {timeout:g}s in the queue",
-                    reason="queue_timeout",
-                )
-        return self._woken(waiter)  # handed a slot just as it timed out
+                raise self._timed_out(timeout)
+        return self._woken(waiter.slot, waiter.error)  # served just as it timed out
+
+    async def aget(self, timeout: float, queue: bool = True) -> Slot:
+        """:meth:`get` for asyncio: waits without blocking the event loop."""
+        with self._lock:
+            now = time.monotonic()
+            if self._idle:
+                return self._lend_idle(now)
+            waiter = _AsyncWaiter(now, self)
+            self._enqueue(waiter, queue)
+        try:
+            return await asyncio.wait_for(waiter.future, max(timeout, 0.0))
+        except BaseException as exc:  # timeout or cancellation: leave the queue
+            with self._lock:
+                queued = waiter in self._waiters
+                if queued:
+                    self._waiters.remove(waiter)
+                    if isinstance(exc, TimeoutError):
+                        raise self._timed_out(timeout) from None
+            # If it was served meanwhile, _resolve puts the slot back.
+            raise
+
+    def _lend_idle(self, now: float) -> Slot:
+        slot = self._idle.popleft()
+        slot.lent_at = now
+        metrics = self.metrics
+        metrics.checkouts += 1
+        wait = metrics.queue_wait
+        wait.buckets[0] += 1
+        wait.count += 1
+        return slot
+
+    def _enqueue(self, waiter: _Waiter | _AsyncWaiter, queue: bool) -> None:
+        if self._closed is not None:
+            raise self._closed
+        if not queue:
+            self.metrics.queue_disabled += 1
+            raise ConnectionError(
+                "connection not available and queuing is disabled", reason="queue_disabled")
+        if self._max_waiting and len(self._waiters) >= self._max_waiting:
+            self.metrics.queue_full += 1
+            raise ConnectionError(
+                f"{self.name}: connection not available and the queue is full "
+                f"({self._max_waiting} callers waiting; see max_waiting)", reason="queue_full")
+        self.metrics.queue_waits += 1
+        self._waiters.append(waiter)
+
+    def _timed_out(self, timeout: float) -> ConnectionError:
+        self.metrics.queue_timeouts += 1
+        return ConnectionError(
+            f"{self.name}: connection not available after waiting {timeout:g}s in the queue "
+            "(the checkout timeout)", reason="queue_timeout")
 
     @staticmethod
-    def _woken(waiter: _Waiter) -> Slot:
-        if waiter.error is not None:
-            raise waiter.error
-        assert waiter.slot is not None
-        return waiter.slot
+    def _woken(slot: Slot | None, error: BaseException | None) -> Slot:
+        if error is not None:
+            raise error
+        assert slot is not None
+        return slot
+
+    # -- checkin ---------------------------------------------------------
 
     def put(self, slot: Slot) -> bool:
         """Return a ready slot: to the longest waiter, else to the idle set.
 
-        Returns False, keeping nothing, if the queue is closed; the caller
-        then disposes of the connection.
+        Records the slot's usage if it was lent.  Returns False, keeping
+        nothing, if the queue is closed; the caller then disposes of the
+        connection.
         """
         with self._lock:
+            now = time.monotonic()
+            if slot.lent_at is not None:
+                self.metrics.usage.observe(now - slot.lent_at)
             if self._closed is not None:
                 slot.lent_at = None
                 return False
-            now = time.monotonic()
-            if self._waiters:
-                waiter = self._waiters.popleft()
-                slot.lent_at = now
-                waiter.slot = slot
-                waiter.lock.release()
+            if not self._idle and self._dequeue(now, slot):
                 return True
             slot.lent_at = None
             slot.idle_since = now
             self._idle.append(slot)
             return True
 
+    def record_usage(self, slot: Slot) -> None:
+        """Record the usage of a lent slot that goes back to its actor, not the queue."""
+        with self._lock:
+            if slot.lent_at is not None:
+                self.metrics.usage.observe(time.monotonic() - slot.lent_at)
+                slot.lent_at = None
+
+    def _dequeue(self, now: float, slot: Slot) -> bool:
+        """CoDel's dequeue: hand ``slot`` to a waiter, dropping late ones if slow."""
+        waiters = self._waiters
+        if now >= self._next:
+            # First dequeue of an interval: judge the last one, serve the head.
+            self._slow = self._delay > self._target
+            self._next = now + self._interval
+            if waiters:
+                waiter = waiters.popleft()
+                self._delay = now - waiter.since
+                self._serve(waiter, slot, now)
+                return True
+        late = 2 * self._target
+        while waiters:
+            waiter = waiters.popleft()
+            delay = now - waiter.since
+            if self._slow and delay > late:
+                self._drop(waiter, delay)
+                continue
+            self._delay = min(self._delay, delay)
+            self._serve(waiter, slot, now)
+            return True
+        self._delay = 0.0
+        return False
+
+    def _serve(self, waiter: _Waiter | _AsyncWaiter, slot: Slot, now: float) -> None:
+        slot.lent_at = now
+        self.metrics.checkouts += 1
+        self.metrics.queue_wait.observe(now - waiter.since)
+        waiter.wake(slot, None)
+
+    def _drop(self, waiter: _Waiter | _AsyncWaiter, delay: float) -> None:
+        self.metrics.drops += 1
+        waiter.wake(None, ConnectionError(
+            f"{self.name}: connection not available and request was dropped from queue after "
+            f"{delay * 1000:.0f}ms. {_DROP_ADVICE}", reason="queue_timeout"))
+
     # -- the pool actor --------------------------------------------------
+
+    def poll(self) -> None:
+        """CoDel's periodic check, every ``interval``: shed load if the queue is stuck."""
+        with self._lock:
+            now = time.monotonic()
+            if not self._waiters:
+                self._poll_last_sent = now
+                return
+            sent = self._waiters[0].since
+            last_sent, self._poll_last_sent = self._poll_last_sent, sent
+            if sent > last_sent or now < self._next:
+                return  # progress since the last poll, or the interval is not over
+            self._slow = self._delay > self._target
+            self._delay = now - sent
+            self._next = now + self._interval
+            if self._slow:
+                late = now - 2 * self._target
+                while self._waiters and self._waiters[0].since < late:
+                    waiter = self._waiters.popleft()
+                    self._drop(waiter, now - waiter.since)
 
     def take_idle(self, idle_since_before: float, limit: int) -> list[Slot]:
         """Remove up to ``limit`` slots idle since before the given time, oldest first."""
@@ -121,8 +302,7 @@ class CheckoutQueue:
             waiters, self._waiters = self._waiters, deque()
             idle, self._idle = list(self._idle), deque()
         for waiter in waiters:
-            waiter.error = error
-            waiter.lock.release()
+            waiter.wake(None, error)
         return idle
 
     @property

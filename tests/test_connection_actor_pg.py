@@ -17,6 +17,7 @@ from dbpool.actors.listeners import ConnectionEvent
 from dbpool.pool import Pool
 from tests.support.events import Recorder, kind
 from tests.support.pgcluster import PgCluster
+from tests.support.server import backends
 
 
 @pytest.fixture
@@ -25,15 +26,6 @@ def connect_errors() -> Iterator[Recorder[dict[str, Any]]]:
     telemetry.attach("test-connect-errors", ["connection_error"], lambda _e, _m, meta: errors(meta))
     yield errors
     telemetry.detach("test-connect-errors")
-
-
-def backends(dsn: str, application_name: str) -> dict[int, str]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT pid, application_name FROM pg_stat_activity WHERE application_name LIKE %s",
-            (application_name + "%",),
-        ).fetchall()
-    return dict(rows)
 
 
 def test_pool_size_3_gives_3_distinct_connected_events(pg_dsn: str, pools: list[Pool]) -> None:

@@ -43,11 +43,13 @@ logger = logging.getLogger("dbpool.pgdriver")
 #: Option keys that belong to dbpool, never passed on to libpq.
 _POOL_KEYS = frozenset({"pool_index", "conninfo"})
 
-_STATUS: dict[pq.TransactionStatus, TransactionStatus] = {
+_STATUS: dict[int, TransactionStatus] = {
     pq.TransactionStatus.IDLE: "idle",
     pq.TransactionStatus.INTRANS: "transaction",
     pq.TransactionStatus.INERROR: "error",
 }
+# Read at every checkin, so answered from libpq's int without allocating.
+_OK_STATUS: dict[int, Ok[TransactionStatus]] = {code: Ok(s) for code, s in _STATUS.items()}
 
 
 @dataclass(slots=True, eq=False)
@@ -124,10 +126,10 @@ class PgDriver:
         return self._run(state, "ROLLBACK")
 
     def handle_status(self, opts: Options, state: PgState) -> Outcome[TransactionStatus]:
-        status = _STATUS.get(state.conn.info.transaction_status)
+        status = _OK_STATUS.get(state.conn.pgconn.transaction_status)
         if status is None:  # UNKNOWN (broken) or ACTIVE (a query still running)
             return Disconnect(psycopg.OperationalError("the connection is not usable"))
-        return Ok(status)
+        return status
 
     # -- statements ------------------------------------------------------
 
@@ -230,7 +232,7 @@ _OK_NONE: Ok[None] = Ok(None)
 
 
 def _status(state: PgState) -> TransactionStatus:
-    return _STATUS.get(state.conn.info.transaction_status, "error")
+    return _STATUS.get(state.conn.pgconn.transaction_status, "error")
 
 
 def _columns(description: Any) -> list[Column]:

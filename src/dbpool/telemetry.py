@@ -18,6 +18,10 @@ event                   measurements                metadata
                                                     ``index`` when a connect failed
 ``connected``           ``count=1``                 ``event`` (ConnectionEvent)
 ``disconnected``        ``count=1``                 ``event`` (ConnectionEvent)
+``checkout``            ``queue_time`` (seconds,    ``index`` (the connection's
+                        from the checkout's start)  position in the pool)
+``checkin``             ``usage_time`` (seconds     ``index``
+                        lent)
 ======================  ==========================  ===========================
 
 Handlers run synchronously in the thread that emits, so keep them quick.  A
@@ -31,7 +35,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
-__all__ = ["Handler", "attach", "detach", "emit"]
+__all__ = ["Handler", "attach", "detach", "emit", "enabled"]
 
 logger = logging.getLogger("dbpool.telemetry")
 
@@ -61,6 +65,11 @@ def detach(handler_id: str) -> bool:
         found = _handlers.pop(handler_id, None) is not None
         _rebuild()
         return found
+
+
+def enabled(event: str) -> bool:
+    """Whether any handler listens to ``event`` (lets hot paths skip building one)."""
+    return event in _by_event
 
 
 def emit(event: str, measurements: Mapping[str, float], metadata: Mapping[str, Any]) -> None:

@@ -1,0 +1,198 @@
+"""Loans and their watcher: checkout deadlines and abandoned connections.
+
+Every checkout creates a :class:`Loan`: which slot, until when, where in the
+caller's code and on which thread.  A loan ends exactly once.  Whoever
+*claims* it first ends it: the owner checking in, the :class:`LoanWatcher`
+when the deadline passes or the owner's thread has died, or the lent
+connection's ``__del__`` when the owner dropped it without checking in.
+
+The watcher is one thread per pool.  It sleeps until the earliest deadline
+among the loans (or ``idle_interval``, to look for dead threads) and:
+
+- on a passed deadline, revokes the loan: it cancels the running statement
+  on the server and has the slot's actor open a fresh connection for others.
+  The owner's next call raises ``ConnectionError(reason="deadline")`` and
+  closes the old connection on the owner's own thread;
+- on an abandoned loan, rolls the connection back if needed (or replaces
+  it) and returns it to the pool, logging where it was checked out.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from dbpool.actors.listeners import ConnectionEvent
+from dbpool.actors.slot import Slot
+from dbpool.errors import ConnectionError
+
+if TYPE_CHECKING:
+    from .core import PoolCore
+
+__all__ = ["Loan", "LoanWatcher", "Location", "caller_location"]
+
+logger = logging.getLogger("dbpool.pool")
+
+#: Where a checkout happened: (file, line, function).
+Location = tuple[str, int, str]
+
+
+def caller_location() -> Location | None:
+    """The first frame outside dbpool (and contextlib) on the calling stack."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not (module.startswith("dbpool.") or module == "contextlib"):
+            code = frame.f_code
+            return (code.co_filename, frame.f_lineno, code.co_name)
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def format_location(where: Location | None) -> str:
+    if where is None:
+        return "an unknown place"
+    filename, line, function = where
+    return f"{filename}:{line} in {function}()"
+
+
+class Loan:
+    """One checkout of one slot.  See the module docstring."""
+
+    __slots__ = ("claim", "deadline", "revoked", "slot", "thread", "timeout", "where")
+
+    def __init__(
+        self, slot: Slot, deadline: float = float("inf"), timeout: float = float("inf"),
+        where: Location | None = None,
+    ) -> None:
+        self.slot = slot
+        self.deadline = deadline
+        self.timeout = timeout
+        self.where = where
+        self.thread = threading.current_thread()
+        #: Set when the watcher revoked the loan at its deadline.
+        self.revoked: ConnectionError | None = None
+        # Claiming pops this list; list.pop is atomic, so the owner, the
+        # watcher and a __del__ (which must take no lock) can race for it.
+        self.claim = [True]
+
+    def take(self) -> bool:
+        """Claim the end of the loan; False if someone else already did."""
+        try:
+            self.claim.pop()
+        except IndexError:
+            return False
+        return True
+
+    def describe(self) -> str:
+        return f"checked out at {format_location(self.where)} by thread {self.thread.name!r}"
+
+
+class LoanWatcher:
+    """Ends loans that passed their deadline or were abandoned.  One thread per pool."""
+
+    def __init__(self, core: PoolCore) -> None:
+        self._core = core
+        # SimpleQueue.put is reentrant, so Connection.__del__ may use it.
+        self._inbox: queue.SimpleQueue[tuple[Loan, str] | None] = queue.SimpleQueue()
+        #: When the thread sweeps next; a loan due earlier must wake it.
+        self.wake_at = float("inf")
+        self._stopped = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"{core.name}-loan-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._inbox.put(None)
+        if threading.current_thread() is not self._thread and self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    # -- callers ---------------------------------------------------------
+
+    def watch(self, loan: Loan) -> None:
+        """A new loan: wake the thread if it is due before the next sweep."""
+        if loan.deadline < self.wake_at:
+            self._inbox.put(None)
+
+    def abandoned(self, loan: Loan, how: str) -> None:
+        """A loan claimed by ``__del__``: reclaim it on the watcher's thread."""
+        self._inbox.put((loan, how))
+
+    # -- the thread ------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopped:
+            wait = self.wake_at - time.monotonic()
+            try:
+                item = self._inbox.get(timeout=max(wait, 0.0) if wait < 3600 else 3600)
+            except queue.Empty:
+                item = None
+            if self._stopped:
+                return
+            try:
+                if item is not None:
+                    self._reclaim(*item)
+                self._sweep()
+            except Exception:
+                logger.exception("%s: loan watcher failed; continuing", self._core.name)
+
+    def _sweep(self) -> None:
+        self.wake_at = float("inf")  # loans made during the sweep wake us again
+        now = time.monotonic()
+        next_sweep = now + self._core.options.idle_interval
+        for loan in list(self._core.loans.values()):
+            if now >= loan.deadline:
+                self._revoke(loan)
+            elif not loan.thread.is_alive():
+                if loan.take():
+                    self._core.forget(loan)
+                    self._reclaim(loan, "its thread ended while it was checked out")
+            else:
+                next_sweep = min(next_sweep, loan.deadline)
+        self.wake_at = next_sweep
+
+    def _revoke(self, loan: Loan) -> None:
+        core, slot = self._core, loan.slot
+        state = slot.driver_state
+        error = ConnectionError(
+            f"{core.name}: connection {slot.index} was revoked: it was queued and checked out "
+            f"for longer than its {loan.timeout:g}s timeout ({loan.describe()}); its statement "
+            "was cancelled and the connection is being replaced", reason="deadline")
+        loan.revoked = error  # set first, so the owner never sees a bare claim
+        if not loan.take():
+            loan.revoked = None  # the owner checked in just now
+            return
+        core.forget(loan)
+        core.metrics.add("deadlines")
+        core.queue.record_usage(slot)
+        logger.warning("%s", error)
+        cancel = getattr(core.driver, "cancel", None)
+        if cancel is not None and state is not None:
+            try:
+                cancel(state)
+            except Exception:
+                logger.debug("cancel at deadline failed", exc_info=True)
+        # The old connection stays with its owner, who closes it on its own
+        # thread; the slot gets a new one.
+        slot.driver_state = None
+        core.deliver(ConnectionEvent("disconnected", core.name, slot.index, slot.actor,
+                                     slot.backend_pid, reason=str(error)))
+        core.reconnect(slot, error)
+
+    def _reclaim(self, loan: Loan, how: str) -> None:
+        core, slot = self._core, loan.slot
+        core.forget(loan)
+        core.metrics.add("reclaimed")
+        core.clean(slot)
+        fate = "replacing it" if slot.broken is not None else "returned it to the pool"
+        logger.warning(
+            "%s: connection %d was %s and never checked in: %s; the pool %s",
+            core.name, slot.index, loan.describe(), how, fate)
+        core.checkin(slot)

@@ -1,0 +1,102 @@
+"""Pool metrics: counters and latency histograms, read with ``pool.metrics()``.
+
+The counters that change on every checkout are updated by the checkout
+queue while it holds its lock anyway, so they cost no extra locking on the
+hot path.  Rare events (connects, errors) come from actor threads and take
+:attr:`PoolMetrics.lock`.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from typing import Any
+
+__all__ = ["DEFAULT_BUCKETS", "Histogram", "PoolMetrics"]
+
+#: Upper bounds, in seconds, of the latency buckets (Prometheus style).
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"),
+)
+
+
+class Histogram:
+    """Counts of observations per bucket, plus their count and sum.  Not locked."""
+
+    __slots__ = ("bounds", "buckets", "count", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = DEFAULT_BUCKETS) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * len(bounds)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect_left(self.bounds, seconds)] += 1
+        self.count += 1
+        self.sum += seconds
+
+    def snapshot(self) -> dict[str, Any]:
+        """``{"count", "sum", "buckets": {le: cumulative count}}``, as Prometheus reports it."""
+        cumulative: dict[float, int] = {}
+        running = 0
+        for bound, n in zip(self.bounds, self.buckets, strict=True):
+            running += n
+            cumulative[bound] = running
+        return {"count": self.count, "sum": self.sum, "buckets": cumulative}
+
+
+class PoolMetrics:
+    """Everything :meth:`dbpool.pool.Pool.metrics` reports besides the two gauges.
+
+    Counters:
+
+    - ``checkouts``: connections lent (including to waiters);
+    - ``queue_waits``: checkouts that had to wait in the queue;
+    - ``queue_timeouts``: waits that ran out of time;
+    - ``drops``: waiters dropped by load shedding (CoDel);
+    - ``queue_full``: checkouts refused because ``max_waiting`` waited already;
+    - ``queue_disabled``: ``queue=False`` checkouts that found nothing idle;
+    - ``deadlines``: loans revoked for passing their deadline;
+    - ``reclaimed``: abandoned loans the pool took back;
+    - ``connects``, ``connect_errors``, ``disconnects``;
+    - ``recycled``: connections closed by ``disconnect_all`` or ``max_lifetime``.
+
+    Histograms (seconds): ``queue_wait`` (every checkout; 0 when a connection
+    was idle) and ``usage`` (checkout to checkin).
+    """
+
+    COUNTERS = (
+        "checkouts", "queue_waits", "queue_timeouts", "drops", "queue_full", "queue_disabled",
+        "deadlines", "reclaimed", "connects", "connect_errors", "disconnects", "recycled",
+    )
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.checkouts = 0
+        self.queue_waits = 0
+        self.queue_timeouts = 0
+        self.drops = 0
+        self.queue_full = 0
+        self.queue_disabled = 0
+        self.deadlines = 0
+        self.reclaimed = 0
+        self.connects = 0
+        self.connect_errors = 0
+        self.disconnects = 0
+        self.recycled = 0
+        self.queue_wait = Histogram()
+        self.usage = Histogram()
+
+    def add(self, counter: str, n: int = 1) -> None:
+        """Bump a counter from outside the queue lock."""
+        with self.lock:
+            setattr(self, counter, getattr(self, counter) + n)
+
+    def snapshot(self) -> dict[str, Any]:
+        counters: dict[str, Any] = {name: getattr(self, name) for name in self.COUNTERS}
+        counters["timeouts"] = self.queue_timeouts + self.deadlines
+        counters["queue_wait"] = self.queue_wait.snapshot()
+        counters["usage"] = self.usage.snapshot()
+        return counters

@@ -1,0 +1,163 @@
+"""Deadlines and abandoned checkouts, on real PostgreSQL."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from dbpool.actors.listeners import ConnectionEvent
+from dbpool.errors import ConnectionError
+from dbpool.pool import Pool
+from dbpool.pool.connection import Connection
+from tests.support.events import Recorder, kind
+from tests.support.server import active_queries, backends
+
+
+class LogRecorder(logging.Handler):
+    """Records the messages of one logger, so that tests can wait for a line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: Recorder[str] = Recorder()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages(record.getMessage())
+
+
+@pytest.fixture
+def pool_log() -> Iterator[Recorder[str]]:
+    handler = LogRecorder()
+    logger = logging.getLogger("dbpool.pool")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def start(pg_dsn: str, pools: list[Pool], app: str, **options: Any) -> tuple[
+        Pool, Recorder[ConnectionEvent]]:
+    events: Recorder[ConnectionEvent] = Recorder()
+    size = options.pop("pool_size", 1)
+    pool = Pool.start(pg_dsn, pool_size=size, connection_listeners=[events],
+                      connect_kwargs={"application_name": app}, **options)
+    pools.append(pool)
+    events.wait_count(kind("connected"), size)
+    return pool, events
+
+
+def test_a_deadline_passed_mid_query_cancels_it_and_replaces_the_connection(
+    pg_dsn: str, pools: list[Pool]
+) -> None:
+    pool, events = start(pg_dsn, pools, "dbpool-deadline")
+    began = time.monotonic()
+    with (
+        pytest.raises(ConnectionError, match=r"longer than its 0\.5s timeout") as info,
+        pool.checkout(timeout=0.5) as conn,
+    ):
+        old_pid = conn.backend_pid
+        conn.query("SELECT pg_sleep(30)")
+    assert info.value.reason == "deadline"
+    assert time.monotonic() - began < 5
+    assert not any("pg_sleep" in q for q in active_queries(pg_dsn, "dbpool-deadline"))
+    events.wait_count(kind("connected"), 2)  # the slot got a fresh connection
+    with pool.checkout() as conn:
+        assert conn.backend_pid != old_pid
+    assert old_pid not in backends(pg_dsn, "dbpool-deadline")  # the old session is gone
+    assert pool.metrics()["deadlines"] == 1
+
+
+def test_a_holder_past_its_deadline_loses_the_connection_to_others(
+    pg_dsn: str, pools: list[Pool]
+) -> None:
+    pool, events = start(pg_dsn, pools, "dbpool-overdue")
+    with pool.checkout(timeout=0.3) as overdue:
+        old_pid = overdue.backend_pid
+        events.wait_count(kind("disconnected"), 1)  # revoked at its deadline
+        # The one connection of the pool serves someone else meanwhile.
+        with pool.checkout(timeout=5) as other:
+            assert other.backend_pid not in (None, old_pid)
+        with pytest.raises(ConnectionError) as info:
+            overdue.query("SELECT 1")
+        assert info.value.reason == "deadline"
+        assert old_pid not in backends(pg_dsn, "dbpool-overdue")  # closed by that call
+    assert pool.query("SELECT 1").rows == [(1,)]
+
+
+def test_a_checkout_within_its_deadline_is_untouched(pg_dsn: str, pools: list[Pool]) -> None:
+    pool, _ = start(pg_dsn, pools, "dbpool-in-time")
+    with pool.checkout(timeout=2.0) as conn:
+        assert conn.query("SELECT pg_sleep(0.3)").rowcount == 1
+    assert pool.metrics()["deadlines"] == 0
+
+
+def test_a_garbage_collected_checkout_is_rolled_back_reclaimed_and_logged(
+    pg_dsn: str, pools: list[Pool], pool_log: Recorder[str]
+) -> None:
+    pool, events = start(pg_dsn, pools, "dbpool-gc")
+    pool.query("CREATE TABLE IF NOT EXISTS dbpool_gc_leak (n int)")
+    pool.query("TRUNCATE dbpool_gc_leak")
+
+    def leak() -> int | None:
+        conn = pool.checkout().__enter__()  # never exited
+        conn.query("BEGIN")
+        conn.query("INSERT INTO dbpool_gc_leak VALUES (1)")
+        return conn.backend_pid
+
+    leak_line = leak.__code__.co_firstlineno + 1
+    pid = leak()  # the Connection is garbage now
+    line = pool_log.wait_count(lambda m: "never checked in" in m, 1)[0]
+    assert f"test_pool_loans.py:{leak_line} in leak()" in line
+    assert "garbage-collected" in line
+    with pool.checkout(timeout=2) as conn:
+        assert conn.backend_pid == pid  # rolled back and reused, not replaced
+        assert conn.status() == "idle"
+        assert conn.query("SELECT count(*) FROM dbpool_gc_leak").rows == [(0,)]
+    assert pool.metrics()["reclaimed"] == 1
+    assert not [e for e in events.values() if e.kind == "disconnected"]
+
+
+def test_a_checkout_whose_thread_ended_is_reclaimed(
+    pg_dsn: str, pools: list[Pool], pool_log: Recorder[str]
+) -> None:
+    pool, _ = start(pg_dsn, pools, "dbpool-thread", idle_interval=0.1)
+    kept: list[Connection] = []  # keeps the Connection alive: only the thread dies
+
+    def worker() -> None:
+        kept.append(pool.checkout().__enter__())
+
+    thread = threading.Thread(target=worker, name="leaky-worker")
+    thread.start()
+    thread.join()
+    line = pool_log.wait_count(lambda m: "never checked in" in m, 1)[0]
+    assert "'leaky-worker'" in line and "its thread ended" in line
+    assert f"test_pool_loans.py:{worker.__code__.co_firstlineno + 1} in worker()" in line
+    assert pool.query("SELECT 1", timeout=2).rows == [(1,)]
+    with pytest.raises(ConnectionError, match="outdated"):
+        kept[0].query("SELECT 1")
+
+
+def test_a_reclaimed_connection_that_cannot_roll_back_is_replaced(
+    pg_dsn: str, pools: list[Pool], pool_log: Recorder[str]
+) -> None:
+    pool, events = start(pg_dsn, pools, "dbpool-gc-broken")
+
+    def leak() -> int | None:
+        conn = pool.checkout().__enter__()
+        pid = conn.backend_pid
+        conn.query("BEGIN")
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        return pid
+
+    pid = leak()
+    pool_log.wait_count(lambda m: "never checked in" in m and "replacing it" in m, 1)
+    events.wait_count(kind("connected"), 2)
+    with pool.checkout(timeout=2) as conn:
+        assert conn.backend_pid != pid
