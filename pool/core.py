@@ -47,10 +47,11 @@ class PoolCore:
         self.driver = driver
         self.options = options
         self.metrics = PoolMetrics()
+        self.scheduler = Scheduler(name=f"{options.name}-scheduler")
         self.queue = CheckoutQueue(
             name=options.name, target=options.queue_target, interval=options.queue_interval,
-            max_waiting=options.max_waiting, metrics=self.metrics)
-        self.scheduler = Scheduler(name=f"{options.name}-scheduler")
+            max_waiting=options.max_waiting, metrics=self.metrics,
+            barge_window=options.barge_window, call_later=self.scheduler.call_later)
         self.listeners: tuple[Listener, ...] = normalize(options.connection_listeners)
         #: Lent connections by slot index, for the watcher's sweeps.
         self.loans: dict[int, Loan] = {}
