@@ -140,7 +140,7 @@ class Connection:
         # Garbage-collected while lent: hand it back through the pool's watcher
         # (no I/O and no locks here: this may run in the middle of any code).
         loan = getattr(self, "_loan", None)
-        if loan is not None and loan.take():
+        if loan is not None and loan.claim and loan.take():
             self._core.watcher.abandoned(loan, "it was garbage-collected while checked out")
 
     def __repr__(self) -> str:

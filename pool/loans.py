@@ -41,9 +41,9 @@ logger = logging.getLogger("dbpool.pool")
 Location = tuple[str, int, str]
 
 
-def caller_location() -> Location | None:
-    """The first frame outside dbpool (and contextlib) on the calling stack."""
-    frame = sys._getframe(1)
+def caller_location(depth: int = 2) -> Location | None:
+    """The first frame outside dbpool (and contextlib), from ``depth`` frames up."""
+    frame = sys._getframe(depth)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         if not (module.startswith("dbpool.") or module == "contextlib"):

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 
@@ -143,7 +144,7 @@ class CheckoutQueue:
         """
         with self._lock:
             now = time.monotonic()
-            if self._idle and self._may_barge(now):
+            if self._idle and (not self._waiters or self._may_barge(now)):
                 return self._lend_idle(now)
             waiter = _Waiter(now)
             self._enqueue(waiter, queue)
@@ -159,7 +160,7 @@ class CheckoutQueue:
         """:meth:`get` for asyncio: waits without blocking the event loop."""
         with self._lock:
             now = time.monotonic()
-            if self._idle and self._may_barge(now):
+            if self._idle and (not self._waiters or self._may_barge(now)):
                 return self._lend_idle(now)
             waiter = _AsyncWaiter(now, self)
             self._enqueue(waiter, queue)
@@ -177,7 +178,7 @@ class CheckoutQueue:
 
     def _may_barge(self, now: float) -> bool:
         """Whether a caller may take an idle slot though others wait; settles if not."""
-        if not self._waiters or now - self._waiters[0].since < self._barge:
+        if now - self._waiters[0].since < self._barge:
             return True
         self._settle(now)  # the head waited long enough: idle slots are theirs
         return bool(self._idle)
@@ -232,7 +233,11 @@ class CheckoutQueue:
         with self._lock:
             now = time.monotonic()
             if slot.lent_at is not None:
-                self.metrics.usage.observe(now - slot.lent_at)
+                usage = self.metrics.usage  # Histogram.observe, inlined: the hot path
+                seconds = now - slot.lent_at
+                usage.buckets[bisect_left(usage.bounds, seconds)] += 1
+                usage.count += 1
+                usage.sum += seconds
             if self._closed is not None:
                 slot.lent_at = None
                 return False

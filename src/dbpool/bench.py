@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -139,64 +140,69 @@ def _warm(pool: Any, size: int) -> None:
 CONTENDERS = {"psycopg": _raw, "psycopg_pool": _psycopg_pool, "dbpool": _dbpool}
 
 
-def _checkout_cycle(dsn: str, cycles: int) -> dict[str, float]:
-    """Microseconds per bare checkout+checkin, single thread, pool of 1."""
+def _checkout_cycle(dsn: str, cycles: int, rounds: int = 5) -> dict[str, float]:
+    """Microseconds per bare checkout+checkin, single thread, pool of 1.
+
+    The two pools take turns, ``rounds`` times; each keeps its fastest round,
+    the one least disturbed by the rest of the machine.
+    """
     from psycopg_pool import ConnectionPool
 
     from dbpool.pool import Pool
 
-    results: dict[str, float] = {}
     ppool = ConnectionPool(dsn, min_size=1, max_size=1, kwargs={"autocommit": True})
-    ppool.wait()
+    dpool = Pool.start(dsn, pool_size=1, name="bench-checkout")
     try:
-        results["psycopg_pool"] = _time_cycles(ppool.connection, cycles)
+        ppool.wait()
+        _warm(dpool, 1)
+        checkouts: dict[str, Callable[[], Any]] = {
+            "psycopg_pool": ppool.connection, "dbpool": dpool.checkout}
+        best = dict.fromkeys(checkouts, float("inf"))
+        for _ in range(rounds):
+            for name, checkout in checkouts.items():
+                best[name] = min(best[name], _time_cycles(checkout, cycles))
+        return best
     finally:
         ppool.close()
-    dpool = Pool.start(dsn, pool_size=1, name="bench-checkout")
-    _warm(dpool, 1)
-    try:
-        results["dbpool"] = _time_cycles(dpool.checkout, cycles)
-    finally:
         dpool.stop()
-    return results
 
 
 def _time_cycles(checkout: Callable[[], Any], cycles: int) -> float:
-    best = float("inf")
-    for _ in range(3):  # best of three: least disturbed by the rest of the machine
-        began = time.perf_counter()
-        for _ in range(cycles):
-            with checkout():
-                pass
-        best = min(best, time.perf_counter() - began)
-    return best / cycles * 1e6
+    began = time.perf_counter()
+    for _ in range(cycles):
+        with checkout():
+            pass
+    return (time.perf_counter() - began) / cycles * 1e6
 
 
-def run(dsn: str, duration: float = 1.0, rounds: int = 3, as_json: bool = False,
+def run(dsn: str, duration: float = 1.0, rounds: int = 5, as_json: bool = False,
         contenders: tuple[str, ...] = tuple(CONTENDERS)) -> dict[str, Any]:
     """Run the benchmark, print a table (or JSON) and return the results.
 
-    Each cell is the best of ``rounds`` runs of ``duration`` seconds, the
-    contenders taking turns round by round, so that a burst of load from
-    elsewhere on the machine does not decide the comparison.
+    Each scenario runs ``rounds`` rounds; in each round every contender runs
+    for ``duration`` seconds, back to back, in an order that rotates from
+    round to round.  A cell's q/s is the median over its rounds, and a ratio
+    is the median of the per-round ratios: a virtual machine's speed can
+    swing severalfold within seconds, and pairing runs of the same round
+    cancels most of that.
     """
     cells: list[Cell] = []
     for threads, size in SCENARIOS:
-        best: dict[str, Cell] = {}
-        for _ in range(rounds):
-            for name in contenders:
+        runs: dict[str, list[Cell]] = {name: [] for name in contenders}
+        for round_ in range(rounds):
+            shift = round_ % len(contenders)
+            for name in contenders[shift:] + contenders[:shift]:
                 with CONTENDERS[name](dsn, size) as step:
                     queries, seconds = _drive(threads, _loop_factory(step), duration)
-                cell = Cell(name, threads, size, queries, seconds)
-                if name not in best or cell.qps > best[name].qps:
-                    best[name] = cell
+                runs[name].append(Cell(name, threads, size, queries, seconds))
         for name in contenders:
-            cells.append(best[name])
+            cells.extend(runs[name])
             if not as_json:
-                print(f"  {name:>12} {threads:>3} threads: {best[name].qps:9.0f} q/s",
+                qps = statistics.median(c.qps for c in runs[name])
+                print(f"  {name:>12} {threads:>3} threads: {qps:9.0f} q/s (median)",
                       file=sys.stderr, flush=True)
     cycle = _checkout_cycle(dsn, 20_000)
-    report = _report(cells, cycle)
+    report = _report(cells, cycle, rounds, duration)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
@@ -204,19 +210,29 @@ def run(dsn: str, duration: float = 1.0, rounds: int = 3, as_json: bool = False,
     return report
 
 
-def _report(cells: list[Cell], cycle: dict[str, float]) -> dict[str, Any]:
+def _report(
+    cells: list[Cell], cycle: dict[str, float], rounds: int, duration: float
+) -> dict[str, Any]:
     rows = []
     for threads, size in SCENARIOS:
-        here = {c.contender: c for c in cells if c.threads == threads}
+        here: dict[str, list[float]] = {}
+        for c in cells:
+            if c.threads == threads:
+                here.setdefault(c.contender, []).append(c.qps)
         row: dict[str, Any] = {"threads": threads, "pool_size": size,
-                               "qps": {k: round(c.qps) for k, c in here.items()}}
+                               "qps": {k: round(statistics.median(v)) for k, v in here.items()}}
         if "dbpool" in here:
-            row["ratio"] = {f"dbpool/{k}": round(here["dbpool"].qps / c.qps, 3)
-                            for k, c in here.items() if k != "dbpool"}
+            ours = here["dbpool"]
+            row["ratio"] = {
+                f"dbpool/{k}": round(statistics.median(
+                    a / b for a, b in zip(ours, v, strict=True)), 3)
+                for k, v in here.items() if k != "dbpool"}
         rows.append(row)
     return {
         "workload": SQL,
         "cpus": os.cpu_count(),
+        "rounds": rounds,
+        "duration": duration,
         "scenarios": rows,
         "checkout_checkin_us": {k: round(v, 2) for k, v in cycle.items()},
         "cells": [asdict(c) | {"qps": round(c.qps)} for c in cells],
@@ -225,7 +241,9 @@ def _report(cells: list[Cell], cycle: dict[str, float]) -> dict[str, Any]:
 
 def _print_table(report: dict[str, Any]) -> None:
     names = list(report["scenarios"][0]["qps"])
-    print(f"\n{SQL!r}, queries per second ({report['cpus']} CPUs)\n")
+    print(f"\n{SQL!r}, queries per second ({report['cpus']} CPUs; median of "
+          f"{report['rounds']} rounds of {report['duration']:g}s; ratios: median of "
+          "per-round ratios)\n")
     header = f"{'threads':>7} {'pool':>4} " + " ".join(f"{n:>12}" for n in names)
     ratios = [k for k in report["scenarios"][0].get("ratio", {})]
     header += " " + " ".join(f"{r:>20}" for r in ratios)

@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--dsn", default=os.environ.get("DBPOOL_DSN"),
                        help="libpq conninfo or URI (default: $DBPOOL_DSN, else embedded)")
     bench.add_argument("--duration", type=float, default=1.0, help="seconds per run")
-    bench.add_argument("--rounds", type=int, default=3, help="runs per cell; the best counts")
+    bench.add_argument("--rounds", type=int, default=5,
+                       help="rounds per scenario; cells are medians over them")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
 
     args = parser.parse_args(argv)

@@ -27,7 +27,7 @@ They are never called concurrently for one connection.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeAlias, TypeVar
 
@@ -96,18 +96,44 @@ class Column:
     type_oid: int
 
 
-@dataclass(slots=True)
 class Result:
     """The result of one statement.
 
-    ``command`` is the server's command tag (``"SELECT 1"``, ``"INSERT 0 3"``);
-    ``rowcount`` is the number of rows returned or affected (-1 if unknown).
+    ``columns`` describes the result's columns (read lazily: most callers
+    never look, and describing costs a microsecond or two per query);
+    ``rows`` holds its rows as tuples; ``command`` is the server's command
+    tag (``"SELECT 1"``, ``"INSERT 0 3"``); ``rowcount`` is the number of
+    rows returned or affected (-1 if unknown).
     """
 
-    columns: list[Column]
-    rows: list[tuple[Any, ...]]
-    rowcount: int
-    command: str | None
+    __slots__ = ("_columns", "command", "rowcount", "rows")
+
+    def __init__(
+        self, columns: list[Column] | Callable[[], list[Column]], rows: list[tuple[Any, ...]],
+        rowcount: int, command: str | None,
+    ) -> None:
+        self._columns = columns
+        self.rows = rows
+        self.rowcount = rowcount
+        self.command = command
+
+    @property
+    def columns(self) -> list[Column]:
+        if callable(self._columns):
+            self._columns = self._columns()
+        return self._columns
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Result):
+            return NotImplemented
+        return (self.columns, self.rows, self.rowcount, self.command) == (
+            other.columns, other.rows, other.rowcount, other.command)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (f"Result(columns={self.columns!r}, rows={self.rows!r}, "
+                f"rowcount={self.rowcount!r}, command={self.command!r})")
 
 
 @dataclass(slots=True)

@@ -154,7 +154,7 @@ class PgDriver:
                 cur.execute(query.sql, params)
             else:
                 cur.execute(self._execute_sql(query, params, state))
-            return Ok(_result(cur, cur.description))
+            return Ok(_result(cur))
         except psycopg.Error as err:
             return _failure(state, err)
 
@@ -225,7 +225,7 @@ class PgDriver:
             state.cursor.execute(statement)
         except psycopg.Error as err:
             return _failure(state, err)
-        return Ok(_result(state.cursor, None))
+        return Ok(_result(state.cursor))
 
 
 _OK_NONE: Ok[None] = Ok(None)
@@ -241,10 +241,18 @@ def _columns(description: Any) -> list[Column]:
     return [Column(c.name, c.type_code) for c in description]
 
 
-def _result(cur: psycopg.Cursor[Any], description: Any) -> Result:
-    if description is None:
+def _result(cur: psycopg.Cursor[Any]) -> Result:
+    pgresult = cur.pgresult
+    if pgresult is None or pgresult.status != pq.ExecStatus.TUPLES_OK:
         return Result([], [], cur.rowcount, cur.statusmessage)
-    return Result(_columns(description), cur.fetchall(), cur.rowcount, cur.statusmessage)
+    conn = cur.connection
+
+    def describe() -> list[Column]:  # from the result itself, whatever the cursor ran since
+        encoding = conn.info.encoding
+        return [Column((pgresult.fname(i) or b"").decode(encoding), pgresult.ftype(i))
+                for i in range(pgresult.nfields)]
+
+    return Result(describe, cur.fetchall(), cur.rowcount, cur.statusmessage)
 
 
 def _failure(state: PgState, err: psycopg.Error) -> Error | Disconnect:
