@@ -195,7 +195,10 @@ class PoolCore:
         """Close a slot's connection here and now (the pool is stopping)."""
         state, slot.driver_state = slot.driver_state, None
         if state is not None:
-            self.driver.disconnect(self.queue.closed, state)
+            error = self.queue.closed
+            self.driver.disconnect(error, state)
+            self.deliver(ConnectionEvent("disconnected", self.name, slot.index, slot.actor,
+                                         slot.backend_pid, reason=str(error or "pool stopped")))
 
     # -- events ----------------------------------------------------------
 

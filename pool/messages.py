@@ -8,7 +8,7 @@ that asks cannot deadlock it.
 
 Ask, and get a future of the result at once::
 
-    future = pool.ref.ask(RunQuery("SELECT $1::int", [42]))
+    future = pool.ref.ask(RunQuery("SELECT %s::int", [42]))
     result = future.get(timeout=5)      # a Result, or raises the error
 
 Or tell, and receive the answer as a message (nothing blocks)::

@@ -88,12 +88,12 @@ class _AsyncWaiter:
             self.loop.call_soon_threadsafe(self._resolve, slot, error)
         except RuntimeError:  # the loop is closed: nobody will take the slot
             if slot is not None:
-                self.queue.put(slot)
+                self.queue.unserve(slot, self.since)
 
     def _resolve(self, slot: Slot | None, error: BaseException | None) -> None:
         if self.future.done():  # the task gave up (timeout, cancel) as it was served
             if slot is not None:
-                self.queue.put(slot)
+                self.queue.unserve(slot, self.since)
         elif error is not None:
             self.future.set_exception(error)
         else:
@@ -168,12 +168,11 @@ class CheckoutQueue:
             return await asyncio.wait_for(waiter.future, max(timeout, 0.0))
         except BaseException as exc:  # timeout or cancellation: leave the queue
             with self._lock:
-                queued = waiter in self._waiters
-                if queued:
+                if waiter in self._waiters:
                     self._waiters.remove(waiter)
-                    if isinstance(exc, TimeoutError):
-                        raise self._timed_out(timeout) from None
-            # If it was served meanwhile, _resolve puts the slot back.
+                if isinstance(exc, TimeoutError):
+                    # If it was served meanwhile, _resolve gives the slot back.
+                    raise self._timed_out(timeout) from None
             raise
 
     def _may_barge(self, now: float) -> bool:
@@ -250,6 +249,22 @@ class CheckoutQueue:
             slot.idle_since = now
             self._idle.append(slot)
             return True
+
+    def unserve(self, slot: Slot, since: float) -> None:
+        """Take back a slot handed to an async waiter that gave up meanwhile.
+
+        Its checkout is struck from the metrics, as nobody received it.
+        """
+        with self._lock:
+            if slot.lent_at is not None:
+                delay = slot.lent_at - since
+                wait = self.metrics.queue_wait
+                wait.buckets[bisect_left(wait.bounds, delay)] -= 1
+                wait.count -= 1
+                wait.sum -= delay
+                self.metrics.checkouts -= 1
+                slot.lent_at = None
+        self.put(slot)
 
     def record_usage(self, slot: Slot) -> None:
         """Record the usage of a lent slot that goes back to its actor, not the queue."""
