@@ -139,8 +139,13 @@ class Pool:
         queue: bool | None = None,
     ) -> Result:
         """Check out a connection, run one statement on it and check it back in."""
-        with self.checkout(timeout, queue) as conn:
+        core = self._core  # checkout(), inlined: this is the hot path
+        conn = core.lend(self._default_timeout if timeout is None else timeout,
+                         self._default_queue if queue is None else queue, caller_location())
+        try:
             return conn.query(sql, params)
+        finally:
+            core.give_back(conn)
 
     async def aquery(
         self, sql: str, params: Params = None, *, timeout: float | None = None,
