@@ -6,16 +6,15 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import psycopg
 import pytest
 
-from dbpool.actors.listeners import ConnectionEvent
 from dbpool.errors import ConnectionError
 from dbpool.pool import Pool
 from dbpool.pool.connection import Connection
 from tests.support.events import Recorder, kind
+from tests.support.pools import start_named
 from tests.support.server import active_queries, backends
 
 
@@ -41,21 +40,10 @@ def pool_log() -> Iterator[Recorder[str]]:
         logger.removeHandler(handler)
 
 
-def start(pg_dsn: str, pools: list[Pool], app: str, **options: Any) -> tuple[
-        Pool, Recorder[ConnectionEvent]]:
-    events: Recorder[ConnectionEvent] = Recorder()
-    size = options.pop("pool_size", 1)
-    pool = Pool.start(pg_dsn, pool_size=size, connection_listeners=[events],
-                      connect_kwargs={"application_name": app}, **options)
-    pools.append(pool)
-    events.wait_count(kind("connected"), size)
-    return pool, events
-
-
 def test_a_deadline_passed_mid_query_cancels_it_and_replaces_the_connection(
     pg_dsn: str, pools: list[Pool]
 ) -> None:
-    pool, events = start(pg_dsn, pools, "dbpool-deadline")
+    pool, events = start_named(pg_dsn, pools, "dbpool-deadline")
     began = time.monotonic()
     with (
         pytest.raises(ConnectionError, match=r"longer than its 0\.5s timeout") as info,
@@ -76,7 +64,7 @@ def test_a_deadline_passed_mid_query_cancels_it_and_replaces_the_connection(
 def test_a_holder_past_its_deadline_loses_the_connection_to_others(
     pg_dsn: str, pools: list[Pool]
 ) -> None:
-    pool, events = start(pg_dsn, pools, "dbpool-overdue")
+    pool, events = start_named(pg_dsn, pools, "dbpool-overdue")
     with pool.checkout(timeout=0.3) as overdue:
         old_pid = overdue.backend_pid
         events.wait_count(kind("disconnected"), 1)  # revoked at its deadline
@@ -91,7 +79,7 @@ def test_a_holder_past_its_deadline_loses_the_connection_to_others(
 
 
 def test_a_checkout_within_its_deadline_is_untouched(pg_dsn: str, pools: list[Pool]) -> None:
-    pool, _ = start(pg_dsn, pools, "dbpool-in-time")
+    pool, _ = start_named(pg_dsn, pools, "dbpool-in-time")
     with pool.checkout(timeout=2.0) as conn:
         assert conn.query("SELECT pg_sleep(0.3)").rowcount == 1
     assert pool.metrics()["deadlines"] == 0
@@ -100,7 +88,7 @@ def test_a_checkout_within_its_deadline_is_untouched(pg_dsn: str, pools: list[Po
 def test_a_garbage_collected_checkout_is_rolled_back_reclaimed_and_logged(
     pg_dsn: str, pools: list[Pool], pool_log: Recorder[str]
 ) -> None:
-    pool, events = start(pg_dsn, pools, "dbpool-gc")
+    pool, events = start_named(pg_dsn, pools, "dbpool-gc")
     pool.query("CREATE TABLE IF NOT EXISTS dbpool_gc_leak (n int)")
     pool.query("TRUNCATE dbpool_gc_leak")
 
@@ -126,7 +114,7 @@ def test_a_garbage_collected_checkout_is_rolled_back_reclaimed_and_logged(
 def test_a_checkout_whose_thread_ended_is_reclaimed(
     pg_dsn: str, pools: list[Pool], pool_log: Recorder[str]
 ) -> None:
-    pool, _ = start(pg_dsn, pools, "dbpool-thread", idle_interval=0.1)
+    pool, _ = start_named(pg_dsn, pools, "dbpool-thread", idle_interval=0.1)
     kept: list[Connection] = []  # keeps the Connection alive: only the thread dies
 
     def worker() -> None:
@@ -146,7 +134,7 @@ def test_a_checkout_whose_thread_ended_is_reclaimed(
 def test_a_reclaimed_connection_that_cannot_roll_back_is_replaced(
     pg_dsn: str, pools: list[Pool], pool_log: Recorder[str]
 ) -> None:
-    pool, events = start(pg_dsn, pools, "dbpool-gc-broken")
+    pool, events = start_named(pg_dsn, pools, "dbpool-gc-broken")
 
     def leak() -> int | None:
         conn = pool.checkout().__enter__()

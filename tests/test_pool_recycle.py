@@ -6,27 +6,17 @@ from typing import Any
 
 import pytest
 
-from dbpool.actors.listeners import ConnectionEvent
 from dbpool.errors import ConfigurationError
 from dbpool.pool import Pool
-from tests.support.events import Recorder, kind
+from tests.support.events import kind
+from tests.support.pools import start_named
 from tests.support.server import backends
-
-
-def start(pg_dsn: str, pools: list[Pool], app: str, size: int, **options: Any) -> tuple[
-        Pool, Recorder[ConnectionEvent]]:
-    events: Recorder[ConnectionEvent] = Recorder()
-    pool = Pool.start(pg_dsn, pool_size=size, connection_listeners=[events],
-                      connect_kwargs={"application_name": app}, **options)
-    pools.append(pool)
-    events.wait_count(kind("connected"), size)
-    return pool, events
 
 
 def test_disconnect_all_replaces_every_idle_connection_staggered(
     pg_dsn: str, pools: list[Pool]
 ) -> None:
-    pool, events = start(pg_dsn, pools, "dbpool-flush", 4, idle_interval=0.05)
+    pool, events = start_named(pg_dsn, pools, "dbpool-flush", 4, idle_interval=0.05)
     old = set(backends(pg_dsn, "dbpool-flush"))
     assert len(old) == 4
     pool.disconnect_all(0.6)
@@ -45,7 +35,7 @@ def test_disconnect_all_replaces_every_idle_connection_staggered(
 def test_disconnect_all_replaces_a_busy_connection_at_checkin(
     pg_dsn: str, pools: list[Pool]
 ) -> None:
-    pool, events = start(pg_dsn, pools, "dbpool-flush-busy", 1, idle_interval=60)
+    pool, events = start_named(pg_dsn, pools, "dbpool-flush-busy", 1, idle_interval=60)
     with pool.checkout() as conn:
         old_pid = conn.backend_pid
         pool.disconnect_all(0)
@@ -56,7 +46,7 @@ def test_disconnect_all_replaces_a_busy_connection_at_checkin(
 
 
 def test_disconnect_all_every_flushes_periodically(pg_dsn: str, pools: list[Pool]) -> None:
-    _, events = start(pg_dsn, pools, "dbpool-periodic", 2, idle_interval=0.05,
+    _, events = start_named(pg_dsn, pools, "dbpool-periodic", 2, idle_interval=0.05,
                       disconnect_all_every=0.3, disconnect_all_interval=0.1)
     connected = events.wait_count(kind("connected"), 6, timeout=10)  # two flushes
     assert len({e.backend_pid for e in connected}) == 6
@@ -65,7 +55,7 @@ def test_disconnect_all_every_flushes_periodically(pg_dsn: str, pools: list[Pool
 def test_max_lifetime_replaces_each_connection_after_a_jittered_lifetime(
     pg_dsn: str, pools: list[Pool]
 ) -> None:
-    pool, events = start(pg_dsn, pools, "dbpool-lifetime", 4, idle_interval=0.02,
+    pool, events = start_named(pg_dsn, pools, "dbpool-lifetime", 4, idle_interval=0.02,
                          max_lifetime=(0.3, 0.9))
     events.wait_until(  # every connection retired at least once
         lambda vs: {e.index for e in vs if e.kind == "disconnected"} == {0, 1, 2, 3}, timeout=10)
