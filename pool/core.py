@@ -76,15 +76,34 @@ class PoolCore:
                 conn = self.accept(slot, started, timeout, where)
                 if conn is not None:
                     if telemetry.enabled("checkout"):
-                        self.emit_checkout(slot, started)
+                        self._emit_checkout(slot, started)
                     return conn
         except ConnectionError as error:
-            self.report(error)
+            self._report(error)
             raise
 
-    def report(self, error: ConnectionError) -> None:
+    async def alend(self, timeout: float, queue: bool, where: Location | None) -> Connection:
+        """:meth:`lend` for asyncio: the wait never blocks the event loop."""
+        started = time.monotonic()
+        try:
+            while True:
+                slot = await self.queue.aget(started + timeout - time.monotonic(), queue)
+                conn = self.accept(slot, started, timeout, where)
+                if conn is not None:
+                    if telemetry.enabled("checkout"):
+                        self._emit_checkout(slot, started)
+                    return conn
+        except ConnectionError as error:
+            self._report(error)
+            raise
+
+    def _report(self, error: ConnectionError) -> None:
         """Emit the connection_error telemetry event for a failed checkout."""
         telemetry.emit("connection_error", {"count": 1}, {"pool": self.name, "error": error})
+
+    def _emit_checkout(self, slot: Slot, started: float) -> None:
+        telemetry.emit("checkout", {"queue_time": time.monotonic() - started},
+                       {"pool": self.name, "index": slot.index})
 
     def give_back(self, conn: Connection) -> None:
         """End a loan from its owner's side: clean the slot and check it in."""
@@ -95,10 +114,6 @@ class PoolCore:
             if lent_at is not None and telemetry.enabled("checkin"):
                 telemetry.emit("checkin", {"usage_time": time.monotonic() - lent_at},
                                {"pool": self.name, "index": slot.index})
-
-    def emit_checkout(self, slot: Slot, started: float) -> None:
-        telemetry.emit("checkout", {"queue_time": time.monotonic() - started},
-                       {"pool": self.name, "index": slot.index})
 
     def accept(
         self, slot: Slot, started: float, timeout: float, where: Location | None

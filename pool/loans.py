@@ -152,7 +152,6 @@ class LoanWatcher:
                 self._revoke(loan)
             elif not loan.thread.is_alive():
                 if loan.take():
-                    self._core.forget(loan)
                     self._reclaim(loan, "its thread ended while it was checked out")
             else:
                 next_sweep = min(next_sweep, loan.deadline)

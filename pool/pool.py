@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 import pykka
 
-from dbpool import telemetry
 from dbpool.actors.connection import ConnectionConfig
 from dbpool.actors.slot import Slot
 from dbpool.driver import Driver, Params, Result
-from dbpool.errors import ConnectionError
 from dbpool.pgdriver import PgDriver
 
 from .connection import AsyncConnection, Connection
@@ -250,20 +247,7 @@ class _AsyncCheckout:
         self._conn: AsyncConnection | None = None
 
     async def __aenter__(self) -> AsyncConnection:
-        core, where = self._core, caller_location()
-        started = time.monotonic()
-        try:
-            while True:
-                slot = await core.queue.aget(started + self._timeout - time.monotonic(),
-                                             self._queue)
-                conn = core.accept(slot, started, self._timeout, where)
-                if conn is not None:
-                    break
-        except ConnectionError as error:
-            core.report(error)
-            raise
-        if telemetry.enabled("checkout"):
-            core.emit_checkout(slot, started)
+        conn = await self._core.alend(self._timeout, self._queue, caller_location())
         self._conn = AsyncConnection(conn)
         return self._conn
 

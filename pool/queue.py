@@ -243,12 +243,20 @@ class CheckoutQueue:
             waiters = self._waiters
             if waiters and now - waiters[0].since < self._barge:
                 self._arm_settle()  # leave it idle for a running thread, for a moment
-            elif not self._idle and self._dequeue(now, slot):
+            elif not self._idle:
+                if self._dequeue(now, slot):
+                    return True
+            elif waiters:  # slots left idle by barging, and the head waited long enough
+                self._park(slot, now)
+                self._settle(now)
                 return True
-            slot.lent_at = None
-            slot.idle_since = now
-            self._idle.append(slot)
+            self._park(slot, now)
             return True
+
+    def _park(self, slot: Slot, now: float) -> None:
+        slot.lent_at = None
+        slot.idle_since = now
+        self._idle.append(slot)
 
     def unserve(self, slot: Slot, since: float) -> None:
         """Take back a slot handed to an async waiter that gave up meanwhile.
