@@ -57,8 +57,10 @@ class Connection:
         A SQL error raises the ``psycopg.errors`` class the server reported
         and leaves the connection usable.
         """
-        return self._unwrap(self._core.driver.handle_execute(
-            Query(sql), params, _NO_OPTS, self._state()))
+        outcome = self._core.driver.handle_execute(Query(sql), params, _NO_OPTS, self._state())
+        if type(outcome) is Ok:  # the common case, without a call to _unwrap
+            return outcome.value
+        return self._unwrap(outcome)
 
     def status(self) -> TransactionStatus:
         """``"idle"``, ``"transaction"`` or ``"error"``."""
@@ -114,14 +116,17 @@ class Connection:
         back; if that fails, the slot is marked broken so that it is replaced.
         """
         loan = self._loan
-        if not loan.take():
+        try:
+            loan.claim.pop()  # loan.take(), inlined: the hot path
+        except IndexError:
             if loan.revoked is not None:
                 self._close_revoked(loan.revoked)
             return None
         self._driver_state = None  # ours no longer; nothing below may close it
-        self._core.forget(loan)
-        self._core.clean(self._slot)
-        return self._slot
+        core, slot = self._core, self._slot
+        core.loans.pop(slot.index, None)  # core.forget(loan)
+        core.clean(slot)
+        return slot
 
     def _needs_cleaning(self) -> bool:
         """Whether checkin will have to roll back (which is I/O)."""
@@ -139,8 +144,8 @@ class Connection:
     def __del__(self) -> None:
         # Garbage-collected while lent: hand it back through the pool's watcher
         # (no I/O and no locks here: this may run in the middle of any code).
-        loan = getattr(self, "_loan", None)
-        if loan is not None and loan.claim and loan.take():
+        loan = self._loan
+        if loan.claim and loan.take():
             self._core.watcher.abandoned(loan, "it was garbage-collected while checked out")
 
     def __repr__(self) -> str:

@@ -21,6 +21,7 @@ from dbpool.actors.scheduler import Scheduler
 from dbpool.actors.slot import Slot
 from dbpool.driver import Disconnect, Driver, Ok
 from dbpool.errors import ConnectionError
+from dbpool.telemetry import listened as _listened
 
 from .connection import _NO_OPTS, Connection
 from .loans import Loan, LoanWatcher, Location
@@ -72,10 +73,10 @@ class PoolCore:
         started = time.monotonic()
         try:
             while True:
-                slot = self.queue.get(started + timeout - time.monotonic(), queue)
+                slot = self.queue.get(started, timeout, queue)
                 conn = self.accept(slot, started, timeout, where)
                 if conn is not None:
-                    if telemetry.enabled("checkout"):
+                    if "checkout" in _listened:
                         self._emit_checkout(slot, started)
                     return conn
         except ConnectionError as error:
@@ -87,10 +88,10 @@ class PoolCore:
         started = time.monotonic()
         try:
             while True:
-                slot = await self.queue.aget(started + timeout - time.monotonic(), queue)
+                slot = await self.queue.aget(started, timeout, queue)
                 conn = self.accept(slot, started, timeout, where)
                 if conn is not None:
-                    if telemetry.enabled("checkout"):
+                    if "checkout" in _listened:
                         self._emit_checkout(slot, started)
                     return conn
         except ConnectionError as error:
@@ -107,13 +108,14 @@ class PoolCore:
 
     def give_back(self, conn: Connection) -> None:
         """End a loan from its owner's side: clean the slot and check it in."""
-        lent_at = conn._slot.lent_at
         slot = conn._end()
-        if slot is not None:
-            self.checkin(slot)
-            if lent_at is not None and telemetry.enabled("checkin"):
-                telemetry.emit("checkin", {"usage_time": time.monotonic() - lent_at},
-                               {"pool": self.name, "index": slot.index})
+        if slot is None:
+            return
+        lent_at = slot.lent_at  # before checkin clears it
+        self.checkin(slot)
+        if "checkin" in _listened and lent_at is not None:
+            telemetry.emit("checkin", {"usage_time": time.monotonic() - lent_at},
+                           {"pool": self.name, "index": slot.index})
 
     def accept(
         self, slot: Slot, started: float, timeout: float, where: Location | None
@@ -126,7 +128,9 @@ class PoolCore:
         if isinstance(outcome, Ok):
             loan = Loan(slot, started + timeout, timeout, where)
             self.loans[slot.index] = loan
-            self.watcher.watch(loan)
+            watcher = self.watcher
+            if loan.deadline < watcher.wake_at:  # watcher.watch(loan), inlined: the hot path
+                watcher.watch(loan)
             return Connection(self, slot, loan)
         if isinstance(outcome, Disconnect):
             slot.broken = outcome.error  # have it replaced; the caller takes another
@@ -136,9 +140,8 @@ class PoolCore:
         raise outcome.error
 
     def forget(self, loan: Loan) -> None:
-        """Drop an ended loan from the watcher's table."""
-        if self.loans.get(loan.slot.index) is loan:
-            del self.loans[loan.slot.index]
+        """Drop an ended loan from the watcher's table (by its claimer, so it is there)."""
+        self.loans.pop(loan.slot.index, None)
 
     def clean(self, slot: Slot) -> None:
         """Roll back a connection left in a transaction; mark it broken if that fails."""

@@ -24,6 +24,7 @@ import queue
 import sys
 import threading
 import time
+from types import CodeType
 from typing import TYPE_CHECKING
 
 from dbpool.actors.listeners import ConnectionEvent
@@ -37,27 +38,28 @@ __all__ = ["Loan", "LoanWatcher", "Location", "caller_location"]
 
 logger = logging.getLogger("dbpool.pool")
 
-#: Where a checkout happened: (file, line, function).
-Location = tuple[str, int, str]
+#: Where a checkout happened: the caller's code object and the byte offset
+#: of its current instruction.  The line number is worked out only when it is
+#: reported: reading ``frame.f_lineno`` costs more than the rest of a checkout.
+Location = tuple[CodeType, int]
 
 
-def caller_location(depth: int = 2) -> Location | None:
-    """The first frame outside dbpool (and contextlib), from ``depth`` frames up."""
+def caller_location(depth: int = 2) -> Location:
+    """Where the code ``depth`` frames up from here is: by default, our caller's caller.
+
+    Public entry points call this directly, so that it names the user's line.
+    """
     frame = sys._getframe(depth)
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if not (module.startswith("dbpool.") or module == "contextlib"):
-            code = frame.f_code
-            return (code.co_filename, frame.f_lineno, code.co_name)
-        frame = frame.f_back  # type: ignore[assignment]
-    return None
+    return (frame.f_code, frame.f_lasti)
 
 
 def format_location(where: Location | None) -> str:
+    """``file:line in function()`` for a :func:`caller_location`."""
     if where is None:
         return "an unknown place"
-    filename, line, function = where
-    return f"{filename}:{line} in {function}()"
+    code, offset = where
+    line = next((line for start, end, line in code.co_lines() if start <= offset < end), None)
+    return f"{code.co_filename}:{line or code.co_firstlineno} in {code.co_name}()"
 
 
 class Loan:

@@ -37,14 +37,17 @@ class Histogram:
         self.count += 1
         self.sum += seconds
 
-    def snapshot(self) -> dict[str, Any]:
-        """``{"count", "sum", "buckets": {le: cumulative count}}``, as Prometheus reports it."""
+    def snapshot(self, zeros: int = 0) -> dict[str, Any]:
+        """``{"count", "sum", "buckets": {le: cumulative count}}``, as Prometheus reports it.
+
+        ``zeros`` adds that many observations of 0 s counted elsewhere.
+        """
         cumulative: dict[float, int] = {}
-        running = 0
+        running = zeros
         for bound, n in zip(self.bounds, self.buckets, strict=True):
             running += n
             cumulative[bound] = running
-        return {"count": self.count, "sum": self.sum, "buckets": cumulative}
+        return {"count": self.count + zeros, "sum": self.sum, "buckets": cumulative}
 
 
 class PoolMetrics:
@@ -74,6 +77,10 @@ class PoolMetrics:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        #: Checkouts served at once from an idle slot.  The hot path bumps this
+        #: one integer; snapshots fold it into ``checkouts`` and ``queue_wait``.
+        self.immediate = 0
+        #: Checkouts served to a waiter.
         self.checkouts = 0
         self.queue_waits = 0
         self.queue_timeouts = 0
@@ -96,7 +103,8 @@ class PoolMetrics:
 
     def snapshot(self) -> dict[str, Any]:
         counters: dict[str, Any] = {name: getattr(self, name) for name in self.COUNTERS}
+        counters["checkouts"] += self.immediate
         counters["timeouts"] = self.queue_timeouts + self.deadlines
-        counters["queue_wait"] = self.queue_wait.snapshot()
+        counters["queue_wait"] = self.queue_wait.snapshot(zeros=self.immediate)
         counters["usage"] = self.usage.snapshot()
         return counters

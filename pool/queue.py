@@ -135,20 +135,27 @@ class CheckoutQueue:
 
     # -- callers ---------------------------------------------------------
 
-    def get(self, timeout: float, queue: bool = True) -> Slot:
-        """Take an idle slot, waiting up to ``timeout`` seconds if ``queue``.
+    def get(self, started: float, timeout: float, queue: bool = True) -> Slot:
+        """Take an idle slot, waiting until ``started + timeout`` if ``queue``.
 
+        ``started`` is when the checkout began (``time.monotonic()``).
         Raises :class:`~dbpool.errors.ConnectionError` with reason
         ``queue_disabled``, ``queue_full`` or ``queue_timeout``, or the
         pool's stop error.
         """
         with self._lock:
+            idle = self._idle
+            if idle and not self._waiters:  # the hot path: nobody waits, take one
+                slot = idle.popleft()
+                slot.lent_at = started
+                self.metrics.immediate += 1
+                return slot
             now = time.monotonic()
-            if self._idle and (not self._waiters or self._may_barge(now)):
+            if idle and self._may_barge(now):
                 return self._lend_idle(now)
             waiter = _Waiter(now)
             self._enqueue(waiter, queue)
-        if waiter.lock.acquire(timeout=max(timeout, 0.0)):
+        if waiter.lock.acquire(timeout=max(started + timeout - now, 0.0)):
             return self._woken(waiter.slot, waiter.error)
         with self._lock:
             if waiter.slot is None and waiter.error is None:
@@ -156,7 +163,7 @@ class CheckoutQueue:
                 raise self._timed_out(timeout)
         return self._woken(waiter.slot, waiter.error)  # served just as it timed out
 
-    async def aget(self, timeout: float, queue: bool = True) -> Slot:
+    async def aget(self, started: float, timeout: float, queue: bool = True) -> Slot:
         """:meth:`get` for asyncio: waits without blocking the event loop."""
         with self._lock:
             now = time.monotonic()
@@ -165,7 +172,7 @@ class CheckoutQueue:
             waiter = _AsyncWaiter(now, self)
             self._enqueue(waiter, queue)
         try:
-            return await asyncio.wait_for(waiter.future, max(timeout, 0.0))
+            return await asyncio.wait_for(waiter.future, max(started + timeout - now, 0.0))
         except BaseException as exc:  # timeout or cancellation: leave the queue
             with self._lock:
                 if waiter in self._waiters:
@@ -185,11 +192,7 @@ class CheckoutQueue:
     def _lend_idle(self, now: float) -> Slot:
         slot = self._idle.popleft()
         slot.lent_at = now
-        metrics = self.metrics
-        metrics.checkouts += 1
-        wait = metrics.queue_wait
-        wait.buckets[0] += 1
-        wait.count += 1
+        self.metrics.immediate += 1
         return slot
 
     def _enqueue(self, waiter: _Waiter | _AsyncWaiter, queue: bool) -> None:
@@ -241,6 +244,12 @@ class CheckoutQueue:
                 slot.lent_at = None
                 return False
             waiters = self._waiters
+            if not waiters and (self._idle or now < self._next):
+                # Nobody waits and CoDel has no interval to close: just park it.
+                slot.lent_at = None
+                slot.idle_since = now
+                self._idle.append(slot)
+                return True
             if waiters and now - waiters[0].since < self._barge:
                 self._arm_settle()  # leave it idle for a running thread, for a moment
             elif not self._idle:

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -175,26 +175,28 @@ def _time_cycles(checkout: Callable[[], Any], cycles: int) -> float:
     return (time.perf_counter() - began) / cycles * 1e6
 
 
-def run(dsn: str, duration: float = 1.0, rounds: int = 5, as_json: bool = False,
+def run(dsn: str, duration: float = 0.5, rounds: int = 10, as_json: bool = False,
         contenders: tuple[str, ...] = tuple(CONTENDERS)) -> dict[str, Any]:
     """Run the benchmark, print a table (or JSON) and return the results.
 
-    Each scenario runs ``rounds`` rounds; in each round every contender runs
-    for ``duration`` seconds, back to back, in an order that rotates from
-    round to round.  A cell's q/s is the median over its rounds, and a ratio
-    is the median of the per-round ratios: a virtual machine's speed can
-    swing severalfold within seconds, and pairing runs of the same round
-    cancels most of that.
+    For each scenario every contender is opened once, then they take turns:
+    ``rounds`` rounds in which each runs for ``duration`` seconds, in an
+    order that rotates from round to round.  A cell's q/s is the median over
+    its rounds, and a ratio is the median of the per-round ratios: a virtual
+    machine's speed can swing severalfold within seconds, and short turns
+    paired within a round cancel most of that.
     """
     cells: list[Cell] = []
     for threads, size in SCENARIOS:
         runs: dict[str, list[Cell]] = {name: [] for name in contenders}
-        for round_ in range(rounds):
-            shift = round_ % len(contenders)
-            for name in contenders[shift:] + contenders[:shift]:
-                with CONTENDERS[name](dsn, size) as step:
-                    queries, seconds = _drive(threads, _loop_factory(step), duration)
-                runs[name].append(Cell(name, threads, size, queries, seconds))
+        with ExitStack() as stack:
+            steps = {name: stack.enter_context(CONTENDERS[name](dsn, size))
+                     for name in contenders}
+            for round_ in range(rounds):
+                shift = round_ % len(contenders)
+                for name in contenders[shift:] + contenders[:shift]:
+                    queries, seconds = _drive(threads, _loop_factory(steps[name]), duration)
+                    runs[name].append(Cell(name, threads, size, queries, seconds))
         for name in contenders:
             cells.extend(runs[name])
             if not as_json:

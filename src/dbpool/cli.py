@@ -36,8 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="SELECT 1 through raw psycopg, psycopg_pool, dbpool")
     bench.add_argument("--dsn", default=os.environ.get("DBPOOL_DSN"),
                        help="libpq conninfo or URI (default: $DBPOOL_DSN, else embedded)")
-    bench.add_argument("--duration", type=float, default=1.0, help="seconds per run")
-    bench.add_argument("--rounds", type=int, default=5,
+    bench.add_argument("--duration", type=float, default=0.5,
+                       help="seconds per contender per round")
+    bench.add_argument("--rounds", type=int, default=10,
                        help="rounds per scenario; cells are medians over them")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
 

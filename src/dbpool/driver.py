@@ -53,9 +53,9 @@ Params: TypeAlias = Sequence[Any] | Mapping[str, Any] | None
 Options: TypeAlias = Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: every query makes one, and frozen costs 2x
 class Ok(Generic[T]):
-    """The callback succeeded with :attr:`value`."""
+    """The callback succeeded with :attr:`value`.  Treat it as immutable."""
 
     value: T
 
@@ -99,29 +99,37 @@ class Column:
 class Result:
     """The result of one statement.
 
-    ``columns`` describes the result's columns (read lazily: most callers
-    never look, and describing costs a microsecond or two per query);
+    ``columns`` describes the result's columns (read lazily, as is
+    ``command``: most callers never look, and reading them costs more than
+    the rest of the result);
     ``rows`` holds its rows as tuples; ``command`` is the server's command
     tag (``"SELECT 1"``, ``"INSERT 0 3"``); ``rowcount`` is the number of
     rows returned or affected (-1 if unknown).
     """
 
-    __slots__ = ("_columns", "command", "rowcount", "rows")
+    __slots__ = ("_columns", "_command", "rowcount", "rows")
 
     def __init__(
         self, columns: list[Column] | Callable[[], list[Column]], rows: list[tuple[Any, ...]],
-        rowcount: int, command: str | None,
+        rowcount: int, command: str | Callable[[], str | None] | None,
     ) -> None:
+        # A driver may pass callables for columns and command: read on first use.
         self._columns = columns
         self.rows = rows
         self.rowcount = rowcount
-        self.command = command
+        self._command = command
 
     @property
     def columns(self) -> list[Column]:
         if callable(self._columns):
             self._columns = self._columns()
         return self._columns
+
+    @property
+    def command(self) -> str | None:
+        if callable(self._command):
+            self._command = self._command()
+        return self._command
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Result):

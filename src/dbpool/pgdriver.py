@@ -241,18 +241,27 @@ def _columns(description: Any) -> list[Column]:
     return [Column(c.name, c.type_code) for c in description]
 
 
+_TUPLES_OK = int(pq.ExecStatus.TUPLES_OK)  # an enum member lookup costs more per query
+
+
 def _result(cur: psycopg.Cursor[Any]) -> Result:
     pgresult = cur.pgresult
-    if pgresult is None or pgresult.status != pq.ExecStatus.TUPLES_OK:
+    if pgresult is None or pgresult.status != _TUPLES_OK:
         return Result([], [], cur.rowcount, cur.statusmessage)
     conn = cur.connection
 
-    def describe() -> list[Column]:  # from the result itself, whatever the cursor ran since
+    # Both read from the result itself, whatever the cursor has run since.
+    def describe() -> list[Column]:
         encoding = conn.info.encoding
         return [Column((pgresult.fname(i) or b"").decode(encoding), pgresult.ftype(i))
                 for i in range(pgresult.nfields)]
 
-    return Result(describe, cur.fetchall(), cur.rowcount, cur.statusmessage)
+    def command() -> str | None:
+        tag = pgresult.command_status
+        return tag.decode(conn.info.encoding) if tag else None
+
+    rows = cur.fetchall()
+    return Result(describe, rows, len(rows), command)
 
 
 def _failure(state: PgState, err: psycopg.Error) -> Error | Disconnect:

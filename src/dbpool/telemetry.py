@@ -45,6 +45,9 @@ _lock = threading.Lock()
 _handlers: dict[str, tuple[frozenset[str], Handler]] = {}
 # event -> handlers, rebuilt on attach/detach so that emit takes no lock.
 _by_event: dict[str, tuple[Handler, ...]] = {}
+#: The events with at least one handler.  Changed in place, never rebound,
+#: so a hot path may hold it and test ``event in listened`` without a call.
+listened: set[str] = set()
 
 
 def attach(handler_id: str, events: Iterable[str], handler: Handler) -> None:
@@ -69,7 +72,7 @@ def detach(handler_id: str) -> bool:
 
 def enabled(event: str) -> bool:
     """Whether any handler listens to ``event`` (lets hot paths skip building one)."""
-    return event in _by_event
+    return event in listened
 
 
 def emit(event: str, measurements: Mapping[str, float], metadata: Mapping[str, Any]) -> None:
@@ -88,3 +91,7 @@ def _rebuild() -> None:
         for event in events:
             table.setdefault(event, []).append(handler)
     _by_event = {event: tuple(handlers) for event, handlers in table.items()}
+    # Add before removing: a reader may see a superset for a moment (emit then
+    # finds no handler), never miss an event that stays listened to.
+    listened.update(_by_event)
+    listened.intersection_update(_by_event)
