@@ -79,6 +79,8 @@ class ConnectionConfig:
 class ConnectionActor(pykka.ThreadingActor):
     """Keeps one connection open for pool ``pool_ref``, in slot ``slot``."""
 
+    use_daemon_thread = True  # see PoolActor: its pool stops it at exit
+
     def __init__(self, slot: Slot, config: ConnectionConfig, pool_ref: pykka.ActorRef[Any]) -> None:
         super().__init__()
         self.slot = slot

@@ -23,6 +23,7 @@ Contract:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +70,10 @@ class _PeriodicDisconnectAll:
 
 class PoolActor(pykka.ThreadingActor):
     """One per pool.  See the module docstring for its contract."""
+
+    # A program that forgets pool.stop() must still exit: daemon threads let
+    # the interpreter reach its atexit hooks, one of which stops every pool.
+    use_daemon_thread = True
 
     def __init__(self, core: PoolCore, config: ConnectionConfig) -> None:
         super().__init__()
@@ -224,3 +229,13 @@ def _answer(core: PoolCore, request: RunQuery, future: pykka.Future[Any] | None)
         request.reply_to.tell(QueryReply(request.tag, result, error))
     except pykka.ActorDeadError:
         logger.info("%s: the actor that sent %r is gone; reply dropped", core.name, request)
+
+
+@atexit.register
+def _stop_pools_at_exit() -> None:
+    """Stop the pools still running as the interpreter exits, closing their connections."""
+    for ref in pykka.ActorRegistry.get_by_class(PoolActor):
+        try:
+            ref.stop(block=True, timeout=10)
+        except Exception:  # already stopping, or too slow: exit anyway
+            logger.debug("pool %r did not stop at exit", ref, exc_info=True)
