@@ -20,51 +20,181 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from dbpool.actors.slot import Slot
-from dbpool.driver import Error, Ok, Outcome, Params, Query, Result
-from dbpool.errors import ConnectionError, TransactionStatus
+from dbpool.driver import DisconnectAndRetry, Error, Ok, Options, Outcome, Params, Query, Result
+from dbpool.errors import ConnectionError, TransactionError, TransactionStatus
 
 from .loans import Loan
+from .logentry import LogEntry, LogFn, emit
+from .stream import Stream
+from .transaction import RollbackSignal, Transaction
 
 if TYPE_CHECKING:
     from .core import PoolCore
 
-__all__ = ["AsyncConnection", "Connection"]
+__all__ = ["AsyncConnection", "AsyncTransaction", "Connection", "LostBeforeEffect"]
 
 T = TypeVar("T")
 _NO_OPTS: dict[str, Any] = {}
+#: Asks the driver to time decoding (Result.decode_time), for log entries.
+_TIMED: dict[str, Any] = {"timed": True}
+
+
+class LostBeforeEffect(ConnectionError):
+    """The connection was lost and the call had no effect (DisconnectAndRetry).
+
+    One-shot calls on the pool catch it and retry on another connection.
+    """
 
 
 class Connection:
-    """A connection lent to the current caller.  Not thread-safe: one borrower."""
+    """A connection lent to the current caller.  Not thread-safe: one borrower.
 
-    __slots__ = ("_core", "_driver_state", "_loan", "_slot")
+    Every call takes ``log=``: a callable given a :class:`LogEntry` for the
+    call (default: the pool's ``log`` option).
+    """
+
+    __slots__ = ("__weakref__", "_core", "_depth", "_driver_state", "_failed", "_loan", "_log",
+                 "_slot", "_timing_reported")
 
     def __init__(self, core: PoolCore, slot: Slot, loan: Loan) -> None:
         self._core = core
         self._slot = slot
         self._loan = loan
         self._driver_state = slot.driver_state
+        self._log: LogFn | None = core.options.log
+        #: Open transaction() blocks on this connection (0: none).
+        self._depth = 0
+        #: An inner transaction rolled back: the outermost one must roll back too.
+        self._failed = False
+        self._timing_reported = False
 
-    # -- queries ---------------------------------------------------------
+    # -- statements ------------------------------------------------------
 
-    def query(self, sql: str, params: Params = None) -> Result:
+    def query(self, sql: str, params: Params = None, *, log: LogFn | None = None) -> Result:
         """Run one statement and return its :class:`~dbpool.driver.Result`.
 
         A SQL error raises the ``psycopg.errors`` class the server reported
-        and leaves the connection usable.
+        and leaves the connection usable: idle outside a transaction, status
+        ``"error"`` inside one.
         """
-        outcome = self._core.driver.handle_execute(Query(sql), params, _NO_OPTS, self._state())
-        if type(outcome) is Ok:  # the common case, without a call to _unwrap
-            return outcome.value
-        return self._unwrap(outcome)
+        if log is None and self._log is None:  # the hot path: nothing to time
+            outcome = self._core.driver.handle_execute(
+                Query(sql), params, _NO_OPTS, self._state())
+            if type(outcome) is Ok:  # the common case, without a call to _unwrap
+                return outcome.value
+            return self._unwrap(outcome)
+        driver = self._core.driver
+        return self._call("query", sql, params, log, lambda opts, state: driver.handle_execute(
+            Query(sql), params, opts, state))
+
+    def prepare(self, name: str, sql: str, *, log: LogFn | None = None) -> Query:
+        """Prepare ``sql`` on the server as statement ``name``; return the :class:`Query`.
+
+        A prepared statement uses PostgreSQL's placeholders (``$1``, ``$2``).
+        """
+        driver = self._core.driver
+        query = Query(sql, name)
+        return self._call("prepare", query, None, log,
+                          lambda opts, state: driver.handle_prepare(query, opts, state))
+
+    def execute(self, query: Query, params: Params = None, *, log: LogFn | None = None) -> Result:
+        """Execute a prepared (or any) :class:`Query`.
+
+        A named query this connection does not have (it was prepared on
+        another connection, or before a reconnect) is prepared first.
+        """
+        driver = self._core.driver
+        return self._call("execute", query, params, log,
+                          lambda opts, state: driver.handle_execute(query, params, opts, state))
+
+    def prepare_execute(
+        self, name: str, sql: str, params: Params = None, *, log: LogFn | None = None
+    ) -> tuple[Query, Result]:
+        """Prepare then execute, in one call: ``(query, result)``."""
+        driver = self._core.driver
+        query = Query(sql, name)
+
+        def both(opts: Options, state: Any) -> Outcome[tuple[Query, Result]]:
+            prepared = driver.handle_prepare(query, opts, state)
+            if not isinstance(prepared, Ok):
+                return prepared
+            executed = driver.handle_execute(prepared.value, params, opts, state)
+            if not isinstance(executed, Ok):
+                return executed
+            return Ok((prepared.value, executed.value))
+
+        return self._call("prepare_execute", query, params, log, both)
+
+    def close(self, query: Query, *, log: LogFn | None = None) -> None:
+        """Release a prepared statement on the server (a no-op if it has none).
+
+        The one call still allowed while a failed transaction rolls back.
+        """
+        driver = self._core.driver
+        self._call("close", query, None, log,
+                   lambda opts, state: driver.handle_close(query, opts, state),
+                   while_failed=True)
+
+    def stream(
+        self, sql: str | Query, params: Params = None, *, max_rows: int = 500,
+        log: LogFn | None = None,
+    ) -> Stream:
+        """Iterate over the result in batches of at most ``max_rows`` rows.
+
+        Runs inside a transaction (a server-side cursor lives in one).  Each
+        item is a :class:`~dbpool.driver.Result`; the cursor is closed when
+        the iteration ends, stops early or raises.
+        """
+        query = sql if isinstance(sql, Query) else Query(sql)
+        return Stream(self, query, params, max_rows, log)
+
+    # -- status, run and transactions ---------------------------------------
 
     def status(self) -> TransactionStatus:
-        """``"idle"``, ``"transaction"`` or ``"error"``."""
+        """``"idle"``, ``"transaction"`` or ``"error"`` (a failed transaction)."""
         return self._unwrap(self._core.driver.handle_status(_NO_OPTS, self._state()))
+
+    def run(self, fn: Callable[[Connection], T], *, log: LogFn | None = None) -> T:
+        """``fn(self)``: on a connection already held, run is a pass-through.
+
+        :meth:`Pool.run` is the one that checks the transaction status.
+        """
+        return fn(self)
+
+    def transaction(
+        self, fn: Callable[[Connection], T] | None = None, *, log: LogFn | None = None
+    ) -> Any:
+        """Run ``fn(self)`` in a transaction, or with no ``fn``, return a context manager.
+
+        See :class:`~dbpool.pool.transaction.Transaction` for commit, rollback
+        and nesting.
+        """
+        tx = Transaction(self, log)
+        if fn is None:
+            return tx
+        with tx:
+            return fn(self)
+
+    def rollback(self, reason: object = "rollback") -> NoReturn:
+        """Roll back the innermost transaction, which then raises ``RolledBack(reason)``.
+
+        Raises :class:`~dbpool.errors.TransactionError` outside a transaction.
+        """
+        if not self._depth:
+            raise TransactionError("not inside transaction: rollback() needs an open "
+                                   "transaction() block", status=self.status())
+        raise RollbackSignal(reason)
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a ``transaction()`` block of this connection is open."""
+        return self._depth > 0
 
     @property
     def backend_pid(self) -> int | None:
@@ -79,13 +209,80 @@ class Connection:
 
     # -- internals -------------------------------------------------------
 
-    def _state(self) -> Any:
+    def _state(self, while_failed: bool = False) -> Any:
         if not self._loan.claim:
             self._raise_ended()
         if self._slot.broken is not None:
             raise ConnectionError(
                 "connection is closed because of an error, disconnect or timeout")
+        if self._failed and not while_failed:
+            # As DBConnection does: the call fails and the connection is dropped,
+            # so the outermost transaction ends without a ROLLBACK to send.
+            error = ConnectionError("transaction rolling back: an inner transaction rolled "
+                                    "back, so the outer one can only roll back too")
+            self._slot.broken = error
+            raise error
         return self._driver_state
+
+    def _call(
+        self, call: str, query: Any, params: Params, log: LogFn | None,
+        fn: Callable[[Options, Any], Outcome[T]], while_failed: bool = False,
+    ) -> T:
+        """Run one driver callback; time it and log it if a log callable is set."""
+        state = self._state(while_failed)
+        log = log or self._log
+        if log is None:
+            return self._unwrap(fn(_NO_OPTS, state))
+        started = time.perf_counter()
+        try:
+            value = self._unwrap(fn(_TIMED, state))
+        except BaseException as error:
+            self._log_entry(log, call, query, params, None, error, time.perf_counter() - started)
+            raise
+        self._log_entry(log, call, query, params, value, None, time.perf_counter() - started)
+        return value
+
+    def _log_entry(
+        self, log: LogFn, call: str, query: Any, params: Params, result: Any,
+        error: BaseException | None, elapsed: float,
+    ) -> None:
+        decode = getattr(result, "decode_time", None)
+        if isinstance(result, tuple):  # prepare_execute: (query, result)
+            decode = getattr(result[-1], "decode_time", None)
+        pool_time = idle_time = None
+        if not self._timing_reported:  # the checkout's times go with its first call
+            self._timing_reported = True
+            slot, loan = self._slot, self._loan
+            if slot.lent_at is not None:
+                pool_time = max(slot.lent_at - loan.started, 0.0)
+                idle_time = max(slot.lent_at - slot.idle_since, 0.0) if slot.idle_since else None
+        emit(log, LogEntry(call, query, params, result, error, pool_time,
+                           elapsed - (decode or 0.0), decode, idle_time))
+
+    def _run_checked(self, fn: Callable[[Connection], T]) -> T:
+        """``fn(self)``, then drop the connection if fn changed its transaction status.
+
+        A failed transaction (status ``"error"``) is let through: checkin
+        rolls it back.  If ``fn`` raises, its exception goes on unchecked.
+        """
+        before = self._status_or_error()
+        result = fn(self)
+        self._check_status_unchanged(before)
+        return result
+
+    def _check_status_unchanged(self, before: TransactionStatus) -> None:
+        after = self._status_or_error()
+        if after != "error" and after != before:
+            error = ConnectionError(f"connection was checked out with status {before!r} but "
+                                    f"it was checked in with status {after!r}")
+            self._slot.broken = error
+            raise error
+
+    def _status_or_error(self) -> TransactionStatus:
+        try:
+            return self.status()
+        except ConnectionError:
+            return "error"
 
     def _raise_ended(self) -> NoReturn:
         revoked = self._loan.revoked
@@ -102,12 +299,13 @@ class Connection:
             self._raise_ended()
         if isinstance(outcome, Error):
             raise outcome.error
-        self._lose(outcome.error)
+        self._lose(outcome.error, retry_safe=isinstance(outcome, DisconnectAndRetry))
 
-    def _lose(self, error: BaseException) -> NoReturn:
+    def _lose(self, error: BaseException, retry_safe: bool = False) -> NoReturn:
         """The driver says the connection is gone: mark it for reconnect and raise."""
         self._slot.broken = error
-        raise ConnectionError(f"connection lost: {' '.join(str(error).split())}") from error
+        message = f"connection lost: {' '.join(str(error).split())}"
+        raise (LostBeforeEffect if retry_safe else ConnectionError)(message) from error
 
     def _end(self) -> Slot | None:
         """End the loan: return the slot, cleaned, or None if the pool took it already.
@@ -156,23 +354,90 @@ class Connection:
 class AsyncConnection:
     """A lent connection for asyncio code: every call runs on a worker thread.
 
-    The calls of one connection run one at a time, in order, so the event
-    loop is never blocked by the database.
+    The calls of one connection run one at a time, in order (tasks sharing
+    it take turns), so the event loop is never blocked by the database and
+    two threads never use the connection at once.
     """
 
-    __slots__ = ("_conn", "_pending")
+    __slots__ = ("__weakref__", "_conn", "_lock", "_pending")
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
         self._pending: asyncio.Future[Any] | None = None
+        self._lock: asyncio.Lock | None = None
 
-    async def query(self, sql: str, params: Params = None) -> Result:
+    async def query(self, sql: str, params: Params = None, *, log: LogFn | None = None) -> Result:
         """See :meth:`Connection.query`."""
-        return await self._in_thread(self._conn.query, sql, params)
+        return await self._in_thread(functools.partial(self._conn.query, log=log), sql, params)
+
+    async def prepare(self, name: str, sql: str, *, log: LogFn | None = None) -> Query:
+        """See :meth:`Connection.prepare`."""
+        return await self._in_thread(functools.partial(self._conn.prepare, log=log), name, sql)
+
+    async def execute(
+        self, query: Query, params: Params = None, *, log: LogFn | None = None
+    ) -> Result:
+        """See :meth:`Connection.execute`."""
+        return await self._in_thread(functools.partial(self._conn.execute, log=log),
+                                     query, params)
+
+    async def prepare_execute(
+        self, name: str, sql: str, params: Params = None, *, log: LogFn | None = None
+    ) -> tuple[Query, Result]:
+        """See :meth:`Connection.prepare_execute`."""
+        return await self._in_thread(functools.partial(self._conn.prepare_execute, log=log),
+                                     name, sql, params)
+
+    async def close(self, query: Query, *, log: LogFn | None = None) -> None:
+        """See :meth:`Connection.close`."""
+        await self._in_thread(functools.partial(self._conn.close, log=log), query)
 
     async def status(self) -> TransactionStatus:
         """See :meth:`Connection.status`."""
         return await self._in_thread(self._conn.status)
+
+    async def run(
+        self, fn: Callable[[AsyncConnection], Awaitable[T]], *, log: LogFn | None = None
+    ) -> T:
+        """``await fn(self)``: on a connection already held, run is a pass-through."""
+        return await fn(self)
+
+    def transaction(
+        self, fn: Callable[[AsyncConnection], Awaitable[T]] | None = None, *,
+        log: LogFn | None = None,
+    ) -> Any:
+        """``async with conn.transaction():``, or ``await conn.transaction(fn)``.
+
+        The same rules as :meth:`Connection.transaction`.
+        """
+        tx = AsyncTransaction(self, log)
+        return tx if fn is None else tx.run(fn)
+
+    def rollback(self, reason: object = "rollback") -> NoReturn:
+        """See :meth:`Connection.rollback` (no I/O: it unwinds to the transaction)."""
+        self._conn.rollback(reason)
+
+    def stream(
+        self, sql: str | Query, params: Params = None, *, max_rows: int = 500,
+        log: LogFn | None = None,
+    ) -> AsyncIterator[Result]:
+        """See :meth:`Connection.stream`: an async iterator of batches."""
+        return self._stream(self._conn.stream(sql, params, max_rows=max_rows, log=log))
+
+    async def _stream(self, stream: Stream) -> AsyncIterator[Result]:
+        batches = iter(stream)
+        try:
+            while True:
+                batch = await self._in_thread(next, batches, None)
+                if batch is None:
+                    return
+                yield batch
+        finally:
+            await self._in_thread(stream.close)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn.in_transaction
 
     @property
     def backend_pid(self) -> int | None:
@@ -188,12 +453,15 @@ class AsyncConnection:
         return self._conn
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, functools.partial(fn, *args))
-        self._pending = future
-        # Shielded: if the task is cancelled, the call still finishes before
-        # checkin (see _settle), so two threads never share the connection.
-        return await asyncio.shield(future)
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(None, functools.partial(fn, *args))
+            self._pending = future
+            # Shielded: if the task is cancelled, the call still finishes before
+            # checkin (see _settle), so two threads never share the connection.
+            return await asyncio.shield(future)
 
     async def _settle(self) -> None:
         """Wait for a call abandoned by a cancelled task to finish."""
@@ -203,3 +471,25 @@ class AsyncConnection:
 
     def __repr__(self) -> str:
         return f"<dbpool AsyncConnection {self._conn!r}>"
+
+
+class AsyncTransaction:
+    """A transaction block for asyncio: :class:`Transaction` with its I/O on a worker thread."""
+
+    def __init__(self, conn: AsyncConnection, log: LogFn | None = None) -> None:
+        self._conn = conn
+        self._tx = Transaction(conn.sync, log)
+
+    async def __aenter__(self) -> AsyncConnection:
+        await self._conn._in_thread(self._tx.__enter__)
+        return self._conn
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._conn._in_thread(self._tx.__exit__, exc_type, exc, tb)
+
+    async def run(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        async with self as conn:
+            return await fn(conn)

@@ -8,10 +8,13 @@ policy is lending and taking back: where a returned slot goes next.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from dbpool import telemetry
@@ -23,7 +26,7 @@ from dbpool.driver import Disconnect, Driver, Ok
 from dbpool.errors import ConnectionError
 from dbpool.telemetry import listened as _listened
 
-from .connection import _NO_OPTS, Connection
+from .connection import _NO_OPTS, AsyncConnection, Connection
 from .loans import Loan, LoanWatcher, Location
 from .metrics import PoolMetrics
 from .options import PoolOptions
@@ -34,6 +37,8 @@ __all__ = ["PoolCore"]
 logger = logging.getLogger("dbpool.pool")
 
 Monitor = Callable[[BaseException | None], object]
+#: What an async checkout leaves in its context: the holding task and its connection.
+AsyncHold = tuple["asyncio.Task[Any] | None", "weakref.ref[AsyncConnection]"]
 
 # Spreads disconnect_all over its interval: connection i goes at
 # frac(i * golden ratio) of the way, an even, deterministic stagger.
@@ -54,6 +59,14 @@ class PoolCore:
             max_waiting=options.max_waiting, metrics=self.metrics,
             barge_window=options.barge_window, call_later=self.scheduler.call_later)
         self.listeners: tuple[Listener, ...] = normalize(options.connection_listeners)
+        #: The connection this thread (or task context) holds through checkout,
+        #: run or transaction: calls on the pool from there use it.
+        #: Weak references, so that a checkout dropped without checkin can
+        #: still be garbage-collected and reclaimed.
+        self.held: ContextVar[weakref.ref[Connection] | None] = ContextVar(
+            f"{self.name}-held", default=None)
+        self.aheld: ContextVar[AsyncHold | None] = ContextVar(
+            f"{self.name}-aheld", default=None)
         #: Lent connections by slot index, for the watcher's sweeps.
         self.loans: dict[int, Loan] = {}
         self.watcher = LoanWatcher(self)
@@ -67,6 +80,33 @@ class PoolCore:
         self._monitor_lock = threading.Lock()
 
     # -- lending ---------------------------------------------------------
+
+    def held_conn(self) -> Connection | None:
+        """The connection this thread holds (checkout, run, transaction), if any.
+
+        Only the holder's own thread sees it, even where a context was copied
+        to another thread: connections are not shared behind a caller's back.
+        """
+        ref = self.held.get()
+        conn = None if ref is None else ref()
+        if conn is None or conn._loan.thread is not threading.current_thread():
+            return None
+        return conn
+
+    def aheld_conn(self) -> AsyncConnection | None:
+        """The async connection this task holds, if any.
+
+        Tasks it creates inherit the context but not the connection: like
+        Ecto's processes, they check out their own.
+        """
+        held = self.aheld.get()
+        if held is None:
+            return None
+        task, ref = held
+        conn = ref()
+        if conn is None or task is not asyncio.current_task():
+            return None
+        return conn
 
     def lend(self, timeout: float, queue: bool, where: Location | None) -> Connection:
         """Check out a connection for this thread (see :meth:`Pool.checkout`)."""
@@ -126,7 +166,7 @@ class PoolCore:
         """
         outcome = self.driver.checkout(slot.driver_state)
         if isinstance(outcome, Ok):
-            loan = Loan(slot, started + timeout, timeout, where)
+            loan = Loan(slot, started, started + timeout, where)
             self.loans[slot.index] = loan
             watcher = self.watcher
             if loan.deadline < watcher.wake_at:  # watcher.watch(loan), inlined: the hot path

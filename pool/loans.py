@@ -65,15 +65,16 @@ def format_location(where: Location | None) -> str:
 class Loan:
     """One checkout of one slot.  See the module docstring."""
 
-    __slots__ = ("claim", "deadline", "revoked", "slot", "thread", "timeout", "where")
+    __slots__ = ("claim", "deadline", "revoked", "slot", "started", "thread", "where")
 
     def __init__(
-        self, slot: Slot, deadline: float = float("inf"), timeout: float = float("inf"),
+        self, slot: Slot, started: float = 0.0, deadline: float = float("inf"),
         where: Location | None = None,
     ) -> None:
         self.slot = slot
+        #: When the checkout began (time.monotonic()), queue wait included.
+        self.started = started
         self.deadline = deadline
-        self.timeout = timeout
         self.where = where
         self.thread = threading.current_thread()
         #: Set when the watcher revoked the loan at its deadline.
@@ -164,8 +165,9 @@ class LoanWatcher:
         state = slot.driver_state
         error = ConnectionError(
             f"{core.name}: connection {slot.index} was revoked: it was queued and checked out "
-            f"for longer than its {loan.timeout:g}s timeout ({loan.describe()}); its statement "
-            "was cancelled and the connection is being replaced", reason="deadline")
+            f"for longer than its {loan.deadline - loan.started:g}s timeout "
+            f"({loan.describe()}); its statement was cancelled and the connection is being "
+            "replaced", reason="deadline")
         loan.revoked = error  # set first, so the owner never sees a bare claim
         if not loan.take():
             loan.revoked = None  # the owner checked in just now

@@ -67,6 +67,14 @@ class PoolOptions:
       call :meth:`~dbpool.pool.Pool.disconnect_all` with that interval
       periodically, so that e.g. a DNS change is picked up.
 
+    Calls:
+
+    - ``log`` (None): a callable given a :class:`~dbpool.pool.logentry.LogEntry`
+      for every call on the pool's connections (a call's own ``log=`` wins).
+    - ``checkout_retries`` (3): how many times a call that found its
+      connection closed by the server (idle timeout, restart) is retried on
+      another connection, when that is safe: see :meth:`~dbpool.pool.Pool.query`.
+
     ``name`` names the pool in logs, events and threads.  ``connect_kwargs``
     are extra libpq keywords (``password="..."``, ``connect_timeout=5``).
     """
@@ -94,6 +102,8 @@ class PoolOptions:
     max_lifetime: tuple[float, float] | None = None
     disconnect_all_every: float | None = None
     disconnect_all_interval: float = 15.0
+    log: Callable[[Any], object] | None = None
+    checkout_retries: int = 3
     connect_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -130,7 +140,10 @@ class PoolOptions:
                 f"disconnect_all_interval must be >= 0, got {self.disconnect_all_interval!r}")
         if self.max_restarts < 0:
             raise ConfigurationError(f"max_restarts must be >= 0, got {self.max_restarts!r}")
-        for name in ("configure", "after_connect"):
+        if not isinstance(self.checkout_retries, int) or self.checkout_retries < 0:
+            raise ConfigurationError(
+                f"checkout_retries must be an integer >= 0, got {self.checkout_retries!r}")
+        for name in ("configure", "after_connect", "log"):
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise ConfigurationError(f"{name} must be callable, got {value!r}")

@@ -21,27 +21,33 @@ ActorRef.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from collections.abc import Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import pykka
 
 from dbpool.actors.connection import ConnectionConfig
 from dbpool.actors.slot import Slot
-from dbpool.driver import Driver, Params, Result
+from dbpool.driver import Driver, Params, Query, Result
+from dbpool.errors import TransactionStatus
 from dbpool.pgdriver import PgDriver
 
-from .connection import AsyncConnection, Connection
-from .core import Monitor, PoolCore
-from .loans import Loan, caller_location
+from .connection import AsyncConnection, AsyncTransaction, Connection, LostBeforeEffect
+from .core import AsyncHold, Monitor, PoolCore
+from .loans import Loan, Location, caller_location
+from .logentry import LogFn
 from .options import PoolOptions
 from .pool_actor import PoolActor
+from .transaction import Transaction
 
 __all__ = ["Pool"]
 
 logger = logging.getLogger("dbpool.pool")
+T = TypeVar("T")
 
 
 class Pool:
@@ -112,11 +118,7 @@ class Pool:
         replaced, and ``ConnectionError(reason="deadline")`` from the next
         call.  ``queue=False`` fails at once if no connection is idle.
         """
-        return _Checkout(
-            self._core,
-            self._default_timeout if timeout is None else timeout,
-            self._default_queue if queue is None else queue,
-        )
+        return _Checkout(self._core, timeout, queue)
 
     def acheckout(self, timeout: float | None = None, queue: bool | None = None) -> _AsyncCheckout:
         """:meth:`checkout` for asyncio: ``async with pool.acheckout() as conn: ...``.
@@ -125,32 +127,242 @@ class Pool:
         on the :class:`~dbpool.pool.connection.AsyncConnection` runs on a
         worker thread.
         """
-        return _AsyncCheckout(
-            self._core,
-            self._default_timeout if timeout is None else timeout,
-            self._default_queue if queue is None else queue,
-        )
+        return _AsyncCheckout(self._core, timeout, queue)
 
     def query(
         self, sql: str, params: Params = None, *, timeout: float | None = None,
-        queue: bool | None = None,
+        queue: bool | None = None, log: LogFn | None = None,
     ) -> Result:
-        """Check out a connection, run one statement on it and check it back in."""
-        core = self._core  # checkout(), inlined: this is the hot path
-        conn = core.lend(self._default_timeout if timeout is None else timeout,
-                         self._default_queue if queue is None else queue, caller_location())
+        """Run one statement on a connection checked out for it; return its Result.
+
+        Inside ``checkout()``, ``run()`` or ``transaction()`` on this thread,
+        it runs on that connection instead.  If the connection turns out to
+        have been closed by the server and the statement had no effect (the
+        session was terminated, or timed out while idle), it runs again on
+        another connection, up to the ``checkout_retries`` option.
+        """
+        core = self._core
+        if core.held.get() is not None:  # a checkout, run or transaction may be open here
+            held = core.held_conn()
+            if held is not None:
+                return held.query(sql, params, log=log)
+        timeout = self._default_timeout if timeout is None else timeout
+        queue = self._default_queue if queue is None else queue
+        where = caller_location()
+        conn = core.lend(timeout, queue, where)  # one attempt inlined: the hot path
         try:
-            return conn.query(sql, params)
+            return conn.query(sql, params, log=log)
+        except LostBeforeEffect:
+            pass
         finally:
             core.give_back(conn)
+        return self._one_shot(lambda c: c.query(sql, params, log=log), timeout, queue, where,
+                              retries=core.options.checkout_retries - 1)
+
+    def prepare(self, name: str, sql: str, **opts: Any) -> Query:
+        """Prepare a statement on one connection (see :meth:`Connection.prepare`).
+
+        The returned :class:`Query` works with :meth:`execute` on any
+        connection of the pool: one that lacks it prepares it first.
+        """
+        log = opts.pop("log", None)
+        return self._one_shot(lambda c: c.prepare(name, sql, log=log), **self._checkout_opts(opts))
+
+    def execute(self, query: Query, params: Params = None, **opts: Any) -> Result:
+        """Execute a prepared :class:`Query` (see :meth:`Connection.execute`)."""
+        log = opts.pop("log", None)
+        return self._one_shot(lambda c: c.execute(query, params, log=log),
+                              **self._checkout_opts(opts))
+
+    def prepare_execute(
+        self, name: str, sql: str, params: Params = None, **opts: Any
+    ) -> tuple[Query, Result]:
+        """Prepare and execute in one checkout (see :meth:`Connection.prepare_execute`)."""
+        log = opts.pop("log", None)
+        return self._one_shot(lambda c: c.prepare_execute(name, sql, params, log=log),
+                              **self._checkout_opts(opts))
+
+    def close(self, query: Query, **opts: Any) -> None:
+        """Release a prepared statement on one connection (see :meth:`Connection.close`)."""
+        log = opts.pop("log", None)
+        self._one_shot(lambda c: c.close(query, log=log), **self._checkout_opts(opts))
+
+    def status(self, **opts: Any) -> TransactionStatus:
+        """The transaction status of this thread's connection, or of a checked-out one."""
+        return self._one_shot(lambda c: c.status(), **self._checkout_opts(opts))
+
+    def run(self, fn: Callable[[Connection], T], **opts: Any) -> T:
+        """Call ``fn(conn)`` on one checked-out connection and return its result.
+
+        Calls on the pool from ``fn``'s thread use that connection.  The
+        transaction status is read before and after: if ``fn`` changed it
+        (left a transaction open, or ended one it did not start), the
+        connection is dropped rather than trusted and ``ConnectionError`` is
+        raised.  Inside another run, checkout or transaction it is
+        ``fn(conn)`` on that connection.
+        """
+        log = opts.pop("log", None)
+        held = self._core.held_conn()
+        if held is not None:
+            return held.run(fn, log=log)
+        with _Checkout(self._core, where=caller_location(), hold=True,
+                       **self._checkout_opts(opts)) as conn:
+            return conn._run_checked(fn)
+
+    def transaction(self, fn: Callable[[Connection], T] | None = None, **opts: Any) -> Any:
+        """Run ``fn(conn)`` in a transaction and return its result; or, with no ``fn``,
+        return a context manager: ``with pool.transaction() as conn: ...``.
+
+        Commits on success; rolls back and re-raises on an exception;
+        ``conn.rollback(reason)`` makes it raise
+        :class:`~dbpool.errors.RolledBack`.  Inside another transaction (or
+        run or checkout) on this thread it is a pass-through on that
+        connection; see :mod:`dbpool.pool.transaction` for the nesting rules.
+        A ``BEGIN`` that finds the connection closed by the server is retried
+        on another connection, up to ``checkout_retries``.
+        """
+        log = opts.pop("log", None)
+        tx = _PoolTransaction(self._core, log, caller_location(), **self._checkout_opts(opts))
+        if fn is None:
+            return tx
+        with tx as conn:
+            return fn(conn)
+
+    def stream(
+        self, sql: str | Query, params: Params = None, *, max_rows: int = 500, **opts: Any
+    ) -> Iterator[Result]:
+        """Stream a result in batches (see :meth:`Connection.stream`).
+
+        Outside a transaction it opens one for the stream's life, on a
+        connection checked out when iteration starts.
+        """
+        log = opts.get("log")
+        with self.transaction(**opts) as conn:
+            yield from conn.stream(sql, params, max_rows=max_rows, log=log)
+
+    def _checkout_opts(self, opts: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(opts) - {"timeout", "queue"}
+        if unknown:
+            raise TypeError(f"unexpected option(s): {', '.join(sorted(unknown))}")
+        return {"timeout": opts.get("timeout"), "queue": opts.get("queue")}
+
+    def _one_shot(
+        self, call: Callable[[Connection], T], timeout: float | None, queue: bool | None,
+        where: Location | None = None, retries: int | None = None,
+    ) -> T:
+        """``call(conn)`` on this thread's connection, or on one checked out for it.
+
+        A call that lost its connection with no effect is retried on another
+        (DBConnection's ``disconnect_and_retry``).
+        """
+        core = self._core
+        held = core.held_conn()
+        if held is not None:
+            return call(held)
+        timeout = self._default_timeout if timeout is None else timeout
+        queue = self._default_queue if queue is None else queue
+        where = where or caller_location(3)
+        retries = core.options.checkout_retries if retries is None else retries
+        while True:
+            conn = core.lend(timeout, queue, where)
+            try:
+                return call(conn)
+            except LostBeforeEffect:
+                if retries <= 0:
+                    raise
+                retries -= 1
+                logger.info("%s: connection %d was closed by the server; retrying the call "
+                            "on another connection", core.name, conn.index)
+            finally:
+                core.give_back(conn)
 
     async def aquery(
         self, sql: str, params: Params = None, *, timeout: float | None = None,
-        queue: bool | None = None,
+        queue: bool | None = None, log: LogFn | None = None,
     ) -> Result:
         """:meth:`query` for asyncio."""
-        async with self.acheckout(timeout, queue) as conn:
-            return await conn.query(sql, params)
+        return await self._aone_shot(lambda c: c.query(sql, params, log=log), timeout, queue)
+
+    async def aprepare(self, name: str, sql: str, **opts: Any) -> Query:
+        """:meth:`prepare` for asyncio."""
+        log = opts.pop("log", None)
+        return await self._aone_shot(lambda c: c.prepare(name, sql, log=log),
+                                     **self._checkout_opts(opts))
+
+    async def aexecute(self, query: Query, params: Params = None, **opts: Any) -> Result:
+        """:meth:`execute` for asyncio."""
+        log = opts.pop("log", None)
+        return await self._aone_shot(lambda c: c.execute(query, params, log=log),
+                                     **self._checkout_opts(opts))
+
+    async def aprepare_execute(
+        self, name: str, sql: str, params: Params = None, **opts: Any
+    ) -> tuple[Query, Result]:
+        """:meth:`prepare_execute` for asyncio."""
+        log = opts.pop("log", None)
+        return await self._aone_shot(lambda c: c.prepare_execute(name, sql, params, log=log),
+                                     **self._checkout_opts(opts))
+
+    async def aclose(self, query: Query, **opts: Any) -> None:
+        """:meth:`close` for asyncio."""
+        log = opts.pop("log", None)
+        await self._aone_shot(lambda c: c.close(query, log=log), **self._checkout_opts(opts))
+
+    async def astatus(self, **opts: Any) -> TransactionStatus:
+        """:meth:`status` for asyncio."""
+        return await self._aone_shot(lambda c: c.status(), **self._checkout_opts(opts))
+
+    async def arun(self, fn: Callable[[AsyncConnection], Awaitable[T]], **opts: Any) -> T:
+        """:meth:`run` for asyncio: ``fn`` is a coroutine function given an AsyncConnection."""
+        log = opts.pop("log", None)
+        held = self._core.aheld_conn()
+        if held is not None:
+            return await held.run(fn, log=log)
+        async with _AsyncCheckout(self._core, hold=True, **self._checkout_opts(opts)) as conn:
+            before = await conn._in_thread(conn.sync._status_or_error)
+            result = await fn(conn)
+            await conn._in_thread(conn.sync._check_status_unchanged, before)
+            return result
+
+    def atransaction(
+        self, fn: Callable[[AsyncConnection], Awaitable[T]] | None = None, **opts: Any
+    ) -> Any:
+        """:meth:`transaction` for asyncio.
+
+        ``await pool.atransaction(fn)`` with a coroutine function, or
+        ``async with pool.atransaction() as conn: ...``.
+        """
+        log = opts.pop("log", None)
+        tx = _AsyncPoolTransaction(self, log, self._checkout_opts(opts))
+        if fn is None:
+            return tx
+        return tx.run(fn)
+
+    async def astream(
+        self, sql: str | Query, params: Params = None, *, max_rows: int = 500, **opts: Any
+    ) -> AsyncIterator[Result]:
+        """:meth:`stream` for asyncio: an async iterator of batches."""
+        log = opts.get("log")
+        async with self.atransaction(**opts) as conn:
+            async for batch in conn.stream(sql, params, max_rows=max_rows, log=log):
+                yield batch
+
+    async def _aone_shot(
+        self, call: Callable[[Connection], T], timeout: float | None, queue: bool | None,
+    ) -> T:
+        """:meth:`_one_shot` for asyncio: ``call`` runs on a worker thread."""
+        held = self._core.aheld_conn()
+        if held is not None:
+            return await held._in_thread(call, held.sync)
+        retries = self._core.options.checkout_retries
+        while True:
+            async with self.acheckout(timeout, queue) as conn:
+                try:
+                    return await conn._in_thread(call, conn.sync)
+                except LostBeforeEffect:
+                    if retries <= 0:
+                        raise
+                    retries -= 1
 
     def disconnect_all(self, interval: float = 0.0) -> None:
         """Replace every connection made before this call, spread over ``interval`` seconds.
@@ -212,43 +424,121 @@ class Pool:
 
 
 class _Checkout:
-    """The context manager :meth:`Pool.checkout` returns."""
+    """The context manager :meth:`Pool.checkout` returns.
 
-    __slots__ = ("_conn", "_core", "_queue", "_timeout")
+    With ``hold`` (run and transaction), calls on the pool from this thread
+    use its connection while it is open.  A plain checkout does not hold:
+    the pool's other calls still take connections of their own.
+    """
 
-    def __init__(self, core: PoolCore, timeout: float, queue: bool) -> None:
+    __slots__ = ("_conn", "_core", "_hold", "_queue", "_timeout", "_token", "_where")
+
+    def __init__(
+        self, core: PoolCore, timeout: float | None, queue: bool | None,
+        where: Location | None = None, hold: bool = False,
+    ) -> None:
         self._core = core
-        self._timeout = timeout
-        self._queue = queue
+        self._hold = hold
+        self._timeout = core.options.timeout if timeout is None else timeout
+        self._queue = core.options.queue if queue is None else queue
+        self._where = where
         self._conn: Connection | None = None
+        self._token: contextvars.Token[weakref.ref[Connection] | None] | None = None
 
     def __enter__(self) -> Connection:
-        self._conn = self._core.lend(self._timeout, self._queue, caller_location())
-        return self._conn
+        core = self._core
+        conn = core.lend(self._timeout, self._queue, self._where or caller_location())
+        self._conn = conn
+        if self._hold:
+            self._token = core.held.set(weakref.ref(conn))
+        return conn
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._conn is not None:
-            self._core.give_back(self._conn)
+        conn = self._conn
+        if conn is not None:
             self._conn = None
+            if self._token is not None:
+                try:
+                    self._core.held.reset(self._token)
+                except ValueError:  # exited from another context (a callback, a task)
+                    self._core.held.set(None)
+            self._core.give_back(conn)
+
+
+class _PoolTransaction:
+    """What :meth:`Pool.transaction` returns: a checkout (unless nested) and a transaction."""
+
+    def __init__(
+        self, core: PoolCore, log: LogFn | None, where: Location | None,
+        timeout: float | None, queue: bool | None,
+    ) -> None:
+        self._core = core
+        self._log = log
+        self._where = where
+        self._timeout = timeout
+        self._queue = queue
+        self._checkout: _Checkout | None = None
+        self._tx: Transaction | None = None
+
+    def __enter__(self) -> Connection:
+        held = self._core.held_conn()
+        if held is not None:  # nested: a pass-through on this thread's connection
+            self._tx = Transaction(held, self._log)
+            return self._tx.__enter__()
+        retries = self._core.options.checkout_retries
+        while True:
+            checkout = _Checkout(self._core, self._timeout, self._queue, self._where, hold=True)
+            conn = checkout.__enter__()
+            tx = Transaction(conn, self._log)
+            try:
+                tx.__enter__()
+            except LostBeforeEffect:  # BEGIN found it closed by the server: take another
+                checkout.__exit__(None, None, None)
+                if retries <= 0:
+                    raise
+                retries -= 1
+                continue
+            except BaseException:
+                checkout.__exit__(None, None, None)
+                raise
+            self._checkout, self._tx = checkout, tx
+            return conn
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._tx is not None
+        try:
+            self._tx.__exit__(exc_type, exc, tb)
+        finally:
+            if self._checkout is not None:
+                self._checkout.__exit__(None, None, None)
 
 
 class _AsyncCheckout:
-    """The async context manager :meth:`Pool.acheckout` returns."""
+    """The async context manager :meth:`Pool.acheckout` returns (see :class:`_Checkout`)."""
 
-    __slots__ = ("_conn", "_core", "_queue", "_timeout")
+    __slots__ = ("_conn", "_core", "_hold", "_queue", "_timeout", "_token")
 
-    def __init__(self, core: PoolCore, timeout: float, queue: bool) -> None:
+    def __init__(
+        self, core: PoolCore, timeout: float | None, queue: bool | None, hold: bool = False
+    ) -> None:
         self._core = core
-        self._timeout = timeout
-        self._queue = queue
+        self._hold = hold
+        self._timeout = core.options.timeout if timeout is None else timeout
+        self._queue = core.options.queue if queue is None else queue
         self._conn: AsyncConnection | None = None
+        self._token: contextvars.Token[AsyncHold | None] | None = None
 
     async def __aenter__(self) -> AsyncConnection:
         conn = await self._core.alend(self._timeout, self._queue, caller_location())
         self._conn = AsyncConnection(conn)
+        if self._hold:
+            self._token = self._core.aheld.set((asyncio.current_task(), weakref.ref(self._conn)))
         return self._conn
 
     async def __aexit__(
@@ -258,12 +548,70 @@ class _AsyncCheckout:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        if self._token is not None:
+            try:
+                self._core.aheld.reset(self._token)
+            except ValueError:  # exited from another context (a different task)
+                self._core.aheld.set(None)
         await conn._settle()
         if conn.sync._needs_cleaning():  # a rollback is I/O: not on the loop
             await asyncio.get_running_loop().run_in_executor(
                 None, self._core.give_back, conn.sync)
         else:
             self._core.give_back(conn.sync)
+
+
+class _AsyncPoolTransaction:
+    """What :meth:`Pool.atransaction` returns: an async checkout (unless nested) and a
+    transaction."""
+
+    def __init__(self, pool: Pool, log: LogFn | None, opts: dict[str, Any]) -> None:
+        self._pool = pool
+        self._log = log
+        self._opts = opts
+        self._checkout: _AsyncCheckout | None = None
+        self._tx: AsyncTransaction | None = None
+
+    async def __aenter__(self) -> AsyncConnection:
+        core = self._pool._core
+        held = core.aheld_conn()
+        if held is not None:  # nested: a pass-through on this task's connection
+            self._tx = AsyncTransaction(held, self._log)
+            return await self._tx.__aenter__()
+        retries = core.options.checkout_retries
+        while True:
+            checkout = _AsyncCheckout(core, self._opts.get("timeout"), self._opts.get("queue"),
+                                      hold=True)
+            conn = await checkout.__aenter__()
+            tx = AsyncTransaction(conn, self._log)
+            try:
+                await tx.__aenter__()
+            except LostBeforeEffect:  # BEGIN found it closed by the server: take another
+                await checkout.__aexit__(None, None, None)
+                if retries <= 0:
+                    raise
+                retries -= 1
+                continue
+            except BaseException:
+                await checkout.__aexit__(None, None, None)
+                raise
+            self._checkout, self._tx = checkout, tx
+            return conn
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._tx is not None
+        try:
+            await self._tx.__aexit__(exc_type, exc, tb)
+        finally:
+            if self._checkout is not None:
+                await self._checkout.__aexit__(None, None, None)
+
+    async def run(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        async with self as conn:
+            return await fn(conn)
 
 
 def _after_connect_runner(core: PoolCore) -> Callable[[Slot], None]:

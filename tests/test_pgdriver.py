@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from dbpool.driver import Disconnect, Error, Ok, Query, WrongStatus
+from dbpool.driver import Disconnect, DisconnectAndRetry, Error, Ok, Query, WrongStatus
 from dbpool.errors import sql_error_fields
 from dbpool.pgdriver import PgDriver, PgState
 
@@ -144,11 +144,14 @@ def test_declare_fetch_deallocate_use_a_server_side_cursor(state: PgState) -> No
     driver.handle_commit({}, state)
 
 
-def test_a_terminated_backend_is_a_disconnect(state: PgState, pg_dsn: str) -> None:
+def test_a_terminated_backend_is_a_disconnect_safe_to_retry(state: PgState, pg_dsn: str) -> None:
     with psycopg.connect(pg_dsn, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (state.backend_pid,))
     out = driver.handle_execute(Query("SELECT 1"), None, {}, state)
-    assert isinstance(out, Disconnect)
+    # The server ended the session (57P01): the statement had no effect, so a
+    # pool may run it again on another connection.
+    assert isinstance(out, DisconnectAndRetry)
+    assert out.error.sqlstate == "57P01"
     assert isinstance(driver.ping(state), Disconnect)
     assert isinstance(driver.checkout(state), Disconnect)
 

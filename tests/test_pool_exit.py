@@ -15,11 +15,12 @@ SCRIPT = textwrap.dedent("""
     import sys
     from dbpool.pool import Pool
 
-    def listener(event):
-        print(event.kind, event.index, flush=True)
+    def listener(event):  # one write per line: the actors' threads print too
+        print(f"{event.kind} {event.index}\\n", end="", flush=True)
 
     pool = Pool.start(sys.argv[1], pool_size=2, connection_listeners=[listener])
-    print("result", pool.query("SELECT 41 + 1").rows, flush=True)
+    rows = pool.query("SELECT 41 + 1").rows
+    print(f"result {rows}\\n", end="", flush=True)
     with pool.checkout() as conn:
         conn.query("SELECT 1")
     # no pool.stop(): the interpreter must exit anyway

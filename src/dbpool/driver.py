@@ -36,6 +36,7 @@ from .errors import TransactionStatus
 __all__ = [
     "Column",
     "Disconnect",
+    "DisconnectAndRetry",
     "Driver",
     "Error",
     "FetchStatus",
@@ -75,14 +76,27 @@ class Disconnect:
 
 
 @dataclass(frozen=True, slots=True)
+class DisconnectAndRetry:
+    """The connection is gone and the call had no effect: a pool may retry it elsewhere.
+
+    DBConnection's ``{:disconnect_and_retry, err, state}``.  A one-shot call
+    on the pool checks out another connection and runs again, up to the
+    ``checkout_retries`` option; on an explicitly held connection it is a
+    :class:`Disconnect`.
+    """
+
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
 class WrongStatus:
     """A transaction callback cannot run while the connection is in :attr:`status`."""
 
     status: TransactionStatus
 
 
-Outcome: TypeAlias = Ok[T] | Error | Disconnect
-TxOutcome: TypeAlias = Ok[T] | WrongStatus | Error | Disconnect
+Outcome: TypeAlias = Ok[T] | Error | Disconnect | DisconnectAndRetry
+TxOutcome: TypeAlias = Ok[T] | WrongStatus | Error | Disconnect | DisconnectAndRetry
 
 #: What :meth:`Driver.handle_fetch` says of the cursor after a batch.
 FetchStatus = Literal["cont", "halt"]
@@ -107,7 +121,7 @@ class Result:
     rows returned or affected (-1 if unknown).
     """
 
-    __slots__ = ("_columns", "_command", "rowcount", "rows")
+    __slots__ = ("_columns", "_command", "decode_time", "rowcount", "rows")
 
     def __init__(
         self, columns: list[Column] | Callable[[], list[Column]], rows: list[tuple[Any, ...]],
@@ -118,6 +132,8 @@ class Result:
         self.rows = rows
         self.rowcount = rowcount
         self._command = command
+        #: Seconds spent decoding the rows, when the driver was asked to time it.
+        self.decode_time: float | None = None
 
     @property
     def columns(self) -> list[Column]:

@@ -6,6 +6,7 @@ The hierarchy is small on purpose::
      ├── ConnectionError      no usable connection: reason says why
      │    └── PoolStoppedError the pool was stopped (or stopped itself)
      ├── TransactionError     begin/commit/rollback met the wrong status
+     ├── RolledBack           a transaction ended by rollback(reason)
      └── ConfigurationError   an option is invalid (also a ValueError)
 
 SQL errors are not wrapped: a statement that fails raises the
@@ -32,6 +33,7 @@ __all__ = [
     "DBPoolError",
     "PoolStoppedError",
     "Reason",
+    "RolledBack",
     "TransactionError",
     "TransactionStatus",
     "sql_error_fields",
@@ -98,6 +100,19 @@ class TransactionError(DBPoolError):
     def __init__(self, message: str, *, status: TransactionStatus) -> None:
         super().__init__(message)
         self.status: TransactionStatus = status
+
+
+class RolledBack(DBPoolError):
+    """A transaction was rolled back by ``conn.rollback(reason)``, not by an error.
+
+    ``transaction()`` raises it, carrying :attr:`reason`: the value given to
+    ``rollback()``, or ``"rollback"`` when an inner transaction or a failed
+    statement forced the rollback (DBConnection's ``{:error, :rollback}``).
+    """
+
+    def __init__(self, reason: object) -> None:
+        super().__init__(f"transaction rolled back: {reason!r}")
+        self.reason = reason
 
 
 class ConfigurationError(DBPoolError, ValueError):

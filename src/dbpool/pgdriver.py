@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from psycopg import pq, sql
 from .driver import (
     Column,
     Disconnect,
+    DisconnectAndRetry,
     Error,
     FetchStatus,
     Ok,
@@ -111,7 +113,7 @@ class PgDriver:
         status = _status(state)
         if status != "idle":
             return WrongStatus(status)
-        return self._run(state, "BEGIN")
+        return self._run(state, "BEGIN", retry_safe=True)
 
     def handle_commit(self, opts: Options, state: PgState) -> TxOutcome[Result]:
         status = _status(state)
@@ -154,7 +156,12 @@ class PgDriver:
                 cur.execute(query.sql, params)
             else:
                 cur.execute(self._execute_sql(query, params, state))
-            return Ok(_result(cur))
+            if not opts.get("timed"):
+                return Ok(_result(cur))
+            started = time.perf_counter()  # psycopg decodes the rows as it fetches them
+            result = _result(cur)
+            result.decode_time = time.perf_counter() - started
+            return Ok(result)
         except psycopg.Error as err:
             return _failure(state, err)
 
@@ -220,11 +227,11 @@ class PgDriver:
 
     # -- helpers ---------------------------------------------------------
 
-    def _run(self, state: PgState, statement: str) -> Outcome[Result]:
+    def _run(self, state: PgState, statement: str, retry_safe: bool = False) -> Outcome[Result]:
         try:
             state.cursor.execute(statement)
         except psycopg.Error as err:
-            return _failure(state, err)
+            return _failure(state, err, retry_safe)
         return Ok(_result(state.cursor))
 
 
@@ -264,9 +271,21 @@ def _result(cur: psycopg.Cursor[Any]) -> Result:
     return Result(describe, rows, len(rows), command)
 
 
-def _failure(state: PgState, err: psycopg.Error) -> Error | Disconnect:
-    """A SQL error keeps the connection; a broken connection does not."""
+#: The server ended the session (terminate, shutdown, idle timeout): whatever
+#: statement it was given was rolled back with the session, so a call outside
+#: a transaction may safely run again on another connection.
+_SESSION_ENDED = frozenset({"57P01", "57P02", "57P05"})
+
+
+def _failure(
+    state: PgState, err: psycopg.Error, retry_safe: bool = False
+) -> Error | Disconnect | DisconnectAndRetry:
+    """A SQL error keeps the connection; a broken connection does not.
+
+    ``retry_safe``: the statement has no effect unless it completes (BEGIN)."""
     if state.conn.closed or state.conn.broken:
+        if retry_safe or err.sqlstate in _SESSION_ENDED:
+            return DisconnectAndRetry(err)
         return Disconnect(err)
     return Error(err)
 

@@ -1,0 +1,147 @@
+"""Transactions on a lent connection: begin, commit, rollback and nesting.
+
+DBConnection's ``transaction/3`` in Python form.  ``conn.transaction()``
+returns a :class:`Transaction`, a context manager (``conn.transaction(fn)``
+wraps ``fn(conn)`` in one):
+
+- entering the outermost block sends ``BEGIN``;
+- leaving it normally sends ``COMMIT``; leaving it by an exception sends
+  ``ROLLBACK`` and lets the exception go on;
+- ``conn.rollback(reason)`` leaves the innermost block at once: the block
+  raises :class:`~dbpool.errors.RolledBack` carrying ``reason``;
+- a block inside another (or ``pool.transaction`` inside a transaction of
+  the same caller) is a pass-through: nothing is sent to the server.  If it
+  rolls back, the connection is marked *failed*: every later call but
+  ``close`` raises ``ConnectionError("transaction rolling back ...")`` and the
+  outermost block ends with ``ROLLBACK`` and ``RolledBack("rollback")``
+  (unless an exception is already leaving it);
+- a transaction that failed on the server (a SQL error inside it, status
+  ``"error"``) cannot commit: it is rolled back and raises
+  ``RolledBack("rollback")``;
+- ``BEGIN`` on a connection not idle, or ``COMMIT`` on one not in a
+  transaction, raises :class:`~dbpool.errors.TransactionError` with the
+  status found.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from dbpool.driver import WrongStatus
+from dbpool.errors import RolledBack, TransactionError
+
+from .logentry import LogFn
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+__all__ = ["RollbackSignal", "Transaction"]
+
+
+class RollbackSignal(BaseException):
+    """Raised by ``conn.rollback(reason)``; the innermost transaction turns it into RolledBack.
+
+    A BaseException, so that ``except Exception`` in the caller's code does not
+    swallow it on its way out, as DBConnection's ``throw`` would not be.
+    """
+
+    def __init__(self, reason: object) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Transaction:
+    """A transaction block on one lent connection.  See the module docstring."""
+
+    __slots__ = ("_conn", "_log", "_outermost")
+
+    def __init__(self, conn: Connection, log: LogFn | None = None) -> None:
+        self._conn = conn
+        self._log = log
+        self._outermost = False
+
+    def __enter__(self) -> Connection:
+        conn = self._conn
+        if conn._depth == 0:
+            self._send("begin", "idle")
+            self._outermost = True
+        conn._depth += 1
+        return conn
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn = self._conn
+        conn._depth -= 1
+        if not self._outermost:
+            if isinstance(exc, RollbackSignal):
+                conn._failed = True
+                raise RolledBack(exc.reason) from None
+            if exc is not None:
+                conn._failed = True  # the outer block can only roll back now
+                return
+            if conn._failed:
+                raise RolledBack("rollback")
+            return
+        failed, conn._failed = conn._failed, False
+        if isinstance(exc, RollbackSignal):
+            self._roll_back(quietly=False)
+            raise RolledBack(exc.reason) from None
+        if exc is not None:
+            self._roll_back(quietly=True)
+            return
+        if failed or conn._slot.broken is not None:
+            self._roll_back(quietly=False)
+            raise RolledBack("rollback")
+        if conn.status() == "error":  # a statement failed inside: nothing to commit
+            self._roll_back(quietly=False)
+            raise RolledBack("rollback")
+        self._send("commit", "transaction")
+        return
+
+    def _send(self, call: str, expected: str | None) -> Any:
+        """BEGIN, COMMIT or ROLLBACK; TransactionError if the status is not ``expected``."""
+        conn = self._conn
+        driver = conn._core.driver
+        callback = {"begin": driver.handle_begin, "commit": driver.handle_commit,
+                    "rollback": driver.handle_rollback}[call]
+
+        def run(opts: Any, state: Any) -> Any:
+            outcome = callback(opts, state)
+            if isinstance(outcome, WrongStatus):
+                if call == "commit" and outcome.status == "error":
+                    return outcome  # a failed transaction: __exit__ rolls back
+                error = TransactionError(_wrong_status(call, outcome.status),
+                                         status=outcome.status)
+                conn._slot.broken = error  # its state is not what we think: replace it
+                raise error
+            return outcome
+
+        return conn._call(call, call.upper(), None, self._log, run, while_failed=True)
+
+    def _roll_back(self, quietly: bool) -> None:
+        """Send ROLLBACK, unless the connection is already lost (its checkin replaces it).
+
+        ``quietly``: an exception is already leaving the block and stays the
+        one raised; a failed rollback then only marks the connection broken.
+        """
+        if self._conn._slot.broken is not None:
+            return
+        try:
+            self._send("rollback", None)
+        except Exception:
+            if not quietly:
+                raise
+            if self._conn._slot.broken is None:
+                self._conn._slot.broken = RuntimeError("rollback failed")
+
+
+def _wrong_status(call: str, status: str) -> str:
+    """DBConnection's TransactionError messages, naming the call that met them."""
+    return f"cannot {call}: " + {
+        "idle": "transaction is not started",
+        "transaction": "transaction is already started",
+        "error": "transaction is aborted",
+    }[status]
