@@ -153,7 +153,8 @@ class Pool:
         try:
             return conn.query(sql, params, log=log)
         except LostBeforeEffect:
-            pass
+            if core.options.checkout_retries <= 0:
+                raise
         finally:
             core.give_back(conn)
         return self._one_shot(lambda c: c.query(sql, params, log=log), timeout, queue, where,
