@@ -257,7 +257,7 @@ def test_log_entries_describe_each_call_and_a_raising_log_is_harmless(
 def test_a_statement_whose_session_was_terminated_is_retried_on_another_connection(
     pg_dsn: str, pools: list[Pool]
 ) -> None:
-    pool, events = start_named(pg_dsn, pools, "q-retry", size=2)
+    pool, _ = start_named(pg_dsn, pools, "q-retry", size=2)
     with pool.checkout() as a, pool.checkout() as b:
         pids = [a.backend_pid, b.backend_pid]
     with psycopg.connect(pg_dsn, autocommit=True) as admin:
