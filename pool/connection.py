@@ -160,7 +160,7 @@ class Connection:
         """``"idle"``, ``"transaction"`` or ``"error"`` (a failed transaction)."""
         return self._unwrap(self._core.driver.handle_status(_NO_OPTS, self._state()))
 
-    def run(self, fn: Callable[[Connection], T], *, log: LogFn | None = None) -> T:
+    def run(self, fn: Callable[[Connection], T]) -> T:
         """``fn(self)``: on a connection already held, run is a pass-through.
 
         :meth:`Pool.run` is the one that checks the transaction status.
@@ -247,7 +247,7 @@ class Connection:
         error: BaseException | None, elapsed: float,
     ) -> None:
         decode = getattr(result, "decode_time", None)
-        if isinstance(result, tuple):  # prepare_execute: (query, result)
+        if isinstance(result, tuple):  # (query, result) or a fetch's (status, batch)
             decode = getattr(result[-1], "decode_time", None)
         pool_time = idle_time = None
         if not self._timing_reported:  # the checkout's times go with its first call
@@ -259,18 +259,12 @@ class Connection:
         emit(log, LogEntry(call, query, params, result, error, pool_time,
                            elapsed - (decode or 0.0), decode, idle_time))
 
-    def _run_checked(self, fn: Callable[[Connection], T]) -> T:
-        """``fn(self)``, then drop the connection if fn changed its transaction status.
+    def _check_status_unchanged(self, before: TransactionStatus) -> None:
+        """Pool.run's check: drop the connection if its status changed since ``before``.
 
         A failed transaction (status ``"error"``) is let through: checkin
-        rolls it back.  If ``fn`` raises, its exception goes on unchecked.
+        rolls it back.
         """
-        before = self._status_or_error()
-        result = fn(self)
-        self._check_status_unchanged(before)
-        return result
-
-    def _check_status_unchanged(self, before: TransactionStatus) -> None:
         after = self._status_or_error()
         if after != "error" and after != before:
             error = ConnectionError(f"connection was checked out with status {before!r} but "
@@ -396,9 +390,7 @@ class AsyncConnection:
         """See :meth:`Connection.status`."""
         return await self._in_thread(self._conn.status)
 
-    async def run(
-        self, fn: Callable[[AsyncConnection], Awaitable[T]], *, log: LogFn | None = None
-    ) -> T:
+    async def run(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """``await fn(self)``: on a connection already held, run is a pass-through."""
         return await fn(self)
 

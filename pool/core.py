@@ -116,8 +116,6 @@ class PoolCore:
                 slot = self.queue.get(started, timeout, queue)
                 conn = self.accept(slot, started, timeout, where)
                 if conn is not None:
-                    if "checkout" in _listened:
-                        self._emit_checkout(slot, started)
                     return conn
         except ConnectionError as error:
             self._report(error)
@@ -131,8 +129,6 @@ class PoolCore:
                 slot = await self.queue.aget(started, timeout, queue)
                 conn = self.accept(slot, started, timeout, where)
                 if conn is not None:
-                    if "checkout" in _listened:
-                        self._emit_checkout(slot, started)
                     return conn
         except ConnectionError as error:
             self._report(error)
@@ -171,6 +167,8 @@ class PoolCore:
             watcher = self.watcher
             if loan.deadline < watcher.wake_at:  # watcher.watch(loan), inlined: the hot path
                 watcher.watch(loan)
+            if "checkout" in _listened:
+                self._emit_checkout(slot, started)
             return Connection(self, slot, loan)
         if isinstance(outcome, Disconnect):
             slot.broken = outcome.error  # have it replaced; the caller takes another

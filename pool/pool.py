@@ -199,16 +199,19 @@ class Pool:
         transaction status is read before and after: if ``fn`` changed it
         (left a transaction open, or ended one it did not start), the
         connection is dropped rather than trusted and ``ConnectionError`` is
-        raised.  Inside another run, checkout or transaction it is
-        ``fn(conn)`` on that connection.
+        raised; if ``fn`` raises, its exception goes on unchecked.  Inside
+        another run or a transaction it is ``fn(conn)`` on that connection.
+        Runs are not logged.
         """
-        log = opts.pop("log", None)
         held = self._core.held_conn()
         if held is not None:
-            return held.run(fn, log=log)
+            return held.run(fn)
         with _Checkout(self._core, where=caller_location(), hold=True,
                        **self._checkout_opts(opts)) as conn:
-            return conn._run_checked(fn)
+            before = conn._status_or_error()
+            result = fn(conn)
+            conn._check_status_unchanged(before)
+            return result
 
     def transaction(self, fn: Callable[[Connection], T] | None = None, **opts: Any) -> Any:
         """Run ``fn(conn)`` in a transaction and return its result; or, with no ``fn``,
@@ -315,11 +318,11 @@ class Pool:
 
     async def arun(self, fn: Callable[[AsyncConnection], Awaitable[T]], **opts: Any) -> T:
         """:meth:`run` for asyncio: ``fn`` is a coroutine function given an AsyncConnection."""
-        log = opts.pop("log", None)
         held = self._core.aheld_conn()
         if held is not None:
-            return await held.run(fn, log=log)
-        async with _AsyncCheckout(self._core, hold=True, **self._checkout_opts(opts)) as conn:
+            return await held.run(fn)
+        async with _AsyncCheckout(self._core, where=caller_location(), hold=True,
+                                  **self._checkout_opts(opts)) as conn:
             before = await conn._in_thread(conn.sync._status_or_error)
             result = await fn(conn)
             await conn._in_thread(conn.sync._check_status_unchanged, before)
@@ -334,7 +337,8 @@ class Pool:
         ``async with pool.atransaction() as conn: ...``.
         """
         log = opts.pop("log", None)
-        tx = _AsyncPoolTransaction(self, log, self._checkout_opts(opts))
+        tx = _AsyncPoolTransaction(self._core, log, caller_location(),
+                                   **self._checkout_opts(opts))
         if fn is None:
             return tx
         return tx.run(fn)
@@ -355,9 +359,10 @@ class Pool:
         held = self._core.aheld_conn()
         if held is not None:
             return await held._in_thread(call, held.sync)
+        where = caller_location(3)  # past this and the public a* method
         retries = self._core.options.checkout_retries
         while True:
-            async with self.acheckout(timeout, queue) as conn:
+            async with _AsyncCheckout(self._core, timeout, queue, where) as conn:
                 try:
                     return await conn._in_thread(call, conn.sync)
                 except LostBeforeEffect:
@@ -523,12 +528,14 @@ class _PoolTransaction:
 class _AsyncCheckout:
     """The async context manager :meth:`Pool.acheckout` returns (see :class:`_Checkout`)."""
 
-    __slots__ = ("_conn", "_core", "_hold", "_queue", "_timeout", "_token")
+    __slots__ = ("_conn", "_core", "_hold", "_queue", "_timeout", "_token", "_where")
 
     def __init__(
-        self, core: PoolCore, timeout: float | None, queue: bool | None, hold: bool = False
+        self, core: PoolCore, timeout: float | None, queue: bool | None,
+        where: Location | None = None, hold: bool = False,
     ) -> None:
         self._core = core
+        self._where = where
         self._hold = hold
         self._timeout = core.options.timeout if timeout is None else timeout
         self._queue = core.options.queue if queue is None else queue
@@ -536,7 +543,8 @@ class _AsyncCheckout:
         self._token: contextvars.Token[AsyncHold | None] | None = None
 
     async def __aenter__(self) -> AsyncConnection:
-        conn = await self._core.alend(self._timeout, self._queue, caller_location())
+        conn = await self._core.alend(self._timeout, self._queue,
+                                      self._where or caller_location())
         self._conn = AsyncConnection(conn)
         if self._hold:
             self._token = self._core.aheld.set((asyncio.current_task(), weakref.ref(self._conn)))
@@ -566,23 +574,27 @@ class _AsyncPoolTransaction:
     """What :meth:`Pool.atransaction` returns: an async checkout (unless nested) and a
     transaction."""
 
-    def __init__(self, pool: Pool, log: LogFn | None, opts: dict[str, Any]) -> None:
-        self._pool = pool
+    def __init__(
+        self, core: PoolCore, log: LogFn | None, where: Location | None,
+        timeout: float | None, queue: bool | None,
+    ) -> None:
+        self._core = core
         self._log = log
-        self._opts = opts
+        self._where = where
+        self._timeout = timeout
+        self._queue = queue
         self._checkout: _AsyncCheckout | None = None
         self._tx: AsyncTransaction | None = None
 
     async def __aenter__(self) -> AsyncConnection:
-        core = self._pool._core
+        core = self._core
         held = core.aheld_conn()
         if held is not None:  # nested: a pass-through on this task's connection
             self._tx = AsyncTransaction(held, self._log)
             return await self._tx.__aenter__()
         retries = core.options.checkout_retries
         while True:
-            checkout = _AsyncCheckout(core, self._opts.get("timeout"), self._opts.get("queue"),
-                                      hold=True)
+            checkout = _AsyncCheckout(core, self._timeout, self._queue, self._where, hold=True)
             conn = await checkout.__aenter__()
             tx = AsyncTransaction(conn, self._log)
             try:

@@ -15,7 +15,7 @@ Only one batch is in memory at a time, whatever the size of the result.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +46,7 @@ class Stream:
         self._params = params
         self._max_rows = max_rows
         self._log = log
-        self._batches: Iterator[Result] | None = None
+        self._batches: Generator[Result, None, None] | None = None
 
     def __iter__(self) -> Iterator[Result]:
         if self._batches is None:
@@ -61,7 +61,7 @@ class Stream:
     def close(self) -> None:
         """Stop the stream and close its cursor (also done when the iteration ends)."""
         if self._batches is not None:
-            self._batches.close()  # type: ignore[attr-defined]
+            self._batches.close()
 
     def __enter__(self) -> Stream:
         return self
@@ -72,7 +72,7 @@ class Stream:
     ) -> None:
         self.close()
 
-    def _run(self) -> Iterator[Result]:
+    def _run(self) -> Generator[Result, None, None]:
         conn, query, log = self._conn, self._query, self._log
         driver = conn._core.driver
         status = conn.status()

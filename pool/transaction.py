@@ -64,7 +64,7 @@ class Transaction:
     def __enter__(self) -> Connection:
         conn = self._conn
         if conn._depth == 0:
-            self._send("begin", "idle")
+            self._send("begin")
             self._outermost = True
         conn._depth += 1
         return conn
@@ -92,27 +92,21 @@ class Transaction:
         if exc is not None:
             self._roll_back(quietly=True)
             return
-        if failed or conn._slot.broken is not None:
+        # An inner rollback, a lost connection, or a statement that failed
+        # inside (status "error"): there is nothing to commit.
+        if failed or conn._slot.broken is not None or conn.status() == "error":
             self._roll_back(quietly=False)
             raise RolledBack("rollback")
-        if conn.status() == "error":  # a statement failed inside: nothing to commit
-            self._roll_back(quietly=False)
-            raise RolledBack("rollback")
-        self._send("commit", "transaction")
-        return
+        self._send("commit")
 
-    def _send(self, call: str, expected: str | None) -> Any:
-        """BEGIN, COMMIT or ROLLBACK; TransactionError if the status is not ``expected``."""
+    def _send(self, call: str) -> Any:
+        """BEGIN, COMMIT or ROLLBACK; TransactionError if the status does not allow it."""
         conn = self._conn
-        driver = conn._core.driver
-        callback = {"begin": driver.handle_begin, "commit": driver.handle_commit,
-                    "rollback": driver.handle_rollback}[call]
+        callback = getattr(conn._core.driver, f"handle_{call}")
 
         def run(opts: Any, state: Any) -> Any:
             outcome = callback(opts, state)
             if isinstance(outcome, WrongStatus):
-                if call == "commit" and outcome.status == "error":
-                    return outcome  # a failed transaction: __exit__ rolls back
                 error = TransactionError(_wrong_status(call, outcome.status),
                                          status=outcome.status)
                 conn._slot.broken = error  # its state is not what we think: replace it
@@ -130,7 +124,7 @@ class Transaction:
         if self._conn._slot.broken is not None:
             return
         try:
-            self._send("rollback", None)
+            self._send("rollback")
         except Exception:
             if not quietly:
                 raise
