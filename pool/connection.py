@@ -67,7 +67,7 @@ class Connection:
         self._slot = slot
         self._loan = loan
         self._driver_state = slot.driver_state
-        self._log: LogFn | None = core.options.log
+        self._log: LogFn | None = core.log
         #: Open transaction() blocks on this connection (0: none).
         self._depth = 0
         #: An inner transaction rolled back: the outermost one must roll back too.

@@ -52,6 +52,8 @@ class PoolCore:
         self.name = options.name
         self.driver = driver
         self.options = options
+        #: The pool's ``log`` option, read by every checkout.
+        self.log = options.log
         self.metrics = PoolMetrics()
         self.scheduler = Scheduler(name=f"{options.name}-scheduler")
         self.queue = CheckoutQueue(

@@ -146,10 +146,8 @@ class Pool:
             held = core.held_conn()
             if held is not None:
                 return held.query(sql, params, log=log)
-        timeout = self._default_timeout if timeout is None else timeout
-        queue = self._default_queue if queue is None else queue
-        where = caller_location()
-        conn = core.lend(timeout, queue, where)  # one attempt inlined: the hot path
+        conn = core.lend(self._default_timeout if timeout is None else timeout,  # the hot path
+                         self._default_queue if queue is None else queue, caller_location())
         try:
             return conn.query(sql, params, log=log)
         except LostBeforeEffect:
@@ -157,8 +155,8 @@ class Pool:
                 raise
         finally:
             core.give_back(conn)
-        return self._one_shot(lambda c: c.query(sql, params, log=log), timeout, queue, where,
-                              retries=core.options.checkout_retries - 1)
+        return self._one_shot(lambda c: c.query(sql, params, log=log), timeout, queue,
+                              caller_location(), retries=core.options.checkout_retries - 1)
 
     def prepare(self, name: str, sql: str, **opts: Any) -> Query:
         """Prepare a statement on one connection (see :meth:`Connection.prepare`).
