@@ -52,6 +52,23 @@ class LostBeforeEffect(ConnectionError):
     """
 
 
+class _Tracking:
+    """What a checkout tracks once it opens a transaction or logs a call.
+
+    Kept apart so that a plain query, the hot path, never pays for it.
+    """
+
+    __slots__ = ("depth", "failed", "times_logged")
+
+    def __init__(self) -> None:
+        #: Open transaction() blocks on the connection (0: none).
+        self.depth = 0
+        #: An inner transaction rolled back: the outermost one must roll back too.
+        self.failed = False
+        #: The checkout's pool and idle times went with a logged call already.
+        self.times_logged = False
+
+
 class Connection:
     """A connection lent to the current caller.  Not thread-safe: one borrower.
 
@@ -59,20 +76,14 @@ class Connection:
     call (default: the pool's ``log`` option).
     """
 
-    __slots__ = ("__weakref__", "_core", "_depth", "_driver_state", "_failed", "_loan", "_log",
-                 "_slot", "_timing_reported")
+    __slots__ = ("__weakref__", "_core", "_driver_state", "_loan", "_slot", "_tracked")
 
     def __init__(self, core: PoolCore, slot: Slot, loan: Loan) -> None:
         self._core = core
         self._slot = slot
         self._loan = loan
         self._driver_state = slot.driver_state
-        self._log: LogFn | None = core.log
-        #: Open transaction() blocks on this connection (0: none).
-        self._depth = 0
-        #: An inner transaction rolled back: the outermost one must roll back too.
-        self._failed = False
-        self._timing_reported = False
+        self._tracked: _Tracking | None = None
 
     # -- statements ------------------------------------------------------
 
@@ -83,15 +94,14 @@ class Connection:
         and leaves the connection usable: idle outside a transaction, status
         ``"error"`` inside one.
         """
-        if log is None and self._log is None:  # the hot path: nothing to time
-            outcome = self._core.driver.handle_execute(
-                Query(sql), params, _NO_OPTS, self._state())
+        if log is None and self._core.log is None:  # the hot path: nothing to time
+            outcome = self._core.driver.handle_execute(sql, params, _NO_OPTS, self._state())
             if type(outcome) is Ok:  # the common case, without a call to _unwrap
                 return outcome.value
             return self._unwrap(outcome)
         driver = self._core.driver
         return self._call("query", sql, params, log, lambda opts, state: driver.handle_execute(
-            Query(sql), params, opts, state))
+            sql, params, opts, state))
 
     def prepare(self, name: str, sql: str, *, log: LogFn | None = None) -> Query:
         """Prepare ``sql`` on the server as statement ``name``; return the :class:`Query`.
@@ -186,7 +196,7 @@ class Connection:
 
         Raises :class:`~dbpool.errors.TransactionError` outside a transaction.
         """
-        if not self._depth:
+        if not self.in_transaction:
             raise TransactionError("not inside transaction: rollback() needs an open "
                                    "transaction() block", status=self.status())
         raise RollbackSignal(reason)
@@ -194,7 +204,8 @@ class Connection:
     @property
     def in_transaction(self) -> bool:
         """Whether a ``transaction()`` block of this connection is open."""
-        return self._depth > 0
+        tracked = self._tracked
+        return tracked is not None and tracked.depth > 0
 
     @property
     def backend_pid(self) -> int | None:
@@ -215,7 +226,8 @@ class Connection:
         if self._slot.broken is not None:
             raise ConnectionError(
                 "connection is closed because of an error, disconnect or timeout")
-        if self._failed and not while_failed:
+        tracked = self._tracked
+        if tracked is not None and tracked.failed and not while_failed:
             # As DBConnection does: the call fails and the connection is dropped,
             # so the outermost transaction ends without a ROLLBACK to send.
             error = ConnectionError("transaction rolling back: an inner transaction rolled "
@@ -230,7 +242,7 @@ class Connection:
     ) -> T:
         """Run one driver callback; time it and log it if a log callable is set."""
         state = self._state(while_failed)
-        log = log or self._log
+        log = log or self._core.log
         if log is None:
             return self._unwrap(fn(_NO_OPTS, state))
         started = time.perf_counter()
@@ -250,14 +262,21 @@ class Connection:
         if isinstance(result, tuple):  # (query, result) or a fetch's (status, batch)
             decode = getattr(result[-1], "decode_time", None)
         pool_time = idle_time = None
-        if not self._timing_reported:  # the checkout's times go with its first call
-            self._timing_reported = True
+        tracked = self._tracking()
+        if not tracked.times_logged:  # the checkout's times go with its first logged call
+            tracked.times_logged = True
             slot, loan = self._slot, self._loan
             if slot.lent_at is not None:
                 pool_time = max(slot.lent_at - loan.started, 0.0)
                 idle_time = max(slot.lent_at - slot.idle_since, 0.0) if slot.idle_since else None
         emit(log, LogEntry(call, query, params, result, error, pool_time,
                            elapsed - (decode or 0.0), decode, idle_time))
+
+    def _tracking(self) -> _Tracking:
+        tracked = self._tracked
+        if tracked is None:
+            tracked = self._tracked = _Tracking()
+        return tracked
 
     def _check_status_unchanged(self, before: TransactionStatus) -> None:
         """Pool.run's check: drop the connection if its status changed since ``before``.

@@ -25,6 +25,7 @@ import contextvars
 import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from sys import _getframe
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -146,8 +147,10 @@ class Pool:
             held = core.held_conn()
             if held is not None:
                 return held.query(sql, params, log=log)
-        conn = core.lend(self._default_timeout if timeout is None else timeout,  # the hot path
-                         self._default_queue if queue is None else queue, caller_location())
+        frame = _getframe(1)  # caller_location(), inlined: the hot path
+        conn = core.lend(self._default_timeout if timeout is None else timeout,
+                         self._default_queue if queue is None else queue,
+                         (frame.f_code, frame.f_lasti))
         try:
             return conn.query(sql, params, log=log)
         except LostBeforeEffect:

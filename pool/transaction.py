@@ -63,10 +63,11 @@ class Transaction:
 
     def __enter__(self) -> Connection:
         conn = self._conn
-        if conn._depth == 0:
+        tracked = conn._tracking()
+        if tracked.depth == 0:
             self._send("begin")
             self._outermost = True
-        conn._depth += 1
+        tracked.depth += 1
         return conn
 
     def __exit__(
@@ -74,18 +75,19 @@ class Transaction:
         tb: TracebackType | None,
     ) -> None:
         conn = self._conn
-        conn._depth -= 1
+        tracked = conn._tracking()
+        tracked.depth -= 1
         if not self._outermost:
             if isinstance(exc, RollbackSignal):
-                conn._failed = True
+                tracked.failed = True
                 raise RolledBack(exc.reason) from None
             if exc is not None:
-                conn._failed = True  # the outer block can only roll back now
+                tracked.failed = True  # the outer block can only roll back now
                 return
-            if conn._failed:
+            if tracked.failed:
                 raise RolledBack("rollback")
             return
-        failed, conn._failed = conn._failed, False
+        failed, tracked.failed = tracked.failed, False
         if isinstance(exc, RollbackSignal):
             self._roll_back(quietly=False)
             raise RolledBack(exc.reason) from None

@@ -219,9 +219,13 @@ class Driver(Protocol[S]):
         ...
 
     def handle_execute(
-        self, query: Query, params: Params, opts: Options, state: S
+        self, query: Query | str, params: Params, opts: Options, state: S
     ) -> Outcome[Result]:
-        """Execute ``query`` (prepared if it has a name) with ``params``."""
+        """Execute ``query`` (prepared if it has a name) with ``params``.
+
+        A plain string is an unnamed query: ``query()`` passes its SQL as it
+        is, so that the hot path builds no :class:`Query`.
+        """
         ...
 
     def handle_close(self, query: Query, opts: Options, state: S) -> Outcome[None]:

@@ -148,15 +148,17 @@ class PgDriver:
         return Ok(query)
 
     def handle_execute(
-        self, query: Query, params: Params, opts: Options, state: PgState
+        self, query: Query | str, params: Params, opts: Options, state: PgState
     ) -> Outcome[Result]:
         cur = state.cursor
         try:
-            if query.name is None:
+            if isinstance(query, str):
+                cur.execute(query, params)
+            elif query.name is None:
                 cur.execute(query.sql, params)
             else:
                 cur.execute(self._execute_sql(query, params, state))
-            if not opts.get("timed"):
+            if "timed" not in opts:
                 return Ok(_result(cur))
             started = time.perf_counter()  # psycopg decodes the rows as it fetches them
             result = _result(cur)
@@ -255,20 +257,46 @@ def _result(cur: psycopg.Cursor[Any]) -> Result:
     pgresult = cur.pgresult
     if pgresult is None or pgresult.status != _TUPLES_OK:
         return Result([], [], cur.rowcount, cur.statusmessage)
-    conn = cur.connection
+    return _PgResult(pgresult, cur.connection, cur.fetchall())
 
-    # Both read from the result itself, whatever the cursor has run since.
-    def describe() -> list[Column]:
-        encoding = conn.info.encoding
-        return [Column((pgresult.fname(i) or b"").decode(encoding), pgresult.ftype(i))
+
+class _PgResult(Result):
+    """A SELECT's Result: columns and command tag read from libpq's result on first use.
+
+    Both read from the result itself, whatever the cursor has run since.
+    One is made for every SELECT, so it has no closures, and the two lazy
+    slots stay unset (reading one raises AttributeError) until first read.
+    """
+
+    __slots__ = ("_conn", "_pgresult")
+
+    def __init__(self, pgresult: pq.abc.PGresult, conn: psycopg.Connection[Any],
+                 rows: list[Any]) -> None:
+        self._pgresult = pgresult
+        self._conn = conn
+        self.rows = rows
+        self.rowcount = len(rows)
+        self.decode_time = None
+
+    @property
+    def columns(self) -> list[Column]:
+        try:
+            return self._columns  # type: ignore[return-value]
+        except AttributeError:
+            pgresult, encoding = self._pgresult, self._conn.info.encoding
+            self._columns = columns = [
+                Column((pgresult.fname(i) or b"").decode(encoding), pgresult.ftype(i))
                 for i in range(pgresult.nfields)]
+            return columns
 
-    def command() -> str | None:
-        tag = pgresult.command_status
-        return tag.decode(conn.info.encoding) if tag else None
-
-    rows = cur.fetchall()
-    return Result(describe, rows, len(rows), command)
+    @property
+    def command(self) -> str | None:
+        try:
+            return self._command  # type: ignore[return-value]
+        except AttributeError:
+            tag = self._pgresult.command_status
+            self._command = command = tag.decode(self._conn.info.encoding) if tag else None
+            return command
 
 
 #: The server ended the session (terminate, shutdown, idle timeout): whatever
