@@ -26,7 +26,17 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from dbpool.actors.slot import Slot
-from dbpool.driver import DisconnectAndRetry, Error, Ok, Options, Outcome, Params, Query, Result
+from dbpool.driver import (
+    Disconnect,
+    DisconnectAndRetry,
+    Error,
+    Ok,
+    Options,
+    Outcome,
+    Params,
+    Query,
+    Result,
+)
 from dbpool.errors import ConnectionError, TransactionError, TransactionStatus
 
 from .loans import Loan
@@ -240,14 +250,17 @@ class Connection:
         self, call: str, query: Any, params: Params, log: LogFn | None,
         fn: Callable[[Options, Any], Outcome[T]], while_failed: bool = False,
     ) -> T:
-        """Run one driver callback; time it and log it if a log callable is set."""
-        state = self._state(while_failed)
+        """Run one driver callback; time it and log it if a log callable is set.
+
+        A call refused because the connection is closed or outdated is
+        logged with its error too, as DBConnection does.
+        """
         log = log or self._core.log
         if log is None:
-            return self._unwrap(fn(_NO_OPTS, state))
+            return self._unwrap(fn(_NO_OPTS, self._state(while_failed)))
         started = time.perf_counter()
         try:
-            value = self._unwrap(fn(_TIMED, state))
+            value = self._unwrap(fn(_TIMED, self._state(while_failed)))
         except BaseException as error:
             self._log_entry(log, call, query, params, None, error, time.perf_counter() - started)
             raise
@@ -312,7 +325,12 @@ class Connection:
             self._raise_ended()
         if isinstance(outcome, Error):
             raise outcome.error
-        self._lose(outcome.error, retry_safe=isinstance(outcome, DisconnectAndRetry))
+        if isinstance(outcome, (Disconnect, DisconnectAndRetry)):
+            self._lose(outcome.error, retry_safe=isinstance(outcome, DisconnectAndRetry))
+        # A driver bug: whatever state the connection is in, it cannot be trusted.
+        error = ConnectionError(f"bad return value: {outcome!r}")
+        self._slot.broken = error
+        raise error
 
     def _lose(self, error: BaseException, retry_safe: bool = False) -> NoReturn:
         """The driver says the connection is gone: mark it for reconnect and raise."""

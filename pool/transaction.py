@@ -20,7 +20,10 @@ wraps ``fn(conn)`` in one):
   ``RolledBack("rollback")``;
 - ``BEGIN`` on a connection not idle, or ``COMMIT`` on one not in a
   transaction, raises :class:`~dbpool.errors.TransactionError` with the
-  status found.
+  status found, and the connection is replaced;
+- a ``ROLLBACK`` that finds the connection lost, or not in a transaction,
+  has the connection replaced, and the block ends as it would have
+  (``RolledBack``, or the exception leaving it); it is logged all the same.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from __future__ import annotations
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from dbpool.driver import WrongStatus
-from dbpool.errors import RolledBack, TransactionError
+from dbpool.driver import Ok, WrongStatus
+from dbpool.errors import ConnectionError, RolledBack, TransactionError
 
 from .logentry import LogFn
 
@@ -37,6 +40,9 @@ if TYPE_CHECKING:
     from .connection import Connection
 
 __all__ = ["RollbackSignal", "Transaction"]
+
+#: What COMMIT returns when the driver says the transaction failed on the server.
+_FAILED_ON_SERVER = object()
 
 
 class RollbackSignal(BaseException):
@@ -99,16 +105,26 @@ class Transaction:
         if failed or conn._slot.broken is not None or conn.status() == "error":
             self._roll_back(quietly=False)
             raise RolledBack("rollback")
-        self._send("commit")
+        if self._send("commit") is _FAILED_ON_SERVER:
+            # The driver found the transaction failed: as DBConnection does,
+            # roll it back and keep the connection.
+            self._roll_back(quietly=False)
+            raise RolledBack("rollback")
 
     def _send(self, call: str) -> Any:
-        """BEGIN, COMMIT or ROLLBACK; TransactionError if the status does not allow it."""
+        """BEGIN, COMMIT or ROLLBACK; TransactionError if the status does not allow it.
+
+        A COMMIT refused because the transaction failed returns
+        ``_FAILED_ON_SERVER`` instead: the caller rolls back.
+        """
         conn = self._conn
         callback = getattr(conn._core.driver, f"handle_{call}")
 
         def run(opts: Any, state: Any) -> Any:
             outcome = callback(opts, state)
             if isinstance(outcome, WrongStatus):
+                if call == "commit" and outcome.status == "error":
+                    return Ok(_FAILED_ON_SERVER)
                 error = TransactionError(_wrong_status(call, outcome.status),
                                          status=outcome.status)
                 conn._slot.broken = error  # its state is not what we think: replace it
@@ -118,15 +134,18 @@ class Transaction:
         return conn._call(call, call.upper(), None, self._log, run, while_failed=True)
 
     def _roll_back(self, quietly: bool) -> None:
-        """Send ROLLBACK, unless the connection is already lost (its checkin replaces it).
+        """Send ROLLBACK and log it, even on a lost connection (whose checkin replaces it).
 
-        ``quietly``: an exception is already leaving the block and stays the
-        one raised; a failed rollback then only marks the connection broken.
+        A connection lost, or found not in a transaction, is replaced and the
+        block ends as it would have (DBConnection's rule); another error is
+        raised.  ``quietly``: an exception is already leaving the block and
+        stays the one raised; a failed rollback then only marks the
+        connection broken.
         """
-        if self._conn._slot.broken is not None:
-            return
         try:
             self._send("rollback")
+        except (ConnectionError, TransactionError):  # the slot is broken already
+            pass
         except Exception:
             if not quietly:
                 raise
