@@ -9,6 +9,10 @@ Contenders for ``SELECT 1``:
 Each runs at 1, 4, 16 and 64 threads on pools of 1, 4, 4 and 10 connections.
 A second table times a bare checkout+checkin cycle (no query) for the two
 pools.  Ratios are dbpool's figure over each other contender's.
+
+``dbpool bench --stream-rows N`` instead streams N rows through
+``pool.stream`` and reports the peak growth of the process's resident
+memory (:func:`stream`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 import psycopg
 
-__all__ = ["run"]
+__all__ = ["run", "stream"]
 
 #: (threads, pool size) pairs, as the issue specifies them.
 SCENARIOS: tuple[tuple[int, int], ...] = ((1, 1), (4, 4), (16, 4), (64, 10))
@@ -258,3 +262,101 @@ def _print_table(report: dict[str, Any]) -> None:
     print("\nbare checkout+checkin, µs per cycle (1 thread, pool of 1):")
     for name, us in report["checkout_checkin_us"].items():
         print(f"  {name:>12}: {us:6.2f}")
+
+
+# -- streaming memory ----------------------------------------------------------
+
+#: The streamed rows: an int and a short text each.
+STREAM_SQL = "SELECT g, 'row ' || g FROM generate_series(1, %s) AS g"
+
+
+def stream(dsn: str, rows: int = 10_000_000, max_rows: int = 500,
+           limit_mb: float = 100.0, as_json: bool = False) -> dict[str, Any]:
+    """Stream ``rows`` rows through ``pool.stream`` and report the peak RSS growth.
+
+    The growth is the process's peak resident memory during the stream
+    minus its resident memory just before it, after the pool has started.
+    On Linux the peak is reset first (``/proc/self/clear_refs``), so it is
+    the stream's own; elsewhere it is the process's lifetime peak, an upper
+    bound.  Every row is counted and its first column summed, to check that
+    all of them arrived.  The report says whether the growth stayed under
+    ``limit_mb``.
+    """
+    from dbpool.pool import Pool
+
+    pool = Pool.start(dsn, pool_size=1, name="bench-stream")
+    try:
+        _warm(pool, 1)
+        before = _rss_bytes()
+        _reset_peak_rss()
+        began = time.perf_counter()
+        count = total = batches = 0
+        for batch in pool.stream(STREAM_SQL, (rows,), max_rows=max_rows):
+            batches += 1
+            count += len(batch.rows)
+            total += sum(row[0] for row in batch.rows)
+        seconds = time.perf_counter() - began
+        peak = _peak_rss_bytes()
+    finally:
+        pool.stop()
+    if count != rows or total != rows * (rows + 1) // 2:
+        raise RuntimeError(f"the stream returned {count} rows (sum {total}), not {rows}")
+    growth_mb = max(peak - before, 0) / 2**20
+    report = {
+        "workload": STREAM_SQL % rows,
+        "rows": count,
+        "max_rows": max_rows,
+        "batches": batches,
+        "seconds": round(seconds, 2),
+        "rows_per_second": round(count / seconds),
+        "rss_before_mb": round(before / 2**20, 1),
+        "peak_rss_growth_mb": round(growth_mb, 1),
+        "limit_mb": limit_mb,
+        "within_limit": growth_mb < limit_mb,
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"\n{report['workload']!r} through pool.stream(max_rows={max_rows}):\n"
+              f"  {count:,} rows in {batches:,} batches, {seconds:.1f} s "
+              f"({report['rows_per_second']:,} rows/s)\n"
+              f"  peak RSS growth: {growth_mb:.1f} MB (RSS before: "
+              f"{report['rss_before_mb']} MB; limit {limit_mb:g} MB: "
+              f"{'within' if report['within_limit'] else 'EXCEEDED'})")
+    return report
+
+
+def _proc_status_kb(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (Linux), or None."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _rss_bytes() -> int:
+    kb = _proc_status_kb("VmRSS")
+    return kb * 1024 if kb is not None else _peak_rss_bytes()
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, where Linux allows it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_bytes() -> int:
+    kb = _proc_status_kb("VmHWM")
+    if kb is not None:
+        return kb * 1024
+    import resource  # not on Windows; ru_maxrss is in kB on Linux, bytes on macOS
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

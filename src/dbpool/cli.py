@@ -41,6 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--rounds", type=int, default=10,
                        help="rounds per scenario; cells are medians over them")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
+    bench.add_argument("--stream-rows", type=int, metavar="N",
+                       help="instead, stream N rows through pool.stream and report the "
+                            "peak RSS growth (exit status 1 if it reaches --rss-limit-mb)")
+    bench.add_argument("--max-rows", type=int, default=500,
+                       help="rows per fetch with --stream-rows")
+    bench.add_argument("--rss-limit-mb", type=float, default=100.0,
+                       help="the peak RSS growth allowed with --stream-rows")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -59,11 +66,15 @@ def _print_event(event: ConnectionEvent) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import run
+    from .bench import run, stream
     from .embedded import embedded_conninfo
 
-    run(args.dsn or embedded_conninfo(), duration=args.duration, rounds=args.rounds,
-        as_json=args.json)
+    dsn = args.dsn or embedded_conninfo()
+    if args.stream_rows is not None:
+        report = stream(dsn, args.stream_rows, max_rows=args.max_rows,
+                        limit_mb=args.rss_limit_mb, as_json=args.json)
+        return 0 if report["within_limit"] else 1
+    run(dsn, duration=args.duration, rounds=args.rounds, as_json=args.json)
     return 0
 
 
