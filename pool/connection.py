@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -47,7 +47,7 @@ from .transaction import RollbackSignal, Transaction
 if TYPE_CHECKING:
     from .core import PoolCore
 
-__all__ = ["AsyncConnection", "AsyncTransaction", "Connection", "LostBeforeEffect"]
+__all__ = ["AsyncConnection", "AsyncStream", "AsyncTransaction", "Connection", "LostBeforeEffect"]
 
 T = TypeVar("T")
 _NO_OPTS: dict[str, Any] = {}
@@ -105,7 +105,11 @@ class Connection:
         ``"error"`` inside one.
         """
         if log is None and self._core.log is None:  # the hot path: nothing to time
-            outcome = self._core.driver.handle_execute(sql, params, _NO_OPTS, self._state())
+            state = self._state()
+            try:
+                outcome = self._core.driver.handle_execute(sql, params, _NO_OPTS, state)
+            except BaseException as error:
+                self._raised(error)
             if type(outcome) is Ok:  # the common case, without a call to _unwrap
                 return outcome.value
             return self._unwrap(outcome)
@@ -257,15 +261,35 @@ class Connection:
         """
         log = log or self._core.log
         if log is None:
-            return self._unwrap(fn(_NO_OPTS, self._state(while_failed)))
+            return self._unwrap(self._callback(fn, _NO_OPTS, self._state(while_failed)))
         started = time.perf_counter()
         try:
-            value = self._unwrap(fn(_TIMED, self._state(while_failed)))
+            value = self._unwrap(self._callback(fn, _TIMED, self._state(while_failed)))
         except BaseException as error:
             self._log_entry(log, call, query, params, None, error, time.perf_counter() - started)
             raise
         self._log_entry(log, call, query, params, value, None, time.perf_counter() - started)
         return value
+
+    def _callback(
+        self, fn: Callable[[Options, Any], Outcome[T]], opts: Options, state: Any
+    ) -> Outcome[T]:
+        try:
+            return fn(opts, state)
+        except BaseException as error:
+            self._raised(error)
+
+    def _raised(self, error: BaseException) -> NoReturn:
+        """A driver callback raised (a bug, or an interrupt): the connection's state is
+        unknown, so it is dropped and replaced, as DBConnection does.  The error goes on.
+        """
+        loan = self._loan
+        if not loan.claim:  # revoked while the call ran: the slot serves others now
+            if loan.revoked is not None:
+                self._close_revoked(loan.revoked)
+        elif self._slot.broken is None:
+            self._slot.broken = error
+        raise error
 
     def _log_entry(
         self, log: LogFn, call: str, query: Any, params: Params, result: Any,
@@ -449,11 +473,14 @@ class AsyncConnection:
     def stream(
         self, sql: str | Query, params: Params = None, *, max_rows: int = 500,
         log: LogFn | None = None,
-    ) -> AsyncIterator[Result]:
-        """See :meth:`Connection.stream`: an async iterator of batches."""
-        return self._stream(self._conn.stream(sql, params, max_rows=max_rows, log=log))
+    ) -> AsyncStream:
+        """See :meth:`Connection.stream`: an async iterator of batches, and an async
+        context manager that closes it (``async with conn.stream(...) as batches:``).
+        """
+        return AsyncStream(self._stream(self._conn.stream(sql, params, max_rows=max_rows,
+                                                          log=log)))
 
-    async def _stream(self, stream: Stream) -> AsyncIterator[Result]:
+    async def _stream(self, stream: Stream) -> AsyncGenerator[Result, None]:
         batches = iter(stream)
         try:
             while True:
@@ -500,6 +527,35 @@ class AsyncConnection:
 
     def __repr__(self) -> str:
         return f"<dbpool AsyncConnection {self._conn!r}>"
+
+
+class AsyncStream:
+    """:class:`~dbpool.pool.stream.Stream` for asyncio: ``async for``, and ``async with``
+    to close the cursor as soon as the block is left."""
+
+    __slots__ = ("_batches",)
+
+    def __init__(self, batches: AsyncGenerator[Result, None]) -> None:
+        self._batches = batches
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> Result:
+        return await self._batches.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop the stream and close its cursor (also done when the iteration ends)."""
+        await self._batches.aclose()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
 
 class AsyncTransaction:

@@ -8,10 +8,10 @@ DBConnection's ``LogEntry``.  Pass ``log=callable`` to :meth:`Pool.start`
 - ``begin``, ``commit``, ``rollback`` (a transaction);
 - ``declare``, ``fetch``, ``deallocate`` (a stream).
 
-Times are in seconds.  The first call after a checkout carries the checkout's
-``pool_time`` (its wait in the queue) and ``idle_time`` (how long the
-connection had been idle); later calls of the same checkout have None there,
-so summing ``pool_time`` over entries counts each checkout once.
+Times are in seconds.  The first logged call after a checkout carries the
+checkout's ``pool_time`` (its wait in the queue) and ``idle_time`` (how long
+the connection had been idle); later calls of the same checkout have None
+there, so summing ``pool_time`` over entries counts each checkout once.
 
 A log callable that raises is reported on the ``dbpool.log`` logger and
 never breaks the call it describes.  Without a log callable nothing is timed.

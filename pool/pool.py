@@ -136,14 +136,15 @@ class Pool:
     ) -> Result:
         """Run one statement on a connection checked out for it; return its Result.
 
-        Inside ``checkout()``, ``run()`` or ``transaction()`` on this thread,
-        it runs on that connection instead.  If the connection turns out to
+        Inside ``run()`` or ``transaction()`` on this thread, it runs on that
+        connection instead (a plain ``checkout()`` does not lend its
+        connection to pool calls: use the connection it gives).  If the connection turns out to
         have been closed by the server and the statement had no effect (the
         session was terminated, or timed out while idle), it runs again on
         another connection, up to the ``checkout_retries`` option.
         """
         core = self._core
-        if core.held.get() is not None:  # a checkout, run or transaction may be open here
+        if core.held.get() is not None:  # a run or transaction may be open here
             held = core.held_conn()
             if held is not None:
                 return held.query(sql, params, log=log)

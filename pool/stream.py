@@ -7,7 +7,8 @@ must run inside a transaction, where PostgreSQL keeps cursors.  Iterating it:
 2. fetches ``max_rows`` rows at a time (``fetch``), yielding each batch as a
    :class:`~dbpool.driver.Result`, until the cursor is exhausted;
 3. closes the cursor (``deallocate``), also when the consumer stops early,
-   raises, or drops the stream.
+   raises, or drops the stream.  A close that fails is logged, not raised
+   (a lost connection fails the transaction instead), as in DBConnection.
 
 Only one batch is in memory at a time, whatever the size of the result.
 """
@@ -19,8 +20,8 @@ from collections.abc import Generator, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from dbpool.driver import Params, Query, Result
-from dbpool.errors import TransactionError
+from dbpool.driver import Outcome, Params, Query, Result
+from dbpool.errors import ConnectionError, TransactionError
 
 from .logentry import LogFn
 
@@ -50,7 +51,8 @@ class Stream:
 
     def __iter__(self) -> Iterator[Result]:
         if self._batches is None:
-            self._batches = self._run()
+            self._batches = _batches(self._conn, self._query, self._params, self._max_rows,
+                                     self._log)
         return self._batches
 
     def rows(self) -> Iterator[tuple[Any, ...]]:
@@ -72,41 +74,62 @@ class Stream:
     ) -> None:
         self.close()
 
-    def _run(self) -> Generator[Result, None, None]:
-        conn, query, log = self._conn, self._query, self._log
-        driver = conn._core.driver
-        status = conn.status()
-        if status != "transaction":
-            raise TransactionError(
-                f"stream() needs a transaction (a cursor lives in one); the connection is "
-                f"{status!r}: use it inside conn.transaction()", status=status)
-        cursor = conn._call("declare", query, self._params, log,
-                            lambda opts, state: driver.handle_declare(
-                                query, self._params, opts, state))
-        fetch_opts = {"max_rows": self._max_rows}
-        finished = False
-        try:
-            while True:
-                more, batch = conn._call("fetch", query, self._params, log,
-                                         lambda opts, state: driver.handle_fetch(
-                                             query, cursor, {**opts, **fetch_opts}, state))
-                if batch.rows:
-                    yield batch
-                if more == "halt":
-                    break
-            finished = True
-        finally:
-            self._deallocate(cursor, quietly=not finished)
 
-    def _deallocate(self, cursor: Any, quietly: bool) -> None:
-        conn, query, driver = self._conn, self._query, self._conn._core.driver
-        try:
-            conn._call("deallocate", query, None, self._log,
-                       lambda opts, state: driver.handle_deallocate(query, cursor, opts, state),
-                       while_failed=True)
-        except Exception:
-            if not quietly:
-                raise
-            # The stream is already ending with an error (or was dropped); that
-            # error matters more.  The cursor ends with the transaction anyway.
-            logger.debug("closing the cursor of an abandoned stream failed", exc_info=True)
+
+# Module functions, not methods: a generator whose frame held the Stream would
+# make a reference cycle with it, and a loop left by break or by an exception
+# would then leave the cursor open until the cyclic garbage collector ran.
+def _batches(
+    conn: Connection, query: Query, params: Params, max_rows: int, log: LogFn | None
+) -> Generator[Result, None, None]:
+    driver = conn._core.driver
+    status = conn.status()
+    if status != "transaction":
+        raise TransactionError(
+            f"stream() needs a transaction (a cursor lives in one); the connection is "
+            f"{status!r}: use it inside conn.transaction()", status=status)
+    cursor = conn._call("declare", query, params, log,
+                        lambda opts, state: driver.handle_declare(query, params, opts, state))
+    fetch_opts = {"max_rows": max_rows}
+    error_in_flight = True
+    try:
+        while True:
+            more, batch = conn._call("fetch", query, params, log,
+                                     lambda opts, state: driver.handle_fetch(
+                                         query, cursor, {**opts, **fetch_opts}, state))
+            if batch.rows:
+                yield batch
+            if more == "halt":
+                break
+        error_in_flight = False
+    except GeneratorExit:  # the consumer stopped early: no error to keep
+        error_in_flight = False
+        raise
+    finally:
+        _deallocate(conn, query, cursor, log, quietly=error_in_flight)
+
+
+def _deallocate(
+    conn: Connection, query: Query, cursor: Any, log: LogFn | None, quietly: bool
+) -> None:
+    """Close the cursor, as DBConnection's stream does: an error the driver returns
+    (or a connection already closed) is logged, not raised, and a lost connection
+    fails the transaction; a driver that raises is raised, unless ``quietly``
+    (an error is leaving the stream already and matters more).
+    """
+    driver = conn._core.driver
+    returned = False
+
+    def deallocate(opts: Any, state: Any) -> Outcome[None]:
+        nonlocal returned
+        outcome = driver.handle_deallocate(query, cursor, opts, state)
+        returned = True
+        return outcome
+
+    try:
+        conn._call("deallocate", query, None, log, deallocate, while_failed=True)
+    except Exception as error:
+        if quietly or returned or isinstance(error, ConnectionError):
+            logger.debug("closing a stream's cursor failed", exc_info=True)
+            return
+        raise

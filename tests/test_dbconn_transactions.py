@@ -345,15 +345,14 @@ def test_a_begin_error_is_raised_logged_and_the_connection_kept(pools: list[Pool
     assert len({id(state_of(c)) for c in calls(driver, "handle_begin")}) == 1
 
 
-def test_a_raising_begin_propagates_is_logged_and_checkin_cleans_the_connection(
+def test_a_raising_begin_propagates_is_logged_and_the_connection_is_replaced(
     pools: list[Pool]
 ) -> None:
     # Ports "transaction logs begin raise" and "transaction begin raise raises and
-    # stops connection": dbpool propagates the raise, and checkin reads the status
-    # and rolls back what the raise may have left open.
+    # stops connection": the raise propagates, and a connection whose callback
+    # raised is in an unknown state, so it is dropped without a rollback.
     err = boom()
-    driver = ScriptedDriver({"handle_begin": [raising(err)],
-                             "handle_status": [Ok("transaction")]})
+    driver = ScriptedDriver({"handle_begin": [raising(err)]})
     pool = start(pools, driver)
     entries: list[LogEntry] = []
     with pytest.raises(RuntimeError) as info:
@@ -361,8 +360,8 @@ def test_a_raising_begin_propagates_is_logged_and_checkin_cleans_the_connection(
     assert info.value is err
     assert [(e.call, e.error) for e in entries] == [("begin", err)]
     assert entries[0].pool_time is not None
-    assert sequence(driver, status=True) == [
-        "connect", "handle_begin", "handle_status", "handle_rollback"]
+    driver.wait_for("connect", 2)
+    assert sequence(driver) == ["connect", "handle_begin", "disconnect", "connect"]
     assert pool.transaction(lambda conn: "result") == "result"
 
 
@@ -466,14 +465,14 @@ def test_a_commit_disconnect_raises_and_the_connection_is_replaced(pools: list[P
     assert calls(driver, "disconnect")[0].args[0] is err
 
 
-def test_a_raising_commit_propagates_is_logged_and_checkin_cleans_the_connection(
+def test_a_raising_commit_propagates_is_logged_and_the_connection_is_replaced(
     pools: list[Pool]
 ) -> None:
     # Ports "transaction commit raise raises and stops connection" and "transaction
-    # logs commit raise" (dbpool: the raise propagates; checkin rolls back).
+    # logs commit raise".
     err = boom()
     driver = ScriptedDriver({"handle_commit": [raising(err)],
-                             "handle_status": [Ok("transaction"), Ok("transaction")]})
+                             "handle_status": [Ok("transaction")]})
     pool = start(pools, driver)
     entries: list[LogEntry] = []
     with pytest.raises(RuntimeError) as info:
@@ -481,8 +480,9 @@ def test_a_raising_commit_propagates_is_logged_and_checkin_cleans_the_connection
     assert info.value is err
     assert [(e.call, e.error) for e in entries] == [("begin", None), ("commit", err)]
     assert entries[1].pool_time is None
-    assert sequence(driver) == ["connect", "handle_begin", "handle_commit", "handle_rollback"]
-    assert not calls(driver, "disconnect")
+    driver.wait_for("connect", 2)
+    assert sequence(driver) == ["connect", "handle_begin", "handle_commit", "disconnect",
+                                "connect"]
 
 
 def test_a_commit_finding_no_transaction_raises_transaction_error_and_replaces(
@@ -623,16 +623,21 @@ def test_a_disconnect_inside_a_transaction_skips_the_rollback_and_reconnects(
     assert first.args == second.args  # the same connect options
 
 
-def test_a_raising_statement_inside_a_transaction_rolls_it_back(pools: list[Pool]) -> None:
+def test_a_raising_statement_inside_a_transaction_drops_the_connection(
+    pools: list[Pool]
+) -> None:
     # Ports transaction_execute's "execute raise raises and stops connection": the
-    # raise leaves the block, which rolls back.
+    # raise leaves the block, and the connection, in an unknown state, is
+    # replaced rather than sent a ROLLBACK.
     err = boom()
     driver = ScriptedDriver({"handle_execute": [raising(err)]})
     pool = start(pools, driver)
     with pytest.raises(RuntimeError) as info, pool.transaction() as conn:
         conn.execute(Query("SELECT x"), ["param"])
     assert info.value is err
-    assert sequence(driver) == ["connect", "handle_begin", "handle_execute", "handle_rollback"]
+    driver.wait_for("connect", 2)
+    assert sequence(driver) == ["connect", "handle_begin", "handle_execute", "disconnect",
+                                "connect"]
     assert pool.query("SELECT 1").command == "SELECT 0"
 
 
@@ -893,12 +898,10 @@ def test_an_outdated_connection_is_refused_even_while_its_slot_is_lent_again(
 
 
 @pytest.mark.parametrize("how", ["error", "raise"])
-def test_a_close_error_is_raised_logged_and_the_connection_kept(
-    pools: list[Pool], how: str
-) -> None:
+def test_a_close_error_is_raised_and_logged(pools: list[Pool], how: str) -> None:
     # Ports close_test's "close error returns error", "close logs error", "close!
-    # error raises error" and "close logs raise" (dbpool: the raise propagates and
-    # the connection stays, its status being idle).
+    # error raises error" and "close logs raise": an error keeps the connection, a
+    # raise replaces it.
     err = boom()
     driver = ScriptedDriver({"handle_close": [Error(err) if how == "error" else raising(err)]})
     pool = start(pools, driver)
@@ -911,10 +914,14 @@ def test_a_close_error_is_raised_logged_and_the_connection_kept(
     assert (entry.call, entry.query, entry.params, entry.error) == ("close", query, None, err)
     assert entry.pool_time is not None and entry.pool_time >= 0
     assert entry.connection_time >= 0 and entry.decode_time is None
-    assert sequence(driver) == ["connect", "handle_close"]
     assert calls(driver, "handle_close")[0].args[0] is query
+    if how == "error":
+        assert sequence(driver) == ["connect", "handle_close"]
+    else:
+        driver.wait_for("connect", 2)
+        assert sequence(driver) == ["connect", "handle_close", "disconnect", "connect"]
     pool.close(query)
-    assert not calls(driver, "disconnect")
+    assert len(calls(driver, "disconnect")) == (how == "raise")
 
 
 def test_close_is_allowed_in_a_failed_transaction_which_then_rolls_back(

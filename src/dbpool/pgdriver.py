@@ -160,10 +160,7 @@ class PgDriver:
                 cur.execute(self._execute_sql(query, params, state))
             if "timed" not in opts:
                 return Ok(_result(cur))
-            started = time.perf_counter()  # psycopg decodes the rows as it fetches them
-            result = _result(cur)
-            result.decode_time = time.perf_counter() - started
-            return Ok(result)
+            return Ok(_timed_result(cur))
         except psycopg.Error as err:
             return _failure(state, err)
 
@@ -190,7 +187,9 @@ class PgDriver:
                 raise prepared.error
         if isinstance(params, Mapping):
             raise TypeError("a prepared statement takes positional parameters ($1, $2, ...)")
-        args = sql.SQL(", ").join(sql.Literal(p) for p in params or ())
+        if not params:  # PostgreSQL rejects "EXECUTE name()"
+            return sql.SQL("EXECUTE {}").format(sql.Identifier(query.name))
+        args = sql.SQL(", ").join(sql.Literal(p) for p in params)
         return sql.SQL("EXECUTE {}({})").format(sql.Identifier(query.name), args)
 
     # -- cursors ---------------------------------------------------------
@@ -198,7 +197,11 @@ class PgDriver:
     def handle_declare(
         self, query: Query, params: Params, opts: Options, state: PgState
     ) -> Outcome[psycopg.ServerCursor[Any]]:
-        cursor = state.conn.cursor(name=state.next_cursor_name())
+        name = state.next_cursor_name()
+        # A named (prepared) query is written with PostgreSQL's $n placeholders,
+        # which a raw cursor passes through; a server cannot DECLARE over EXECUTE.
+        cursor = (state.conn.cursor(name=name) if query.name is None
+                  else psycopg.RawServerCursor(state.conn, name))
         try:
             cursor.execute(query.sql, params)
         except psycopg.Error as err:
@@ -210,13 +213,18 @@ class PgDriver:
         self, query: Query, cursor: Any, opts: Options, state: PgState
     ) -> Outcome[tuple[FetchStatus, Result]]:
         max_rows = int(opts.get("max_rows", 500))
+        # FETCH through the plain cursor, as a query: the rows arrive, then
+        # are decoded, so a log entry can tell the two times apart.
+        fetch = sql.SQL("FETCH FORWARD {} FROM {}").format(
+            sql.Literal(max_rows), sql.Identifier(cursor.name))
+        cur = state.cursor
         try:
-            rows = cursor.fetchmany(max_rows)
+            cur.execute(fetch)
+            batch = _result(cur) if "timed" not in opts else _timed_result(cur)
         except psycopg.Error as err:
             return _failure(state, err)
-        columns = _columns(cursor.description)
-        status: FetchStatus = "cont" if len(rows) == max_rows else "halt"
-        return Ok((status, Result(columns, rows, len(rows), f"FETCH {len(rows)}")))
+        status: FetchStatus = "cont" if batch.rowcount == max_rows else "halt"
+        return Ok((status, batch))
 
     def handle_deallocate(
         self, query: Query, cursor: Any, opts: Options, state: PgState
@@ -244,12 +252,6 @@ def _status(state: PgState) -> TransactionStatus:
     return _STATUS.get(state.conn.pgconn.transaction_status, "error")
 
 
-def _columns(description: Any) -> list[Column]:
-    if not description:
-        return []
-    return [Column(c.name, c.type_code) for c in description]
-
-
 _TUPLES_OK = int(pq.ExecStatus.TUPLES_OK)  # an enum member lookup costs more per query
 
 
@@ -258,6 +260,14 @@ def _result(cur: psycopg.Cursor[Any]) -> Result:
     if pgresult is None or pgresult.status != _TUPLES_OK:
         return Result([], [], cur.rowcount, cur.statusmessage)
     return _PgResult(pgresult, cur.connection, cur.fetchall())
+
+
+def _timed_result(cur: psycopg.Cursor[Any]) -> Result:
+    """:func:`_result`, with the time psycopg takes to decode the rows."""
+    started = time.perf_counter()
+    result = _result(cur)
+    result.decode_time = time.perf_counter() - started
+    return result
 
 
 class _PgResult(Result):
