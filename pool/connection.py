@@ -181,8 +181,22 @@ class Connection:
     # -- status, run and transactions ---------------------------------------
 
     def status(self) -> TransactionStatus:
-        """``"idle"``, ``"transaction"`` or ``"error"`` (a failed transaction)."""
-        return self._unwrap(self._core.driver.handle_status(_NO_OPTS, self._state()))
+        """``"idle"``, ``"transaction"``, or ``"error"``: a failed transaction, or, as
+        in DBConnection, a connection found lost (it is then replaced at checkin).
+        """
+        if self._loan.claim and self._slot.broken is not None:
+            return "error"
+        outcome = self._callback(self._core.driver.handle_status, _NO_OPTS,
+                                 self._state(while_failed=True))
+        if isinstance(outcome, Ok):
+            return outcome.value
+        try:
+            self._unwrap(outcome)
+        except LostBeforeEffect:
+            raise  # a one-shot pool.status() retries on another connection
+        except Exception:
+            pass  # logged by nobody: DBConnection does not log status calls either
+        return "error"
 
     def run(self, fn: Callable[[Connection], T]) -> T:
         """``fn(self)``: on a connection already held, run is a pass-through.

@@ -84,7 +84,7 @@ class PoolCore:
     # -- lending ---------------------------------------------------------
 
     def held_conn(self) -> Connection | None:
-        """The connection this thread holds (checkout, run, transaction), if any.
+        """The connection this thread holds (run, transaction), if any.
 
         Only the holder's own thread sees it, even where a context was copied
         to another thread: connections are not shared behind a caller's back.

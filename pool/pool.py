@@ -34,7 +34,7 @@ import pykka
 from dbpool.actors.connection import ConnectionConfig
 from dbpool.actors.slot import Slot
 from dbpool.driver import Driver, Params, Query, Result
-from dbpool.errors import TransactionStatus
+from dbpool.errors import ConnectionError, TransactionStatus
 from dbpool.pgdriver import PgDriver
 
 from .connection import AsyncConnection, AsyncTransaction, Connection, LostBeforeEffect
@@ -191,8 +191,16 @@ class Pool:
         self._one_shot(lambda c: c.close(query, log=log), **self._checkout_opts(opts))
 
     def status(self, **opts: Any) -> TransactionStatus:
-        """The transaction status of this thread's connection, or of a checked-out one."""
-        return self._one_shot(lambda c: c.status(), **self._checkout_opts(opts))
+        """The transaction status of this thread's connection, or of a checked-out one.
+
+        As in DBConnection it does not raise for connection trouble: a
+        connection found lost, or none to be had, is ``"error"``.
+        """
+        checkout_opts = self._checkout_opts(opts)
+        try:
+            return self._one_shot(lambda c: c.status(), **checkout_opts)
+        except ConnectionError:
+            return "error"
 
     def run(self, fn: Callable[[Connection], T], **opts: Any) -> T:
         """Call ``fn(conn)`` on one checked-out connection and return its result.
@@ -316,7 +324,11 @@ class Pool:
 
     async def astatus(self, **opts: Any) -> TransactionStatus:
         """:meth:`status` for asyncio."""
-        return await self._aone_shot(lambda c: c.status(), **self._checkout_opts(opts))
+        checkout_opts = self._checkout_opts(opts)
+        try:
+            return await self._aone_shot(lambda c: c.status(), **checkout_opts)
+        except ConnectionError:
+            return "error"
 
     async def arun(self, fn: Callable[[AsyncConnection], Awaitable[T]], **opts: Any) -> T:
         """:meth:`run` for asyncio: ``fn`` is a coroutine function given an AsyncConnection."""
