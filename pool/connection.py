@@ -526,11 +526,14 @@ class AsyncConnection:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
+            # A call abandoned by a cancelled task may still run on its thread:
+            # it ends first, so that two threads never share the connection.
+            await self._settle()
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(None, functools.partial(fn, *args))
             self._pending = future
             # Shielded: if the task is cancelled, the call still finishes before
-            # checkin (see _settle), so two threads never share the connection.
+            # the next one or checkin (see _settle).
             return await asyncio.shield(future)
 
     async def _settle(self) -> None:

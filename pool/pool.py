@@ -250,9 +250,10 @@ class Pool:
         Outside a transaction it opens one for the stream's life, on a
         connection checked out when iteration starts.
         """
-        log = opts.get("log")
-        with self.transaction(**opts) as conn:
-            yield from conn.stream(sql, params, max_rows=max_rows, log=log)
+        log = opts.pop("log", None)
+        # Made here, not in the generator, so that a deadline names the caller's line.
+        tx = _PoolTransaction(self._core, log, caller_location(), **self._checkout_opts(opts))
+        return _stream_in(tx, sql, params, max_rows, log)
 
     def _checkout_opts(self, opts: dict[str, Any]) -> dict[str, Any]:
         unknown = set(opts) - {"timeout", "queue"}
@@ -357,14 +358,14 @@ class Pool:
             return tx
         return tx.run(fn)
 
-    async def astream(
+    def astream(
         self, sql: str | Query, params: Params = None, *, max_rows: int = 500, **opts: Any
     ) -> AsyncIterator[Result]:
         """:meth:`stream` for asyncio: an async iterator of batches."""
-        log = opts.get("log")
-        async with self.atransaction(**opts) as conn:
-            async for batch in conn.stream(sql, params, max_rows=max_rows, log=log):
-                yield batch
+        log = opts.pop("log", None)
+        tx = _AsyncPoolTransaction(self._core, log, caller_location(),
+                                   **self._checkout_opts(opts))
+        return _astream_in(tx, sql, params, max_rows, log)
 
     async def _aone_shot(
         self, call: Callable[[Connection], T], timeout: float | None, queue: bool | None,
@@ -441,6 +442,22 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"<dbpool Pool {self.name!r} size={self.options.pool_size} alive={self.alive}>"
+
+
+def _stream_in(
+    tx: _PoolTransaction, sql: str | Query, params: Params, max_rows: int, log: LogFn | None
+) -> Iterator[Result]:
+    with tx as conn:
+        yield from conn.stream(sql, params, max_rows=max_rows, log=log)
+
+
+async def _astream_in(
+    tx: _AsyncPoolTransaction, sql: str | Query, params: Params, max_rows: int,
+    log: LogFn | None,
+) -> AsyncIterator[Result]:
+    async with tx as conn, conn.stream(sql, params, max_rows=max_rows, log=log) as batches:
+        async for batch in batches:
+            yield batch
 
 
 class _Checkout:

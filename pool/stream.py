@@ -83,6 +83,7 @@ def _batches(
     conn: Connection, query: Query, params: Params, max_rows: int, log: LogFn | None
 ) -> Generator[Result, None, None]:
     driver = conn._core.driver
+    conn._state()  # outdated, lost, or rolling back: say so, not "needs a transaction"
     status = conn.status()
     if status != "transaction":
         raise TransactionError(

@@ -31,7 +31,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from dbpool.driver import Ok, WrongStatus
+from dbpool.driver import Error, WrongStatus
 from dbpool.errors import ConnectionError, RolledBack, TransactionError
 
 from .logentry import LogFn
@@ -40,9 +40,6 @@ if TYPE_CHECKING:
     from .connection import Connection
 
 __all__ = ["RollbackSignal", "Transaction"]
-
-#: What COMMIT returns when the driver says the transaction failed on the server.
-_FAILED_ON_SERVER = object()
 
 
 class RollbackSignal(BaseException):
@@ -105,17 +102,21 @@ class Transaction:
         if failed or conn._slot.broken is not None or conn.status() == "error":
             self._roll_back(quietly=False)
             raise RolledBack("rollback")
-        if self._send("commit") is _FAILED_ON_SERVER:
+        try:
+            self._send("commit")
+        except TransactionError as error:
+            if error.status != "error" or conn._slot.broken is not None:
+                raise
             # The driver found the transaction failed: as DBConnection does,
             # roll it back and keep the connection.
             self._roll_back(quietly=False)
-            raise RolledBack("rollback")
+            raise RolledBack("rollback") from None
 
     def _send(self, call: str) -> Any:
         """BEGIN, COMMIT or ROLLBACK; TransactionError if the status does not allow it.
 
-        A COMMIT refused because the transaction failed returns
-        ``_FAILED_ON_SERVER`` instead: the caller rolls back.
+        The connection is then replaced, except for a COMMIT refused because
+        the transaction failed (status ``"error"``), which the caller rolls back.
         """
         conn = self._conn
         callback = getattr(conn._core.driver, f"handle_{call}")
@@ -123,12 +124,11 @@ class Transaction:
         def run(opts: Any, state: Any) -> Any:
             outcome = callback(opts, state)
             if isinstance(outcome, WrongStatus):
-                if call == "commit" and outcome.status == "error":
-                    return Ok(_FAILED_ON_SERVER)
                 error = TransactionError(_wrong_status(call, outcome.status),
                                          status=outcome.status)
-                conn._slot.broken = error  # its state is not what we think: replace it
-                raise error
+                if not (call == "commit" and outcome.status == "error"):
+                    conn._slot.broken = error  # its state is not what we think: replace it
+                return Error(error)  # raised by the caller, after the log entry
             return outcome
 
         return conn._call(call, call.upper(), None, self._log, run, while_failed=True)

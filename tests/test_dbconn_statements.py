@@ -580,6 +580,18 @@ def test_a_stream_deallocate_on_a_lost_connection_is_logged_as_connection_closed
     assert deallocate.pool_time is None and deallocate.connection_time >= 0
 
 
+def test_a_stream_on_a_lost_connection_says_it_is_closed(pools: list[Pool]) -> None:
+    # Not "needs a transaction": the transaction is there, its connection is not.
+    driver = TxDriver({"handle_execute": [Disconnect(RuntimeError("oops"))]})
+    pool, _ = scripted(pools, driver)
+    with pytest.raises(RolledBack), pool.transaction() as conn:
+        with pytest.raises(ConnectionError, match="connection lost"):
+            conn.query("SELECT x")
+        with pytest.raises(ConnectionError, match="connection is closed"):
+            next(iter(conn.stream("SELECT x")))
+    assert "handle_declare" not in record(driver)
+
+
 def test_a_stream_fetch_error_still_deallocates_and_the_fetch_error_wins(
     pools: list[Pool]
 ) -> None:

@@ -514,7 +514,11 @@ def test_a_commit_finding_a_failed_transaction_rolls_back_and_keeps_the_connecti
         pool.transaction(lambda conn: "ok", log=entries.append)
     assert info.value.reason == "rollback"
     assert sequence(driver) == ["connect", "handle_begin", "handle_commit", "handle_rollback"]
-    assert [e.call for e in entries][-1] == "rollback"
+    assert [e.call for e in entries] == ["begin", "commit", "rollback"]
+    refused = entries[1].error
+    assert isinstance(refused, TransactionError) and refused.status == "error"
+    assert entries[2].error is None
+    assert not calls(driver, "disconnect")
 
 
 # -- rollback ---------------------------------------------------------------------

@@ -312,3 +312,49 @@ def test_asyncio_transactions_streams_and_statements(
 
     asyncio.run(body())
     assert count(pool, table) == 1
+
+
+def test_a_parameter_error_raised_before_sending_keeps_the_connection(
+    pg_dsn: str, pools: list[Pool], table: str
+) -> None:
+    # psycopg rejects these before anything reaches the server: the
+    # connection is not in doubt, so it is neither replaced nor failed.
+    pool, _ = start_named(pg_dsn, pools, "qa-param-error")
+    pid = pool.query("SELECT pg_backend_pid()").rows[0][0]
+    with pytest.raises(TypeError):
+        pool.query("SELECT %s", 5)  # type: ignore[arg-type]
+    assert pool.query("SELECT pg_backend_pid()").rows[0][0] == pid
+    with pool.transaction() as conn:
+        conn.query(f"INSERT INTO {table} VALUES (1)")
+        with pytest.raises(TypeError):
+            conn.query("SELECT %s", 5)  # type: ignore[arg-type]
+        assert conn.status() == "transaction"  # the server saw nothing
+    assert count(pool, table) == 1
+
+
+def test_stream_fetches_are_not_left_prepared_on_the_server(
+    pg_dsn: str, pools: list[Pool]
+) -> None:
+    # psycopg prepares a statement run often enough; a FETCH names a cursor
+    # never seen again, so a prepared one would only fill the server's cache.
+    pool, _ = start_named(pg_dsn, pools, "qa-fetch-unprepared")
+    with pool.transaction() as conn:
+        for _ in range(8):
+            batches = list(conn.stream("SELECT generate_series(1, 10)", max_rows=1))
+            assert len(batches) == 10
+        prepared = conn.query("SELECT statement FROM pg_prepared_statements").rows
+    assert not [s for (s,) in prepared if "FETCH" in s.upper()]
+
+
+def test_a_result_copies_and_pickles_as_a_plain_result(
+    pg_dsn: str, pools: list[Pool]
+) -> None:
+    import copy
+    import pickle
+
+    pool, _ = start_named(pg_dsn, pools, "qa-copy")
+    result = pool.query("SELECT 1 AS one, 'x'::text AS x")
+    for clone in (copy.deepcopy(result), pickle.loads(pickle.dumps(result))):
+        assert clone == result
+        assert [c.name for c in clone.columns] == ["one", "x"]
+        assert clone.command == "SELECT 1"

@@ -377,3 +377,44 @@ def test_async_calls_write_log_entries(pg_dsn: str, pools: list[Pool]) -> None:
     for timed in (query, both, execute):
         assert timed.decode_time is not None and timed.decode_time >= 0
     assert execute.result.rows == [(2,)]
+
+
+def test_a_stream_cancelled_mid_fetch_raises_cancelled_and_closes_its_cursor(
+    pg_dsn: str, pools: list[Pool]
+) -> None:
+    # The FETCH goes on in its thread after the cancel: closing the cursor
+    # and rolling back wait for it, rather than share the connection with it.
+    pool, _ = start_named(pg_dsn, pools, "aq-stream-cancel")
+    admin = psycopg.connect(pg_dsn, autocommit=True)
+    first = asyncio.Event()
+    pids: list[int] = []
+
+    def fetching() -> bool:
+        rows = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND state = 'active' "
+            "AND query LIKE 'FETCH%%'", pids).fetchone()
+        return rows is not None and rows[0] == 1
+
+    async def consumer() -> None:
+        async with pool.atransaction() as conn:
+            pids.append(conn.backend_pid or 0)
+            sql = "SELECT pg_sleep(CASE WHEN g = 1 THEN 0 ELSE 0.3 END), g " \
+                  "FROM generate_series(1, 5) AS g"
+            async with conn.stream(sql, max_rows=1) as batches:
+                async for _ in batches:
+                    first.set()
+
+    async def body() -> None:
+        task = asyncio.create_task(consumer())
+        await first.wait()
+        await until(fetching)  # the second FETCH is on the server
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert (await pool.aquery("SELECT count(*) FROM pg_cursors")).rows == [(0,)]
+        assert (await pool.astatus()) == "idle"
+
+    try:
+        run(body)
+    finally:
+        admin.close()

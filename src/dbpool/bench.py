@@ -266,6 +266,8 @@ def _print_table(report: dict[str, Any]) -> None:
 
 # -- streaming memory ----------------------------------------------------------
 
+_NO_DEADLINE = float("inf")
+
 #: The streamed rows: an int and a short text each.
 STREAM_SQL = "SELECT g, 'row ' || g FROM generate_series(1, %s) AS g"
 
@@ -291,7 +293,8 @@ def stream(dsn: str, rows: int = 10_000_000, max_rows: int = 500,
         _reset_peak_rss()
         began = time.perf_counter()
         count = total = batches = 0
-        for batch in pool.stream(STREAM_SQL, (rows,), max_rows=max_rows):
+        # No deadline: the checkout lasts as long as the stream does.
+        for batch in pool.stream(STREAM_SQL, (rows,), max_rows=max_rows, timeout=_NO_DEADLINE):
             batches += 1
             count += len(batch.rows)
             total += sum(row[0] for row in batch.rows)

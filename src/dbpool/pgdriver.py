@@ -161,7 +161,7 @@ class PgDriver:
             if "timed" not in opts:
                 return Ok(_result(cur))
             return Ok(_timed_result(cur))
-        except psycopg.Error as err:
+        except _CALL_ERRORS as err:
             return _failure(state, err)
 
     def handle_close(self, query: Query, opts: Options, state: PgState) -> Outcome[None]:
@@ -204,7 +204,7 @@ class PgDriver:
                   else psycopg.RawServerCursor(state.conn, name))
         try:
             cursor.execute(query.sql, params)
-        except psycopg.Error as err:
+        except _CALL_ERRORS as err:
             cursor.close()
             return _failure(state, err)
         return Ok(cursor)
@@ -219,7 +219,8 @@ class PgDriver:
             sql.Literal(max_rows), sql.Identifier(cursor.name))
         cur = state.cursor
         try:
-            cur.execute(fetch)
+            # Not prepared: the cursor's name is never seen again.
+            cur.execute(fetch, prepare=False)
             batch = _result(cur) if "timed" not in opts else _timed_result(cur)
         except psycopg.Error as err:
             return _failure(state, err)
@@ -299,6 +300,10 @@ class _PgResult(Result):
                 for i in range(pgresult.nfields)]
             return columns
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Copied or pickled as a plain Result: libpq's result cannot be.
+        return (Result, (self.columns, self.rows, self.rowcount, self.command))
+
     @property
     def command(self) -> str | None:
         try:
@@ -315,15 +320,24 @@ class _PgResult(Result):
 _SESSION_ENDED = frozenset({"57P01", "57P02", "57P05"})
 
 
+#: What a statement call returns as a failure rather than raising: psycopg's
+#: errors, and the TypeError/ValueError psycopg raises for bad parameters
+#: before it sends anything.
+_CALL_ERRORS = (psycopg.Error, TypeError, ValueError)
+
+
 def _failure(
-    state: PgState, err: psycopg.Error, retry_safe: bool = False
+    state: PgState, err: Exception, retry_safe: bool = False
 ) -> Error | Disconnect | DisconnectAndRetry:
-    """A SQL error keeps the connection; a broken connection does not.
+    """A SQL or parameter error keeps the connection; a broken connection does not.
 
     ``retry_safe``: the statement has no effect unless it completes (BEGIN)."""
-    if state.conn.closed or state.conn.broken:
-        if retry_safe or err.sqlstate in _SESSION_ENDED:
+    conn = state.conn
+    if conn.closed or conn.broken:
+        if retry_safe or getattr(err, "sqlstate", None) in _SESSION_ENDED:
             return DisconnectAndRetry(err)
         return Disconnect(err)
+    if conn.pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
+        return Disconnect(err)  # failed halfway through a statement: state unknown
     return Error(err)
 
