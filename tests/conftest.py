@@ -26,6 +26,7 @@ Fixtures
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,3 +145,13 @@ def pools() -> Iterator[list[Pool]]:
     yield started
     for pool in started:
         pool.stop()
+
+
+@pytest.fixture
+def table(pg_dsn: str) -> Iterator[str]:
+    """A fresh table ``(x int)`` on the machine's PostgreSQL, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE TABLE {name} (x int)")
+        yield name
+        admin.execute(f"DROP TABLE {name}")

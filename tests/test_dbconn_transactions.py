@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -87,15 +86,6 @@ def raising(error: BaseException) -> Callable[..., Any]:
 
 def never(_conn: Any) -> Any:
     pytest.fail("the transaction's function ran")
-
-
-@pytest.fixture
-def table(pg_dsn: str) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_dsn, autocommit=True) as admin:
-        admin.execute(f"CREATE TABLE {name} (x int)")
-        yield name
-        admin.execute(f"DROP TABLE {name}")
 
 
 def count(pool: Pool, table: str) -> int:

@@ -7,8 +7,6 @@ execute_test, prepare_execute_test, close_test, stream_test), in Python form.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -19,15 +17,6 @@ from dbpool.pool import Pool
 from dbpool.pool.connection import Connection
 from dbpool.pool.logentry import LogEntry
 from tests.support.pools import start_named
-
-
-@pytest.fixture
-def table(pg_dsn: str) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_dsn, autocommit=True) as admin:
-        admin.execute(f"CREATE TABLE {name} (x int)")
-        yield name
-        admin.execute(f"DROP TABLE {name}")
 
 
 def count(pool: Pool, table: str) -> int:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -26,15 +26,6 @@ from dbpool.pool import Pool
 from dbpool.pool.connection import AsyncConnection
 from dbpool.pool.logentry import LogEntry
 from tests.support.pools import start_named
-
-
-@pytest.fixture
-def table(pg_dsn: str) -> Iterator[str]:
-    name = f"ta_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_dsn, autocommit=True) as admin:
-        admin.execute(f"CREATE TABLE {name} (x int)")
-        yield name
-        admin.execute(f"DROP TABLE {name}")
 
 
 def run(body: Callable[[], Awaitable[None]], timeout: float = 10.0) -> None:
