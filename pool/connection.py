@@ -106,7 +106,7 @@ class Connection:
         """
         if log is None and self._core.log is None:  # the hot path: nothing to time
             state = self._state()
-            try:
+            try:  # _callback(), inlined
                 outcome = self._core.driver.handle_execute(sql, params, _NO_OPTS, state)
             except BaseException as error:
                 self._raised(error)

@@ -138,10 +138,11 @@ class Pool:
 
         Inside ``run()`` or ``transaction()`` on this thread, it runs on that
         connection instead (a plain ``checkout()`` does not lend its
-        connection to pool calls: use the connection it gives).  If the connection turns out to
-        have been closed by the server and the statement had no effect (the
-        session was terminated, or timed out while idle), it runs again on
-        another connection, up to the ``checkout_retries`` option.
+        connection to pool calls: use the connection it gives).  If the
+        connection turns out to have been closed by the server and the
+        statement had no effect (the session was terminated, or timed out
+        while idle), it runs again on another connection, up to the
+        ``checkout_retries`` option.
         """
         core = self._core
         if core.held.get() is not None:  # a run or transaction may be open here
