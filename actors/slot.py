@@ -23,6 +23,7 @@ class Slot:
         "backend_pid",
         "broken",
         "connected_at",
+        "driver",
         "driver_state",
         "expires_at",
         "generation",
@@ -31,11 +32,14 @@ class Slot:
         "lent_at",
     )
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, driver: Any = None) -> None:
         #: The position in the pool, 0..pool_size-1; stable across reconnects.
         self.index = index
         #: The connection actor's ActorRef (set when the actor starts).
         self.actor: Any = None
+        #: The driver that callers use on ``driver_state``: the pool's, unless an
+        #: ownership proxy's ``post_checkout`` swapped both while it holds the slot.
+        self.driver: Any = driver
         #: The driver's state while connected, else None.
         self.driver_state: Any = None
         #: The server process of the current (or last) connection, if the driver says.

@@ -29,6 +29,7 @@ from dbpool.actors.slot import Slot
 from dbpool.driver import (
     Disconnect,
     DisconnectAndRetry,
+    Driver,
     Error,
     Ok,
     Options,
@@ -86,12 +87,14 @@ class Connection:
     call (default: the pool's ``log`` option).
     """
 
-    __slots__ = ("__weakref__", "_core", "_driver_state", "_loan", "_slot", "_tracked")
+    __slots__ = (
+        "__weakref__", "_core", "_driver", "_driver_state", "_loan", "_slot", "_tracked")
 
     def __init__(self, core: PoolCore, slot: Slot, loan: Loan) -> None:
         self._core = core
         self._slot = slot
         self._loan = loan
+        self._driver: Driver[Any] = slot.driver
         self._driver_state = slot.driver_state
         self._tracked: _Tracking | None = None
 
@@ -107,13 +110,13 @@ class Connection:
         if log is None and self._core.log is None:  # the hot path: nothing to time
             state = self._state()
             try:  # _callback(), inlined
-                outcome = self._core.driver.handle_execute(sql, params, _NO_OPTS, state)
+                outcome = self._driver.handle_execute(sql, params, _NO_OPTS, state)
             except BaseException as error:
                 self._raised(error)
             if type(outcome) is Ok:  # the common case, without a call to _unwrap
                 return outcome.value
             return self._unwrap(outcome)
-        driver = self._core.driver
+        driver = self._driver
         return self._call("query", sql, params, log, lambda opts, state: driver.handle_execute(
             sql, params, opts, state))
 
@@ -122,7 +125,7 @@ class Connection:
 
         A prepared statement uses PostgreSQL's placeholders (``$1``, ``$2``).
         """
-        driver = self._core.driver
+        driver = self._driver
         query = Query(sql, name)
         return self._call("prepare", query, None, log,
                           lambda opts, state: driver.handle_prepare(query, opts, state))
@@ -133,7 +136,7 @@ class Connection:
         A named query this connection does not have (it was prepared on
         another connection, or before a reconnect) is prepared first.
         """
-        driver = self._core.driver
+        driver = self._driver
         return self._call("execute", query, params, log,
                           lambda opts, state: driver.handle_execute(query, params, opts, state))
 
@@ -141,7 +144,7 @@ class Connection:
         self, name: str, sql: str, params: Params = None, *, log: LogFn | None = None
     ) -> tuple[Query, Result]:
         """Prepare then execute, in one call: ``(query, result)``."""
-        driver = self._core.driver
+        driver = self._driver
         query = Query(sql, name)
 
         def both(opts: Options, state: Any) -> Outcome[tuple[Query, Result]]:
@@ -160,7 +163,7 @@ class Connection:
 
         The one call still allowed while a failed transaction rolls back.
         """
-        driver = self._core.driver
+        driver = self._driver
         self._call("close", query, None, log,
                    lambda opts, state: driver.handle_close(query, opts, state),
                    while_failed=True)
@@ -186,7 +189,7 @@ class Connection:
         """
         if self._loan.claim and self._slot.broken is not None:
             return "error"
-        outcome = self._callback(self._core.driver.handle_status, _NO_OPTS,
+        outcome = self._callback(self._driver.handle_status, _NO_OPTS,
                                  self._state(while_failed=True))
         if isinstance(outcome, Ok):
             return outcome.value
@@ -399,14 +402,14 @@ class Connection:
         """Whether checkin will have to roll back (which is I/O)."""
         if not self._loan.claim or self._slot.broken is not None:
             return False
-        status = self._core.driver.handle_status(_NO_OPTS, self._driver_state)
+        status = self._driver.handle_status(_NO_OPTS, self._driver_state)
         return not (isinstance(status, Ok) and status.value == "idle")
 
     def _close_revoked(self, error: BaseException) -> None:
         """Close the connection the deadline took from us, on this (its owner's) thread."""
         state, self._driver_state = self._driver_state, None
         if state is not None:
-            self._core.driver.disconnect(error, state)
+            self._driver.disconnect(error, state)
 
     def __del__(self) -> None:
         # Garbage-collected while lent: hand it back through the pool's watcher

@@ -110,8 +110,14 @@ class PoolCore:
             return None
         return conn
 
-    def lend(self, timeout: float, queue: bool, where: Location | None) -> Connection:
-        """Check out a connection for this thread (see :meth:`Pool.checkout`)."""
+    def lend(
+        self, timeout: float, queue: bool, where: Location | None, caller: Any = None
+    ) -> Connection:
+        """Check out a connection for this thread (see :meth:`Pool.checkout`).
+
+        ``caller`` is for the ownership pool, which lends the connection of
+        that owner; a plain pool ignores it.
+        """
         started = time.monotonic()
         try:
             while True:
@@ -123,7 +129,9 @@ class PoolCore:
             self._report(error)
             raise
 
-    async def alend(self, timeout: float, queue: bool, where: Location | None) -> Connection:
+    async def alend(
+        self, timeout: float, queue: bool, where: Location | None, caller: Any = None
+    ) -> Connection:
         """:meth:`lend` for asyncio: the wait never blocks the event loop."""
         started = time.monotonic()
         try:
@@ -164,20 +172,63 @@ class PoolCore:
         """
         outcome = self.driver.checkout(slot.driver_state)
         if isinstance(outcome, Ok):
-            loan = Loan(slot, started, started + timeout, where)
-            self.loans[slot.index] = loan
-            watcher = self.watcher
-            if loan.deadline < watcher.wake_at:  # watcher.watch(loan), inlined: the hot path
-                watcher.watch(loan)
-            if "checkout" in _listened:
-                self._emit_checkout(slot, started)
-            return Connection(self, slot, loan)
+            return self.lend_slot(slot, started, timeout, where)
+        self.refused(slot, outcome)
+        return None
+
+    def lend_slot(
+        self, slot: Slot, started: float, timeout: float, where: Location | None
+    ) -> Connection:
+        """Start a loan of a slot taken for this caller: the watcher guards its deadline."""
+        loan = Loan(slot, started, started + timeout, where)
+        self.loans[slot.index] = loan
+        watcher = self.watcher
+        if loan.deadline < watcher.wake_at:  # watcher.watch(loan), inlined: the hot path
+            watcher.watch(loan)
+        if "checkout" in _listened:
+            self._emit_checkout(slot, started)
+        return Connection(self, slot, loan)
+
+    def refused(self, slot: Slot, outcome: Any) -> None:
+        """The driver's checkout callback refused a slot: take it back.
+
+        A ``Disconnect`` has it replaced and returns (the caller takes
+        another); any other refusal raises its error.
+        """
         if isinstance(outcome, Disconnect):
-            slot.broken = outcome.error  # have it replaced; the caller takes another
+            slot.broken = outcome.error
             self.checkin(slot)
-            return None
+            return
         self.checkin(slot)
         raise outcome.error
+
+    def revoke(self, loan: Loan, error: ConnectionError) -> bool:
+        """End someone else's loan now: its holder's next call raises ``error``.
+
+        The running statement is cancelled on the server and the slot gets a
+        fresh connection for others; the old one stays with its holder, who
+        closes it on its own thread.  False if the loan had ended already.
+        """
+        loan.revoked = error  # set first, so the holder never sees a bare claim
+        if not loan.take():
+            loan.revoked = None  # the holder checked in just now
+            return False
+        slot = loan.slot
+        state = slot.driver_state
+        self.forget(loan)
+        self.queue.record_usage(slot)
+        logger.warning("%s", error)
+        cancel = getattr(slot.driver, "cancel", None)
+        if cancel is not None and state is not None:
+            try:
+                cancel(state)
+            except Exception:
+                logger.debug("cancel of a revoked loan failed", exc_info=True)
+        slot.driver_state = None
+        self.deliver(ConnectionEvent("disconnected", self.name, slot.index, slot.actor,
+                                     slot.backend_pid, reason=str(error)))
+        self.reconnect(slot, error)
+        return True
 
     def forget(self, loan: Loan) -> None:
         """Drop an ended loan from the watcher's table (by its claimer, so it is there)."""
@@ -187,7 +238,7 @@ class PoolCore:
         """Roll back a connection left in a transaction; mark it broken if that fails."""
         if slot.broken is not None:
             return
-        driver, state = self.driver, slot.driver_state
+        driver, state = slot.driver, slot.driver_state
         status = driver.handle_status(_NO_OPTS, state)
         if not isinstance(status, Ok):
             slot.broken = status.error
@@ -265,6 +316,12 @@ class PoolCore:
         self.metrics.add("connects" if event.kind == "connected" else "disconnects")
         deliver(self.listeners, event)
         telemetry.emit(event.kind, {"count": 1}, {"pool": self.name, "event": event})
+
+    # -- stopping --------------------------------------------------------
+
+    def before_stop(self) -> None:
+        """Called by the pool actor first thing on stop (the ownership pool gives back
+        its owned connections here)."""
 
     # -- monitors --------------------------------------------------------
 

@@ -27,7 +27,6 @@ import time
 from types import CodeType
 from typing import TYPE_CHECKING
 
-from dbpool.actors.listeners import ConnectionEvent
 from dbpool.actors.slot import Slot
 from dbpool.errors import ConnectionError
 
@@ -162,32 +161,13 @@ class LoanWatcher:
 
     def _revoke(self, loan: Loan) -> None:
         core, slot = self._core, loan.slot
-        state = slot.driver_state
         error = ConnectionError(
             f"{core.name}: connection {slot.index} was revoked: it was queued and checked out "
             f"for longer than its {loan.deadline - loan.started:g}s timeout "
             f"({loan.describe()}); its statement was cancelled and the connection is being "
             "replaced", reason="deadline")
-        loan.revoked = error  # set first, so the owner never sees a bare claim
-        if not loan.take():
-            loan.revoked = None  # the owner checked in just now
-            return
-        core.forget(loan)
-        core.metrics.add("deadlines")
-        core.queue.record_usage(slot)
-        logger.warning("%s", error)
-        cancel = getattr(core.driver, "cancel", None)
-        if cancel is not None and state is not None:
-            try:
-                cancel(state)
-            except Exception:
-                logger.debug("cancel at deadline failed", exc_info=True)
-        # The old connection stays with its owner, who closes it on its own
-        # thread; the slot gets a new one.
-        slot.driver_state = None
-        core.deliver(ConnectionEvent("disconnected", core.name, slot.index, slot.actor,
-                                     slot.backend_pid, reason=str(error)))
-        core.reconnect(slot, error)
+        if core.revoke(loan, error):
+            core.metrics.add("deadlines")
 
     def _reclaim(self, loan: Loan, how: str) -> None:
         core, slot = self._core, loan.slot

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -75,6 +76,20 @@ class PoolOptions:
       connection closed by the server (idle timeout, restart) is retried on
       another connection, when that is safe: see :meth:`~dbpool.pool.Pool.query`.
 
+    Ownership (``pool="ownership"``; see :mod:`dbpool.pool.ownership`):
+
+    - ``pool`` (``"queue"``): ``"ownership"`` makes every connection be owned
+      explicitly by a thread or task, as DBConnection.Ownership does.
+    - ``ownership_mode`` (``"auto"``): ``"auto"`` gives each new owner a
+      connection of its own on first use; ``"manual"`` requires
+      ``ownership_checkout`` or ``ownership_allow`` first.
+    - ``ownership_timeout`` (120.0): an owner holding its connection longer
+      has it disconnected, and where it was checked out is logged.
+    - ``ownership_log`` (None): a logging level (``"DEBUG"``, ``logging.INFO``)
+      at which ownership changes are logged; None logs none.
+    - ``post_checkout`` and ``pre_checkin``: hooks run when an owner's
+      connection is taken from and given back to the pool.
+
     ``name`` names the pool in logs, events and threads.  ``connect_kwargs``
     are extra libpq keywords (``password="..."``, ``connect_timeout=5``).
     """
@@ -104,6 +119,12 @@ class PoolOptions:
     disconnect_all_interval: float = 15.0
     log: Callable[[Any], object] | None = None
     checkout_retries: int = 3
+    pool: str = "queue"
+    ownership_mode: str = "auto"
+    ownership_timeout: float | None = 120.0
+    ownership_log: int | str | None = None
+    post_checkout: Callable[..., Any] | None = None
+    pre_checkin: Callable[..., Any] | None = None
     connect_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -143,7 +164,24 @@ class PoolOptions:
         if not isinstance(self.checkout_retries, int) or self.checkout_retries < 0:
             raise ConfigurationError(
                 f"checkout_retries must be an integer >= 0, got {self.checkout_retries!r}")
-        for name in ("configure", "after_connect", "log"):
+        if self.pool not in ("queue", "ownership"):
+            raise ConfigurationError(
+                f"pool must be 'queue' or 'ownership', got {self.pool!r}")
+        if self.ownership_mode not in ("auto", "manual"):
+            raise ConfigurationError(
+                f"ownership_mode must be 'auto' or 'manual', got {self.ownership_mode!r}")
+        if self.ownership_timeout is not None and not (
+            isinstance(self.ownership_timeout, int | float) and self.ownership_timeout > 0
+        ):
+            raise ConfigurationError(f"ownership_timeout must be a positive number or None, "
+                                     f"got {self.ownership_timeout!r}")
+        if self.ownership_log is not None and not isinstance(
+            logging.getLevelName(self.ownership_log) if isinstance(self.ownership_log, str)
+            else self.ownership_log, int
+        ):
+            raise ConfigurationError(
+                f"ownership_log must be a logging level or None, got {self.ownership_log!r}")
+        for name in ("configure", "after_connect", "log", "post_checkout", "pre_checkin"):
             value = getattr(self, name)
             if value is not None and not callable(value):
                 raise ConfigurationError(f"{name} must be callable, got {value!r}")

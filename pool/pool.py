@@ -34,7 +34,7 @@ import pykka
 from dbpool.actors.connection import ConnectionConfig
 from dbpool.actors.slot import Slot
 from dbpool.driver import Driver, Params, Query, Result
-from dbpool.errors import ConnectionError, TransactionStatus
+from dbpool.errors import ConnectionError, OwnershipError, TransactionStatus
 from dbpool.pgdriver import PgDriver
 
 from .connection import AsyncConnection, AsyncTransaction, Connection, LostBeforeEffect
@@ -42,6 +42,8 @@ from .core import AsyncHold, Monitor, PoolCore
 from .loans import Loan, Location, caller_location
 from .logentry import LogFn
 from .options import PoolOptions
+from .owners import Owner
+from .ownership import AllowAnswer, CheckinAnswer, CheckoutAnswer, ModeAnswer, OwnershipCore
 from .pool_actor import PoolActor
 from .transaction import Transaction
 
@@ -79,7 +81,7 @@ class Pool:
 
             conninfo = embedded_conninfo()
         driver = driver if driver is not None else PgDriver()
-        core = PoolCore(driver, opts)
+        core = OwnershipCore(driver, opts) if opts.pool == "ownership" else PoolCore(driver, opts)
         config = ConnectionConfig(
             pool_name=opts.name,
             driver=driver,
@@ -109,7 +111,10 @@ class Pool:
 
     # -- checkout --------------------------------------------------------
 
-    def checkout(self, timeout: float | None = None, queue: bool | None = None) -> _Checkout:
+    def checkout(
+        self, timeout: float | None = None, queue: bool | None = None, *,
+        caller: Owner | None = None,
+    ) -> _Checkout:
         """Lend one connection to this thread: ``with pool.checkout() as conn: ...``.
 
         ``timeout`` (the pool's ``timeout`` option by default) is a deadline
@@ -118,21 +123,25 @@ class Pool:
         holding past it gets the running statement cancelled, the connection
         replaced, and ``ConnectionError(reason="deadline")`` from the next
         call.  ``queue=False`` fails at once if no connection is idle.
+        ``caller`` is for the ownership pool: use that owner's connection.
         """
-        return _Checkout(self._core, timeout, queue)
+        return _Checkout(self._core, timeout, queue, caller=caller)
 
-    def acheckout(self, timeout: float | None = None, queue: bool | None = None) -> _AsyncCheckout:
+    def acheckout(
+        self, timeout: float | None = None, queue: bool | None = None, *,
+        caller: Owner | None = None,
+    ) -> _AsyncCheckout:
         """:meth:`checkout` for asyncio: ``async with pool.acheckout() as conn: ...``.
 
         Waiting for a connection never blocks the event loop, and each call
         on the :class:`~dbpool.pool.connection.AsyncConnection` runs on a
         worker thread.
         """
-        return _AsyncCheckout(self._core, timeout, queue)
+        return _AsyncCheckout(self._core, timeout, queue, caller=caller)
 
     def query(
         self, sql: str, params: Params = None, *, timeout: float | None = None,
-        queue: bool | None = None, log: LogFn | None = None,
+        queue: bool | None = None, log: LogFn | None = None, caller: Owner | None = None,
     ) -> Result:
         """Run one statement on a connection checked out for it; return its Result.
 
@@ -152,7 +161,7 @@ class Pool:
         frame = _getframe(1)  # caller_location(), inlined: the hot path
         conn = core.lend(self._default_timeout if timeout is None else timeout,
                          self._default_queue if queue is None else queue,
-                         (frame.f_code, frame.f_lasti))
+                         (frame.f_code, frame.f_lasti), caller)
         try:
             return conn.query(sql, params, log=log)
         except LostBeforeEffect:
@@ -161,7 +170,8 @@ class Pool:
         finally:
             core.give_back(conn)
         return self._one_shot(lambda c: c.query(sql, params, log=log), timeout, queue,
-                              caller_location(), retries=core.options.checkout_retries - 1)
+                              caller_location(), retries=core.options.checkout_retries - 1,
+                              caller=caller)
 
     def prepare(self, name: str, sql: str, **opts: Any) -> Query:
         """Prepare a statement on one connection (see :meth:`Connection.prepare`).
@@ -257,14 +267,15 @@ class Pool:
         return _stream_in(tx, sql, params, max_rows, log)
 
     def _checkout_opts(self, opts: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(opts) - {"timeout", "queue"}
+        unknown = set(opts) - {"timeout", "queue", "caller"}
         if unknown:
             raise TypeError(f"unexpected option(s): {', '.join(sorted(unknown))}")
-        return {"timeout": opts.get("timeout"), "queue": opts.get("queue")}
+        return {"timeout": opts.get("timeout"), "queue": opts.get("queue"),
+                "caller": opts.get("caller")}
 
     def _one_shot(
         self, call: Callable[[Connection], T], timeout: float | None, queue: bool | None,
-        where: Location | None = None, retries: int | None = None,
+        where: Location | None = None, retries: int | None = None, caller: Owner | None = None,
     ) -> T:
         """``call(conn)`` on this thread's connection, or on one checked out for it.
 
@@ -280,7 +291,7 @@ class Pool:
         where = where or caller_location(3)
         retries = core.options.checkout_retries if retries is None else retries
         while True:
-            conn = core.lend(timeout, queue, where)
+            conn = core.lend(timeout, queue, where, caller)
             try:
                 return call(conn)
             except LostBeforeEffect:
@@ -294,10 +305,11 @@ class Pool:
 
     async def aquery(
         self, sql: str, params: Params = None, *, timeout: float | None = None,
-        queue: bool | None = None, log: LogFn | None = None,
+        queue: bool | None = None, log: LogFn | None = None, caller: Owner | None = None,
     ) -> Result:
         """:meth:`query` for asyncio."""
-        return await self._aone_shot(lambda c: c.query(sql, params, log=log), timeout, queue)
+        return await self._aone_shot(lambda c: c.query(sql, params, log=log), timeout, queue,
+                                     caller)
 
     async def aprepare(self, name: str, sql: str, **opts: Any) -> Query:
         """:meth:`prepare` for asyncio."""
@@ -370,6 +382,7 @@ class Pool:
 
     async def _aone_shot(
         self, call: Callable[[Connection], T], timeout: float | None, queue: bool | None,
+        caller: Owner | None = None,
     ) -> T:
         """:meth:`_one_shot` for asyncio: ``call`` runs on a worker thread."""
         held = self._core.aheld_conn()
@@ -378,7 +391,7 @@ class Pool:
         where = caller_location(3)  # past this and the public a* method
         retries = self._core.options.checkout_retries
         while True:
-            async with _AsyncCheckout(self._core, timeout, queue, where) as conn:
+            async with _AsyncCheckout(self._core, timeout, queue, where, caller=caller) as conn:
                 try:
                     return await conn._in_thread(call, conn.sync)
                 except LostBeforeEffect:
@@ -395,6 +408,70 @@ class Pool:
         DNS change or new credentials from ``configure``.
         """
         self._core.disconnect_all(interval)
+
+    # -- ownership (pool="ownership"; see dbpool.pool.ownership) ------------
+
+    def ownership_checkout(
+        self, owner: Owner | None = None, *, timeout: float | None = None,
+        queue: bool | None = None, **overrides: Any,
+    ) -> CheckoutAnswer:
+        """Check out a connection owned by ``owner`` (this thread or task by default).
+
+        Returns ``"ok"``, or ``"already_owner"`` / ``"already_allowed"``.  The
+        connection is taken from the pool at once (waiting up to ``timeout``),
+        so an error taking it, or from ``post_checkout``, is raised here.
+        ``post_checkout``, ``pre_checkin`` and ``ownership_timeout`` override
+        the pool's options for this ownership.
+        """
+        return self._ownership().ownership_checkout(
+            owner, self._default_timeout if timeout is None else timeout,
+            self._default_queue if queue is None else queue, caller_location(), overrides)
+
+    def ownership_checkin(self, owner: Owner | None = None) -> CheckinAnswer:
+        """Give back the connection ``owner`` (this thread or task) owns.
+
+        Returns ``"ok"``, ``"not_owner"`` (it is only allowed on one) or
+        ``"not_found"``.  The owners allowed on it lose it too.
+        """
+        return self._ownership().ownership_checkin(owner)
+
+    def ownership_allow(
+        self, owner_or_allowed: Owner, allowed: Owner, *, unallow_existing: bool = False
+    ) -> AllowAnswer:
+        """Let ``allowed`` use the connection of ``owner_or_allowed`` (an owner or allowed).
+
+        Returns ``"ok"``, ``"already_owner"`` / ``"already_allowed"`` if
+        ``allowed`` has a connection already (``unallow_existing=True`` moves
+        it instead), or ``"not_found"``.
+        """
+        return self._ownership().ownership_allow(owner_or_allowed, allowed, unallow_existing)
+
+    def ownership_mode(self, mode: Any) -> ModeAnswer:
+        """Set the mode: ``"auto"``, ``"manual"`` or ``("shared", owner)``.
+
+        Returns ``"ok"``, or for a shared mode ``"already_shared"`` (another
+        live owner shares), ``"not_owner"`` or ``"not_found"``.  Every owned
+        connection but the shared owner's is checked in.
+        """
+        return self._ownership().ownership_mode(mode)
+
+    def connection_metrics(self) -> list[dict[str, Any]]:
+        """DBConnection's ``get_connection_metrics``: the pool's entry, then one per owned
+        connection (ownership pools), each with ``ready_conn_count`` and
+        ``checkout_queue_length``."""
+        ready, waiting = self._core.queue.counts()
+        entries: list[dict[str, Any]] = [{"source": ("pool", self.name),
+                                          "ready_conn_count": ready,
+                                          "checkout_queue_length": waiting}]
+        if isinstance(self._core, OwnershipCore):
+            entries.extend(self._core.proxy_metrics())
+        return entries
+
+    def _ownership(self) -> OwnershipCore:
+        if not isinstance(self._core, OwnershipCore):
+            raise OwnershipError(f"{self.name}: not an ownership pool; start it with "
+                                 "Pool.start(..., pool='ownership')")
+        return self._core
 
     # -- lifecycle -------------------------------------------------------
 
@@ -432,8 +509,11 @@ class Pool:
         :class:`~dbpool.pool.metrics.PoolMetrics`.
         """
         ready, waiting = self._core.queue.counts()
-        return {"ready_conn_count": ready, "checkout_queue_length": waiting,
-                **self._core.metrics.snapshot()}
+        metrics = {"ready_conn_count": ready, "checkout_queue_length": waiting,
+                   **self._core.metrics.snapshot()}
+        if isinstance(self._core, OwnershipCore):
+            metrics["owned"] = self._core.proxy_metrics()
+        return metrics
 
     def __enter__(self) -> Pool:
         return self
@@ -469,13 +549,14 @@ class _Checkout:
     the pool's other calls still take connections of their own.
     """
 
-    __slots__ = ("_conn", "_core", "_hold", "_queue", "_timeout", "_token", "_where")
+    __slots__ = ("_caller", "_conn", "_core", "_hold", "_queue", "_timeout", "_token", "_where")
 
     def __init__(
         self, core: PoolCore, timeout: float | None, queue: bool | None,
-        where: Location | None = None, hold: bool = False,
+        where: Location | None = None, hold: bool = False, caller: Owner | None = None,
     ) -> None:
         self._core = core
+        self._caller = caller
         self._hold = hold
         self._timeout = core.options.timeout if timeout is None else timeout
         self._queue = core.options.queue if queue is None else queue
@@ -485,7 +566,8 @@ class _Checkout:
 
     def __enter__(self) -> Connection:
         core = self._core
-        conn = core.lend(self._timeout, self._queue, self._where or caller_location())
+        conn = core.lend(self._timeout, self._queue, self._where or caller_location(),
+                         self._caller)
         self._conn = conn
         if self._hold:
             self._token = core.held.set(weakref.ref(conn))
@@ -511,13 +593,14 @@ class _PoolTransaction:
 
     def __init__(
         self, core: PoolCore, log: LogFn | None, where: Location | None,
-        timeout: float | None, queue: bool | None,
+        timeout: float | None, queue: bool | None, caller: Owner | None = None,
     ) -> None:
         self._core = core
         self._log = log
         self._where = where
         self._timeout = timeout
         self._queue = queue
+        self._caller = caller
         self._checkout: _Checkout | None = None
         self._tx: Transaction | None = None
 
@@ -528,7 +611,8 @@ class _PoolTransaction:
             return self._tx.__enter__()
         retries = self._core.options.checkout_retries
         while True:
-            checkout = _Checkout(self._core, self._timeout, self._queue, self._where, hold=True)
+            checkout = _Checkout(self._core, self._timeout, self._queue, self._where, hold=True,
+                                 caller=self._caller)
             conn = checkout.__enter__()
             tx = Transaction(conn, self._log)
             try:
@@ -560,13 +644,14 @@ class _PoolTransaction:
 class _AsyncCheckout:
     """The async context manager :meth:`Pool.acheckout` returns (see :class:`_Checkout`)."""
 
-    __slots__ = ("_conn", "_core", "_hold", "_queue", "_timeout", "_token", "_where")
+    __slots__ = ("_caller", "_conn", "_core", "_hold", "_queue", "_timeout", "_token", "_where")
 
     def __init__(
         self, core: PoolCore, timeout: float | None, queue: bool | None,
-        where: Location | None = None, hold: bool = False,
+        where: Location | None = None, hold: bool = False, caller: Owner | None = None,
     ) -> None:
         self._core = core
+        self._caller = caller
         self._where = where
         self._hold = hold
         self._timeout = core.options.timeout if timeout is None else timeout
@@ -576,7 +661,7 @@ class _AsyncCheckout:
 
     async def __aenter__(self) -> AsyncConnection:
         conn = await self._core.alend(self._timeout, self._queue,
-                                      self._where or caller_location())
+                                      self._where or caller_location(), self._caller)
         self._conn = AsyncConnection(conn)
         if self._hold:
             self._token = self._core.aheld.set((asyncio.current_task(), weakref.ref(self._conn)))
@@ -608,13 +693,14 @@ class _AsyncPoolTransaction:
 
     def __init__(
         self, core: PoolCore, log: LogFn | None, where: Location | None,
-        timeout: float | None, queue: bool | None,
+        timeout: float | None, queue: bool | None, caller: Owner | None = None,
     ) -> None:
         self._core = core
         self._log = log
         self._where = where
         self._timeout = timeout
         self._queue = queue
+        self._caller = caller
         self._checkout: _AsyncCheckout | None = None
         self._tx: AsyncTransaction | None = None
 
@@ -626,7 +712,8 @@ class _AsyncPoolTransaction:
             return await self._tx.__aenter__()
         retries = core.options.checkout_retries
         while True:
-            checkout = _AsyncCheckout(core, self._timeout, self._queue, self._where, hold=True)
+            checkout = _AsyncCheckout(core, self._timeout, self._queue, self._where, hold=True,
+                                      caller=self._caller)
             conn = await checkout.__aenter__()
             tx = AsyncTransaction(conn, self._log)
             try:

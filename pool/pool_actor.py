@@ -123,6 +123,7 @@ class PoolActor(pykka.ThreadingActor):
                 logger.warning("%s: pool actor ignored unknown message %r", self.core.name, message)
 
     def on_stop(self) -> None:
+        self.core.before_stop()
         error = self._stop_error
         closed = PoolStoppedError(
             f"{self.core.name}: the pool is stopped" + (f": {error}" if error else ""), cause=error)
@@ -147,7 +148,7 @@ class PoolActor(pykka.ThreadingActor):
     # -- supervision -----------------------------------------------------
 
     def _start_connection(self, index: int) -> None:
-        slot = Slot(index)
+        slot = Slot(index, self.core.driver)
         ref = ConnectionActor.start(slot, self.config, self.actor_ref)
         self.connections[index] = ref
 

@@ -82,7 +82,7 @@ class Stream:
 def _batches(
     conn: Connection, query: Query, params: Params, max_rows: int, log: LogFn | None
 ) -> Generator[Result, None, None]:
-    driver = conn._core.driver
+    driver = conn._driver
     conn._state()  # outdated, lost, or rolling back: say so, not "needs a transaction"
     status = conn.status()
     if status != "transaction":
@@ -118,7 +118,7 @@ def _deallocate(
     fails the transaction; a driver that raises is raised, unless ``quietly``
     (an error is leaving the stream already and matters more).
     """
-    driver = conn._core.driver
+    driver = conn._driver
     returned = False
 
     def deallocate(opts: Any, state: Any) -> Outcome[None]:

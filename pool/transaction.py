@@ -119,7 +119,7 @@ class Transaction:
         the transaction failed (status ``"error"``), which the caller rolls back.
         """
         conn = self._conn
-        callback = getattr(conn._core.driver, f"handle_{call}")
+        callback = getattr(conn._driver, f"handle_{call}")
 
         def run(opts: Any, state: Any) -> Any:
             outcome = callback(opts, state)

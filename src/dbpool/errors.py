@@ -7,6 +7,7 @@ The hierarchy is small on purpose::
      │    └── PoolStoppedError the pool was stopped (or stopped itself)
      ├── TransactionError     begin/commit/rollback met the wrong status
      ├── RolledBack           a transaction ended by rollback(reason)
+     ├── OwnershipError       an ownership pool found no connection for the caller
      └── ConfigurationError   an option is invalid (also a ValueError)
 
 SQL errors are not wrapped: a statement that fails raises the
@@ -31,6 +32,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionError",
     "DBPoolError",
+    "OwnershipError",
     "PoolStoppedError",
     "Reason",
     "RolledBack",
@@ -113,6 +115,14 @@ class RolledBack(DBPoolError):
     def __init__(self, reason: object) -> None:
         super().__init__(f"transaction rolled back: {reason!r}")
         self.reason = reason
+
+
+class OwnershipError(DBPoolError):
+    """An ownership pool in manual mode found no connection for the caller.
+
+    The message names the caller and the ways to give it one (see
+    :mod:`dbpool.pool.ownership`).
+    """
 
 
 class ConfigurationError(DBPoolError, ValueError):
