@@ -124,8 +124,11 @@ class Pool:
         replaced, and ``ConnectionError(reason="deadline")`` from the next
         call.  ``queue=False`` fails at once if no connection is idle.
         ``caller`` is for the ownership pool: use that owner's connection.
+        An ownership pool's checkout holds its connection for the thread's
+        other calls, which could only wait for it otherwise.
         """
-        return _Checkout(self._core, timeout, queue, caller=caller)
+        return _Checkout(self._core, timeout, queue, caller=caller,
+                         hold=isinstance(self._core, OwnershipCore))
 
     def acheckout(
         self, timeout: float | None = None, queue: bool | None = None, *,
@@ -137,7 +140,8 @@ class Pool:
         on the :class:`~dbpool.pool.connection.AsyncConnection` runs on a
         worker thread.
         """
-        return _AsyncCheckout(self._core, timeout, queue, caller=caller)
+        return _AsyncCheckout(self._core, timeout, queue, caller=caller,
+                              hold=isinstance(self._core, OwnershipCore))
 
     def query(
         self, sql: str, params: Params = None, *, timeout: float | None = None,
