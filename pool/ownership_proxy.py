@@ -152,12 +152,9 @@ class Proxy:
     def _take(self, started: float, timeout: float, queue: bool) -> None:
         core = self.core
         try:
-            while True:
+            slot = core.queue.get(started, timeout, queue)
+            while not self._usable(slot):
                 slot = core.queue.get(started, timeout, queue)
-                outcome = core.driver.checkout(slot.driver_state)
-                if isinstance(outcome, Ok):
-                    break
-                core.refused(slot, outcome)
         except BaseException:
             self._acquire_failed()
             raise
@@ -166,17 +163,22 @@ class Proxy:
     async def _atake(self, started: float, timeout: float, queue: bool) -> None:
         core = self.core
         try:
-            while True:
+            slot = await core.queue.aget(started, timeout, queue)
+            while not self._usable(slot):
                 slot = await core.queue.aget(started, timeout, queue)
-                outcome = core.driver.checkout(slot.driver_state)
-                if isinstance(outcome, Ok):
-                    break
-                core.refused(slot, outcome)
         except BaseException:
             self._acquire_failed()
             raise
         # post_checkout may do I/O (the sandbox's BEGIN): not on the event loop.
         await asyncio.get_running_loop().run_in_executor(None, self._install, slot)
+
+    def _usable(self, slot: Slot) -> bool:
+        """Run the driver's checkout callback on a slot from the pool (as accept does)."""
+        outcome = self.core.driver.checkout(slot.driver_state)
+        if isinstance(outcome, Ok):
+            return True
+        self.core.refused(slot, outcome)  # raises, unless it only has it replaced
+        return False
 
     def _acquire_failed(self) -> None:
         """Taking a connection failed: let the next waiter try in its turn."""
