@@ -235,17 +235,27 @@ class PoolCore:
         self.loans.pop(loan.slot.index, None)
 
     def clean(self, slot: Slot) -> None:
-        """Roll back a connection left in a transaction; mark it broken if that fails."""
+        """Roll back a connection left in a transaction; mark it broken if that fails.
+
+        A driver callback that raises marks it broken too: the slot must still
+        go back to the pool, to be replaced.
+        """
         if slot.broken is not None:
             return
         driver, state = slot.driver, slot.driver_state
-        status = driver.handle_status(_NO_OPTS, state)
-        if not isinstance(status, Ok):
-            slot.broken = status.error
+        try:
+            status = driver.handle_status(_NO_OPTS, state)
+            if not isinstance(status, Ok):
+                slot.broken = status.error
+                return
+            if status.value == "idle":
+                return
+            outcome = driver.handle_rollback(_NO_OPTS, state)
+        except Exception as error:
+            logger.error("%s: connection %d failed its checkin check (%s: %s); replacing it",
+                         self.name, slot.index, type(error).__name__, error)
+            slot.broken = error
             return
-        if status.value == "idle":
-            return
-        outcome = driver.handle_rollback(_NO_OPTS, state)
         if isinstance(outcome, Ok):
             logger.warning("%s: connection %d was checked in with status %r; rolled back",
                            self.name, slot.index, status.value)

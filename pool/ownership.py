@@ -69,7 +69,7 @@ import pykka
 
 from dbpool.actors.slot import Slot
 from dbpool.driver import Driver
-from dbpool.errors import ConnectionError, OwnershipError
+from dbpool.errors import ConnectionError, OwnershipError, PoolStoppedError
 
 from .connection import Connection
 from .core import PoolCore
@@ -200,8 +200,11 @@ class OwnershipCore(PoolCore):
             proxy.forget(slot)
             if getattr(error, "reason", None) == "deadline":
                 # As DBConnection's proxy does: a client past its deadline ends the ownership.
-                self.manager.tell(End(proxy, f"a client of {describe_owner(proxy.owner)}'s "
-                                             "connection timed out"))
+                try:
+                    self.manager.tell(End(proxy, f"a client of {describe_owner(proxy.owner)}'s "
+                                                 "connection timed out"))
+                except pykka.ActorDeadError:
+                    pass  # the pool is stopping: every ownership ends anyway
         super().reconnect(slot, error)
 
     def before_stop(self) -> None:
@@ -269,7 +272,10 @@ class OwnershipCore(PoolCore):
 
     def _ask(self, message: object) -> Any:
         """Ask the manager and wait for its answer (pykka's ask, typed for a blocking call)."""
-        return cast(Any, self.manager.ask(message))
+        try:
+            return cast(Any, self.manager.ask(message))
+        except pykka.ActorDeadError:
+            raise PoolStoppedError(f"{self.name}: the pool is stopped") from None
 
     def _watch(self, owner: Owner) -> None:
         manager = self.manager

@@ -125,9 +125,11 @@ class OwnershipManager(pykka.ThreadingActor):
                 return self._set_mode(mode, by)
             case OwnerDown(owner):
                 self._watched.discard(owner)
-                entry = self.core.checkouts.get(owner)
-                if entry is not None and entry[0] == "owner":
-                    self._end(entry[1], f"owner {describe_owner(owner)} exited")
+                # By the proxy's owner, not the registry: an owner may have been
+                # re-allowed elsewhere (unallow_existing) and still own this one.
+                for proxy in list(self.core.proxies.values()):
+                    if proxy.owner is owner:
+                        self._end(proxy, f"owner {describe_owner(owner)} exited")
             case TimedOut(proxy) if proxy.number in self.core.proxies:
                 self._end(proxy, (
                     f"owner {describe_owner(proxy.owner)} timed out because it owned the "
@@ -137,9 +139,9 @@ class OwnershipManager(pykka.ThreadingActor):
             case End(proxy, text) if proxy.number in self.core.proxies:
                 self._end(proxy, text, disconnect=True)
             case _Sweep():
-                for owner, (kind, _proxy) in list(self.core.checkouts.items()):
-                    if kind == "owner" and not owner_alive(owner):
-                        self.on_receive(OwnerDown(owner))
+                for proxy in list(self.core.proxies.values()):
+                    if not owner_alive(proxy.owner):
+                        self.on_receive(OwnerDown(proxy.owner))
                 self._sweep_later()
             case TimedOut() | End():
                 pass  # that ownership ended already
