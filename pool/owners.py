@@ -66,15 +66,17 @@ def callers() -> tuple[Owner, ...]:
     return _CALLERS.get()
 
 
-def join_chain(owner: Owner) -> None:
-    """Put ``owner`` (the current owner) at the head of this context's chain.
+def join_chain(owner: Owner, via: Owner | None = None) -> None:
+    """Put ``owner`` (the current owner), then ``via``, at the head of this context's chain.
 
     Work this context starts afterwards (tasks, :func:`propagate_callers`)
-    then counts ``owner`` among its callers.
+    then counts them among its callers.  ``via`` is the owner whose
+    connection ``owner`` was found to use, when that is another.
     """
     chain = _CALLERS.get()
-    if not chain or chain[0] is not owner:
-        _CALLERS.set((owner, *(c for c in chain if c is not owner)))
+    head = (owner,) if via is None or via is owner else (owner, via)
+    if chain[:len(head)] != head:
+        _CALLERS.set((*head, *(c for c in chain if c not in head)))
 
 
 def propagate_callers(fn: Callable[P, T]) -> Callable[P, T]:

@@ -171,7 +171,7 @@ class OwnershipCore(PoolCore):
             for candidate in candidates:
                 entry = checkouts.get(candidate)
                 if entry is not None:
-                    join_chain(me)
+                    join_chain(me, candidate)
                     return entry[1]
             raise OwnershipError(self._not_found(first))
         if mode == "auto":

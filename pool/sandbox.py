@@ -206,14 +206,22 @@ def post_checkout(driver: Driver[Any], state: Any) -> tuple[SandboxDriver, Sandb
 def pre_checkin(reason: CheckinReason, driver: Any, state: Any) -> tuple[Any, Any]:
     """Roll the sandbox's transaction back and unwrap the connection (an ownership hook).
 
-    A connection being dropped is not rolled back: it is closed anyway.
+    A connection being dropped is not rolled back: it is closed anyway.  If
+    the sandbox's transaction is gone, the application ended it with a raw
+    ``COMMIT`` or ``ROLLBACK``, and what it wrote before may be committed:
+    that raises, so the connection is dropped and the error logged.
     """
     if not isinstance(driver, SandboxDriver):  # post_checkout never ran
         return driver, state
     inner_driver, inner_state = driver.inner, state.inner
     if reason == "checkin":
         outcome = inner_driver.handle_rollback(_NO_OPTS, inner_state)
-        if not isinstance(outcome, Ok | WrongStatus):
+        if isinstance(outcome, WrongStatus):
+            raise RuntimeError(
+                "the sandbox's transaction was already ended at checkin: the application "
+                "sent COMMIT or ROLLBACK as SQL, so its earlier writes may have been "
+                "committed; use pool.transaction() instead")
+        if not isinstance(outcome, Ok):
             raise outcome.error
     return inner_driver, inner_state
 
