@@ -36,6 +36,7 @@ from psycopg.conninfo import make_conninfo
 
 from dbpool.pool import Pool
 from tests.support.faultproxy import FaultProxy, ProxyFactory
+from tests.support.ownership import Gate, Peer, PeerFactory
 from tests.support.pgcluster import (
     ClusterFactory,
     PgCluster,
@@ -155,3 +156,30 @@ def table(pg_dsn: str) -> Iterator[str]:
         admin.execute(f"CREATE TABLE {name} (x int)")
         yield name
         admin.execute(f"DROP TABLE {name}")
+
+
+@pytest.fixture
+def peers() -> Iterator[PeerFactory]:
+    """``make(name, callers=False) -> Peer`` (the ownership tests' stand-in for an Elixir
+    process); every peer still running exits at teardown."""
+    started: list[Peer] = []
+
+    def make(name: str, *, callers: bool = False) -> Peer:
+        peer = Peer(name, callers=callers)
+        started.append(peer)
+        return peer
+
+    yield make
+    for peer in started:
+        if peer.thread.is_alive():
+            peer.exit()
+
+
+@pytest.fixture
+def gate(pg_dsn: str) -> Iterator[Gate]:
+    """A closed gate: pooled statements running ``gate.sql`` wait until it opens."""
+    g = Gate(pg_dsn)
+    try:
+        yield g
+    finally:
+        g.close()

@@ -15,7 +15,6 @@ import asyncio
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -28,7 +27,7 @@ from tests.support.events import Recorder
 from tests.support.ownership import (
     WAIT,
     Gate,
-    Peer,
+    PeerFactory,
     assert_checked_out,
     backend_alive,
     events_of,
@@ -40,34 +39,6 @@ from tests.support.ownership import (
     terminate_backend,
     wait_for,
 )
-
-PeerFactory = Callable[..., Peer]
-
-
-@pytest.fixture
-def peers() -> Iterator[PeerFactory]:
-    """``make(name, callers=False) -> Peer``; every peer still running exits at teardown."""
-    started: list[Peer] = []
-
-    def make(name: str, *, callers: bool = False) -> Peer:
-        peer = Peer(name, callers=callers)
-        started.append(peer)
-        return peer
-
-    yield make
-    for peer in started:
-        if peer.thread.is_alive():
-            peer.exit()
-
-
-@pytest.fixture
-def gate(pg_dsn: str) -> Iterator[Gate]:
-    """A closed gate: pooled statements running ``gate.sql`` wait until it opens."""
-    g = Gate(pg_dsn)
-    try:
-        yield g
-    finally:
-        g.close()
 
 
 def me() -> threading.Thread:

@@ -20,31 +20,14 @@ from dbpool.pool import Pool
 from tests.support.events import Recorder
 from tests.support.ownership import (
     Gate,
-    Peer,
+    PeerFactory,
     events_of,
     gauges,
     start_pool,
     wait_for,
 )
 
-PeerFactory = Callable[..., Peer]
 GateFactory = Callable[[], Gate]
-
-
-@pytest.fixture
-def peers() -> Iterator[PeerFactory]:
-    """``make(name, callers=False) -> Peer``; every peer still running exits at teardown."""
-    started: list[Peer] = []
-
-    def make(name: str, *, callers: bool = False) -> Peer:
-        peer = Peer(name, callers=callers)
-        started.append(peer)
-        return peer
-
-    yield make
-    for peer in started:
-        if peer.thread.is_alive():
-            peer.exit()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -20,7 +20,7 @@ from dbpool.errors import ConnectionError, PoolStoppedError
 from dbpool.pool import Pool
 from tests.support.ownership import (
     Gate,
-    Peer,
+    PeerFactory,
     assert_checked_out,
     backend_alive,
     events_of,
@@ -31,34 +31,6 @@ from tests.support.ownership import (
     terminate_backend,
     wait_for,
 )
-
-PeerFactory = Callable[..., Peer]
-
-
-@pytest.fixture
-def peers() -> Iterator[PeerFactory]:
-    """``make(name, callers=False) -> Peer``; every peer still running exits at teardown."""
-    started: list[Peer] = []
-
-    def make(name: str, *, callers: bool = False) -> Peer:
-        peer = Peer(name, callers=callers)
-        started.append(peer)
-        return peer
-
-    yield make
-    for peer in started:
-        if peer.thread.is_alive():
-            peer.exit()
-
-
-@pytest.fixture
-def gate(pg_dsn: str) -> Iterator[Gate]:
-    """A closed gate: pooled statements running ``gate.sql`` wait until it opens."""
-    g = Gate(pg_dsn)
-    try:
-        yield g
-    finally:
-        g.close()
 
 
 def test_reconnects_when_owner_exits_during_a_client_checkout(

@@ -142,6 +142,10 @@ def run_in_thread(fn: Callable[[], T], *, callers: bool = False, name: str = "ta
         peer.exit()
 
 
+#: The ``peers`` fixture: ``make(name, callers=False) -> Peer``.
+PeerFactory = Callable[..., Peer]
+
+
 class Gate:
     """An advisory lock held by an admin session: pooled statements wait on it."""
 
