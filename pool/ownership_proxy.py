@@ -47,7 +47,7 @@ from .queue import CheckoutQueue
 
 if TYPE_CHECKING:
     from .connection import Connection
-    from .core import PoolCore
+    from .ownership import OwnershipCore
 
 __all__ = ["CheckinReason", "PostCheckout", "PreCheckin", "Proxy", "ProxyGone"]
 
@@ -73,7 +73,7 @@ class Proxy:
     """One owned connection and its clients.  See the module docstring."""
 
     def __init__(
-        self, core: PoolCore, number: int, owner: Owner, where: Location | None, *,
+        self, core: OwnershipCore, number: int, owner: Owner, where: Location | None, *,
         post_checkout: PostCheckout | None, pre_checkin: PreCheckin | None,
         ownership_timeout: float | None,
     ) -> None:
@@ -208,7 +208,7 @@ class Proxy:
             slot.driver, slot.driver_state, slot.lent_at = driver, state, None
             if ended is None:
                 self.slot = slot
-                self.core.holders[slot.index] = self  # type: ignore[attr-defined]
+                self.core.holders[slot.index] = self
         if ended is not None:  # the ownership ended while we took it: give it straight back
             self._give_back(slot, "checkin")
             raise ProxyGone(ended)
@@ -268,7 +268,7 @@ class Proxy:
 
     def _release_slot(self, slot: Slot) -> None:
         self.slot = None
-        self.core.holders.pop(slot.index, None)  # type: ignore[attr-defined]
+        self.core.holders.pop(slot.index, None)
 
     def end(self, message: str, disconnect: bool) -> None:
         """End the ownership (by the manager).  See the module docstring."""

@@ -132,13 +132,9 @@ class SandboxDriver:
 
     def handle_status(self, opts: Options, state: SandboxState) -> Outcome[TransactionStatus]:
         outcome = self.inner.handle_status(opts, state.inner)
-        if not isinstance(outcome, Ok):
-            return outcome
-        if outcome.value == "error" or not state.in_transaction:
-            # "error" outside the application's transaction cannot last: every
-            # statement there has a savepoint of its own.
-            return Ok("error" if outcome.value == "error" else "idle")
-        return Ok("transaction")
+        if isinstance(outcome, Ok) and outcome.value == "transaction" and not state.in_transaction:
+            return Ok("idle")  # only the sandbox's own transaction is open
+        return outcome
 
     # -- statements --------------------------------------------------------
 
