@@ -101,6 +101,28 @@ class _AsyncWaiter:
             self.future.set_result(slot)
 
 
+class _CallbackWaiter:
+    """An event loop of its own (the ZeroMQ front end) waiting for a slot.
+
+    ``wake`` runs ``callback(slot, error)`` on the thread that serves it,
+    under the queue's lock: the callback must only record the slot and
+    wake its loop.
+    """
+
+    __slots__ = ("callback", "since")
+
+    def __init__(self, since: float, callback: Callable[[Slot | None, BaseException | None], object]
+                 ) -> None:
+        self.since = since
+        self.callback = callback
+
+    def wake(self, slot: Slot | None, error: BaseException | None) -> None:
+        self.callback(slot, error)
+
+
+_AnyWaiter = _Waiter | _AsyncWaiter | _CallbackWaiter
+
+
 class CheckoutQueue:
     """Idle slots plus FIFO waiters, guarded by one lock.
 
@@ -117,7 +139,7 @@ class CheckoutQueue:
         self.metrics = metrics if metrics is not None else PoolMetrics()
         self._lock = threading.Lock()
         self._idle: deque[Slot] = deque()
-        self._waiters: deque[_Waiter | _AsyncWaiter] = deque()
+        self._waiters: deque[_AnyWaiter] = deque()
         self._closed: BaseException | None = None
         self._max_waiting = max_waiting
         # CoDel state, as DBConnection names it.
@@ -182,6 +204,53 @@ class CheckoutQueue:
                     raise self._timed_out(timeout) from None
             raise
 
+    def try_get(self) -> Slot | None:
+        """Take an idle slot if one may be taken now, else None; never waits or raises.
+
+        Used by an event loop that cannot block (the ZeroMQ front end); it
+        follows :meth:`get`'s rules, barging included.
+        """
+        with self._lock:
+            if not self._idle or self._closed is not None:
+                return None
+            now = time.monotonic()
+            if self._waiters and not self._may_barge(now):
+                return None
+            return self._lend_idle(now)
+
+    @property
+    def has_waiters(self) -> bool:
+        """Whether callers wait (read without the lock: a hint, not a promise)."""
+        return bool(self._waiters)
+
+    def wait(
+        self, callback: Callable[[Slot | None, BaseException | None], object]
+    ) -> _CallbackWaiter:
+        """Queue a waiter served by ``callback(slot, error)`` (see :class:`_CallbackWaiter`).
+
+        Raises like :meth:`get` if the queue is closed or full.  The waiter
+        waits until served or :meth:`cancel_wait`; its caller keeps time.
+        """
+        with self._lock:
+            now = time.monotonic()
+            waiter = _CallbackWaiter(now, callback)
+            if self._idle and self._closed is None and (
+                not self._waiters or self._may_barge(now)
+            ):  # a slot came back since the caller's try_get
+                callback(self._lend_idle(now), None)
+                return waiter
+            self._enqueue(waiter, True)
+            return waiter
+
+    def cancel_wait(self, waiter: _CallbackWaiter) -> bool:
+        """Withdraw a waiter; False if it was served (or failed) already."""
+        with self._lock:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                return False
+            return True
+
     def _may_barge(self, now: float) -> bool:
         """Whether a caller may take an idle slot though others wait; settles if not."""
         if now - self._waiters[0].since < self._barge:
@@ -195,7 +264,7 @@ class CheckoutQueue:
         self.metrics.immediate += 1
         return slot
 
-    def _enqueue(self, waiter: _Waiter | _AsyncWaiter, queue: bool) -> None:
+    def _enqueue(self, waiter: _AnyWaiter, queue: bool) -> None:
         if self._closed is not None:
             raise self._closed
         if not queue:
@@ -315,7 +384,7 @@ class CheckoutQueue:
         self._delay = 0.0
         return False
 
-    def _serve(self, waiter: _Waiter | _AsyncWaiter, slot: Slot, now: float) -> None:
+    def _serve(self, waiter: _AnyWaiter, slot: Slot, now: float) -> None:
         slot.lent_at = now
         self.metrics.checkouts += 1
         self.metrics.queue_wait.observe(now - waiter.since)
@@ -339,7 +408,7 @@ class CheckoutQueue:
                 self._idle.appendleft(slot)
                 return
 
-    def _drop(self, waiter: _Waiter | _AsyncWaiter, delay: float) -> None:
+    def _drop(self, waiter: _AnyWaiter, delay: float) -> None:
         self.metrics.drops += 1
         waiter.wake(None, ConnectionError(
             f"{self.name}: connection not available and request was dropped from queue after "

@@ -37,9 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--dsn", default=os.environ.get("DBPOOL_DSN"),
                        help="libpq conninfo or URI (default: $DBPOOL_DSN, else embedded)")
     bench.add_argument("--duration", type=float, default=0.5,
-                       help="seconds per contender per round")
-    bench.add_argument("--rounds", type=int, default=10,
-                       help="rounds per scenario; cells are medians over them")
+                       help="seconds per contender per round (--remote: at least 1.0)")
+    bench.add_argument("--rounds", type=int, default=None,
+                       help="rounds per scenario; cells are medians over them "
+                            "(default: 10, or 3 with --remote)")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     bench.add_argument("--stream-rows", type=int, metavar="N",
                        help="instead, stream N rows through pool.stream and report the "
@@ -48,15 +49,74 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="rows per fetch with --stream-rows")
     bench.add_argument("--rss-limit-mb", type=float, default=100.0,
                        help="the peak RSS growth allowed with --stream-rows")
+    bench.add_argument("--remote", action="store_true",
+                       help="instead, benchmark `dbpool serve` against PgBouncer and direct "
+                            "psycopg from client processes (exit status 1 if a target is "
+                            "missed or not measured)")
+    bench.add_argument("--processes", default="1,4,16,64", metavar="N,N,...",
+                       help="client process counts with --remote (default: %(default)s)")
+
+    serve = commands.add_parser(
+        "serve", help="serve the pool over ZeroMQ (on the embedded PostgreSQL without a DSN)")
+    from .server.config import add_serve_arguments
+
+    add_serve_arguments(serve)
+
+    endpoint_help = "the server's request endpoint (default: $DBPOOL_ENDPOINT, else %(default)s)"
+    query = commands.add_parser("query", help="run one statement on a dbpool server")
+    query.add_argument("sql")
+    query.add_argument("params", nargs="*", help="parameters for %%s placeholders, as text")
+    query.add_argument("--endpoint", default=os.environ.get("DBPOOL_ENDPOINT",
+                                                            "tcp://127.0.0.1:7432"),
+                       help=endpoint_help)
+    query.add_argument("--timeout", type=float, default=15.0)
+    status = commands.add_parser("status", help="print a dbpool server's status and metrics")
+    status.add_argument("--endpoint", default=os.environ.get("DBPOOL_ENDPOINT",
+                                                             "tcp://127.0.0.1:7432"),
+                        help=endpoint_help)
+    status.add_argument("--timeout", type=float, default=15.0)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
 
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "query":
+        from .client.commands import query_command
+
+        return query_command(args.endpoint, args.sql, args.params or None, args.timeout,
+                             sys.stdout)
+    if args.command == "status":
+        from .client.commands import status_command
+
+        return status_command(args.endpoint, args.timeout, args.json, sys.stdout)
     if args.command == "demo":
         return _demo(args)
     if args.command == "bench":
         return _bench(args)
     return 2  # pragma: no cover - argparse enforces a command
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .errors import DBPoolError
+    from .server.config import load_config
+    from .server.serve import serve
+
+    try:
+        config = load_config(args)
+    except DBPoolError as exc:
+        print(f"dbpool serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else config.log_level_number(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.dsn is None:
+        print("no DSN given: starting the embedded PostgreSQL", flush=True)
+    try:
+        return serve(config)
+    except (DBPoolError, OSError) as exc:
+        print(f"dbpool serve: {exc}", file=sys.stderr)
+        return 1
 
 
 def _print_event(event: ConnectionEvent) -> None:
@@ -70,11 +130,24 @@ def _bench(args: argparse.Namespace) -> int:
     from .embedded import embedded_conninfo
 
     dsn = args.dsn or embedded_conninfo()
+    if args.remote:
+        from .bench_remote import parse_processes, run_remote
+
+        try:
+            processes = parse_processes(args.processes)
+        except ValueError as exc:
+            print(f"dbpool bench: --processes: {exc}", file=sys.stderr)
+            return 2
+        report = run_remote(dsn, processes=processes, duration=max(args.duration, 1.0),
+                            rounds=args.rounds if args.rounds is not None else 3,
+                            as_json=args.json)
+        return 0 if report["ok"] else 1
     if args.stream_rows is not None:
         report = stream(dsn, args.stream_rows, max_rows=args.max_rows,
                         limit_mb=args.rss_limit_mb, as_json=args.json)
         return 0 if report["within_limit"] else 1
-    run(dsn, duration=args.duration, rounds=args.rounds, as_json=args.json)
+    run(dsn, duration=args.duration, rounds=args.rounds if args.rounds is not None else 10,
+        as_json=args.json)
     return 0
 
 

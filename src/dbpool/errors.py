@@ -8,6 +8,7 @@ The hierarchy is small on purpose::
      ├── TransactionError     begin/commit/rollback met the wrong status
      ├── RolledBack           a transaction ended by rollback(reason)
      ├── OwnershipError       an ownership pool found no connection for the caller
+     ├── ProtocolError        a request broke the wire protocol: code says how
      └── ConfigurationError   an option is invalid (also a ValueError)
 
 SQL errors are not wrapped: a statement that fails raises the
@@ -34,6 +35,7 @@ __all__ = [
     "DBPoolError",
     "OwnershipError",
     "PoolStoppedError",
+    "ProtocolError",
     "Reason",
     "RolledBack",
     "TransactionError",
@@ -51,8 +53,12 @@ __all__ = [
 #: - ``deadline``: the holder's deadline passed while it held the connection.
 #: - ``stopped``: the pool is stopped.
 #: - ``unavailable``: the database is known to be down (circuit open).
+#: - ``lease_expired``: a remote transaction lease ended (silent client,
+#:   ``lease_max``, server shutdown) before this request.
+#: - ``timeout``: the remote client got no reply within its timeout.
 Reason = Literal[
-    "error", "queue_timeout", "queue_disabled", "queue_full", "deadline", "stopped", "unavailable"
+    "error", "queue_timeout", "queue_disabled", "queue_full", "deadline", "stopped",
+    "unavailable", "lease_expired", "timeout",
 ]
 
 #: A connection's transaction status, as DBConnection names it.
@@ -123,6 +129,25 @@ class OwnershipError(DBPoolError):
     The message names the caller and the ways to give it one (see
     :mod:`dbpool.pool.ownership`).
     """
+
+
+class ProtocolError(DBPoolError):
+    """A request to ``dbpool serve`` broke the wire protocol (see ``docs/protocol.md``).
+
+    :attr:`code` names the rule: ``malformed``, ``bad_request``,
+    ``unknown_op``, ``too_large``, ``lease_not_owned``, ``unsupported_type``...
+    """
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_protocol_error, (str(self), self.code))
+
+
+def _rebuild_protocol_error(message: str, code: str) -> ProtocolError:
+    return ProtocolError(message, code=code)
 
 
 class ConfigurationError(DBPoolError, ValueError):

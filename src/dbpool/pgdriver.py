@@ -62,6 +62,11 @@ class PgState:
     cursor: psycopg.Cursor[Any]
     #: Names of the prepared statements this connection has.
     prepared: set[str] = field(default_factory=set)
+    #: The ZeroMQ front end's prepared statements: (query, types) -> name.
+    remote_statements: dict[Any, bytes] = field(default_factory=dict)
+    #: The ZeroMQ front end's psycopg Transformer for this connection, kept
+    #: across its loans (making one costs more than a query).
+    remote_transformer: Any = None
     _cursor_ids: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
@@ -71,6 +76,10 @@ class PgState:
 
     def next_cursor_name(self) -> str:
         return f"dbpool_cursor_{next(self._cursor_ids)}"
+
+    def next_statement_name(self) -> bytes:
+        """A name for a prepared statement of the front end, unique on this connection."""
+        return f"dbpool_remote_{next(self._cursor_ids)}".encode()
 
 
 class PgDriver:

@@ -1,0 +1,318 @@
+"""What the sync and async clients share: requests, replies, results and endpoints.
+
+Nothing here does I/O.  The functions are the pieces of ``docs/protocol.md``
+that do not depend on how a socket is driven: building a request map, turning
+a reply into a value or an exception, a result map into a
+:class:`~dbpool.driver.Result`, and endpoints into the ones to connect to.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
+from typing import Any, TypeAlias
+
+import zmq
+
+from dbpool.driver import Column, Result
+from dbpool.errors import ConnectionError, ProtocolError
+from dbpool.protocol import VERSION, error_from_map
+
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "DEFAULT_MAX_ROWS",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_TOPICS",
+    "VERSION",
+    "Keepalive",
+    "Params",
+    "Statement",
+    "batch_fields",
+    "check_timeout",
+    "closed_error",
+    "configure_socket",
+    "error_from_reply",
+    "events_endpoint",
+    "lease_map",
+    "malformed_reply",
+    "new_session",
+    "normalize_endpoints",
+    "normalize_topics",
+    "page_map",
+    "reply_value",
+    "request",
+    "to_result",
+    "to_results",
+]
+
+logger = logging.getLogger("dbpool.client")
+
+#: The server's default request endpoint (``dbpool serve``).
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:7432"
+#: Seconds a client waits for a reply unless told otherwise.
+DEFAULT_TIMEOUT = 15.0
+#: The server's default ``heartbeat_timeout``: used for streams outside a
+#: transaction until a ``begin`` reply has said what the server's is.
+DEFAULT_HEARTBEAT_TIMEOUT = 10.0
+#: Rows per stream page unless told otherwise (the server's default too).
+DEFAULT_MAX_ROWS = 500
+#: The event topics a subscription gets unless told otherwise: all of them.
+DEFAULT_TOPICS: tuple[str, ...] = ("connection", "pool", "telemetry")
+
+#: Query parameters: a sequence for ``%s``, a mapping for ``%(name)s``, or None.
+Params: TypeAlias = Sequence[Any] | Mapping[str, Any] | None
+#: One statement of a batch: ``(sql, params)``.
+Statement: TypeAlias = tuple[str, Params]
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "*", "::", "[::]", ""})
+
+
+def new_session() -> str:
+    """A new session id: 128 random bits as 32 hex digits, as the protocol asks."""
+    return secrets.token_hex(16)
+
+
+def normalize_endpoints(endpoint: str | Sequence[str]) -> tuple[str, ...]:
+    """The endpoints as a tuple; raise ValueError for none or one without ``://``."""
+    endpoints = (endpoint,) if isinstance(endpoint, str) else tuple(endpoint)
+    if not endpoints:
+        raise ValueError("a client needs at least one endpoint")
+    for item in endpoints:
+        if not isinstance(item, str) or "://" not in item:
+            raise ValueError(f"not a ZeroMQ endpoint (transport://address): {item!r}")
+    return endpoints
+
+
+def check_timeout(timeout: float) -> float:
+    """``timeout`` as a float; raise ValueError unless it is positive and finite."""
+    value = float(timeout)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    return value
+
+
+def normalize_topics(topics: str | Iterable[str]) -> tuple[str, ...]:
+    """The topic prefixes to subscribe to; ``""`` subscribes to every topic."""
+    result = (topics,) if isinstance(topics, str) else tuple(topics)
+    if not result:
+        raise ValueError('no topics to subscribe to (use "" for all of them)')
+    for topic in result:
+        if not isinstance(topic, str):
+            raise TypeError(f"a topic is a str, not {type(topic).__name__}")
+    return result
+
+
+def configure_socket(sock: zmq.Socket[Any], timeout: float) -> None:
+    """Set the options every request socket has (see the package docstring).
+
+    ``IMMEDIATE`` queues messages only on completed connections, so a send
+    to a server that is down waits (up to ``SNDTIMEO``) instead of queueing
+    a request that would run much later; ``LINGER=0`` lets a closed socket
+    drop what it still holds; the reconnect interval starts at 100 ms and
+    backs off to 1 s, so a restarted server is found again within a second.
+    """
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.setsockopt(zmq.SNDTIMEO, max(1, round(timeout * 1000)))
+
+
+def closed_error() -> ConnectionError:
+    """The error a request on a closed client raises."""
+    return ConnectionError("the dbpool client is closed", reason="error")
+
+
+def malformed_reply(endpoint: str, op: str, detail: str) -> ProtocolError:
+    """The error for a reply the client cannot read."""
+    return ProtocolError(f"malformed reply from {endpoint} to {op!r}: {detail}", code="malformed")
+
+
+def error_from_reply(reply: Mapping[str, Any]) -> Exception:
+    """The exception for an error reply (``error_from_map``).
+
+    A batch's error map carries ``index``, the statement that failed: it is
+    set as the exception's ``index`` attribute and added as a note.
+    """
+    error = reply["error"]
+    if not isinstance(error, Mapping):
+        return ProtocolError(f"malformed error in reply: {error!r:.200}", code="malformed")
+    exc = error_from_map(error)
+    index = error.get("index")
+    if isinstance(index, int):
+        try:
+            exc.index = index  # type: ignore[attr-defined]
+        except AttributeError:  # pragma: no cover - an exception class with slots
+            pass
+        exc.add_note(f"(statement {index} of the batch)")
+    return exc
+
+
+def reply_value(reply: Any, endpoint: str, op: str) -> Any:
+    """The ``ok`` value of a reply map that answers the request; raise its error.
+
+    This is the slow path: the request loops call it only for replies that
+    are not a plain success.
+    """
+    if not isinstance(reply, Mapping):
+        raise malformed_reply(endpoint, op, f"not a map: {reply!r:.200}")
+    if "error" in reply:
+        raise error_from_reply(reply)
+    if "ok" in reply:
+        return reply["ok"]
+    raise malformed_reply(endpoint, op, "neither 'ok' nor 'error'")
+
+
+def _columns(raw: Sequence[Sequence[Any]]) -> list[Column]:
+    return [Column(name, oid) for name, oid in raw]
+
+
+def to_result(value: Any) -> Result:
+    """A :class:`~dbpool.driver.Result` from a result map.
+
+    Rows become tuples; columns become :class:`~dbpool.driver.Column` objects
+    when first read (most callers never read them).  Raises ProtocolError
+    for a map without the four keys.
+    """
+    try:
+        return Result(partial(_columns, value["columns"]), [tuple(row) for row in value["rows"]],
+                      value["rowcount"], value["command"])
+    except (KeyError, TypeError) as exc:
+        raise ProtocolError(f"malformed result in reply: {exc!r}", code="malformed") from None
+
+
+def to_results(value: Any) -> list[Result]:
+    """The results of a batch reply (``{"results": [result, ...]}``)."""
+    try:
+        results = value["results"]
+    except (KeyError, TypeError) as exc:
+        raise ProtocolError(f"malformed batch reply: {exc!r}", code="malformed") from None
+    return [to_result(item) for item in results]
+
+
+def batch_fields(
+    sql_or_statements: str | Iterable[Statement | str],
+    params_seq: Iterable[Params] | None,
+) -> dict[str, Any]:
+    """The request keys of a batch.
+
+    ``batch(sql, params_seq)`` runs one statement once per parameter set
+    (``sql`` and ``params_seq``); ``batch([(sql, params), ...])`` runs the
+    statements given (``statements``; a bare string is a statement without
+    parameters).  Raises TypeError for a mix of the two forms.
+    """
+    if isinstance(sql_or_statements, str):
+        if params_seq is None:
+            raise TypeError("batch(sql, params_seq) needs params_seq")
+        return {"op": "batch", "sql": sql_or_statements, "params_seq": list(params_seq)}
+    if params_seq is not None:
+        raise TypeError("batch(statements) takes no params_seq: each statement has its own")
+    statements: list[list[Any]] = []
+    for item in sql_or_statements:
+        if isinstance(item, str):
+            statements.append([item, None])
+        else:
+            sql, params = item
+            statements.append([sql, params])
+    return {"op": "batch", "statements": statements}
+
+
+def _split_tcp(endpoint: str) -> tuple[str, str, str] | None:
+    """``(scheme, host, port)`` of a tcp-like endpoint, else None."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep or scheme not in ("tcp", "ws", "wss"):
+        return None
+    host, colon, port = rest.rpartition(":")
+    if not colon:
+        return None
+    return scheme, host.rpartition(";")[2], port  # tcp://source;host:port
+
+
+def events_endpoint(events: str, request_endpoint: str) -> str:
+    """The events endpoint to connect to, given the one the server reported.
+
+    A server bound to all interfaces reports a wildcard host (``0.0.0.0``,
+    ``*`` or ``::``); that host is replaced by the host of the request
+    endpoint the client reached it through.
+    """
+    parts = _split_tcp(events)
+    if parts is None or parts[1] not in _WILDCARD_HOSTS:
+        return events
+    scheme, _, port = parts
+    request = _split_tcp(request_endpoint)
+    host = request[1] if request is not None and request[1] not in _WILDCARD_HOSTS \
+        else "127.0.0.1"
+    return f"{scheme}://{host}:{port}"
+
+
+def request(op: str, **fields: Any) -> dict[str, Any]:
+    """A request map without its id (the client adds it when it sends)."""
+    return {"v": VERSION, "op": op, **fields}
+
+
+def lease_map(value: Any, endpoint: str) -> tuple[str, float, float | None]:
+    """``(lease, heartbeat_timeout, expires_in)`` of a ``begin`` reply."""
+    try:
+        lease = value["lease"]
+        heartbeat = float(value.get("heartbeat_timeout") or DEFAULT_HEARTBEAT_TIMEOUT)
+        expires = value.get("expires_in")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise malformed_reply(endpoint, "begin", repr(exc)) from None
+    if not isinstance(lease, str) or not heartbeat > 0:
+        raise malformed_reply(endpoint, "begin", f"bad lease map {value!r:.200}")
+    return lease, heartbeat, float(expires) if isinstance(expires, int | float) else None
+
+
+def page_map(value: Any, endpoint: str, op: str) -> tuple[str, Any, bool]:
+    """``(stream, result map, done)`` of a ``stream`` or ``fetch`` reply."""
+    try:
+        return str(value["stream"]), value["result"], bool(value["done"])
+    except (KeyError, TypeError) as exc:
+        raise malformed_reply(endpoint, op, repr(exc)) from None
+
+
+class Keepalive:
+    """The heartbeat bookkeeping of one client (no I/O, no locking).
+
+    Every open transaction and stream holds one entry, keyed by its
+    heartbeat timeout: the ``begin`` reply's for a transaction, the last
+    one a server reported (else :data:`DEFAULT_HEARTBEAT_TIMEOUT`) for a
+    stream.  While any entry is held the client sends a heartbeat every
+    third of the smallest timeout held.
+    """
+
+    __slots__ = ("_counts", "known_timeout")
+
+    def __init__(self) -> None:
+        self._counts: dict[float, int] = {}
+        #: The heartbeat timeout the server last reported.
+        self.known_timeout = DEFAULT_HEARTBEAT_TIMEOUT
+
+    def add(self, heartbeat_timeout: float | None) -> float:
+        """Hold an entry; return its key, for :meth:`remove`."""
+        if heartbeat_timeout is not None:
+            self.known_timeout = heartbeat_timeout
+            key = heartbeat_timeout
+        else:
+            key = self.known_timeout
+        self._counts[key] = self._counts.get(key, 0) + 1
+        return key
+
+    def remove(self, key: float) -> None:
+        """Release an entry that :meth:`add` returned."""
+        count = self._counts.get(key, 0) - 1
+        if count > 0:
+            self._counts[key] = count
+        else:
+            self._counts.pop(key, None)
+
+    def __bool__(self) -> bool:
+        return bool(self._counts)
+
+    def interval(self) -> float | None:
+        """Seconds between heartbeats, or None while nothing is held."""
+        return min(self._counts) / 3 if self._counts else None

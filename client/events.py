@@ -1,0 +1,227 @@
+"""The server's events: :class:`Event`, :class:`Subscription`, :class:`AsyncSubscription`.
+
+``dbpool serve`` publishes events on a ``PUB`` socket as two frames,
+``[topic, body]`` (``docs/protocol.md``, "Events").  A subscription is a
+``SUB`` socket subscribed to topic prefixes; each message becomes an
+:class:`Event`.  A message that is not a valid event (wrong frame count, a
+body that is not a map with a string ``event``) is logged and skipped.
+
+Like every ZeroMQ socket, a subscription belongs to one thread (or, for
+:class:`AsyncSubscription`, one event loop); :meth:`Subscription.close`
+must not be called while another thread waits in :meth:`Subscription.get`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from dbpool.wire import WireError, unpackb
+
+__all__ = ["AsyncSubscription", "Event", "Subscription", "parse_event"]
+
+logger = logging.getLogger("dbpool.client.events")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event: its ``topic`` (``"connection"``, ``"pool"``, ``"telemetry"``),
+    its ``name`` (the body's ``event``: ``"connected"``, ``"stopped"``, ...) and
+    ``data``, the whole body map (``event``, ``pool``, ``time`` and the
+    event's own keys)."""
+
+    topic: str
+    name: str
+    data: dict[str, Any]
+
+
+def parse_event(frames: Sequence[bytes]) -> Event | None:
+    """The event in a message's frames, or None (logged) if it is not one."""
+    if len(frames) != 2:
+        logger.warning("dropped an event message of %d frames (expected 2)", len(frames))
+        return None
+    topic = bytes(frames[0]).decode("ascii", "replace")
+    try:
+        body = unpackb(frames[1])
+    except WireError as exc:
+        logger.warning("dropped a malformed %s event: %s", topic, exc)
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("event"), str):
+        logger.warning("dropped a %s event without a name: %r", topic, body)
+        return None
+    return Event(topic, body["event"], body)
+
+
+def _configure(sock: zmq.Socket[Any], endpoint: str, topics: Sequence[str]) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    for topic in topics:
+        sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    sock.connect(endpoint)
+
+
+class Subscription:
+    """A blocking subscription to a server's events (``Client.subscribe``).
+
+    :meth:`get` waits for the next event; iterating yields events until the
+    subscription is closed.  A context manager; :meth:`close` is idempotent.
+    """
+
+    def __init__(self, context: zmq.Context[Any], endpoint: str, topics: Sequence[str]) -> None:
+        #: The events endpoint this subscription is connected to.
+        self.endpoint = endpoint
+        #: The topic prefixes subscribed to.
+        self.topics = tuple(topics)
+        self._sock: zmq.Socket[Any] = context.socket(zmq.SUB)
+        try:
+            _configure(self._sock, endpoint, self.topics)
+        except BaseException:
+            self._sock.close(linger=0)
+            raise
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        logger.debug("subscribed to %s on %s", self.topics, endpoint)
+
+    def get(self, timeout: float | None = None) -> Event | None:
+        """The next event, waiting up to ``timeout`` seconds (None: until one comes).
+
+        Returns None if none came in time or the subscription is closed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._sock.closed:
+            if deadline is None:
+                ready = self._poller.poll()
+            else:
+                ready = self._poller.poll(max(0, math.ceil((deadline - time.monotonic()) * 1000)))
+            if not ready:
+                return None
+            event = parse_event(self._sock.recv_multipart(zmq.NOBLOCK))
+            if event is not None:
+                return event
+        return None
+
+    def __iter__(self) -> Iterator[Event]:
+        while (event := self.get()) is not None:
+            yield event
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return bool(self._sock.closed)
+
+    def close(self) -> None:
+        """Close the socket.  Idempotent."""
+        if not self._sock.closed:
+            self._sock.close(linger=0)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.endpoint} {list(self.topics)}>"
+
+
+class AsyncSubscription:
+    """An asyncio subscription to a server's events (``AsyncClient.subscribe``).
+
+    The socket connects on ``await sub``, ``async with sub`` or the first
+    :meth:`get` (the endpoint may need a ``status`` request first).
+    ``async for event in sub`` yields events until the subscription is
+    closed.  :meth:`close` is a coroutine and idempotent.
+    """
+
+    def __init__(self, context: zmq.asyncio.Context, endpoint: Callable[[], Awaitable[str]],
+                 topics: Sequence[str]) -> None:
+        self._context = context
+        self._resolve = endpoint
+        #: The topic prefixes subscribed to.
+        self.topics = tuple(topics)
+        #: The events endpoint, once connected.
+        self.endpoint: str | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._closed = False
+
+    async def connect(self) -> AsyncSubscription:
+        """Connect the socket now (if not yet); return the subscription."""
+        if self._closed:
+            raise RuntimeError("the subscription is closed")
+        if self._sock is None:
+            endpoint = await self._resolve()
+            if self._sock is None and not self._closed:
+                sock = self._context.socket(zmq.SUB)
+                try:
+                    _configure(sock, endpoint, self.topics)
+                except BaseException:
+                    sock.close(linger=0)
+                    raise
+                self._sock, self.endpoint = sock, endpoint
+                logger.debug("subscribed to %s on %s", self.topics, endpoint)
+        return self
+
+    def __await__(self) -> Generator[Any, None, AsyncSubscription]:
+        return self.connect().__await__()
+
+    async def get(self, timeout: float | None = None) -> Event | None:
+        """The next event, waiting up to ``timeout`` seconds (None: until one comes).
+
+        Returns None if none came in time or the subscription is closed.
+        """
+        if self._closed:
+            return None
+        await self.connect()
+        sock = self._sock
+        assert sock is not None
+        try:
+            async with asyncio.timeout(timeout):
+                while not sock.closed:
+                    event = parse_event(await sock.recv_multipart())
+                    if event is not None:
+                        return event
+        except TimeoutError:
+            return None
+        except (zmq.ZMQError, asyncio.CancelledError):
+            # close() cancels a pending receive; a cancelled task still raises.
+            task = asyncio.current_task()
+            if self._closed and not (task is not None and task.cancelling()):
+                return None
+            raise
+        return None
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while (event := await self.get()) is not None:
+            yield event
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    async def close(self) -> None:
+        """Close the socket.  Idempotent."""
+        self._closed = True
+        if self._sock is not None and not self._sock.closed:
+            self._sock.close(linger=0)
+
+    async def __aenter__(self) -> AsyncSubscription:
+        return await self.connect()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<AsyncSubscription {self.endpoint or '(not connected)'} {list(self.topics)}>"

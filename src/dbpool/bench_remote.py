@@ -1,0 +1,981 @@
+"""``dbpool bench --remote``: ``dbpool serve`` against PgBouncer and direct psycopg.
+
+What it measures, all in one run on one machine:
+
+- **Throughput**: ``SELECT 1`` queries per second from 1, 4, 16 and 64 client
+  *processes* (not threads: every client has its own interpreter, as the
+  clients of a real server do), on pools of 1, 4, 4 and 10 connections, for
+  three contenders:
+
+  - ``psycopg``: each process its own psycopg connection to the DSN (no pool
+    at all: the pool size does not apply);
+  - ``pgbouncer``: psycopg through a PgBouncer that the benchmark starts
+    itself, in transaction mode with ``default_pool_size`` = the pool size;
+  - ``dbpool``: :class:`dbpool.client.Client` talking to a ``dbpool serve``
+    subprocess with ``--pool-size`` = the pool size.
+
+  The worker processes are started once per scenario, connect to every
+  contender and warm up; then the contenders take turns, in an order that
+  rotates from round to round, each running for ``duration`` seconds from a
+  start barrier.  A cell is the median over the rounds, a ratio the median
+  of the per-round ratios (a virtual machine's speed swings within seconds;
+  turns paired within a round cancel most of that).
+- **Single-client latency**: the median time of one query, timed in the
+  worker, at 1 process, for each contender.
+- **Batch**: one client sending ``client.batch("SELECT 1", [()] * 100)`` over
+  and over, in statements per second, against PgBouncer's single-client
+  statements per second (one ``SELECT 1`` per round trip).
+- **Idle clients**: the resident memory of the ``dbpool serve`` process
+  before and after 1,000 ZeroMQ ``DEALER`` sockets (in a few helper
+  processes) have connected and each sent one ``ping``, and the growth per
+  client.
+
+Targets (:data:`TARGETS`): at 16 processes dbpool's q/s is at least 0.75 x
+PgBouncer's; dbpool's single-client latency is at most 2 x PgBouncer's; a
+batch of 100 runs at least 5 x as many statements per second as PgBouncer
+does one at a time.  A target that could not be measured (PgBouncer not
+installed, the server not starting) counts as missed: :func:`run_remote`'s
+report has ``"ok": False`` and ``dbpool bench --remote`` exits with status 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import pwd
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+if TYPE_CHECKING:
+    from dbpool.client import Client
+
+__all__ = [
+    "DEFAULT_PROCESSES",
+    "TARGETS",
+    "find_pgbouncer",
+    "parse_processes",
+    "pool_size_for",
+    "run_remote",
+]
+
+logger = logging.getLogger("dbpool.bench_remote")
+
+SQL = "SELECT 1"
+BATCH_SIZE = 100
+DEFAULT_PROCESSES: tuple[int, ...] = (1, 4, 16, 64)
+#: Pool size per number of client processes, the same for dbpool and PgBouncer.
+POOL_SIZES: dict[int, int] = {1: 1, 4: 4, 16: 4, 64: 10}
+CONTENDERS: tuple[str, ...] = ("psycopg", "pgbouncer", "dbpool")
+#: The batch turn, run at 1 process only.
+BATCH = "dbpool_batch"
+IDLE_CLIENTS = 1000
+IDLE_HELPERS = 4
+#: Seconds the idle clients stay connected before the server's RSS is read.
+IDLE_HOLD = 3.0
+#: Warm-up queries per contender and process before a turn's start barrier.
+WARMUP = 20
+#: Seconds to wait for the worker processes to start, or for a turn's barrier.
+STARTUP_TIMEOUT = 180.0
+#: Seconds to wait for a server (dbpool serve, PgBouncer) to answer.
+SERVER_TIMEOUT = 30.0
+
+#: (name, description, threshold).
+TARGETS: tuple[tuple[str, str, float], ...] = (
+    ("throughput_16", "16 processes: dbpool q/s >= 0.75 x pgbouncer q/s", 0.75),
+    ("latency_1", "1 process: dbpool median latency <= 2 x pgbouncer's", 2.0),
+    ("batch_100", f"batch of {BATCH_SIZE}: dbpool statements/s >= 5 x pgbouncer "
+                  "single-client statements/s", 5.0),
+)
+
+
+def pool_size_for(processes: int) -> int:
+    """The pool size for ``processes`` clients: 1, 4, 4, 10 for 1, 4, 16, 64."""
+    if processes in POOL_SIZES:
+        return POOL_SIZES[processes]
+    return min(processes, 4) if processes <= 16 else 10
+
+
+def parse_processes(text: str) -> tuple[int, ...]:
+    """``"1,4,16,64"`` -> ``(1, 4, 16, 64)``; ValueError for anything else."""
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated process counts, got {text!r}") from None
+    if not counts or any(n < 1 for n in counts):
+        raise ValueError(f"expected comma-separated process counts >= 1, got {text!r}")
+    return tuple(sorted(set(counts)))
+
+
+def find_pgbouncer() -> str | None:
+    """The PgBouncer binary: on ``$PATH``, else ``/usr/sbin/pgbouncer``, else None."""
+    found = shutil.which("pgbouncer")
+    if found:
+        return found
+    fallback = "/usr/sbin/pgbouncer"
+    return fallback if os.access(fallback, os.X_OK) else None
+
+
+# -- servers -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+class ServerError(RuntimeError):
+    """A contender's server did not start."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where PostgreSQL is, as libpq resolved the benchmark's DSN."""
+
+    host: str
+    port: int
+    user: str
+    dbname: str
+    password: str | None
+
+    @classmethod
+    def resolve(cls, dsn: str) -> Backend:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            info = conn.info
+            return cls(info.host, info.port, info.user, info.dbname, info.password or None)
+
+
+class PgBouncer:
+    """A PgBouncer of our own, in transaction mode, in a temporary directory.
+
+    As root it runs as the ``postgres`` user (PgBouncer refuses root), in a
+    directory that user owns.
+    """
+
+    def __init__(self, binary: str, backend: Backend, pool_size: int) -> None:
+        self.binary = binary
+        self.backend = backend
+        self.pool_size = pool_size
+        self.port = _free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="dbpool-bench-pgbouncer-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dsn(self) -> str:
+        return make_conninfo("", host="127.0.0.1", port=self.port, dbname="bench",
+                             user=self.backend.user)
+
+    def _config(self) -> str:
+        target: dict[str, Any] = {"host": self.backend.host, "port": self.backend.port,
+                                  "user": self.backend.user, "dbname": self.backend.dbname}
+        if self.backend.password:
+            target["password"] = self.backend.password
+        return "\n".join([
+            "[databases]",
+            f"bench = {make_conninfo('', **target)}",
+            "[pgbouncer]",
+            "listen_addr = 127.0.0.1",
+            f"listen_port = {self.port}",
+            "auth_type = any",
+            "pool_mode = transaction",
+            f"default_pool_size = {self.pool_size}",
+            "max_client_conn = 2000",
+            "unix_socket_dir =",
+            "ignore_startup_parameters = extra_float_digits",
+            f"logfile = {self.dir / 'pgbouncer.log'}",
+            f"pidfile = {self.dir / 'pgbouncer.pid'}",
+            "",
+        ])
+
+    def start(self) -> PgBouncer:
+        """Start it and wait until it answers; ServerError (and cleaned up) if it does not."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        ini = self.dir / "pgbouncer.ini"
+        ini.write_text(self._config())
+        ini.chmod(0o600)
+        user: int | None = None
+        group: int | None = None
+        if os.geteuid() == 0:
+            entry = pwd.getpwnam("postgres")
+            user, group = entry.pw_uid, entry.pw_gid
+            for path in (self.dir, ini):
+                os.chown(path, user, group)
+        with open(self.dir / "stderr.log", "wb") as err:
+            self.proc = subprocess.Popen(
+                [self.binary, str(ini)], stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                user=user, group=group, start_new_session=True)
+        deadline = time.monotonic() + SERVER_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerError(f"pgbouncer exited with status {self.proc.returncode}:\n"
+                                  f"{_tail(self.dir / 'stderr.log')}")
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None,
+                                     connect_timeout=2) as conn:
+                    conn.execute(SQL).fetchall()
+                break
+            except psycopg.Error as exc:
+                if time.monotonic() > deadline:
+                    raise ServerError(f"pgbouncer did not answer within {SERVER_TIMEOUT:g}s: "
+                                      f"{exc}") from None
+                time.sleep(0.1)
+        logger.info("pgbouncer pid %s on port %s, pool of %s", self.proc.pid, self.port,
+                    self.pool_size)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # safe shutdown: no query is running now
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _client_class() -> type[Client]:
+    """:class:`dbpool.client.Client`, or ServerError if the client library is broken."""
+    try:
+        from dbpool.client import Client
+    except ImportError as exc:
+        raise ServerError(f"dbpool.client.Client is not available: {exc}") from None
+    return Client
+
+
+class DbpoolServer:
+    """``python -m dbpool serve`` as a subprocess, on free local ports."""
+
+    def __init__(self, dsn: str, pool_size: int) -> None:
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        self.events = f"tcp://127.0.0.1:{_free_port()}"
+        self.dir = Path(tempfile.mkdtemp(prefix="dbpool-bench-serve-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> DbpoolServer:
+        """Start it and wait for a ping; ServerError (and cleaned up) if it does not answer."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        self.started = True
+        return self
+
+    def _start(self) -> None:
+        client_class = _client_class()
+        argv = [sys.executable, "-m", "dbpool", "serve", "--dsn", self.dsn,
+                "--bind", self.endpoint, "--events-bind", self.events,
+                "--pool-size", str(self.pool_size)]
+        with open(self.dir / "serve.log", "wb") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=log, start_new_session=True)
+        deadline = time.monotonic() + SERVER_TIMEOUT
+        client = client_class(self.endpoint, timeout=1.0)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise ServerError(f"dbpool serve exited with status "
+                                      f"{self.proc.returncode}:\n{_tail(self.dir / 'serve.log')}")
+                try:
+                    client.ping(timeout=1.0)
+                    break
+                except Exception as exc:
+                    if time.monotonic() > deadline:
+                        raise ServerError(f"dbpool serve did not answer a ping within "
+                                          f"{SERVER_TIMEOUT:g}s: {exc!r}") from None
+                    # A timed-out request may leave the client unusable: start afresh.
+                    client.close()
+                    client = client_class(self.endpoint, timeout=1.0)
+                    time.sleep(0.1)
+        finally:
+            client.close()
+        logger.info("dbpool serve pid %s on %s, pool of %s", self.proc.pid, self.endpoint,
+                    self.pool_size)
+
+    def rss_bytes(self) -> int | None:
+        return _rss_of(self.pid)
+
+    def log_tail(self) -> str:
+        return _tail(self.dir / "serve.log")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                logger.warning("dbpool serve did not stop within 30 s of SIGTERM: killing it")
+                self.proc.kill()
+                self.proc.wait()
+        if self.started and self.proc is not None and \
+                self.proc.returncode not in (0, -signal.SIGTERM):
+            logger.warning("dbpool serve exited with status %s:\n%s", self.proc.returncode,
+                           self.log_tail())
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _rss_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+# -- worker processes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process connects to; a contender it lacks is not run."""
+
+    dsn: str
+    pgbouncer_dsn: str | None
+    dbpool_endpoint: str | None
+    batch: bool
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """One worker's figures for one turn."""
+
+    count: int  # statements run
+    seconds: float
+    latency_us: float | None = None  # median per call, if timed
+    error: str | None = None
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+class _Contenders:
+    """A worker's connections: a step function per contender."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.errors: dict[str, str] = {}
+        self.closers: list[Callable[[], object]] = []
+        self.steps: dict[str, Callable[[], object]] = {}
+        if spec.pgbouncer_dsn is not None:
+            try:
+                bouncer = psycopg.connect(spec.pgbouncer_dsn, autocommit=True,
+                                          prepare_threshold=None)
+                self.closers.append(bouncer.close)
+                self.steps["pgbouncer"] = lambda: bouncer.execute(SQL).fetchall()
+            except Exception as exc:
+                self.errors["pgbouncer"] = _one_line(exc)
+        if spec.dbpool_endpoint is not None:
+            try:
+                client = _client_class()(spec.dbpool_endpoint)
+                self.closers.append(client.close)
+                self.steps["dbpool"] = lambda: client.query(SQL)
+                if spec.batch:
+                    params = [()] * BATCH_SIZE
+                    self.steps[BATCH] = lambda: client.batch(SQL, params)
+            except Exception as exc:
+                self.errors["dbpool"] = self.errors[BATCH] = _one_line(exc)
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[Callable[[], object]]:
+        """The step of ``name``, checked and warmed up.
+
+        Direct connections are opened for the turn only, so that 64 of them
+        do not sit idle on the server through the other contenders' turns.
+        """
+        if name == "psycopg":
+            with psycopg.connect(self.spec.dsn, autocommit=True) as conn:
+                yield self._warm(name, lambda: conn.execute(SQL).fetchall())
+            return
+        if name in self.errors:
+            raise RuntimeError(self.errors[name])
+        yield self._warm(name, self.steps[name])
+
+    @staticmethod
+    def _warm(name: str, step: Callable[[], object]) -> Callable[[], object]:
+        result = step()
+        if name == BATCH:
+            results: Any = result
+            if len(results) != BATCH_SIZE or results[0].rows[0][0] != 1:
+                raise RuntimeError(f"wrong batch result: {results!r:.200}")
+        else:
+            rows: Any = getattr(result, "rows", result)
+            if rows[0][0] != 1:
+                raise RuntimeError(f"wrong result: {result!r:.200}")
+        for _ in range(WARMUP):
+            step()
+        return step
+
+    def close(self) -> None:
+        for close in self.closers:
+            try:
+                close()
+            except Exception:
+                pass
+
+
+def _run_turn(step: Callable[[], object], duration: float, timed: bool,
+              per_call: int) -> TurnResult:
+    count = 0
+    latencies: list[float] = []
+    error = None
+    clock = time.perf_counter
+    began = clock()
+    end = began + duration
+    try:
+        if timed:
+            append = latencies.append
+            while True:
+                t0 = clock()
+                if t0 >= end:
+                    break
+                step()
+                append(clock() - t0)
+                count += 1
+        else:
+            while clock() < end:
+                step()
+                count += 1
+    except Exception as exc:
+        error = _one_line(exc)
+    seconds = clock() - began
+    latency = statistics.median(latencies) * 1e6 if latencies else None
+    return TurnResult(count * per_call, seconds, latency, error)
+
+
+def _worker(spec: WorkerSpec, conn: Connection, barrier: Barrier) -> None:
+    """A client process: connect, report ready, then run the turns it is sent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator handles ^C
+    contenders = _Contenders(spec)
+    conn.send(("ready", contenders.errors))
+    try:
+        while True:
+            message = conn.recv()
+            if message[0] == "stop":
+                break
+            _, name, duration, timed = message
+            result: TurnResult | None = None
+            started = False
+            try:
+                with contenders.step(name) as step:
+                    barrier.wait(STARTUP_TIMEOUT)
+                    started = True
+                    per_call = BATCH_SIZE if name == BATCH else 1
+                    result = _run_turn(step, duration, timed, per_call)
+            except threading.BrokenBarrierError:
+                return
+            except Exception as exc:
+                if not started:
+                    # Still meet the others at the barrier, then report the failure.
+                    try:
+                        barrier.wait(STARTUP_TIMEOUT)
+                    except threading.BrokenBarrierError:
+                        return
+                if result is None:
+                    result = TurnResult(0, duration, None, _one_line(exc))
+            conn.send(result)
+    except (EOFError, OSError):
+        pass  # the coordinator went away
+    finally:
+        contenders.close()
+
+
+class _Workers:
+    """``n`` worker processes, started and connected."""
+
+    def __init__(self, n: int, spec: WorkerSpec) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.barrier = ctx.Barrier(n + 1)
+        self.pipes: list[Connection] = []
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        for _ in range(n):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(spec, theirs, self.barrier), daemon=True)
+            proc.start()
+            theirs.close()
+            self.pipes.append(ours)
+            self.procs.append(proc)
+        self.errors: dict[str, str] = {}
+        try:
+            for pipe in self.pipes:
+                _, errors = self._recv(pipe, STARTUP_TIMEOUT)
+                self.errors.update(errors)
+        except BaseException:
+            self.close()
+            raise
+
+    def _recv(self, pipe: Connection, timeout: float) -> Any:
+        try:
+            if pipe.poll(timeout):
+                return pipe.recv()
+        except (EOFError, OSError):
+            raise RuntimeError("a worker process exited") from None
+        raise RuntimeError(f"a worker process sent nothing within {timeout:g}s")
+
+    def turn(self, name: str, duration: float, timed: bool) -> list[TurnResult]:
+        for pipe in self.pipes:
+            pipe.send(("run", name, duration, timed))
+        self.barrier.wait(STARTUP_TIMEOUT)
+        results: list[TurnResult] = [self._recv(p, duration + 60) for p in self.pipes]
+        return results
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(("stop",))
+        deadline = time.monotonic() + 15
+        for proc in self.procs:
+            proc.join(max(deadline - time.monotonic(), 0.1))
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        for pipe in self.pipes:
+            pipe.close()
+
+
+# -- idle clients ---------------------------------------------------------------------------
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _idle_helper(endpoint: str, sockets: int, conn: Connection) -> None:
+    """Hold ``sockets`` DEALER sockets that have each pinged, until told to close them."""
+    import zmq
+
+    from dbpool.wire import packb, unpackb
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _raise_nofile()
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.MAX_SOCKETS, sockets + 64)
+    held: list[zmq.Socket[bytes]] = []
+    ok = 0
+    error = None
+    try:
+        poller = zmq.Poller()
+        for i in range(sockets):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            sock.send(packb({"v": 1, "id": i, "op": "ping"}))
+            poller.register(sock, zmq.POLLIN)
+            held.append(sock)
+        deadline = time.monotonic() + 60
+        pending = set(held)
+        while pending and time.monotonic() < deadline:
+            for sock, _ in poller.poll(1000):
+                reply = unpackb(sock.recv())
+                if reply.get("ok") == "pong":
+                    ok += 1
+                pending.discard(sock)
+                poller.unregister(sock)
+        if pending:
+            error = f"{len(pending)} pings unanswered after 60 s"
+    except Exception as exc:
+        error = _one_line(exc)
+    conn.send((ok, error))
+    with contextlib.suppress(EOFError, OSError):
+        conn.recv()  # hold until told
+    for sock in held:
+        sock.close()
+    ctx.term()
+
+
+def _measure_idle(dsn: str, clients: int = IDLE_CLIENTS, helpers: int = IDLE_HELPERS,
+                  hold: float = IDLE_HOLD) -> dict[str, Any]:
+    """The server's RSS before and with ``clients`` idle DEALER clients."""
+    server = DbpoolServer(dsn, 1).start()
+    ctx = multiprocessing.get_context("spawn")
+    pipes: list[Connection] = []
+    procs: list[multiprocessing.process.BaseProcess] = []
+    try:
+        # One client first: the server's own lazily built state should not count.
+        client = _client_class()(server.endpoint)
+        try:
+            client.ping()
+            client.query(SQL)
+        finally:
+            client.close()
+        time.sleep(1.0)
+        before = server.rss_bytes()
+        share, extra = divmod(clients, helpers)
+        for i in range(helpers):
+            ours, theirs = ctx.Pipe()
+            count = share + (1 if i < extra else 0)
+            helper = ctx.Process(target=_idle_helper, args=(server.endpoint, count, theirs),
+                                 daemon=True)
+            helper.start()
+            theirs.close()
+            pipes.append(ours)
+            procs.append(helper)
+        pongs = 0
+        errors = []
+        for pipe in pipes:
+            if not pipe.poll(STARTUP_TIMEOUT):
+                raise RuntimeError("an idle-client helper sent nothing")
+            ok, error = pipe.recv()
+            pongs += ok
+            if error:
+                errors.append(error)
+        time.sleep(hold)
+        after = server.rss_bytes()
+        for pipe in pipes:
+            pipe.send("close")
+        for proc in procs:
+            proc.join(15)
+        time.sleep(1.0)
+        released = server.rss_bytes()
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        server.stop()
+    report: dict[str, Any] = {
+        "clients": clients, "pongs": pongs, "errors": errors,
+        "rss_before_mb": _mb(before), "rss_with_clients_mb": _mb(after),
+        "rss_after_close_mb": _mb(released),
+        "growth_per_client_kb": None,
+    }
+    if before is not None and after is not None:
+        report["growth_per_client_kb"] = round((after - before) / clients / 1024, 2)
+    return report
+
+
+def _mb(value: int | None) -> float | None:
+    return None if value is None else round(value / 2**20, 1)
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+
+
+@dataclass
+class Turn:
+    """One contender's figures in one round of one scenario."""
+
+    contender: str
+    processes: int
+    pool_size: int
+    round: int
+    statements: int  # all processes together
+    seconds: float  # the processes' mean
+    per_second: float  # the sum of the processes' own rates
+    latency_us: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _paired_ratio(turns: list[Turn], ours: str, theirs: str,
+                  key: Callable[[Turn], float | None]) -> float | None:
+    """The median over rounds of ``key(ours) / key(theirs)``, rounds where both ran."""
+    by_round: dict[int, dict[str, float]] = {}
+    for t in turns:
+        value = key(t)
+        if value is not None and not t.errors and value > 0:
+            by_round.setdefault(t.round, {})[t.contender] = value
+    ratios = [r[ours] / r[theirs] for r in by_round.values() if ours in r and theirs in r]
+    return _median(ratios)
+
+
+def _progress(as_json: bool, text: str) -> None:
+    if not as_json:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _scenario(dsn: str, backend: Backend | None, bouncer_binary: str | None,
+              processes: int, duration: float, rounds: int, unavailable: dict[str, str],
+              as_json: bool) -> list[Turn]:
+    """Run every contender at ``processes`` clients; return the turns."""
+    size = pool_size_for(processes)
+    turns: list[Turn] = []
+    with contextlib.ExitStack() as stack:
+        bouncer_dsn = endpoint = None
+        if bouncer_binary is not None and backend is not None:
+            try:
+                bouncer = PgBouncer(bouncer_binary, backend, size).start()
+                stack.callback(bouncer.stop)
+                bouncer_dsn = bouncer.dsn
+            except ServerError as exc:
+                unavailable.setdefault("pgbouncer", str(exc))
+        if "dbpool" not in unavailable:
+            try:
+                server = DbpoolServer(dsn, size).start()
+                stack.callback(server.stop)
+                endpoint = server.endpoint
+            except ServerError as exc:
+                unavailable["dbpool"] = str(exc)
+        spec = WorkerSpec(dsn, bouncer_dsn, endpoint, batch=processes == 1)
+        names = ["psycopg"]
+        names += ["pgbouncer"] if bouncer_dsn else []
+        names += (["dbpool"] + ([BATCH] if spec.batch else [])) if endpoint else []
+        _progress(as_json, f"  {processes} processes (pool of {size}): starting workers...")
+        try:
+            workers = _Workers(processes, spec)
+            stack.callback(workers.close)
+            for name, error in workers.errors.items():
+                logger.warning("%s: a worker could not connect: %s", name, error)
+            for round_ in range(rounds):
+                shift = round_ % len(names)
+                for name in names[shift:] + names[:shift]:
+                    turns.append(_turn(workers, name, processes, size, round_, duration))
+        except (threading.BrokenBarrierError, RuntimeError) as exc:
+            # A worker died or hung: the rest of this scenario cannot be measured.
+            logger.error("%s processes: the workers failed (%s); scenario abandoned",
+                         processes, _one_line(exc))
+        for name in names:
+            rates = [t.per_second for t in turns if t.contender == name and not t.errors]
+            median = _median(rates)
+            shown = f"{median:9.0f}" if median is not None else "   failed"
+            unit = "statements/s" if name == BATCH else "q/s"
+            _progress(as_json, f"  {name:>12} {processes:>3} processes: {shown} {unit} (median)")
+    return turns
+
+
+def _turn(workers: _Workers, name: str, processes: int, size: int, round_: int,
+          duration: float) -> Turn:
+    results = workers.turn(name, duration, timed=processes == 1)
+    errors = sorted({r.error for r in results if r.error})
+    if errors:
+        logger.warning("%s at %s processes, round %s: %s", name, processes, round_ + 1,
+                       "; ".join(errors))
+    return Turn(name, processes, size, round_,
+                statements=sum(r.count for r in results),
+                seconds=statistics.mean(r.seconds for r in results),
+                # Each process ran for its own measured time: add up the rates.
+                per_second=sum(r.count / r.seconds for r in results if r.seconds > 0),
+                latency_us=_median([r.latency_us for r in results if r.latency_us is not None]),
+                errors=errors)
+
+
+def run_remote(
+    dsn: str,
+    processes: Sequence[int] = DEFAULT_PROCESSES,
+    duration: float = 1.0,
+    rounds: int = 3,
+    as_json: bool = False,
+    idle_clients: int = IDLE_CLIENTS,
+) -> dict[str, Any]:
+    """Run the remote benchmark, print a table (or JSON) and return the report.
+
+    ``duration`` is seconds per contender per round (at least 1.0 is wise:
+    the first instants of a turn are the noisiest).  The report's ``ok`` is
+    False if any target was missed or could not be measured.
+    """
+    began = time.monotonic()
+    bouncer_binary = find_pgbouncer()
+    unavailable: dict[str, str] = {}
+    if bouncer_binary is None:
+        unavailable["pgbouncer"] = "not installed"
+    backend = Backend.resolve(dsn)
+    turns: list[Turn] = []
+    for n in processes:
+        turns.extend(_scenario(dsn, backend, bouncer_binary, n, duration, rounds,
+                               unavailable, as_json))
+    idle: dict[str, Any] | None = None
+    if "dbpool" not in unavailable and idle_clients > 0:
+        _progress(as_json, f"  dbpool serve RSS with {idle_clients} idle clients...")
+        try:
+            idle = _measure_idle(dsn, idle_clients)
+        except Exception as exc:
+            logger.warning("the idle-client measurement failed: %s", _one_line(exc))
+            idle = {"error": _one_line(exc)}
+    report = _report(turns, processes, duration, rounds, bouncer_binary, unavailable, idle)
+    report["elapsed_seconds"] = round(time.monotonic() - began, 1)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_report(report)
+    return report
+
+
+def _pgbouncer_version(binary: str | None) -> str | None:
+    if binary is None:
+        return None
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.splitlines()[0] if out.stdout else None
+
+
+def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds: int,
+            bouncer_binary: str | None, unavailable: dict[str, str],
+            idle: dict[str, Any] | None) -> dict[str, Any]:
+    scenarios: list[dict[str, Any]] = []
+    for n in processes:
+        here = [t for t in turns if t.processes == n and t.contender in CONTENDERS]
+        qps: dict[str, int | None] = {}
+        for name in CONTENDERS:
+            median = _median([t.per_second for t in here if t.contender == name and not t.errors])
+            qps[name] = None if median is None else round(median)
+        ratio = _paired_ratio(here, "dbpool", "pgbouncer", lambda t: t.per_second)
+        scenarios.append({"processes": n, "pool_size": pool_size_for(n), "qps": qps,
+                          "dbpool/pgbouncer": None if ratio is None else round(ratio, 3)})
+
+    single = [t for t in turns if t.processes == 1]
+    latency: dict[str, Any] = {}
+    for name in CONTENDERS:
+        median = _median([t.latency_us for t in single
+                          if t.contender == name and t.latency_us is not None and not t.errors])
+        latency[name] = None if median is None else round(median, 1)
+    latency_ratio = _paired_ratio(single, "dbpool", "pgbouncer", lambda t: t.latency_us)
+    latency["dbpool/pgbouncer"] = None if latency_ratio is None else round(latency_ratio, 3)
+
+    batch_rate = _median([t.per_second for t in single if t.contender == BATCH and not t.errors])
+    bouncer_rate = _median([t.per_second for t in single
+                            if t.contender == "pgbouncer" and not t.errors])
+    batch_ratio = _paired_ratio(single, BATCH, "pgbouncer", lambda t: t.per_second)
+    batch = {
+        "batch_size": BATCH_SIZE,
+        "dbpool_statements_per_second": None if batch_rate is None else round(batch_rate),
+        "pgbouncer_statements_per_second": None if bouncer_rate is None else round(bouncer_rate),
+        "ratio": None if batch_ratio is None else round(batch_ratio, 3),
+    }
+
+    by_16 = next((s for s in scenarios if s["processes"] == 16), None)
+    values: dict[str, tuple[float | None, bool]] = {
+        # (value, whether the scenario it needs was run at all)
+        "throughput_16": (by_16["dbpool/pgbouncer"] if by_16 else None, by_16 is not None),
+        "latency_1": (latency["dbpool/pgbouncer"], 1 in processes),
+        "batch_100": (batch["ratio"], 1 in processes),
+    }
+    targets = []
+    for name, text, threshold in TARGETS:
+        value, requested = values[name]
+        if not requested:
+            status = "SKIPPED"
+        elif value is None:
+            status = "NOT MEASURED"
+        elif name == "latency_1":
+            status = "PASS" if value <= threshold else "FAIL"
+        else:
+            status = "PASS" if value >= threshold else "FAIL"
+        targets.append({"name": name, "target": text, "threshold": threshold,
+                        "value": value, "status": status})
+
+    return {
+        "workload": SQL,
+        "cpus": os.cpu_count(),
+        "rounds": rounds,
+        "duration": duration,
+        "processes": list(processes),
+        "pgbouncer": {"binary": bouncer_binary, "version": _pgbouncer_version(bouncer_binary)},
+        "unavailable": unavailable,
+        "scenarios": scenarios,
+        "latency_us": latency,
+        "batch": batch,
+        "idle_clients": idle,
+        "targets": targets,
+        "ok": all(t["status"] in ("PASS", "SKIPPED") for t in targets),
+        "turns": [asdict(t) | {"per_second": round(t.per_second)} for t in turns],
+    }
+
+
+def _cell(value: float | None, width: int, fmt: str = ".0f") -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{fmt}}"
+
+
+def _ratio(value: float | None, width: int = 6) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:.2f}x".rjust(width)
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    print(f"\n{report['workload']!r} over the network, queries per second from client "
+          f"processes ({report['cpus']} CPUs; median of {report['rounds']} rounds of "
+          f"{report['duration']:g}s; ratio: median of per-round ratios)\n")
+    for name, why in report["unavailable"].items():
+        first = why.splitlines()[0] if why else ""
+        print(f"  {name}: {first}")
+        if why.count("\n"):
+            print("    " + "\n    ".join(why.splitlines()[1:]))
+    if report["unavailable"]:
+        print()
+    print(f"{'processes':>9} {'pool':>4} " + " ".join(f"{n:>10}" for n in CONTENDERS)
+          + f" {'dbpool/pgbouncer':>17}")
+    for row in report["scenarios"]:
+        print(f"{row['processes']:>9} {row['pool_size']:>4} "
+              + " ".join(_cell(row["qps"][n], 10) for n in CONTENDERS)
+              + " " + _ratio(row["dbpool/pgbouncer"], 17))
+    latency = report["latency_us"]
+    print("\nsingle-client latency, µs per query (1 process, median):")
+    for name in CONTENDERS:
+        print(f"  {name:>10}: {_cell(latency[name], 8, '.1f')}")
+    print(f"  dbpool/pgbouncer: {_ratio(latency['dbpool/pgbouncer'])}")
+    batch = report["batch"]
+    print(f"\nbatch of {batch['batch_size']} x {report['workload']!r}, 1 client, statements/s:")
+    print(f"  dbpool client.batch: {_cell(batch['dbpool_statements_per_second'], 9)}")
+    print(f"  pgbouncer, 1 per round trip: {_cell(batch['pgbouncer_statements_per_second'], 9)}")
+    print(f"  ratio: {_ratio(batch['ratio'])}")
+    idle = report["idle_clients"]
+    if idle is not None:
+        print(f"\ndbpool serve RSS with {IDLE_CLIENTS} idle DEALER clients (one ping each):")
+        if "error" in idle:
+            print(f"  failed: {idle['error']}")
+        else:
+            print(f"  before: {_cell(idle['rss_before_mb'], 7, '.1f')} MB")
+            print(f"  with {idle['clients']} clients ({idle['pongs']} pongs): "
+                  f"{_cell(idle['rss_with_clients_mb'], 7, '.1f')} MB")
+            print(f"  after they closed: {_cell(idle['rss_after_close_mb'], 7, '.1f')} MB")
+            print(f"  growth per client: {_cell(idle['growth_per_client_kb'], 7, '.2f')} KB")
+            for error in idle["errors"]:
+                print(f"  error: {error}")
+    print("\ntargets:")
+    for target in report["targets"]:
+        value = target["value"]
+        print(f"  {target['status']:<12} {target['target']}: {_ratio(value, 0)}")
+    print(f"\n{'all targets met' if report['ok'] else 'some targets missed'} "
+          f"({report['elapsed_seconds']:.0f} s)")

@@ -1,0 +1,1 @@
+"""The ZeroMQ front end of ``dbpool serve``."""

@@ -1,0 +1,400 @@
+"""The configuration of ``dbpool serve``: :class:`ServeConfig` and where it comes from.
+
+Every setting is read from four sources; the first that sets it wins:
+
+=====  ==============================  =========================================
+Rank   Source                          Example
+=====  ==============================  =========================================
+1      command-line flag               ``dbpool serve --pool-size 20``
+2      ``DBPOOL_*`` environment        ``DBPOOL_POOL_SIZE=20``
+3      TOML file (``--config PATH``    ``pool_size = 20``
+       or ``$DBPOOL_CONFIG``)
+4      default                         ``10``
+=====  ==============================  =========================================
+
+The settings, with their flags, variables and defaults:
+
+=================  ===================  ========================  =========================
+Field              Flag                 Variable                  Default
+=================  ===================  ========================  =========================
+dsn                --dsn                DBPOOL_DSN                None: embedded PostgreSQL
+bind               --bind               DBPOOL_BIND               tcp://127.0.0.1:7432
+events_bind        --events-bind        DBPOOL_EVENTS_BIND        tcp://127.0.0.1:7433
+pool_size          --pool-size          DBPOOL_POOL_SIZE          10
+name               --name               DBPOOL_NAME               dbpool
+timeout            --timeout            DBPOOL_TIMEOUT            15.0 s
+max_message_size   --max-message-size   DBPOOL_MAX_MESSAGE_SIZE   16 MiB, in bytes
+heartbeat_timeout  --heartbeat-timeout  DBPOOL_HEARTBEAT_TIMEOUT  10.0 s
+lease_max          --lease-max          DBPOOL_LEASE_MAX          300.0 s
+pipeline_depth     --pipeline-depth     DBPOOL_PIPELINE_DEPTH     4
+grace              --grace              DBPOOL_GRACE              10.0 s
+log_level          --log-level          DBPOOL_LOG_LEVEL          INFO
+pool_options       (none)               (none)                    {}: the TOML [pool] table
+=================  ===================  ========================  =========================
+
+- ``timeout`` is the default deadline of a remote request, the wait for a
+  connection included; ``pipeline_depth`` (>= 1) is how many statements from
+  different clients may be queued on one connection; ``grace`` is how long a
+  shutdown waits for requests in flight.
+- The TOML file's top-level keys are the field names above (``dsn``,
+  ``pool_size``...); its ``[pool]`` table holds further options of
+  :meth:`dbpool.pool.Pool.start` (``queue_target``, ``max_lifetime``,
+  ``connect_kwargs``...), checked against
+  :class:`~dbpool.pool.options.PoolOptions`.  ``pool_size``, ``name`` and
+  ``timeout`` belong at the top level, not in ``[pool]``.
+- An environment variable set to the empty string counts as unset.
+- A bad value raises :class:`~dbpool.errors.ConfigurationError` naming its
+  source: ``DBPOOL_POOL_SIZE: expected an integer >= 1, got 'abc'``,
+  ``config.toml: unknown key 'pool_sise'``.
+- The DSN's password never appears in ``repr``/``str`` of a config, in
+  :meth:`ServeConfig.describe` or in an error message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from dbpool.errors import ConfigurationError
+
+__all__ = ["ENV_PREFIX", "ServeConfig", "add_serve_arguments", "load_config", "mask_dsn"]
+
+logger = logging.getLogger("dbpool.server.config")
+
+ENV_PREFIX = "DBPOOL_"
+_MASK = "******"
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Pool options that ServeConfig sets itself: they go at the top level, not in [pool].
+_TOP_LEVEL_POOL_KEYS = frozenset({"pool_size", "name", "timeout"})
+
+
+def _empty_mapping() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The settings of ``dbpool serve``; see the module docstring for each one."""
+
+    dsn: str | None = None
+    bind: str = "tcp://127.0.0.1:7432"
+    events_bind: str = "tcp://127.0.0.1:7433"
+    pool_size: int = 10
+    name: str = "dbpool"
+    timeout: float = 15.0
+    max_message_size: int = 16 * 2**20
+    heartbeat_timeout: float = 10.0
+    lease_max: float = 300.0
+    pipeline_depth: int = 4
+    grace: float = 10.0
+    log_level: str = "INFO"
+    pool_options: Mapping[str, Any] = field(default_factory=_empty_mapping)
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "dsn" and value is not None:
+                value = mask_dsn(value)
+            elif f.name == "pool_options":
+                value = _masked_pool_options(value)
+            parts.append(f"{f.name}={value!r}")
+        return f"ServeConfig({', '.join(parts)})"
+
+    __str__ = __repr__
+
+    def describe(self) -> str:
+        """A one-line summary for the start-up log line, without the password."""
+        database = "embedded" if self.dsn is None else mask_dsn(self.dsn, drop=True)
+        return (f"{self.name}: requests on {self.bind}, events on {self.events_bind}, "
+                f"pool of {self.pool_size} on {database}")
+
+    def log_level_number(self) -> int:
+        """:attr:`log_level` as a :mod:`logging` level number."""
+        return logging.getLevelNamesMapping()[self.log_level]
+
+
+def mask_dsn(dsn: str, *, drop: bool = False) -> str:
+    """``dsn`` with its password replaced by ``******`` (or removed if ``drop``).
+
+    The result is a ``key=value`` conninfo string even if ``dsn`` was a URI.
+    A DSN that does not parse is hidden whole, since any part of it may be
+    the password.
+    """
+    try:
+        params = conninfo_to_dict(dsn)
+    except Exception:
+        return "<unparseable DSN hidden>"
+    if "password" not in params:
+        return dsn
+    if drop:
+        del params["password"]
+    else:
+        params["password"] = _MASK
+    return make_conninfo("", **params)
+
+
+def _masked_pool_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    masked = dict(options)
+    kwargs = masked.get("connect_kwargs")
+    if isinstance(kwargs, Mapping) and "password" in kwargs:
+        masked["connect_kwargs"] = {**kwargs, "password": _MASK}
+    return masked
+
+
+# -- values ------------------------------------------------------------------------
+
+#: ``parse(value, source, from_text)``: a checked value or ConfigurationError.  With
+#: ``from_text`` (flags, environment) a number may be given as a string.
+_Parser = Callable[[object, str, bool], object]
+
+
+def _fail(source: str, expected: str, value: object) -> ConfigurationError:
+    shown = f"{value!r}" if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+    return ConfigurationError(f"{source}: expected {expected}, got {shown}")
+
+
+def _integer(minimum: int) -> _Parser:
+    expected = f"an integer >= {minimum}"
+
+    def parse(value: object, source: str, from_text: bool) -> int:
+        if isinstance(value, str) and from_text:
+            try:
+                number = int(value.strip())
+            except ValueError:
+                raise _fail(source, expected, value) from None
+        elif isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            raise _fail(source, expected, value)
+        if number < minimum:
+            raise _fail(source, expected, value)
+        return number
+
+    return parse
+
+
+def _seconds(*, zero_ok: bool) -> _Parser:
+    expected = "a number of seconds >= 0" if zero_ok else "a number of seconds > 0"
+
+    def parse(value: object, source: str, from_text: bool) -> float:
+        if isinstance(value, str) and from_text:
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise _fail(source, expected, value) from None
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        else:
+            raise _fail(source, expected, value)
+        if not math.isfinite(number) or number < 0 or (number == 0 and not zero_ok):
+            raise _fail(source, expected, value)
+        return number
+
+    return parse
+
+
+def _text(value: object, source: str, from_text: bool) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(source, "a non-empty string", value)
+    return value.strip()
+
+
+def _endpoint(value: object, source: str, from_text: bool) -> str:
+    text = value.strip() if isinstance(value, str) else None
+    if not text or "://" not in text or text.startswith("://"):
+        raise _fail(source, "a ZeroMQ endpoint such as 'tcp://127.0.0.1:7432'", value)
+    return text
+
+
+def _dsn(value: object, source: str, from_text: bool) -> str:
+    if not isinstance(value, str):
+        # Not a string, so not a password either: safe to show its type only.
+        raise ConfigurationError(
+            f"{source}: expected a libpq conninfo string or URI, got a {type(value).__name__}")
+    if not value.strip():
+        raise ConfigurationError(
+            f"{source}: expected a libpq conninfo string or URI, got an empty string")
+    try:
+        conninfo_to_dict(value)
+    except Exception:
+        # psycopg's message may quote part of the string, password included.
+        raise ConfigurationError(
+            f"{source}: not a valid libpq conninfo string or URI "
+            "(its text is not shown: it may hold a password)") from None
+    return value
+
+
+def _log_level(value: object, source: str, from_text: bool) -> str:
+    if isinstance(value, str) and value.strip().upper() in _LOG_LEVELS:
+        return value.strip().upper()
+    raise _fail(source, f"a log level ({', '.join(_LOG_LEVELS)})", value)
+
+
+@dataclass(frozen=True)
+class _Setting:
+    field: str
+    parse: _Parser
+    help: str
+
+    @property
+    def metavar(self) -> str:
+        return _METAVARS.get(self.field, self.field.upper())
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.field.upper()
+
+
+_SETTINGS: tuple[_Setting, ...] = (
+    _Setting("dsn", _dsn, "libpq conninfo or URI of the PostgreSQL server"),
+    _Setting("bind", _endpoint, "ZeroMQ endpoint of the request (ROUTER) socket"),
+    _Setting("events_bind", _endpoint, "ZeroMQ endpoint of the event (PUB) socket"),
+    _Setting("pool_size", _integer(1), "connections kept open"),
+    _Setting("name", _text, "the pool's name, in logs and events"),
+    _Setting("timeout", _seconds(zero_ok=False),
+             "default deadline in seconds of a remote request, the wait for a connection "
+             "included"),
+    _Setting("max_message_size", _integer(1), "largest request body accepted, in bytes",),
+    _Setting("heartbeat_timeout", _seconds(zero_ok=False),
+             "seconds of silence after which a session's leases end"),
+    _Setting("lease_max", _seconds(zero_ok=False),
+             "longest a transaction lease may last, in seconds"),
+    _Setting("pipeline_depth", _integer(1),
+             "statements from different clients queued on one connection"),
+    _Setting("grace", _seconds(zero_ok=True), "seconds a shutdown waits for requests in flight",),
+    _Setting("log_level", _log_level, f"logging level ({', '.join(_LOG_LEVELS)})"),
+)
+_BY_FIELD = {s.field: s for s in _SETTINGS}
+_METAVARS = {
+    "bind": "ENDPOINT", "events_bind": "ENDPOINT", "pool_size": "N", "timeout": "SECONDS",
+    "max_message_size": "BYTES", "heartbeat_timeout": "SECONDS", "lease_max": "SECONDS",
+    "pipeline_depth": "N", "grace": "SECONDS", "log_level": "LEVEL",
+}
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of ``dbpool serve`` to ``parser``.
+
+    Every flag defaults to None, so that :func:`load_config` can tell an
+    unset flag from one set to the default and fall back on the environment
+    and the config file.  Values are checked by :func:`load_config`, not by
+    argparse, so that every bad value gets the same kind of error.
+    """
+    defaults = ServeConfig()
+    for setting in _SETTINGS:
+        default = getattr(defaults, setting.field)
+        shown = "the embedded PostgreSQL" if default is None else default
+        parser.add_argument(
+            setting.flag, dest=setting.field, default=None,
+            metavar=setting.metavar,
+            help=f"{setting.help} (env {setting.env}; default: {shown})".replace("%", "%%"))
+    parser.add_argument(
+        "--config", dest="config", default=None, metavar="PATH",
+        help=f"TOML file of settings, with an optional [pool] table of further pool "
+             f"options (env {ENV_PREFIX}CONFIG; default: none)")
+
+
+# -- sources -----------------------------------------------------------------------
+
+
+def load_config(
+    args: argparse.Namespace, environ: Mapping[str, str] = os.environ
+) -> ServeConfig:
+    """Build the :class:`ServeConfig` from flags, environment, TOML file and defaults.
+
+    ``args`` is a namespace from a parser given :func:`add_serve_arguments`
+    (attributes it lacks count as unset).  Raises
+    :class:`~dbpool.errors.ConfigurationError` naming the source of a bad
+    value.
+    """
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    path = _namespace_value(args, "config") or environ.get(ENV_PREFIX + "CONFIG") or None
+    if path is not None:
+        settings, pool_options = _read_toml(str(path))
+        values.update(settings)
+        origin.update(dict.fromkeys(settings, str(path)))
+        values["pool_options"] = MappingProxyType(pool_options)
+    for setting in _SETTINGS:
+        raw = environ.get(setting.env)
+        if raw:
+            values[setting.field] = setting.parse(raw, setting.env, True)
+            origin[setting.field] = setting.env
+    for setting in _SETTINGS:
+        flag_value = _namespace_value(args, setting.field)
+        if flag_value is not None:
+            values[setting.field] = setting.parse(flag_value, setting.flag, True)
+            origin[setting.field] = setting.flag
+    config = ServeConfig(**values)
+    logger.debug("configuration %r (from %s)", config,
+                 ", ".join(f"{k}: {v}" for k, v in origin.items()) or "defaults only")
+    return config
+
+
+def _namespace_value(args: argparse.Namespace, name: str) -> Any:
+    return getattr(args, name, None)
+
+
+def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The settings and the ``[pool]`` options of the TOML file at ``path``."""
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigurationError(f"{path}: cannot read the config file: "
+                                 f"{exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        # The decoder's message gives a line and column, never the text.
+        raise ConfigurationError(f"{path}: not valid TOML: {exc}") from None
+    settings: dict[str, Any] = {}
+    pool_options: dict[str, Any] = {}
+    for key, value in document.items():
+        if key == "pool":
+            pool_options = _pool_table(value, path)
+        elif key in _BY_FIELD:
+            # TOML has numbers: there, a number written as a string is an error.
+            settings[key] = _BY_FIELD[key].parse(value, f"{path}: {key}", False)
+        else:
+            known = ", ".join([*_BY_FIELD, "[pool]"])
+            raise ConfigurationError(f"{path}: unknown key {key!r} (known: {known})")
+    return settings, pool_options
+
+
+def _pool_table(table: object, path: str) -> dict[str, Any]:
+    """Check the ``[pool]`` table against PoolOptions; lists become tuples."""
+    from dbpool.pool.options import PoolOptions
+
+    if not isinstance(table, dict):
+        raise ConfigurationError(f"{path}: 'pool' must be a table ([pool]), "
+                                 f"got a {type(table).__name__}")
+    known = {f.name for f in fields(PoolOptions)} - _TOP_LEVEL_POOL_KEYS
+    options: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in _TOP_LEVEL_POOL_KEYS:
+            raise ConfigurationError(
+                f"{path}: [pool] {key}: set it at the top level ({key} = ...), not in [pool]")
+        if key not in known:
+            raise ConfigurationError(f"{path}: unknown key {key!r} in [pool] "
+                                     f"(known: {', '.join(sorted(known))})")
+        options[key] = tuple(value) if isinstance(value, list) else value
+    try:
+        PoolOptions.from_kwargs(options)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{path}: [pool] {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"{path}: [pool] invalid value: {exc}") from None
+    return options

@@ -1,0 +1,986 @@
+"""The ZeroMQ front end: one thread and one poll loop serve every remote client.
+
+:class:`FrontEnd` owns a ROUTER socket for requests and a PUB socket for
+events (``docs/protocol.md`` is the protocol).  Its loop waits on the ROUTER,
+on the connections it holds and on a wake-up pipe, and never blocks on
+anything else:
+
+- a request is decoded and validated, then its statements are sent on a
+  connection borrowed from the pool, through libpq's pipeline
+  (:class:`~dbpool.server.pipeline.Pipe`); the reply goes out when the
+  results arrive;
+- it takes an idle connection from the pool when one is free, else queues
+  the request on a connection it holds already (at most ``pipeline_depth``
+  requests each), else waits in the pool's queue like any caller, so remote
+  and in-process callers share the pool fairly;
+- a connection with nothing in flight goes back to the pool at once;
+- a ``begin`` or ``stream`` holds a connection for one client session
+  (a lease) until it ends, by request or because the session fell silent
+  for ``heartbeat_timeout`` or the lease outlived ``lease_max``: then the
+  transaction is rolled back and the connection returned;
+- other threads (the pool's listeners, telemetry, a signal handler) reach
+  the loop only through :meth:`FrontEnd.post`, which queues a call and wakes
+  the loop.
+
+Why one thread: a pykka message or a thread hop costs as much as a whole
+``SELECT 1`` here, and the GIL would serialize worker threads anyway.  The
+loop spends its time in libzmq and libpq, and pipelining lets one round trip
+to PostgreSQL carry several clients' statements.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import select
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import psycopg
+import zmq
+from psycopg import pq
+
+from dbpool import wire
+from dbpool.errors import ConnectionError, ProtocolError
+from dbpool.protocol import VERSION, error_map, protocol_error
+
+from .pipeline import Job, Outcome, Pipe, Statement, first_error
+
+if TYPE_CHECKING:
+    from dbpool.pool import Pool
+
+    from .config import ServeConfig
+
+__all__ = ["FrontEnd"]
+
+logger = logging.getLogger("dbpool.server.frontend")
+
+_INF = float("inf")
+_FATAL = int(pq.ExecStatus.FATAL_ERROR)
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_ZMQ_EVENTS = int(zmq.EVENTS)
+_ZMQ_POLLIN = int(zmq.POLLIN)
+_ZMQ_RCVMORE = int(zmq.RCVMORE)
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
+#: How often the loop checks deadlines, heartbeats and lease ages (seconds).
+_TICK = 0.05
+#: Ended lease and stream ids remembered, to answer "expired" rather than "unknown".
+_ENDED_MEMORY = 10_000
+_MAX_ROWS = 500
+
+
+class RequestError(Exception):
+    """Raised by a handler to answer its request with an error map."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error.get("message"))
+        self.error = error
+
+
+def _bad(message: str) -> RequestError:
+    return RequestError(protocol_error("bad_request", message))
+
+
+class Lease:
+    """A connection held for one client session: a transaction or a stream."""
+
+    __slots__ = ("cursor", "expires_at", "id", "kind", "last_seen", "lease", "max_rows",
+                 "pipe", "session")
+
+    def __init__(self, kind: str, session: str, pipe: Pipe, now: float, lease_max: float,
+                 lease: Lease | None = None) -> None:
+        self.kind = kind  # "lease" or "stream"
+        self.id = secrets.token_urlsafe(16)
+        self.session = session
+        self.pipe = pipe
+        self.last_seen = now
+        self.expires_at = now + lease_max
+        #: For a stream: the lease it runs in (None: its own transaction).
+        self.lease = lease
+        self.cursor = b""
+        self.max_rows = _MAX_ROWS
+
+
+class FrontEnd:
+    """The request loop of ``dbpool serve`` (see the module docstring).
+
+    Create it, then call :meth:`run` on the thread that is to serve; call
+    :meth:`stop` (or :meth:`post`) from anywhere.  ``run`` returns once a
+    stop has drained or the grace period ended.
+    """
+
+    def __init__(self, pool: Pool, config: ServeConfig,
+                 context: zmq.Context[Any] | None = None) -> None:
+        self.pool = pool
+        self.core = pool._core
+        self.config = config
+        self.depth = config.pipeline_depth
+        self.context = context or zmq.Context()
+        self._own_context = context is None
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, 4 * config.max_message_size)
+        self.router.bind(config.bind)
+        self.pub = self.context.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.bind(config.events_bind)
+        #: The endpoints actually bound (a ``:0`` port resolved).
+        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.packer = wire.make_packer()
+        # Cross-thread calls into the loop, and the pipe that wakes it.
+        self._inbox: deque[Callable[[], None]] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller = select.poll()
+        self._router_fd: int = cast(int, self.router.getsockopt(zmq.FD))
+        self._poller.register(self._router_fd, _POLLIN)
+        self._poller.register(self._wake_r, _POLLIN)
+        self._pipes: dict[int, Pipe] = {}  # by socket
+        self._dirty: set[Pipe] = set()  # pipes to flush before the loop sleeps
+        self._shared: list[Pipe] = []  # pipes serving any client
+        self._queued: deque[Job] = deque()  # jobs waiting for a connection
+        self._waiter: Any = None  # our place in the pool's queue
+        self.leases: dict[str, Lease] = {}
+        self._sessions: dict[str, set[str]] = {}
+        self._ended: OrderedDict[str, str] = OrderedDict()
+        self._next_tick = 0.0
+        self._draining = False
+        self._drain_until = _INF
+        self._running = False
+        self.counters = {"requests": 0, "errors": 0, "leases": 0, "streams": 0}
+        self._handlers: dict[str, Callable[[Job], None]] = {
+            "ping": self._op_ping, "status": self._op_status, "query": self._op_query,
+            "execute": self._op_execute, "batch": self._op_batch, "begin": self._op_begin,
+            "commit": self._op_commit, "rollback": self._op_rollback,
+            "heartbeat": self._op_heartbeat, "stream": self._op_stream,
+            "fetch": self._op_fetch, "close": self._op_close,
+        }
+
+    # -- other threads -------------------------------------------------------
+
+    def post(self, call: Callable[[], None]) -> None:
+        """Run ``call`` on the loop's thread soon.  Safe from any thread and signal handler."""
+        self._inbox.append(call)
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # the pipe is full: the loop is awake anyway
+            pass
+
+    def stop(self) -> None:
+        """Begin a graceful stop (see :meth:`run`)."""
+        self.post(self._begin_drain)
+
+    def publish(self, topic: str, event: dict[str, Any]) -> None:
+        """Publish an event to subscribers (from any thread)."""
+        self.post(lambda: self._publish(topic, event))
+
+    # -- the loop ------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until stopped.
+
+        On :meth:`stop`, new requests get ``connection``/``stopped`` errors
+        while in-flight requests, leases and streams may finish, for up to
+        ``grace`` seconds; then what remains is rolled back and ``run``
+        returns.
+        """
+        self._running = True
+        poll, pipes = self._poller.poll, self._pipes
+        has_request = self._has_request
+        try:
+            while True:
+                self._read_requests()
+                self._flush()
+                now = time.monotonic()
+                if now >= self._next_tick:
+                    self._tick(now)
+                    self._flush()
+                    if self._draining and self._drained(now):
+                        return
+                if has_request():
+                    continue  # more came meanwhile: serve it before sleeping
+                self._release_idle()
+                timeout = max(0.0, self._next_tick - time.monotonic()) * 1000
+                for fd, mask in poll(timeout):
+                    pipe = pipes.get(fd)
+                    if pipe is None:
+                        if fd == self._wake_r:
+                            self._drain_inbox()
+                        continue
+                    if mask & _POLLOUT:
+                        pipe.flush()
+                        if not pipe.wants_write and pipe.broken is None:
+                            self._poller.modify(fd, _POLLIN)
+                    if mask & ~_POLLOUT:
+                        pipe.read()
+                    if pipe.broken is not None:
+                        self._watch(pipe)
+                self._flush()
+        finally:
+            self._running = False
+            self._close()
+
+    def _has_request(self) -> bool:
+        return bool(cast(int, self.router.getsockopt(_ZMQ_EVENTS)) & _ZMQ_POLLIN)
+
+    def _read_requests(self) -> None:
+        """Serve every request waiting in the ROUTER socket."""
+        recv, more, handle = self.router.recv, self.router.getsockopt, self._handle
+        while True:
+            try:
+                routing_id = recv(_NOBLOCK)
+            except zmq.Again:
+                return
+            frames = [routing_id, recv(_NOBLOCK)]  # a message arrives whole
+            while more(_ZMQ_RCVMORE):
+                frames.append(recv(_NOBLOCK))
+            handle(frames)
+
+    def _flush(self) -> None:
+        """Send the statements queued on connections this iteration, one write each."""
+        dirty = self._dirty
+        while dirty:
+            pipe = dirty.pop()
+            if pipe.broken is None:
+                pipe.flush()
+                if pipe.wants_write:
+                    self._poller.modify(pipe.fd, _POLLIN | _POLLOUT)
+            if pipe.broken is not None and not pipe.inflight:
+                self._settle(pipe)
+
+    def _drain_inbox(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        inbox = self._inbox
+        while inbox:
+            call = inbox.popleft()
+            try:
+                call()
+            except Exception:
+                logger.exception("front end: a posted call raised")
+
+    # -- requests ------------------------------------------------------------
+
+    def _handle(self, frames: list[bytes]) -> None:
+        """Decode, validate and start one request; answer errors at once."""
+        self.counters["requests"] += 1
+        if len(frames) == 2:
+            route, body = frames[:1], frames[1]
+        elif len(frames) == 3 and not frames[1]:  # a REQ socket's delimiter
+            route, body = frames[:2], frames[2]
+        else:
+            self._reply_error(frames[:1], None, protocol_error(
+                "bad_frames", f"a request is one frame; got {len(frames) - 1}"))
+            return
+        if len(body) > self.config.max_message_size:
+            self._reply_error(route, None, protocol_error(
+                "too_large", f"request of {len(body)} bytes is over the server's "
+                             f"max_message_size of {self.config.max_message_size}"))
+            return
+        try:
+            req = wire.unpackb(body)
+        except wire.WireError as error:
+            self._reply_error(route, None, protocol_error("malformed", str(error)))
+            return
+        if type(req) is not dict:
+            self._reply_error(route, None, protocol_error(
+                "malformed", f"a request is a map, not {type(req).__name__}"))
+            return
+        rid = req.get("id")
+        if type(rid) is not int or not 0 <= rid < 2**64:
+            self._reply_error(route, None, protocol_error(
+                "bad_request", "'id' must be an integer from 0 to 2**64-1"))
+            return
+        if req.get("v") != VERSION:
+            self._reply_error(route, rid, protocol_error(
+                "unsupported_version",
+                f"protocol version {req.get('v')!r} is not supported; this server speaks "
+                f"version {VERSION}"))
+            return
+        op = req.get("op")
+        handler = self._handlers.get(op) if type(op) is str else None
+        if handler is None:
+            self._reply_error(route, rid, protocol_error(
+                "unknown_op", f"unknown operation {op!r}; known: {', '.join(self._handlers)}"))
+            return
+        timeout = req.get("timeout")
+        if timeout is None:
+            timeout = self.config.timeout
+        elif type(timeout) not in (int, float) or not timeout > 0:
+            self._reply_error(route, rid, protocol_error(
+                "bad_request", "'timeout' must be a positive number of seconds"))
+            return
+        job = Job(route, rid, str(op), req, time.monotonic() + timeout)
+        try:
+            handler(job)
+        except RequestError as error:
+            self._reply_error(route, rid, error.error)
+
+    def _reply(self, job: Job, value: Any) -> None:
+        try:
+            body = self.packer.pack({"id": job.rid, "ok": value})
+        except (TypeError, ValueError, OverflowError) as error:
+            self.packer.reset()
+            self._reply_error(job.route, job.rid, protocol_error("unsupported_type", str(error)))
+            return
+        self._send_reply(job.route, body)
+
+    def _send_reply(self, route: list[bytes], body: bytes) -> None:
+        send = self.router.send
+        for frame in route:
+            send(frame, _SNDMORE)
+        send(body)
+
+    def _reply_error(self, route: list[bytes], rid: int | None, error: dict[str, Any]) -> None:
+        self.counters["errors"] += 1
+        if error.get("code") == "internal":
+            logger.error("front end: internal error answering request %s: %s", rid,
+                         error.get("message"))
+        self._send_reply(route, self.packer.pack({"id": rid, "error": error}))
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        if not isinstance(error, psycopg.Error | ConnectionError | ProtocolError):
+            logger.error("front end: %s request failed", job.op, exc_info=error)
+        self._reply_error(job.route, job.rid, error_map(error))
+
+    # -- operations ----------------------------------------------------------
+
+    def _op_ping(self, job: Job) -> None:
+        self._reply(job, "pong")
+
+    def _op_status(self, job: Job) -> None:
+        self._reply(job, self.status())
+
+    def status(self) -> dict[str, Any]:
+        """The status map of the protocol (see ``docs/protocol.md``)."""
+        leases = sum(1 for lease in self.leases.values() if lease.kind == "lease")
+        return {
+            "version": VERSION,
+            "server": {**self.counters, "open_leases": leases,
+                       "open_streams": len(self.leases) - leases,
+                       "connections_held": len(self._pipes), "queued": len(self._queued),
+                       "draining": self._draining},
+            "pool": self.pool.metrics(),
+            "events": self.events_endpoint,
+            "health": "closed" if self.pool.alive else "stopped",
+        }
+
+    def _op_query(self, job: Job) -> None:
+        self._statements(job, [(_sql(job.req), _params(job.req.get("params")))], False)
+
+    def _op_execute(self, job: Job) -> None:
+        self._statements(job, [(_sql(job.req), _params(job.req.get("params")))], True)
+
+    def _op_batch(self, job: Job) -> None:
+        req = job.req
+        statements: list[Statement]
+        if "statements" in req:
+            items = req["statements"]
+            if type(items) is not list or not items:
+                raise _bad("'statements' must be a non-empty array of [sql, params]")
+            statements = []
+            for item in items:
+                if type(item) is not list or len(item) != 2 or type(item[0]) is not str:
+                    raise _bad("each of 'statements' must be [sql, params]")
+                statements.append((item[0], _params(item[1])))
+        else:
+            sql = _sql(req)
+            seq = req.get("params_seq")
+            if type(seq) is not list or not seq:
+                raise _bad("'params_seq' must be a non-empty array of params")
+            statements = [(sql, _params(params)) for params in seq]
+        job.finish = self._finish_batch
+        self._statements(job, statements, False)
+
+    def _statements(self, job: Job, statements: list[Statement], prepared: bool) -> None:
+        """Run statements on the job's lease, or on any connection."""
+        if job.req.get("lease") is not None:
+            self._send(self._owned(job, "lease", job.req["lease"]).pipe, job, statements,
+                       prepared)
+            return
+        pipe = self._pipe_for(job)
+        if pipe is not None:
+            self._send(pipe, job, statements, prepared)
+            return
+        job.start = lambda pipe: self._send(pipe, job, statements, prepared)
+        self._queue(job)
+
+    def _send(self, pipe: Pipe, job: Job, statements: Sequence[Statement],
+              prepared: bool = False) -> None:
+        if pipe.broken is not None:
+            self._fail(job, ConnectionError(f"connection lost: {pipe.broken}"))
+            self._settle(pipe)
+            return
+        try:
+            pipe.send(job, statements, prepared)
+        except (TypeError, ValueError, psycopg.Error) as error:
+            # Nothing was sent: a parameter psycopg cannot adapt, or the connection
+            # was found dead (the pipe then fails its other requests itself).
+            if pipe.broken is not None:
+                self._fail(job, ConnectionError(f"connection lost: {pipe.broken}"))
+            elif isinstance(error, psycopg.Error):
+                self._fail(job, error)
+            else:
+                self._reply_error(job.route, job.rid, protocol_error(
+                    "unsupported_type", f"{type(error).__name__}: {error}"))
+            self._settle(pipe)
+            return
+        self._dirty.add(pipe)
+
+    def _complete(self, pipe: Pipe, job: Job, outcome: Outcome) -> None:
+        """A job's results are in (the pipe calls this): answer, then reuse the pipe."""
+        try:
+            if job.finish is not None:
+                job.finish(job, outcome, pipe)
+            elif isinstance(outcome, BaseException):
+                self._fail(job, outcome)
+            else:
+                result = outcome[-1]
+                if result.status == _FATAL:
+                    self._reply_error(job.route, job.rid, error_map(pipe.error(result)))
+                else:
+                    self._reply(job, _result_map(pipe, result))
+        finally:
+            self._settle(pipe)
+
+    def _finish_batch(self, job: Job, outcome: Outcome, pipe: Pipe) -> None:
+        if isinstance(outcome, BaseException):
+            self._fail(job, outcome)
+            return
+        failed = first_error(outcome)
+        if failed is not None:
+            error = error_map(pipe.error(outcome[failed]))
+            error["index"] = failed
+            self._reply_error(job.route, job.rid, error)
+        else:
+            self._reply(job, {"results": [_result_map(pipe, r) for r in outcome]})
+
+    # -- leases and streams --------------------------------------------------
+
+    def _op_begin(self, job: Job) -> None:
+        session = _session(job.req)
+
+        def begun(job: Job, outcome: Outcome, pipe: Pipe) -> None:
+            if isinstance(outcome, BaseException) or first_error(outcome) is not None:
+                pipe.owner = None  # _settle gives it back
+                self._fail(job, outcome if isinstance(outcome, BaseException)
+                           else pipe.error(outcome[0]))
+                return
+            lease = Lease("lease", session, pipe, time.monotonic(), self.config.lease_max)
+            pipe.owner = lease
+            self._add_lease(lease)
+            self._reply(job, {"lease": lease.id,
+                              "heartbeat_timeout": self.config.heartbeat_timeout,
+                              "expires_in": self.config.lease_max})
+
+        def start(pipe: Pipe) -> None:
+            pipe.owner = job  # held for this job until begun
+            self._send(pipe, job, [("BEGIN", None)])
+
+        job.finish, job.start, job.needs_own = begun, start, True
+        self._dispatch(job)
+
+    def _op_commit(self, job: Job) -> None:
+        self._end_transaction(job, "COMMIT")
+
+    def _op_rollback(self, job: Job) -> None:
+        self._end_transaction(job, "ROLLBACK")
+
+    def _end_transaction(self, job: Job, command: str) -> None:
+        lease = self._owned(job, "lease", job.req.get("lease"))
+
+        def ended(job: Job, outcome: Outcome, pipe: Pipe) -> None:
+            if isinstance(outcome, BaseException):
+                self._fail(job, outcome)
+            elif first_error(outcome) is not None:
+                self._fail(job, pipe.error(outcome[0]))
+            else:
+                self._reply(job, _result_map(pipe, outcome[-1]))
+
+        for stream in [s for s in self.leases.values() if s.lease is lease]:
+            self._forget(stream, "its transaction ended")
+        self._forget(lease, "ended")
+        lease.pipe.owner = None  # back to the pool once the command completes
+        job.finish = ended
+        self._send(lease.pipe, job, [(command, None)])
+
+    def _op_heartbeat(self, job: Job) -> None:
+        session = _session(job.req)
+        now = time.monotonic()
+        ids = self._sessions.get(session, ())
+        for lease_id in ids:
+            self.leases[lease_id].last_seen = now
+        self._reply(job, {"leases": len(ids)})
+
+    def _op_stream(self, job: Job) -> None:
+        req = job.req
+        session = _session(req)
+        sql, params = _sql(req), _params(req.get("params"))
+        max_rows = req.get("max_rows", _MAX_ROWS)
+        if type(max_rows) is not int or max_rows < 1:
+            raise _bad("'max_rows' must be a positive integer")
+        lease = self._lease_of(job)
+        stream_box: list[Lease] = []
+
+        def opened(job: Job, outcome: Outcome, pipe: Pipe) -> None:
+            stream = stream_box[0]
+            failed = None if isinstance(outcome, BaseException) else first_error(outcome)
+            if isinstance(outcome, BaseException) or failed is not None:
+                if stream.lease is None:
+                    pipe.owner = None
+                    if not isinstance(outcome, BaseException):
+                        self._send_quietly(pipe, "ROLLBACK")
+                self._fail(job, outcome if isinstance(outcome, BaseException)
+                           else pipe.error(outcome[failed or 0]))
+                return
+            self._add_lease(stream)
+            self._page(job, stream, pipe, outcome[-1])
+
+        def start(pipe: Pipe) -> None:
+            stream = Lease("stream", session, pipe, time.monotonic(), self.config.lease_max,
+                           lease)
+            stream_box.append(stream)
+            stream.cursor = f"dbpool_stream_{stream.id}".replace("-", "_").encode()
+            stream.max_rows = max_rows
+            cursor = stream.cursor.decode()
+            statements: list[Statement] = [] if lease else [("BEGIN", None)]
+            statements += [(f'DECLARE "{cursor}" NO SCROLL CURSOR FOR {sql}', params),
+                           (f'FETCH FORWARD {max_rows} FROM "{cursor}"', None)]
+            if lease is None:
+                pipe.owner = stream
+            self._send(pipe, job, statements)
+
+        job.finish = opened
+        if lease is not None:
+            start(lease.pipe)
+            return
+        job.start, job.needs_own = start, True
+        self._dispatch(job)
+
+    def _op_fetch(self, job: Job) -> None:
+        stream = self._owned(job, "stream", job.req.get("stream"))
+
+        def fetched(job: Job, outcome: Outcome, pipe: Pipe) -> None:
+            if isinstance(outcome, BaseException) or first_error(outcome) is not None:
+                self._end_stream(stream, "failed")
+                self._fail(job, outcome if isinstance(outcome, BaseException)
+                           else pipe.error(outcome[0]))
+                return
+            self._page(job, stream, pipe, outcome[-1])
+
+        job.finish = fetched
+        self._send(stream.pipe, job,
+                   [(f'FETCH FORWARD {stream.max_rows} FROM "{stream.cursor.decode()}"',
+                     None)])
+
+    def _op_close(self, job: Job) -> None:
+        stream = self._owned(job, "stream", job.req.get("stream"))
+        self._end_stream(stream, "closed")
+        self._reply(job, None)
+
+    def _page(self, job: Job, stream: Lease, pipe: Pipe, result: pq.abc.PGresult) -> None:
+        done = result.ntuples < stream.max_rows
+        page = {"stream": stream.id, "result": _result_map(pipe, result), "done": done}
+        if done:
+            self._end_stream(stream, "done")
+        self._reply(job, page)
+
+    def _end_stream(self, stream: Lease, why: str) -> None:
+        """Close the cursor; a stream with its own transaction ends it too."""
+        if stream.id not in self.leases:
+            return
+        self._forget(stream, why)
+        pipe = stream.pipe
+        if stream.lease is not None:
+            if stream.lease.id in self.leases:  # the lease lives on: just close the cursor
+                self._send_quietly(pipe, f'CLOSE "{stream.cursor.decode()}"')
+            return
+        pipe.owner = None
+        self._send_quietly(pipe, "ROLLBACK")
+
+    def _expire(self, lease: Lease, why: str) -> None:
+        """End a lease or stream the client left: cancel, roll back, give back."""
+        logger.warning("front end: %s %s of session %s...: %s; rolling back", lease.kind,
+                       lease.id[:8], lease.session[:8], why)
+        pipe = lease.pipe
+        for stream in [s for s in self.leases.values() if s.lease is lease]:
+            self._forget(stream, why)
+        self._forget(lease, why)
+        if lease.kind == "stream" and lease.lease is not None:
+            self._send_quietly(pipe, f'CLOSE "{lease.cursor.decode()}"')
+            return
+        if pipe.inflight:
+            self._cancel(pipe)
+        pipe.owner = None
+        self._send_quietly(pipe, "ROLLBACK")
+
+    def _send_quietly(self, pipe: Pipe, sql: str) -> None:
+        """Send a statement nobody waits for; a failure breaks the connection."""
+
+        def done(job: Job, outcome: Outcome, pipe: Pipe) -> None:
+            if not isinstance(outcome, BaseException) and first_error(outcome) is not None:
+                error = pipe.error(outcome[0])
+                logger.warning("front end: %s failed (%s); replacing the connection", sql,
+                               error)
+                pipe.broken = pipe.broken or error
+                pipe.conn._slot.broken = pipe.broken
+
+        job = Job([], 0, "internal", {}, _INF)
+        job.finish = done
+        if pipe.broken is not None:
+            self._settle(pipe)
+            return
+        try:
+            pipe.send(job, [(sql, None)])
+        except psycopg.Error:
+            self._settle(pipe)
+            return
+        self._dirty.add(pipe)
+
+    def _add_lease(self, lease: Lease) -> None:
+        self.leases[lease.id] = lease
+        self._sessions.setdefault(lease.session, set()).add(lease.id)
+        self.counters["leases" if lease.kind == "lease" else "streams"] += 1
+
+    def _forget(self, lease: Lease, why: str) -> None:
+        self.leases.pop(lease.id, None)
+        ids = self._sessions.get(lease.session)
+        if ids is not None:
+            ids.discard(lease.id)
+            if not ids:
+                del self._sessions[lease.session]
+        self._ended[lease.id] = why
+        if len(self._ended) > _ENDED_MEMORY:
+            self._ended.popitem(last=False)
+
+    def _lease_of(self, job: Job) -> Lease | None:
+        lease_id = job.req.get("lease")
+        if lease_id is None:
+            return None
+        return self._owned(job, "lease", lease_id)
+
+    def _owned(self, job: Job, kind: str, lease_id: Any) -> Lease:
+        """The lease or stream a request names, checked to be its session's."""
+        if type(lease_id) is not str:
+            raise _bad(f"'{kind}' must be a string")
+        session = _session(job.req)
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.kind != kind:
+            why = self._ended.get(lease_id)
+            if why is None:
+                code = "unknown_stream" if kind == "stream" else "bad_request"
+                raise RequestError(protocol_error(code, f"no such {kind}: {lease_id!r}"))
+            raise RequestError({"kind": "connection", "reason": "lease_expired",
+                                "message": f"the {kind} has ended ({why})"})
+        if lease.session != session:
+            raise RequestError(protocol_error(
+                "lease_not_owned", f"the {kind} belongs to another client session"))
+        lease.last_seen = time.monotonic()
+        return lease
+
+    # -- connections ---------------------------------------------------------
+
+    def _dispatch(self, job: Job) -> None:
+        """Start a job on a connection now, or queue it for one."""
+        pipe = self._pipe_for(job)
+        if pipe is None:
+            self._queue(job)
+            return
+        assert job.start is not None
+        job.start(pipe)
+
+    def _queue(self, job: Job) -> None:
+        if self._draining:
+            self._reply_error(job.route, job.rid, {
+                "kind": "connection", "reason": "stopped",
+                "message": "the server is shutting down"})
+            return
+        self._queued.append(job)
+        self._want_connection()
+
+    def _pipe_for(self, job: Job) -> Pipe | None:
+        """A connection for a job now: one of ours, the pool's, or None (queue it).
+
+        While stopping, only what is already held serves.
+        """
+        shared = self._shared
+        for pipe in shared:
+            if not pipe.requests:
+                if job.needs_own:
+                    shared.remove(pipe)
+                return pipe
+        borrowed = None if self._draining else self._borrow()
+        if borrowed is not None:
+            if not job.needs_own:
+                shared.append(borrowed)
+            return borrowed
+        if job.needs_own or not shared:
+            return None
+        best = min(shared, key=_inflight)
+        return best if best.inflight < self.depth else None
+
+    def _borrow(self) -> Pipe | None:
+        """An idle connection from the pool, if one can be had without waiting."""
+        core = self.core
+        while True:
+            slot = core.queue.try_get()
+            if slot is None:
+                return None
+            pipe = self._accept(slot)
+            if pipe is not None:
+                return pipe
+
+    def _accept(self, slot: Any) -> Pipe | None:
+        try:
+            conn = self.core.accept(slot, time.monotonic(), _INF, None)
+        except Exception:
+            logger.exception("front end: the driver refused a connection")
+            return None
+        if conn is None:
+            return None
+        pipe = Pipe(conn, self._complete)
+        self._pipes[pipe.fd] = pipe
+        self._poller.register(pipe.fd, _POLLIN)
+        return pipe
+
+    def _settle(self, pipe: Pipe) -> None:
+        """After a request on ``pipe`` completed: give it more work, or give it back."""
+        if pipe.owner is not None and pipe.broken is None:
+            return
+        queued = self._queued
+        if pipe.broken is None:
+            while queued and pipe.inflight < self.depth:
+                job = queued[0]
+                if job.needs_own and pipe.inflight:
+                    break
+                queued.popleft()
+                if pipe not in self._shared and not job.needs_own:
+                    self._shared.append(pipe)
+                elif job.needs_own and pipe in self._shared:
+                    self._shared.remove(pipe)
+                assert job.start is not None
+                job.start(pipe)
+                if job.needs_own:
+                    return
+            if pipe.inflight:
+                if pipe.owner is None and pipe not in self._shared:
+                    self._shared.append(pipe)
+                return
+            if not self.core.queue.has_waiters and not self._draining:
+                # Idle now, but more requests are likely in this loop iteration:
+                # keep it until the loop sleeps (_release_idle) unless others wait.
+                if pipe not in self._shared:
+                    self._shared.append(pipe)
+                return
+        elif pipe.inflight:
+            return
+        self._release(pipe)
+        if queued:
+            self._want_connection()
+
+    def _release_idle(self) -> None:
+        """Give back the connections with nothing in flight (the loop is going to sleep)."""
+        for pipe in [pipe for pipe in self._shared if not pipe.requests]:
+            self._release(pipe)
+
+    def _release(self, pipe: Pipe) -> None:
+        self._dirty.discard(pipe)
+        if pipe in self._shared:
+            self._shared.remove(pipe)
+        if self._pipes.pop(pipe.fd, None) is not None:
+            try:
+                self._poller.unregister(pipe.fd)
+            except KeyError:
+                pass
+        if pipe.owner is not None:  # a lease whose connection broke
+            lease = pipe.owner
+            if isinstance(lease, Lease):
+                self._forget(lease, f"connection lost: {pipe.broken}")
+            pipe.owner = None
+        self.core.give_back(pipe.release())
+
+    def _watch(self, pipe: Pipe) -> None:
+        """``pipe`` has statements to send (or was read): flush it before sleeping."""
+        self._dirty.add(pipe)
+
+    def _want_connection(self) -> None:
+        """Wait in the pool's queue for the head of ours (one waiter at a time)."""
+        if self._waiter is not None or not self._queued:
+            return
+        try:
+            self._waiter = self.core.queue.wait(self._on_slot)
+        except ConnectionError as error:
+            self._fail_queued(error, all_of_them=error.reason != "queue_full")
+
+    def _on_slot(self, slot: Any, error: BaseException | None) -> None:
+        # Any thread, under the pool queue's lock: hand over to the loop.
+        self.post(lambda: self._slot_arrived(slot, error))
+
+    def _slot_arrived(self, slot: Any, error: BaseException | None) -> None:
+        self._waiter = None
+        if error is not None:
+            self._fail_queued(error, all_of_them=not isinstance(error, ConnectionError)
+                              or error.reason != "queue_timeout")
+            self._want_connection()
+            return
+        pipe = self._accept(slot)
+        if pipe is not None:
+            self._settle(pipe)
+        self._want_connection()
+
+    def _fail_queued(self, error: BaseException, all_of_them: bool) -> None:
+        queued = self._queued
+        while queued:
+            self._fail(queued.popleft(), error)
+            if not all_of_them:
+                return
+
+    def _cancel(self, pipe: Pipe) -> None:
+        """Cancel the statement running on ``pipe``, from a helper thread (it blocks)."""
+        state = pipe.state
+        driver = self.core.driver
+        threading.Thread(target=_cancel_quietly, args=(driver, state),
+                         name="dbpool-cancel", daemon=True).start()
+
+    # -- time ----------------------------------------------------------------
+
+    def _tick(self, now: float) -> None:
+        """Deadlines of queued and running requests, silent sessions, old leases."""
+        self._next_tick = now + _TICK
+        queued = self._queued
+        if queued:
+            for job in [job for job in queued if job.deadline <= now]:
+                queued.remove(job)
+                self._reply_error(job.route, job.rid, {
+                    "kind": "connection", "reason": "queue_timeout",
+                    "message": f"{self.core.name}: connection not available within the "
+                               "request's timeout"})
+            if (not queued and self._waiter is not None
+                    and self.core.queue.cancel_wait(self._waiter)):
+                self._waiter = None
+        for pipe in list(self._pipes.values()):
+            if pipe.requests:
+                head = pipe.requests[0]
+                if head.deadline <= now and not head.cancelled:
+                    head.cancelled = True
+                    self._cancel(pipe)
+        if self.leases:
+            silent = now - self.config.heartbeat_timeout
+            for lease in list(self.leases.values()):
+                if lease.id not in self.leases:
+                    continue
+                if lease.last_seen <= silent:
+                    self._expire(lease, "no heartbeat from its client within "
+                                        f"{self.config.heartbeat_timeout:g}s")
+                elif lease.expires_at <= now:
+                    self._expire(lease, f"it outlived lease_max ({self.config.lease_max:g}s)")
+
+    # -- stopping --------------------------------------------------------------
+
+    def _begin_drain(self) -> None:
+        if self._draining:
+            return
+        logger.info("front end: stopping; in-flight requests and leases have %gs to finish",
+                    self.config.grace)
+        self._draining = True
+        self._drain_until = time.monotonic() + self.config.grace
+        self._next_tick = 0.0
+        self._publish("pool", {"event": "stopping", "pool": self.core.name,
+                               "time": time.time(), "state": "stopping", "reason": None})
+
+    def _drained(self, now: float) -> bool:
+        busy = any(pipe.inflight for pipe in self._pipes.values())
+        if not busy and not self.leases and not self._queued:
+            return not self._pipes
+        if now < self._drain_until:
+            return False
+        if now >= self._drain_until + 5.0:  # rollbacks did not complete: give up on them
+            logger.error("front end: %d connection(s) still busy after the grace period",
+                         len(self._pipes))
+            return True
+        for lease in list(self.leases.values()):
+            if lease.id in self.leases:
+                self._expire(lease, "the server is shutting down")
+        self._fail_queued(ConnectionError("the server is shutting down", reason="stopped"),
+                          all_of_them=True)
+        return False
+
+    def _close(self) -> None:
+        for pipe in list(self._pipes.values()):
+            self._release(pipe)
+        if self._waiter is not None:
+            self.core.queue.cancel_wait(self._waiter)
+        self.router.close(linger=0)
+        self.pub.close(linger=0)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self._own_context:
+            self.context.term()
+
+    # -- events ----------------------------------------------------------------
+
+    def _publish(self, topic: str, event: dict[str, Any]) -> None:
+        try:
+            body = self.packer.pack(event)
+        except (TypeError, ValueError, OverflowError):
+            self.packer.reset()
+            logger.exception("front end: event %r cannot be encoded", event.get("event"))
+            return
+        try:
+            self.pub.send_multipart([topic.encode(), body], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            logger.debug("front end: event dropped", exc_info=True)
+
+
+def _inflight(pipe: Pipe) -> int:
+    return len(pipe.requests)
+
+
+def _cancel_quietly(driver: Any, state: Any) -> None:
+    try:
+        driver.cancel(state)
+    except Exception:
+        logger.debug("front end: cancel failed", exc_info=True)
+
+
+# -- request fields --------------------------------------------------------------
+
+
+def _sql(req: dict[str, Any]) -> str:
+    sql = req.get("sql")
+    if type(sql) is not str or not sql:
+        raise _bad("'sql' must be a non-empty string")
+    return sql
+
+
+def _params(params: Any) -> Any:
+    if params is None or type(params) in (list, dict):
+        return params
+    raise _bad(f"'params' must be an array, a map or nil, not {type(params).__name__}")
+
+
+def _session(req: dict[str, Any]) -> str:
+    session = req.get("session")
+    if type(session) is not str or not session:
+        raise _bad("'session' must be a non-empty string")
+    return session
+
+
+def _result_map(pipe: Pipe, result: pq.abc.PGresult) -> dict[str, Any]:
+    rows = pipe.rows(result)
+    tag = result.command_status
+    rowcount = len(rows) if rows else result.command_tuples
+    return {"columns": pipe.columns(result) if result.nfields else [], "rows": rows,
+            "rowcount": -1 if rowcount is None else rowcount,
+            "command": tag.decode() if tag else None}

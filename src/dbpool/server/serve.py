@@ -1,0 +1,119 @@
+"""``dbpool serve``: a pool, its ZeroMQ front end, events, and a graceful stop.
+
+:func:`serve` starts a pool from a :class:`~dbpool.server.config.ServeConfig`
+(on the embedded PostgreSQL when it has no DSN), serves it with a
+:class:`~dbpool.server.frontend.FrontEnd` on the calling thread, and
+publishes events:
+
+- ``connection``: each connection's connected and disconnected events
+  (from the pool's connection listeners);
+- ``pool``: ``started``, ``stopping``, ``stopped``;
+- ``telemetry``: ``connection_error`` (a failed connect or checkout).
+
+SIGTERM and SIGINT stop it gracefully: new requests are refused, in-flight
+ones and open leases get ``grace`` seconds to finish, what remains is rolled
+back, the connections are closed, and :func:`serve` returns 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from dbpool import telemetry
+from dbpool.actors.listeners import ConnectionEvent
+from dbpool.pool import Pool
+
+from .config import ServeConfig
+from .frontend import FrontEnd
+
+__all__ = ["serve"]
+
+logger = logging.getLogger("dbpool.server")
+
+
+def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT (or :meth:`FrontEnd.stop`); return 0.
+
+    Prints one line to stdout when it serves: ``dbpool serve: ready on
+    <endpoint> (events on <endpoint>)``.  ``ready`` is set at the same moment.
+    """
+    _raise_file_limit()
+    box: list[FrontEnd] = []
+
+    def on_connection(event: ConnectionEvent) -> None:
+        if box:
+            box[0].publish("connection", {
+                "event": event.kind, "pool": event.pool, "time": time.time(),
+                "index": event.index, "backend_pid": event.backend_pid,
+                "tag": _plain(event.tag), "reason": event.reason})
+
+    def on_telemetry(name: str, measurements: Mapping[str, float],
+                     metadata: Mapping[str, Any]) -> None:
+        if box and metadata.get("pool") == config.name:
+            error = metadata.get("error")
+            box[0].publish("telemetry", {
+                "event": name, "pool": config.name, "time": time.time(),
+                "message": str(error) if error is not None else None,
+                "reason": getattr(error, "reason", None), "index": metadata.get("index")})
+
+    options: dict[str, Any] = {"pool_size": config.pool_size, "name": config.name,
+                               "timeout": config.timeout, **config.pool_options}
+    options["connection_listeners"] = [*options.get("connection_listeners", ()), on_connection]
+    logger.info("starting %s", config.describe())
+    pool = Pool.start(config.dsn, **options)
+    handler_id = f"dbpool-serve-{id(pool)}"
+    telemetry.attach(handler_id, ["connection_error"], on_telemetry)
+    try:
+        front = FrontEnd(pool, config)
+    except Exception:
+        telemetry.detach(handler_id)
+        pool.stop()
+        raise
+    box.append(front)
+    previous = {sig: signal.signal(sig, lambda *_: front.stop())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    pool.add_monitor(lambda error: front.publish("pool", {
+        "event": "stopped", "pool": config.name, "time": time.time(), "state": "stopped",
+        "reason": None if error is None else str(error)}))
+    front.publish("pool", {"event": "started", "pool": config.name, "time": time.time(),
+                           "state": "closed", "reason": None})
+    print(f"dbpool serve: ready on {front.endpoint} (events on {front.events_endpoint})",
+          flush=True)
+    logger.info("serving on %s, events on %s", front.endpoint, front.events_endpoint)
+    if ready is not None:
+        ready.set()
+    try:
+        front.run()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        telemetry.detach(handler_id)
+        pool.stop()
+    logger.info("stopped")
+    return 0
+
+
+def _plain(tag: Any) -> Any:
+    """A listener tag as the wire can carry it (tags are arbitrary Python values)."""
+    return tag if tag is None or isinstance(tag, str | int | float | bool | bytes) else repr(tag)
+
+
+def _raise_file_limit() -> None:
+    """Let the process hold as many client connections as the hard limit allows."""
+    if sys.platform == "win32":  # pragma: no cover
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 65536
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            logger.debug("could not raise the file limit", exc_info=True)
