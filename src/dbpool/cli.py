@@ -110,6 +110,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else config.log_level_number(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # pgserver logs every pg_ctl call at INFO
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
     if config.dsn is None:
         print("no DSN given: starting the embedded PostgreSQL", flush=True)
     try:

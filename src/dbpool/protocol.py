@@ -115,8 +115,10 @@ def _sql_error(error: Mapping[str, Any], message: str) -> psycopg.Error:
         cls = pg_errors.lookup(str(sqlstate))
     except KeyError:  # no SQLSTATE: one of psycopg's own classes, by name
         named = getattr(pg_errors, str(error.get("class")), None)
-        is_error = isinstance(named, type) and issubclass(named, psycopg.Error)
-        cls = named if is_error else pg_errors.DatabaseError
+        if isinstance(named, type) and issubclass(named, psycopg.Error):
+            cls = named
+        else:
+            cls = pg_errors.DatabaseError
     info: dict[int, bytes | None] = {}
     for key, field in _DIAG_KEYS:
         value = error.get(key)

@@ -68,6 +68,8 @@ _ZMQ_POLLIN = int(zmq.POLLIN)
 _ZMQ_RCVMORE = int(zmq.RCVMORE)
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
+#: How long a connection with nothing in flight stays with the front end (seconds).
+_LINGER = 0.002
 #: How often the loop checks deadlines, heartbeats and lease ages (seconds).
 _TICK = 0.05
 #: Ended lease and stream ids remembered, to answer "expired" rather than "unknown".
@@ -194,7 +196,6 @@ class FrontEnd:
         """
         self._running = True
         poll, pipes = self._poller.poll, self._pipes
-        has_request = self._has_request
         try:
             while True:
                 self._read_requests()
@@ -205,10 +206,10 @@ class FrontEnd:
                     self._flush()
                     if self._draining and self._drained(now):
                         return
-                if has_request():
-                    continue  # more came meanwhile: serve it before sleeping
-                self._release_idle()
-                timeout = max(0.0, self._next_tick - time.monotonic()) * 1000
+                    if self._has_request():  # the tick's replies may hide new ones
+                        continue
+                wake_at = min(self._next_tick, self._release_idle(now))
+                timeout = max(0.0, wake_at - time.monotonic()) * 1000
                 for fd, mask in poll(timeout):
                     pipe = pipes.get(fd)
                     if pipe is None:
@@ -223,7 +224,6 @@ class FrontEnd:
                         pipe.read()
                     if pipe.broken is not None:
                         self._watch(pipe)
-                self._flush()
         finally:
             self._running = False
             self._close()
@@ -232,15 +232,16 @@ class FrontEnd:
         return bool(cast(int, self.router.getsockopt(_ZMQ_EVENTS)) & _ZMQ_POLLIN)
 
     def _read_requests(self) -> None:
-        """Serve every request waiting in the ROUTER socket."""
-        recv, more, handle = self.router.recv, self.router.getsockopt, self._handle
-        while True:
-            try:
-                routing_id = recv(_NOBLOCK)
-            except zmq.Again:
-                return
-            frames = [routing_id, recv(_NOBLOCK)]  # a message arrives whole
-            while more(_ZMQ_RCVMORE):
+        """Serve every request waiting in the ROUTER socket.
+
+        Asking ``ZMQ_EVENTS`` (rather than reading until ``EAGAIN``) also
+        re-arms the socket's file descriptor, which signals only changes.
+        """
+        router = self.router
+        recv, option, handle = router.recv, router.getsockopt, self._handle
+        while cast(int, option(_ZMQ_EVENTS)) & _ZMQ_POLLIN:
+            frames = [recv(_NOBLOCK), recv(_NOBLOCK)]  # a message arrives whole
+            while option(_ZMQ_RCVMORE):
                 frames.append(recv(_NOBLOCK))
             handle(frames)
 
@@ -440,6 +441,8 @@ class FrontEnd:
 
     def _complete(self, pipe: Pipe, job: Job, outcome: Outcome) -> None:
         """A job's results are in (the pipe calls this): answer, then reuse the pipe."""
+        if pipe.cancelling and not pipe.requests:
+            pipe.cancelling = False
         try:
             if job.finish is not None:
                 job.finish(job, outcome, pipe)
@@ -679,8 +682,8 @@ class FrontEnd:
         if lease is None or lease.kind != kind:
             why = self._ended.get(lease_id)
             if why is None:
-                code = "unknown_stream" if kind == "stream" else "bad_request"
-                raise RequestError(protocol_error(code, f"no such {kind}: {lease_id!r}"))
+                raise RequestError(protocol_error(f"unknown_{kind}",
+                                                  f"no such {kind}: {lease_id!r}"))
             raise RequestError({"kind": "connection", "reason": "lease_expired",
                                 "message": f"the {kind} has ended ({why})"})
         if lease.session != session:
@@ -716,7 +719,7 @@ class FrontEnd:
         """
         shared = self._shared
         for pipe in shared:
-            if not pipe.requests:
+            if not pipe.requests and not pipe.cancelling:
                 if job.needs_own:
                     shared.remove(pipe)
                 return pipe
@@ -728,7 +731,7 @@ class FrontEnd:
         if job.needs_own or not shared:
             return None
         best = min(shared, key=_inflight)
-        return best if best.inflight < self.depth else None
+        return best if best.inflight < self.depth and not best.cancelling else None
 
     def _borrow(self) -> Pipe | None:
         """An idle connection from the pool, if one can be had without waiting."""
@@ -760,7 +763,7 @@ class FrontEnd:
             return
         queued = self._queued
         if pipe.broken is None:
-            while queued and pipe.inflight < self.depth:
+            while queued and pipe.inflight < self.depth and not pipe.cancelling:
                 job = queued[0]
                 if job.needs_own and pipe.inflight:
                     break
@@ -778,8 +781,9 @@ class FrontEnd:
                     self._shared.append(pipe)
                 return
             if not self.core.queue.has_waiters and not self._draining:
-                # Idle now, but more requests are likely in this loop iteration:
-                # keep it until the loop sleeps (_release_idle) unless others wait.
+                # Idle now, but the next request is likely close behind: keep it
+                # for _LINGER (see _release_idle), unless others wait for it.
+                pipe.idle_since = time.monotonic()
                 if pipe not in self._shared:
                     self._shared.append(pipe)
                 return
@@ -789,10 +793,23 @@ class FrontEnd:
         if queued:
             self._want_connection()
 
-    def _release_idle(self) -> None:
-        """Give back the connections with nothing in flight (the loop is going to sleep)."""
+    def _release_idle(self, now: float) -> float:
+        """Give back connections idle for ``_LINGER``; return when to look again.
+
+        Called as the loop goes to sleep.  Keeping an idle connection that
+        long saves a pool checkout and checkin per request when one client
+        sends request after request; others waiting in the pool's queue get
+        it at once (see :meth:`_settle`), in-process callers at most
+        ``_LINGER`` later.
+        """
+        wake_at = _INF
+        expired = now if self.core.queue.has_waiters or self._draining else now - _LINGER
         for pipe in [pipe for pipe in self._shared if not pipe.requests]:
-            self._release(pipe)
+            if pipe.idle_since <= expired:
+                self._release(pipe)
+            else:
+                wake_at = min(wake_at, pipe.idle_since + _LINGER)
+        return wake_at
 
     def _release(self, pipe: Pipe) -> None:
         self._dirty.discard(pipe)
@@ -870,11 +887,12 @@ class FrontEnd:
                     and self.core.queue.cancel_wait(self._waiter)):
                 self._waiter = None
         for pipe in list(self._pipes.values()):
-            if pipe.requests:
-                head = pipe.requests[0]
-                if head.deadline <= now and not head.cancelled:
-                    head.cancelled = True
-                    self._cancel(pipe)
+            requests = pipe.requests
+            # A cancel stops whatever runs when it lands, so only a job alone on
+            # its connection is cancelled, and nothing joins it until it ends.
+            if len(requests) == 1 and requests[0].deadline <= now and not pipe.cancelling:
+                pipe.cancelling = True
+                self._cancel(pipe)
         if self.leases:
             silent = now - self.config.heartbeat_timeout
             for lease in list(self.leases.values()):

@@ -69,7 +69,7 @@ class Job:
     answers with the one statement's result.
     """
 
-    __slots__ = ("cancelled", "deadline", "finish", "needs_own", "op", "prepares", "req",
+    __slots__ = ("deadline", "finish", "needs_own", "op", "prepares", "req",
                  "results", "rid", "route", "start")
 
     def __init__(self, route: list[bytes], rid: int, op: str, req: dict[str, Any],
@@ -88,8 +88,6 @@ class Job:
         self.results: list[pq.abc.PGresult] = []
         #: (result position, cache key) of each Prepare sent for it.
         self.prepares: list[tuple[int, Any]] | None = None
-        #: Whether its statement was cancelled for running past the deadline.
-        self.cancelled = False
 
 
 class Pipe:
@@ -116,6 +114,10 @@ class Pipe:
         self.owner: Any = None
         #: Whether libpq holds unsent data (the loop then polls for writability).
         self.wants_write = False
+        #: When its last request completed (monotonic), while it has none.
+        self.idle_since = 0.0
+        #: A cancel was sent for its one request: it takes no more until that ends.
+        self.cancelling = False
         pgconn.nonblocking = 1
         pgconn.enter_pipeline_mode()
 

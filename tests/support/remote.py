@@ -1,0 +1,118 @@
+"""``dbpool serve`` in a child process, for the remote tests.
+
+:class:`ServerProcess` starts ``python -m dbpool serve`` with ports chosen by
+libzmq (``tcp://127.0.0.1:*``), waits for its ready line (which names the
+endpoints it bound) and stops it with SIGTERM.  Its output is collected so
+that a test can read the server's log (:meth:`ServerProcess.output`).
+
+:func:`restart` starts a new server on the endpoints of a stopped one, to
+test that clients recover.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+
+_READY = re.compile(r"dbpool serve: ready on (\S+) \(events on (\S+)\)")
+
+
+class ServerProcess:
+    """One ``dbpool serve`` child process (see the module docstring)."""
+
+    def __init__(self, dsn: str, *args: str, bind: str = "tcp://127.0.0.1:*",
+                 events_bind: str = "tcp://127.0.0.1:*", pool_size: int = 4,
+                 env: dict[str, str] | None = None, start_timeout: float = 30.0) -> None:
+        self.dsn = dsn
+        self.args: Sequence[str] = args
+        self.pool_size = pool_size
+        command = [sys.executable, "-m", "dbpool", "serve", "--dsn", dsn, "--bind", bind,
+                   "--events-bind", events_bind, "--pool-size", str(pool_size), *args]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})})
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self.endpoint = ""
+        self.events = ""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(start_timeout):
+            self.kill()
+            raise RuntimeError(f"dbpool serve did not start:\n{self.output()}")
+        if not self.endpoint:
+            raise RuntimeError(f"dbpool serve exited:\n{self.output()}")
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._lock:
+                self._lines.append(line)
+            match = _READY.search(line)
+            if match:
+                self.endpoint, self.events = match.group(1), match.group(2)
+                self._ready.set()
+        self._ready.set()  # exited
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        """Everything the server printed and logged so far."""
+        with self._lock:
+            return "".join(self._lines)
+
+    def wait_output(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        """Wait until the server's output matches ``pattern`` (a regex)."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while True:
+            match = regex.search(self.output())
+            if match:
+                return match
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} in the server's output:\n{self.output()}")
+            time.sleep(0.02)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then wait for the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self._reader.join(5)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.process.poll() is None:
+            try:
+                self.terminate(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def restart(server: ServerProcess, **kwargs: object) -> ServerProcess:
+    """A new server on the same endpoints as ``server``, which must have stopped."""
+    assert server.process.poll() is not None, "stop the old server first"
+    return ServerProcess(server.dsn, *server.args, bind=server.endpoint,
+                         events_bind=server.events, pool_size=server.pool_size,
+                         **kwargs)  # type: ignore[arg-type]
