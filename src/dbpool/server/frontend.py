@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, cast
 import psycopg
 import zmq
 from psycopg import pq
+from zmq.utils.monitor import recv_monitor_message
 
 from dbpool import wire
 from dbpool.errors import ConnectionError, ProtocolError
@@ -60,7 +61,7 @@ __all__ = ["FrontEnd"]
 logger = logging.getLogger("dbpool.server.frontend")
 
 _INF = float("inf")
-_FATAL = int(pq.ExecStatus.FATAL_ERROR)
+_TUPLES_OR_COMMAND = int(pq.ExecStatus.TUPLES_OK)
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _ZMQ_EVENTS = int(zmq.EVENTS)
@@ -83,6 +84,11 @@ class RequestError(Exception):
     def __init__(self, error: dict[str, Any]) -> None:
         super().__init__(error.get("message"))
         self.error = error
+
+
+def _stopping() -> RequestError:
+    return RequestError({"kind": "connection", "reason": "stopped",
+                         "message": "the server is shutting down"})
 
 
 def _bad(message: str) -> RequestError:
@@ -145,6 +151,12 @@ class FrontEnd:
         self._router_fd: int = cast(int, self.router.getsockopt(zmq.FD))
         self._poller.register(self._router_fd, _POLLIN)
         self._poller.register(self._wake_r, _POLLIN)
+        # Connects and disconnects of clients, for the status map's "clients".
+        self._monitor = self.router.get_monitor_socket(
+            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._monitor_fd = cast(int, self._monitor.getsockopt(zmq.FD))
+        self._poller.register(self._monitor_fd, _POLLIN)
+        self.clients = 0
         self._pipes: dict[int, Pipe] = {}  # by socket
         self._dirty: set[Pipe] = set()  # pipes to flush before the loop sleeps
         self._shared: list[Pipe] = []  # pipes serving any client
@@ -215,6 +227,8 @@ class FrontEnd:
                     if pipe is None:
                         if fd == self._wake_r:
                             self._drain_inbox()
+                        elif fd == self._monitor_fd:
+                            self._count_clients()
                         continue
                     if mask & _POLLOUT:
                         pipe.flush()
@@ -256,6 +270,12 @@ class FrontEnd:
                     self._poller.modify(pipe.fd, _POLLIN | _POLLOUT)
             if pipe.broken is not None and not pipe.inflight:
                 self._settle(pipe)
+
+    def _count_clients(self) -> None:
+        monitor = self._monitor
+        while cast(int, monitor.getsockopt(_ZMQ_EVENTS)) & _ZMQ_POLLIN:
+            event = recv_monitor_message(monitor, _NOBLOCK)["event"]
+            self.clients += 1 if event == zmq.EVENT_ACCEPTED else -1
 
     def _drain_inbox(self) -> None:
         try:
@@ -328,14 +348,16 @@ class FrontEnd:
         except RequestError as error:
             self._reply_error(route, rid, error.error)
 
-    def _reply(self, job: Job, value: Any) -> None:
+    def _reply(self, job: Job, value: Any) -> bool:
+        """Answer ``job`` with ``value``; False if it had to answer ``unsupported_type``."""
         try:
             body = self.packer.pack({"id": job.rid, "ok": value})
         except (TypeError, ValueError, OverflowError) as error:
             self.packer.reset()
             self._reply_error(job.route, job.rid, protocol_error("unsupported_type", str(error)))
-            return
+            return False
         self._send_reply(job.route, body)
+        return True
 
     def _send_reply(self, route: list[bytes], body: bytes) -> None:
         send = self.router.send
@@ -368,7 +390,7 @@ class FrontEnd:
         leases = sum(1 for lease in self.leases.values() if lease.kind == "lease")
         return {
             "version": VERSION,
-            "server": {**self.counters, "open_leases": leases,
+            "server": {**self.counters, "clients": self.clients, "open_leases": leases,
                        "open_streams": len(self.leases) - leases,
                        "connections_held": len(self._pipes), "queued": len(self._queued),
                        "draining": self._draining},
@@ -410,6 +432,8 @@ class FrontEnd:
             self._send(self._owned(job, "lease", job.req["lease"]).pipe, job, statements,
                        prepared)
             return
+        if self._draining:
+            raise _stopping()
         pipe = self._pipe_for(job)
         if pipe is not None:
             self._send(pipe, job, statements, prepared)
@@ -432,9 +456,8 @@ class FrontEnd:
                 self._fail(job, ConnectionError(f"connection lost: {pipe.broken}"))
             elif isinstance(error, psycopg.Error):
                 self._fail(job, error)
-            else:
-                self._reply_error(job.route, job.rid, protocol_error(
-                    "unsupported_type", f"{type(error).__name__}: {error}"))
+            else:  # psycopg's TypeError/ValueError for parameters that do not fit
+                self._fail(job, psycopg.ProgrammingError(str(error)))
             self._settle(pipe)
             return
         self._dirty.add(pipe)
@@ -450,10 +473,13 @@ class FrontEnd:
                 self._fail(job, outcome)
             else:
                 result = outcome[-1]
-                if result.status == _FATAL:
-                    self._reply_error(job.route, job.rid, error_map(pipe.error(result)))
-                else:
-                    self._reply(job, _result_map(pipe, result))
+                if result.status != _TUPLES_OR_COMMAND:  # failed (or its Prepare did)
+                    failed = first_error(outcome)
+                    if failed is not None:
+                        self._reply_error(job.route, job.rid,
+                                          error_map(pipe.error(outcome[failed])))
+                        return
+                self._reply(job, _result_map(pipe, result))
         finally:
             self._settle(pipe)
 
@@ -595,9 +621,10 @@ class FrontEnd:
     def _page(self, job: Job, stream: Lease, pipe: Pipe, result: pq.abc.PGresult) -> None:
         done = result.ntuples < stream.max_rows
         page = {"stream": stream.id, "result": _result_map(pipe, result), "done": done}
+        if not self._reply(job, page):  # a value with no wire form: the stream is useless
+            done = True
         if done:
             self._end_stream(stream, "done")
-        self._reply(job, page)
 
     def _end_stream(self, stream: Lease, why: str) -> None:
         """Close the cursor; a stream with its own transaction ends it too."""
@@ -680,10 +707,7 @@ class FrontEnd:
         session = _session(job.req)
         lease = self.leases.get(lease_id)
         if lease is None or lease.kind != kind:
-            why = self._ended.get(lease_id)
-            if why is None:
-                raise RequestError(protocol_error(f"unknown_{kind}",
-                                                  f"no such {kind}: {lease_id!r}"))
+            why = self._ended.get(lease_id, "or the server restarted since it began")
             raise RequestError({"kind": "connection", "reason": "lease_expired",
                                 "message": f"the {kind} has ended ({why})"})
         if lease.session != session:
@@ -695,7 +719,9 @@ class FrontEnd:
     # -- connections ---------------------------------------------------------
 
     def _dispatch(self, job: Job) -> None:
-        """Start a job on a connection now, or queue it for one."""
+        """Start a job on a connection now, or queue it for one (not while stopping)."""
+        if self._draining:
+            raise _stopping()
         pipe = self._pipe_for(job)
         if pipe is None:
             self._queue(job)
@@ -704,26 +730,18 @@ class FrontEnd:
         job.start(pipe)
 
     def _queue(self, job: Job) -> None:
-        if self._draining:
-            self._reply_error(job.route, job.rid, {
-                "kind": "connection", "reason": "stopped",
-                "message": "the server is shutting down"})
-            return
         self._queued.append(job)
         self._want_connection()
 
     def _pipe_for(self, job: Job) -> Pipe | None:
-        """A connection for a job now: one of ours, the pool's, or None (queue it).
-
-        While stopping, only what is already held serves.
-        """
+        """A connection for a job now: one of ours, the pool's, or None (queue it)."""
         shared = self._shared
         for pipe in shared:
             if not pipe.requests and not pipe.cancelling:
                 if job.needs_own:
                     shared.remove(pipe)
                 return pipe
-        borrowed = None if self._draining else self._borrow()
+        borrowed = self._borrow()
         if borrowed is not None:
             if not job.needs_own:
                 shared.append(borrowed)
@@ -939,6 +957,8 @@ class FrontEnd:
             self._release(pipe)
         if self._waiter is not None:
             self.core.queue.cancel_wait(self._waiter)
+        self.router.disable_monitor()
+        self._monitor.close(linger=0)
         self.router.close(linger=0)
         self.pub.close(linger=0)
         os.close(self._wake_r)
