@@ -76,6 +76,8 @@ _TICK = 0.05
 #: Ended lease and stream ids remembered, to answer "expired" rather than "unknown".
 _ENDED_MEMORY = 10_000
 _MAX_ROWS = 500
+#: The longest request timeout accepted (a year): beyond it is a mistake.
+_MAX_TIMEOUT = 365 * 86400.0
 
 
 class RequestError(Exception):
@@ -157,6 +159,7 @@ class FrontEnd:
         self._monitor_fd = cast(int, self._monitor.getsockopt(zmq.FD))
         self._poller.register(self._monitor_fd, _POLLIN)
         self.clients = 0
+        self._count_clients()  # asking ZMQ_EVENTS arms the (edge-triggered) descriptor
         self._pipes: dict[int, Pipe] = {}  # by socket
         self._dirty: set[Pipe] = set()  # pipes to flush before the loop sleeps
         self._shared: list[Pipe] = []  # pipes serving any client
@@ -301,8 +304,9 @@ class FrontEnd:
         elif len(frames) == 3 and not frames[1]:  # a REQ socket's delimiter
             route, body = frames[:2], frames[2]
         else:
-            self._reply_error(frames[:1], None, protocol_error(
-                "bad_frames", f"a request is one frame; got {len(frames) - 1}"))
+            route = frames[:2] if len(frames) > 2 and not frames[1] else frames[:1]
+            self._reply_error(route, None, protocol_error(
+                "bad_frames", f"a request is one frame; got {len(frames) - len(route)}"))
             return
         if len(body) > self.config.max_message_size:
             self._reply_error(route, None, protocol_error(
@@ -323,10 +327,11 @@ class FrontEnd:
             self._reply_error(route, None, protocol_error(
                 "bad_request", "'id' must be an integer from 0 to 2**64-1"))
             return
-        if req.get("v") != VERSION:
+        version = req.get("v")
+        if type(version) is not int or version != VERSION:
             self._reply_error(route, rid, protocol_error(
                 "unsupported_version",
-                f"protocol version {req.get('v')!r} is not supported; this server speaks "
+                f"protocol version {version!r} is not supported; this server speaks "
                 f"version {VERSION}"))
             return
         op = req.get("op")
@@ -338,15 +343,19 @@ class FrontEnd:
         timeout = req.get("timeout")
         if timeout is None:
             timeout = self.config.timeout
-        elif type(timeout) not in (int, float) or not timeout > 0:
+        elif type(timeout) not in (int, float) or not 0 < timeout <= _MAX_TIMEOUT:
             self._reply_error(route, rid, protocol_error(
-                "bad_request", "'timeout' must be a positive number of seconds"))
+                "bad_request", f"'timeout' must be a number of seconds, more than 0 and at "
+                               f"most {_MAX_TIMEOUT:g}"))
             return
         job = Job(route, rid, str(op), req, time.monotonic() + timeout)
         try:
             handler(job)
         except RequestError as error:
             self._reply_error(route, rid, error.error)
+        except Exception as error:  # a bug: answer it and keep serving everyone else
+            logger.exception("front end: %s request %d failed", op, rid)
+            self._reply_error(route, rid, error_map(error))
 
     def _reply(self, job: Job, value: Any) -> bool:
         """Answer ``job`` with ``value``; False if it had to answer ``unsupported_type``."""
@@ -452,6 +461,9 @@ class FrontEnd:
         except (TypeError, ValueError, psycopg.Error) as error:
             # Nothing was sent: a parameter psycopg cannot adapt, or the connection
             # was found dead (the pipe then fails its other requests itself).
+            owner = pipe.owner
+            if owner is job or (isinstance(owner, Lease) and owner.id not in self.leases):
+                pipe.owner = None  # a begin or stream that never started holds nothing
             if pipe.broken is not None:
                 self._fail(job, ConnectionError(f"connection lost: {pipe.broken}"))
             elif isinstance(error, psycopg.Error):
@@ -480,6 +492,8 @@ class FrontEnd:
                                           error_map(pipe.error(outcome[failed])))
                         return
                 self._reply(job, _result_map(pipe, result))
+        except psycopg.Error as error:  # a value psycopg cannot load (a date past 9999...)
+            self._fail(job, error)
         finally:
             self._settle(pipe)
 
@@ -620,7 +634,11 @@ class FrontEnd:
 
     def _page(self, job: Job, stream: Lease, pipe: Pipe, result: pq.abc.PGresult) -> None:
         done = result.ntuples < stream.max_rows
-        page = {"stream": stream.id, "result": _result_map(pipe, result), "done": done}
+        try:
+            page = {"stream": stream.id, "result": _result_map(pipe, result), "done": done}
+        except psycopg.Error:  # a value psycopg cannot load: the stream is useless
+            self._end_stream(stream, "a value could not be loaded")
+            raise
         if not self._reply(job, page):  # a value with no wire form: the stream is useless
             done = True
         if done:
