@@ -64,6 +64,8 @@ class PgState:
     prepared: set[str] = field(default_factory=set)
     #: The ZeroMQ front end's prepared statements: (query, types) -> name.
     remote_statements: dict[Any, bytes] = field(default_factory=dict)
+    #: How often the front end ran each statement not yet prepared here.
+    remote_counts: dict[Any, int] = field(default_factory=dict)
     #: The ZeroMQ front end's psycopg Transformer for this connection, kept
     #: across its loans (making one costs more than a query).
     remote_transformer: Any = None

@@ -26,8 +26,9 @@ timeout            --timeout            DBPOOL_TIMEOUT            15.0 s
 max_message_size   --max-message-size   DBPOOL_MAX_MESSAGE_SIZE   16 MiB, in bytes
 heartbeat_timeout  --heartbeat-timeout  DBPOOL_HEARTBEAT_TIMEOUT  10.0 s
 lease_max          --lease-max          DBPOOL_LEASE_MAX          300.0 s
-pipeline_depth     --pipeline-depth     DBPOOL_PIPELINE_DEPTH     4
+pipeline_depth     --pipeline-depth     DBPOOL_PIPELINE_DEPTH     8
 grace              --grace              DBPOOL_GRACE              10.0 s
+spin               --spin               DBPOOL_SPIN               0.0003 s
 log_level          --log-level          DBPOOL_LOG_LEVEL          INFO
 pool_options       (none)               (none)                    {}: the TOML [pool] table
 =================  ===================  ========================  =========================
@@ -35,7 +36,9 @@ pool_options       (none)               (none)                    {}: the TOML [
 - ``timeout`` is the default deadline of a remote request, the wait for a
   connection included; ``pipeline_depth`` (>= 1) is how many statements from
   different clients may be queued on one connection; ``grace`` is how long a
-  shutdown waits for requests in flight.
+  shutdown waits for requests in flight; ``spin`` is how long the request
+  loop polls before it sleeps while traffic is steady (see
+  :mod:`dbpool.server.frontend`).
 - The TOML file's top-level keys are the field names above (``dsn``,
   ``pool_size``...); its ``[pool]`` table holds further options of
   :meth:`dbpool.pool.Pool.start` (``queue_target``, ``max_lifetime``,
@@ -94,8 +97,9 @@ class ServeConfig:
     max_message_size: int = 16 * 2**20
     heartbeat_timeout: float = 10.0
     lease_max: float = 300.0
-    pipeline_depth: int = 4
+    pipeline_depth: int = 8
     grace: float = 10.0
+    spin: float = 0.0003
     log_level: str = "INFO"
     pool_options: Mapping[str, Any] = field(default_factory=_empty_mapping)
 
@@ -276,13 +280,16 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("pipeline_depth", _integer(1),
              "statements from different clients queued on one connection"),
     _Setting("grace", _seconds(zero_ok=True), "seconds a shutdown waits for requests in flight",),
+    _Setting("spin", _seconds(zero_ok=True),
+             "seconds the request loop keeps polling, yielding the CPU, before it sleeps "
+             "(while traffic is steady; 0: always sleep)"),
     _Setting("log_level", _log_level, f"logging level ({', '.join(_LOG_LEVELS)})"),
 )
 _BY_FIELD = {s.field: s for s in _SETTINGS}
 _METAVARS = {
     "bind": "ENDPOINT", "events_bind": "ENDPOINT", "pool_size": "N", "timeout": "SECONDS",
     "max_message_size": "BYTES", "heartbeat_timeout": "SECONDS", "lease_max": "SECONDS",
-    "pipeline_depth": "N", "grace": "SECONDS", "log_level": "LEVEL",
+    "pipeline_depth": "N", "grace": "SECONDS", "spin": "SECONDS", "log_level": "LEVEL",
 }
 
 

@@ -25,7 +25,9 @@ anything else:
 Why one thread: a pykka message or a thread hop costs as much as a whole
 ``SELECT 1`` here, and the GIL would serialize worker threads anyway.  The
 loop spends its time in libzmq and libpq, and pipelining lets one round trip
-to PostgreSQL carry several clients' statements.
+to PostgreSQL carry several clients' statements.  For the same reason, while
+traffic is steady the loop polls for up to ``spin`` seconds before it sleeps
+(:meth:`FrontEnd._spin`).
 """
 
 from __future__ import annotations
@@ -49,7 +51,16 @@ from dbpool import wire
 from dbpool.errors import ConnectionError, ProtocolError
 from dbpool.protocol import VERSION, error_map, protocol_error
 
-from .pipeline import Job, Outcome, Pipe, Statement, first_error
+from .pipeline import (
+    AT_ONCE,
+    NEVER,
+    PREPARE_THRESHOLD,
+    Job,
+    Outcome,
+    Pipe,
+    Statement,
+    first_error,
+)
 
 if TYPE_CHECKING:
     from dbpool.pool import Pool
@@ -71,6 +82,8 @@ _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 #: How long a connection with nothing in flight stays with the front end (seconds).
 _LINGER = 0.002
+#: The loop spins (see FrontEnd._spin) only if it had work this recently (seconds).
+_SPIN_AFTER = 0.001
 #: How often the loop checks deadlines, heartbeats and lease ages (seconds).
 _TICK = 0.05
 #: Ended lease and stream ids remembered, to answer "expired" rather than "unknown".
@@ -169,6 +182,7 @@ class FrontEnd:
         self._sessions: dict[str, set[str]] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._next_tick = 0.0
+        self._last_work = 0.0
         self._draining = False
         self._drain_until = _INF
         self._running = False
@@ -210,7 +224,7 @@ class FrontEnd:
         returns.
         """
         self._running = True
-        poll, pipes = self._poller.poll, self._pipes
+        poll, pipes, spin = self._poller.poll, self._pipes, self.config.spin
         try:
             while True:
                 self._read_requests()
@@ -225,7 +239,15 @@ class FrontEnd:
                         continue
                 wake_at = min(self._next_tick, self._release_idle(now))
                 timeout = max(0.0, wake_at - time.monotonic()) * 1000
-                for fd, mask in poll(timeout):
+                ready = poll(0)
+                if (not ready and spin and now - self._last_work < _SPIN_AFTER
+                        and sum(len(pipe.requests) for pipe in pipes.values()) <= 1):
+                    ready = self._spin(poll, spin)
+                if not ready:
+                    ready = poll(timeout)
+                if ready:
+                    self._last_work = time.monotonic()
+                for fd, mask in ready:
                     pipe = pipes.get(fd)
                     if pipe is None:
                         if fd == self._wake_r:
@@ -244,6 +266,28 @@ class FrontEnd:
         finally:
             self._running = False
             self._close()
+
+    @staticmethod
+    def _spin(poll: Callable[[float], list[tuple[int, int]]],
+              seconds: float) -> list[tuple[int, int]]:
+        """Poll without sleeping for up to ``seconds``, yielding the CPU between polls.
+
+        Waking a sleeping thread costs this VM about as much as a query: a
+        request from a client that sends request after request, or the
+        server's reply, would pay it twice per round trip.  So while traffic
+        is steady (work within the last ``_SPIN_AFTER``), the loop keeps
+        polling for a moment before it sleeps.  ``sched_yield`` between
+        polls gives the core to any other runnable thread.  It spins only at
+        low concurrency (at most one request in flight): with more, there is
+        work to wake up for anyway, and the CPU is better left to others.
+        An idle server never spins.
+        """
+        until = time.monotonic() + seconds
+        ready: list[tuple[int, int]] = []
+        while not ready and time.monotonic() < until:
+            os.sched_yield()
+            ready = poll(0)
+        return ready
 
     def _has_request(self) -> bool:
         return bool(cast(int, self.router.getsockopt(_ZMQ_EVENTS)) & _ZMQ_POLLIN)
@@ -409,10 +453,11 @@ class FrontEnd:
         }
 
     def _op_query(self, job: Job) -> None:
-        self._statements(job, [(_sql(job.req), _params(job.req.get("params")))], False)
+        self._statements(job, [(_sql(job.req), _params(job.req.get("params")))],
+                         PREPARE_THRESHOLD)
 
     def _op_execute(self, job: Job) -> None:
-        self._statements(job, [(_sql(job.req), _params(job.req.get("params")))], True)
+        self._statements(job, [(_sql(job.req), _params(job.req.get("params")))], AT_ONCE)
 
     def _op_batch(self, job: Job) -> None:
         req = job.req
@@ -433,31 +478,31 @@ class FrontEnd:
                 raise _bad("'params_seq' must be a non-empty array of params")
             statements = [(sql, _params(params)) for params in seq]
         job.finish = self._finish_batch
-        self._statements(job, statements, False)
+        self._statements(job, statements, PREPARE_THRESHOLD)
 
-    def _statements(self, job: Job, statements: list[Statement], prepared: bool) -> None:
+    def _statements(self, job: Job, statements: list[Statement], prepare: int) -> None:
         """Run statements on the job's lease, or on any connection."""
         if job.req.get("lease") is not None:
             self._send(self._owned(job, "lease", job.req["lease"]).pipe, job, statements,
-                       prepared)
+                       prepare)
             return
         if self._draining:
             raise _stopping()
         pipe = self._pipe_for(job)
         if pipe is not None:
-            self._send(pipe, job, statements, prepared)
+            self._send(pipe, job, statements, prepare)
             return
-        job.start = lambda pipe: self._send(pipe, job, statements, prepared)
+        job.start = lambda pipe: self._send(pipe, job, statements, prepare)
         self._queue(job)
 
     def _send(self, pipe: Pipe, job: Job, statements: Sequence[Statement],
-              prepared: bool = False) -> None:
+              prepare: int = NEVER) -> None:
         if pipe.broken is not None:
             self._fail(job, ConnectionError(f"connection lost: {pipe.broken}"))
             self._settle(pipe)
             return
         try:
-            pipe.send(job, statements, prepared)
+            pipe.send(job, statements, prepare)
         except (TypeError, ValueError, psycopg.Error) as error:
             # Nothing was sent: a parameter psycopg cannot adapt, or the connection
             # was found dead (the pipe then fails its other requests itself).

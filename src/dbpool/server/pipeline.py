@@ -25,10 +25,11 @@ the one place dbpool uses it, and ``tests/test_remote_*`` cover it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import psycopg
 from psycopg import pq
@@ -39,7 +40,8 @@ from psycopg.adapt import Transformer
 from dbpool.pgdriver import PgState
 from dbpool.pool.connection import Connection
 
-__all__ = ["Job", "Outcome", "Pipe", "Statement", "first_error"]
+__all__ = ["AT_ONCE", "NEVER", "PREPARE_THRESHOLD", "Job", "Outcome", "Pipe", "Statement",
+           "first_error"]
 
 logger = logging.getLogger("dbpool.server.pipeline")
 
@@ -54,9 +56,49 @@ _SYNC = int(pq.ExecStatus.PIPELINE_SYNC)
 _FATAL = int(pq.ExecStatus.FATAL_ERROR)
 _TUPLES = int(pq.ExecStatus.TUPLES_OK)
 _BAD = int(pq.ConnStatus.BAD)
+#: Command tags after which the connection has no prepared statements left.
+_FORGETS_STATEMENTS = frozenset({b"DISCARD ALL", b"DEALLOCATE ALL"})
+def _libpq_send_pipeline_sync() -> Callable[[int], int] | None:
+    """libpq's ``PQsendPipelineSync`` (libpq 17+), which psycopg does not wrap yet.
+
+    ``PQpipelineSync`` flushes as it marks the Sync: one ``send`` system call
+    per request, the costliest step of a request here.  ``PQsendPipelineSync``
+    leaves the flush to the loop, so the requests that one loop iteration
+    puts on a connection leave in one write.  It is looked up in the libpq
+    that psycopg loaded (from the process's memory map), and called with
+    psycopg's public ``PGconn.pgconn_ptr``.  None when that libpq is older:
+    ``PQpipelineSync`` serves, one write per request.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "/libpq" in line})
+    except OSError:  # not Linux
+        return None
+    for path in paths:
+        try:
+            function = getattr(ctypes.CDLL(path), "PQsendPipelineSync", None)
+        except OSError:
+            continue
+        if function is not None:
+            function.argtypes = [ctypes.c_void_p]
+            function.restype = ctypes.c_int
+            return cast(Callable[[int], int], function)
+    return None
+
+
+_send_pipeline_sync = _libpq_send_pipeline_sync()
+
 #: Prepared statements a connection keeps for the front end; past this,
-#: ``execute`` runs unprepared rather than grow the server's memory.
+#: statements run unprepared rather than grow the server's memory.
 MAX_PREPARED = 256
+#: Statements whose runs a connection counts towards preparing them.
+MAX_COUNTED = 1024
+#: Values of ``Pipe.send``'s ``prepare``: never, or at the first run.
+NEVER = 0
+AT_ONCE = 1
+#: The ``query`` op prepares a statement on its fifth run on a connection,
+#: as psycopg does by default (``prepare_threshold``).
+PREPARE_THRESHOLD = 5
 
 
 class Job:
@@ -127,7 +169,7 @@ class Pipe:
 
     # -- sending ------------------------------------------------------------
 
-    def send(self, job: Job, statements: Sequence[Statement], prepared: bool = False) -> None:
+    def send(self, job: Job, statements: Sequence[Statement], prepare: int = NEVER) -> None:
         """Queue ``job``'s statements and a Sync; :attr:`complete` gets their results later.
 
         They leave at the next :meth:`flush`, so that the requests of one
@@ -135,8 +177,10 @@ class Pipe:
 
         Parameters are adapted first, all of them, so a value psycopg cannot
         adapt raises here (``TypeError``, ``ValueError``, ``psycopg.Error``)
-        with nothing sent.  ``prepared`` runs each statement as a named
-        prepared statement, preparing it on this connection the first time.
+        with nothing sent.  ``prepare`` is when a statement runs as a named
+        prepared statement of this connection: :data:`NEVER`, :data:`AT_ONCE`
+        (the ``execute`` op), or from its Nth run here on (the ``query`` op,
+        like psycopg's ``prepare_threshold``).
         """
         converted = []
         for sql, params in statements:
@@ -149,13 +193,14 @@ class Pipe:
         try:
             for text, params, types, formats in converted:
                 name = None
-                if prepared:
-                    name, new = self._statement_name(text, types)
-                    if name is not None and new:
+                if prepare:
+                    key = (text, tuple(types))
+                    name, new = self._statement_name(key, prepare)
+                    if new and name is not None:
                         pgconn.send_prepare(name, text, param_types=types)
                         if prepares is None:
                             prepares = []
-                        prepares.append((position, (text, tuple(types))))
+                        prepares.append((position, key))
                         position += 1
                 if name is not None:
                     pgconn.send_query_prepared(name, params, param_formats=formats)
@@ -163,26 +208,40 @@ class Pipe:
                     pgconn.send_query_params(text, params, param_types=types,
                                              param_formats=formats, result_format=_TEXT)
                 position += 1
-            pgconn.pipeline_sync()
+            if _send_pipeline_sync is None:
+                pgconn.pipeline_sync()
+            elif _send_pipeline_sync(pgconn.pgconn_ptr) != 1:  # type: ignore[attr-defined]
+                raise psycopg.OperationalError(
+                    f"sending a Sync failed: {pgconn.get_error_message()}")
         except psycopg.Error as error:
             self._lose(error)
             raise
         job.prepares = prepares
         self.requests.append(job)
 
-    def _statement_name(self, text: bytes, types: Sequence[int]) -> tuple[bytes | None, bool]:
-        """The statement's name on this connection, and whether it must be prepared.
+    def _statement_name(self, key: tuple[bytes, tuple[int, ...]],
+                        prepare: int) -> tuple[bytes | None, bool]:
+        """The statement's name on this connection (None: run it unnamed), and whether
+        it must be prepared first.
 
-        None when the connection keeps :data:`MAX_PREPARED` already.
+        A statement is prepared on its ``prepare``-th run on this connection,
+        while the connection keeps fewer than :data:`MAX_PREPARED`.
         """
-        cache = self.state.remote_statements
-        key = (text, tuple(types))
-        name = cache.get(key)
+        state = self.state
+        name = state.remote_statements.get(key)
         if name is not None:
             return name, False
-        if len(cache) >= MAX_PREPARED:
+        if prepare > AT_ONCE:
+            counts = state.remote_counts
+            seen = counts[key] = counts.get(key, 0) + 1
+            if seen < prepare:
+                if len(counts) > MAX_COUNTED:  # many one-off statements: start afresh
+                    counts.clear()
+                return None, False
+            del counts[key]
+        if len(state.remote_statements) >= MAX_PREPARED:
             return None, False
-        name = cache[key] = self.state.next_statement_name()
+        name = state.remote_statements[key] = state.next_statement_name()
         return name, True
 
     def flush(self) -> None:
@@ -215,6 +274,10 @@ class Pipe:
             self._lose(psycopg.OperationalError("the server closed the connection"))
 
     def _finish(self, job: Job) -> None:
+        if self.state.remote_statements and any(
+            r.command_status in _FORGETS_STATEMENTS for r in job.results
+        ):  # a client dropped every prepared statement of the connection
+            self.state.remote_statements.clear()
         if job.prepares:
             results = job.results
             skip = set()
