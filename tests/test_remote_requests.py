@@ -296,11 +296,30 @@ def test_execute_runs_the_statement_and_prepares_it_once_per_connection(
         name, statement = prepared[0]
         assert name.startswith("dbpool_remote_")
         assert statement == f"SELECT $1::int * 2 AS {marker}"
-        # query is never prepared
+        # query is not prepared on its first run
         plain = f"plain_{uuid.uuid4().hex[:10]}"
         assert c.query(f"SELECT %s::int AS {plain}", [1]).rows == [(1,)]
         assert c.query("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s",
                        [f"%{plain}%"]).rows == [(0,)]
+
+
+def test_query_prepares_a_statement_on_its_fifth_run_like_psycopg(
+    server1: ServerProcess
+) -> None:
+    marker = f"auto_{uuid.uuid4().hex[:10]}"
+    sql = f"SELECT %s::int + 1 AS {marker}"
+    count = "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s"
+    with Client(server1.endpoint, timeout=TIMEOUT) as c:
+        for run in range(1, 8):
+            assert c.query(sql, [run]).rows == [(run + 1,)]
+            expected = 1 if run >= 5 else 0
+            assert c.query(count, [f"%{marker}%"]).rows == [(expected,)], run
+        # DEALLOCATE ALL drops it on the server: the front end forgets it, and the
+        # statement keeps working (prepared again after five more runs).
+        assert c.query("DEALLOCATE ALL").command == "DEALLOCATE ALL"
+        for run in range(5):
+            assert c.query(sql, [run]).rows == [(run + 1,)]
+        assert c.query(count, [f"%{marker}%"]).rows == [(1,)]
 
 
 @pytest.mark.parametrize(("sql", "error"), [

@@ -47,6 +47,7 @@ VALUES: dict[str, tuple[str, str, str, tuple[Any, Any, Any]]] = {
     "lease_max": ("10", "20", "30", (10.0, 20.0, 30.0)),
     "pipeline_depth": ("1", "2", "8", (1, 2, 8)),
     "grace": ("0", "2", "3", (0.0, 2.0, 3.0)),
+    "spin": ("0", "0.001", "0.0002", (0.0, 0.001, 0.0002)),
     "log_level": ("debug", "WARNING", '"error"', ("DEBUG", "WARNING", "ERROR")),
 }
 
@@ -63,8 +64,9 @@ def test_defaults() -> None:
     assert config.max_message_size == 16 * 2**20
     assert config.heartbeat_timeout == 10.0
     assert config.lease_max == 300.0
-    assert config.pipeline_depth == 4
+    assert config.pipeline_depth == 8
     assert config.grace == 10.0
+    assert config.spin == 0.0003
     assert config.log_level == "INFO"
     assert dict(config.pool_options) == {}
     assert config.log_level_number() == logging.INFO
@@ -93,7 +95,8 @@ def test_every_env_var_parsed() -> None:
     assert sorted(env) == sorted([
         "DBPOOL_DSN", "DBPOOL_BIND", "DBPOOL_EVENTS_BIND", "DBPOOL_POOL_SIZE", "DBPOOL_NAME",
         "DBPOOL_TIMEOUT", "DBPOOL_MAX_MESSAGE_SIZE", "DBPOOL_HEARTBEAT_TIMEOUT",
-        "DBPOOL_LEASE_MAX", "DBPOOL_PIPELINE_DEPTH", "DBPOOL_GRACE", "DBPOOL_LOG_LEVEL"])
+        "DBPOOL_LEASE_MAX", "DBPOOL_PIPELINE_DEPTH", "DBPOOL_GRACE", "DBPOOL_SPIN",
+        "DBPOOL_LOG_LEVEL"])
     config = load(env=env)
     for field, (_, _, _, (_, expected, _)) in VALUES.items():
         value = getattr(config, field)
@@ -347,3 +350,11 @@ def test_frozen() -> None:
     config = ServeConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.pool_size = 3  # type: ignore[misc]
+
+
+def test_the_example_deploy_config_loads() -> None:
+    """deploy/dbpool.toml stays a valid configuration."""
+    path = Path(__file__).resolve().parent.parent / "deploy" / "dbpool.toml"
+    config = load_config(argparse.Namespace(config=str(path)), {})
+    assert config.pool_size == 10 and config.pipeline_depth == 8
+    assert config.pool_options["backoff_type"] == "rand_exp"

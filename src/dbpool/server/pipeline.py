@@ -55,6 +55,7 @@ _TEXT = pq.Format.TEXT
 _SYNC = int(pq.ExecStatus.PIPELINE_SYNC)
 _FATAL = int(pq.ExecStatus.FATAL_ERROR)
 _TUPLES = int(pq.ExecStatus.TUPLES_OK)
+_COMMAND_OK = int(pq.ExecStatus.COMMAND_OK)
 _BAD = int(pq.ConnStatus.BAD)
 #: Command tags after which the connection has no prepared statements left.
 _FORGETS_STATEMENTS = frozenset({b"DISCARD ALL", b"DEALLOCATE ALL"})
@@ -275,7 +276,8 @@ class Pipe:
 
     def _finish(self, job: Job) -> None:
         if self.state.remote_statements and any(
-            r.command_status in _FORGETS_STATEMENTS for r in job.results
+            r.status == _COMMAND_OK and r.command_status in _FORGETS_STATEMENTS
+            for r in job.results
         ):  # a client dropped every prepared statement of the connection
             self.state.remote_statements.clear()
         if job.prepares:
