@@ -1,0 +1,45 @@
+"""The remote benchmark runs end to end: every contender, every measurement, the targets.
+
+A short run (one process, short turns, 50 idle clients) in a child process,
+as ``dbpool bench --remote --json`` runs: it starts PgBouncer and ``dbpool
+serve`` itself.  The numbers of so short a run mean nothing; what is checked
+is that every contender was measured and every target was judged.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dbpool.bench_remote import find_pgbouncer
+
+
+def test_a_short_remote_benchmark_measures_every_contender_and_judges_every_target(
+    pg_dsn: str,
+) -> None:
+    if find_pgbouncer() is None:
+        pytest.skip("pgbouncer is not installed (CI installs it)")
+    script = (
+        "import sys; from dbpool.bench_remote import run_remote; "
+        "run_remote(sys.argv[1], processes=[1], duration=0.3, rounds=1, as_json=True, "
+        "idle_clients=50)"
+    )
+    done = subprocess.run([sys.executable, "-c", script, pg_dsn], capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    (scenario,) = report["scenarios"]
+    for contender in ("psycopg", "pgbouncer", "dbpool"):
+        assert scenario["qps"][contender] > 0, (contender, scenario)
+    assert report["pgbouncer"]["version"]
+    assert report["latency_us"]["dbpool"] > 0 and report["latency_us"]["pgbouncer"] > 0
+    assert report["batch"]["dbpool_statements_per_second"] > 0
+    idle = report["idle_clients"]
+    assert idle["clients"] == 50 and idle["pongs"] == 50, idle
+    statuses = {t["name"]: t["status"] for t in report["targets"]}
+    assert statuses["throughput_16"] == "SKIPPED"  # 16 processes were not asked for
+    assert statuses["latency_1"] in ("PASS", "FAIL")
+    assert statuses["batch_100"] in ("PASS", "FAIL")
