@@ -185,7 +185,6 @@ class FrontEnd:
         self._last_work = 0.0
         self._draining = False
         self._drain_until = _INF
-        self._running = False
         self.counters = {"requests": 0, "errors": 0, "leases": 0, "streams": 0}
         self._handlers: dict[str, Callable[[Job], None]] = {
             "ping": self._op_ping, "status": self._op_status, "query": self._op_query,
@@ -223,7 +222,6 @@ class FrontEnd:
         ``grace`` seconds; then what remains is rolled back and ``run``
         returns.
         """
-        self._running = True
         poll, pipes, spin = self._poller.poll, self._pipes, self.config.spin
         try:
             while True:
@@ -264,7 +262,6 @@ class FrontEnd:
                     if pipe.broken is not None:
                         self._watch(pipe)
         finally:
-            self._running = False
             self._close()
 
     @staticmethod
