@@ -8,6 +8,10 @@ re-opens the connection when told to.  Once connected it hands its
 callers borrow the slot directly, and queries never pass through this
 actor's mailbox.
 
+While the pool's circuit breaker is open (see :mod:`dbpool.pool.breaker`),
+a connection that is down does not retry on its own: it tells the pool it
+is parked and waits for a :class:`~dbpool.actors.messages.Probe`.
+
 Failures are of two kinds, as in DBConnection:
 
 - *expected* (the database refused or dropped us): logged without secrets,
@@ -41,7 +45,9 @@ from .messages import (
     ConnectionCrashed,
     ConnectionGaveUp,
     Notify,
+    Parked,
     Ping,
+    Probe,
     Reconnect,
 )
 from .scheduler import Scheduler
@@ -74,6 +80,9 @@ class ConnectionConfig:
     show_sensitive_data_on_connection_error: bool = False
     #: ``(min, max)`` seconds: each connection's lifetime is drawn from it.
     max_lifetime: tuple[float, float] | None = None
+    #: Whether a connection may try to connect on its own; when not (the
+    #: pool's circuit breaker is open), it parks until the pool sends Probe.
+    may_connect: Callable[[], bool] = lambda: True
 
 
 class ConnectionActor(pykka.ThreadingActor):
@@ -99,13 +108,16 @@ class ConnectionActor(pykka.ThreadingActor):
         match message:
             case Connect(attempt) if attempt == self._attempt:
                 self._connect()
+            case Probe() if self.slot.driver_state is None:
+                self._attempt += 1  # overtakes any scheduled Connect
+                self._connect(probe=True)
             case Reconnect(slot, generation, error, backoff) if (
                 slot is self.slot and generation == slot.generation
             ):
                 self._reconnect(error, backoff=backoff)
             case Ping(slot) if slot is self.slot and slot.driver_state is not None:
                 self._ping()
-            case Connect() | Reconnect() | Ping():
+            case Connect() | Reconnect() | Ping() | Probe():
                 pass  # stale: overtaken by a newer attempt or connection
             case _:
                 logger.warning("%s: connection %d ignored unknown message %r",
@@ -129,7 +141,10 @@ class ConnectionActor(pykka.ThreadingActor):
 
     # -- lifecycle -------------------------------------------------------
 
-    def _connect(self) -> None:
+    def _connect(self, probe: bool = False) -> None:
+        if not probe and not self.config.may_connect():
+            self._tell_pool(Parked(self.slot.index))
+            return
         opts: dict[str, Any] = {**self.config.connect_opts, "pool_index": self.slot.index}
         if self.config.configure is not None:
             # An exception here is a crash on purpose: the pool restarts us.
@@ -153,10 +168,13 @@ class ConnectionActor(pykka.ThreadingActor):
         self._release()
 
     def _connect_failed(self, error: ConnectionError) -> None:
-        logger.error("%s", error)
+        # The pool logs failures, at most one line per reconnect_log_interval.
+        logger.debug("%s", error)
         self._tell_pool(ConnectFailed(self.slot.index, error))
         if self.backoff is None:
             self._tell_pool(ConnectionGaveUp(self.slot.index, error))
+        elif not self.config.may_connect():
+            self._tell_pool(Parked(self.slot.index))
         else:
             self._schedule_connect(self.backoff.next())
 

@@ -19,7 +19,10 @@ from typing import Any, Literal, TypeAlias
 
 import pykka
 
-__all__ = ["ConnectionEvent", "EventKind", "Listener", "ListenerSpec", "deliver", "normalize"]
+__all__ = [
+    "ConnectionEvent", "EventKind", "HealthEvent", "Listener", "ListenerSpec", "deliver",
+    "normalize",
+]
 
 logger = logging.getLogger("dbpool.actors.listeners")
 
@@ -44,6 +47,23 @@ class ConnectionEvent:
     reason: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class HealthEvent:
+    """Pool :attr:`pool`'s health changed from :attr:`previous` to :attr:`state`.
+
+    States are the circuit breaker's (``closed``, ``open``, ``half_open``; see
+    :mod:`dbpool.pool.breaker`); :attr:`reason` says why, and is also set
+    (``paused``, ``resumed``, ``drained``) for pause, resume and drain,
+    which leave the state as it was.
+    """
+
+    pool: str
+    state: str
+    previous: str
+    reason: str | None = None
+    tag: Any = None
+
+
 Target: TypeAlias = "pykka.ActorRef[Any] | Callable[[ConnectionEvent], object]"
 ListenerSpec: TypeAlias = "Target | tuple[Target, Any]"
 
@@ -65,7 +85,7 @@ def normalize(specs: Iterable[ListenerSpec] | None) -> tuple[Listener, ...]:
     return tuple(listeners)
 
 
-def deliver(listeners: Sequence[Listener], event: ConnectionEvent) -> None:
+def deliver(listeners: Sequence[Listener], event: ConnectionEvent | HealthEvent) -> None:
     """Send ``event`` to every listener, each with its own tag."""
     for listener in listeners:
         tagged = event if listener.tag is None else replace(event, tag=listener.tag)
@@ -75,9 +95,9 @@ def deliver(listeners: Sequence[Listener], event: ConnectionEvent) -> None:
             else:
                 listener.target(tagged)
         except pykka.ActorDeadError:
-            logger.warning("connection listener %r is dead; event %s dropped", listener.target,
-                           event.kind)
+            logger.warning("connection listener %r is dead; event %r dropped", listener.target,
+                           event)
         except Exception:
-            logger.exception("connection listener %r raised on %s", listener.target, event.kind)
+            logger.exception("connection listener %r raised on %r", listener.target, event)
 
 

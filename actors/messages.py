@@ -1,7 +1,8 @@
 """The messages dbpool's actors tell each other.
 
-Connection actors receive :class:`Connect`, :class:`Reconnect` and
-:class:`Ping`.  The pool actor receives the rest from its connection actors.
+Connection actors receive :class:`Connect`, :class:`Probe`, :class:`Reconnect`
+and :class:`Ping`.  The pool actor receives the rest from
+its connection actors.
 All are immutable; none carries a password.
 """
 
@@ -19,7 +20,9 @@ __all__ = [
     "ConnectionCrashed",
     "ConnectionGaveUp",
     "Notify",
+    "Parked",
     "Ping",
+    "Probe",
     "Reconnect",
 ]
 
@@ -29,6 +32,12 @@ class Connect:
     """Try to connect.  ``attempt`` lets a stale, scheduled Connect be ignored."""
 
     attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Connect now, whatever the circuit breaker says: the pool chose this connection
+    to probe the database, or to reopen as the pool ramps back up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,3 +92,11 @@ class ConnectionCrashed:
     index: int
     error: BaseException
     actor: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    """Connection ``index`` is down and waits for the pool's :class:`Probe`: the
+    circuit breaker did not let it try on its own."""
+
+    index: int

@@ -26,6 +26,7 @@ from dbpool.driver import Disconnect, Driver, Ok
 from dbpool.errors import ConnectionError
 from dbpool.telemetry import listened as _listened
 
+from .breaker import Breaker
 from .connection import _NO_OPTS, AsyncConnection, Connection
 from .loans import Loan, LoanWatcher, Location
 from .metrics import PoolMetrics
@@ -61,6 +62,8 @@ class PoolCore:
             max_waiting=options.max_waiting, metrics=self.metrics,
             barge_window=options.barge_window, call_later=self.scheduler.call_later)
         self.listeners: tuple[Listener, ...] = normalize(options.connection_listeners)
+        #: The circuit breaker; the pool actor attaches it to its connections.
+        self.breaker = Breaker(self.name, options, self.queue, self.listeners)
         #: The connection this thread (or task context) holds through checkout,
         #: run or transaction: calls on the pool from there use it.
         #: Weak references, so that a checkout dropped without checkin can
@@ -286,7 +289,10 @@ class PoolCore:
         self._recycling = True
 
     def recycle_reason(self, slot: Slot) -> str | None:
-        """Why the slot's connection should be replaced now (disconnect_all, max_lifetime)."""
+        """Why the slot's connection should be replaced now (drain, disconnect_all,
+        max_lifetime)."""
+        if self.breaker.drained:
+            return "the pool was drained"
         now = time.monotonic()
         flush = self._flush
         if flush is not None:

@@ -61,6 +61,7 @@ class PoolMetrics:
     - ``drops``: waiters dropped by load shedding (CoDel);
     - ``queue_full``: checkouts refused because ``max_waiting`` waited already;
     - ``queue_disabled``: ``queue=False`` checkouts that found nothing idle;
+    - ``unavailable``: checkouts failed at once because the circuit was open;
     - ``deadlines``: loans revoked for passing their deadline;
     - ``reclaimed``: abandoned loans the pool took back;
     - ``connects``, ``connect_errors``, ``disconnects``;
@@ -72,7 +73,8 @@ class PoolMetrics:
 
     COUNTERS = (
         "checkouts", "queue_waits", "queue_timeouts", "drops", "queue_full", "queue_disabled",
-        "deadlines", "reclaimed", "connects", "connect_errors", "disconnects", "recycled",
+        "unavailable", "deadlines", "reclaimed", "connects", "connect_errors", "disconnects",
+        "recycled",
     )
 
     def __init__(self) -> None:
@@ -87,6 +89,7 @@ class PoolMetrics:
         self.drops = 0
         self.queue_full = 0
         self.queue_disabled = 0
+        self.unavailable = 0
         self.deadlines = 0
         self.reclaimed = 0
         self.connects = 0

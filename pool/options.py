@@ -40,6 +40,16 @@ class PoolOptions:
     - ``show_sensitive_data_on_connection_error`` (False): keep connect
       errors whole, password and all.
 
+    Availability (see :mod:`dbpool.pool.breaker`):
+
+    - ``breaker_threshold`` (5): consecutive failed connect attempts that open
+      the circuit (it also opens when no connection is up and one fails).
+      While open, checkouts fail at once with
+      ``ConnectionError(reason="unavailable")`` and one connection probes the
+      database per backoff step.
+    - ``reconnect_log_interval`` (10.0): failed connects are logged at most
+      once per this many seconds, with a count.
+
     Checkout:
 
     - ``timeout`` (15.0): default deadline of a checkout, counted from its
@@ -108,6 +118,8 @@ class PoolOptions:
     max_restarts: int = 3
     max_seconds: float = 5.0
     show_sensitive_data_on_connection_error: bool = False
+    breaker_threshold: int = 5
+    reconnect_log_interval: float = 10.0
     timeout: float = 15.0
     queue: bool = True
     queue_target: float = 0.05
@@ -132,10 +144,13 @@ class PoolOptions:
             raise ConfigurationError(f"pool_size must be an integer >= 1, got {self.pool_size!r}")
         backoff.new(self.backoff_type, self.backoff_min, self.backoff_max)  # validates
         for name in ("after_connect_timeout", "idle_interval", "max_seconds", "timeout",
-                     "queue_target", "queue_interval"):
+                     "queue_target", "queue_interval", "reconnect_log_interval"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value <= 0:
                 raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.breaker_threshold, int) or self.breaker_threshold < 1:
+            raise ConfigurationError(
+                f"breaker_threshold must be an integer >= 1, got {self.breaker_threshold!r}")
         if self.idle_limit is not None and self.idle_limit < 0:
             raise ConfigurationError(f"idle_limit must be >= 0, got {self.idle_limit!r}")
         if not isinstance(self.barge_window, int | float) or self.barge_window < 0:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from sys import _getframe
@@ -34,7 +35,7 @@ import pykka
 from dbpool.actors.connection import ConnectionConfig
 from dbpool.actors.slot import Slot
 from dbpool.driver import Driver, Params, Query, Result
-from dbpool.errors import ConnectionError, OwnershipError, TransactionStatus
+from dbpool.errors import ConnectionError, OwnershipError, PoolStoppedError, TransactionStatus
 from dbpool.pgdriver import PgDriver
 
 from .connection import AsyncConnection, AsyncTransaction, Connection, LostBeforeEffect
@@ -44,7 +45,7 @@ from .logentry import LogFn
 from .options import PoolOptions
 from .owners import Owner
 from .ownership import AllowAnswer, CheckinAnswer, CheckoutAnswer, ModeAnswer, OwnershipCore
-from .pool_actor import PoolActor
+from .pool_actor import Availability, PoolActor
 from .transaction import Transaction
 
 __all__ = ["Pool"]
@@ -97,6 +98,7 @@ class Pool:
             backoff_max=opts.backoff_max,
             show_sensitive_data_on_connection_error=opts.show_sensitive_data_on_connection_error,
             max_lifetime=opts.max_lifetime,
+            may_connect=lambda: core.breaker.may_connect,
         )
         ref = PoolActor.start(core, config)
         return cls(core, ref)
@@ -477,6 +479,56 @@ class Pool:
                                  "Pool.start(..., pool='ownership')")
         return self._core
 
+    # -- availability (see dbpool.pool.breaker) ----------------------------
+
+    @property
+    def health(self) -> str:
+        """The circuit breaker's state: ``"closed"`` (serving), ``"open"`` (the database
+        is unavailable: checkouts fail at once) or ``"half_open"`` (probing)."""
+        return self._core.breaker.state
+
+    def open_circuit(self) -> None:
+        """Maintenance: fail every checkout at once with ``reason="unavailable"``, and
+        waiters now, until :meth:`close_circuit`.  Nothing probes meanwhile."""
+        self._availability("open")
+
+    def close_circuit(self) -> None:
+        """Serve again after :meth:`open_circuit` (or end an outage by hand);
+        connections that are down reconnect gradually."""
+        self._availability("close")
+
+    def pause(self) -> None:
+        """Hold new checkouts, like PgBouncer's PAUSE: they wait, with their usual
+        timeouts, while connections already lent finish; :meth:`resume` serves them."""
+        self._availability("pause")
+
+    def resume(self) -> None:
+        """End :meth:`pause` or :meth:`drain`: serve the waiting checkouts, and
+        reconnect (gradually) what drain closed."""
+        self._availability("resume")
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Stop lending, wait up to ``timeout`` s for every lent connection to come back,
+        then close every connection: for rolling restarts.
+
+        Returns whether all came back in time (the rest close as they do).
+        The pool stays paused, with no connections, until :meth:`resume`.
+        """
+        self._availability("pause")
+        deadline = time.monotonic() + timeout
+        loans = self._core.loans
+        while loans and time.monotonic() < deadline:
+            time.sleep(0.005)  # loans end on their holders' threads, with no signal to wait on
+        drained = not loans
+        self._availability("drain")
+        return drained
+
+    def _availability(self, action: str) -> None:
+        try:
+            self.ref.ask(Availability(action), timeout=30.0)
+        except pykka.ActorDeadError:
+            raise PoolStoppedError(f"{self.name}: the pool is stopped") from None
+
     # -- lifecycle -------------------------------------------------------
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -514,6 +566,7 @@ class Pool:
         """
         ready, waiting = self._core.queue.counts()
         metrics = {"ready_conn_count": ready, "checkout_queue_length": waiting,
+                   "health": self._core.breaker.state, "paused": self._core.queue.paused,
                    **self._core.metrics.snapshot()}
         if isinstance(self._core, OwnershipCore):
             metrics["owned"] = self._core.proxy_metrics()

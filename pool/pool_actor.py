@@ -39,7 +39,9 @@ from dbpool.actors.messages import (
     ConnectionCrashed,
     ConnectionGaveUp,
     Notify,
+    Parked,
     Ping,
+    Probe,
 )
 from dbpool.actors.slot import Slot
 from dbpool.actors.supervisor import RestartIntensity
@@ -68,6 +70,21 @@ class _PeriodicDisconnectAll:
     """Timer tick: the ``disconnect_all_every`` option."""
 
 
+@dataclass(frozen=True, slots=True)
+class _ProbeDue:
+    """Timer tick: the circuit breaker's backoff step passed (see pool/breaker.py)."""
+
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Availability:
+    """From :class:`~dbpool.pool.Pool`: ``open``, ``close``, ``pause``, ``resume`` or
+    ``drain`` (see :mod:`dbpool.pool.breaker`); answered once done."""
+
+    action: str
+
+
 class PoolActor(pykka.ThreadingActor):
     """One per pool.  See the module docstring for its contract."""
 
@@ -85,6 +102,9 @@ class PoolActor(pykka.ThreadingActor):
         self._workers: ThreadPoolExecutor | None = None
 
     def on_start(self) -> None:
+        self.core.breaker.attach(
+            probe=self._probe, schedule=lambda delay, token: self._tick_later(
+                delay, _ProbeDue(token)))
         for index in range(self.core.options.pool_size):
             self._start_connection(index)
         self.core.watcher.start()
@@ -97,12 +117,23 @@ class PoolActor(pykka.ThreadingActor):
         match message:
             case Notify(event):
                 self.core.deliver(event)
+                if event.kind == "connected":
+                    self.core.breaker.connected(event.index)
+                else:
+                    self.core.breaker.disconnected(event.index)
+            case Parked(index):
+                self.core.breaker.parked_connection(index)
+            case _ProbeDue(token):
+                self.core.breaker.probe_due(token)
+            case Availability(action):
+                self._availability(action)
             case RunQuery():
                 return self._run_query(message)
             case ConnectFailed(index, error):
                 self.core.metrics.add("connect_errors")
                 telemetry.emit("connection_error", {"count": 1},
                                {"pool": self.core.name, "error": error, "index": index})
+                self.core.breaker.connect_failed(index, error)
             case ConnectionGaveUp(index, error):
                 self._fail(PoolStoppedError(
                     f"{self.core.name}: connection {index} failed and backoff_type is 'stop', "
@@ -172,6 +203,35 @@ class PoolActor(pykka.ThreadingActor):
             logger.error("%s", error)
             self._stop_error = error
             self.stop()
+
+    # -- availability ----------------------------------------------------
+
+    def _probe(self, index: int) -> None:
+        ref = self.connections.get(index)
+        if ref is not None:
+            try:
+                ref.tell(Probe())
+            except pykka.ActorDeadError:
+                pass
+
+    def _availability(self, action: str) -> None:
+        breaker, queue = self.core.breaker, self.core.queue
+        if action == "open":
+            breaker.open()
+        elif action == "close":
+            breaker.close()
+        elif action == "pause":
+            queue.pause()
+            breaker.emit(breaker.state, "paused")
+        elif action == "resume":
+            queue.resume()
+            breaker.resume()
+        elif action == "drain":
+            queue.pause()
+            breaker.drain()
+            # Idle connections close now; lent ones as they come back (recycle_reason).
+            for slot in queue.take_idle(float("inf"), self.core.options.pool_size):
+                self.core.recycle(slot, "the pool was drained")
 
     # -- timers ----------------------------------------------------------
 

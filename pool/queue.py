@@ -141,6 +141,13 @@ class CheckoutQueue:
         self._idle: deque[Slot] = deque()
         self._waiters: deque[_AnyWaiter] = deque()
         self._closed: BaseException | None = None
+        #: The circuit breaker's error while the database is unavailable: checkouts
+        #: and waiters fail with it at once.
+        self._unavailable: ConnectionError | None = None
+        #: Checkouts wait (pause, drain); checkins are not handed to waiters.
+        self._paused = False
+        #: Either of the two: the hot path tests one attribute.
+        self._blocked = False
         self._max_waiting = max_waiting
         # CoDel state, as DBConnection names it.
         self._target = target
@@ -167,13 +174,13 @@ class CheckoutQueue:
         """
         with self._lock:
             idle = self._idle
-            if idle and not self._waiters:  # the hot path: nobody waits, take one
+            if idle and not self._waiters and not self._blocked:  # the hot path: take one
                 slot = idle.popleft()
                 slot.lent_at = started
                 self.metrics.immediate += 1
                 return slot
             now = time.monotonic()
-            if idle and self._may_barge(now):
+            if idle and not self._blocked and self._may_barge(now):
                 return self._lend_idle(now)
             waiter = _Waiter(now)
             self._enqueue(waiter, queue)
@@ -189,7 +196,7 @@ class CheckoutQueue:
         """:meth:`get` for asyncio: waits without blocking the event loop."""
         with self._lock:
             now = time.monotonic()
-            if self._idle and (not self._waiters or self._may_barge(now)):
+            if self._idle and not self._blocked and (not self._waiters or self._may_barge(now)):
                 return self._lend_idle(now)
             waiter = _AsyncWaiter(now, self)
             self._enqueue(waiter, queue)
@@ -211,7 +218,7 @@ class CheckoutQueue:
         follows :meth:`get`'s rules, barging included.
         """
         with self._lock:
-            if not self._idle or self._closed is not None:
+            if not self._idle or self._closed is not None or self._blocked:
                 return None
             now = time.monotonic()
             if self._waiters and not self._may_barge(now):
@@ -234,7 +241,7 @@ class CheckoutQueue:
         with self._lock:
             now = time.monotonic()
             waiter = _CallbackWaiter(now, callback)
-            if self._idle and self._closed is None and (
+            if self._idle and self._closed is None and not self._blocked and (
                 not self._waiters or self._may_barge(now)
             ):  # a slot came back since the caller's try_get
                 callback(self._lend_idle(now), None)
@@ -267,6 +274,9 @@ class CheckoutQueue:
     def _enqueue(self, waiter: _AnyWaiter, queue: bool) -> None:
         if self._closed is not None:
             raise self._closed
+        if self._unavailable is not None:
+            self.metrics.unavailable += 1
+            raise self._unavailable
         if not queue:
             self.metrics.queue_disabled += 1
             raise ConnectionError(
@@ -313,7 +323,7 @@ class CheckoutQueue:
                 slot.lent_at = None
                 return False
             waiters = self._waiters
-            if not waiters and (self._idle or now < self._next):
+            if self._blocked or (not waiters and (self._idle or now < self._next)):
                 # Nobody waits and CoDel has no interval to close: just park it.
                 slot.lent_at = None
                 slot.idle_since = now
@@ -402,7 +412,7 @@ class CheckoutQueue:
 
     def _settle(self, now: float) -> None:
         """Hand idle slots to waiters (no thread barged in within the window)."""
-        while self._idle and self._waiters:
+        while self._idle and self._waiters and not self._blocked:
             slot = self._idle.popleft()
             if not self._dequeue(now, slot):
                 self._idle.appendleft(slot)
@@ -435,6 +445,42 @@ class CheckoutQueue:
                 while self._waiters and self._waiters[0].since < late:
                     waiter = self._waiters.popleft()
                     self._drop(waiter, now - waiter.since)
+
+    # -- availability (the circuit breaker, pause, drain) ----------------
+
+    def set_unavailable(self, error: ConnectionError | None) -> None:
+        """Fail checkouts at once with ``error`` (None: serve again).
+
+        Callers already waiting get ``error`` now, not at their timeouts.
+        """
+        with self._lock:
+            self._unavailable = error
+            self._blocked = error is not None or self._paused
+            waiters = self._waiters if error is not None else deque()
+            if error is not None:
+                self._waiters = deque()
+            else:
+                self._settle(time.monotonic())
+        for waiter in waiters:
+            self.metrics.unavailable += 1
+            waiter.wake(None, error)
+
+    def pause(self) -> None:
+        """Hold checkouts: they wait (with their timeouts) until :meth:`resume`."""
+        with self._lock:
+            self._paused = True
+            self._blocked = True
+
+    def resume(self) -> None:
+        """Serve again: waiting checkouts get the idle connections."""
+        with self._lock:
+            self._paused = False
+            self._blocked = self._unavailable is not None
+            self._settle(time.monotonic())
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def take_idle(self, idle_since_before: float, limit: int) -> list[Slot]:
         """Remove up to ``limit`` slots idle since before the given time, oldest first."""

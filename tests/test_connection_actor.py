@@ -66,8 +66,10 @@ def test_failed_connects_are_retried_with_rand_exp_backoff_spacing(pools: list[P
     gaps = [b.at - a.at for a, b in itertools.pairwise(calls)]
     lower, prev = 0.1, 0.02  # lower = max(min, max / 3); prev starts at min
     for gap in gaps:
-        # A timer fires a little late, never early: measured gaps overshoot.
-        assert min(prev, lower) - 0.02 <= gap < min(prev * 3, 0.3) + 0.1, gaps
+        # A timer fires a little late, never early: measured gaps overshoot.  The
+        # circuit is open after the first failure, so the steps are the pool's
+        # probes (pool/breaker.py), two messages away: allow for that in `prev`.
+        assert min(prev, lower) - 0.04 <= gap < min(prev * 3, 0.3) + 0.1, gaps
         prev = gap
 
 
