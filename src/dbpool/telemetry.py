@@ -22,6 +22,9 @@ event                   measurements                metadata
                         from the checkout's start)  position in the pool)
 ``checkin``             ``usage_time`` (seconds     ``index``
                         lent)
+``health``              ``count=1``                 ``state``, ``previous``,
+                                                    ``reason`` (the circuit
+                                                    breaker; pool/breaker.py)
 ======================  ==========================  ===========================
 
 Handlers run synchronously in the thread that emits, so keep them quick.  A

@@ -446,7 +446,7 @@ class FrontEnd:
                        "draining": self._draining},
             "pool": self.pool.metrics(),
             "events": self.events_endpoint,
-            "health": "closed" if self.pool.alive else "stopped",
+            "health": self.pool.health if self.pool.alive else "stopped",
         }
 
     def _op_query(self, job: Job) -> None:

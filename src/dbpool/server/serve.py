@@ -7,7 +7,8 @@ publishes events:
 
 - ``connection``: each connection's connected and disconnected events
   (from the pool's connection listeners);
-- ``pool``: ``started``, ``stopping``, ``stopped``;
+- ``pool``: ``started``, ``stopping``, ``stopped``, and ``health`` for every
+  change of the circuit breaker's state (and pause, resume, drain);
 - ``telemetry``: ``connection_error`` (a failed connect or checkout).
 
 SIGTERM and SIGINT stop it gracefully: new requests are refused, in-flight
@@ -56,7 +57,12 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
 
     def on_telemetry(name: str, measurements: Mapping[str, float],
                      metadata: Mapping[str, Any]) -> None:
-        if box and metadata.get("pool") == config.name:
+        if box and name == "health" and metadata.get("pool") == config.name:
+            box[0].publish("pool", {
+                "event": "health", "pool": config.name, "time": time.time(),
+                "state": metadata.get("state"), "previous": metadata.get("previous"),
+                "reason": metadata.get("reason")})
+        elif box and metadata.get("pool") == config.name:
             error = metadata.get("error")
             box[0].publish("telemetry", {
                 "event": name, "pool": config.name, "time": time.time(),
@@ -69,7 +75,7 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
     logger.info("starting %s", config.describe())
     pool = Pool.start(config.dsn, **options)
     handler_id = f"dbpool-serve-{id(pool)}"
-    telemetry.attach(handler_id, ["connection_error"], on_telemetry)
+    telemetry.attach(handler_id, ["connection_error", "health"], on_telemetry)
     try:
         front = FrontEnd(pool, config)
     except Exception:
