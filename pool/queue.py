@@ -482,6 +482,11 @@ class CheckoutQueue:
     def paused(self) -> bool:
         return self._paused
 
+    @property
+    def blocked(self) -> bool:
+        """Paused or unavailable: no checkout is served now (read without the lock)."""
+        return self._blocked
+
     def take_idle(self, idle_since_before: float, limit: int) -> list[Slot]:
         """Remove up to ``limit`` slots idle since before the given time, oldest first."""
         taken: list[Slot] = []

@@ -794,7 +794,13 @@ class FrontEnd:
         self._want_connection()
 
     def _pipe_for(self, job: Job) -> Pipe | None:
-        """A connection for a job now: one of ours, the pool's, or None (queue it)."""
+        """A connection for a job now: one of ours, the pool's, or None (queue it).
+
+        None while the pool holds checkouts (paused, or its circuit open): the
+        job then waits in the pool's queue, or fails at once, like any caller.
+        """
+        if self.core.queue.blocked:
+            return None
         shared = self._shared
         for pipe in shared:
             if not pipe.requests and not pipe.cancelling:
@@ -840,8 +846,9 @@ class FrontEnd:
         if pipe.owner is not None and pipe.broken is None:
             return
         queued = self._queued
+        blocked = self.core.queue.blocked  # paused or open: held connections serve no one new
         if pipe.broken is None:
-            while queued and pipe.inflight < self.depth and not pipe.cancelling:
+            while queued and pipe.inflight < self.depth and not pipe.cancelling and not blocked:
                 job = queued[0]
                 if job.needs_own and pipe.inflight:
                     break
@@ -858,7 +865,7 @@ class FrontEnd:
                 if pipe.owner is None and pipe not in self._shared:
                     self._shared.append(pipe)
                 return
-            if not self.core.queue.has_waiters and not self._draining:
+            if not (self.core.queue.has_waiters or self._draining or blocked):
                 # Idle now, but the next request is likely close behind: keep it
                 # for _LINGER (see _release_idle), unless others wait for it.
                 pipe.idle_since = time.monotonic()
@@ -881,7 +888,8 @@ class FrontEnd:
         ``_LINGER`` later.
         """
         wake_at = _INF
-        expired = now if self.core.queue.has_waiters or self._draining else now - _LINGER
+        queue = self.core.queue
+        expired = now if queue.has_waiters or queue.blocked or self._draining else now - _LINGER
         for pipe in [pipe for pipe in self._shared if not pipe.requests]:
             if pipe.idle_since <= expired:
                 self._release(pipe)
