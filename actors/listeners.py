@@ -1,5 +1,8 @@
 """Connection listeners: who hears that a connection connected or disconnected.
 
+They also hear of the pool's health: a :class:`HealthEvent` for every change
+of its circuit breaker's state (see :mod:`dbpool.pool.breaker`).
+
 A listener is a pykka :class:`~pykka.ActorRef` (it is *told* the event) or a
 callable (it is *called* with the event), optionally paired with a tag:
 ``listeners=[ref, on_event, (ref2, "replica-a")]``.  The tag rides along in
@@ -62,6 +65,11 @@ class HealthEvent:
     previous: str
     reason: str | None = None
     tag: Any = None
+
+    @property
+    def kind(self) -> str:
+        """``"health"``: lets a listener tell it from a ConnectionEvent by ``kind``."""
+        return "health"
 
 
 Target: TypeAlias = "pykka.ActorRef[Any] | Callable[[ConnectionEvent], object]"

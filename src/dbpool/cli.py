@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from .actors.listeners import ConnectionEvent
+from .actors.listeners import ConnectionEvent, HealthEvent
 
 __all__ = ["main"]
 
@@ -121,7 +121,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
-def _print_event(event: ConnectionEvent) -> None:
+def _print_event(event: ConnectionEvent | HealthEvent) -> None:
+    if isinstance(event, HealthEvent):
+        print(f"[event] pool {event.pool} health {event.previous} -> {event.state}", flush=True)
+        return
     reason = f" ({event.reason})" if event.reason else ""
     print(f"[event] connection {event.index} {event.kind}: backend pid "
           f"{event.backend_pid}{reason}", flush=True)

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dbpool import telemetry
-from dbpool.actors.listeners import ConnectionEvent
+from dbpool.actors.listeners import ConnectionEvent, HealthEvent
 from dbpool.pool import Pool
 
 from .config import ServeConfig
@@ -48,8 +48,8 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
     _raise_file_limit()
     box: list[FrontEnd] = []
 
-    def on_connection(event: ConnectionEvent) -> None:
-        if box:
+    def on_connection(event: ConnectionEvent | HealthEvent) -> None:
+        if box and isinstance(event, ConnectionEvent):  # health goes out from telemetry
             box[0].publish("connection", {
                 "event": event.kind, "pool": event.pool, "time": time.time(),
                 "index": event.index, "backend_pid": event.backend_pid,
