@@ -66,7 +66,8 @@ class ConnectionConfig:
     driver: Driver[Any]
     connect_opts: Mapping[str, Any]
     scheduler: Scheduler
-    #: Hands a ready slot to the pool's checkout queue; False if the pool is closed.
+    #: Hands a ready slot to the pool's checkout queue; False if the pool takes no
+    #: connections now (it is stopping, or drained): the actor closes it and parks.
     release: Callable[[Slot], bool]
     #: Delivers an event directly, for when the pool actor has already stopped.
     deliver: Callable[[ConnectionEvent], None]
@@ -195,8 +196,10 @@ class ConnectionActor(pykka.ThreadingActor):
             self._reconnect(outcome.error, backoff=False)
 
     def _release(self) -> None:
-        if not self.config.release(self.slot):  # the pool closed meanwhile
-            self._close(ConnectionError("the pool is stopping", reason="stopped"))
+        if not self.config.release(self.slot):  # the pool is stopping, or was drained
+            self._close(ConnectionError("the pool takes no connections (stopping or drained)",
+                                        reason="stopped"))
+            self._tell_pool(Parked(self.slot.index))
 
     def _close(self, error: BaseException) -> None:
         """Disconnect if connected and tell the listeners."""

@@ -130,6 +130,12 @@ class Breaker:
         elif self.state == "closed" and (not self.up or self.failures >= self.threshold):
             self._open(str(error))
 
+    def crashed(self, index: int, error: BaseException) -> None:
+        """A connection actor crashed (its pool restarts it, and it parks): if it was
+        the probe, the probe failed."""
+        if self.state == "half_open" and not self.manual:
+            self._open(f"the probe crashed: {type(error).__name__}: {error}")
+
     def probe_due(self, token: int) -> None:
         """A backoff step passed while open: let one parked connection try."""
         if token != self._token or self.state != "open" or self.manual:

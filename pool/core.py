@@ -266,6 +266,13 @@ class PoolCore:
         slot.broken = getattr(outcome, "error", None) or ConnectionError(
             f"connection checked in with status {status.value!r} could not be rolled back")
 
+    def take_from_actor(self, slot: Slot) -> bool:
+        """A connection actor's ready slot (connected or pinged): into the queue, or
+        False if the pool takes none now (stopping, or drained)."""
+        if self.breaker.drained:
+            return False
+        return self.queue.put(slot)
+
     def checkin(self, slot: Slot) -> None:
         """Take back a slot: broken or expired ones to their actor, good ones to the queue."""
         if slot.broken is not None:

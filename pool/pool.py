@@ -88,7 +88,7 @@ class Pool:
             driver=driver,
             connect_opts={"conninfo": conninfo, **opts.connect_kwargs},
             scheduler=core.scheduler,
-            release=core.queue.put,
+            release=core.take_from_actor,
             deliver=core.deliver,
             configure=opts.configure,
             after_connect=_after_connect_runner(core) if opts.after_connect else None,

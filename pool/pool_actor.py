@@ -140,6 +140,7 @@ class PoolActor(pykka.ThreadingActor):
                     f"so the pool stopped: {error}", cause=error))
             case ConnectionCrashed(index, error, actor):
                 self._restart(index, error, actor)
+                self.core.breaker.crashed(index, error)
             case _IdleSweep(since):
                 self._idle_sweep(since)
             case _QueuePoll():

@@ -4,20 +4,31 @@ Every test runs against a private cluster (``pg_cluster``) that it stops and
 starts; the machine's server is never touched.  What is checked:
 
 1. The database stops under load (8 threads of ``query``/``checkout``/``aquery``,
-   and remote clients of a ``dbpool serve`` child process): within 1 s every
-   new call fails with ``ConnectionError(reason="unavailable")`` and no call
-   waits for its timeout.
+   and 6 client threads of a ``dbpool serve`` child process): from 1 s after
+   the stop every new call fails at once with
+   ``ConnectionError(reason="unavailable")``, no call waits for half its
+   timeout, and the server's log stays small.  Remote requests already waiting
+   for a connection fail at once when the circuit opens, and wait during a
+   pause (an in-process front end, so that the test can drive the pool).
 2. During the outage at most one connect attempt is made per backoff step
-   (attempts counted as TCP connections through a fault proxy).
+   (attempts counted as TCP connections through a fault proxy), and ERROR
+   lines come at most once per ``reconnect_log_interval``.
 3. After the restart the pool serves within ``backoff_max + 1`` s and reopens
    its connections gradually (read from the server's log, causally: the
    ``n``-th new backend is received only after ``ceil((n - 1) / 2)`` earlier
    ones were authorized); health events trace closed -> open -> half_open ->
    open ... -> half_open -> closed, the same on telemetry and on listeners.
+   A pool started while the database is down fails fast, then serves.
 4. ``pause``/``resume`` and ``drain`` (pg_stat_activity shows what is open).
-5. Log volume during a 30 s outage stays under the documented bound.
-6. ``open_circuit``/``close_circuit``, ``breaker_threshold``, health in
-   ``metrics()`` and ``client.status()``, and ``backoff_type="stop"``.
+5. Log volume during a 30 s outage of a pool of 10 stays under the documented
+   bound (about 31 s: in the normal suite, not ``slow``).
+6. ``open_circuit``/``close_circuit`` (no probing, even with the database
+   down), ``breaker_threshold``, health in ``metrics()`` and
+   ``client.status()``, and ``backoff_type="stop"``.
+
+Two bugs are kept as strict xfails: a probe whose actor crashes leaves the
+circuit half_open for ever, and drain leaves open the connections that were
+being pinged or connecting when it ran.
 
 Waits poll a condition with a deadline.  The only plain waits are outages
 and counting windows, which are the behaviour under test, and short windows
@@ -48,6 +59,8 @@ from dbpool.actors.listeners import ConnectionEvent, HealthEvent
 from dbpool.client import Client, Event, Subscription
 from dbpool.errors import ConnectionError, PoolStoppedError
 from dbpool.pool import Pool
+from dbpool.server.config import ServeConfig
+from dbpool.server.frontend import FrontEnd
 from tests.support.events import Recorder
 from tests.support.faultproxy import ProxyFactory
 from tests.support.pgcluster import PgCluster
@@ -251,7 +264,7 @@ def pool_load(pool: Pool) -> Load:
 
 def check_outage_calls(calls: list[Call], down: float) -> None:
     """Calls made from ``NOTICE`` s after the database went down fail at once with
-    "unavailable", and no call at all waits for its timeout."""
+    "unavailable", and no call at all waits for half its timeout."""
     late = [c for c in calls if c.start >= down + NOTICE]
     assert len(late) >= 20, f"too few calls after the outage began: {len(late)}"
     wrong = Counter(describe(c.error) for c in late if not unavailable(c.error))
@@ -397,6 +410,8 @@ def test_remote_clients_get_unavailable_at_once_and_service_resumes(
         try:
             wait_for(lambda: load.count(lambda c: c.error is None) >= 100, 10,
                      "remote calls to succeed")
+            log_mark = len(server.output().splitlines())
+            stopping = time.monotonic()
             pg_cluster.stop("fast")
             down = time.monotonic()
             wait_for(lambda: load.count(lambda c: c.start >= down + NOTICE + 1.0) >= 6, 10,
@@ -420,6 +435,114 @@ def test_remote_clients_get_unavailable_at_once_and_service_resumes(
         events_until(sub, _health_event("closed", "half_open"), 5, "a health event: closed", got)
         wait_for(lambda: client.status()["health"] == "closed", 2, "status health closed")
 
+        # Thousands of refused requests, yet the server's log stays within the bound
+        # (reconnect_log_interval = 1 s): errors, one open, one close, a drop per connection.
+        outage = time.monotonic() - stopping
+        lines = [line for line in server.output().splitlines()[log_mark:]
+                 if _SERVER_LOG_LINE.match(line)]
+        errors = [line for line in lines if " ERROR " in line or " CRITICAL " in line]
+        text = "\n".join(lines)
+        assert len(errors) <= math.ceil(outage) + 1, text
+        assert sum(" WARNING " in line for line in lines) == 1, text
+        assert len(lines) <= math.ceil(outage) + 1 + 2 + size, text
+
+
+_SERVER_LOG_LINE = re.compile(r"^\S+ \S+ (INFO|WARNING|ERROR|CRITICAL) dbpool[\w.]*: ")
+
+
+@pytest.fixture
+def front_end(pools: list[Pool]) -> Iterator[Callable[[Pool], FrontEnd]]:
+    """``make(pool) -> FrontEnd``: ``dbpool serve``'s front end on ``pool``, run on a
+    thread of this process (so that the test can call the pool's own methods)."""
+    started: list[tuple[FrontEnd, threading.Thread]] = []
+
+    def make(pool: Pool) -> FrontEnd:
+        config = ServeConfig(bind="tcp://127.0.0.1:*", events_bind="tcp://127.0.0.1:*",
+                             pool_size=pool.options.pool_size, name=pool.name, grace=2.0)
+        front = FrontEnd(pool, config)
+        thread = threading.Thread(target=front.run, daemon=True, name="front-end")
+        thread.start()
+        started.append((front, thread))
+        return front
+
+    try:
+        yield make
+    finally:
+        for front, thread in started:
+            front.stop()
+            thread.join(10)
+
+
+def test_remote_requests_waiting_for_a_connection_fail_at_once_when_the_circuit_opens(
+        pg_cluster: PgCluster, pools: list[Pool],
+        front_end: Callable[[Pool], FrontEnd]) -> None:
+    pool = start_pool(pools, pg_cluster.conninfo(), pool_size=1, **FAST)
+    wait_ready(pool, 1)
+    front = front_end(pool)
+    outcome: dict[str, Any] = {}
+    with Client(front.endpoint, timeout=CALL_TIMEOUT) as client:
+        assert client.query("SELECT 1").rows == [(1,)]
+
+        def remote_waiter() -> None:
+            started = time.monotonic()
+            try:
+                outcome["rows"] = client.query("SELECT 2", timeout=CALL_TIMEOUT).rows
+            except ConnectionError as exc:
+                outcome["error"] = exc
+            outcome["took"] = time.monotonic() - started
+
+        with pool.checkout(timeout=10):  # the only connection: the remote request waits
+            thread = threading.Thread(target=remote_waiter, daemon=True)
+            thread.start()
+            wait_for(lambda: pool.metrics()["checkout_queue_length"] == 1, 3,
+                     "the remote request to wait for a connection")
+            pool.open_circuit()
+            thread.join(CALL_TIMEOUT + 1)
+        assert unavailable(outcome.get("error")), outcome
+        assert outcome["took"] < 1.0, outcome
+        started = time.monotonic()
+        with pytest.raises(ConnectionError) as info:
+            client.query("SELECT 3", timeout=CALL_TIMEOUT)
+        assert info.value.reason == "unavailable"
+        assert time.monotonic() - started < AT_ONCE
+        assert client.status()["health"] == "open"
+
+        pool.close_circuit()
+        assert client.query("SELECT 4").rows == [(4,)]
+        assert client.status()["health"] == "closed"
+
+
+def test_remote_requests_wait_during_pause_and_are_served_on_resume(
+        pg_cluster: PgCluster, pools: list[Pool],
+        front_end: Callable[[Pool], FrontEnd]) -> None:
+    pool = start_pool(pools, pg_cluster.conninfo(), pool_size=2, **FAST)
+    wait_ready(pool, 2)
+    front = front_end(pool)
+    outcome: dict[str, Any] = {}
+    with Client(front.endpoint, timeout=CALL_TIMEOUT) as client:
+        assert client.query("SELECT 1").rows == [(1,)]
+        tx = client.transaction()
+        tx.query("SELECT 1")
+        pool.pause()
+        assert tx.query("SELECT 5").rows == [(5,)]  # an open transaction goes on
+        tx.commit()
+
+        def remote_waiter() -> None:
+            try:
+                outcome["rows"] = client.query("SELECT 2", timeout=CALL_TIMEOUT).rows
+            except ConnectionError as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=remote_waiter, daemon=True)
+        thread.start()
+        wait_for(lambda: pool.metrics()["checkout_queue_length"] == 1, 3,
+                 "the remote request to wait")
+        thread.join(0.3)  # a window in which it must not be served
+        assert outcome == {}, outcome
+        pool.resume()
+        thread.join(3)
+        assert outcome == {"rows": [(2,)]}, outcome
+
 
 def _remote_serves(client: Client) -> bool:
     try:
@@ -427,6 +550,32 @@ def _remote_serves(client: Client) -> bool:
     except ConnectionError as exc:
         assert exc.reason == "unavailable", exc
         return False
+
+
+def test_a_pool_started_while_the_database_is_down_fails_fast_then_serves(
+        pg_cluster: PgCluster, pools: list[Pool]) -> None:
+    pg_cluster.stop("fast")
+    pool = start_pool(pools, pg_cluster.conninfo(), pool_size=5, **FAST)
+    wait_for(lambda: pool.health == "open", 3, "the circuit to open")
+    for _ in range(3):
+        started = time.monotonic()
+        with pytest.raises(ConnectionError) as info:
+            pool.query("SELECT 1", timeout=CALL_TIMEOUT)
+        assert info.value.reason == "unavailable"
+        assert time.monotonic() - started < AT_ONCE
+    pg_cluster.start()
+    up = time.monotonic()
+
+    def serves() -> bool:
+        try:
+            return pool.query("SELECT 1", timeout=0.5).rows == [(1,)]
+        except ConnectionError:
+            return False
+
+    wait_for(serves, BACKOFF_MAX + 1.0, "the pool to serve")
+    assert time.monotonic() - up <= BACKOFF_MAX + 1.0
+    wait_ready(pool, 5)
+    assert pool.health == "closed"
 
 
 # -- 2. one connect attempt per backoff step --------------------------------------------------
@@ -484,11 +633,16 @@ def new_backend_order(log: str) -> list[tuple[str, int]]:
 
 
 def test_after_a_restart_the_pool_serves_within_backoff_max_and_reopens_gradually(
-        pg_cluster: PgCluster, pools: list[Pool], health_events: Recorder[dict[str, Any]]
-) -> None:
+        pg_cluster: PgCluster, fault_proxy: ProxyFactory, pools: list[Pool],
+        health_events: Recorder[dict[str, Any]]) -> None:
+    """The ramp is read from the server's log.  A local server forks, logs and
+    authorizes a backend in well under a millisecond, so connects made all at once
+    would still look one after the other there; a proxy adds latency (each connect
+    then takes a few round trips of 0.1 s) to make concurrent connects visible."""
     size = 10
+    proxy = fault_proxy(pg_cluster.host, pg_cluster.port)
     listened: Recorder[Any] = Recorder()
-    pool = start_pool(pools, pg_cluster.conninfo(), pool_size=size,
+    pool = start_pool(pools, proxy.wrap_conninfo(pg_cluster.conninfo()), pool_size=size,
                       connection_listeners=[listened], **FAST)
     wait_ready(pool, size)
     pg_cluster.stop("fast")
@@ -496,6 +650,7 @@ def test_after_a_restart_the_pool_serves_within_backoff_max_and_reopens_graduall
     health_events.wait_until(
         lambda _: ("open", "half_open") in transitions(health_of(health_events, pool)), 5)
     log_offset = len(pg_cluster.log_text())
+    proxy.set_latency(0.05)
     pg_cluster.start()
     up = time.monotonic()
 
@@ -546,6 +701,45 @@ def test_after_a_restart_the_pool_serves_within_backoff_max_and_reopens_graduall
     assert transitions([(e.state, e.previous) for e in heard]) == changes
     listened.wait_count(lambda e: isinstance(e, ConnectionEvent) and e.kind == "connected",
                         2 * size)
+
+
+@pytest.mark.xfail(reason=(
+    "BUG: if the probe's connection actor crashes (configure raises) the circuit stays "
+    "half_open for ever: no ConnectFailed reaches the breaker, the restarted actor just "
+    "parks, and probe_due() only acts while open, so no probe is ever sent again and the "
+    "pool fails every checkout with 'unavailable' although the database is back"),
+    strict=True)
+def test_a_probe_whose_configure_raises_does_not_leave_the_circuit_half_open(
+        pg_cluster: PgCluster, pools: list[Pool]) -> None:
+    raising = threading.Event()
+
+    def configure(opts: dict[str, Any]) -> dict[str, Any]:
+        if raising.is_set():
+            raising.clear()  # once: e.g. a secrets service briefly down with the database
+            raise RuntimeError("could not fetch the password")
+        return opts
+
+    pool = start_pool(pools, pg_cluster.conninfo(), pool_size=3, configure=configure, **FAST)
+    wait_ready(pool, 3)
+    pg_cluster.stop("fast")
+    wait_for(lambda: pool.health == "open", 3, "the circuit to open")
+    raising.set()  # while open only probes call configure: the next probe crashes
+    wait_for(lambda: not raising.is_set(), 5, "the probe to call configure")
+    pg_cluster.start()
+    up = time.monotonic()
+
+    def serves() -> bool:
+        try:
+            return pool.query("SELECT 1", timeout=0.5).rows == [(1,)]
+        except ConnectionError:
+            return False
+
+    try:
+        wait_for(serves, BACKOFF_MAX + 3.0, "the pool to serve again")
+    except AssertionError:
+        raise AssertionError(f"not serving {time.monotonic() - up:.1f}s after the restart; "
+                             f"health {pool.health!r}") from None
+    assert pool.health == "closed"
 
 
 # -- 4. pause / resume, drain ---------------------------------------------------------------
@@ -660,6 +854,48 @@ def test_drain_returns_false_when_a_connection_is_not_checked_in_in_time(
     assert pool.query("SELECT 1", timeout=5).rows == [(1,)]
 
 
+@pytest.mark.xfail(reason=(
+    "BUG: drain() closes only the connections idle in the queue at that moment; one that "
+    "is being pinged by the idle sweep, or is still connecting, comes back to the queue "
+    "after drain() returned and stays open (and counted ready) until a later idle sweep "
+    "recycles it, up to two idle_intervals later (pool_actor._availability('drain') only "
+    "recycles queue.take_idle(); the actor's _release() after a ping or connect does not "
+    "check breaker.drained)"), strict=True)
+@pytest.mark.parametrize("busy", ["pinging", "connecting"])
+def test_drain_closes_connections_that_were_busy_in_their_actors(
+        pg_cluster: PgCluster, fault_proxy: ProxyFactory, pools: list[Pool], busy: str) -> None:
+    """Latency through a proxy (0.2 s each way) makes a ping take 0.4 s and a connect
+    about 1 s; drain runs while connections are in their actors' hands.  Over the
+    next 2.5 s (time for them to finish and be closed) none may become idle in the
+    drained pool, and none may be left open.  idle_interval=5 keeps the idle sweep,
+    which closes such connections eventually, out of that window."""
+    size, window = 4, 2.5
+    proxy = fault_proxy(pg_cluster.host, pg_cluster.port)
+    conninfo = proxy.wrap_conninfo(pg_cluster.conninfo())
+    if busy == "pinging":
+        pool = start_pool(pools, conninfo, pool_size=size, idle_interval=5.0)
+        wait_ready(pool, size)
+        proxy.set_latency(0.2)
+        # The idle sweep pings every idle connection: wait until some are out for one.
+        wait_for(lambda: pool.metrics()["ready_conn_count"] < size, 12, "a ping in flight",
+                 step=0.005)
+    else:
+        proxy.set_latency(0.2)
+        pool = start_pool(pools, conninfo, pool_size=size, idle_interval=5.0)
+        wait_for(lambda: proxy.active_count == size, 5, "connects in flight")
+        assert pool.metrics()["ready_conn_count"] == 0
+    assert pool.drain(2.0) is True
+    drained = time.monotonic()
+    most_ready = 0
+    while time.monotonic() < drained + window:  # the window under test
+        most_ready = max(most_ready, pool.metrics()["ready_conn_count"])
+        time.sleep(0.02)
+    left = dbpool_backends(pg_cluster)
+    assert left == [] and most_ready == 0, (
+        f"{len(left)} connections still open {window:g}s after drain() returned "
+        f"(up to {most_ready} of them idle in the drained pool)")
+
+
 # -- 5. log volume during a 30 s outage -------------------------------------------------------
 
 
@@ -687,9 +923,14 @@ def test_a_30s_outage_logs_no_more_than_the_documented_lines(
     warnings = [r for r in lines if r.levelno == logging.WARNING]
     infos = [r for r in lines if r.levelno == logging.INFO]
     error_bound = math.ceil(outage / interval) + 1
-    assert 1 <= len(errors) <= error_bound, text
+    assert len(errors) <= error_bound, text
+    # Not silent either: connects fail at least once a second (backoff_max), so a line
+    # comes at the first failure and then within a second of each interval's end.
+    assert len(errors) >= 3, text
     gaps = [b.created - a.created for a, b in itertools.pairwise(errors)]
     assert all(gap >= interval - 0.5 for gap in gaps), text
+    # Each later line sums up the attempts since the one before.
+    assert all(re.search(r"\b\d+\b.*attempt", r.getMessage()) for r in errors[1:]), text
     assert len(warnings) == 1, text  # the circuit opened, once
     disconnected = [r for r in infos if "disconnected" in r.getMessage()]
     assert len(disconnected) <= size, text
@@ -708,25 +949,33 @@ def test_open_circuit_fails_checkouts_and_waiters_at_once_without_probing(
     pool = start_pool(pools, proxy.wrap_conninfo(pg_cluster.conninfo()), pool_size=1,
                       connection_listeners=[listened], **FAST)
     wait_ready(pool, 1)
-    outcome: dict[str, Any] = {}
+    outcomes: dict[str, dict[str, Any]] = {"sync": {}, "async": {}}
 
-    def waiter() -> None:
+    def waiter(kind: str, call: Callable[[], object]) -> None:
         started = time.monotonic()
         try:
-            pool.query("SELECT 1", timeout=CALL_TIMEOUT)
+            call()
         except ConnectionError as exc:
-            outcome["error"] = exc
-        outcome["took"] = time.monotonic() - started
+            outcomes[kind]["error"] = exc
+        outcomes[kind]["took"] = time.monotonic() - started
 
     with pool.checkout(timeout=10) as held:
-        thread = threading.Thread(target=waiter, daemon=True)
-        thread.start()
-        wait_for(lambda: pool.metrics()["checkout_queue_length"] == 1, 2, "a waiter")
+        threads = [
+            threading.Thread(target=waiter, daemon=True, args=(
+                "sync", lambda: pool.query("SELECT 1", timeout=CALL_TIMEOUT))),
+            threading.Thread(target=waiter, daemon=True, args=(
+                "async", lambda: asyncio.run(pool.aquery("SELECT 1", timeout=CALL_TIMEOUT)))),
+        ]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: pool.metrics()["checkout_queue_length"] == 2, 2, "two waiters")
         attempts = proxy.connection_count
         pool.open_circuit()
-        thread.join(CALL_TIMEOUT + 1)
-        assert unavailable(outcome.get("error")), outcome
-        assert outcome["took"] < 1.0, outcome
+        for thread in threads:
+            thread.join(CALL_TIMEOUT + 1)
+        for outcome in outcomes.values():
+            assert unavailable(outcome.get("error")), outcomes
+            assert outcome["took"] < 1.0, outcomes
         held.query("SELECT 1")  # a lent connection is not taken away
     assert pool.health == "open" and pool.metrics()["health"] == "open"
 
@@ -747,9 +996,16 @@ def test_open_circuit_fails_checkouts_and_waiters_at_once_without_probing(
             refuse()
         assert info.value.reason == "unavailable"
         assert time.monotonic() - started < AT_ONCE
-    time.sleep(3 * BACKOFF_MIN)  # a window with room for probes, to show there are none
+
+    # Maintenance: the database goes down while the circuit is open by hand.  The
+    # connection drops, and nothing probes: not one attempt in several backoff steps.
+    pg_cluster.stop("fast")
+    listened.wait_count(lambda e: isinstance(e, ConnectionEvent) and e.kind == "disconnected",
+                        1)
+    time.sleep(BACKOFF_MIN + 2 * BACKOFF_MIN + 4 * BACKOFF_MIN)  # room for 3 probes: none
     assert proxy.connection_count == attempts, "a manually opened circuit probed"
     assert pool.health == "open"
+    pg_cluster.start()
 
     pool.close_circuit()
     assert pool.health == "closed"
