@@ -86,6 +86,7 @@ class Breaker:
         self.up: set[int] = set()  # connections that are connected
         self.parked: list[int] = []  # connections waiting for a probe
         self._token = 0  # the probe timer that counts
+        self._probe_wanted = False  # a step passed while none was parked
         self._logged_at = 0.0
         self._unlogged = 0
         self._last_error: BaseException | None = None
@@ -116,8 +117,12 @@ class Breaker:
     def parked_connection(self, index: int) -> None:
         if index not in self.parked:
             self.parked.append(index)
-        if self.state == "closed" and not self.manual and not self.drained:
+        if self.manual or self.drained:
+            return
+        if self.state == "closed":
             self._ramp()  # closed meanwhile: it may go at once, ramp permitting
+        elif self.state == "open" and self._probe_wanted:
+            self._start_probe()  # the step passed with nobody parked: it probes
 
     def connect_failed(self, index: int, error: BaseException) -> None:
         self.failures += 1
@@ -137,12 +142,21 @@ class Breaker:
             self._open(f"the probe crashed: {type(error).__name__}: {error}")
 
     def probe_due(self, token: int) -> None:
-        """A backoff step passed while open: let one parked connection try."""
-        if token != self._token or self.state != "open" or self.manual:
+        """A backoff step passed while open: let one parked connection try.
+
+        If none has parked yet (they were still failing on their own when the
+        circuit opened), the first to park is the probe.  A drained pool
+        probes nothing: :meth:`resume` starts again.
+        """
+        if token != self._token or self.state != "open" or self.manual or self.drained:
             return
-        if not self.parked:  # everyone is still busy failing: look again later
-            self._schedule_probe()
+        if not self.parked:
+            self._probe_wanted = True
             return
+        self._start_probe()
+
+    def _start_probe(self) -> None:
+        self._probe_wanted = False
         self._set("half_open", "probing the database")
         self._probe(self.parked.pop(0))
 
@@ -169,6 +183,8 @@ class Breaker:
     def resume(self) -> None:
         self.drained = False
         self.emit(self.state, "resumed")
+        if self.state == "open" and not self.manual:
+            self._schedule_probe()  # probing stopped while drained
         self._ramp()
 
     # -- inside -------------------------------------------------------------
@@ -198,6 +214,7 @@ class Breaker:
             self._probe(self.parked.pop(0))
 
     def _schedule_probe(self) -> None:
+        self._probe_wanted = False
         self._token += 1
         self._schedule(self.backoff.next(), self._token)
 

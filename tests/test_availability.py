@@ -26,9 +26,10 @@ starts; the machine's server is never touched.  What is checked:
    down), ``breaker_threshold``, health in ``metrics()`` and
    ``client.status()``, and ``backoff_type="stop"``.
 
-Two bugs are kept as strict xfails: a probe whose actor crashes leaves the
-circuit half_open for ever, and drain leaves open the connections that were
-being pinged or connecting when it ran.
+Two regression tests guard bugs found here (fixed in 1b1b5a2): a probe
+whose actor crashed (``configure`` raised) left the circuit half_open for
+ever, and drain left open the connections that were being pinged or were
+connecting when it ran.
 
 Waits poll a condition with a deadline.  The only plain waits are outages
 and counting windows, which are the behaviour under test, and short windows
@@ -703,14 +704,11 @@ def test_after_a_restart_the_pool_serves_within_backoff_max_and_reopens_graduall
                         2 * size)
 
 
-@pytest.mark.xfail(reason=(
-    "BUG: if the probe's connection actor crashes (configure raises) the circuit stays "
-    "half_open for ever: no ConnectFailed reaches the breaker, the restarted actor just "
-    "parks, and probe_due() only acts while open, so no probe is ever sent again and the "
-    "pool fails every checkout with 'unavailable' although the database is back"),
-    strict=True)
 def test_a_probe_whose_configure_raises_does_not_leave_the_circuit_half_open(
         pg_cluster: PgCluster, pools: list[Pool]) -> None:
+    """A probe whose actor crashes (here ``configure`` raises once) is a failed probe:
+    the circuit opens again and the next step probes, so the pool serves once the
+    database is back.  (It used to stay half_open for ever.)"""
     raising = threading.Event()
 
     def configure(opts: dict[str, Any]) -> dict[str, Any]:
@@ -854,13 +852,6 @@ def test_drain_returns_false_when_a_connection_is_not_checked_in_in_time(
     assert pool.query("SELECT 1", timeout=5).rows == [(1,)]
 
 
-@pytest.mark.xfail(reason=(
-    "BUG: drain() closes only the connections idle in the queue at that moment; one that "
-    "is being pinged by the idle sweep, or is still connecting, comes back to the queue "
-    "after drain() returned and stays open (and counted ready) until a later idle sweep "
-    "recycles it, up to two idle_intervals later (pool_actor._availability('drain') only "
-    "recycles queue.take_idle(); the actor's _release() after a ping or connect does not "
-    "check breaker.drained)"), strict=True)
 @pytest.mark.parametrize("busy", ["pinging", "connecting"])
 def test_drain_closes_connections_that_were_busy_in_their_actors(
         pg_cluster: PgCluster, fault_proxy: ProxyFactory, pools: list[Pool], busy: str) -> None:
@@ -868,7 +859,8 @@ def test_drain_closes_connections_that_were_busy_in_their_actors(
     about 1 s; drain runs while connections are in their actors' hands.  Over the
     next 2.5 s (time for them to finish and be closed) none may become idle in the
     drained pool, and none may be left open.  idle_interval=5 keeps the idle sweep,
-    which closes such connections eventually, out of that window."""
+    which closes such connections eventually, out of that window.  (They used to come
+    back to the drained pool's queue and stay open until a later idle sweep.)"""
     size, window = 4, 2.5
     proxy = fault_proxy(pg_cluster.host, pg_cluster.port)
     conninfo = proxy.wrap_conninfo(pg_cluster.conninfo())
