@@ -15,7 +15,7 @@ Transitions, all made on the pool actor's thread:
 - ``closed`` → ``open`` when a connect attempt fails while no connection is
   up, or after ``breaker_threshold`` consecutive failed attempts;
 - ``open`` → ``half_open`` when the backoff step has passed: one parked
-  connection is told to connect;
+  connection is told to connect (if none has parked yet, the first to park);
 - ``half_open`` → ``closed`` when it connected.  Then the pool ramps up
   (slow start): each connection that connects lets two more parked ones try,
   so the database sees 1, 3, 7... connections come back, not all at once;
@@ -89,7 +89,6 @@ class Breaker:
         self._probe_wanted = False  # a step passed while none was parked
         self._logged_at = 0.0
         self._unlogged = 0
-        self._last_error: BaseException | None = None
 
     def attach(self, probe: Callable[[int], None],
                schedule: Callable[[float, int], None]) -> None:
@@ -126,7 +125,6 @@ class Breaker:
 
     def connect_failed(self, index: int, error: BaseException) -> None:
         self.failures += 1
-        self._last_error = error
         self._log_failure(error)
         if not self.enabled or self.manual:
             return
