@@ -62,7 +62,7 @@ from dbpool.errors import ConnectionError, PoolStoppedError
 from dbpool.pool import Pool
 from dbpool.server.config import ServeConfig
 from dbpool.server.frontend import FrontEnd
-from tests.support.events import Recorder
+from tests.support.events import Recorder, wait_for
 from tests.support.faultproxy import ProxyFactory
 from tests.support.pgcluster import PgCluster
 from tests.support.remote import ServerProcess
@@ -92,19 +92,6 @@ AT_ONCE = 0.25
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
-             step: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something true; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(step)
 
 
 def pool_name() -> str:

@@ -47,6 +47,7 @@ from dbpool import wire
 from dbpool.client import AsyncClient, Client, Event, Subscription, Transaction
 from dbpool.errors import ConnectionError, PoolStoppedError, ProtocolError
 from dbpool.protocol import VERSION
+from tests.support.events import wait_for
 from tests.support.pgcluster import PgCluster
 from tests.support.remote import ServerProcess, restart
 
@@ -98,19 +99,6 @@ def servers() -> Iterator[Servers]:
         yield manager
     finally:
         manager.close()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
-             step: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something true; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(step)
 
 
 def pool_whole(client: Client, size: int) -> bool:

@@ -50,3 +50,16 @@ class Recorder(Generic[T]):
 def kind(name: str) -> Callable[[Any], bool]:
     """Match connection events of one kind ("connected", "disconnected")."""
     return lambda event: getattr(event, "kind", None) == name
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, step: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that; fail
+    after ``timeout`` seconds, naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(step)
