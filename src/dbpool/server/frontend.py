@@ -72,7 +72,8 @@ __all__ = ["FrontEnd"]
 logger = logging.getLogger("dbpool.server.frontend")
 
 _INF = float("inf")
-_TUPLES_OR_COMMAND = int(pq.ExecStatus.TUPLES_OK)
+#: A SELECT's status: the one answer that needs no look for a failure.
+_TUPLES_OK = int(pq.ExecStatus.TUPLES_OK)
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _ZMQ_EVENTS = int(zmq.EVENTS)
@@ -527,7 +528,7 @@ class FrontEnd:
                 self._fail(job, outcome)
             else:
                 result = outcome[-1]
-                if result.status != _TUPLES_OR_COMMAND:  # failed (or its Prepare did)
+                if result.status != _TUPLES_OK:  # it, or its Prepare, may have failed
                     failed = first_error(outcome)
                     if failed is not None:
                         self._reply_error(job.route, job.rid,
