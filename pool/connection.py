@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -40,6 +40,7 @@ from dbpool.driver import (
 )
 from dbpool.errors import ConnectionError, TransactionError, TransactionStatus
 
+from .copy import CopyData, CopyTo, copy_from
 from .loans import Loan
 from .logentry import LogEntry, LogFn, emit
 from .stream import Stream
@@ -181,6 +182,25 @@ class Connection:
         query = sql if isinstance(sql, Query) else Query(sql)
         return Stream(self, query, params, max_rows, log)
 
+    def copy_to(self, sql: str | Query, params: Params = None, *,
+                log: LogFn | None = None) -> CopyTo:
+        """The data of a ``COPY ... TO STDOUT``, as an iterable of ``bytes`` blocks.
+
+        Bounded memory; leaving it early cancels the COPY.  See
+        :mod:`dbpool.pool.copy`.
+        """
+        return CopyTo(self, sql, params, log)
+
+    def copy_from(self, sql: str | Query, data: CopyData, params: Params = None, *,
+                  log: LogFn | None = None) -> Result:
+        """Run a ``COPY ... FROM STDIN`` with ``data`` (bytes or str, an iterable of
+        them, or a file object); return its result (``rowcount``: rows taken).
+
+        Bounded memory; data that raises aborts the COPY.  See
+        :mod:`dbpool.pool.copy`.
+        """
+        return copy_from(self, sql, data, params, log)
+
     # -- status, run and transactions ---------------------------------------
 
     def status(self) -> TransactionStatus:
@@ -248,6 +268,17 @@ class Connection:
     def index(self) -> int:
         """The connection's position in its pool."""
         return self._slot.index
+
+    def mark_broken(self, error: BaseException) -> None:
+        """Have the pool replace this connection when it is checked in, for ``error``.
+
+        For a holder that drives the connection itself (``dbpool serve``'s
+        front end) and finds it unusable, or carrying session state that the
+        next borrower must not see.  The first reason given is kept; calls
+        after this one raise ``ConnectionError``.
+        """
+        if self._slot.broken is None:
+            self._slot.broken = error
 
     # -- internals -------------------------------------------------------
 
@@ -463,6 +494,26 @@ class AsyncConnection:
     async def close(self, query: Query, *, log: LogFn | None = None) -> None:
         """See :meth:`Connection.close`."""
         await self._in_thread(functools.partial(self._conn.close, log=log), query)
+
+    async def copy_from(self, sql: str | Query, data: CopyData, params: Params = None, *,
+                        log: LogFn | None = None) -> Result:
+        """See :meth:`Connection.copy_from` (the data is read on a worker thread)."""
+        return await self._in_thread(functools.partial(self._conn.copy_from, log=log),
+                                     sql, data, params)
+
+    async def copy_to(self, sql: str | Query, params: Params = None, *,
+                      log: LogFn | None = None) -> AsyncIterator[bytes]:
+        """See :meth:`Connection.copy_to`: ``async for block in conn.copy_to(...)``."""
+        copy = self._conn.copy_to(sql, params, log=log)
+        blocks = iter(copy)
+        try:
+            while True:
+                block = await self._in_thread(next, blocks, None)
+                if block is None:
+                    return
+                yield block
+        finally:
+            await self._in_thread(copy.close)
 
     async def status(self) -> TransactionStatus:
         """See :meth:`Connection.status`."""

@@ -40,7 +40,7 @@ import pytest
 from psycopg.types.json import Json, Jsonb
 
 from dbpool.client import AsyncClient, Client
-from dbpool.errors import ProtocolError
+from dbpool.errors import ProtocolError, StatementNotAllowed
 from dbpool.pool import Pool
 from tests.support.events import Recorder, kind
 from tests.support.remote import ServerProcess
@@ -314,12 +314,21 @@ def test_query_prepares_a_statement_on_its_fifth_run_like_psycopg(
             assert c.query(sql, [run]).rows == [(run + 1,)]
             expected = 1 if run >= 5 else 0
             assert c.query(count, [f"%{marker}%"]).rows == [(expected,)], run
-        # DEALLOCATE ALL drops it on the server: the front end forgets it, and the
-        # statement keeps working (prepared again after five more runs).
-        assert c.query("DEALLOCATE ALL").command == "DEALLOCATE ALL"
-        for run in range(5):
-            assert c.query(sql, [run]).rows == [(run + 1,)]
+        # DEALLOCATE ALL would drop it under other clients: refused outside a lease.
+        with pytest.raises(StatementNotAllowed) as refused:
+            c.query("DEALLOCATE ALL")
+        assert refused.value.scope == "session"
         assert c.query(count, [f"%{marker}%"]).rows == [(1,)]
+        pid = c.query("SELECT pg_backend_pid()").rows
+        # Inside a lease it runs: the front end forgets the statement, which keeps
+        # working (prepared again after five more runs) ...
+        with c.transaction() as tx:
+            assert tx.query("DEALLOCATE ALL").command == "DEALLOCATE ALL"
+            for run in range(5):
+                assert tx.query(sql, [run]).rows == [(run + 1,)]
+            assert tx.query(count, [f"%{marker}%"]).rows == [(1,)]
+        # ... and the lease changed the session: its connection was replaced.
+        assert c.query("SELECT pg_backend_pid()").rows != pid
 
 
 @pytest.mark.parametrize(("sql", "error"), [

@@ -9,6 +9,8 @@ The hierarchy is small on purpose::
      ├── RolledBack           a transaction ended by rollback(reason)
      ├── OwnershipError       an ownership pool found no connection for the caller
      ├── ProtocolError        a request broke the wire protocol: code says how
+     ├── StatementNotAllowed  a statement the service will not run where it was
+     │                        sent: scope says why (also a psycopg.ProgrammingError)
      └── ConfigurationError   an option is invalid (also a ValueError)
 
 SQL errors are not wrapped: a statement that fails raises the
@@ -38,6 +40,7 @@ __all__ = [
     "ProtocolError",
     "Reason",
     "RolledBack",
+    "StatementNotAllowed",
     "TransactionError",
     "TransactionStatus",
     "sql_error_fields",
@@ -148,6 +151,31 @@ class ProtocolError(DBPoolError):
 
 def _rebuild_protocol_error(message: str, code: str) -> ProtocolError:
     return ProtocolError(message, code=code)
+
+
+class StatementNotAllowed(DBPoolError, psycopg.ProgrammingError):
+    """A statement refused where it was sent, before anything ran.
+
+    :attr:`scope` is what it would have reached (see
+    :mod:`dbpool.statement_scope`): ``"transaction"`` or ``"session"`` for a
+    statement sent to ``dbpool serve`` outside a transaction, whose effects
+    would reach other clients' statements on the shared connection, or
+    ``"copy"`` for a ``COPY`` sent through anything but the copy calls.  It
+    is also a ``psycopg.ProgrammingError``, the DB-API's class for a program
+    that asked for something it may not, as psycopg's own refusal of
+    ``COPY`` in ``execute()`` is.
+    """
+
+    def __init__(self, message: str, *, scope: str) -> None:
+        super().__init__(message)
+        self.scope = scope
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_statement_not_allowed, (str(self), self.scope))
+
+
+def _rebuild_statement_not_allowed(message: str, scope: str) -> StatementNotAllowed:
+    return StatementNotAllowed(message, scope=scope)
 
 
 class ConfigurationError(DBPoolError, ValueError):

@@ -27,6 +27,7 @@ from .errors import (
     PoolStoppedError,
     ProtocolError,
     Reason,
+    StatementNotAllowed,
     TransactionError,
     sql_error_fields,
 )
@@ -48,6 +49,7 @@ VERSION = 1
 OPS = frozenset({
     "ping", "status", "query", "execute", "batch", "begin", "commit", "rollback",
     "heartbeat", "stream", "fetch", "close",
+    "copy_out", "copy_read", "copy_in", "copy_write", "copy_end",
 })
 
 _REASONS: frozenset[str] = frozenset(get_args(Reason))
@@ -71,6 +73,8 @@ def error_map(error: BaseException) -> dict[str, Any]:
     out as ``protocol``/``internal`` with their type only, and the caller
     should log them.
     """
+    if isinstance(error, StatementNotAllowed):
+        return {"kind": "statement", "scope": error.scope, "message": str(error)}
     if isinstance(error, psycopg.Error) and (
         error.sqlstate or not isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
     ):  # from the server, or psycopg refused it (ProgrammingError, DataError...)
@@ -105,6 +109,8 @@ def error_from_map(error: Mapping[str, Any]) -> Exception:
             "idle", "transaction", "error") else "error")
     if kind == "protocol":
         return ProtocolError(message, code=str(error.get("code", "internal")))
+    if kind == "statement":
+        return StatementNotAllowed(message, scope=str(error.get("scope", "statement")))
     return DBPoolError(message)
 
 

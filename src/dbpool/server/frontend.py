@@ -48,8 +48,9 @@ from psycopg import pq
 from zmq.utils.monitor import recv_monitor_message
 
 from dbpool import wire
-from dbpool.errors import ConnectionError, ProtocolError
+from dbpool.errors import ConnectionError, ProtocolError, StatementNotAllowed
 from dbpool.protocol import VERSION, error_map, protocol_error
+from dbpool.statement_scope import copy_refused, explain, scope_of
 
 from .pipeline import (
     AT_ONCE,
@@ -114,8 +115,8 @@ def _bad(message: str) -> RequestError:
 class Lease:
     """A connection held for one client session: a transaction or a stream."""
 
-    __slots__ = ("cursor", "expires_at", "id", "kind", "last_seen", "lease", "max_rows",
-                 "pipe", "session")
+    __slots__ = ("cursor", "dirty", "expires_at", "id", "kind", "last_seen", "lease",
+                 "max_rows", "pipe", "session")
 
     def __init__(self, kind: str, session: str, pipe: Pipe, now: float, lease_max: float,
                  lease: Lease | None = None) -> None:
@@ -129,6 +130,13 @@ class Lease:
         self.lease = lease
         self.cursor = b""
         self.max_rows = _MAX_ROWS
+        #: It ran a statement whose effects outlive the transaction (see
+        #: dbpool.statement_scope): its connection is replaced when it ends.
+        self.dirty = False
+
+    def holder(self) -> Lease:
+        """The lease that holds the connection: the transaction a stream runs in, or itself."""
+        return self.lease or self
 
 
 class FrontEnd:
@@ -481,9 +489,11 @@ class FrontEnd:
     def _statements(self, job: Job, statements: list[Statement], prepare: int) -> None:
         """Run statements on the job's lease, or on any connection."""
         if job.req.get("lease") is not None:
-            self._send(self._owned(job, "lease", job.req["lease"]).pipe, job, statements,
-                       prepare)
+            lease = self._owned(job, "lease", job.req["lease"])
+            _check_scopes(statements, lease)
+            self._send(lease.pipe, job, statements, prepare)
             return
+        _check_scopes(statements, None)
         if self._draining:
             raise _stopping()
         pipe = self._pipe_for(job)
@@ -597,7 +607,7 @@ class FrontEnd:
         for stream in [s for s in self.leases.values() if s.lease is lease]:
             self._forget(stream, "its transaction ended")
         self._forget(lease, "ended")
-        lease.pipe.owner = None  # back to the pool once the command completes
+        self._unhold(lease)  # back to the pool once the command completes
         job.finish = ended
         self._send(lease.pipe, job, [(command, None)])
 
@@ -617,6 +627,9 @@ class FrontEnd:
         if type(max_rows) is not int or max_rows < 1:
             raise _bad("'max_rows' must be a positive integer")
         lease = self._lease_of(job)
+        scope = scope_of(sql)
+        if scope == "copy":
+            raise RequestError(error_map(copy_refused()))
         stream_box: list[Lease] = []
 
         def opened(job: Job, outcome: Outcome, pipe: Pipe) -> None:
@@ -624,7 +637,7 @@ class FrontEnd:
             failed = None if isinstance(outcome, BaseException) else first_error(outcome)
             if isinstance(outcome, BaseException) or failed is not None:
                 if stream.lease is None:
-                    pipe.owner = None
+                    self._unhold(stream)
                     if not isinstance(outcome, BaseException):
                         self._send_quietly(pipe, "ROLLBACK")
                 self._fail(job, outcome if isinstance(outcome, BaseException)
@@ -639,6 +652,8 @@ class FrontEnd:
             stream_box.append(stream)
             stream.cursor = f"dbpool_stream_{stream.id}".replace("-", "_").encode()
             stream.max_rows = max_rows
+            if scope == "session":
+                stream.holder().dirty = True
             cursor = stream.cursor.decode()
             statements: list[Statement] = [] if lease else [("BEGIN", None)]
             statements += [(f'DECLARE "{cursor}" NO SCROLL CURSOR FOR {sql}', params),
@@ -697,7 +712,7 @@ class FrontEnd:
             if stream.lease.id in self.leases:  # the lease lives on: just close the cursor
                 self._send_quietly(pipe, f'CLOSE "{stream.cursor.decode()}"')
             return
-        pipe.owner = None
+        self._unhold(stream)
         self._send_quietly(pipe, "ROLLBACK")
 
     def _expire(self, lease: Lease, why: str) -> None:
@@ -713,8 +728,20 @@ class FrontEnd:
             return
         if pipe.inflight:
             self._cancel(pipe)
-        pipe.owner = None
+        self._unhold(lease)
         self._send_quietly(pipe, "ROLLBACK")
+
+    def _unhold(self, lease: Lease) -> None:
+        """The lease or stream ``lease``, which holds its connection, lets it go: the
+        connection serves others once the command sent next completes, or is
+        replaced if the lease left session state on it."""
+        pipe = lease.pipe
+        pipe.owner = None
+        if lease.dirty:
+            pipe.retire(ConnectionError(
+                f"a {lease.kind} ran statements whose effects outlive the transaction "
+                "(SET, LISTEN, PREPARE, a temporary table...): the connection is replaced "
+                "rather than lent to another client"))
 
     def _send_quietly(self, pipe: Pipe, sql: str) -> None:
         """Send a statement nobody waits for; a failure breaks the connection."""
@@ -724,8 +751,7 @@ class FrontEnd:
                 error = pipe.error(outcome[0])
                 logger.warning("front end: %s failed (%s); replacing the connection", sql,
                                error)
-                pipe.broken = pipe.broken or error
-                pipe.conn._slot.broken = pipe.broken
+                pipe.break_(error)
 
         job = Job([], 0, "internal", {}, _INF)
         job.finish = done
@@ -848,7 +874,7 @@ class FrontEnd:
             return
         queued = self._queued
         blocked = self.core.queue.blocked  # paused or open: held connections serve no one new
-        if pipe.broken is None:
+        if pipe.broken is None and pipe.retiring is None:
             while queued and pipe.inflight < self.depth and not pipe.cancelling and not blocked:
                 job = queued[0]
                 if job.needs_own and pipe.inflight:
@@ -1082,6 +1108,44 @@ def _session(req: dict[str, Any]) -> str:
     if type(session) is not str or not session:
         raise _bad("'session' must be a non-empty string")
     return session
+
+
+def _check_scopes(statements: Sequence[Statement], lease: Lease | None) -> None:
+    """Refuse what may not run where it was sent; mark a lease that changes its session.
+
+    See :mod:`dbpool.statement_scope` and ``docs/protocol.md`` (Isolation).
+    """
+    for index, (sql, _) in enumerate(statements):
+        scope = scope_of(sql)
+        if scope == "statement":
+            continue
+        if scope == "copy":
+            error = copy_refused()
+        elif lease is not None:
+            if scope == "session":
+                lease.dirty = True
+            continue
+        else:
+            error = _refused(sql)
+        refusal = error_map(error)
+        if len(statements) > 1:
+            refusal["index"] = index
+        raise RequestError(refusal)
+
+
+def _refused(sql: str) -> StatementNotAllowed:
+    scope, what = explain(sql)
+    if scope == "transaction":
+        return StatementNotAllowed(
+            f"{what} is transaction control: outside a transaction it would reach other "
+            "clients' statements on the shared connection. Use client.transaction() "
+            "(the begin operation) instead; nothing was run", scope=scope)
+    return StatementNotAllowed(
+        f"{what} changes the session, which outlives the request and would reach other "
+        "clients' statements on the shared connection. Run it inside client.transaction() "
+        "(SET LOCAL, or SET there; the connection is then replaced when the transaction "
+        "ends), or set it in the server's connection options; nothing was run",
+        scope=scope)
 
 
 def _result_map(pipe: Pipe, result: pq.abc.PGresult) -> dict[str, Any]:

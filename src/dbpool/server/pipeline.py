@@ -39,6 +39,7 @@ from psycopg.adapt import Transformer
 
 from dbpool.pgdriver import PgState
 from dbpool.pool.connection import Connection
+from dbpool.statement_scope import copy_refused
 
 __all__ = ["AT_ONCE", "NEVER", "PREPARE_THRESHOLD", "Job", "Outcome", "Pipe", "Statement",
            "first_error"]
@@ -57,8 +58,20 @@ _FATAL = int(pq.ExecStatus.FATAL_ERROR)
 _TUPLES = int(pq.ExecStatus.TUPLES_OK)
 _COMMAND_OK = int(pq.ExecStatus.COMMAND_OK)
 _BAD = int(pq.ConnStatus.BAD)
-#: Command tags after which the connection has no prepared statements left.
-_FORGETS_STATEMENTS = frozenset({b"DISCARD ALL", b"DEALLOCATE ALL"})
+#: A transaction still open after a Sync.  (libpq reports ACTIVE instead while
+#: more requests are in flight behind it, so this check sees the last one only:
+#: a backstop behind the front end's refusal of transaction control.)
+_OPEN = frozenset({int(pq.TransactionStatus.INTRANS), int(pq.TransactionStatus.INERROR)})
+#: What a statement's result may be in the pipeline; anything else (a COPY
+#: that slipped through, a protocol surprise) ends its request and the connection.
+_EXPECTED = frozenset(int(status) for status in (
+    pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK, pq.ExecStatus.EMPTY_QUERY,
+    pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.PIPELINE_ABORTED))
+_COPY = frozenset(int(status) for status in (
+    pq.ExecStatus.COPY_OUT, pq.ExecStatus.COPY_IN, pq.ExecStatus.COPY_BOTH))
+#: Command tags after which the front end's prepared statements may be gone
+#: (a DEALLOCATE does not say which one it dropped: all are forgotten).
+_FORGETS_STATEMENTS = (b"DISCARD ALL", b"DEALLOCATE")
 def _libpq_send_pipeline_sync() -> Callable[[int], int] | None:
     """libpq's ``PQsendPipelineSync`` (libpq 17+), which psycopg does not wrap yet.
 
@@ -113,7 +126,7 @@ class Job:
     """
 
     __slots__ = ("deadline", "finish", "needs_own", "op", "prepares", "req",
-                 "results", "rid", "route", "start")
+                 "results", "rid", "route", "shared", "start")
 
     def __init__(self, route: list[bytes], rid: int, op: str, req: dict[str, Any],
                  deadline: float) -> None:
@@ -129,8 +142,11 @@ class Job:
         self.needs_own = False
         #: The libpq results of its statements, as they arrive.
         self.results: list[pq.abc.PGresult] = []
-        #: (result position, cache key) of each Prepare sent for it.
-        self.prepares: list[tuple[int, Any]] | None = None
+        #: (result position, cache key, name) of each Prepare sent for it.
+        self.prepares: list[tuple[int, Any, bytes]] | None = None
+        #: Sent on a connection that no lease or stream held: it must leave
+        #: no transaction open behind it.
+        self.shared = False
 
 
 class Pipe:
@@ -153,6 +169,8 @@ class Pipe:
         self.requests: deque[Job] = deque()
         #: Why the connection is unusable, once it is.
         self.broken: BaseException | None = None
+        #: Why it must take no new requests and be replaced once those in flight end.
+        self.retiring: BaseException | None = None
         #: Who holds it: None while it serves any client, else a lease or stream.
         self.owner: Any = None
         #: Whether libpq holds unsent data (the loop then polls for writability).
@@ -161,6 +179,10 @@ class Pipe:
         self.idle_since = 0.0
         #: A cancel was sent for its one request: it takes no more until that ends.
         self.cancelling = False
+        #: Statements whose Prepare is in flight: (query, types) -> name.  Until
+        #: PostgreSQL confirms one, other requests run it unnamed, so that a
+        #: Prepare skipped after an earlier failure can never break them.
+        self.preparing: dict[Any, bytes] = {}
         pgconn.nonblocking = 1
         pgconn.enter_pipeline_mode()
 
@@ -189,20 +211,25 @@ class Pipe:
             query.convert(sql, params)
             converted.append((query.query, query.params, query.types, query.formats))
         pgconn = self.pgconn
-        prepares: list[tuple[int, Any]] | None = None
+        prepares: list[tuple[int, Any, bytes]] | None = None
         position = 0
         try:
             for text, params, types, formats in converted:
                 name = None
                 if prepare:
                     key = (text, tuple(types))
-                    name, new = self._statement_name(key, prepare)
-                    if new and name is not None:
-                        pgconn.send_prepare(name, text, param_types=types)
-                        if prepares is None:
-                            prepares = []
-                        prepares.append((position, key))
-                        position += 1
+                    name = self.state.remote_statements.get(key)
+                    if name is None and prepares:  # prepared earlier in this request
+                        name = next((n for _, k, n in prepares if k == key), None)
+                    if name is None and key not in self.preparing:
+                        name = self._new_statement(key, prepare)
+                        if name is not None:
+                            pgconn.send_prepare(name, text, param_types=types)
+                            self.preparing[key] = name
+                            if prepares is None:
+                                prepares = []
+                            prepares.append((position, key, name))
+                            position += 1
                 if name is not None:
                     pgconn.send_query_prepared(name, params, param_formats=formats)
                 else:
@@ -218,32 +245,28 @@ class Pipe:
             self._lose(error)
             raise
         job.prepares = prepares
+        job.shared = self.owner is None
         self.requests.append(job)
 
-    def _statement_name(self, key: tuple[bytes, tuple[int, ...]],
-                        prepare: int) -> tuple[bytes | None, bool]:
-        """The statement's name on this connection (None: run it unnamed), and whether
-        it must be prepared first.
+    def _new_statement(self, key: tuple[bytes, tuple[int, ...]], prepare: int) -> bytes | None:
+        """A name to prepare a statement this connection lacks under, or None: run it
+        unnamed this time.
 
         A statement is prepared on its ``prepare``-th run on this connection,
         while the connection keeps fewer than :data:`MAX_PREPARED`.
         """
         state = self.state
-        name = state.remote_statements.get(key)
-        if name is not None:
-            return name, False
         if prepare > AT_ONCE:
             counts = state.remote_counts
             seen = counts[key] = counts.get(key, 0) + 1
             if seen < prepare:
                 if len(counts) > MAX_COUNTED:  # many one-off statements: start afresh
                     counts.clear()
-                return None, False
+                return None
             del counts[key]
-        if len(state.remote_statements) >= MAX_PREPARED:
-            return None, False
-        name = state.remote_statements[key] = state.next_statement_name()
-        return name, True
+        if len(state.remote_statements) + len(self.preparing) >= MAX_PREPARED:
+            return None
+        return state.next_statement_name()
 
     def flush(self) -> None:
         """Send what libpq holds; what the socket cannot take now waits for writability."""
@@ -264,10 +287,18 @@ class Pipe:
                 result = pgconn.get_result()
                 if result is None:  # the end of one statement's results
                     continue
-                if result.status == _SYNC:
+                status = result.status
+                if status == _SYNC:
+                    if requests[0].shared and pgconn.transaction_status in _OPEN:
+                        self._lose(_left_open())
+                        return
                     self._finish(requests.popleft())
-                else:
+                elif status in _EXPECTED:
                     requests[0].results.append(result)
+                else:
+                    self._lose(_unexpected(status), culprit=requests[0],
+                               blame=copy_refused() if status in _COPY else None)
+                    return
         except psycopg.Error as error:
             self._lose(error)
             return
@@ -275,37 +306,58 @@ class Pipe:
             self._lose(psycopg.OperationalError("the server closed the connection"))
 
     def _finish(self, job: Job) -> None:
-        if self.state.remote_statements and any(
-            r.status == _COMMAND_OK and r.command_status in _FORGETS_STATEMENTS
-            for r in job.results
-        ):  # a client dropped every prepared statement of the connection
-            self.state.remote_statements.clear()
+        statements = self.state.remote_statements
         if job.prepares:
+            # Only what PostgreSQL confirmed is prepared: after a failure it skips
+            # the rest of the request, Prepares included (PIPELINE_ABORTED).
             results = job.results
             skip = set()
-            for position, key in job.prepares:
-                if results[position].status != _FATAL:
+            for position, key, name in job.prepares:
+                self.preparing.pop(key, None)
+                status = results[position].status
+                if status == _COMMAND_OK:
+                    statements[key] = name
+                if status != _FATAL:  # a failed Prepare is the request's error
                     skip.add(position)
-                    continue
-                self.state.remote_statements.pop(key, None)  # prepare again next time
             job.results = [r for i, r in enumerate(results) if i not in skip]
+        if statements and any(
+            r.status == _COMMAND_OK and (r.command_status or b"").startswith(_FORGETS_STATEMENTS)
+            for r in job.results
+        ):  # a lease's client dropped prepared statements of the connection
+            statements.clear()
         try:
             self.complete(self, job, job.results)
         except Exception:
             logger.exception("completing a %s request raised", job.op)
 
-    def _lose(self, error: BaseException) -> None:
-        """The connection is gone: fail every request on it."""
+    def _lose(self, error: BaseException, culprit: Job | None = None,
+              blame: BaseException | None = None) -> None:
+        """The connection is gone (or must go): fail every request on it.
+
+        ``culprit``, the request that broke it, gets ``blame`` (default:
+        ``error``); the others get ``error``.
+        """
         if self.broken is not None:
             return
-        self.broken = error
-        self.conn._slot.broken = error
+        self.break_(error)
         jobs, self.requests = self.requests, deque()
+        self.preparing.clear()
         for job in jobs:
             try:
-                self.complete(self, job, error)
+                self.complete(self, job, blame if job is culprit and blame else error)
             except Exception:
                 logger.exception("completing a %s request raised", job.op)
+
+    def retire(self, error: BaseException) -> None:
+        """Take no new requests; have the pool replace the connection when it comes back."""
+        self.retiring = error
+        self.conn.mark_broken(error)
+
+    def break_(self, error: BaseException) -> None:
+        """Mark the connection unusable: the pool replaces it when it comes back."""
+        if self.broken is None:
+            self.broken = error
+        self.conn.mark_broken(self.broken)
 
     # -- results ------------------------------------------------------------
 
@@ -335,9 +387,20 @@ class Pipe:
                 self.pgconn.exit_pipeline_mode()
                 self.pgconn.nonblocking = 0
             except psycopg.Error as error:
-                self.broken = error
-                self.conn._slot.broken = error
+                self.break_(error)
         return self.conn
+
+
+def _left_open() -> psycopg.OperationalError:
+    return psycopg.OperationalError(
+        "a request left a transaction open on a shared connection; it and the requests "
+        "behind it were rolled back with the connection, which is being replaced")
+
+
+def _unexpected(status: int) -> psycopg.OperationalError:
+    return psycopg.OperationalError(
+        f"unexpected result {pq.ExecStatus(status).name} in the pipeline; the request "
+        "was ended and its connection is being replaced")
 
 
 def first_error(results: list[pq.abc.PGresult]) -> int | None:
