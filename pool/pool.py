@@ -39,6 +39,7 @@ from dbpool.errors import ConnectionError, OwnershipError, PoolStoppedError, Tra
 from dbpool.pgdriver import PgDriver
 
 from .connection import AsyncConnection, AsyncTransaction, Connection, LostBeforeEffect
+from .copy import CopyData
 from .core import AsyncHold, Monitor, PoolCore
 from .loans import Loan, Location, caller_location
 from .logentry import LogFn
@@ -271,6 +272,26 @@ class Pool:
         # Made here, not in the generator, so that a deadline names the caller's line.
         tx = _PoolTransaction(self._core, log, caller_location(), **self._checkout_opts(opts))
         return _stream_in(tx, sql, params, max_rows, log)
+
+    def copy_from(self, sql: str | Query, data: CopyData, params: Params = None,
+                  **opts: Any) -> Result:
+        """Run a ``COPY ... FROM STDIN`` on one connection (see
+        :meth:`Connection.copy_from`); ``rowcount`` is the rows it took."""
+        log = opts.pop("log", None)
+        return self._one_shot(lambda c: c.copy_from(sql, data, params, log=log),
+                              **self._checkout_opts(opts))
+
+    def copy_to(self, sql: str | Query, params: Params = None, **opts: Any) -> Iterator[bytes]:
+        """The data of a ``COPY ... TO STDOUT``, block by block (see
+        :meth:`Connection.copy_to`), on a connection checked out when iteration
+        starts and checked in when it ends."""
+        log = opts.pop("log", None)
+        checkout_opts = self._checkout_opts(opts)
+        held = self._core.held_conn()
+        if held is not None:  # inside a transaction or run on this thread
+            return iter(held.copy_to(sql, params, log=log))
+        checkout = _Checkout(self._core, where=caller_location(), hold=True, **checkout_opts)
+        return _copy_in(checkout, sql, params, log)
 
     def _checkout_opts(self, opts: dict[str, Any]) -> dict[str, Any]:
         unknown = set(opts) - {"timeout", "queue", "caller"}
@@ -587,6 +608,13 @@ def _stream_in(
 ) -> Iterator[Result]:
     with tx as conn:
         yield from conn.stream(sql, params, max_rows=max_rows, log=log)
+
+
+def _copy_in(
+    checkout: _Checkout, sql: str | Query, params: Params, log: LogFn | None
+) -> Iterator[bytes]:
+    with checkout as conn, conn.copy_to(sql, params, log=log) as copy:
+        yield from copy
 
 
 async def _astream_in(

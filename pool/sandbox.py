@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dbpool.driver import (
+    CopyDirection,
     Driver,
     Error,
     FetchStatus,
@@ -164,6 +165,30 @@ class SandboxDriver:
         self, query: Query, cursor: Any, opts: Options, state: SandboxState
     ) -> Outcome[None]:
         return self.inner.handle_deallocate(query, cursor, opts, state.inner)
+
+    # A COPY runs straight on the inner driver, as a cursor does: its handle
+    # outlives any one call, so it cannot sit in a savepoint of its own.
+
+    def handle_copy(
+        self, query: Query, params: Params, direction: CopyDirection, opts: Options,
+        state: SandboxState,
+    ) -> Outcome[Any]:
+        return self.inner.handle_copy(query, params, direction, opts, state.inner)
+
+    def handle_copy_read(
+        self, copy: Any, opts: Options, state: SandboxState
+    ) -> Outcome[bytes | None]:
+        return self.inner.handle_copy_read(copy, opts, state.inner)
+
+    def handle_copy_write(
+        self, copy: Any, data: bytes, opts: Options, state: SandboxState
+    ) -> Outcome[None]:
+        return self.inner.handle_copy_write(copy, data, opts, state.inner)
+
+    def handle_copy_end(
+        self, copy: Any, error: BaseException | None, opts: Options, state: SandboxState
+    ) -> Outcome[Result]:
+        return self.inner.handle_copy_end(copy, error, opts, state.inner)
 
     # -- helpers -----------------------------------------------------------
 

@@ -35,6 +35,7 @@ from .errors import TransactionStatus
 
 __all__ = [
     "Column",
+    "CopyDirection",
     "Disconnect",
     "DisconnectAndRetry",
     "Driver",
@@ -100,6 +101,9 @@ TxOutcome: TypeAlias = Ok[T] | WrongStatus | Error | Disconnect | DisconnectAndR
 
 #: What :meth:`Driver.handle_fetch` says of the cursor after a batch.
 FetchStatus = Literal["cont", "halt"]
+#: Which way a COPY moves data: ``"out"`` (``COPY ... TO STDOUT``) or ``"in"``
+#: (``COPY ... FROM STDIN``).
+CopyDirection = Literal["out", "in"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,4 +250,32 @@ class Driver(Protocol[S]):
         self, query: Query, cursor: Any, opts: Options, state: S
     ) -> Outcome[None]:
         """Close ``cursor`` on the server."""
+        ...
+
+    def handle_copy(
+        self, query: Query, params: Params, direction: CopyDirection, opts: Options, state: S
+    ) -> Outcome[Any]:
+        """Start a ``COPY`` that moves data ``direction``; return a handle for the calls below.
+
+        A statement that is not a COPY in that direction is an :class:`Error`
+        (the connection left as it was), never a copy half begun.
+        """
+        ...
+
+    def handle_copy_read(self, copy: Any, opts: Options, state: S) -> Outcome[bytes | None]:
+        """The next block of a ``COPY ... TO STDOUT``'s data, or None once it is all read."""
+        ...
+
+    def handle_copy_write(self, copy: Any, data: bytes, opts: Options, state: S) -> Outcome[None]:
+        """Send a block of a ``COPY ... FROM STDIN``'s data."""
+        ...
+
+    def handle_copy_end(
+        self, copy: Any, error: BaseException | None, opts: Options, state: S
+    ) -> Outcome[Result]:
+        """End a COPY and return its result (``command`` ``"COPY n"``, ``rowcount`` n).
+
+        With ``error``, abort it: a COPY FROM fails with that message and
+        takes no row; a COPY TO not read to its end is cancelled.
+        """
         ...

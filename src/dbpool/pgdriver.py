@@ -15,6 +15,7 @@ import itertools
 import logging
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ from psycopg import pq, sql
 
 from .driver import (
     Column,
+    CopyDirection,
     Disconnect,
     DisconnectAndRetry,
     Error,
@@ -36,9 +38,10 @@ from .driver import (
     TxOutcome,
     WrongStatus,
 )
-from .errors import TransactionStatus
+from .errors import StatementNotAllowed, TransactionStatus
+from .statement_scope import copy_refused, is_copy
 
-__all__ = ["PgDriver", "PgState"]
+__all__ = ["PgCopy", "PgDriver", "PgState"]
 
 logger = logging.getLogger("dbpool.pgdriver")
 
@@ -82,6 +85,21 @@ class PgState:
     def next_statement_name(self) -> bytes:
         """A name for a prepared statement of the front end, unique on this connection."""
         return f"dbpool_remote_{next(self._cursor_ids)}".encode()
+
+
+@dataclass(slots=True, eq=False)
+class PgCopy:
+    """A COPY in progress: psycopg's ``cursor.copy()`` block, entered."""
+
+    block: AbstractContextManager[psycopg.Copy]
+    copy: psycopg.Copy
+    direction: CopyDirection
+    #: A COPY TO's data was read to its end.
+    done: bool = False
+
+
+_COPY_STATUS: dict[int, CopyDirection] = {
+    pq.ExecStatus.COPY_OUT: "out", pq.ExecStatus.COPY_IN: "in"}
 
 
 class PgDriver:
@@ -162,6 +180,8 @@ class PgDriver:
         self, query: Query | str, params: Params, opts: Options, state: PgState
     ) -> Outcome[Result]:
         cur = state.cursor
+        if is_copy(query if isinstance(query, str) else query.sql):
+            return Error(copy_refused())  # psycopg would refuse it only once it is running
         try:
             if isinstance(query, str):
                 cur.execute(query, params)
@@ -246,6 +266,71 @@ class PgDriver:
         except psycopg.Error as err:
             return _failure(state, err)
         return _OK_NONE
+
+    # -- COPY ------------------------------------------------------------
+
+    def handle_copy(
+        self, query: Query, params: Params, direction: CopyDirection, opts: Options,
+        state: PgState,
+    ) -> Outcome[PgCopy]:
+        """Start a COPY through psycopg's ``cursor.copy()`` (parameters are merged
+        into the statement on the client, as psycopg does: COPY takes none)."""
+        block = state.cursor.copy(query.sql, params)
+        try:
+            copy = block.__enter__()
+        except _CALL_ERRORS as err:
+            return _failure(state, err)
+        pgresult = state.cursor.pgresult
+        actual = _COPY_STATUS.get(pgresult.status) if pgresult is not None else None
+        handle = PgCopy(block, copy, direction)
+        if actual == direction:
+            return Ok(handle)
+        wanted = "TO STDOUT" if direction == "out" else "FROM STDIN"
+        error = StatementNotAllowed(
+            f"this call needs a COPY ... {wanted}; the statement was a COPY the other way "
+            "and was stopped", scope="copy")
+        ended = self.handle_copy_end(handle, error, opts, state)  # FROM fails; TO is cancelled
+        return ended if not isinstance(ended, Ok) else Error(error)
+
+    def handle_copy_read(
+        self, copy: PgCopy, opts: Options, state: PgState
+    ) -> Outcome[bytes | None]:
+        if copy.done:
+            return Ok(None)
+        try:
+            data = copy.copy.read()
+        except psycopg.Error as err:
+            copy.done = True
+            return _failure(state, err)
+        if not data:
+            copy.done = True
+            return Ok(None)
+        return Ok(bytes(data))
+
+    def handle_copy_write(
+        self, copy: PgCopy, data: bytes, opts: Options, state: PgState
+    ) -> Outcome[None]:
+        try:
+            copy.copy.write(data)
+        except _CALL_ERRORS as err:
+            return _failure(state, err)
+        return _OK_NONE
+
+    def handle_copy_end(
+        self, copy: PgCopy, error: BaseException | None, opts: Options, state: PgState
+    ) -> Outcome[Result]:
+        if error is None and copy.direction == "out" and not copy.done:
+            error = StatementNotAllowed("the COPY was closed before the end of its data",
+                                        scope="copy")
+        try:
+            if error is None:
+                copy.block.__exit__(None, None, None)
+            else:  # FROM: CopyFail with its message; TO: cancel, then read the rest out
+                copy.block.__exit__(type(error), error, error.__traceback__)
+        except _CALL_ERRORS as err:
+            return _failure(state, err)
+        cur = state.cursor
+        return Ok(Result([], [], cur.rowcount, cur.statusmessage))
 
     # -- helpers ---------------------------------------------------------
 
@@ -351,4 +436,5 @@ def _failure(
     if conn.pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
         return Disconnect(err)  # failed halfway through a statement: state unknown
     return Error(err)
+
 

@@ -141,6 +141,21 @@ class ScriptedDriver:
     def handle_deallocate(self, query: Any, cursor: Any, opts: Any, state: Any) -> Any:
         return self._answer("handle_deallocate", (query, cursor, opts, state), lambda: Ok(None))
 
+    def handle_copy(self, query: Any, params: Any, direction: Any, opts: Any,
+                    state: Any) -> Any:
+        return self._answer("handle_copy", (query, params, direction, opts, state),
+                            lambda: Ok(object()))
+
+    def handle_copy_read(self, copy: Any, opts: Any, state: Any) -> Any:
+        return self._answer("handle_copy_read", (copy, opts, state), lambda: Ok(None))
+
+    def handle_copy_write(self, copy: Any, data: Any, opts: Any, state: Any) -> Any:
+        return self._answer("handle_copy_write", (copy, data, opts, state), lambda: Ok(None))
+
+    def handle_copy_end(self, copy: Any, error: Any, opts: Any, state: Any) -> Any:
+        return self._answer("handle_copy_end", (copy, error, opts, state),
+                            lambda: Ok(_result("COPY 0")))
+
 
 def _result(command: str) -> Result:
     return Result([], [], 0, command)
