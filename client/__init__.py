@@ -56,17 +56,19 @@ reply; 10 s until one was seen), so the server keeps the lease.
 
 from dbpool.driver import Column, Result
 
-from .aio import AsyncClient, AsyncStream, AsyncTransaction
+from .aio import AsyncClient, AsyncCopyTo, AsyncStream, AsyncTransaction
 from .events import AsyncSubscription, Event, Subscription
-from .sync import Client, Stream, Transaction
+from .sync import Client, CopyTo, Stream, Transaction
 
 __all__ = [
     "AsyncClient",
+    "AsyncCopyTo",
     "AsyncStream",
     "AsyncSubscription",
     "AsyncTransaction",
     "Client",
     "Column",
+    "CopyTo",
     "Event",
     "Result",
     "Stream",

@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_ENDPOINT",
     "DEFAULT_HEARTBEAT_TIMEOUT",
     "DEFAULT_MAX_ROWS",
+    "DEFAULT_PAGE_BYTES",
     "DEFAULT_TIMEOUT",
     "DEFAULT_TOPICS",
     "VERSION",
@@ -35,6 +36,8 @@ __all__ = [
     "check_timeout",
     "closed_error",
     "configure_socket",
+    "copy_page",
+    "copy_started",
     "error_from_reply",
     "events_endpoint",
     "lease_map",
@@ -60,6 +63,8 @@ DEFAULT_TIMEOUT = 15.0
 DEFAULT_HEARTBEAT_TIMEOUT = 10.0
 #: Rows per stream page unless told otherwise (the server's default too).
 DEFAULT_MAX_ROWS = 500
+#: Bytes per copy_to page unless told otherwise (the server's default too).
+DEFAULT_PAGE_BYTES = 1 << 20
 #: The event topics a subscription gets unless told otherwise: all of them.
 DEFAULT_TOPICS: tuple[str, ...] = ("connection", "pool", "telemetry")
 
@@ -273,6 +278,27 @@ def page_map(value: Any, endpoint: str, op: str) -> tuple[str, Any, bool]:
         return str(value["stream"]), value["result"], bool(value["done"])
     except (KeyError, TypeError) as exc:
         raise malformed_reply(endpoint, op, repr(exc)) from None
+
+
+def copy_started(value: Any, endpoint: str) -> str:
+    """The copy id of a ``copy_in`` reply."""
+    try:
+        return str(value["copy"])
+    except (KeyError, TypeError) as exc:
+        raise malformed_reply(endpoint, "copy_in", repr(exc)) from None
+
+
+def copy_page(value: Any, endpoint: str, op: str) -> tuple[str, bytes, bool, Result | None]:
+    """``(copy, data, done, result)`` of a ``copy_out`` or ``copy_read`` reply; the
+    result (``COPY n``) comes with the last page."""
+    try:
+        copy, data, done = str(value["copy"]), value["data"], bool(value["done"])
+        result = value.get("result")
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise malformed_reply(endpoint, op, repr(exc)) from None
+    if not isinstance(data, bytes):
+        raise malformed_reply(endpoint, op, f"copy data is {type(data).__name__}, not bytes")
+    return copy, data, done, to_result(result) if result is not None else None
 
 
 class Keepalive:

@@ -19,13 +19,22 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Sequence,
+)
 from types import TracebackType
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
+from dbpool.copy_data import BLOCK_SIZE, CopyData, blocks
 from dbpool.driver import Result
 from dbpool.errors import ConnectionError, ProtocolError, TransactionError
 from dbpool.protocol import VERSION
@@ -34,6 +43,7 @@ from dbpool.wire import WireError, make_packer, unpackb
 from ._base import (
     DEFAULT_ENDPOINT,
     DEFAULT_MAX_ROWS,
+    DEFAULT_PAGE_BYTES,
     DEFAULT_TIMEOUT,
     DEFAULT_TOPICS,
     Keepalive,
@@ -43,6 +53,8 @@ from ._base import (
     check_timeout,
     closed_error,
     configure_socket,
+    copy_page,
+    copy_started,
     error_from_reply,
     events_endpoint,
     lease_map,
@@ -57,7 +69,7 @@ from ._base import (
 )
 from .events import AsyncSubscription
 
-__all__ = ["AsyncClient", "AsyncStream", "AsyncTransaction"]
+__all__ = ["AsyncClient", "AsyncCopyTo", "AsyncStream", "AsyncTransaction"]
 
 logger = logging.getLogger("dbpool.client.aio")
 
@@ -293,6 +305,17 @@ class AsyncClient:
         """
         return AsyncStream(self, sql, params, max_rows, timeout, None)
 
+    def copy_to(self, sql: str, params: Params = None, *, page_bytes: int = DEFAULT_PAGE_BYTES,
+                timeout: float | None = None) -> AsyncCopyTo:
+        """An :class:`AsyncCopyTo` of a ``COPY ... TO STDOUT`` (see :meth:`Client.copy_to`)."""
+        return AsyncCopyTo(self, sql, params, page_bytes, timeout, None)
+
+    async def copy_from(self, sql: str, data: CopyData, params: Params = None, *,
+                        block_bytes: int = BLOCK_SIZE, timeout: float | None = None) -> Result:
+        """Run a ``COPY ... FROM STDIN`` (see :meth:`Client.copy_from`); ``data`` may also
+        be an async iterable of bytes or str."""
+        return await _copy_from(self, sql, data, params, block_bytes, timeout, None)
+
     def transaction(self, *, timeout: float | None = None) -> AsyncTransaction:
         """An :class:`AsyncTransaction`, begun by ``async with`` or ``await``.
 
@@ -487,6 +510,17 @@ class AsyncTransaction:
         """An :class:`AsyncStream` on the transaction's connection."""
         return AsyncStream(self._client, sql, params, max_rows, timeout, self._lease())
 
+    def copy_to(self, sql: str, params: Params = None, *, page_bytes: int = DEFAULT_PAGE_BYTES,
+                timeout: float | None = None) -> AsyncCopyTo:
+        """An :class:`AsyncCopyTo` in the transaction."""
+        return AsyncCopyTo(self._client, sql, params, page_bytes, timeout, self._lease())
+
+    async def copy_from(self, sql: str, data: CopyData, params: Params = None, *,
+                        block_bytes: int = BLOCK_SIZE, timeout: float | None = None) -> Result:
+        """A ``COPY ... FROM STDIN`` in the transaction."""
+        return await _copy_from(self._client, sql, data, params, block_bytes, timeout,
+                                self._lease())
+
     async def commit(self, *, timeout: float | None = None) -> Result:
         """Commit (op ``commit``) and end the transaction, even if the commit fails."""
         return await self._end("commit", timeout)
@@ -519,9 +553,15 @@ class AsyncTransaction:
             return
         try:
             await self.rollback()
-        except Exception:
-            logger.warning("rollback of lease %s after %s failed", self.lease,
-                           exc_type.__name__, exc_info=True)
+        except ConnectionError as error:
+            if error.reason == "lease_expired":  # the server ended it and rolled it back
+                logger.debug("lease %s had ended before its rollback: %s", self.lease, error)
+            else:
+                logger.warning("rollback of lease %s after %s failed: %s", self.lease,
+                               exc_type.__name__, error)
+        except Exception as error:
+            logger.warning("rollback of lease %s after %s failed: %r", self.lease,
+                           exc_type.__name__, error)
 
     def __repr__(self) -> str:
         return f"<AsyncTransaction {self.lease or '(not begun)'} {self._state}>"
@@ -722,3 +762,163 @@ class _Heartbeat:
             logger.warning("heartbeat failed: %s", exc)
         else:
             logger.debug("heartbeat reply %r", value)
+
+
+class AsyncCopyTo:
+    """The data of a ``COPY ... TO STDOUT``: :class:`~dbpool.client.CopyTo` for asyncio.
+
+    ``async for page in copy`` yields ``bytes`` pages; leaving ``async with``
+    (or an iteration, early) cancels the COPY on the server.
+    """
+
+    def __init__(self, client: AsyncClient, sql: str, params: Params, page_bytes: int,
+                 timeout: float | None, lease: str | None) -> None:
+        self._client = client
+        self._sql = sql
+        self._params = params
+        self._page_bytes = page_bytes
+        self._timeout = timeout
+        self._lease = lease
+        #: The server's id of the copy, once it started.
+        self.id: str | None = None
+        #: The COPY's result, once all its data has arrived.
+        self.result: Result | None = None
+        self._done = False
+        self._closed = False
+        self._keepalive: float | None = None
+
+    async def fetch(self) -> bytes | None:
+        """The next page of data, or None once it has all arrived or the copy is closed."""
+        if self._done or self._closed:
+            return None
+        client = self._client
+        if self.id is None:
+            msg = request("copy_out", sql=self._sql, params=self._params,
+                          page_bytes=self._page_bytes, session=client.session)
+            if self._lease is not None:
+                msg["lease"] = self._lease
+        else:
+            msg = request("copy_read", copy=self.id, session=client.session)
+        if self._timeout is not None:
+            msg["timeout"] = self._timeout
+        value = await client._call(msg, self._timeout)
+        copy_id, data, done, result = copy_page(value, client._endpoint(), msg["op"])
+        if self.id is None:
+            self.id = copy_id
+            if not done:
+                self._keepalive = client._heartbeat.add(None)
+        if done:
+            self._done = True
+            self.result = result
+            self._release()
+        return data
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            while (page := await self.fetch()) is not None:
+                if page:
+                    yield page
+            finished = True
+        finally:
+            if not finished:
+                await self._close_quietly()
+
+    async def read(self) -> bytes:
+        """All the (remaining) data at once."""
+        return b"".join([page async for page in self])
+
+    async def close(self, *, timeout: float | None = None) -> None:
+        """End the copy; cancels the COPY if the server is still sending it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.id is None or self._done:
+            return
+        client = self._client
+        try:
+            msg = request("close", copy=self.id, session=client.session)
+            if timeout is not None:
+                msg["timeout"] = timeout
+            await client._call(msg, timeout)
+        finally:
+            self._release()
+
+    async def _close_quietly(self) -> None:
+        try:
+            await self.close()
+        except Exception as error:
+            logger.warning("closing copy %s failed: %r", self.id, error)
+
+    def _release(self) -> None:
+        if self._keepalive is not None:
+            self._client._heartbeat.remove(self._keepalive)
+            self._keepalive = None
+
+    async def __aenter__(self) -> AsyncCopyTo:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            await self._close_quietly()
+
+    def __repr__(self) -> str:
+        state = "done" if self._done else "closed" if self._closed else "open"
+        return f"<AsyncCopyTo {self.id or '(not started)'} {state}>"
+
+
+async def _copy_from(client: AsyncClient, sql: str, data: CopyData | AsyncIterable[bytes | str],
+                     params: Params, block_bytes: int, timeout: float | None,
+                     lease: str | None) -> Result:
+    """The ``copy_in``, ``copy_write``... ``copy_end`` exchange of ``copy_from``."""
+    session = client.session
+    msg = request("copy_in", sql=sql, params=params, session=session)
+    if lease is not None:
+        msg["lease"] = lease
+    if timeout is not None:
+        msg["timeout"] = timeout
+    copy_id = copy_started(await client._call(msg, timeout), client._endpoint())
+    keepalive = client._heartbeat.add(None)
+    try:
+        try:
+            async for block in _ablocks(data, block_bytes):
+                msg = request("copy_write", copy=copy_id, session=session, data=block)
+                if timeout is not None:
+                    msg["timeout"] = timeout
+                await client._call(msg, timeout)
+        except BaseException as error:
+            msg = request("close", copy=copy_id, session=session)
+            try:
+                await client._call(msg, timeout)
+            except Exception as error2:
+                logger.warning("aborting copy %s after %r failed: %r", copy_id, error, error2)
+            raise
+        msg = request("copy_end", copy=copy_id, session=session)
+        if timeout is not None:
+            msg["timeout"] = timeout
+        return to_result(await client._call(msg, timeout))
+    finally:
+        client._heartbeat.remove(keepalive)
+
+
+async def _ablocks(data: CopyData | AsyncIterable[bytes | str],
+                   size: int) -> AsyncIterator[bytes]:
+    """:func:`dbpool.copy_data.blocks`, for an async iterable too."""
+    if not isinstance(data, AsyncIterable):
+        for block in blocks(data, size):
+            yield block
+        return
+    pending: list[bytes | str] = []
+    held = 0
+    async for piece in data:
+        pending.append(piece)
+        held += len(piece)
+        if held >= size:
+            for block in blocks(pending, size):
+                yield block
+            pending, held = [], 0
+    for block in blocks(pending, size):
+        yield block

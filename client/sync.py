@@ -1,4 +1,5 @@
-"""The blocking client: :class:`Client`, :class:`Transaction` and :class:`Stream`.
+"""The blocking client: :class:`Client`, :class:`Transaction`, :class:`Stream` and
+:class:`CopyTo`.
 
 Threads
 -------
@@ -25,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from dbpool.copy_data import BLOCK_SIZE, CopyData, blocks
 from dbpool.driver import Result
 from dbpool.errors import ConnectionError, ProtocolError, TransactionError
 from dbpool.protocol import VERSION
@@ -33,6 +35,7 @@ from dbpool.wire import WireError, make_packer, packb, unpackb
 from ._base import (
     DEFAULT_ENDPOINT,
     DEFAULT_MAX_ROWS,
+    DEFAULT_PAGE_BYTES,
     DEFAULT_TIMEOUT,
     DEFAULT_TOPICS,
     Keepalive,
@@ -42,6 +45,8 @@ from ._base import (
     check_timeout,
     closed_error,
     configure_socket,
+    copy_page,
+    copy_started,
     events_endpoint,
     lease_map,
     malformed_reply,
@@ -56,7 +61,7 @@ from ._base import (
 )
 from .events import Subscription
 
-__all__ = ["Client", "Stream", "Transaction"]
+__all__ = ["Client", "CopyTo", "Stream", "Transaction"]
 
 logger = logging.getLogger("dbpool.client.sync")
 
@@ -369,6 +374,26 @@ class Client:
         """
         return Stream(self, sql, params, max_rows, timeout, None)
 
+    def copy_to(self, sql: str, params: Params = None, *, page_bytes: int = DEFAULT_PAGE_BYTES,
+                timeout: float | None = None) -> CopyTo:
+        """The data of a ``COPY ... TO STDOUT`` as ``bytes`` pages (op ``copy_out``).
+
+        The COPY runs on a connection of its own.  Nothing is sent until the
+        first page is asked for.  See :class:`CopyTo`.
+        """
+        return CopyTo(self, sql, params, page_bytes, timeout, None)
+
+    def copy_from(self, sql: str, data: CopyData, params: Params = None, *,
+                  block_bytes: int = BLOCK_SIZE, timeout: float | None = None) -> Result:
+        """Run a ``COPY ... FROM STDIN`` with ``data`` (op ``copy_in``); return its result.
+
+        ``data`` is bytes or str, an iterable of them, or a file object
+        (:mod:`dbpool.copy_data`); it goes in blocks of about ``block_bytes``,
+        one in flight at a time, so memory stays bounded on both sides.  If
+        ``data`` raises, the COPY takes no row and the error goes on.
+        """
+        return _copy_from(self, sql, data, params, block_bytes, timeout, None)
+
     def transaction(self, *, timeout: float | None = None) -> Transaction:
         """Begin a transaction now (op ``begin``) and return it.
 
@@ -542,6 +567,16 @@ class Transaction:
         """A :class:`Stream` on the transaction's connection."""
         return Stream(self._client, sql, params, max_rows, timeout, self._lease())
 
+    def copy_to(self, sql: str, params: Params = None, *, page_bytes: int = DEFAULT_PAGE_BYTES,
+                timeout: float | None = None) -> CopyTo:
+        """A :class:`CopyTo` in the transaction (see :meth:`Client.copy_to`)."""
+        return CopyTo(self._client, sql, params, page_bytes, timeout, self._lease())
+
+    def copy_from(self, sql: str, data: CopyData, params: Params = None, *,
+                  block_bytes: int = BLOCK_SIZE, timeout: float | None = None) -> Result:
+        """A ``COPY ... FROM STDIN`` in the transaction (see :meth:`Client.copy_from`)."""
+        return _copy_from(self._client, sql, data, params, block_bytes, timeout, self._lease())
+
     def commit(self, *, timeout: float | None = None) -> Result:
         """Commit (op ``commit``) and end the transaction, even if the commit fails."""
         return self._end("commit", timeout)
@@ -574,9 +609,15 @@ class Transaction:
             return
         try:
             self.rollback()
-        except Exception:
-            logger.warning("rollback of lease %s after %s failed", self.lease,
-                           exc_type.__name__, exc_info=True)
+        except ConnectionError as error:
+            if error.reason == "lease_expired":  # the server ended it and rolled it back
+                logger.debug("lease %s had ended before its rollback: %s", self.lease, error)
+            else:
+                logger.warning("rollback of lease %s after %s failed: %s", self.lease,
+                               exc_type.__name__, error)
+        except Exception as error:
+            logger.warning("rollback of lease %s after %s failed: %r", self.lease,
+                           exc_type.__name__, error)
 
     def __repr__(self) -> str:
         return f"<Transaction {self.lease} {'active' if self._active else 'ended'}>"
@@ -697,6 +738,151 @@ class Stream:
     def __repr__(self) -> str:
         state = "done" if self._done else "closed" if self._closed else "open"
         return f"<Stream {self.id or '(not started)'} {state}>"
+
+
+class CopyTo:
+    """The data of a ``COPY ... TO STDOUT`` run by the server (ops ``copy_out``,
+    ``copy_read``, ``close``).
+
+    Iterating yields ``bytes`` pages of up to ``page_bytes``, fetched one at
+    a time as they are asked for, so memory stays bounded on both sides;
+    :meth:`read` returns all of it; :attr:`result` (``rowcount``: rows sent)
+    is set once the data has all arrived.  Leaving an iteration early
+    (``break``, an exception), :meth:`close` or the end of a ``with`` block
+    cancels the COPY on the server.  While it is open the client sends
+    heartbeats for it.
+    """
+
+    def __init__(self, client: Client, sql: str, params: Params, page_bytes: int,
+                 timeout: float | None, lease: str | None) -> None:
+        self._client = client
+        self._sql = sql
+        self._params = params
+        self._page_bytes = page_bytes
+        self._timeout = timeout
+        self._lease = lease
+        #: The server's id of the copy, once it started.
+        self.id: str | None = None
+        #: The COPY's result, once all its data has arrived.
+        self.result: Result | None = None
+        self._done = False
+        self._closed = False
+        self._keepalive: float | None = None
+
+    def fetch(self) -> bytes | None:
+        """The next page of data, or None once it has all arrived or the copy is closed."""
+        if self._done or self._closed:
+            return None
+        client = self._client
+        if self.id is None:
+            msg = request("copy_out", sql=self._sql, params=self._params,
+                          page_bytes=self._page_bytes, session=client.session)
+            if self._lease is not None:
+                msg["lease"] = self._lease
+        else:
+            msg = request("copy_read", copy=self.id, session=client.session)
+        if self._timeout is not None:
+            msg["timeout"] = self._timeout
+        value = client._call(msg, self._timeout)
+        copy_id, data, done, result = copy_page(value, client._ch.endpoint, msg["op"])
+        if self.id is None:
+            self.id = copy_id
+            if not done:
+                self._keepalive = client._heartbeat.add(None)
+        if done:
+            self._done = True
+            self.result = result
+            self._release()
+        return data
+
+    def __iter__(self) -> Iterator[bytes]:
+        finished = False
+        try:
+            while (page := self.fetch()) is not None:
+                if page:
+                    yield page
+            finished = True
+        finally:
+            if not finished:
+                self._close_quietly()
+
+    def read(self) -> bytes:
+        """All the (remaining) data at once."""
+        return b"".join(self)
+
+    def close(self, *, timeout: float | None = None) -> None:
+        """End the copy; cancels the COPY if the server is still sending it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.id is None or self._done:
+            return
+        client = self._client
+        try:
+            msg = request("close", copy=self.id, session=client.session)
+            if timeout is not None:
+                msg["timeout"] = timeout
+            client._call(msg, timeout)
+        finally:
+            self._release()
+
+    def _close_quietly(self) -> None:
+        try:
+            self.close()
+        except Exception as error:
+            logger.warning("closing copy %s failed: %r", self.id, error)
+
+    def _release(self) -> None:
+        if self._keepalive is not None:
+            self._client._heartbeat.remove(self._keepalive)
+            self._keepalive = None
+
+    def __enter__(self) -> CopyTo:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._close_quietly()
+
+    def __repr__(self) -> str:
+        state = "done" if self._done else "closed" if self._closed else "open"
+        return f"<CopyTo {self.id or '(not started)'} {state}>"
+
+
+def _copy_from(client: Client, sql: str, data: CopyData, params: Params, block_bytes: int,
+               timeout: float | None, lease: str | None) -> Result:
+    """The ``copy_in``, ``copy_write``... ``copy_end`` exchange of ``copy_from``."""
+    session = client.session
+    msg = request("copy_in", sql=sql, params=params, session=session)
+    if lease is not None:
+        msg["lease"] = lease
+    if timeout is not None:
+        msg["timeout"] = timeout
+    copy_id = copy_started(client._call(msg, timeout), client._ch.endpoint)
+    keepalive = client._heartbeat.add(None)
+    try:
+        try:
+            for block in blocks(data, block_bytes):
+                msg = request("copy_write", copy=copy_id, session=session, data=block)
+                if timeout is not None:
+                    msg["timeout"] = timeout
+                client._call(msg, timeout)
+        except BaseException as error:
+            msg = request("close", copy=copy_id, session=session)
+            try:
+                client._call(msg, timeout)
+            except Exception as error2:
+                logger.warning("aborting copy %s after %r failed: %r", copy_id, error, error2)
+            raise
+        msg = request("copy_end", copy=copy_id, session=session)
+        if timeout is not None:
+            msg["timeout"] = timeout
+        return to_result(client._call(msg, timeout))
+    finally:
+        client._heartbeat.remove(keepalive)
 
 
 class _Heartbeat:

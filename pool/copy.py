@@ -3,7 +3,8 @@
 ``conn.copy_to("COPY t TO STDOUT")`` returns a :class:`CopyTo`, an iterable
 of ``bytes`` blocks as PostgreSQL sends them (one row each, in text format);
 ``conn.copy_from("COPY t FROM STDIN", data)`` sends ``data`` (bytes or str,
-or an iterable of them, or a file object) and returns the COPY's
+or an iterable of them, or a file object: see :mod:`dbpool.copy_data`) and
+returns the COPY's
 :class:`~dbpool.driver.Result`, whose ``rowcount`` is the number of rows.
 
 Memory stays bounded whatever the size of the data: one block is in memory
@@ -26,10 +27,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterator
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any
 
+from dbpool.copy_data import CopyData, blocks
 from dbpool.driver import CopyDirection, Params, Query, Result
 from dbpool.errors import StatementNotAllowed
 from dbpool.statement_scope import scope_of
@@ -42,12 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["CopyData", "CopyTo", "copy_from", "not_a_copy"]
 
 logger = logging.getLogger("dbpool.pool")
-
-#: What ``copy_from`` takes: one block, blocks, or a file object to read them from.
-CopyData: TypeAlias = "bytes | bytearray | memoryview | str | Iterable[bytes | str] | IO[Any]"
-
-#: Bytes read at a time from a file object given to ``copy_from``.
-_READ_SIZE = 64 * 1024
 
 
 def not_a_copy(sql: str, call: str) -> StatementNotAllowed:
@@ -138,16 +134,12 @@ def copy_from(conn: Connection, sql: str | Query, data: CopyData, params: Params
               log: LogFn | None = None) -> Result:
     """Run a ``COPY ... FROM STDIN`` with ``data`` (see the module docstring)."""
     query = _query(sql, "copy_from")
-    blocks = _data_blocks(data)
     driver = conn._driver
     copy = _start(conn, query, params, "in", log)
     try:
-        for block in blocks:
-            if not block:
-                continue
-            raw = block.encode() if isinstance(block, str) else bytes(block)
+        for block in blocks(data):
             conn._call("copy_write", query, None, log,
-                       functools.partial(_write, driver, copy, raw))
+                       functools.partial(_write, driver, copy, block))
     except BaseException as error:
         _end(conn, query, copy, error, log)
         raise
@@ -184,12 +176,3 @@ def _end(conn: Connection, query: Query, copy: Any, error: BaseException | None,
         return None
     return result
 
-
-def _data_blocks(data: CopyData) -> Iterable[bytes | bytearray | memoryview | str]:
-    """``copy_from``'s data as blocks."""
-    if isinstance(data, bytes | bytearray | memoryview | str):
-        return (data,)
-    read = getattr(data, "read", None)
-    if read is not None:
-        return iter(lambda: read(_READ_SIZE), read(0))
-    return data

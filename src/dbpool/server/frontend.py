@@ -48,10 +48,13 @@ from psycopg import pq
 from zmq.utils.monitor import recv_monitor_message
 
 from dbpool import wire
+from dbpool.driver import CopyDirection
 from dbpool.errors import ConnectionError, ProtocolError, StatementNotAllowed
+from dbpool.pool.copy import not_a_copy
 from dbpool.protocol import VERSION, error_map, protocol_error
 from dbpool.statement_scope import copy_refused, explain, scope_of
 
+from .copy import Copy
 from .pipeline import (
     AT_ONCE,
     NEVER,
@@ -91,6 +94,10 @@ _TICK = 0.05
 #: Ended lease and stream ids remembered, to answer "expired" rather than "unknown".
 _ENDED_MEMORY = 10_000
 _MAX_ROWS = 500
+#: The status counter of each kind of lease.
+_COUNTERS = {"lease": "leases", "stream": "streams", "copy": "copies"}
+#: Bytes of COPY data per copy_out page unless the request says otherwise.
+_PAGE_BYTES = 1 << 20
 #: The longest request timeout accepted (a year): beyond it is a mistake.
 _MAX_TIMEOUT = 365 * 86400.0
 
@@ -113,14 +120,14 @@ def _bad(message: str) -> RequestError:
 
 
 class Lease:
-    """A connection held for one client session: a transaction or a stream."""
+    """A connection held for one client session: a transaction, a stream or a copy."""
 
-    __slots__ = ("cursor", "dirty", "expires_at", "id", "kind", "last_seen", "lease",
-                 "max_rows", "pipe", "session")
+    __slots__ = ("copy", "cursor", "dirty", "expires_at", "finished", "id", "kind",
+                 "last_seen", "lease", "max_rows", "pipe", "session", "waiting")
 
     def __init__(self, kind: str, session: str, pipe: Pipe, now: float, lease_max: float,
                  lease: Lease | None = None) -> None:
-        self.kind = kind  # "lease" or "stream"
+        self.kind = kind  # "lease", "stream" or "copy"
         self.id = secrets.token_urlsafe(16)
         self.session = session
         self.pipe = pipe
@@ -133,6 +140,11 @@ class Lease:
         #: It ran a statement whose effects outlive the transaction (see
         #: dbpool.statement_scope): its connection is replaced when it ends.
         self.dirty = False
+        #: For a copy: the COPY, and the request waiting on it (one at a time).
+        self.copy: Copy | None = None
+        self.waiting: Job | None = None
+        #: The COPY ended and its connection went on; its outcome may still be owed.
+        self.finished = False
 
     def holder(self) -> Lease:
         """The lease that holds the connection: the transaction a stream runs in, or itself."""
@@ -194,13 +206,16 @@ class FrontEnd:
         self._last_work = 0.0
         self._draining = False
         self._drain_until = _INF
-        self.counters = {"requests": 0, "errors": 0, "leases": 0, "streams": 0}
+        self.counters = {"requests": 0, "errors": 0, "leases": 0, "streams": 0, "copies": 0}
         self._handlers: dict[str, Callable[[Job], None]] = {
             "ping": self._op_ping, "status": self._op_status, "query": self._op_query,
             "execute": self._op_execute, "batch": self._op_batch, "begin": self._op_begin,
             "commit": self._op_commit, "rollback": self._op_rollback,
             "heartbeat": self._op_heartbeat, "stream": self._op_stream,
             "fetch": self._op_fetch, "close": self._op_close,
+            "copy_out": self._op_copy_out, "copy_read": self._op_copy_read,
+            "copy_in": self._op_copy_in, "copy_write": self._op_copy_write,
+            "copy_end": self._op_copy_end,
         }
 
     # -- other threads -------------------------------------------------------
@@ -265,7 +280,7 @@ class FrontEnd:
                     if mask & _POLLOUT:
                         pipe.flush()
                         if not pipe.wants_write and pipe.broken is None:
-                            self._poller.modify(fd, _POLLIN)
+                            self._poller.modify(fd, pipe.events())
                     if mask & ~_POLLOUT:
                         pipe.read()
                     if pipe.broken is not None:
@@ -320,7 +335,7 @@ class FrontEnd:
             if pipe.broken is None:
                 pipe.flush()
                 if pipe.wants_write:
-                    self._poller.modify(pipe.fd, _POLLIN | _POLLOUT)
+                    self._poller.modify(pipe.fd, pipe.events())
             if pipe.broken is not None and not pipe.inflight:
                 self._settle(pipe)
 
@@ -446,11 +461,12 @@ class FrontEnd:
 
     def status(self) -> dict[str, Any]:
         """The status map of the protocol (see ``docs/protocol.md``)."""
-        leases = sum(1 for lease in self.leases.values() if lease.kind == "lease")
+        kinds = [lease.kind for lease in self.leases.values()]
         return {
             "version": VERSION,
-            "server": {**self.counters, "clients": self.clients, "open_leases": leases,
-                       "open_streams": len(self.leases) - leases,
+            "server": {**self.counters, "clients": self.clients,
+                       "open_leases": kinds.count("lease"), "open_streams": kinds.count("stream"),
+                       "open_copies": kinds.count("copy"),
                        "connections_held": len(self._pipes), "queued": len(self._queued),
                        "draining": self._draining},
             "pool": self.pool.metrics(),
@@ -490,6 +506,7 @@ class FrontEnd:
         """Run statements on the job's lease, or on any connection."""
         if job.req.get("lease") is not None:
             lease = self._owned(job, "lease", job.req["lease"])
+            _check_idle_of_copy(lease)
             _check_scopes(statements, lease)
             self._send(lease.pipe, job, statements, prepare)
             return
@@ -595,6 +612,7 @@ class FrontEnd:
 
     def _end_transaction(self, job: Job, command: str) -> None:
         lease = self._owned(job, "lease", job.req.get("lease"))
+        _check_idle_of_copy(lease)
 
         def ended(job: Job, outcome: Outcome, pipe: Pipe) -> None:
             if isinstance(outcome, BaseException):
@@ -627,6 +645,8 @@ class FrontEnd:
         if type(max_rows) is not int or max_rows < 1:
             raise _bad("'max_rows' must be a positive integer")
         lease = self._lease_of(job)
+        if lease is not None:
+            _check_idle_of_copy(lease)
         scope = scope_of(sql)
         if scope == "copy":
             raise RequestError(error_map(copy_refused()))
@@ -686,6 +706,9 @@ class FrontEnd:
                      None)])
 
     def _op_close(self, job: Job) -> None:
+        if "copy" in job.req:
+            self._close_copy(job)
+            return
         stream = self._owned(job, "stream", job.req.get("stream"))
         self._end_stream(stream, "closed")
         self._reply(job, None)
@@ -720,9 +743,24 @@ class FrontEnd:
         logger.warning("front end: %s %s of session %s...: %s; rolling back", lease.kind,
                        lease.id[:8], lease.session[:8], why)
         pipe = lease.pipe
-        for stream in [s for s in self.leases.values() if s.lease is lease]:
+        children = [s for s in self.leases.values() if s.lease is lease]
+        for stream in children:
             self._forget(stream, why)
         self._forget(lease, why)
+        if lease.kind == "copy" and lease.finished:
+            return  # its COPY ended and the connection went on; only a reply was owed
+        if pipe.copy is not None:  # a COPY runs there: no way back but a new connection
+            for copying in (lease, *children):
+                if copying.waiting is not None:
+                    waiting, copying.waiting = copying.waiting, None
+                    self._fail(waiting, ConnectionError(f"the copy ended: {why}",
+                                                        reason="lease_expired"))
+                copying.copy = None
+            pipe.copy = None
+            pipe.break_(ConnectionError(f"a COPY was left unfinished: {why}"))
+            pipe.owner = None
+            self._watch(pipe)
+            return
         if lease.kind == "stream" and lease.lease is not None:
             self._send_quietly(pipe, f'CLOSE "{lease.cursor.decode()}"')
             return
@@ -768,7 +806,7 @@ class FrontEnd:
     def _add_lease(self, lease: Lease) -> None:
         self.leases[lease.id] = lease
         self._sessions.setdefault(lease.session, set()).add(lease.id)
-        self.counters["leases" if lease.kind == "lease" else "streams"] += 1
+        self.counters[_COUNTERS[lease.kind]] += 1
 
     def _forget(self, lease: Lease, why: str) -> None:
         self.leases.pop(lease.id, None)
@@ -802,6 +840,163 @@ class FrontEnd:
                 "lease_not_owned", f"the {kind} belongs to another client session"))
         lease.last_seen = time.monotonic()
         return lease
+
+    # -- COPY ------------------------------------------------------------------
+
+    def _op_copy_out(self, job: Job) -> None:
+        self._start_copy(job, "out")
+
+    def _op_copy_in(self, job: Job) -> None:
+        self._start_copy(job, "in")
+
+    def _start_copy(self, job: Job, direction: CopyDirection) -> None:
+        """Start a COPY on the job's lease, or on a connection of its own (see copy.py)."""
+        req = job.req
+        session = _session(req)
+        sql, params = _sql(req), _params(req.get("params"))
+        if scope_of(sql) != "copy":
+            raise RequestError(error_map(not_a_copy(sql, f"copy_{direction}")))
+        page_bytes = req.get("page_bytes", _PAGE_BYTES)
+        limit = max(self.config.max_message_size // 2, 1)
+        if type(page_bytes) is not int or not 1 <= page_bytes <= limit:
+            raise _bad(f"'page_bytes' must be an integer from 1 to {limit}")
+        lease = self._lease_of(job)
+        if lease is not None:
+            _check_idle_of_copy(lease)
+            if lease.pipe.inflight:
+                raise RequestError(protocol_error(
+                    "busy", "the transaction has requests in flight; a COPY needs it idle"))
+
+        def start(pipe: Pipe) -> None:
+            copying = Lease("copy", session, pipe, time.monotonic(), self.config.lease_max,
+                            lease)
+            try:
+                copy = pipe.start_copy(sql, params, direction, page_bytes,
+                                       lambda _: self._copy_progress(copying))
+            except (TypeError, ValueError, psycopg.Error) as error:  # nothing was sent
+                self._fail(job, error if isinstance(error, psycopg.Error)
+                           else psycopg.ProgrammingError(str(error)))
+                if lease is None:
+                    pipe.owner = None
+                self._settle(pipe)
+                return
+            copying.copy, copying.waiting = copy, job
+            if lease is None:
+                pipe.owner = copying
+            self._add_lease(copying)
+            copy.start()
+            self._repoll(pipe)
+
+        if lease is not None:
+            start(lease.pipe)
+            return
+        job.start, job.needs_own = start, True
+        self._dispatch(job)
+
+    def _op_copy_read(self, job: Job) -> None:
+        copying = self._copy_of(job, "out")
+        copying.waiting = job
+        self._copy_progress(copying)
+
+    def _op_copy_write(self, job: Job) -> None:
+        copying = self._copy_of(job, "in")
+        data = job.req.get("data")
+        if type(data) is str:
+            data = data.encode(copying.pipe.encoding)
+        elif type(data) is not bytes:
+            raise _bad("'data' must be bytes or a string")
+        copy = copying.copy
+        copying.waiting = job
+        if copy is not None and copy.phase == "data" and copy.error is None:
+            copy.write(data)  # may answer at once, through _copy_progress
+        self._copy_progress(copying)
+
+    def _op_copy_end(self, job: Job) -> None:
+        copying = self._copy_of(job, "in")
+        copying.waiting = job
+        copy = copying.copy
+        if copy is not None and copy.phase == "data" and copy.error is None:
+            copy.end()
+        self._copy_progress(copying)
+
+    def _close_copy(self, job: Job) -> None:
+        """``close`` of a copy: an out-COPY is cancelled, an in-COPY takes no row."""
+        copying = self._owned(job, "copy", job.req.get("copy"))
+        if copying.waiting is not None:
+            raise _bad("another request of this copy is still waiting for its answer")
+        copying.waiting = job
+        copy = copying.copy
+        if copy is not None and copy.phase != "done":
+            if copy.direction == "out":
+                self._cancel(copying.pipe)
+            copy.abort("the client closed the COPY")
+        self._copy_progress(copying)
+
+    def _copy_of(self, job: Job, direction: CopyDirection) -> Lease:
+        copying = self._owned(job, "copy", job.req.get("copy"))
+        copy = copying.copy
+        if copy is not None and copy.direction != direction:
+            raise _bad(f"the copy {copying.id} is a copy_{copy.direction}")
+        if copying.waiting is not None:
+            raise _bad("another request of this copy is still waiting for its answer")
+        return copying
+
+    def _copy_progress(self, copying: Lease) -> None:
+        """The COPY changed (or a request arrived): answer the one waiting, if it can be."""
+        copy, job, pipe = copying.copy, copying.waiting, copying.pipe
+        if copy is None:  # expired
+            return
+        if copy.phase == "done":
+            self._copy_done(copying, copy, job, pipe)
+            return
+        if job is None:
+            self._repoll(pipe)
+            return
+        if copy.direction == "out":
+            if job.op != "close" and not copy.reading:  # a page is full
+                copying.waiting = None
+                self._reply(job, {"copy": copying.id, "data": copy.take_page(), "done": False})
+                copy.resume()
+        elif copy.phase == "data":
+            if job.op == "copy_in":
+                copying.waiting = None
+                self._reply(job, {"copy": copying.id})
+            elif job.op == "copy_write" and copy.acknowledged():
+                copying.waiting = None
+                self._reply(job, {"written": copy.moved})
+        if copying.copy is not None and pipe.copy is copy:
+            self._repoll(pipe)
+
+    def _copy_done(self, copying: Lease, copy: Copy, job: Job | None, pipe: Pipe) -> None:
+        """The COPY's result is in: the connection goes on; answer, or keep the
+        outcome for the client's next request of this copy."""
+        if not copying.finished:  # the first news of the end: the connection goes on
+            copying.finished = True
+            if copying.lease is None and pipe.owner is copying:
+                self._unhold(copying)
+            if pipe.broken is not None:
+                self._watch(pipe)
+            else:
+                self._repoll(pipe)
+                self._settle(pipe)
+        if job is None:  # the outcome waits for the client's next request of this copy
+            return
+        copying.waiting = None
+        self._forget(copying, "ended")
+        if job.op == "close":
+            self._reply(job, None)
+        elif copy.error is not None:
+            self._fail(job, copy.error)
+        elif job.op in ("copy_read", "copy_out"):
+            self._reply(job, {"copy": copying.id, "data": copy.take_page(), "done": True,
+                              "result": _copy_result(copy)})
+        else:
+            self._reply(job, _copy_result(copy))
+
+    def _repoll(self, pipe: Pipe) -> None:
+        """Poll ``pipe``'s socket for what it wants now (a COPY pauses and resumes)."""
+        if self._pipes.get(pipe.fd) is pipe:
+            self._poller.modify(pipe.fd, pipe.events())
 
     # -- connections ---------------------------------------------------------
 
@@ -1011,11 +1206,28 @@ class FrontEnd:
             for lease in list(self.leases.values()):
                 if lease.id not in self.leases:
                     continue
+                if lease.waiting is not None:
+                    self._copy_tick(lease, now)
                 if lease.last_seen <= silent:
                     self._expire(lease, "no heartbeat from its client within "
                                         f"{self.config.heartbeat_timeout:g}s")
                 elif lease.expires_at <= now:
                     self._expire(lease, f"it outlived lease_max ({self.config.lease_max:g}s)")
+
+    def _copy_tick(self, copying: Lease, now: float) -> None:
+        """A request waiting on a COPY: a page that fills slowly goes out partly full
+        after a tick; one past its deadline has the COPY cancelled (its error answers)."""
+        copy, job = copying.copy, copying.waiting
+        if copy is None or job is None or copy.phase == "done":
+            return
+        if job.op in ("copy_read", "copy_out") and copy.size \
+                and now - copying.last_seen >= _TICK:
+            copying.waiting = None
+            self._reply(job, {"copy": copying.id, "data": copy.take_page(), "done": False})
+            copy.resume()
+        elif job.deadline <= now and not copy.cancelling:
+            copy.cancelling = True
+            self._cancel(copying.pipe)
 
     # -- stopping --------------------------------------------------------------
 
@@ -1146,6 +1358,22 @@ def _refused(sql: str) -> StatementNotAllowed:
         "(SET LOCAL, or SET there; the connection is then replaced when the transaction "
         "ends), or set it in the server's connection options; nothing was run",
         scope=scope)
+
+
+def _check_idle_of_copy(lease: Lease) -> None:
+    """Refuse a request on a lease whose connection is busy with a COPY."""
+    if lease.pipe.copy is not None:
+        raise RequestError(protocol_error(
+            "busy", "a COPY is running in this transaction: finish or close it first"))
+
+
+def _copy_result(copy: Copy) -> dict[str, Any]:
+    """The result map of a COPY that ended (``COPY n``)."""
+    result = copy.result
+    tag = result.command_status if result is not None else None
+    rows = result.command_tuples if result is not None else None
+    return {"columns": [], "rows": [], "rowcount": -1 if rows is None else rows,
+            "command": tag.decode() if tag else None}
 
 
 def _result_map(pipe: Pipe, result: pq.abc.PGresult) -> dict[str, Any]:

@@ -27,19 +27,23 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import select
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias, cast
 
 import psycopg
 from psycopg import pq
-from psycopg._queries import PostgresQuery
+from psycopg._queries import PostgresClientQuery, PostgresQuery
 from psycopg.abc import Transformer as TransformerProtocol
 from psycopg.adapt import Transformer
 
+from dbpool.driver import CopyDirection
 from dbpool.pgdriver import PgState
 from dbpool.pool.connection import Connection
 from dbpool.statement_scope import copy_refused
+
+from .copy import Copy
 
 __all__ = ["AT_ONCE", "NEVER", "PREPARE_THRESHOLD", "Job", "Outcome", "Pipe", "Statement",
            "first_error"]
@@ -52,6 +56,8 @@ Statement: TypeAlias = tuple[str, Any]
 #: error that lost the connection.
 Outcome: TypeAlias = "list[pq.abc.PGresult] | BaseException"
 
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
 _TEXT = pq.Format.TEXT
 _SYNC = int(pq.ExecStatus.PIPELINE_SYNC)
 _FATAL = int(pq.ExecStatus.FATAL_ERROR)
@@ -183,12 +189,36 @@ class Pipe:
         #: PostgreSQL confirms one, other requests run it unnamed, so that a
         #: Prepare skipped after an earlier failure can never break them.
         self.preparing: dict[Any, bytes] = {}
+        #: The COPY this connection is running, out of pipeline mode (see copy.py).
+        self.copy: Copy | None = None
         pgconn.nonblocking = 1
         pgconn.enter_pipeline_mode()
 
     @property
     def inflight(self) -> int:
         return len(self.requests)
+
+    def events(self) -> int:
+        """What the loop should poll its socket for."""
+        copy = self.copy
+        events = _POLLIN if copy is None or copy.reading else 0
+        return events | _POLLOUT if self.wants_write else events
+
+    def start_copy(self, statement: str, params: Any, direction: CopyDirection,
+                   page_bytes: int, notify: Callable[[Copy], None]) -> Copy:
+        """Set up a COPY on this connection, which must have nothing in flight (copy.py);
+        :meth:`Copy.start` sends it.
+
+        Parameters are merged into the statement here, as psycopg's
+        ``cursor.copy()`` does (COPY takes no bind parameters); a value that
+        cannot be adapted raises with nothing sent.
+        """
+        assert not self.requests and self.copy is None
+        query = PostgresClientQuery(self.tx)
+        query.convert(statement, params)
+        assert query.query is not None
+        copy = self.copy = Copy(self, query.query, direction, page_bytes, notify)
+        return copy
 
     # -- sending ------------------------------------------------------------
 
@@ -270,6 +300,9 @@ class Pipe:
 
     def flush(self) -> None:
         """Send what libpq holds; what the socket cannot take now waits for writability."""
+        if self.copy is not None:
+            self.copy.flush()
+            return
         try:
             self.wants_write = self.pgconn.flush() == 1
         except psycopg.Error as error:
@@ -279,6 +312,9 @@ class Pipe:
 
     def read(self) -> None:
         """Collect the results that arrived; finish each request whose Sync came."""
+        if self.copy is not None:
+            self.copy.read()
+            return
         pgconn = self.pgconn
         requests = self.requests
         try:
