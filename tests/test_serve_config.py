@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dbpool.actors import backoff
 from dbpool.errors import ConfigurationError
+from dbpool.pool import Pool, PoolOptions
+from dbpool.server import serve as serve_module
 from dbpool.server.config import ServeConfig, add_serve_arguments, load_config, mask_dsn
 
 SECRET = "s3cr3t-Pa55"
@@ -42,6 +46,10 @@ VALUES: dict[str, tuple[str, str, str, tuple[Any, Any, Any]]] = {
     "pool_size": ("1", "2", "3", (1, 2, 3)),
     "name": ("flag", "env", '"file"', ("flag", "env", "file")),
     "timeout": ("1.5", "2.5", "3", (1.5, 2.5, 3.0)),
+    "backoff_type": ("exp", " rand ", '"stop"', ("exp", "rand", "stop")),
+    "backoff_min": ("0.5", "2", "0", (0.5, 2.0, 0.0)),
+    "backoff_max": ("5", "10.5", "60", (5.0, 10.5, 60.0)),
+    "breaker_threshold": ("1", "3", "7", (1, 3, 7)),
     "max_message_size": ("1024", "2048", "4096", (1024, 2048, 4096)),
     "heartbeat_timeout": ("1", "2", "3.5", (1.0, 2.0, 3.5)),
     "lease_max": ("10", "20", "30", (10.0, 20.0, 30.0)),
@@ -61,6 +69,9 @@ def test_defaults() -> None:
     assert config.pool_size == 10
     assert config.name == "dbpool"
     assert config.timeout == 15.0
+    assert config.backoff_type == "rand_exp"
+    assert config.backoff_min is None and config.backoff_max is None  # 1.0 and 30.0 s
+    assert config.breaker_threshold == 5
     assert config.max_message_size == 16 * 2**20
     assert config.heartbeat_timeout == 10.0
     assert config.lease_max == 300.0
@@ -96,7 +107,8 @@ def test_every_env_var_parsed() -> None:
         "DBPOOL_DSN", "DBPOOL_BIND", "DBPOOL_EVENTS_BIND", "DBPOOL_POOL_SIZE", "DBPOOL_NAME",
         "DBPOOL_TIMEOUT", "DBPOOL_MAX_MESSAGE_SIZE", "DBPOOL_HEARTBEAT_TIMEOUT",
         "DBPOOL_LEASE_MAX", "DBPOOL_PIPELINE_DEPTH", "DBPOOL_GRACE", "DBPOOL_SPIN",
-        "DBPOOL_LOG_LEVEL"])
+        "DBPOOL_LOG_LEVEL", "DBPOOL_BACKOFF_TYPE", "DBPOOL_BACKOFF_MIN",
+        "DBPOOL_BACKOFF_MAX", "DBPOOL_BREAKER_THRESHOLD"])
     config = load(env=env)
     for field, (_, _, _, (_, expected, _)) in VALUES.items():
         value = getattr(config, field)
@@ -138,6 +150,8 @@ def test_flags_default_to_none_and_help_names_env_and_default() -> None:
         assert "DBPOOL_" + field.upper() in text
     assert "DBPOOL_CONFIG" in text
     assert "tcp://127.0.0.1:7432" in text and "16777216" in text
+    assert "default: rand_exp" in text and "default: 5)" in text
+    assert f"default: {backoff.DEFAULT_MIN}" in text and f"default: {backoff.DEFAULT_MAX}" in text
 
 
 # -- the [pool] table ------------------------------------------------------------------
@@ -154,10 +168,10 @@ connect_kwargs = { connect_timeout = 5, application_name = "svc" }
 """)
     config = load("--config", str(path))
     assert config.pool_size == 2
+    assert config.backoff_type == "exp"  # a setting now: see test_pool_table_moved_settings
     assert dict(config.pool_options) == {
         "queue_target": 0.1,
         "max_lifetime": (60, 120),
-        "backoff_type": "exp",
         "connect_kwargs": {"connect_timeout": 5, "application_name": "svc"},
     }
     with pytest.raises(TypeError):
@@ -177,6 +191,14 @@ def test_pool_table_only_from_toml(tmp_path: Path) -> None:
     ("[pool]\ntimeout = 3\n", "config.toml: [pool] timeout: set it at the top level"),
     ("[pool]\nqueue_target = -1\n", "config.toml: [pool] queue_target must be a positive"),
     ("[pool]\nmax_lifetime = [5, 1]\n", "config.toml: [pool] max_lifetime must be"),
+    ("[pool]\nbackoff_type = 'fast'\n",
+     "config.toml: [pool] backoff_type: unknown backoff_type 'fast'"),
+    ("[pool]\nbreaker_threshold = 0\n",
+     "config.toml: [pool] breaker_threshold: breaker_threshold must be an integer >= 1"),
+    ("[pool]\nbackoff_min = 5\nbackoff_max = 2\n",
+     "config.toml: backoff minimum 5.0 is greater than maximum 2.0"),
+    ("backoff_max = 3\n[pool]\nbackoff_max = 3\n",
+     "config.toml: backoff_max is set both at the top level and in [pool]"),
     ("pool = 3\n", "config.toml: 'pool' must be a table"),
 ])
 def test_pool_table_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -357,4 +379,165 @@ def test_the_example_deploy_config_loads() -> None:
     path = Path(__file__).resolve().parent.parent / "deploy" / "dbpool.toml"
     config = load_config(argparse.Namespace(config=str(path)), {})
     assert config.pool_size == 10 and config.pipeline_depth == 8
-    assert config.pool_options["backoff_type"] == "rand_exp"
+    assert (config.backoff_type, config.backoff_min, config.backoff_max,
+            config.breaker_threshold) == ("rand_exp", 1.0, 30.0, 5)
+    assert "backoff_type" not in config.pool_options
+    PoolOptions.from_kwargs(config.pool_kwargs())
+
+
+# -- the pool's backoff and breaker settings ------------------------------------------------
+
+POOL_SETTINGS = ("backoff_type", "backoff_min", "backoff_max", "breaker_threshold")
+
+
+def test_pool_settings_default_to_the_pools_defaults() -> None:
+    config = load()
+    pool_defaults = PoolOptions()
+    for field in POOL_SETTINGS:
+        assert getattr(config, field) == getattr(pool_defaults, field), field
+    assert PoolOptions.from_kwargs(config.pool_kwargs()) == pool_defaults
+
+
+def _source_args(source: str, field: str, text: str, toml: str,
+                 tmp_path: Path) -> tuple[tuple[str, ...], dict[str, str], str]:
+    """load() arguments that give ``field`` from ``source``, and the source's name."""
+    if source == "flag":
+        flag = "--" + field.replace("_", "-")
+        return (flag, text), {}, flag
+    if source == "env":
+        return (), {"DBPOOL_" + field.upper(): text}, "DBPOOL_" + field.upper()
+    path = write(tmp_path, f"{field} = {toml}\n")
+    return ("--config", str(path)), {}, f"{path}: {field}"
+
+
+# field, flag/env text, TOML literal, a pattern of the message after "<source>: "
+BAD_POOL_SETTINGS = [
+    ("backoff_type", "fast", '"fast"',
+     r"unknown backoff_type 'fast'; expected one of stop, exp, rand, rand_exp$"),
+    ("backoff_type", "EXP", '"EXP"', r"unknown backoff_type 'EXP'"),
+    ("backoff_type", " ", "3", r"expected a non-empty string, got "),
+    ("backoff_min", "-1", "-1", r"backoff minimum -1\.0 is not 0 or a positive number$"),
+    # The pool checks the minimum first, and a maximum alone also lowers the minimum.
+    ("backoff_max", "-0.5", "-0.5", r"backoff m\w+ -0\.5 is not 0 or a positive number$"),
+    ("backoff_min", "soon", '"1"', r"expected a finite number of seconds, got '(soon|1)'$"),
+    ("backoff_max", "inf", "inf", r"expected a finite number of seconds, got (')?inf"),
+    ("backoff_max", "nan", "true", r"expected a finite number of seconds, got ('nan'|True)"),
+    ("breaker_threshold", "0", "0", r"breaker_threshold must be an integer >= 1, got 0$"),
+    ("breaker_threshold", "-3", "-3", r"breaker_threshold must be an integer >= 1, got -3$"),
+    ("breaker_threshold", "2.5", "2.5", r"expected an integer, got (')?2\.5"),
+    ("breaker_threshold", "many", "true", r"expected an integer, got ('many'|True \(bool\))$"),
+]
+
+
+@pytest.mark.parametrize("source", ["flag", "env", "file"])
+@pytest.mark.parametrize(("field", "text", "toml", "message"), BAD_POOL_SETTINGS)
+def test_bad_pool_settings_name_their_source(source: str, field: str, text: str, toml: str,
+                                             message: str, tmp_path: Path) -> None:
+    argv, env, name = _source_args(source, field, text, toml, tmp_path)
+    with pytest.raises(ConfigurationError) as info:
+        load(*argv, env=env)
+    assert re.match(re.escape(f"{name}: ") + message, str(info.value)), str(info.value)
+    assert info.value.__cause__ is None
+
+
+@pytest.mark.parametrize(("argv", "env", "toml", "sources"), [
+    (("--backoff-min", "5", "--backoff-max", "2"), {}, "", "--backoff-min and --backoff-max"),
+    (("--backoff-min", "5"), {"DBPOOL_BACKOFF_MAX": "2"}, "",
+     "--backoff-min and DBPOOL_BACKOFF_MAX"),
+    ((), {"DBPOOL_BACKOFF_MIN": "5"}, "backoff_max = 2\n",
+     "DBPOOL_BACKOFF_MIN and {path}"),
+    ((), {}, "backoff_min = 5\nbackoff_max = 2\n", "{path}"),
+    # A source is checked whole: the file's bounds are wrong even if a flag overrides one.
+    (("--backoff-max", "10"), {}, "backoff_min = 5\nbackoff_max = 2\n", "{path}"),
+    (("--backoff-type", "exp"), {"DBPOOL_BACKOFF_MIN": "5", "DBPOOL_BACKOFF_MAX": "2"}, "",
+     "DBPOOL_BACKOFF_MIN and DBPOOL_BACKOFF_MAX"),
+])
+def test_backoff_minimum_above_maximum_names_both_sources(
+        argv: tuple[str, ...], env: dict[str, str], toml: str, sources: str,
+        tmp_path: Path) -> None:
+    path = write(tmp_path, toml)
+    with pytest.raises(ConfigurationError) as info:
+        load(*argv, "--config", str(path), env=env)
+    assert str(info.value) == (f"{sources.format(path=path)}: "
+                               "backoff minimum 5.0 is greater than maximum 2.0")
+
+
+def test_backoff_bounds_follow_the_pools_rules() -> None:
+    # One bound alone moves the pool's default for the other out of its way.
+    for argv, low, high in [(("--backoff-max", "0.5"), 0.5, 0.5),
+                            (("--backoff-min", "60"), 60.0, 60.0),
+                            (("--backoff-min", "0", "--backoff-max", "0"), 0.0, 0.0)]:
+        config = load(*argv)
+        made = backoff.new(config.backoff_type, config.backoff_min, config.backoff_max)
+        assert made is not None and (made.min, made.max) == (low, high), argv
+    # "stop" never retries, so the pool does not compare the bounds, nor does the config.
+    config = load("--backoff-min", "5", "--backoff-max", "2", env={"DBPOOL_BACKOFF_TYPE": "stop"})
+    assert (config.backoff_type, config.backoff_min, config.backoff_max) == ("stop", 5.0, 2.0)
+
+
+def test_pool_table_moved_settings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """backoff_* and breaker_threshold in [pool] (before they were settings) still load, as
+    the file's value of the setting: flags and variables still win over them."""
+    path = write(tmp_path, "[pool]\nbackoff_type = 'exp'\nbackoff_min = 0.2\n"
+                           "backoff_max = 1.0\nbreaker_threshold = 2\nidle_interval = 0.2\n")
+    with caplog.at_level(logging.WARNING, logger="dbpool.server.config"):
+        config = load("--config", str(path))
+    assert (config.backoff_type, config.backoff_min, config.backoff_max,
+            config.breaker_threshold) == ("exp", 0.2, 1.0, 2)
+    assert dict(config.pool_options) == {"idle_interval": 0.2}
+    assert [r.getMessage().replace(str(tmp_path) + "/", "") for r in caplog.records] == [
+        f"config.toml: [pool] {key} is deprecated: set it at the top level ({key} = ...)"
+        for key in POOL_SETTINGS]
+    config = load("--config", str(path), "--backoff-max", "3",
+                  env={"DBPOOL_BREAKER_THRESHOLD": "9", "DBPOOL_BACKOFF_MAX": "4"})
+    assert (config.backoff_max, config.breaker_threshold) == (3.0, 9)
+    assert config.pool_kwargs()["backoff_max"] == 3.0
+
+
+def test_pool_settings_reach_pool_kwargs(tmp_path: Path) -> None:
+    path = write(tmp_path, "backoff_type = 'rand'\nbackoff_min = 0.25\n"
+                           "[pool]\nqueue_target = 0.1\n")
+    config = load("--config", str(path), "--breaker-threshold", "3",
+                  env={"DBPOOL_BACKOFF_MAX": "2"})
+    kwargs = config.pool_kwargs()
+    assert kwargs == {"pool_size": 10, "name": "dbpool", "timeout": 15.0,
+                      "backoff_type": "rand", "backoff_min": 0.25, "backoff_max": 2.0,
+                      "breaker_threshold": 3, "queue_target": 0.1}
+    options = PoolOptions.from_kwargs(kwargs)
+    assert (options.backoff_type, options.backoff_min, options.backoff_max,
+            options.breaker_threshold) == ("rand", 0.25, 2.0, 3)
+
+
+class _Started(Exception):
+    """Stops serve() once it has started its pool."""
+
+
+def test_serve_starts_the_pool_with_the_settings(
+        monkeypatch: pytest.MonkeyPatch, pg_dsn: str) -> None:
+    started: list[tuple[str | None, dict[str, Any], Pool]] = []
+
+    class RecordingPool:
+        @staticmethod
+        def start(conninfo: str | None, **options: Any) -> Pool:
+            pool = Pool.start(conninfo, **options)
+            started.append((conninfo, options, pool))
+            raise _Started
+
+    monkeypatch.setattr(serve_module, "Pool", RecordingPool)
+    monkeypatch.setattr(serve_module, "_raise_file_limit", lambda: None)
+    config = load("--dsn", pg_dsn, "--pool-size", "1", "--backoff-type", "exp",
+                  "--breaker-threshold", "4",
+                  env={"DBPOOL_BACKOFF_MIN": "0.1", "DBPOOL_BACKOFF_MAX": "0.3"})
+    with pytest.raises(_Started):
+        serve_module.serve(config)
+    [(conninfo, options, pool)] = started
+    try:
+        assert conninfo == pg_dsn
+        assert {key: options[key] for key in POOL_SETTINGS} == {
+            "backoff_type": "exp", "backoff_min": 0.1, "backoff_max": 0.3,
+            "breaker_threshold": 4}
+        got = pool.options
+        assert (got.backoff_type, got.backoff_min, got.backoff_max,
+                got.breaker_threshold) == ("exp", 0.1, 0.3, 4)
+    finally:
+        pool.stop()

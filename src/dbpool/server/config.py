@@ -14,15 +14,19 @@ Rank   Source                          Example
 
 The settings, with their flags, variables and defaults:
 
-=================  ===================  ========================  =========================
+=================  ===================  ========================  ================================
 Field              Flag                 Variable                  Default
-=================  ===================  ========================  =========================
+=================  ===================  ========================  ================================
 dsn                --dsn                DBPOOL_DSN                None: embedded PostgreSQL
 bind               --bind               DBPOOL_BIND               tcp://127.0.0.1:7432
 events_bind        --events-bind        DBPOOL_EVENTS_BIND        tcp://127.0.0.1:7433
 pool_size          --pool-size          DBPOOL_POOL_SIZE          10
 name               --name               DBPOOL_NAME               dbpool
 timeout            --timeout            DBPOOL_TIMEOUT            15.0 s
+backoff_type       --backoff-type       DBPOOL_BACKOFF_TYPE       rand_exp
+backoff_min        --backoff-min        DBPOOL_BACKOFF_MIN        1.0 s, or backoff_max if lower
+backoff_max        --backoff-max        DBPOOL_BACKOFF_MAX        30.0 s, or backoff_min if higher
+breaker_threshold  --breaker-threshold  DBPOOL_BREAKER_THRESHOLD  5
 max_message_size   --max-message-size   DBPOOL_MAX_MESSAGE_SIZE   16 MiB, in bytes
 heartbeat_timeout  --heartbeat-timeout  DBPOOL_HEARTBEAT_TIMEOUT  10.0 s
 lease_max          --lease-max          DBPOOL_LEASE_MAX          300.0 s
@@ -31,7 +35,7 @@ grace              --grace              DBPOOL_GRACE              10.0 s
 spin               --spin               DBPOOL_SPIN               0.0003 s
 log_level          --log-level          DBPOOL_LOG_LEVEL          INFO
 pool_options       (none)               (none)                    {}: the TOML [pool] table
-=================  ===================  ========================  =========================
+=================  ===================  ========================  ================================
 
 - ``timeout`` is the default deadline of a remote request, the wait for a
   connection included; ``pipeline_depth`` (>= 1) is how many statements from
@@ -39,12 +43,25 @@ pool_options       (none)               (none)                    {}: the TOML [
   shutdown waits for requests in flight; ``spin`` is how long the request
   loop polls before it sleeps while traffic is steady (see
   :mod:`dbpool.server.frontend`).
+- ``backoff_type``, ``backoff_min`` and ``backoff_max`` are the delays
+  between reconnect attempts (see :mod:`dbpool.actors.backoff`; ``stop``
+  makes a failed connect stop the pool); ``breaker_threshold`` is how many
+  consecutive failed connects open the circuit (see
+  :mod:`dbpool.pool.breaker`).  Their defaults are those of
+  :class:`~dbpool.pool.options.PoolOptions`: the bounds' None means 1.0 and
+  30.0 s, moved out of the way of the one bound given (``backoff_max = 0.5``
+  alone means a minimum of 0.5).  The pool's own checks judge their values,
+  each alone and the bounds together (minimum <= maximum unless ``stop``).
 - The TOML file's top-level keys are the field names above (``dsn``,
   ``pool_size``...); its ``[pool]`` table holds further options of
   :meth:`dbpool.pool.Pool.start` (``queue_target``, ``max_lifetime``,
   ``connect_kwargs``...), checked against
-  :class:`~dbpool.pool.options.PoolOptions`.  ``pool_size``, ``name`` and
-  ``timeout`` belong at the top level, not in ``[pool]``.
+  :class:`~dbpool.pool.options.PoolOptions`.  The pool options that are
+  settings here (``pool_size``, ``name``, ``timeout``, ``backoff_type``,
+  ``backoff_min``, ``backoff_max``, ``breaker_threshold``) belong at the top
+  level, not in ``[pool]``.  For files written before they were settings,
+  ``[pool]`` may still hold the last four: such a key counts as the top-level
+  key, with a warning to move it; setting it in both places is an error.
 - An environment variable set to the empty string counts as unset.
 - A bad value raises :class:`~dbpool.errors.ConfigurationError` naming its
   source: ``DBPOOL_POOL_SIZE: expected an integer >= 1, got 'abc'``,
@@ -67,7 +84,9 @@ from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from dbpool.actors import backoff
 from dbpool.errors import ConfigurationError
+from dbpool.pool.options import PoolOptions
 
 __all__ = ["ENV_PREFIX", "ServeConfig", "add_serve_arguments", "load_config", "mask_dsn"]
 
@@ -77,7 +96,15 @@ ENV_PREFIX = "DBPOOL_"
 _MASK = "******"
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: Pool options that ServeConfig sets itself: they go at the top level, not in [pool].
-_TOP_LEVEL_POOL_KEYS = frozenset({"pool_size", "name", "timeout"})
+_POOL_SETTINGS = ("pool_size", "name", "timeout", "backoff_type", "backoff_min", "backoff_max",
+                  "breaker_threshold")
+#: Of those, the ones that [pool] held before they were settings: still read from there
+#: (as the top-level key, with a warning) unless the top level sets them too.
+_MOVED_POOL_KEYS = frozenset({"backoff_type", "backoff_min", "backoff_max",
+                              "breaker_threshold"})
+#: Checked together by the pool (backoff.new), under the type in effect.
+_BACKOFF_BOUNDS = ("backoff_min", "backoff_max")
+_POOL_DEFAULTS = PoolOptions()
 
 
 def _empty_mapping() -> Mapping[str, Any]:
@@ -94,6 +121,10 @@ class ServeConfig:
     pool_size: int = 10
     name: str = "dbpool"
     timeout: float = 15.0
+    backoff_type: str = _POOL_DEFAULTS.backoff_type
+    backoff_min: float | None = _POOL_DEFAULTS.backoff_min
+    backoff_max: float | None = _POOL_DEFAULTS.backoff_max
+    breaker_threshold: int = _POOL_DEFAULTS.breaker_threshold
     max_message_size: int = 16 * 2**20
     heartbeat_timeout: float = 10.0
     lease_max: float = 300.0
@@ -121,6 +152,11 @@ class ServeConfig:
         database = "embedded" if self.dsn is None else mask_dsn(self.dsn, drop=True)
         return (f"{self.name}: requests on {self.bind}, events on {self.events_bind}, "
                 f"pool of {self.pool_size} on {database}")
+
+    def pool_kwargs(self) -> dict[str, Any]:
+        """The options :func:`~dbpool.server.serve.serve` gives :meth:`dbpool.pool.Pool.start`:
+        the pool settings above and the ``[pool]`` table."""
+        return {**{key: getattr(self, key) for key in _POOL_SETTINGS}, **self.pool_options}
 
     def log_level_number(self) -> int:
         """:attr:`log_level` as a :mod:`logging` level number."""
@@ -167,8 +203,9 @@ def _fail(source: str, expected: str, value: object) -> ConfigurationError:
     return ConfigurationError(f"{source}: expected {expected}, got {shown}")
 
 
-def _integer(minimum: int) -> _Parser:
-    expected = f"an integer >= {minimum}"
+def _integer(minimum: int | None) -> _Parser:
+    """An integer; with ``minimum`` None, its range is left to another check."""
+    expected = "an integer" if minimum is None else f"an integer >= {minimum}"
 
     def parse(value: object, source: str, from_text: bool) -> int:
         if isinstance(value, str) and from_text:
@@ -180,31 +217,66 @@ def _integer(minimum: int) -> _Parser:
             number = value
         else:
             raise _fail(source, expected, value)
-        if number < minimum:
+        if minimum is not None and number < minimum:
             raise _fail(source, expected, value)
         return number
 
     return parse
+
+
+def _number(value: object, source: str, from_text: bool, expected: str) -> float:
+    """``value`` as a finite float, else ConfigurationError ``expected ...``."""
+    if isinstance(value, str) and from_text:
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise _fail(source, expected, value) from None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise _fail(source, expected, value)
+    if not math.isfinite(number):
+        raise _fail(source, expected, value)
+    return number
 
 
 def _seconds(*, zero_ok: bool) -> _Parser:
     expected = "a number of seconds >= 0" if zero_ok else "a number of seconds > 0"
 
     def parse(value: object, source: str, from_text: bool) -> float:
-        if isinstance(value, str) and from_text:
-            try:
-                number = float(value.strip())
-            except ValueError:
-                raise _fail(source, expected, value) from None
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
-        else:
-            raise _fail(source, expected, value)
-        if not math.isfinite(number) or number < 0 or (number == 0 and not zero_ok):
+        number = _number(value, source, from_text, expected)
+        if number < 0 or (number == 0 and not zero_ok):
             raise _fail(source, expected, value)
         return number
 
     return parse
+
+
+def _any_seconds(value: object, source: str, from_text: bool) -> float:
+    """A finite number of seconds, its range left to another check."""
+    return _number(value, source, from_text, "a finite number of seconds")
+
+
+def _pool_checked(name: str, convert: _Parser) -> _Parser:
+    """``convert`` (a string of a flag or variable to a number...), then the pool's own
+    check of its option ``name``: the pool's rules and messages, not a copy of them."""
+
+    def parse(value: object, source: str, from_text: bool) -> object:
+        converted = convert(value, source, from_text)
+        _check_pool_options({name: converted}, f"{source}: ")
+        return converted
+
+    return parse
+
+
+def _check_pool_options(options: Mapping[str, Any], prefix: str) -> None:
+    """Check ``options`` as :class:`PoolOptions` does; its message follows ``prefix``."""
+    try:
+        PoolOptions.from_kwargs(options)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{prefix}{exc}") from None
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise ConfigurationError(f"{prefix}invalid value: {exc}") from None
 
 
 def _text(value: object, source: str, from_text: bool) -> str:
@@ -272,6 +344,15 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("timeout", _seconds(zero_ok=False),
              "default deadline in seconds of a remote request, the wait for a connection "
              "included"),
+    _Setting("backoff_type", _pool_checked("backoff_type", _text),
+             "delays between reconnect attempts: stop (a failed connect stops the pool), "
+             "exp, rand or rand_exp"),
+    _Setting("backoff_min", _pool_checked("backoff_min", _any_seconds),
+             "shortest delay between reconnect attempts, in seconds"),
+    _Setting("backoff_max", _pool_checked("backoff_max", _any_seconds),
+             "longest delay between reconnect attempts, in seconds"),
+    _Setting("breaker_threshold", _pool_checked("breaker_threshold", _integer(None)),
+             "consecutive failed connects that open the circuit (then requests fail at once)"),
     _Setting("max_message_size", _integer(1), "largest request body accepted, in bytes",),
     _Setting("heartbeat_timeout", _seconds(zero_ok=False),
              "seconds of silence after which a session's leases end"),
@@ -288,8 +369,16 @@ _SETTINGS: tuple[_Setting, ...] = (
 _BY_FIELD = {s.field: s for s in _SETTINGS}
 _METAVARS = {
     "bind": "ENDPOINT", "events_bind": "ENDPOINT", "pool_size": "N", "timeout": "SECONDS",
+    "backoff_type": "TYPE", "backoff_min": "SECONDS", "backoff_max": "SECONDS",
+    "breaker_threshold": "N",
     "max_message_size": "BYTES", "heartbeat_timeout": "SECONDS", "lease_max": "SECONDS",
     "pipeline_depth": "N", "grace": "SECONDS", "spin": "SECONDS", "log_level": "LEVEL",
+}
+#: What --help shows as the default of a setting whose default is None.
+_NONE_DEFAULTS = {
+    "dsn": "the embedded PostgreSQL",
+    "backoff_min": f"{backoff.DEFAULT_MIN}, or --backoff-max if lower",
+    "backoff_max": f"{backoff.DEFAULT_MAX}, or --backoff-min if higher",
 }
 
 
@@ -304,7 +393,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServeConfig()
     for setting in _SETTINGS:
         default = getattr(defaults, setting.field)
-        shown = "the embedded PostgreSQL" if default is None else default
+        shown = _NONE_DEFAULTS[setting.field] if default is None else default
         parser.add_argument(
             setting.flag, dest=setting.field, default=None,
             metavar=setting.metavar,
@@ -330,22 +419,30 @@ def load_config(
     """
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    #: Each source's values and where each came from, lowest rank first.
+    layers: list[tuple[dict[str, Any], dict[str, str]]] = []
     path = _namespace_value(args, "config") or environ.get(ENV_PREFIX + "CONFIG") or None
     if path is not None:
         settings, pool_options = _read_toml(str(path))
-        values.update(settings)
-        origin.update(dict.fromkeys(settings, str(path)))
+        layers.append((settings, dict.fromkeys(settings, str(path))))
         values["pool_options"] = MappingProxyType(pool_options)
-    for setting in _SETTINGS:
-        raw = environ.get(setting.env)
-        if raw:
-            values[setting.field] = setting.parse(raw, setting.env, True)
-            origin[setting.field] = setting.env
-    for setting in _SETTINGS:
-        flag_value = _namespace_value(args, setting.field)
-        if flag_value is not None:
-            values[setting.field] = setting.parse(flag_value, setting.flag, True)
-            origin[setting.field] = setting.flag
+    env_raw = {s: (environ.get(s.env) or None, s.env) for s in _SETTINGS}
+    flag_raw = {s: (_namespace_value(args, s.field), s.flag) for s in _SETTINGS}
+    for raw_values in (env_raw, flag_raw):
+        layer: dict[str, Any] = {}
+        layer_origin: dict[str, str] = {}
+        for setting, (raw, source) in raw_values.items():
+            if raw is not None:
+                layer[setting.field] = setting.parse(raw, source, True)
+                layer_origin[setting.field] = source
+        layers.append((layer, layer_origin))
+    for layer, layer_origin in layers:
+        values.update(layer)
+        origin.update(layer_origin)
+    # Every source that is read is checked whole, even where a higher one overrides it.
+    backoff_type = values.get("backoff_type", _POOL_DEFAULTS.backoff_type)
+    for layer, layer_origin in [*layers, (values, origin)]:
+        _check_backoff_bounds(layer, layer_origin, backoff_type)
     config = ServeConfig(**values)
     logger.debug("configuration %r (from %s)", config,
                  ", ".join(f"{k}: {v}" for k, v in origin.items()) or "defaults only")
@@ -354,6 +451,18 @@ def load_config(
 
 def _namespace_value(args: argparse.Namespace, name: str) -> Any:
     return getattr(args, name, None)
+
+
+def _check_backoff_bounds(
+    values: Mapping[str, Any], origin: Mapping[str, str], backoff_type: str
+) -> None:
+    """The pool's check of the backoff bounds together (minimum <= maximum unless the
+    type is ``stop``), naming where they came from."""
+    if "backoff_min" in values and "backoff_max" in values:
+        sources = dict.fromkeys(origin[key] for key in _BACKOFF_BOUNDS)
+        _check_pool_options({"backoff_type": backoff_type,
+                             **{key: values[key] for key in _BACKOFF_BOUNDS}},
+                            f"{' and '.join(sources)}: ")
 
 
 def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -369,39 +478,45 @@ def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ConfigurationError(f"{path}: not valid TOML: {exc}") from None
     settings: dict[str, Any] = {}
     pool_options: dict[str, Any] = {}
+    moved: dict[str, Any] = {}
     for key, value in document.items():
         if key == "pool":
-            pool_options = _pool_table(value, path)
+            pool_options, moved = _pool_table(value, path)
         elif key in _BY_FIELD:
             # TOML has numbers: there, a number written as a string is an error.
             settings[key] = _BY_FIELD[key].parse(value, f"{path}: {key}", False)
         else:
             known = ", ".join([*_BY_FIELD, "[pool]"])
             raise ConfigurationError(f"{path}: unknown key {key!r} (known: {known})")
+    for key, value in moved.items():
+        if key in document:
+            raise ConfigurationError(f"{path}: {key} is set both at the top level and in "
+                                     f"[pool]; set it at the top level only")
+        logger.warning("%s: [pool] %s is deprecated: set it at the top level (%s = ...)",
+                       path, key, key)
+        settings[key] = _BY_FIELD[key].parse(value, f"{path}: [pool] {key}", False)
     return settings, pool_options
 
 
-def _pool_table(table: object, path: str) -> dict[str, Any]:
-    """Check the ``[pool]`` table against PoolOptions; lists become tuples."""
-    from dbpool.pool.options import PoolOptions
-
+def _pool_table(table: object, path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The options of the ``[pool]`` table, checked against PoolOptions (lists become
+    tuples), and apart from them the settings that have moved to the top level."""
     if not isinstance(table, dict):
         raise ConfigurationError(f"{path}: 'pool' must be a table ([pool]), "
                                  f"got a {type(table).__name__}")
-    known = {f.name for f in fields(PoolOptions)} - _TOP_LEVEL_POOL_KEYS
+    known = {f.name for f in fields(PoolOptions)} - set(_POOL_SETTINGS)
     options: dict[str, Any] = {}
+    moved: dict[str, Any] = {}
     for key, value in table.items():
-        if key in _TOP_LEVEL_POOL_KEYS:
+        if key in _MOVED_POOL_KEYS:
+            moved[key] = value
+            continue
+        if key in _POOL_SETTINGS:
             raise ConfigurationError(
                 f"{path}: [pool] {key}: set it at the top level ({key} = ...), not in [pool]")
         if key not in known:
             raise ConfigurationError(f"{path}: unknown key {key!r} in [pool] "
                                      f"(known: {', '.join(sorted(known))})")
         options[key] = tuple(value) if isinstance(value, list) else value
-    try:
-        PoolOptions.from_kwargs(options)
-    except ConfigurationError as exc:
-        raise ConfigurationError(f"{path}: [pool] {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"{path}: [pool] invalid value: {exc}") from None
-    return options
+    _check_pool_options(options, f"{path}: [pool] ")
+    return options, moved

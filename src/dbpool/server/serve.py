@@ -69,8 +69,7 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
                 "message": str(error) if error is not None else None,
                 "reason": getattr(error, "reason", None), "index": metadata.get("index")})
 
-    options: dict[str, Any] = {"pool_size": config.pool_size, "name": config.name,
-                               "timeout": config.timeout, **config.pool_options}
+    options = config.pool_kwargs()
     options["connection_listeners"] = [*options.get("connection_listeners", ()), on_connection]
     logger.info("starting %s", config.describe())
     pool = Pool.start(config.dsn, **options)
