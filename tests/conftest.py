@@ -9,6 +9,10 @@ Fixtures
 ``pg_cluster`` (function)
     A fresh, started :class:`PgCluster` of its own; tests may stop, kill or
     restart it freely. Deleted at teardown.
+``pg_password_cluster`` (function)
+    Like ``pg_cluster``, but TCP logins need the password
+    :data:`PG_TEST_PASSWORD` (``scram-sha-256``); its ``conninfo()`` carries
+    it, ``conninfo(password="wrong")`` does not.
 ``pg_cluster_factory`` (function)
     ``make(**settings) -> PgCluster`` for tests that need several clusters or
     custom ``postgresql.conf`` settings; all are started and cleaned up.
@@ -38,6 +42,7 @@ from dbpool.pool import Pool
 from tests.support.faultproxy import FaultProxy, ProxyFactory
 from tests.support.ownership import Gate, Peer, PeerFactory
 from tests.support.pgcluster import (
+    PG_TEST_PASSWORD,
     ClusterFactory,
     PgCluster,
     PgTemplate,
@@ -74,6 +79,18 @@ def pg_template(pg_binaries: Path) -> Iterator[PgTemplate]:
 def pg_cluster(pg_template: PgTemplate) -> Iterator[PgCluster]:
     """A fresh private cluster, started; stopped and deleted after the test."""
     cluster = PgCluster(template=pg_template)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture
+def pg_password_cluster(pg_template: PgTemplate) -> Iterator[PgCluster]:
+    """A fresh private cluster whose TCP logins need :data:`PG_TEST_PASSWORD`; started,
+    stopped and deleted after the test."""
+    cluster = PgCluster(template=pg_template, password=PG_TEST_PASSWORD)
     try:
         cluster.start()
         yield cluster

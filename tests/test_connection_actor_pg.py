@@ -10,7 +10,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
 
 from dbpool import telemetry
 from dbpool.actors.listeners import ConnectionEvent
@@ -199,36 +198,106 @@ def test_after_connect_timeout_cancels_the_statement_and_reconnects(
     assert pool.query("SELECT 1").rows == [(1,)]
 
 
+def _texts(error: BaseException) -> Iterator[str]:
+    """Every text reachable from ``error``: its str and repr, its attributes, and those
+    of every exception it chains to.  A psycopg connect error keeps the connection it
+    failed on (``pgconn``), and that one keeps the password it was given."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [error]
+    while stack:
+        exc = stack.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        yield str(exc)
+        yield repr(exc)
+        yield repr(exc.args)
+        yield repr(getattr(exc, "__dict__", None))
+        yield repr(getattr(exc, "pgconn", None))
+        stack.extend(e for e in (exc.__cause__, exc.__context__) if e is not None)
+
+
+def _leaked(error: BaseException, secrets: list[str]) -> list[str]:
+    return [t for t in _texts(error) for s in secrets if s in t]
+
+
+@pytest.mark.parametrize("failure", ["wrong_password", "refused"])
 def test_password_never_appears_in_logs_or_errors_of_a_failing_connect(
+    failure: str,
+    pg_password_cluster: PgCluster,
     pools: list[Pool],
     caplog: pytest.LogCaptureFixture,
     connect_errors: Recorder[dict[str, Any]],
     fault_proxy: Any,
-    pg_dsn: str,
 ) -> None:
-    secret = "s3cr3t-pa55"
-    target = conninfo_to_dict(pg_dsn)
-    proxy = fault_proxy(str(target["host"]), int(target["port"]))
-    proxy.refuse(True)  # every attempt fails, so every failure path is logged
-    dsn = f"postgresql://postgres:{secret}@127.0.0.1:{proxy.port}/postgres"
+    """Two passwords, both secret: the DSN's (wrong), and ``connect_kwargs``' that wins
+    and is sent.  Checked: the log records (and their exceptions), the telemetry
+    ``connection_error`` errors with everything they chain to, the health events and
+    the error a caller gets (the circuit is open: it quotes the last connect error).
+
+    ``wrong_password``: PostgreSQL rejects the password (``password authentication
+    failed``).  ``refused``: the right password, but the server cannot be reached;
+    once it can, the pool logs in with it (SCRAM), so the hidden password is one that
+    works, and it is the keyword's, not the DSN's.
+    """
+    cluster = pg_password_cluster
+    assert cluster.password is not None
+    dsn_secret = "dsn-pw-3d9f0a"  # wrong: the keyword below overrides it
+    if failure == "wrong_password":
+        sent, port = "wrong-pw-8c2a41", cluster.port
+        expected: tuple[str, ...] = ("password authentication failed",)
+    else:
+        proxy = fault_proxy(cluster.host, cluster.port)
+        proxy.refuse(True)  # every attempt is reset before it reaches authentication
+        sent, port = cluster.password, proxy.port
+        expected = ("server closed the connection", "Connection reset by peer")
+    secrets = [dsn_secret, sent]
+    events: Recorder[Any] = Recorder()
+    dsn = f"postgresql://{cluster.user}:{dsn_secret}@{cluster.host}:{port}/postgres"
     with caplog.at_level(logging.DEBUG):
         pool = Pool.start(
             dsn,
             pool_size=1,
             backoff_type="exp",
             backoff_min=0.05,
-            connect_kwargs={"password": secret},
+            backoff_max=0.2,
+            breaker_threshold=2,
+            reconnect_log_interval=0.1,
+            connection_listeners=[events],
+            connect_kwargs={"password": sent},
         )
         pools.append(pool)
-        connect_errors.wait_count(lambda m: True, 2)
+        failures = connect_errors.wait_count(lambda m: "index" in m, 3)
+        events.wait_count(lambda e: getattr(e, "state", None) == "open", 1)
         with pytest.raises(Exception) as raised:
             pool.query("SELECT 1", timeout=0.2)
-    assert secret not in repr(raised.value) and secret not in str(raised.value)
+    # The failures are the ones meant (for wrong_password: PostgreSQL's own refusal).
+    assert all(any(e in str(m["error"]) for e in expected) for m in failures), failures
+    assert "circuit open" in str(raised.value), raised.value
+    assert any(e in str(raised.value) for e in expected), raised.value
+    log_text = cluster.log_text()
+    authenticated = f'connection authenticated: identity="{cluster.user}" method=scram-sha-256'
+    assert authenticated not in log_text
+    if failure == "wrong_password":
+        assert f'password authentication failed for user "{cluster.user}"' in log_text
+    assert _leaked(raised.value, secrets) == []
     assert any("failed to connect" in r.getMessage() for r in caplog.records)
     for record in caplog.records:
-        assert secret not in record.getMessage()
+        assert not [s for s in secrets if s in record.getMessage()], record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            assert _leaked(record.exc_info[1], secrets) == []
+    assert not [s for s in secrets if s in caplog.text]
     for meta in connect_errors.values():
-        assert secret not in str(meta["error"]) and meta["error"].__cause__ is None
+        assert _leaked(meta["error"], secrets) == []
+        assert not [s for s in secrets if s in repr(meta)]
+    for event in events.values():
+        assert not [s for s in secrets if s in repr(event)], event
+
+    if failure == "refused":
+        proxy.refuse(False)
+        events.wait_count(kind("connected"), 1, timeout=5)
+        assert pool.query("SELECT 1").rows == [(1,)]
+        assert authenticated in cluster.log_text()
 
 
 @pytest.mark.parametrize("dirty", ["transaction", "error"])

@@ -17,7 +17,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 from tests.support.faultproxy import FaultProxy, ProxyFactory
-from tests.support.pgcluster import PgCluster, PgTemplate
+from tests.support.pgcluster import PG_TEST_PASSWORD, PgCluster, PgTemplate
 
 # Bounded waits: long enough for a loaded CI box, short enough to fail fast.
 WAIT = 5.0
@@ -188,6 +188,30 @@ def test_fresh_cluster_starts_quickly(pg_template: PgTemplate) -> None:
         assert cluster.is_ready()
     # Typically ~0.1-0.3 s; generous bound so a busy CI box does not flake.
     assert elapsed < 3.0
+
+
+def test_password_cluster_wants_the_password_over_tcp(pg_password_cluster: PgCluster) -> None:
+    cluster = pg_password_cluster
+    assert cluster.password == PG_TEST_PASSWORD
+    assert conninfo_to_dict(cluster.conninfo())["password"] == PG_TEST_PASSWORD
+    with connect(cluster.conninfo()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert conn.pgconn.used_password
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        connect(cluster.conninfo(password="not-the-password"))
+    with pytest.raises(psycopg.OperationalError, match="no password supplied"):
+        connect(cluster.conninfo(password="", passfile=os.devnull))
+    assert cluster.is_ready()  # the harness's probes use the unix socket, still trusted
+    # The password is in the data dir: it survives a crash and a restart.
+    cluster.kill()
+    cluster.start()
+    with connect(cluster.conninfo()) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_password_cluster_rejects_an_empty_password(pg_template: PgTemplate) -> None:
+    with pytest.raises(ValueError, match="non-empty"):
+        PgCluster(template=pg_template, password="")
 
 
 # ------------------------------------------------------------------------ FaultProxy

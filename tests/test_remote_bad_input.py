@@ -18,16 +18,18 @@ tests that need other flags, or that would leave the shared server dirty
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, Self
 
 import msgpack
 import pytest
 import zmq
-from psycopg.conninfo import make_conninfo
 
 from dbpool import wire
+from tests.support.pgcluster import PgCluster
 from tests.support.remote import ServerProcess
 
 MAX_MESSAGE_SIZE = 4096
@@ -61,7 +63,7 @@ class Client:
     def close(self) -> None:
         self.sock.close(linger=0)
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -838,25 +840,47 @@ def test_flood_of_5000_requests_each_answered_once(server: ServerProcess,
 # -- secrets --------------------------------------------------------------------------------
 
 
-def test_dsn_password_never_leaks(pg_dsn: str, ctx: zmq.Context[Any]) -> None:
-    secret = "s3cret-pw"
-    dsn = make_conninfo(pg_dsn, password=secret)  # trust auth ignores it
-    replies: list[bytes] = []
+class RecordingClient(Client):
+    """A :class:`Client` that keeps every frame it receives, in ``received``."""
+
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str) -> None:
+        super().__init__(ctx, endpoint)
+        self.received: list[bytes] = []
+
+    def recv_frames(self, timeout: float = REPLY_TIMEOUT) -> list[bytes]:
+        frames = super().recv_frames(timeout)
+        self.received.extend(frames)
+        return frames
+
+
+#: The server's log line for a pool connection that logged in with a password.
+_SCRAM_LOGIN = re.compile(r'connection authenticated: identity="\S+" method=scram-sha-256')
+
+#: Fail fast: two failed connects open the circuit, probes follow every 0.2 s at most.
+_FAILING_POOL_TOML = """\
+[pool]
+backoff_min = 0.05
+backoff_max = 0.2
+breaker_threshold = 2
+reconnect_log_interval = 0.1
+"""
+
+
+def test_dsn_password_never_leaks(pg_password_cluster: PgCluster, ctx: zmq.Context[Any]) -> None:
+    """The cluster wants the DSN's password over TCP: the queries that work used it."""
+    cluster = pg_password_cluster
+    secret = cluster.password
+    assert secret is not None
+    dsn = cluster.conninfo()
     with ServerProcess(dsn, "--max-message-size", str(MAX_MESSAGE_SIZE),
                        pool_size=2) as srv:
-        with Client(ctx, srv.endpoint) as c:
-            def exchange(*frames: bytes) -> dict[str, Any]:
-                c.send_frames(*frames)
-                raw = c.recv_frames()
-                replies.extend(raw)
-                return wire.unpackb(raw[-1])
-
+        with RecordingClient(ctx, srv.endpoint) as c:
             def request(**fields: Any) -> dict[str, Any]:
-                return exchange(wire.packb({"v": 1, "id": 1, **fields}))
+                return c.raw(wire.packb({"v": 1, "id": 1, **fields}))
 
-            expect_protocol(exchange(b"\xc1"), None, "malformed")
-            expect_protocol(exchange(b"\x00" * (MAX_MESSAGE_SIZE + 1)), None, "too_large")
-            expect_protocol(exchange(b"a", b"b"), None, "bad_frames")
+            expect_protocol(c.raw(b"\xc1"), None, "malformed")
+            expect_protocol(c.raw(b"\x00" * (MAX_MESSAGE_SIZE + 1)), None, "too_large")
+            expect_protocol(c.raw(b"a", b"b"), None, "bad_frames")
             expect_protocol(request(v=9, op="ping"), 1, "unsupported_version")
             expect_protocol(request(op="nope"), 1, "unknown_op")
             expect_protocol(request(op="query", sql=5), 1, "bad_request")
@@ -866,11 +890,74 @@ def test_dsn_password_never_leaks(pg_dsn: str, ctx: zmq.Context[Any]) -> None:
             assert request(op="query", sql="SELECT 'fine'")["ok"]["rows"] == [["fine"]]
             status = request(op="status")
             assert status["ok"]["version"] == 1 and "pool" in status["ok"], status
+            assert status["ok"]["health"] == "closed", status
         code = srv.terminate()
         output = srv.output()
     assert code == 0, output
+    # The pool's connections logged in with the password (no TCP login is trusted).
+    assert len(_SCRAM_LOGIN.findall(cluster.log_text())) >= 2, cluster.log_text()[-2000:]
     assert "starting dbpool" in output, output  # the log that names the database was read
     assert secret not in output, output
-    for frame in replies:
+    assert c.received
+    for frame in c.received:
         assert secret.encode() not in frame, frame
     assert secret not in repr(status)
+
+
+def test_wrong_dsn_password_never_leaks(pg_password_cluster: PgCluster, ctx: zmq.Context[Any],
+                                        tmp_path: Path) -> None:
+    """PostgreSQL refuses the DSN's password: the pool fails to connect and its circuit
+    opens, and the wrong password shows in no log line, reply, event or status."""
+    cluster = pg_password_cluster
+    wrong = "wr0ng-dsn-pw-6e1b"
+    refusal = f'password authentication failed for user "{cluster.user}"'
+    config = tmp_path / "serve.toml"
+    config.write_text(_FAILING_POOL_TOML)
+    events: list[list[bytes]] = []
+
+    def seen(topic: str, name: str, **data: Any) -> bool:
+        for frames in events:
+            body = wire.unpackb(frames[1])
+            if (frames[0] == topic.encode() and body.get("event") == name
+                    and all(body.get(k) == v for k, v in data.items())):
+                return True
+        return False
+
+    with ServerProcess(cluster.conninfo(password=wrong), "--config", str(config),
+                       pool_size=2) as srv:
+        sub: zmq.Socket[Any] = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(srv.events)
+        try:
+            # The circuit keeps probing while open, so events keep coming even
+            # though the first ones went out before this socket joined.
+            deadline = time.monotonic() + REPLY_TIMEOUT
+            while not (seen("pool", "health", state="open")
+                       and seen("telemetry", "connection_error")):
+                left = deadline - time.monotonic()
+                assert left > 0 and sub.poll(int(left * 1000)), f"events so far: {events!r}"
+                events.append(sub.recv_multipart())
+        finally:
+            sub.close(linger=0)
+        with RecordingClient(ctx, srv.endpoint) as c:
+            reply = c.call(op="query", sql="SELECT 1")
+            status = c.ok(op="status")
+        code = srv.terminate()
+        output = srv.output()
+    assert code == 0, output
+    # It failed for the reason meant: PostgreSQL refused the password it was sent.
+    assert refusal in cluster.log_text()
+    assert _SCRAM_LOGIN.search(cluster.log_text()) is None
+    errors = [wire.unpackb(f[1]) for f in events if f[0] == b"telemetry"]
+    assert errors and all(refusal in e["message"] for e in errors), errors
+    assert "error" in reply and refusal in reply["error"]["message"], reply
+    assert status["health"] in ("open", "half_open"), status
+    assert status["pool"]["ready_conn_count"] == 0, status
+    assert refusal in output, output  # the pool logged the failure, PostgreSQL's words and all
+    assert "starting dbpool" in output, output
+    assert wrong not in output, output
+    assert c.received and events
+    for frame in [*c.received, *(f for message in events for f in message)]:
+        assert wrong.encode() not in frame, frame
+    assert wrong not in repr(status) and wrong not in repr(reply)

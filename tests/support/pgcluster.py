@@ -11,6 +11,11 @@ in a fraction of a second.
 
 When the tests run as root the server commands run as the ``postgres`` OS user,
 because ``initdb`` and ``postgres`` refuse to run as root.
+
+Clusters trust every login, unless made with ``PgCluster(password=...)``: then a
+TCP login needs that password (``scram-sha-256`` in ``pg_hba.conf``), and
+:meth:`PgCluster.conninfo` carries it.  The unix socket stays ``trust`` for the
+harness's own probes.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 log = logging.getLogger(__name__)
@@ -53,6 +59,10 @@ PG_SUPERUSER = "postgres"
 BINDIR_ENV = "DBPOOL_PG_BINDIR"
 #: Environment variable that overrides where cluster/template dirs are created.
 TMPDIR_ENV = "DBPOOL_PG_TMPDIR"
+#: The password of the ``pg_password_cluster`` fixture's cluster.  Letters, digits
+#: and dashes only, so that it reads the same in a conninfo string, a URI or a
+#: log line, and a leak cannot hide behind quoting or escaping.
+PG_TEST_PASSWORD = "dbpool-harness-pw-5b7e1c"
 
 StopMode = Literal["smart", "fast", "immediate"]
 SettingValue = str | int | float | bool
@@ -87,6 +97,15 @@ _BASE_SETTINGS: dict[str, SettingValue] = {
     "log_line_prefix": "%m [%p] ",
     "lc_messages": "C",
 }
+
+# pg_hba.conf of a password cluster: the unix socket is for the harness (trust),
+# TCP is for the code under test (a password, checked with SCRAM).
+_PASSWORD_HBA = """\
+# dbpool test harness: password cluster
+local all all trust
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+"""
 
 _CONNECTION_RECEIVED = re.compile(r"connection received: host=(\S+)")
 _FAILURE_LINE = re.compile(r"\b(FATAL|PANIC):")
@@ -544,8 +563,9 @@ class PgCluster:
     :meth:`start` (or use it as a context manager) to run it, and
     :meth:`cleanup` to stop it and delete everything.
 
-    Trust authentication: connect as :attr:`user` with no password, e.g.
-    ``psycopg.connect(cluster.conninfo())``.
+    Connect as :attr:`user` with ``psycopg.connect(cluster.conninfo())``.  By
+    default the cluster trusts every login; with ``password`` TCP logins must
+    authenticate with it (see :meth:`__init__`).
     """
 
     host: str = "127.0.0.1"
@@ -558,6 +578,7 @@ class PgCluster:
         bindir: Path | None = None,
         settings: Mapping[str, SettingValue] | None = None,
         parent_dir: str | None = None,
+        password: str | None = None,
     ) -> None:
         """Prepare (but do not start) a cluster.
 
@@ -569,11 +590,22 @@ class PgCluster:
                 :func:`default_parent_dir`); it must be traversable by the
                 ``postgres`` OS user when running as root (pytest's
                 ``tmp_path`` is not: it lives under a 0700 root-owned dir).
+            password: require password authentication over TCP: ``pg_hba.conf``
+                asks for ``scram-sha-256``, and the first :meth:`start` gives
+                :attr:`user` this password.  :meth:`conninfo` then includes it
+                (``conninfo(password="wrong")`` to try another).  Logins over
+                the unix socket stay ``trust``.
         """
+        if password == "":
+            raise ValueError("password must be None (trust) or a non-empty string")
         if template is None:
             template = shared_template(bindir)
         self.bindir: Path = bindir or template.bindir
         self._settings: dict[str, SettingValue] = dict(settings or {})
+        #: The password TCP logins need, or None if the cluster trusts them.
+        self.password: str | None = password
+        if password is not None:
+            self._settings.setdefault("password_encryption", "scram-sha-256")
         self._cleaned = False
         self._ever_started = False
         self.base_dir: Path = _make_private_dir("dbpool-pg-", parent_dir)
@@ -582,6 +614,8 @@ class PgCluster:
             self.socket_dir: Path = self.base_dir / "sock"
             self.log_path: Path = self.base_dir / "postgres.log"
             template.copy_to(self.data_dir)
+            if password is not None:
+                _write_owned(self.data_dir / "pg_hba.conf", _PASSWORD_HBA)
             self.socket_dir.mkdir()
             _own(self.socket_dir)
             self._port = _pick_port(self.host)
@@ -609,12 +643,20 @@ class PgCluster:
     def conninfo(self, dbname: str = "postgres", **extra: str | int) -> str:
         """libpq ``key=value`` connection string for this cluster over TCP.
 
-        Extra keyword arguments become libpq parameters
-        (e.g. ``connect_timeout=2, application_name="t"``).
+        It includes :attr:`password` if the cluster has one.  Extra keyword
+        arguments become libpq parameters and win over those
+        (e.g. ``connect_timeout=2, application_name="t"``, ``password="wrong"``).
         """
-        return make_conninfo(
-            "", host=self.host, port=self._port, user=self.user, dbname=dbname, **extra
-        )
+        params: dict[str, str | int] = {
+            "host": self.host,
+            "port": self._port,
+            "user": self.user,
+            "dbname": dbname,
+        }
+        if self.password is not None:
+            params["password"] = self.password
+        params.update(extra)
+        return make_conninfo("", **params)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -644,7 +686,9 @@ class PgCluster:
                     self._write_cluster_conf()
                     continue
                 raise
-            self._ever_started = True
+            first_start, self._ever_started = not self._ever_started, True
+            if first_start and self.password is not None:
+                self._set_password(self.password)
             log.debug(
                 "cluster %s started on port %d in %.3fs",
                 self.base_dir,
@@ -834,19 +878,37 @@ class PgCluster:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
+    def _socket_connect(self, application_name: str) -> psycopg.Connection[Any]:
+        """A trusted superuser connection over the unix socket (never a TCP login)."""
+        return psycopg.connect(
+            host=os.fspath(self.socket_dir),
+            port=self._port,
+            user=self.user,
+            dbname="postgres",
+            connect_timeout=2,
+            application_name=application_name,
+            autocommit=True,
+        )
+
+    def _set_password(self, password: str) -> None:
+        try:
+            with self._socket_connect("dbpool-harness-setup") as conn:
+                # Flushed at commit: the role keeps its password through an immediate kill().
+                conn.execute("SET synchronous_commit = on")
+                conn.execute(
+                    sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                        sql.Identifier(self.user), sql.Literal(password)
+                    )
+                )
+        except psycopg.Error as exc:
+            raise PgClusterError(f"could not set the password of {self.user!r}: {exc}") from None
+
     def _probe(self) -> bool:
         # Probe over the unix socket: logged as host=[local], so it does not
         # disturb count_connection_attempts(); TCP readiness is implied (the
         # postmaster opens its TCP listener before it reports "ready").
         try:
-            with psycopg.connect(
-                host=os.fspath(self.socket_dir),
-                port=self._port,
-                user=self.user,
-                dbname="postgres",
-                connect_timeout=2,
-                application_name="dbpool-harness-probe",
-            ) as conn:
+            with self._socket_connect("dbpool-harness-probe") as conn:
                 conn.execute("SELECT 1")
         except psycopg.OperationalError:
             return False
