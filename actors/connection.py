@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -280,11 +281,19 @@ class ConnectionActor(pykka.ThreadingActor):
         return ConnectionError(f"{where}: {detail}")
 
 
+#: The password of a URI as written, percent-escapes and all (libpq quotes it
+#: back that way when an escape is invalid).
+_URI_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@:?]*:([^@/?]+)@", re.IGNORECASE)
+
+
 def _secrets(opts: Mapping[str, Any]) -> set[str]:
     """The password values in ``opts``, including one inside a conninfo string or URI."""
     found = {str(opts["password"])} if opts.get("password") else set()
     conninfo = opts.get("conninfo")
     if conninfo:
+        written = _URI_PASSWORD.match(str(conninfo))
+        if written is not None:
+            found.add(written.group(1))
         try:
             password = conninfo_to_dict(str(conninfo)).get("password")
         except Exception:

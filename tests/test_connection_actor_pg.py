@@ -334,3 +334,21 @@ def test_after_connect_that_leaves_a_transaction_open_does_not_lend_it_dirty(
     with pool.checkout() as conn:
         assert conn.status() == "idle"
         assert conn.query("SHOW application_name").rows != [("dbpool-left-open",)]
+
+
+def test_a_uri_password_with_a_bad_percent_escape_is_hidden(
+    pools: list[Pool], caplog: pytest.LogCaptureFixture,
+    connect_errors: Recorder[dict[str, Any]], pg_dsn: str,
+) -> None:
+    # libpq refuses the URI and quotes the password back, as written.
+    secret = "pw%zzHIDDEN-uri-secret"
+    port = psycopg.conninfo.conninfo_to_dict(pg_dsn).get("port") or 5432
+    with caplog.at_level(logging.DEBUG):
+        pool = Pool.start(f"postgresql://postgres:{secret}@127.0.0.1:{port}/postgres",
+                          pool_size=1, backoff_type="exp", backoff_min=0.05)
+        pools.append(pool)
+        connect_errors.wait_count(lambda m: True, 1)
+    quoted = [str(m["error"]) for m in connect_errors.values()]
+    assert any("percent" in text for text in quoted), quoted  # the refusal we meant
+    assert all(secret not in text and "******" in text for text in quoted), quoted
+    assert secret not in caplog.text
