@@ -89,7 +89,8 @@ class Connection:
     """
 
     __slots__ = (
-        "__weakref__", "_core", "_driver", "_driver_state", "_loan", "_slot", "_tracked")
+        "__weakref__", "_broken", "_core", "_driver", "_driver_state", "_loan", "_slot",
+        "_tracked")
 
     def __init__(self, core: PoolCore, slot: Slot, loan: Loan) -> None:
         self._core = core
@@ -98,6 +99,10 @@ class Connection:
         self._driver: Driver[Any] = slot.driver
         self._driver_state = slot.driver_state
         self._tracked: _Tracking | None = None
+        #: Why the connection must be replaced at checkin, once it must.  Kept
+        #: here, not on the slot, until this loan's own checkin: after a revoke
+        #: the slot serves a new connection, which a late mark must not reach.
+        self._broken: BaseException | None = None
 
     # -- statements ------------------------------------------------------
 
@@ -207,7 +212,11 @@ class Connection:
         """``"idle"``, ``"transaction"``, or ``"error"``: a failed transaction, or, as
         in DBConnection, a connection found lost (it is then replaced at checkin).
         """
-        if self._loan.claim and self._slot.broken is not None:
+        loan = self._loan
+        if not loan.claim and loan.revoked is not None:  # its deadline took it
+            self._close_revoked(loan.revoked)
+            return "error"
+        if self._broken is not None:
             return "error"
         outcome = self._callback(self._driver.handle_status, _NO_OPTS,
                                  self._state(while_failed=True))
@@ -277,15 +286,15 @@ class Connection:
         next borrower must not see.  The first reason given is kept; calls
         after this one raise ``ConnectionError``.
         """
-        if self._slot.broken is None:
-            self._slot.broken = error
+        if self._broken is None:
+            self._broken = error
 
     # -- internals -------------------------------------------------------
 
     def _state(self, while_failed: bool = False) -> Any:
         if not self._loan.claim:
             self._raise_ended()
-        if self._slot.broken is not None:
+        if self._broken is not None:
             raise ConnectionError(
                 "connection is closed because of an error, disconnect or timeout")
         tracked = self._tracked
@@ -294,7 +303,7 @@ class Connection:
             # so the outermost transaction ends without a ROLLBACK to send.
             error = ConnectionError("transaction rolling back: an inner transaction rolled "
                                     "back, so the outer one can only roll back too")
-            self._slot.broken = error
+            self._broken = error
             raise error
         return self._driver_state
 
@@ -335,8 +344,8 @@ class Connection:
         if not loan.claim:  # revoked while the call ran: the slot serves others now
             if loan.revoked is not None:
                 self._close_revoked(loan.revoked)
-        elif self._slot.broken is None:
-            self._slot.broken = error
+        elif self._broken is None:
+            self._broken = error
         raise error
 
     def _log_entry(
@@ -373,7 +382,7 @@ class Connection:
         if after != "error" and after != before:
             error = ConnectionError(f"connection was checked out with status {before!r} but "
                                     f"it was checked in with status {after!r}")
-            self._slot.broken = error
+            self._broken = error
             raise error
 
     def _status_or_error(self) -> TransactionStatus:
@@ -391,6 +400,9 @@ class Connection:
             "outdated connection: its checkout has ended, so it may now serve another caller")
 
     def _unwrap(self, outcome: Outcome[T]) -> T:
+        # A call that completed is its answer, even if its deadline passed meanwhile
+        # (as in DBConnection): a revoke wakes a holder blocked on the network,
+        # whose call then fails, so a late success is a true one.
         if isinstance(outcome, Ok):
             return outcome.value
         if not self._loan.claim:  # revoked while the call ran (its deadline passed)
@@ -401,12 +413,12 @@ class Connection:
             self._lose(outcome.error, retry_safe=isinstance(outcome, DisconnectAndRetry))
         # A driver bug: whatever state the connection is in, it cannot be trusted.
         error = ConnectionError(f"bad return value: {outcome!r}")
-        self._slot.broken = error
+        self._broken = error
         raise error
 
     def _lose(self, error: BaseException, retry_safe: bool = False) -> NoReturn:
         """The driver says the connection is gone: mark it for reconnect and raise."""
-        self._slot.broken = error
+        self._broken = error
         message = f"connection lost: {' '.join(str(error).split())}"
         raise (LostBeforeEffect if retry_safe else ConnectionError)(message) from error
 
@@ -425,13 +437,15 @@ class Connection:
             return None
         self._driver_state = None  # ours no longer; nothing below may close it
         core, slot = self._core, self._slot
+        if self._broken is not None and slot.broken is None:
+            slot.broken = self._broken
         core.loans.pop(slot.index, None)  # core.forget(loan)
         core.clean(slot)
         return slot
 
     def _needs_cleaning(self) -> bool:
         """Whether checkin will have to roll back (which is I/O)."""
-        if not self._loan.claim or self._slot.broken is not None:
+        if not self._loan.claim or self._broken is not None:
             return False
         status = self._driver.handle_status(_NO_OPTS, self._driver_state)
         return not (isinstance(status, Ok) and status.value == "idle")

@@ -14,7 +14,9 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
+from functools import partial
 from typing import Any
 
 from dbpool import telemetry
@@ -40,6 +42,9 @@ logger = logging.getLogger("dbpool.pool")
 Monitor = Callable[[BaseException | None], object]
 #: What an async checkout leaves in its context: the holding task and its connection.
 AsyncHold = tuple["asyncio.Task[Any] | None", "weakref.ref[AsyncConnection]"]
+
+#: Threads that send cancels, at most (see PoolCore.cancel).
+CANCEL_THREADS = 4
 
 # Spreads disconnect_all over its interval: connection i goes at
 # frac(i * golden ratio) of the way, an even, deterministic stagger.
@@ -75,6 +80,9 @@ class PoolCore:
         #: Lent connections by slot index, for the watcher's sweeps.
         self.loans: dict[int, Loan] = {}
         self.watcher = LoanWatcher(self)
+        #: Sends cancels (see :meth:`cancel`).
+        self.cancels = ThreadPoolExecutor(CANCEL_THREADS,
+                                          thread_name_prefix=f"{options.name}-cancel")
         self.stopped = threading.Event()
         #: Why the pool stopped: None for a requested stop, else the error.
         self.exit_error: BaseException | None = None
@@ -221,17 +229,41 @@ class PoolCore:
         self.forget(loan)
         self.queue.record_usage(slot)
         logger.warning("%s", error)
-        cancel = getattr(slot.driver, "cancel", None)
-        if cancel is not None and state is not None:
-            try:
-                cancel(state)
-            except Exception:
-                logger.debug("cancel of a revoked loan failed", exc_info=True)
+        if state is not None:
+            # The cancel is made here, before the holder can close the connection,
+            # and sent from another thread: it may wait on the network.  Then the
+            # holder is woken at once, even from a read that would never return.
+            self.cancel(slot.driver, state)
+            interrupt = getattr(slot.driver, "interrupt", None)
+            if interrupt is not None:
+                try:
+                    interrupt(state)
+                except Exception:
+                    logger.debug("waking the holder of a revoked loan failed", exc_info=True)
         slot.driver_state = None
         self.deliver(ConnectionEvent("disconnected", self.name, slot.index, slot.actor,
                                      slot.backend_pid, reason=str(error)))
         self.reconnect(slot, error)
         return True
+
+    def cancel(self, driver: Any, state: Any) -> None:
+        """Cancel the statement running on a connection, without waiting for it.
+
+        The cancel is prepared now (``driver.prepare_cancel``, no I/O, so the
+        connection may close right after) and sent by one of at most
+        :data:`CANCEL_THREADS` threads: revokes and the front end's timeouts
+        never wait on the network, and a partition cannot pile up threads.
+        """
+        prepare = getattr(driver, "prepare_cancel", None)
+        try:
+            send = prepare(state) if prepare is not None else partial(driver.cancel, state)
+        except Exception:
+            logger.debug("preparing a cancel failed", exc_info=True)
+            return
+        try:
+            self.cancels.submit(_send_cancel, send)
+        except RuntimeError:  # shut down: the pool is stopping
+            pass
 
     def forget(self, loan: Loan) -> None:
         """Drop an ended loan from the watcher's table (by its claimer, so it is there)."""
@@ -357,12 +389,20 @@ class PoolCore:
         _call_monitor(monitor, self.exit_error)
 
     def mark_stopped(self, error: BaseException | None) -> None:
+        self.cancels.shutdown(wait=False, cancel_futures=True)
         with self._monitor_lock:
             self.exit_error = error
             self.stopped.set()
             monitors, self._monitors = self._monitors, []
         for monitor in monitors:
             _call_monitor(monitor, error)
+
+
+def _send_cancel(send: Callable[[], object]) -> None:
+    try:
+        send()
+    except Exception as error:  # the statement may have ended; the network may be down
+        logger.debug("a cancel failed: %s", error)
 
 
 def _call_monitor(monitor: Monitor, error: BaseException | None) -> None:

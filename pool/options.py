@@ -31,6 +31,8 @@ class PoolOptions:
       serves anyone; it may query through ``conn``.  A failure, or running
       past ``after_connect_timeout`` (15.0), drops the connection and
       reconnects after a backoff step.
+    - ``ping_timeout`` (5.0): a ping that has no answer by then counts as a
+      lost connection (a blackholed network never answers);
     - ``idle_interval`` (1.0): how often idle connections are pinged;
       ``idle_limit`` (pool_size): the most pinged per interval, oldest first.
     - ``connection_listeners``: ActorRefs and callables told of connected and
@@ -101,7 +103,9 @@ class PoolOptions:
       connection is taken from and given back to the pool.
 
     ``name`` names the pool in logs, events and threads.  ``connect_kwargs``
-    are extra libpq keywords (``password="..."``, ``connect_timeout=5``).
+    are extra libpq keywords (``password="..."``, ``connect_timeout=5``); the
+    psycopg driver's defaults for the network ones are in
+    :data:`dbpool.pgdriver.NETWORK_DEFAULTS`.
     """
 
     pool_size: int = 10
@@ -113,6 +117,7 @@ class PoolOptions:
     after_connect: Callable[[Any], object] | None = None
     after_connect_timeout: float = 15.0
     idle_interval: float = 1.0
+    ping_timeout: float = 5.0
     idle_limit: int | None = None
     connection_listeners: Sequence[ListenerSpec] = ()
     max_restarts: int = 3
@@ -143,8 +148,8 @@ class PoolOptions:
         if not isinstance(self.pool_size, int) or self.pool_size < 1:
             raise ConfigurationError(f"pool_size must be an integer >= 1, got {self.pool_size!r}")
         backoff.new(self.backoff_type, self.backoff_min, self.backoff_max)  # validates
-        for name in ("after_connect_timeout", "idle_interval", "max_seconds", "timeout",
-                     "queue_target", "queue_interval", "reconnect_log_interval"):
+        for name in ("after_connect_timeout", "idle_interval", "ping_timeout", "max_seconds",
+                     "timeout", "queue_target", "queue_interval", "reconnect_log_interval"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value <= 0:
                 raise ConfigurationError(f"{name} must be a positive number, got {value!r}")

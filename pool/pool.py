@@ -87,7 +87,8 @@ class Pool:
         config = ConnectionConfig(
             pool_name=opts.name,
             driver=driver,
-            connect_opts={"conninfo": conninfo, **opts.connect_kwargs},
+            connect_opts={"conninfo": conninfo, "ping_timeout": opts.ping_timeout,
+                          **opts.connect_kwargs},
             scheduler=core.scheduler,
             release=core.take_from_actor,
             deliver=core.deliver,

@@ -101,6 +101,18 @@ class SandboxDriver:
         if cancel is not None:
             cancel(state.inner)
 
+    def prepare_cancel(self, state: SandboxState) -> Callable[[], object]:
+        prepare = getattr(self.inner, "prepare_cancel", None)
+        if prepare is not None:
+            send: Callable[[], object] = prepare(state.inner)
+            return send
+        return lambda: self.cancel(state)
+
+    def interrupt(self, state: SandboxState) -> None:
+        interrupt = getattr(self.inner, "interrupt", None)
+        if interrupt is not None:
+            interrupt(state.inner)
+
     # -- transactions become savepoints ------------------------------------
 
     def handle_begin(self, opts: Options, state: SandboxState) -> TxOutcome[Result]:

@@ -99,13 +99,13 @@ class Transaction:
             return
         # An inner rollback, a lost connection, or a statement that failed
         # inside (status "error"): there is nothing to commit.
-        if failed or conn._slot.broken is not None or conn.status() == "error":
+        if failed or conn._broken is not None or conn.status() == "error":
             self._roll_back(quietly=False)
             raise RolledBack("rollback")
         try:
             self._send("commit")
         except TransactionError as error:
-            if error.status != "error" or conn._slot.broken is not None:
+            if error.status != "error" or conn._broken is not None:
                 raise
             # The driver found the transaction failed: as DBConnection does,
             # roll it back and keep the connection.
@@ -127,7 +127,7 @@ class Transaction:
                 error = TransactionError(_wrong_status(call, outcome.status),
                                          status=outcome.status)
                 if not (call == "commit" and outcome.status == "error"):
-                    conn._slot.broken = error  # its state is not what we think: replace it
+                    conn.mark_broken(error)  # its state is not what we think: replace it
                 return Error(error)  # raised by the caller, after the log entry
             return outcome
 
@@ -149,8 +149,7 @@ class Transaction:
         except Exception:
             if not quietly:
                 raise
-            if self._conn._slot.broken is None:
-                self._conn._slot.broken = RuntimeError("rollback failed")
+            self._conn.mark_broken(RuntimeError("rollback failed"))
 
 
 def _wrong_status(call: str, status: str) -> str:

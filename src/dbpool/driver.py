@@ -23,6 +23,18 @@ transaction is open, say); the pool turns it into a
 Callbacks run in whichever thread holds the connection: the connection's
 actor while it connects or pings, the caller's thread while it is lent.
 They are never called concurrently for one connection.
+
+A driver may also offer three calls that the pool makes from *other*
+threads, while the holder may be blocked in a callback (the psycopg driver
+has all three):
+
+- ``cancel(state)``: ask the server to stop the running statement; blocks;
+- ``prepare_cancel(state) -> send``: make that cancel now, without I/O, for
+  ``send()`` to send later, even after the connection was closed;
+- ``interrupt(state)``: wake the holder at once (the psycopg driver shuts
+  the socket down), leaving the connection unusable.  A revoke at a
+  deadline uses it so that the holder raises at its deadline even when the
+  network has stopped answering.
 """
 
 from __future__ import annotations

@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
+import select
+import socket
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from psycopg import pq, sql
+from psycopg import capabilities, pq, sql
+from psycopg.conninfo import conninfo_to_dict
 
 from .driver import (
     Column,
@@ -41,12 +46,34 @@ from .driver import (
 from .errors import StatementNotAllowed, TransactionStatus
 from .statement_scope import copy_refused, is_copy
 
-__all__ = ["PgCopy", "PgDriver", "PgState"]
+__all__ = ["CANCEL_TIMEOUT", "NETWORK_DEFAULTS", "PgCopy", "PgDriver", "PgState"]
 
 logger = logging.getLogger("dbpool.pgdriver")
 
 #: Option keys that belong to dbpool, never passed on to libpq.
-_POOL_KEYS = frozenset({"pool_index", "conninfo"})
+_POOL_KEYS = frozenset({"pool_index", "conninfo", "ping_timeout"})
+
+#: libpq's network settings unless the DSN or ``connect_kwargs`` set them.  A
+#: connect or a statement must not wait for ever on a network that drops
+#: packets: the connect gives up after ``connect_timeout`` seconds; an idle
+#: connection whose peer vanished is found by TCP keepalives within about
+#: 30 s; unacknowledged data is given up on after ``tcp_user_timeout`` ms.
+#: (Pool deadlines, pings and revokes do not wait for these: see
+#: :meth:`PgDriver.ping` and :meth:`PgDriver.interrupt`.)
+#: Seconds a cancel request may take.
+CANCEL_TIMEOUT = 5.0
+_POLL_OK = pq.PollingStatus.OK
+_POLL_FAILED = pq.PollingStatus.FAILED
+_POLL_READING = pq.PollingStatus.READING
+
+NETWORK_DEFAULTS: Mapping[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 15,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 
 _STATUS: dict[int, TransactionStatus] = {
     pq.TransactionStatus.IDLE: "idle",
@@ -72,6 +99,11 @@ class PgState:
     #: The ZeroMQ front end's psycopg Transformer for this connection, kept
     #: across its loans (making one costs more than a query).
     remote_transformer: Any = None
+    #: Seconds a ping may wait for its answer.
+    ping_timeout: float = 5.0
+    #: Our own descriptor of the connection's socket (see PgDriver.interrupt).
+    wake: socket.socket | None = None
+    wake_lock: threading.Lock = field(default_factory=threading.Lock)
     _cursor_ids: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
@@ -106,16 +138,53 @@ class PgDriver:
     """The driver behaviour on psycopg 3 (see :class:`dbpool.driver.Driver`)."""
 
     def connect(self, opts: Options) -> PgState:
+        conninfo = str(opts.get("conninfo", ""))
         kwargs = {k: v for k, v in opts.items() if k not in _POOL_KEYS}
         kwargs.setdefault("application_name", "dbpool")
-        conn = psycopg.Connection.connect(str(opts.get("conninfo", "")), autocommit=True, **kwargs)
-        return PgState(conn=conn, cursor=conn.cursor())
+        try:
+            given = conninfo_to_dict(conninfo)
+        except psycopg.Error:
+            given = {}  # libpq will say what is wrong with it
+        for key, value in NETWORK_DEFAULTS.items():
+            if key not in given and key not in kwargs:
+                kwargs[key] = value
+        conn = psycopg.Connection.connect(conninfo, autocommit=True, **kwargs)
+        state = PgState(conn=conn, cursor=conn.cursor(),
+                        ping_timeout=float(opts.get("ping_timeout", 5.0)))
+        try:
+            state.wake = socket.socket(fileno=os.dup(conn.pgconn.socket))
+        except OSError:  # not a socket we can wake: interrupt() does nothing
+            state.wake = None
+        return state
 
     def disconnect(self, err: BaseException | None, state: PgState) -> None:
         try:
             state.conn.close()
         except Exception:  # closing must never raise into the pool
             logger.debug("error while closing connection", exc_info=True)
+        with state.wake_lock:  # the socket closes once our descriptor of it does
+            wake, state.wake = state.wake, None
+        if wake is not None:
+            wake.close()
+
+    def interrupt(self, state: PgState) -> None:
+        """Wake, at once, a thread blocked on this connection's socket: shut it down.
+
+        The blocked call fails as with a lost connection, and the connection
+        is unusable afterwards.  Safe from any thread.  A deadline revoke uses
+        it, so that a holder stuck in a network that dropped its packets
+        raises at its deadline rather than whenever TCP gives up.  It acts
+        on the driver's own duplicate of the socket's descriptor, under a
+        lock shared with :meth:`disconnect`, so it can never reach another
+        connection that reused the number.
+        """
+        with state.wake_lock:
+            if state.wake is None:
+                return
+            try:
+                state.wake.shutdown(socket.SHUT_RDWR)
+            except OSError:  # already shut or reset
+                pass
 
     def checkout(self, state: PgState) -> Outcome[None]:
         if state.conn.closed:
@@ -123,18 +192,74 @@ class PgDriver:
         return _OK_NONE
 
     def ping(self, state: PgState) -> Outcome[None]:
+        """``SELECT 1``, waiting at most ``ping_timeout`` for the answer.
+
+        Driven through libpq directly with a poll, so that a network that
+        drops packets makes a ping fail at its deadline, not hang the
+        connection's actor.
+        """
+        pgconn = state.conn.pgconn
+        deadline = time.monotonic() + state.ping_timeout
         try:
-            state.cursor.execute("SELECT 1")
+            pgconn.send_query(b"SELECT 1")
+            while pgconn.flush() == 1:
+                if not _wait(pgconn.socket, select.POLLOUT, deadline):
+                    return Disconnect(_ping_timeout(state))
+            while True:
+                pgconn.consume_input()
+                if not pgconn.is_busy():
+                    break
+                if not _wait(pgconn.socket, select.POLLIN, deadline):
+                    return Disconnect(_ping_timeout(state))
+            failed = None
+            while (result := pgconn.get_result()) is not None:
+                if result.status != _TUPLES_OK and failed is None:
+                    failed = psycopg.errors.error_from_result(result, state.conn.info.encoding)
         except psycopg.Error as err:
             return Disconnect(err)
+        if failed is not None or pgconn.status != pq.ConnStatus.OK:
+            return Disconnect(failed or psycopg.OperationalError("the connection is not usable"))
         return _OK_NONE
 
     def cancel(self, state: PgState) -> None:
-        """Ask the server to cancel the statement running on ``state``.
+        """Ask the server to cancel the statement running on ``state``; wait for the
+        answer up to :data:`CANCEL_TIMEOUT`.
 
         Safe to call from any thread while another thread runs a query.
         """
-        state.conn.cancel_safe(timeout=5.0)
+        self.prepare_cancel(state)()
+
+    def prepare_cancel(self, state: PgState) -> Callable[[], None]:
+        """A cancel of the statement running on ``state``, made now without I/O; the
+        call it returns sends it (blocking, up to :data:`CANCEL_TIMEOUT`).
+
+        Made while the connection is open, it can be sent after the
+        connection has been closed, from any thread.
+        """
+        pgconn = state.conn.pgconn
+        if not capabilities.has_cancel_safe():  # libpq before 17: no timeout to be had
+            return pgconn.get_cancel().cancel
+        cancel_conn = pgconn.cancel_conn()
+
+        def send() -> None:
+            deadline = time.monotonic() + CANCEL_TIMEOUT
+            try:
+                cancel_conn.start()
+                while True:
+                    status = cancel_conn.poll()
+                    if status == _POLL_OK:
+                        return
+                    if status == _POLL_FAILED:
+                        raise psycopg.OperationalError(
+                            f"cancel failed: {cancel_conn.get_error_message()}")
+                    event = select.POLLIN if status == _POLL_READING else select.POLLOUT
+                    if not _wait(cancel_conn.socket, event, deadline):
+                        raise psycopg.errors.CancellationTimeout(
+                            f"no answer to a cancel within {CANCEL_TIMEOUT:g}s")
+            finally:
+                cancel_conn.finish()
+
+        return send
 
     # -- transactions ----------------------------------------------------
 
@@ -343,6 +468,22 @@ class PgDriver:
 
 
 _OK_NONE: Ok[None] = Ok(None)
+
+
+def _wait(fd: int, event: int, deadline: float) -> bool:
+    """Wait until ``fd`` is ready for ``event``; False if the deadline passed first."""
+    poller = select.poll()
+    poller.register(fd, event)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if poller.poll(left * 1000):
+            return True
+
+
+def _ping_timeout(state: PgState) -> psycopg.OperationalError:
+    return psycopg.OperationalError(f"no answer to a ping within {state.ping_timeout:g}s")
 
 
 def _status(state: PgState) -> TransactionStatus:

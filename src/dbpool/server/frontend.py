@@ -36,7 +36,6 @@ import logging
 import os
 import secrets
 import select
-import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
@@ -1172,11 +1171,8 @@ class FrontEnd:
                 return
 
     def _cancel(self, pipe: Pipe) -> None:
-        """Cancel the statement running on ``pipe``, from a helper thread (it blocks)."""
-        state = pipe.state
-        driver = self.core.driver
-        threading.Thread(target=_cancel_quietly, args=(driver, state),
-                         name="dbpool-cancel", daemon=True).start()
+        """Cancel the statement running on ``pipe`` (sent by the pool's cancel threads)."""
+        self.core.cancel(self.core.driver, pipe.state)
 
     # -- time ----------------------------------------------------------------
 
@@ -1290,13 +1286,6 @@ class FrontEnd:
 
 def _inflight(pipe: Pipe) -> int:
     return len(pipe.requests)
-
-
-def _cancel_quietly(driver: Any, state: Any) -> None:
-    try:
-        driver.cancel(state)
-    except Exception:
-        logger.debug("front end: cancel failed", exc_info=True)
 
 
 # -- request fields --------------------------------------------------------------
