@@ -54,6 +54,7 @@ from dbpool.protocol import VERSION, error_map, protocol_error
 from dbpool.statement_scope import copy_refused, explain, scope_of
 
 from .copy import Copy
+from .memory import Trimmer
 from .pipeline import (
     AT_ONCE,
     NEVER,
@@ -192,6 +193,8 @@ class FrontEnd:
         self._monitor_fd = cast(int, self._monitor.getsockopt(zmq.FD))
         self._poller.register(self._monitor_fd, _POLLIN)
         self.clients = 0
+        self._departures = 0  # clients that left, ever
+        self._trimmer = Trimmer()  # gives back the memory they leave behind
         self._count_clients()  # asking ZMQ_EVENTS arms the (edge-triggered) descriptor
         self._pipes: dict[int, Pipe] = {}  # by socket
         self._dirty: set[Pipe] = set()  # pipes to flush before the loop sleeps
@@ -342,7 +345,11 @@ class FrontEnd:
         monitor = self._monitor
         while cast(int, monitor.getsockopt(_ZMQ_EVENTS)) & _ZMQ_POLLIN:
             event = recv_monitor_message(monitor, _NOBLOCK)["event"]
-            self.clients += 1 if event == zmq.EVENT_ACCEPTED else -1
+            if event == zmq.EVENT_ACCEPTED:
+                self.clients += 1
+            else:
+                self.clients -= 1
+                self._departures += 1
 
     def _drain_inbox(self) -> None:
         try:
@@ -1179,6 +1186,7 @@ class FrontEnd:
     def _tick(self, now: float) -> None:
         """Deadlines of queued and running requests, silent sessions, old leases."""
         self._next_tick = now + _TICK
+        self._trimmer.tick(now, self._departures)
         queued = self._queued
         if queued:
             for job in [job for job in queued if job.deadline <= now]:
