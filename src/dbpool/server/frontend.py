@@ -55,6 +55,7 @@ from dbpool.statement_scope import copy_refused, explain, scope_of
 
 from .copy import Copy
 from .memory import Trimmer
+from .peers import Peers
 from .pipeline import (
     AT_ONCE,
     NEVER,
@@ -79,6 +80,9 @@ _INF = float("inf")
 #: A SELECT's status: the one answer that needs no look for a failure.
 _TUPLES_OK = int(pq.ExecStatus.TUPLES_OK)
 _NOBLOCK = int(zmq.NOBLOCK)
+_SRCFD = int(zmq.SRCFD)
+#: Operations that make a lease (or a stream or copy) for their session.
+_HOLDING_OPS = frozenset({"begin", "stream", "copy_out", "copy_in"})
 _SNDMORE = int(zmq.SNDMORE)
 _ZMQ_EVENTS = int(zmq.EVENTS)
 _ZMQ_POLLIN = int(zmq.POLLIN)
@@ -194,6 +198,8 @@ class FrontEnd:
         self._poller.register(self._monitor_fd, _POLLIN)
         self.clients = 0
         self._departures = 0  # clients that left, ever
+        #: The connections of lease-holding sessions, to release a dead client's leases.
+        self._peers = Peers()
         self._trimmer = Trimmer()  # gives back the memory they leave behind
         self._count_clients()  # asking ZMQ_EVENTS arms the (edge-triggered) descriptor
         self._pipes: dict[int, Pipe] = {}  # by socket
@@ -324,10 +330,13 @@ class FrontEnd:
         router = self.router
         recv, option, handle = router.recv, router.getsockopt, self._handle
         while cast(int, option(_ZMQ_EVENTS)) & _ZMQ_POLLIN:
-            frames = [recv(_NOBLOCK), recv(_NOBLOCK)]  # a message arrives whole
+            # The routing id as a Frame: it says which connection the request came
+            # through (SRCFD), for the sessions that hold leases (see peers.py).
+            origin = recv(_NOBLOCK, copy=False)
+            frames = [origin.bytes, recv(_NOBLOCK)]  # a message arrives whole
             while option(_ZMQ_RCVMORE):
                 frames.append(recv(_NOBLOCK))
-            handle(frames)
+            handle(frames, origin)
 
     def _flush(self) -> None:
         """Send the statements queued on connections this iteration, one write each."""
@@ -343,13 +352,33 @@ class FrontEnd:
 
     def _count_clients(self) -> None:
         monitor = self._monitor
+        left = False
         while cast(int, monitor.getsockopt(_ZMQ_EVENTS)) & _ZMQ_POLLIN:
-            event = recv_monitor_message(monitor, _NOBLOCK)["event"]
-            if event == zmq.EVENT_ACCEPTED:
+            message = recv_monitor_message(monitor, _NOBLOCK)
+            if message["event"] == zmq.EVENT_ACCEPTED:
                 self.clients += 1
             else:
                 self.clients -= 1
                 self._departures += 1
+                self._peers.disconnected(int(message["value"]), time.monotonic())
+                left = True
+        if left and self._peers.watching:
+            self._release_the_dead(time.monotonic())
+
+    def _release_the_dead(self, now: float) -> None:
+        """Roll back at once the leases of sessions whose connections have all closed."""
+        for session in self._peers.dead(now):
+            self._release_session(session)
+
+    def _release_if_gone(self, session: str) -> None:
+        if not self._peers.alive(session):
+            self._release_session(session)
+
+    def _release_session(self, session: str) -> None:
+        for lease_id in list(self._sessions.get(session, ())):
+            lease = self.leases.get(lease_id)
+            if lease is not None and lease.lease is None:  # a stream in a lease goes with it
+                self._expire(lease, "its client's connections closed")
 
     def _drain_inbox(self) -> None:
         try:
@@ -367,7 +396,7 @@ class FrontEnd:
 
     # -- requests ------------------------------------------------------------
 
-    def _handle(self, frames: list[bytes]) -> None:
+    def _handle(self, frames: list[bytes], origin: zmq.Frame) -> None:
         """Decode, validate and start one request; answer errors at once."""
         self.counters["requests"] += 1
         if len(frames) == 2:
@@ -419,7 +448,11 @@ class FrontEnd:
                 "bad_request", f"'timeout' must be a number of seconds, more than 0 and at "
                                f"most {_MAX_TIMEOUT:g}"))
             return
-        job = Job(route, rid, str(op), req, time.monotonic() + timeout)
+        now = time.monotonic()
+        session = req.get("session")
+        if type(session) is str and (op in _HOLDING_OPS or session in self._sessions):
+            self._peers.note(session, origin.get(_SRCFD), now)
+        job = Job(route, rid, str(op), req, now + timeout)
         try:
             handler(job)
         except RequestError as error:
@@ -813,6 +846,8 @@ class FrontEnd:
         self.leases[lease.id] = lease
         self._sessions.setdefault(lease.session, set()).add(lease.id)
         self.counters[_COUNTERS[lease.kind]] += 1
+        if not self._peers.alive(lease.session):  # the client died while it began
+            self.post(lambda: self._release_if_gone(lease.session))
 
     def _forget(self, lease: Lease, why: str) -> None:
         self.leases.pop(lease.id, None)
@@ -821,6 +856,7 @@ class FrontEnd:
             ids.discard(lease.id)
             if not ids:
                 del self._sessions[lease.session]
+                self._peers.forget(lease.session)
         self._ended[lease.id] = why
         if len(self._ended) > _ENDED_MEMORY:
             self._ended.popitem(last=False)
@@ -1205,6 +1241,10 @@ class FrontEnd:
             if len(requests) == 1 and requests[0].deadline <= now and not pipe.cancelling:
                 pipe.cancelling = True
                 self._cancel(pipe)
+        if self._peers.watching:
+            self._release_the_dead(now)
+        if len(self._peers) > len(self._sessions):
+            self._peers.prune(now, self._sessions)
         if self.leases:
             silent = now - self.config.heartbeat_timeout
             for lease in list(self.leases.values()):
