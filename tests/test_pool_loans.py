@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -76,6 +77,43 @@ def test_a_holder_past_its_deadline_loses_the_connection_to_others(
         assert info.value.reason == "deadline"
         assert old_pid not in backends(pg_dsn, "dbpool-overdue")  # closed by that call
     assert pool.query("SELECT 1").rows == [(1,)]
+
+
+def test_status_after_a_revoke_is_error_and_a_late_mark_does_not_reach_the_new_connection(
+    pg_dsn: str, pools: list[Pool]
+) -> None:
+    pool, events = start_named(pg_dsn, pools, "dbpool-late-mark")
+    with pool.checkout(timeout=0.3) as overdue:
+        events.wait_count(kind("connected"), 2)  # revoked; the slot has a new connection
+        # As DBConnection's status: "error" for a connection lost, not an exception.
+        assert overdue.status() == "error"
+        # The overdue holder finds its connection unusable and marks it, late: the
+        # slot's new connection, which another caller now holds, must not be the one
+        # replaced at checkin.
+        with pool.checkout(timeout=5) as other:
+            new_pid = other.backend_pid
+            overdue.mark_broken(RuntimeError("found broken after the revoke"))
+        assert pool.query("SELECT pg_backend_pid()").rows == [(new_pid,)]
+    assert pool.metrics()["disconnects"] == 1  # the revoked one only
+
+
+def test_a_holder_blocked_on_a_silent_network_raises_at_its_deadline(
+    pg_dsn: str, pools: list[Pool], fault_proxy: Any
+) -> None:
+    target = psycopg.conninfo.conninfo_to_dict(pg_dsn)
+    proxy = fault_proxy(str(target.get("host", "127.0.0.1")), int(target.get("port", 5432)))
+    pool, _ = start_named(proxy.wrap_conninfo(pg_dsn), pools, "dbpool-blackholed")
+    with pool.checkout(timeout=1.0) as conn:
+        assert conn.query("SELECT 1").rows == [(1,)]
+        proxy.blackhole(True)  # the query goes out; its answer never comes
+        began = time.monotonic()
+        with pytest.raises(ConnectionError) as info:
+            conn.query("SELECT 2")
+        waited = time.monotonic() - began
+    assert info.value.reason == "deadline"
+    assert waited < 1.5, f"the holder was woken {waited:.2f}s into a 1s deadline"
+    proxy.blackhole(False)
+    assert pool.query("SELECT 3", timeout=10).rows == [(3,)]
 
 
 def test_a_checkout_within_its_deadline_is_untouched(pg_dsn: str, pools: list[Pool]) -> None:

@@ -25,6 +25,7 @@ idle while heartbeats run).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import select
@@ -400,6 +401,23 @@ def test_lease_max_ends_a_transaction_despite_heartbeats(
         wait_for(lambda: pool_whole(observer, size), 5, "the connection back in the pool")
         assert client.query("SELECT 1").rows == [(1,)]
     assert rows_of(pg_dsn, table) == []
+
+
+def test_leaving_a_transaction_whose_lease_ended_logs_no_warning(
+        servers: Servers, pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    # The server rolled it back already: the rollback on the way out has nothing to
+    # report beyond a debug line, and certainly no traceback.
+    server = servers.start(pg_dsn, "--lease-max", "0.3")
+    with Client(server.endpoint, timeout=5) as client, \
+            Client(server.endpoint, timeout=5) as observer, \
+            caplog.at_level(logging.DEBUG, logger="dbpool.client"), \
+            pytest.raises(ValueError, match="the caller's own"), client.transaction():
+        wait_for(lambda: open_leases(observer) == 0, 10, "lease_max to end the lease")
+        raise ValueError("the caller's own error")
+    records = [r for r in caplog.records if r.name.startswith("dbpool.client")]
+    assert any("had ended before its rollback" in r.getMessage() for r in records), records
+    assert all(r.levelno < logging.WARNING and r.exc_info is None for r in records), \
+        [(r.levelname, r.getMessage()) for r in records]
 
 
 # -- 4. leases belong to their session -----------------------------------------------------
