@@ -29,7 +29,7 @@ from collections.abc import (
     Sequence,
 )
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -70,6 +70,8 @@ from ._base import (
 from .events import AsyncSubscription
 
 __all__ = ["AsyncClient", "AsyncCopyTo", "AsyncStream", "AsyncTransaction"]
+
+PageT = TypeVar("PageT")
 
 logger = logging.getLogger("dbpool.client.aio")
 
@@ -567,24 +569,21 @@ class AsyncTransaction:
         return f"<AsyncTransaction {self.lease or '(not begun)'} {self._state}>"
 
 
-class AsyncStream:
-    """The pages of a server-side cursor: :class:`~dbpool.client.Stream` for asyncio.
+class _AsyncPaged(Generic[PageT]):
+    """What an :class:`AsyncStream` and an :class:`AsyncCopyTo` share: pages asked for
+    one request at a time, heartbeats while the server holds it open, ``close``.
 
-    ``async for page in stream`` yields a :class:`~dbpool.driver.Result`
-    per page, :meth:`rows` the rows; leaving ``async with`` closes the
-    stream (as does leaving an iteration early, when the iteration is
-    finalized); :meth:`fetch` pages by hand.
+    A subclass names its ``kind`` (the key of ``close``), its first and next
+    requests, and reads its pages.
     """
 
-    def __init__(self, client: AsyncClient, sql: str, params: Params, max_rows: int,
-                 timeout: float | None, lease: str | None) -> None:
+    kind = ""
+
+    def __init__(self, client: AsyncClient, timeout: float | None, lease: str | None) -> None:
         self._client = client
-        self._sql = sql
-        self._params = params
-        self._max_rows = max_rows
         self._timeout = timeout
         self._lease = lease
-        #: The server's id of the stream, once it was declared.
+        #: The server's id of it, once it started.
         self.id: str | None = None
         self._done = False
         self._closed = False
@@ -592,57 +591,61 @@ class AsyncStream:
 
     @property
     def done(self) -> bool:
-        """True once the last page was read (the server closed the cursor)."""
+        """True once the last page was read (the server ended it)."""
         return self._done
 
     @property
     def closed(self) -> bool:
-        """True once the stream is done or closed."""
+        """True once it is done or closed."""
         return self._closed or self._done
 
-    async def fetch(self) -> Result | None:
-        """The next page, or None once the stream is done or closed."""
+    def _first(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _next(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _read_page(self, value: Any, op: str) -> tuple[str, PageT, bool]:
+        """``(id, page, done)`` of a reply."""
+        raise NotImplementedError
+
+    async def fetch(self) -> PageT | None:
+        """The next page, or None once it is done or closed."""
         if self._done or self._closed:
             return None
         client = self._client
         if self.id is None:
-            msg = request("stream", sql=self._sql, params=self._params,
-                          max_rows=self._max_rows, session=client.session)
+            msg = self._first()
             if self._lease is not None:
                 msg["lease"] = self._lease
         else:
-            msg = request("fetch", stream=self.id, session=client.session)
+            msg = self._next()
         if self._timeout is not None:
             msg["timeout"] = self._timeout
         value = await client._call(msg, self._timeout)
-        stream_id, result, done = page_map(value, client._endpoint(), msg["op"])
+        page_id, page, done = self._read_page(value, msg["op"])
         if self.id is None:
-            self.id = stream_id
+            self.id = page_id
             if not done:
                 self._keepalive = client._heartbeat.add(None)
         if done:
             self._done = True
             self._release()
-        return to_result(result)
+        return page
 
-    async def __aiter__(self) -> AsyncIterator[Result]:
+    async def __aiter__(self) -> AsyncIterator[PageT]:
         finished = False
         try:
             while (page := await self.fetch()) is not None:
-                yield page
+                if page:  # a COPY's last page may be empty; a Result always counts
+                    yield page
             finished = True
         finally:
             if not finished:
                 await self._close_quietly()
 
-    async def rows(self) -> AsyncIterator[tuple[Any, ...]]:
-        """Every row of the stream's remaining pages."""
-        async for page in self:
-            for row in page.rows:
-                yield row
-
     async def close(self, *, timeout: float | None = None) -> None:
-        """End the stream; sends ``close`` if the server still has it open."""
+        """End it; sends ``close`` if the server still has it open."""
         if self._closed:
             return
         self._closed = True
@@ -650,7 +653,7 @@ class AsyncStream:
             return
         client = self._client
         try:
-            msg = request("close", stream=self.id, session=client.session)
+            msg = request("close", session=client.session, **{self.kind: self.id})
             if timeout is not None:
                 msg["timeout"] = timeout
             await client._call(msg, timeout)
@@ -660,15 +663,15 @@ class AsyncStream:
     async def _close_quietly(self) -> None:
         try:
             await self.close()
-        except Exception:
-            logger.warning("closing stream %s failed", self.id, exc_info=True)
+        except Exception as error:
+            logger.warning("closing %s %s failed: %r", self.kind, self.id, error)
 
     def _release(self) -> None:
         if self._keepalive is not None:
             self._client._heartbeat.remove(self._keepalive)
             self._keepalive = None
 
-    async def __aenter__(self) -> AsyncStream:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -680,7 +683,79 @@ class AsyncStream:
 
     def __repr__(self) -> str:
         state = "done" if self._done else "closed" if self._closed else "open"
-        return f"<AsyncStream {self.id or '(not started)'} {state}>"
+        return f"<{type(self).__name__} {self.id or '(not started)'} {state}>"
+
+
+class AsyncStream(_AsyncPaged[Result]):
+    """The pages of a server-side cursor: :class:`~dbpool.client.Stream` for asyncio.
+
+    ``async for page in stream`` yields a :class:`~dbpool.driver.Result`
+    per page, :meth:`rows` the rows; leaving ``async with`` closes the
+    stream (as does leaving an iteration early, when the iteration is
+    finalized); :meth:`fetch` pages by hand.
+    """
+
+    kind = "stream"
+
+    def __init__(self, client: AsyncClient, sql: str, params: Params, max_rows: int,
+                 timeout: float | None, lease: str | None) -> None:
+        super().__init__(client, timeout, lease)
+        self._sql = sql
+        self._params = params
+        self._max_rows = max_rows
+
+    def _first(self) -> dict[str, Any]:
+        return request("stream", sql=self._sql, params=self._params, max_rows=self._max_rows,
+                       session=self._client.session)
+
+    def _next(self) -> dict[str, Any]:
+        return request("fetch", stream=self.id, session=self._client.session)
+
+    def _read_page(self, value: Any, op: str) -> tuple[str, Result, bool]:
+        stream_id, result, done = page_map(value, self._client._endpoint(), op)
+        return stream_id, to_result(result), done
+
+    async def rows(self) -> AsyncIterator[tuple[Any, ...]]:
+        """Every row of the stream's remaining pages."""
+        async for page in self:
+            for row in page.rows:
+                yield row
+
+
+class AsyncCopyTo(_AsyncPaged[bytes]):
+    """The data of a ``COPY ... TO STDOUT``: :class:`~dbpool.client.CopyTo` for asyncio.
+
+    ``async for page in copy`` yields ``bytes`` pages; leaving ``async with``
+    (or an iteration, early) cancels the COPY on the server.
+    """
+
+    kind = "copy"
+
+    def __init__(self, client: AsyncClient, sql: str, params: Params, page_bytes: int,
+                 timeout: float | None, lease: str | None) -> None:
+        super().__init__(client, timeout, lease)
+        self._sql = sql
+        self._params = params
+        self._page_bytes = page_bytes
+        #: The COPY's result, once all its data has arrived.
+        self.result: Result | None = None
+
+    def _first(self) -> dict[str, Any]:
+        return request("copy_out", sql=self._sql, params=self._params,
+                       page_bytes=self._page_bytes, session=self._client.session)
+
+    def _next(self) -> dict[str, Any]:
+        return request("copy_read", copy=self.id, session=self._client.session)
+
+    def _read_page(self, value: Any, op: str) -> tuple[str, bytes, bool]:
+        copy_id, data, done, result = copy_page(value, self._client._endpoint(), op)
+        if done:
+            self.result = result
+        return copy_id, data, done
+
+    async def read(self) -> bytes:
+        """All the (remaining) data at once."""
+        return b"".join([page async for page in self])
 
 
 class _Heartbeat:
@@ -762,112 +837,6 @@ class _Heartbeat:
             logger.warning("heartbeat failed: %s", exc)
         else:
             logger.debug("heartbeat reply %r", value)
-
-
-class AsyncCopyTo:
-    """The data of a ``COPY ... TO STDOUT``: :class:`~dbpool.client.CopyTo` for asyncio.
-
-    ``async for page in copy`` yields ``bytes`` pages; leaving ``async with``
-    (or an iteration, early) cancels the COPY on the server.
-    """
-
-    def __init__(self, client: AsyncClient, sql: str, params: Params, page_bytes: int,
-                 timeout: float | None, lease: str | None) -> None:
-        self._client = client
-        self._sql = sql
-        self._params = params
-        self._page_bytes = page_bytes
-        self._timeout = timeout
-        self._lease = lease
-        #: The server's id of the copy, once it started.
-        self.id: str | None = None
-        #: The COPY's result, once all its data has arrived.
-        self.result: Result | None = None
-        self._done = False
-        self._closed = False
-        self._keepalive: float | None = None
-
-    async def fetch(self) -> bytes | None:
-        """The next page of data, or None once it has all arrived or the copy is closed."""
-        if self._done or self._closed:
-            return None
-        client = self._client
-        if self.id is None:
-            msg = request("copy_out", sql=self._sql, params=self._params,
-                          page_bytes=self._page_bytes, session=client.session)
-            if self._lease is not None:
-                msg["lease"] = self._lease
-        else:
-            msg = request("copy_read", copy=self.id, session=client.session)
-        if self._timeout is not None:
-            msg["timeout"] = self._timeout
-        value = await client._call(msg, self._timeout)
-        copy_id, data, done, result = copy_page(value, client._endpoint(), msg["op"])
-        if self.id is None:
-            self.id = copy_id
-            if not done:
-                self._keepalive = client._heartbeat.add(None)
-        if done:
-            self._done = True
-            self.result = result
-            self._release()
-        return data
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        finished = False
-        try:
-            while (page := await self.fetch()) is not None:
-                if page:
-                    yield page
-            finished = True
-        finally:
-            if not finished:
-                await self._close_quietly()
-
-    async def read(self) -> bytes:
-        """All the (remaining) data at once."""
-        return b"".join([page async for page in self])
-
-    async def close(self, *, timeout: float | None = None) -> None:
-        """End the copy; cancels the COPY if the server is still sending it."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.id is None or self._done:
-            return
-        client = self._client
-        try:
-            msg = request("close", copy=self.id, session=client.session)
-            if timeout is not None:
-                msg["timeout"] = timeout
-            await client._call(msg, timeout)
-        finally:
-            self._release()
-
-    async def _close_quietly(self) -> None:
-        try:
-            await self.close()
-        except Exception as error:
-            logger.warning("closing copy %s failed: %r", self.id, error)
-
-    def _release(self) -> None:
-        if self._keepalive is not None:
-            self._client._heartbeat.remove(self._keepalive)
-            self._keepalive = None
-
-    async def __aenter__(self) -> AsyncCopyTo:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        if exc_type is None:
-            await self.close()
-        else:
-            await self._close_quietly()
-
-    def __repr__(self) -> str:
-        state = "done" if self._done else "closed" if self._closed else "open"
-        return f"<AsyncCopyTo {self.id or '(not started)'} {state}>"
 
 
 async def _copy_from(client: AsyncClient, sql: str, data: CopyData | AsyncIterable[bytes | str],

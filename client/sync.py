@@ -22,7 +22,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 import zmq
 
@@ -64,6 +64,8 @@ from .events import Subscription
 __all__ = ["Client", "CopyTo", "Stream", "Transaction"]
 
 logger = logging.getLogger("dbpool.client.sync")
+
+PageT = TypeVar("PageT")
 
 _Again = zmq.Again
 _ZMQError = zmq.ZMQError
@@ -623,26 +625,21 @@ class Transaction:
         return f"<Transaction {self.lease} {'active' if self._active else 'ended'}>"
 
 
-class Stream:
-    """The pages of a server-side cursor (ops ``stream``, ``fetch``, ``close``).
+class _Paged(Generic[PageT]):
+    """What a :class:`Stream` and a :class:`CopyTo` share: pages asked for one request at
+    a time, heartbeats while the server holds the stream or copy open, and ``close``.
 
-    Iterating yields one :class:`~dbpool.driver.Result` per page (at most
-    ``max_rows`` rows); :meth:`rows` yields the rows themselves.  The
-    ``stream`` request goes out with the first page asked for.  Leaving an
-    iteration early (``break``, an exception) closes the stream, as does
-    the end of a ``with`` block; :meth:`fetch` pages by hand.  While the
-    stream is open the client sends heartbeats for it.
+    A subclass names its ``kind`` (the key of ``close``), its first and next
+    requests, and reads its pages.
     """
 
-    def __init__(self, client: Client, sql: str, params: Params, max_rows: int,
-                 timeout: float | None, lease: str | None) -> None:
+    kind = ""
+
+    def __init__(self, client: Client, timeout: float | None, lease: str | None) -> None:
         self._client = client
-        self._sql = sql
-        self._params = params
-        self._max_rows = max_rows
         self._timeout = timeout
         self._lease = lease
-        #: The server's id of the stream, once it was declared.
+        #: The server's id of it, once it started.
         self.id: str | None = None
         self._done = False
         self._closed = False
@@ -650,56 +647,60 @@ class Stream:
 
     @property
     def done(self) -> bool:
-        """True once the last page was read (the server closed the cursor)."""
+        """True once the last page was read (the server ended it)."""
         return self._done
 
     @property
     def closed(self) -> bool:
-        """True once the stream is done or closed."""
+        """True once it is done or closed."""
         return self._closed or self._done
 
-    def fetch(self) -> Result | None:
-        """The next page, or None once the stream is done or closed."""
+    def _first(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _next(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _read_page(self, value: Any, op: str) -> tuple[str, PageT, bool]:
+        """``(id, page, done)`` of a reply."""
+        raise NotImplementedError
+
+    def fetch(self) -> PageT | None:
+        """The next page, or None once it is done or closed."""
         if self._done or self._closed:
             return None
         client = self._client
         if self.id is None:
-            msg = request("stream", sql=self._sql, params=self._params,
-                          max_rows=self._max_rows, session=client.session)
+            msg = self._first()
             if self._lease is not None:
                 msg["lease"] = self._lease
         else:
-            msg = request("fetch", stream=self.id, session=client.session)
+            msg = self._next()
         if self._timeout is not None:
             msg["timeout"] = self._timeout
-        value = client._call(msg, self._timeout)
-        stream_id, result, done = page_map(value, client._ch.endpoint, msg["op"])
+        page_id, page, done = self._read_page(client._call(msg, self._timeout), msg["op"])
         if self.id is None:
-            self.id = stream_id
+            self.id = page_id
             if not done:
                 self._keepalive = client._heartbeat.add(None)
         if done:
             self._done = True
             self._release()
-        return to_result(result)
+        return page
 
-    def __iter__(self) -> Iterator[Result]:
+    def __iter__(self) -> Iterator[PageT]:
         finished = False
         try:
             while (page := self.fetch()) is not None:
-                yield page
+                if page:  # a COPY's last page may be empty; a Result always counts
+                    yield page
             finished = True
         finally:
             if not finished:
                 self._close_quietly()
 
-    def rows(self) -> Iterator[tuple[Any, ...]]:
-        """Every row of the stream's remaining pages."""
-        for page in self:
-            yield from page.rows
-
     def close(self, *, timeout: float | None = None) -> None:
-        """End the stream; sends ``close`` if the server still has it open."""
+        """End it; sends ``close`` if the server still has it open."""
         if self._closed:
             return
         self._closed = True
@@ -707,7 +708,7 @@ class Stream:
             return
         client = self._client
         try:
-            msg = request("close", stream=self.id, session=client.session)
+            msg = request("close", session=client.session, **{self.kind: self.id})
             if timeout is not None:
                 msg["timeout"] = timeout
             client._call(msg, timeout)
@@ -717,15 +718,15 @@ class Stream:
     def _close_quietly(self) -> None:
         try:
             self.close()
-        except Exception:
-            logger.warning("closing stream %s failed", self.id, exc_info=True)
+        except Exception as error:
+            logger.warning("closing %s %s failed: %r", self.kind, self.id, error)
 
     def _release(self) -> None:
         if self._keepalive is not None:
             self._client._heartbeat.remove(self._keepalive)
             self._keepalive = None
 
-    def __enter__(self) -> Stream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -737,10 +738,47 @@ class Stream:
 
     def __repr__(self) -> str:
         state = "done" if self._done else "closed" if self._closed else "open"
-        return f"<Stream {self.id or '(not started)'} {state}>"
+        return f"<{type(self).__name__} {self.id or '(not started)'} {state}>"
 
 
-class CopyTo:
+class Stream(_Paged[Result]):
+    """The pages of a server-side cursor (ops ``stream``, ``fetch``, ``close``).
+
+    Iterating yields one :class:`~dbpool.driver.Result` per page (at most
+    ``max_rows`` rows); :meth:`rows` yields the rows themselves.  The
+    ``stream`` request goes out with the first page asked for.  Leaving an
+    iteration early (``break``, an exception) closes the stream, as does
+    the end of a ``with`` block; :meth:`fetch` pages by hand.  While the
+    stream is open the client sends heartbeats for it.
+    """
+
+    kind = "stream"
+
+    def __init__(self, client: Client, sql: str, params: Params, max_rows: int,
+                 timeout: float | None, lease: str | None) -> None:
+        super().__init__(client, timeout, lease)
+        self._sql = sql
+        self._params = params
+        self._max_rows = max_rows
+
+    def _first(self) -> dict[str, Any]:
+        return request("stream", sql=self._sql, params=self._params, max_rows=self._max_rows,
+                       session=self._client.session)
+
+    def _next(self) -> dict[str, Any]:
+        return request("fetch", stream=self.id, session=self._client.session)
+
+    def _read_page(self, value: Any, op: str) -> tuple[str, Result, bool]:
+        stream_id, result, done = page_map(value, self._client._ch.endpoint, op)
+        return stream_id, to_result(result), done
+
+    def rows(self) -> Iterator[tuple[Any, ...]]:
+        """Every row of the stream's remaining pages."""
+        for page in self:
+            yield from page.rows
+
+
+class CopyTo(_Paged[bytes]):
     """The data of a ``COPY ... TO STDOUT`` run by the server (ops ``copy_out``,
     ``copy_read``, ``close``).
 
@@ -753,103 +791,33 @@ class CopyTo:
     heartbeats for it.
     """
 
+    kind = "copy"
+
     def __init__(self, client: Client, sql: str, params: Params, page_bytes: int,
                  timeout: float | None, lease: str | None) -> None:
-        self._client = client
+        super().__init__(client, timeout, lease)
         self._sql = sql
         self._params = params
         self._page_bytes = page_bytes
-        self._timeout = timeout
-        self._lease = lease
-        #: The server's id of the copy, once it started.
-        self.id: str | None = None
         #: The COPY's result, once all its data has arrived.
         self.result: Result | None = None
-        self._done = False
-        self._closed = False
-        self._keepalive: float | None = None
 
-    def fetch(self) -> bytes | None:
-        """The next page of data, or None once it has all arrived or the copy is closed."""
-        if self._done or self._closed:
-            return None
-        client = self._client
-        if self.id is None:
-            msg = request("copy_out", sql=self._sql, params=self._params,
-                          page_bytes=self._page_bytes, session=client.session)
-            if self._lease is not None:
-                msg["lease"] = self._lease
-        else:
-            msg = request("copy_read", copy=self.id, session=client.session)
-        if self._timeout is not None:
-            msg["timeout"] = self._timeout
-        value = client._call(msg, self._timeout)
-        copy_id, data, done, result = copy_page(value, client._ch.endpoint, msg["op"])
-        if self.id is None:
-            self.id = copy_id
-            if not done:
-                self._keepalive = client._heartbeat.add(None)
+    def _first(self) -> dict[str, Any]:
+        return request("copy_out", sql=self._sql, params=self._params,
+                       page_bytes=self._page_bytes, session=self._client.session)
+
+    def _next(self) -> dict[str, Any]:
+        return request("copy_read", copy=self.id, session=self._client.session)
+
+    def _read_page(self, value: Any, op: str) -> tuple[str, bytes, bool]:
+        copy_id, data, done, result = copy_page(value, self._client._ch.endpoint, op)
         if done:
-            self._done = True
             self.result = result
-            self._release()
-        return data
-
-    def __iter__(self) -> Iterator[bytes]:
-        finished = False
-        try:
-            while (page := self.fetch()) is not None:
-                if page:
-                    yield page
-            finished = True
-        finally:
-            if not finished:
-                self._close_quietly()
+        return copy_id, data, done
 
     def read(self) -> bytes:
         """All the (remaining) data at once."""
         return b"".join(self)
-
-    def close(self, *, timeout: float | None = None) -> None:
-        """End the copy; cancels the COPY if the server is still sending it."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.id is None or self._done:
-            return
-        client = self._client
-        try:
-            msg = request("close", copy=self.id, session=client.session)
-            if timeout is not None:
-                msg["timeout"] = timeout
-            client._call(msg, timeout)
-        finally:
-            self._release()
-
-    def _close_quietly(self) -> None:
-        try:
-            self.close()
-        except Exception as error:
-            logger.warning("closing copy %s failed: %r", self.id, error)
-
-    def _release(self) -> None:
-        if self._keepalive is not None:
-            self._client._heartbeat.remove(self._keepalive)
-            self._keepalive = None
-
-    def __enter__(self) -> CopyTo:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._close_quietly()
-
-    def __repr__(self) -> str:
-        state = "done" if self._done else "closed" if self._closed else "open"
-        return f"<CopyTo {self.id or '(not started)'} {state}>"
 
 
 def _copy_from(client: Client, sql: str, data: CopyData, params: Params, block_bytes: int,

@@ -410,10 +410,11 @@ class PgDriver:
         handle = PgCopy(block, copy, direction)
         if actual == direction:
             return Ok(handle)
-        wanted = "TO STDOUT" if direction == "out" else "FROM STDIN"
+        other, call = ("FROM STDIN", "copy_to()") if direction == "out" \
+            else ("TO STDOUT", "copy_from()")
         error = StatementNotAllowed(
-            f"this call needs a COPY ... {wanted}; the statement was a COPY the other way "
-            "and was stopped", scope="copy")
+            f"the statement is a COPY {other}, the wrong way round for {call}; it was "
+            "stopped", scope="copy")
         ended = self.handle_copy_end(handle, error, opts, state)  # FROM fails; TO is cancelled
         return ended if not isinstance(ended, Ok) else Error(error)
 

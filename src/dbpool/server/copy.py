@@ -36,6 +36,7 @@ import psycopg
 from psycopg import pq
 
 from dbpool.driver import CopyDirection
+from dbpool.errors import StatementNotAllowed
 
 if TYPE_CHECKING:
     from .pipeline import Pipe
@@ -127,7 +128,7 @@ class Copy:
             if self.phase == "starting":
                 self._started()
             if self.phase == "data":
-                if self.direction == "out":
+                if self.direction == "out" or self.discarding:
                     self._read_data()
                 else:
                     # Has the server ended the COPY (an error mid-way)?  is_busy()
@@ -221,8 +222,10 @@ class Copy:
         else:  # COPY to or from a file on the server, or the other direction
             other = {_COPY_OUT: "TO STDOUT", _COPY_IN: "FROM STDIN"}.get(status)
             if other is not None:
-                self.error = psycopg.ProgrammingError(
-                    f"the statement is a COPY {other}, the wrong way for this operation")
+                call = "copy_from (copy_in)" if status == _COPY_OUT else "copy_to (copy_out)"
+                self.error = StatementNotAllowed(
+                    f"the statement is a COPY {other}, the wrong way round for {call}; "
+                    "it was stopped", scope="copy")
                 self.discarding = True
                 if status == _COPY_IN:
                     pgconn.put_copy_end(b"COPY the wrong way round: stopped")
