@@ -25,13 +25,19 @@ identifiers are skipped, so ``SELECT 'BEGIN'`` is plain):
     transaction), ``LISTEN``, ``UNLISTEN``, ``LOAD``, ``DISCARD``, ``DO``
     (its body is code that may do any of these), temporary objects
     (``CREATE TEMP ...``, ``SELECT ... INTO TEMP``, anything naming the
-    ``pg_temp`` schema), and calls of the built-in functions that change
-    session state (:data:`SESSION_FUNCTIONS`: ``set_config``, session-level
-    advisory locks, ``setseed``, dblink connections).
+    ``pg_temp`` schema, and ``SET LOCAL search_path`` with ``pg_temp`` in it,
+    which makes the next ``CREATE TABLE`` of a batch a temporary one),
+    an ``UPDATE`` of ``pg_settings`` (which is ``SET``), and calls of the
+    built-in functions that change session state (:data:`SESSION_FUNCTIONS`:
+    ``set_config``, session-level advisory locks, ``setseed``, dblink
+    connections).
 ``"copy"``
     ``COPY``, which needs the copy sub-protocol (``copy_to``/``copy_from``).
 
-A ``U&"..."`` identifier outside the first word counts as ``"session"``:
+A statement with a backslash is read twice, with standard_conforming_strings
+on and off (a server may default to off, and ``SET LOCAL`` may turn it off
+earlier in a batch), and the stricter reading counts.  A ``U&"..."``
+identifier outside the first word counts as ``"session"``:
 its escapes could spell ``set_config`` or ``pg_temp``.  What a lexical scan
 cannot see is code that runs on the server: a function
 or procedure of the application's own that changes session state itself.
@@ -101,6 +107,10 @@ _NOTABLE = re.compile(
     re.IGNORECASE,
 )
 
+#: A plain string literal read as PostgreSQL does with standard_conforming_strings
+#: off (a backslash escapes the next character), for the second reading of _scan.
+_BACKSLASH_STRING = re.compile(r"'(?:[^'\\]|\\.|'')*'?", re.DOTALL)
+
 _CACHE_SIZE = 4096
 _cache: dict[str, Scope] = {}
 
@@ -143,9 +153,14 @@ def explain(sql: str) -> tuple[Scope, str]:
     return _scan(sql)
 
 
-def _tokens(sql: str) -> list[str]:
+def _tokens(sql: str, standard: bool = True, literals: list[str] | None = None) -> list[str]:
     """The statement's words (lowercased; a quoted identifier keeps its quotes and
-    case) and punctuation, without whitespace, comments or literals."""
+    case) and punctuation, without whitespace, comments or literals.
+
+    ``standard``: plain strings as with standard_conforming_strings on (a
+    backslash is an ordinary character), else as with it off.  ``literals``,
+    if given, gets the text of each string literal.
+    """
     tokens: list[str] = []
     position, end = 0, len(sql)
     match = _TOKEN.match
@@ -153,6 +168,9 @@ def _tokens(sql: str) -> list[str]:
         found = match(sql, position)
         assert found is not None  # "other" matches any one character
         kind = found.lastgroup
+        if kind == "string" and not standard:
+            found = _BACKSLASH_STRING.match(sql, position)
+            assert found is not None
         position = found.end()
         if kind == "word":
             tokens.append(found.group().lower())
@@ -168,8 +186,29 @@ def _tokens(sql: str) -> list[str]:
             position = _skip_comment(sql, position)
         elif kind == "dollar":
             closing = sql.find(found.group(), position)
+            if literals is not None:
+                literals.append(sql[position:closing])
             position = end if closing < 0 else closing + len(found.group())
+        elif literals is not None and kind in ("string", "estring"):
+            literals.append(found.group())
     return tokens
+
+
+def _main_keyword(tokens: list[str], start: int) -> int:
+    """Where the statement's own keyword is: after a WITH's common table expressions."""
+    if start >= len(tokens) or tokens[start] != "with":
+        return start
+    depth = 0
+    for index in range(start + 1, len(tokens)):
+        token = tokens[index]
+        if token == "(":
+            depth += 1
+        elif token == ")":
+            depth -= 1
+            following = tokens[index + 1] if index + 1 < len(tokens) else ""
+            if depth == 0 and following not in (",", "as", "materialized", "not"):
+                return index + 1
+    return start
 
 
 #: Stands for a ``U&"..."`` identifier, whose escapes could spell any name.
@@ -201,7 +240,27 @@ def _identifier(token: str) -> str:
 
 
 def _scan(sql: str) -> tuple[Scope, str]:
-    tokens = _tokens(sql)
+    literals: list[str] = []
+    tokens = _tokens(sql, literals=literals)
+    scope, what = _scan_tokens(tokens)
+    if scope == "statement" and tokens[:2] == ["set", "local"] and "search_path" in tokens \
+            and any("pg_temp" in literal.lower() for literal in literals):
+        # SET LOCAL search_path = 'pg_temp': the next CREATE TABLE of the batch
+        # would make a temporary table, though pg_temp is only in a literal here.
+        return "session", "pg_temp in the search_path"
+    if "\\" in sql:
+        # A backslash makes a plain string end elsewhere when standard_conforming_strings
+        # is off (a server's default, or SET LOCAL earlier in a batch): read it that
+        # way too, and keep the stricter answer.
+        other, other_what = _scan_tokens(_tokens(sql, standard=False))
+        if other != scope:
+            if "copy" in (scope, other):
+                return "copy", "COPY"
+            return "session", what or other_what
+    return scope, what
+
+
+def _scan_tokens(tokens: list[str]) -> tuple[Scope, str]:
     start = 0  # a statement may open with parentheses: "(SELECT 1)"
     while start < len(tokens) and tokens[start] == "(":
         start += 1
@@ -223,6 +282,9 @@ def _scan(sql: str) -> tuple[Scope, str]:
         return "session", what
     if first in _SESSION_WORDS:
         return "session", what
+    if "pg_settings" in tokens and "update" in tokens:  # the same as SET, say the docs
+        return "session", "an UPDATE of pg_settings"
+    main = _main_keyword(tokens, start)
     for index, token in enumerate(tokens):
         if token == _UNICODE_IDENTIFIER:
             return "session", 'a U&"..." identifier'  # could spell set_config or pg_temp
@@ -233,7 +295,10 @@ def _scan(sql: str) -> tuple[Scope, str]:
             return "session", "the pg_temp schema"
         if token in _TEMP and index:
             before = tokens[index - 1]
-            if before in _BEFORE_TEMP or (before == "into" and (
-                    index < 2 or tokens[index - 2] not in ("insert", "merge"))):
+            # "INTO TEMP" makes a table, except in "INSERT INTO temp" or "MERGE INTO
+            # temp" (the statement's own keyword, not a column labelled insert),
+            # which names one.
+            if before in _BEFORE_TEMP or (before == "into" and not (
+                    index == main + 2 and tokens[main] in ("insert", "merge"))):
                 return "session", "a temporary object"
     return "statement", ""
