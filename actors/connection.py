@@ -113,9 +113,11 @@ class ConnectionActor(pykka.ThreadingActor):
             case Probe() if self.slot.driver_state is None:
                 self._attempt += 1  # overtakes any scheduled Connect
                 self._connect(probe=True)
-            case Reconnect(slot, generation, error, backoff) if (
+            case Reconnect(slot, generation, error, backoff, taken) if (
                 slot is self.slot and generation == slot.generation
             ):
+                if taken:
+                    self._notify("disconnected", reason=_one_line(error))
                 self._reconnect(error, backoff=backoff)
             case Ping(slot) if slot is self.slot and slot.driver_state is not None:
                 self._ping()

@@ -46,13 +46,16 @@ class Reconnect:
 
     ``backoff`` waits one backoff step before the first new attempt; without
     it the first attempt is immediate, as DBConnection does after a
-    disconnect.
+    disconnect.  ``taken``: the pool took the connection from the slot
+    already (a revoke left it to its holder to close); the actor reports it
+    disconnected, through the pool actor like every other disconnection.
     """
 
     slot: Slot
     generation: int
     error: BaseException
     backoff: bool = False
+    taken: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -241,9 +241,7 @@ class PoolCore:
                 except Exception:
                     logger.debug("waking the holder of a revoked loan failed", exc_info=True)
         slot.driver_state = None
-        self.deliver(ConnectionEvent("disconnected", self.name, slot.index, slot.actor,
-                                     slot.backend_pid, reason=str(error)))
-        self.reconnect(slot, error)
+        self.reconnect(slot, error, taken=True)  # its actor reports it disconnected
         return True
 
     def cancel(self, driver: Any, state: Any) -> None:
@@ -348,10 +346,10 @@ class PoolCore:
         self.metrics.add("recycled")
         self.reconnect(slot, ConnectionError(f"{self.name}: connection {slot.index}: {reason}"))
 
-    def reconnect(self, slot: Slot, error: BaseException) -> None:
+    def reconnect(self, slot: Slot, error: BaseException, taken: bool = False) -> None:
         """Have the slot's actor drop the connection and connect again at once."""
         try:
-            slot.actor.tell(Reconnect(slot, slot.generation, error))
+            slot.actor.tell(Reconnect(slot, slot.generation, error, taken=taken))
         except Exception:  # the actor is gone: the pool is stopping
             self.dispose(slot)
 

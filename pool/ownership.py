@@ -194,7 +194,7 @@ class OwnershipCore(PoolCore):
         else:
             super().checkin(slot)
 
-    def reconnect(self, slot: Slot, error: BaseException) -> None:
+    def reconnect(self, slot: Slot, error: BaseException, taken: bool = False) -> None:
         proxy = self.holders.pop(slot.index, None)
         if proxy is not None:  # taken from its client (a deadline, or the ownership ended)
             proxy.forget(slot)
@@ -205,7 +205,7 @@ class OwnershipCore(PoolCore):
                                                  "connection timed out"))
                 except pykka.ActorDeadError:
                     pass  # the pool is stopping: every ownership ends anyway
-        super().reconnect(slot, error)
+        super().reconnect(slot, error, taken)
 
     def before_stop(self) -> None:
         try:
