@@ -318,6 +318,45 @@ def test_refuse_makes_connect_fail(pg_dsn: str, fault_proxy: ProxyFactory) -> No
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
+def test_silence_all_stalls_open_connections_for_ever_until_dropped(
+    pg_cluster: PgCluster, fault_proxy: ProxyFactory
+) -> None:
+    proxy = fault_proxy(pg_cluster.host, pg_cluster.port)
+    dsn = proxy.wrap_conninfo(pg_cluster.conninfo(application_name="silenced"))
+    old = connect(dsn)
+    try:
+        assert old.execute("SELECT 1").fetchone() == (1,)
+        assert proxy.silence_all() == 1
+        assert proxy.silenced_count == 1
+        query = Background(lambda: old.execute("SELECT 42").fetchone())
+        # New connections are forwarded as usual while the old one stays silent,
+        # even across a blackhole and its healing.
+        with connect(dsn) as new:
+            assert new.execute("SELECT 2").fetchone() == (2,)
+            proxy.blackhole(True)
+            proxy.blackhole(False)
+            assert new.execute("SELECT 3").fetchone() == (3,)
+        assert not query.done.wait(HANG_WINDOW), "a query got through a silenced connection"
+        assert proxy.silence_all() == 0  # already silent
+        with connect(pg_cluster.conninfo()) as admin:  # the server still holds its session
+            row = admin.execute("SELECT count(*) FROM pg_stat_activity "
+                                "WHERE application_name = 'silenced'").fetchone()
+            assert row == (1,)
+
+        assert proxy.drop_silenced() == 1
+        assert proxy.silenced_count == 0
+        assert proxy.active_count == 0
+        with pytest.raises(psycopg.OperationalError):
+            query.join()
+        with connect(pg_cluster.conninfo()) as admin:
+            wait_for(lambda: admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'silenced'"
+            ).fetchone() == (0,), what="the server to see the dropped flow close")
+    finally:
+        proxy.close()
+        old.close()
+
+
 def test_proxy_to_stopped_server_resets_client(
     pg_cluster: PgCluster, fault_proxy: ProxyFactory
 ) -> None:

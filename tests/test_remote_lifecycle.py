@@ -1,7 +1,9 @@
 """Lifecycle of ``dbpool serve`` with real processes and a real PostgreSQL.
 
 The server runs in a child process (:class:`tests.support.remote.ServerProcess`);
-clients that are to die run in child processes of their own and are SIGKILLed.
+clients that are to die run in child processes of their own
+(:class:`tests.support.remote.TransactionChild`) and are SIGKILLed.
+``tests/faults/test_client_death.py`` repeats the client's death and measures it.
 What is checked, against ``docs/protocol.md``:
 
 - a client killed mid-transaction: its writes are never committed and its
@@ -27,11 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
-import select
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -50,7 +49,13 @@ from dbpool.errors import ConnectionError, PoolStoppedError, ProtocolError
 from dbpool.protocol import VERSION
 from tests.support.events import wait_for
 from tests.support.pgcluster import PgCluster
-from tests.support.remote import ServerProcess, restart
+from tests.support.remote import (
+    ServerProcess,
+    TransactionChild,
+    expiry_line,
+    pool_whole,
+    restart,
+)
 
 #: ``--heartbeat-timeout`` of the tests about silent clients (seconds).
 HEARTBEAT = 1.0
@@ -102,14 +107,6 @@ def servers() -> Iterator[Servers]:
         manager.close()
 
 
-def pool_whole(client: Client, size: int) -> bool:
-    """Every connection is idle in the server's pool and no lease or stream is open."""
-    status = client.status()
-    return (status["pool"]["ready_conn_count"] == size
-            and status["server"]["open_leases"] == 0
-            and status["server"]["open_streams"] == 0)
-
-
 def open_leases(client: Client) -> int:
     return int(client.status()["server"]["open_leases"])
 
@@ -118,12 +115,6 @@ def rows_of(dsn: str, table: str) -> list[int]:
     """The committed rows of ``table``, read directly (not through dbpool)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         return [x for (x,) in conn.execute(f"SELECT x FROM {table} ORDER BY x")]
-
-
-def expiry_line(lease: str, session: str, why: str) -> str:
-    """The regex of the server's log line for a lease it ends and rolls back."""
-    return (rf"lease {re.escape(lease[:8])} of session {re.escape(session[:8])}\.\.\.: "
-            rf"{why}; rolling back")
 
 
 def running(dsn: str, marker: str) -> int:
@@ -227,32 +218,6 @@ def fast_pool_config(tmp_path: Path) -> str:
 
 # -- 1. a client SIGKILLed mid-transaction ------------------------------------------------
 
-_DOOMED_CLIENT = """\
-import sys
-from dbpool.client import Client
-
-endpoint, table = sys.argv[1:3]
-client = Client(endpoint, timeout=10)
-tx = client.transaction()
-tx.query(f"INSERT INTO {table} (x) SELECT generate_series(1, 5)")
-seen = tx.query(f"SELECT count(*) FROM {table}").rows[0][0]
-print("ready", client.session, tx.lease, seen, flush=True)
-sys.stdin.read()  # hold the transaction open until killed
-"""
-
-
-def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    if not ready:
-        raise AssertionError(f"the child printed nothing within {timeout:g}s")
-    line = proc.stdout.readline()
-    if not line:
-        assert proc.stderr is not None
-        raise AssertionError(f"the child exited ({proc.wait()}): {proc.stderr.read()}")
-    return line
-
-
 #: A server heartbeat timeout long enough that only a closed connection explains a
 #: rollback within a second of a client's death (the issue's 10 s).
 LONG_HEARTBEAT = 10.0
@@ -266,12 +231,10 @@ def test_a_client_dead_mid_transaction_is_rolled_back_and_its_connection_returne
     size = 4
     heartbeat = LONG_HEARTBEAT if death == "sigkill" else HEARTBEAT
     server = servers.start(pg_dsn, "--heartbeat-timeout", str(heartbeat), pool_size=size)
-    child = subprocess.Popen(
-        [sys.executable, "-c", _DOOMED_CLIENT, server.endpoint, table],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, session, lease, seen = _read_line(child, 20).split()
-        assert seen == "5"  # the inserts ran, inside the child's transaction
+    with TransactionChild(server.endpoint,
+                          f"INSERT INTO {table} (x) SELECT generate_series(1, 5)") as doomed:
+        child, session, lease = doomed.process, doomed.session, doomed.lease
+        assert doomed.rowcount == 5  # the inserts ran, inside the child's transaction
         with Client(server.endpoint, timeout=5) as observer:
             status = observer.status()
             assert status["server"]["open_leases"] == 1
@@ -311,10 +274,6 @@ def test_a_client_dead_mid_transaction_is_rolled_back_and_its_connection_returne
                     tx.commit()
             assert rows_of(pg_dsn, table) == []
             assert observer.query("SELECT 1").rows == [(1,)]
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(10)
     assert server.terminate() == 0
     assert rows_of(pg_dsn, table) == []
 

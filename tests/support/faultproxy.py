@@ -6,7 +6,11 @@ accepted connection to a target ``(host, port)``. While running, a test can:
 * add latency to every forwarded chunk (:meth:`FaultProxy.set_latency`);
 * partition the network (:meth:`FaultProxy.blackhole`);
 * reset every open connection (:meth:`FaultProxy.reset_all`);
-* reset new connections as soon as they arrive (:meth:`FaultProxy.refuse`).
+* reset new connections as soon as they arrive (:meth:`FaultProxy.refuse`);
+* make the open connections silent for ever while new ones are forwarded, as a
+  NAT or firewall that lost its state does (:meth:`FaultProxy.silence_all`),
+  and later close them, as its state finally times out
+  (:meth:`FaultProxy.drop_silenced`).
 
 Design: a single I/O thread runs a ``selectors`` loop over the listener and
 every socket, so the thread count is bounded (one per proxy) no matter how
@@ -76,6 +80,7 @@ class _Conn:
     upstream: socket.socket | None = None
     connecting: bool = False
     closed: bool = False
+    silent: bool = False  # by silence_all(): never read or forwarded again
     c2s: _Direction = field(default_factory=_Direction)
     s2c: _Direction = field(default_factory=_Direction)
 
@@ -138,6 +143,7 @@ class FaultProxy:
         self._accepted = 0
         self._refused = 0
         self._active = 0
+        self._silenced = 0
         self._ids = itertools.count(1)
         self._conns: dict[int, _Conn] = {}
 
@@ -174,6 +180,12 @@ class FaultProxy:
         """Connections currently open through the proxy."""
         with self._stats_lock:
             return self._active
+
+    @property
+    def silenced_count(self) -> int:
+        """Connections made silent by :meth:`silence_all` and still open."""
+        with self._stats_lock:
+            return self._silenced
 
     @property
     def latency(self) -> float:
@@ -214,6 +226,25 @@ class FaultProxy:
     def reset_all(self) -> int:
         """Abort every open connection with RST to both peers; return how many."""
         return self._call(self._reset_all)
+
+    def silence_all(self) -> int:
+        """Make every open connection silent for ever; return how many were made so.
+
+        As a NAT or firewall that lost its state: nothing more is read or
+        forwarded on those connections, in either direction, and none is
+        closed, so each peer sees a flow that never answers again (healing a
+        :meth:`blackhole` does not revive them).  Connections accepted
+        afterwards are forwarded normally.  As with :meth:`blackhole`, the
+        proxy's own sockets still acknowledge what reaches them, keepalive
+        probes included, so TCP on its own never notices: only the peers' own
+        deadlines can.  :meth:`drop_silenced` closes them.
+        """
+        return self._call(self._silence_all)
+
+    def drop_silenced(self) -> int:
+        """Close the connections :meth:`silence_all` made silent, with RST to both
+        peers, as the device's state finally times out; return how many."""
+        return self._call(self._drop_silenced)
 
     def refuse(self, on: bool) -> None:
         """While on, new connections are reset (RST) as soon as they are accepted."""
@@ -347,8 +378,8 @@ class FaultProxy:
         now = time.monotonic()
         soonest: float | None = None
         for conn in self._conns.values():
-            if conn.upstream is None or conn.connecting:
-                continue  # nowhere to deliver yet; the connect event wakes us
+            if conn.upstream is None or conn.connecting or conn.silent:
+                continue  # nowhere to deliver yet (the connect event wakes us), or never
             for d in (conn.c2s, conn.s2c):
                 if d.pending and not d.want_write:
                     deliver_at = d.pending[0].deliver_at
@@ -412,6 +443,8 @@ class FaultProxy:
             else:
                 conn.connecting = False
             return
+        if conn.silent:  # silenced by a command earlier in this loop iteration
+            return
         if mask & selectors.EVENT_WRITE:
             # Room in the send buffer again; _pump_all() does the sending.
             (conn.s2c if side == "client" else conn.c2s).want_write = False
@@ -442,6 +475,8 @@ class FaultProxy:
         if self._blackholed:
             return
         for conn in list(self._conns.values()):
+            if conn.silent:
+                continue
             if conn.upstream is not None and not conn.connecting:
                 self._flush(conn, conn.c2s, conn.upstream)
             if not conn.closed and conn.upstream is not None:
@@ -480,8 +515,9 @@ class FaultProxy:
 
     def _update_interest(self) -> None:
         for conn in self._conns.values():
-            read = 0 if self._blackholed else selectors.EVENT_READ
-            write = 0 if self._blackholed else selectors.EVENT_WRITE
+            stalled = self._blackholed or conn.silent
+            read = 0 if stalled else selectors.EVENT_READ
+            write = 0 if stalled else selectors.EVENT_WRITE
             c2s, s2c = conn.c2s, conn.s2c
             client_ev = 0
             if not c2s.eof_read and c2s.buffered < _MAX_BUFFERED:
@@ -522,6 +558,9 @@ class FaultProxy:
         if conn.closed:
             return
         conn.closed = True
+        if conn.silent:
+            with self._stats_lock:
+                self._silenced -= 1
         for sock in (conn.client, conn.upstream):
             if sock is None:
                 continue
@@ -542,7 +581,7 @@ class FaultProxy:
         self._blackholed = on
         if not on:
             for conn in list(self._conns.values()):
-                if conn.upstream is None:
+                if conn.upstream is None and not conn.silent:
                     self._connect_upstream(conn)
         log.debug("proxy %d: blackhole %s", self.port, "on" if on else "off")
 
@@ -551,6 +590,22 @@ class FaultProxy:
         for conn in conns:
             self._close_conn(conn, rst=True)
         log.debug("proxy %d: reset %d connections", self.port, len(conns))
+        return len(conns)
+
+    def _silence_all(self) -> int:
+        conns = [conn for conn in self._conns.values() if not conn.silent]
+        for conn in conns:
+            conn.silent = True
+        with self._stats_lock:
+            self._silenced += len(conns)
+        log.debug("proxy %d: silenced %d connections", self.port, len(conns))
+        return len(conns)
+
+    def _drop_silenced(self) -> int:
+        conns = [conn for conn in self._conns.values() if conn.silent]
+        for conn in conns:
+            self._close_conn(conn, rst=True)
+        log.debug("proxy %d: dropped %d silenced connections", self.port, len(conns))
         return len(conns)
 
     def _release(self) -> None:

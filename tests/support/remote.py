@@ -7,12 +7,17 @@ that a test can read the server's log (:meth:`ServerProcess.output`).
 
 :func:`restart` starts a new server on the endpoints of a stopped one, to
 test that clients recover.
+
+:class:`TransactionChild` is a client in a process of its own that holds a
+transaction open until the test kills or stops it; :func:`pool_whole` and
+:func:`expiry_line` tell when, and why, the server gave its connection back.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -20,7 +25,10 @@ import threading
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
+
+if TYPE_CHECKING:
+    from dbpool.client import Client
 
 _READY = re.compile(r"dbpool serve: ready on (\S+) \(events on (\S+)\)")
 
@@ -116,3 +124,84 @@ def restart(server: ServerProcess, **kwargs: object) -> ServerProcess:
     return ServerProcess(server.dsn, *server.args, bind=server.endpoint,
                          events_bind=server.events, pool_size=server.pool_size,
                          **kwargs)  # type: ignore[arg-type]
+
+
+def pool_whole(client: Client, size: int) -> bool:
+    """Every connection is idle in the server's pool and no lease or stream is open."""
+    status = client.status()
+    return bool(status["pool"]["ready_conn_count"] == size
+                and status["server"]["open_leases"] == 0
+                and status["server"]["open_streams"] == 0)
+
+
+def expiry_line(lease: str, session: str, why: str) -> str:
+    """The regex of the server's log line for a lease it ends and rolls back."""
+    return (rf"lease {re.escape(lease[:8])} of session {re.escape(session[:8])}\.\.\.: "
+            rf"{why}; rolling back")
+
+
+_HOLDER = """\
+import sys
+from dbpool.client import Client
+
+endpoint, sql = sys.argv[1:3]
+client = Client(endpoint, timeout=10)
+tx = client.transaction()
+result = tx.query(sql)
+print("ready", client.session, tx.lease, result.rowcount, flush=True)
+sys.stdin.read()  # hold the transaction open until killed
+"""
+
+
+class TransactionChild:
+    """A client process that begins a transaction on ``endpoint``, runs ``sql`` in it
+    and holds it open until it is killed (or its stdin closes).
+
+    Ready once constructed: :attr:`session` and :attr:`lease` name the
+    transaction, :attr:`rowcount` is what ``sql`` affected.  Use it as a
+    context manager so that the process is killed whatever happens.
+    """
+
+    def __init__(self, endpoint: str, sql: str, *, timeout: float = 20.0) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, endpoint, sql],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _, self.session, self.lease, rowcount = self._read_line(timeout).split()
+        except BaseException:
+            self.kill()
+            raise
+        self.rowcount = int(rowcount)
+
+    def _read_line(self, timeout: float) -> str:
+        assert self.process.stdout is not None
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            raise AssertionError(f"the child printed nothing within {timeout:g}s")
+        line = self.process.stdout.readline()
+        if not line:
+            assert self.process.stderr is not None
+            raise AssertionError(
+                f"the child exited ({self.process.wait()}): {self.process.stderr.read()}")
+        return line
+
+    def signal(self, signum: int) -> float:
+        """Send ``signum``; return when (``time.monotonic()``), just after it was sent."""
+        self.process.send_signal(signum)
+        return time.monotonic()
+
+    def kill(self) -> None:
+        """SIGKILL (stopped or not) and reap it."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.kill()
