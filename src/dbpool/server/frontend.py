@@ -95,6 +95,9 @@ _LINGER = 0.002
 _SPIN_AFTER = 0.001
 #: How often the loop checks deadlines, heartbeats and lease ages (seconds).
 _TICK = 0.05
+#: A connection with a request this long past its deadline (a cancel sent and
+#: unanswered) is dropped: nothing comes back through a partition.
+_STUCK_AFTER = 2.0
 #: Ended lease and stream ids remembered, to answer "expired" rather than "unknown".
 _ENDED_MEMORY = 10_000
 _MAX_ROWS = 500
@@ -1234,6 +1237,7 @@ class FrontEnd:
             if (not queued and self._waiter is not None
                     and self.core.queue.cancel_wait(self._waiter)):
                 self._waiter = None
+        stuck = now - _STUCK_AFTER
         for pipe in list(self._pipes.values()):
             requests = pipe.requests
             # A cancel stops whatever runs when it lands, so only a job alone on
@@ -1241,6 +1245,8 @@ class FrontEnd:
             if len(requests) == 1 and requests[0].deadline <= now and not pipe.cancelling:
                 pipe.cancelling = True
                 self._cancel(pipe)
+            elif requests and requests[0].deadline <= stuck and pipe.broken is None:
+                self._drop_stuck(pipe)
         if self._peers.watching:
             self._release_the_dead(now)
         if len(self._peers) > len(self._sessions):
@@ -1258,6 +1264,24 @@ class FrontEnd:
                 elif lease.expires_at <= now:
                     self._expire(lease, f"it outlived lease_max ({self.config.lease_max:g}s)")
 
+    def _drop_stuck(self, pipe: Pipe) -> None:
+        """A connection that has not answered for :data:`_STUCK_AFTER` past a request's
+        deadline, even to a cancel: the network is gone, or PostgreSQL is.  Fail what
+        waits on it and drop it (its socket shut, so nothing more is waited for)."""
+        logger.warning("front end: a connection gave no answer %gs past a request's "
+                       "deadline; dropping it", _STUCK_AFTER)
+        interrupt = getattr(self.core.driver, "interrupt", None)
+        if interrupt is not None:
+            try:
+                interrupt(pipe.state)
+            except Exception:
+                logger.debug("front end: shutting a stuck connection down failed",
+                             exc_info=True)
+        pipe.lose(ConnectionError(
+            f"no answer from PostgreSQL within the request's timeout (and {_STUCK_AFTER:g}s "
+            "more); its connection was dropped", reason="deadline"))
+        self._watch(pipe)
+
     def _copy_tick(self, copying: Lease, now: float) -> None:
         """A request waiting on a COPY: a page that fills slowly goes out partly full
         after a tick; one past its deadline has the COPY cancelled (its error answers)."""
@@ -1269,6 +1293,9 @@ class FrontEnd:
             copying.waiting = None
             self._reply(job, {"copy": copying.id, "data": copy.take_page(), "done": False})
             copy.resume()
+        elif job.deadline <= now - _STUCK_AFTER and copying.pipe.broken is None:
+            self._drop_stuck(copying.pipe)
+            self._expire(copying, "no answer from PostgreSQL within the request's timeout")
         elif job.deadline <= now and not copy.cancelling:
             copy.cancelling = True
             self._cancel(copying.pipe)

@@ -272,7 +272,7 @@ class Pipe:
                 raise psycopg.OperationalError(
                     f"sending a Sync failed: {pgconn.get_error_message()}")
         except psycopg.Error as error:
-            self._lose(error)
+            self.lose(error)
             raise
         job.prepares = prepares
         job.shared = self.owner is None
@@ -306,7 +306,7 @@ class Pipe:
         try:
             self.wants_write = self.pgconn.flush() == 1
         except psycopg.Error as error:
-            self._lose(error)
+            self.lose(error)
 
     # -- receiving ----------------------------------------------------------
 
@@ -326,20 +326,20 @@ class Pipe:
                 status = result.status
                 if status == _SYNC:
                     if requests[0].shared and pgconn.transaction_status in _OPEN:
-                        self._lose(_left_open())
+                        self.lose(_left_open())
                         return
                     self._finish(requests.popleft())
                 elif status in _EXPECTED:
                     requests[0].results.append(result)
                 else:
-                    self._lose(_unexpected(status), culprit=requests[0],
+                    self.lose(_unexpected(status), culprit=requests[0],
                                blame=copy_refused() if status in _COPY else None)
                     return
         except psycopg.Error as error:
-            self._lose(error)
+            self.lose(error)
             return
         if pgconn.status == _BAD:
-            self._lose(psycopg.OperationalError("the server closed the connection"))
+            self.lose(psycopg.OperationalError("the server closed the connection"))
 
     def _finish(self, job: Job) -> None:
         statements = self.state.remote_statements
@@ -366,7 +366,7 @@ class Pipe:
         except Exception:
             logger.exception("completing a %s request raised", job.op)
 
-    def _lose(self, error: BaseException, culprit: Job | None = None,
+    def lose(self, error: BaseException, culprit: Job | None = None,
               blame: BaseException | None = None) -> None:
         """The connection is gone (or must go): fail every request on it.
 
