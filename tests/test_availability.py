@@ -48,7 +48,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +63,7 @@ from dbpool.server.config import ServeConfig
 from dbpool.server.frontend import FrontEnd
 from tests.support.events import Recorder, wait_for
 from tests.support.faultproxy import ProxyFactory
+from tests.support.load import Call, Load, describe
 from tests.support.pgcluster import PgCluster
 from tests.support.remote import ServerProcess
 
@@ -149,72 +149,6 @@ def assert_chained(changes: list[tuple[str, str]]) -> None:
 
 def unavailable(error: BaseException | None) -> bool:
     return isinstance(error, ConnectionError) and error.reason == "unavailable"
-
-
-def describe(error: BaseException | None) -> str:
-    if error is None:
-        return "ok"
-    return f"{type(error).__name__}({getattr(error, 'reason', '')})"
-
-
-@dataclass(frozen=True)
-class Call:
-    start: float
-    end: float
-    error: BaseException | None
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-
-class Load:
-    """Threads that each call their function in a loop and record every call."""
-
-    def __init__(self, calls: list[Callable[[], object]]) -> None:
-        self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._calls: list[Call] = []
-        self._fns = calls
-        self._threads = [threading.Thread(target=self._run, args=(fn,), daemon=True,
-                                          name=f"load-{i}") for i, fn in enumerate(calls)]
-
-    def start(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def stop(self) -> list[Call]:
-        self._stopping.set()
-        for thread in self._threads:
-            thread.join(CALL_TIMEOUT + 5)
-            assert not thread.is_alive(), f"{thread.name} is stuck in a call"
-        for fn in self._fns:
-            close = getattr(fn, "close", None)
-            if close is not None:
-                close()
-        return self.calls()
-
-    def calls(self) -> list[Call]:
-        with self._lock:
-            return list(self._calls)
-
-    def count(self, match: Callable[[Call], bool]) -> int:
-        with self._lock:
-            return sum(1 for call in self._calls if match(call))
-
-    def _run(self, fn: Callable[[], object]) -> None:
-        while not self._stopping.is_set():
-            start = time.monotonic()
-            error: BaseException | None = None
-            try:
-                fn()
-            except Exception as exc:
-                error = exc
-            with self._lock:
-                self._calls.append(Call(start, time.monotonic(), error))
-            if error is not None:
-                time.sleep(0.005)  # pacing: a failing caller must not starve the pool's threads
 
 
 class AsyncCaller:

@@ -105,13 +105,18 @@ class Load:
         return self
 
     def stop(self, timeout: float = 30.0) -> list[Call]:
-        """Stop the threads (each finishes its call) and return every call made."""
+        """Stop the threads (each finishes its call), close the functions that have a
+        ``close``, and return every call made."""
         self._stopping.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         stuck = [thread.name for thread in self._threads if thread.is_alive()]
         assert not stuck, f"load threads stuck in a call for {timeout:g}s: {stuck}"
+        for fn in self._fns:
+            close = getattr(fn, "close", None)
+            if close is not None:
+                close()
         return self.calls()
 
     def calls(self) -> list[Call]:
