@@ -280,12 +280,17 @@ def page_map(value: Any, endpoint: str, op: str) -> tuple[str, Any, bool]:
         raise malformed_reply(endpoint, op, repr(exc)) from None
 
 
-def copy_started(value: Any, endpoint: str) -> str:
-    """The copy id of a ``copy_in`` reply."""
+def copy_started(value: Any, endpoint: str, block_bytes: int) -> tuple[str, int]:
+    """The copy id of a ``copy_in`` reply, and the block size to send: ``block_bytes``,
+    or less if the server takes no block that large."""
     try:
-        return str(value["copy"])
-    except (KeyError, TypeError) as exc:
+        copy = str(value["copy"])
+        largest = value.get("block_bytes")
+    except (KeyError, TypeError, AttributeError) as exc:
         raise malformed_reply(endpoint, "copy_in", repr(exc)) from None
+    if isinstance(largest, int) and largest > 0:
+        block_bytes = min(block_bytes, largest)
+    return copy, block_bytes
 
 
 def copy_page(value: Any, endpoint: str, op: str) -> tuple[str, bytes, bool, Result | None]:

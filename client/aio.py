@@ -849,7 +849,8 @@ async def _copy_from(client: AsyncClient, sql: str, data: CopyData | AsyncIterab
         msg["lease"] = lease
     if timeout is not None:
         msg["timeout"] = timeout
-    copy_id = copy_started(await client._call(msg, timeout), client._endpoint())
+    copy_id, block_bytes = copy_started(await client._call(msg, timeout), client._endpoint(),
+                                        block_bytes)
     keepalive = client._heartbeat.add(None)
     try:
         try:

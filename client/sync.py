@@ -829,7 +829,8 @@ def _copy_from(client: Client, sql: str, data: CopyData, params: Params, block_b
         msg["lease"] = lease
     if timeout is not None:
         msg["timeout"] = timeout
-    copy_id = copy_started(client._call(msg, timeout), client._ch.endpoint)
+    copy_id, block_bytes = copy_started(client._call(msg, timeout), client._ch.endpoint,
+                                        block_bytes)
     keepalive = client._heartbeat.add(None)
     try:
         try:

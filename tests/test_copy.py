@@ -25,6 +25,7 @@ The server is a ``python -m dbpool serve`` child process
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 import uuid
@@ -36,6 +37,7 @@ import psycopg
 import psycopg.errors as pg_errors
 import pytest
 
+from dbpool import copy_data
 from dbpool.client import AsyncClient, Client
 from dbpool.errors import ProtocolError, RolledBack, StatementNotAllowed
 from dbpool.pool import Pool
@@ -411,6 +413,21 @@ def test_query_refuses_copy_in_process(pool: Pool, src: str) -> None:
     assert pool.query("SELECT 1").rows == [(1,)]
 
 
+# -- what copy_from takes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("data", "sizes"), [
+    (b"x" * 100, [30, 30, 30, 10]),                      # one large piece is cut
+    (["a" * 10, "b" * 25, "c" * 5], [10, 30]),           # small pieces are joined
+    (io.BytesIO(b"y" * 70), [30, 30, 10]),               # a file is read a block at a time
+    ([b"", "é" * 20, memoryview(b"z" * 5)], [30, 15]),   # str is UTF-8; empty pieces skipped
+])
+def test_copy_data_is_cut_into_blocks_no_larger_than_asked(data: Any, sizes: list[int]) -> None:
+    blocks = list(copy_data.blocks(data, 30))
+    assert [len(block) for block in blocks] == sizes
+    assert all(isinstance(block, bytes) for block in blocks)
+
+
 # -- remote: round trips ---------------------------------------------------------------------
 
 
@@ -432,6 +449,27 @@ def test_remote_copy_round_trips_as_psycopg(
     assert (result.rowcount, result.command) == (len(ROWS), f"COPY {len(ROWS)}")
     assert rows_of(direct, dst) == ROWS
     wait_server_idle(client)
+
+
+def test_remote_copy_fits_a_server_with_small_messages(
+    pg_dsn: str, direct: psycopg.Connection[Any], src: str, dst: str
+) -> None:
+    # The client's default page (1 MiB) and block (256 KiB) are more than such a
+    # server takes in one message: the server pages within its limit and tells the
+    # client the block size to send.
+    big = "x" * 3000
+    direct.execute(f"INSERT INTO {src} SELECT 1000 + i, %s FROM generate_series(1, 100) i",
+                   [big])
+    expected = psycopg_copy_out(direct, f"COPY {src} TO STDOUT")
+    assert len(expected) > 4 * 65536
+    with ServerProcess(pg_dsn, "--max-message-size", "65536", pool_size=1) as small, \
+            Client(small.endpoint, timeout=TIMEOUT) as client:
+        pages = list(client.copy_to(f"COPY {src} TO STDOUT"))
+        assert b"".join(pages) == expected
+        assert all(len(page) <= 65536 // 2 + 3100 for page in pages)  # a page, a row more
+        result = client.copy_from(f"COPY {dst} FROM STDIN", expected)
+        assert result.rowcount == len(ROWS) + 100
+        assert small.terminate() == 0
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))

@@ -214,6 +214,20 @@ COPY = [
 ]
 
 
+@pytest.mark.parametrize(("sql", "scope"), [
+    # PostgreSQL skips empty statements before the real one: so must the scan.
+    (";SET statement_timeout = '1ms'", "session"),
+    (";; set statement_timeout = '1ms'", "session"),
+    ("; /* c */ ; LISTEN x", "session"),
+    (";END", "transaction"),
+    (";BEGIN", "transaction"),
+    ("; COPY t TO STDOUT", "copy"),
+    ("; SELECT 1", "statement"),
+])
+def test_empty_statements_before_a_statement_do_not_hide_it(sql: str, scope: str) -> None:
+    assert scope_of(sql) == scope
+
+
 @pytest.mark.parametrize("sql", PLAIN)
 def test_plain_statements_are_statement_scope(sql: str) -> None:
     assert scope_of(sql) == "statement"

@@ -3,9 +3,9 @@
 The data of a ``COPY ... FROM STDIN`` may be one ``bytes`` or ``str``, an
 iterable of them (rows from a generator, say), or a file object opened in
 binary or text mode.  :func:`blocks` turns any of these into ``bytes``
-blocks of about ``size`` bytes: small pieces are joined and large ones are
-sent as they come, so that memory holds one block at a time and a generator
-of short rows does not cost a round trip per row.  ``str`` is encoded as
+blocks of at most ``size`` bytes: small pieces are joined and large ones cut,
+so that memory holds one block at a time, a generator of short rows does not
+cost a round trip per row, and no block is larger than the server takes.  ``str`` is encoded as
 UTF-8, the client encoding dbpool's connections use.
 """
 
@@ -25,18 +25,23 @@ BLOCK_SIZE = 256 * 1024
 
 
 def blocks(data: CopyData, size: int = BLOCK_SIZE) -> Iterator[bytes]:
-    """``data`` as blocks of about ``size`` bytes (see the module docstring)."""
+    """``data`` as blocks of at most ``size`` bytes (see the module docstring)."""
     pending: list[bytes] = []
     held = 0
     for piece in _pieces(data, size):
-        raw = piece.encode() if isinstance(piece, str) else bytes(piece)
-        if not raw:
-            continue
-        if held and held + len(raw) > size:
-            yield b"".join(pending)
-            pending, held = [], 0
-        pending.append(raw)
-        held += len(raw)
+        raw = memoryview(piece.encode() if isinstance(piece, str) else piece).cast("B")
+        while raw:
+            if held + len(raw) > size:
+                if held:
+                    yield b"".join(pending)
+                    pending, held = [], 0
+                if len(raw) > size:  # a piece too large for one block: cut it
+                    yield bytes(raw[:size])
+                    raw = raw[size:]
+                    continue
+            pending.append(bytes(raw))
+            held += len(raw)
+            break
     if pending:
         yield b"".join(pending)
 

@@ -112,6 +112,9 @@ _NOTABLE = re.compile(
 _BACKSLASH_STRING = re.compile(r"'(?:[^'\\]|\\.|'')*'?", re.DOTALL)
 
 _CACHE_SIZE = 4096
+#: Statements longer than this (characters) are not cached: the cache stays
+#: under about 16 MB whatever clients send.
+_CACHED_LENGTH = 4096
 _cache: dict[str, Scope] = {}
 
 
@@ -120,9 +123,10 @@ def scope_of(sql: str) -> Scope:
     scope = _cache.get(sql)
     if scope is None:
         scope = _scan(sql)[0] if _NOTABLE.search(sql) else "statement"
-        if len(_cache) >= _CACHE_SIZE:  # many one-off statements: start afresh
-            _cache.clear()
-        _cache[sql] = scope
+        if len(sql) <= _CACHED_LENGTH:  # a long one is scanned again rather than kept
+            if len(_cache) >= _CACHE_SIZE:  # many one-off statements: start afresh
+                _cache.clear()
+            _cache[sql] = scope
     return scope
 
 
@@ -261,8 +265,9 @@ def _scan(sql: str) -> tuple[Scope, str]:
 
 
 def _scan_tokens(tokens: list[str]) -> tuple[Scope, str]:
-    start = 0  # a statement may open with parentheses: "(SELECT 1)"
-    while start < len(tokens) and tokens[start] == "(":
+    start = 0  # a statement may open with parentheses, "(SELECT 1)", or with empty
+    # statements, ";; SET x = 1", which PostgreSQL skips
+    while start < len(tokens) and tokens[start] in ("(", ";"):
         start += 1
     first = tokens[start] if start < len(tokens) else ""
     second = tokens[start + 1] if start + 1 < len(tokens) else ""

@@ -185,6 +185,8 @@ class FrontEnd:
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.packer = wire.make_packer()
+        #: The largest COPY page or block: half the largest message, to leave room.
+        self._block_bytes = max(config.max_message_size // 2, 1)
         # Cross-thread calls into the loop, and the pipe that wakes it.
         self._inbox: deque[Callable[[], None]] = deque()
         self._wake_r, self._wake_w = os.pipe()
@@ -902,9 +904,10 @@ class FrontEnd:
         if scope_of(sql) != "copy":
             raise RequestError(error_map(not_a_copy(sql, f"copy_{direction}")))
         page_bytes = req.get("page_bytes", _PAGE_BYTES)
-        limit = max(self.config.max_message_size // 2, 1)
-        if type(page_bytes) is not int or not 1 <= page_bytes <= limit:
-            raise _bad(f"'page_bytes' must be an integer from 1 to {limit}")
+        if type(page_bytes) is not int or page_bytes < 1:
+            raise _bad("'page_bytes' must be a positive integer")
+        # A page must fit in a reply: at most half the largest message.
+        page_bytes = min(page_bytes, self._block_bytes)
         lease = self._lease_of(job)
         if lease is not None:
             _check_idle_of_copy(lease)
@@ -1005,7 +1008,7 @@ class FrontEnd:
         elif copy.phase == "data":
             if job.op == "copy_in":
                 copying.waiting = None
-                self._reply(job, {"copy": copying.id})
+                self._reply(job, {"copy": copying.id, "block_bytes": self._block_bytes})
             elif job.op == "copy_write" and copy.acknowledged():
                 copying.waiting = None
                 self._reply(job, {"written": copy.moved})
