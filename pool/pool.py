@@ -44,8 +44,14 @@ from .core import AsyncHold, Monitor, PoolCore
 from .loans import Loan, Location, caller_location
 from .logentry import LogFn
 from .options import PoolOptions
-from .owners import Owner
-from .ownership import AllowAnswer, CheckinAnswer, CheckoutAnswer, ModeAnswer, OwnershipCore
+from .ownership.core import (
+    AllowAnswer,
+    CheckinAnswer,
+    CheckoutAnswer,
+    ModeAnswer,
+    OwnershipCore,
+)
+from .ownership.owners import Owner
 from .pool_actor import Availability, PoolActor
 from .transaction import Transaction
 

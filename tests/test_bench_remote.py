@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from dbpool.bench_remote import find_pgbouncer
+from dbpool.bench.remote import find_pgbouncer
 
 
 def test_a_short_remote_benchmark_measures_every_contender_and_judges_every_target(
@@ -23,7 +23,7 @@ def test_a_short_remote_benchmark_measures_every_contender_and_judges_every_targ
     if find_pgbouncer() is None:
         pytest.skip("pgbouncer is not installed (CI installs it)")
     script = (
-        "import sys; from dbpool.bench_remote import run_remote; "
+        "import sys; from dbpool.bench.remote import run_remote; "
         "run_remote(sys.argv[1], processes=[1], duration=0.3, rounds=1, as_json=True, "
         "idle_clients=50)"
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from dbpool import bench
+from dbpool.bench import inprocess as bench
 from dbpool.cli import main
 
 

@@ -22,7 +22,7 @@ import pytest
 from dbpool.errors import ConnectionError
 from dbpool.pgdriver import PgDriver
 from dbpool.pool import Pool
-from dbpool.pool.owners import CallersThreadPoolExecutor
+from dbpool.pool.ownership.owners import CallersThreadPoolExecutor
 from tests.support.events import Recorder
 from tests.support.ownership import (
     WAIT,

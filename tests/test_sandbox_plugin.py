@@ -1,4 +1,5 @@
-"""The SQL sandbox (dbpool.pool.sandbox) and its pytest plugin (dbpool.pytest_plugin).
+"""The SQL sandbox (dbpool.pool.ownership.sandbox) and its pytest plugin
+(dbpool.pool.ownership.pytest_plugin).
 
 - The acceptance test: the example application's own suite (tests/example_app,
   50 tests that all write one table) runs under pytest-xdist and passes, and
@@ -30,8 +31,9 @@ import psycopg
 import pytest
 
 from dbpool.errors import OwnershipError, RolledBack
-from dbpool.pool import Pool, sandbox
-from dbpool.pool.owners import propagate_callers
+from dbpool.pool import Pool
+from dbpool.pool.ownership import sandbox
+from dbpool.pool.ownership.owners import propagate_callers
 
 pytest_plugins = ["pytester"]
 
@@ -454,7 +456,7 @@ import threading
 import pytest
 
 from dbpool.errors import OwnershipError
-from dbpool.pool.owners import CallersThreadPoolExecutor
+from dbpool.pool.ownership.owners import CallersThreadPoolExecutor
 
 TABLE = "{table}"
 
@@ -523,7 +525,7 @@ def test_the_plugin_fixtures(pytester: pytest.Pytester, pg_dsn: str) -> None:
     pytester.makepyfile(test_plugin=PLUGIN_TESTS.format(table=table))
     try:
         result = pytester.runpytest_subprocess(
-            "-p", "dbpool.pytest_plugin", "--dbpool-dsn", pg_dsn, *QUIET)
+            "-p", "dbpool.pool.ownership.pytest_plugin", "--dbpool-dsn", pg_dsn, *QUIET)
         result.assert_outcomes(passed=5, failed=1)
         result.stdout.re_match_lines([
             r"E +dbpool\.errors\.OwnershipError: dbpool-sandbox-\w+: cannot find an owned "
@@ -580,6 +582,7 @@ def test_the_dbpool_pool_fixture_can_be_overridden(
     pytester.makeconftest(OVERRIDE_CONFTEST.format(dsn=pg_dsn))
     pytester.makepyfile(test_override=OVERRIDE_TESTS)
     # No --dbpool-dsn: the override starts its own pool.
-    result = pytester.runpytest_subprocess("-p", "dbpool.pytest_plugin", "-s", *QUIET)
+    result = pytester.runpytest_subprocess("-p", "dbpool.pool.ownership.pytest_plugin", "-s",
+                                           *QUIET)
     result.assert_outcomes(passed=2)
     assert "stopped: ['my-app-pool'] [False]" in result.stdout.str()

@@ -131,12 +131,12 @@ def _print_event(event: ConnectionEvent | HealthEvent) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import run, stream
+    from .bench.inprocess import run, stream
     from .embedded import embedded_conninfo
 
     dsn = args.dsn or embedded_conninfo()
     if args.remote:
-        from .bench_remote import parse_processes, run_remote
+        from .bench.remote import parse_processes, run_remote
 
         try:
             processes = parse_processes(args.processes)

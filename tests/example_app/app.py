@@ -29,7 +29,7 @@ from queue import SimpleQueue
 from typing import Any
 
 from dbpool.pool import Pool
-from dbpool.pool.owners import CallersThreadPoolExecutor
+from dbpool.pool.ownership.owners import CallersThreadPoolExecutor
 
 TABLE = os.environ.get("EXAMPLE_APP_TABLE", "example_entries")
 if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", TABLE):

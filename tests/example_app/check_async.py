@@ -8,7 +8,7 @@ import app
 import psycopg
 import pytest
 
-from dbpool.pytest_plugin import AsyncSandbox
+from dbpool.pool.ownership.pytest_plugin import AsyncSandbox
 
 pytestmark = pytest.mark.asyncio
 

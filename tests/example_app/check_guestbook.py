@@ -9,7 +9,7 @@ from __future__ import annotations
 import app
 import pytest
 
-from dbpool.pytest_plugin import Sandbox
+from dbpool.pool.ownership.pytest_plugin import Sandbox
 
 
 @pytest.mark.parametrize("author", ["ada", "grace", "edsger", "barbara", "ken", "dennis",

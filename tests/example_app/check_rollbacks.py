@@ -7,7 +7,7 @@ import psycopg
 import pytest
 
 from dbpool.errors import RolledBack
-from dbpool.pytest_plugin import AsyncSandbox, Sandbox
+from dbpool.pool.ownership.pytest_plugin import AsyncSandbox, Sandbox
 
 
 @pytest.mark.parametrize("blank_at", [0, 1, 2])

@@ -9,8 +9,8 @@ import psycopg
 import pytest
 
 from dbpool.errors import OwnershipError
-from dbpool.pool.owners import propagate_callers
-from dbpool.pytest_plugin import Sandbox
+from dbpool.pool.ownership.owners import propagate_callers
+from dbpool.pool.ownership.pytest_plugin import Sandbox
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4, 8])

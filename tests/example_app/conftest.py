@@ -4,7 +4,7 @@ Every test that takes ``dbpool_sandbox`` (or ``dbpool_async_sandbox``) runs
 on a connection of the app's pool inside a transaction that is rolled back
 at teardown, so tests see only their own rows, also under ``pytest -n``.
 
-The plugin is enabled by ``-p dbpool.pytest_plugin`` in this suite's
+The plugin is enabled by ``-p dbpool.pool.ownership.pytest_plugin`` in this suite's
 pytest.ini rather than by ``pytest_plugins`` here: this conftest sits below
 the repository's own test directory, whose collection imports it too, and
 pytest refuses ``pytest_plugins`` in a conftest that is not top-level.
@@ -24,7 +24,7 @@ import app
 import pytest
 
 from dbpool.pool import Pool
-from dbpool.pytest_plugin import AsyncSandbox, Sandbox
+from dbpool.pool.ownership.pytest_plugin import AsyncSandbox, Sandbox
 
 DSN = os.environ.get("EXAMPLE_APP_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
 

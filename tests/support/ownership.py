@@ -3,7 +3,7 @@
 An Elixir process becomes a :class:`Peer`: a thread that runs the functions
 it is sent, one at a time, until told to exit.  A plain peer has no callers
 chain (the tests' ``async_no_callers``); ``Peer(..., callers=True)`` is
-started through :func:`~dbpool.pool.owners.propagate_callers`, as
+started through :func:`~dbpool.pool.ownership.owners.propagate_callers`, as
 ``Task.async`` inherits ``$callers``.
 
 Blocking work on the database (the scripted driver's ``receive :continue``)
@@ -27,7 +27,7 @@ import pytest
 from dbpool.actors.listeners import ConnectionEvent
 from dbpool.errors import OwnershipError
 from dbpool.pool import Pool
-from dbpool.pool.owners import Owner, propagate_callers
+from dbpool.pool.ownership.owners import Owner, propagate_callers
 
 from .events import Recorder, kind
 

@@ -78,7 +78,7 @@ __all__ = [
     "run_remote",
 ]
 
-logger = logging.getLogger("dbpool.bench_remote")
+logger = logging.getLogger("dbpool.bench.remote")
 
 SQL = "SELECT 1"
 BATCH_SIZE = 100

@@ -1,9 +1,9 @@
 """A pytest plugin: every test in its own transaction, rolled back at teardown.
 
 This is Ecto's SQL Sandbox for applications that use dbpool.  Enable it
-with ``pytest -p dbpool.pytest_plugin``, or in a ``conftest.py``::
+with ``pytest -p dbpool.pool.ownership.pytest_plugin``, or in a ``conftest.py``::
 
-    pytest_plugins = ["dbpool.pytest_plugin"]
+    pytest_plugins = ["dbpool.pool.ownership.pytest_plugin"]
 
 Fixtures:
 
@@ -22,8 +22,8 @@ What sees the sandbox:
 - every call on the pool from the test's thread, and from asyncio tasks
   running on it or created by it;
 - other threads the test allows (``sandbox.allow(thread)``), or starts with
-  :func:`~dbpool.pool.owners.propagate_callers` or a
-  :class:`~dbpool.pool.owners.CallersThreadPoolExecutor`.
+  :func:`~dbpool.pool.ownership.owners.propagate_callers` or a
+  :class:`~dbpool.pool.ownership.owners.CallersThreadPoolExecutor`.
 
 With pytest-xdist every worker process has its own pool and every test its
 own transaction, so parallel tests never see each other's writes.  Two
@@ -42,8 +42,9 @@ from typing import Any
 import pytest
 
 from dbpool.driver import Params, Result
-from dbpool.pool import Pool, sandbox
-from dbpool.pool.owners import Owner
+from dbpool.pool import Pool
+from dbpool.pool.ownership import sandbox
+from dbpool.pool.ownership.owners import Owner
 
 __all__ = ["AsyncSandbox", "Sandbox"]
 

@@ -40,14 +40,14 @@ from dbpool.actors.slot import Slot
 from dbpool.driver import Ok
 from dbpool.errors import ConfigurationError, ConnectionError
 
-from .loans import Location, format_location
-from .metrics import PoolMetrics
+from ..loans import Location, format_location
+from ..metrics import PoolMetrics
+from ..queue import CheckoutQueue
 from .owners import Owner, describe_owner
-from .queue import CheckoutQueue
 
 if TYPE_CHECKING:
-    from .connection import Connection
-    from .ownership import OwnershipCore
+    from ..connection import Connection
+    from .core import OwnershipCore
 
 __all__ = ["CheckinReason", "PostCheckout", "PreCheckin", "Proxy", "ProxyGone"]
 

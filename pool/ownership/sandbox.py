@@ -49,11 +49,11 @@ from dbpool.driver import (
 from dbpool.errors import TransactionStatus
 
 from .owners import Owner
-from .ownership_proxy import CheckinReason
+from .proxy import CheckinReason
 
 if TYPE_CHECKING:
-    from .ownership import CheckinAnswer, CheckoutAnswer
-    from .pool import Pool
+    from ..pool import Pool
+    from .core import CheckinAnswer, CheckoutAnswer
 
 __all__ = ["SandboxDriver", "SandboxState", "checkin", "checkout", "post_checkout",
            "pre_checkin"]

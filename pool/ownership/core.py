@@ -5,9 +5,9 @@ This is DBConnection.Ownership for Python.  Start it with
 ``checkout``, ``transaction``, ...) then run on the connection owned by the
 caller.  Applications' test suites use it to give every test its own
 connection inside a transaction that is rolled back at the end (see
-:mod:`dbpool.pytest_plugin`).
+:mod:`dbpool.pool.ownership.pytest_plugin`).
 
-Owners are threads and asyncio tasks (:mod:`dbpool.pool.owners`).
+Owners are threads and asyncio tasks (:mod:`dbpool.pool.ownership.owners`).
 
 Modes (the ``ownership_mode`` option, or :meth:`Pool.ownership_mode`):
 
@@ -26,7 +26,7 @@ How a call finds its connection:
 1. the ``caller=`` option, if given;
 2. the current owner (the running task, else the thread);
 3. in manual mode, the callers chain (work started by owners: see
-   :mod:`dbpool.pool.owners`), and last, for a task, the thread running
+   :mod:`dbpool.pool.ownership.owners`), and last, for a task, the thread running
    its event loop.
 
 Only the first of these counts in auto and shared modes, as in DBConnection.
@@ -50,7 +50,7 @@ connection once it is checked in.
 
 ``post_checkout(driver, state) -> (driver, state)`` runs when an owner's
 connection is taken from the pool and may replace both (the sandbox wraps
-them: :mod:`dbpool.pool.sandbox`); raising drops the connection and the
+them: :mod:`dbpool.pool.ownership.sandbox`); raising drops the connection and the
 error reaches the caller.  ``pre_checkin(reason, driver, state) ->
 (driver, state)`` runs when it goes back, with ``reason`` ``"checkin"`` or
 ``("disconnect", error)``, and must return the pool's own driver; raising
@@ -71,12 +71,11 @@ from dbpool.actors.slot import Slot
 from dbpool.driver import Driver
 from dbpool.errors import ConnectionError, OwnershipError, PoolStoppedError
 
-from .connection import Connection
-from .core import PoolCore
-from .loans import Location
-from .options import PoolOptions
-from .owners import Owner, callers, current_owner, describe_owner, join_chain, on_owner_exit
-from .ownership_manager import (
+from ..connection import Connection
+from ..core import PoolCore
+from ..loans import Location
+from ..options import PoolOptions
+from .manager import (
     Allow,
     Checkin,
     Checkout,
@@ -85,7 +84,8 @@ from .ownership_manager import (
     OwnershipManager,
     SetMode,
 )
-from .ownership_proxy import Proxy, ProxyGone
+from .owners import Owner, callers, current_owner, describe_owner, join_chain, on_owner_exit
+from .proxy import Proxy, ProxyGone
 
 __all__ = ["AllowAnswer", "CheckinAnswer", "CheckoutAnswer", "ModeAnswer", "OwnershipCore"]
 
@@ -304,6 +304,6 @@ class OwnershipCore(PoolCore):
             "    a connection\n\n"
             "Work started by an owner finds its connection through the callers chain: asyncio "
             "tasks inherit it; for threads and executors use "
-            "dbpool.pool.owners.propagate_callers or CallersThreadPoolExecutor.\n\n"
+            "dbpool.pool.ownership.owners.propagate_callers or CallersThreadPoolExecutor.\n\n"
             "If you are reading this error, you have done none of the above, or the owner "
             "has ended.")

@@ -10,7 +10,7 @@ DBConnection's callers read the manager's ETS table.
 Contract:
 
 - ``Checkout`` answers ``"already_owner"`` / ``"already_allowed"``, or the new
-  :class:`~dbpool.pool.ownership_proxy.Proxy` and whether the owner needs
+  :class:`~dbpool.pool.ownership.proxy.Proxy` and whether the owner needs
   watching (the caller installs the watch: only the owner's own thread can).
 - ``Checkin`` answers ``"ok"``, ``"not_owner"`` or ``"not_found"``.
 - ``Allow`` answers ``"ok"``, ``"already_owner"`` / ``"already_allowed"`` or
@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 import pykka
 
-from .loans import Location, format_location
+from ..loans import Location, format_location
 from .owners import Owner, describe_owner, owner_alive
-from .ownership_proxy import PostCheckout, PreCheckin, Proxy
+from .proxy import PostCheckout, PreCheckin, Proxy
 
 if TYPE_CHECKING:
-    from .ownership import OwnershipCore
+    from .core import OwnershipCore
 
 __all__ = [
     "Allow", "Checkin", "Checkout", "End", "OwnerDown", "OwnershipManager", "SetMode", "TimedOut",
