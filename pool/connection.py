@@ -23,7 +23,7 @@ import functools
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, overload
 
 from dbpool.actors.slot import Slot
 from dbpool.driver import (
@@ -164,7 +164,7 @@ class Connection:
 
         return self._call("prepare_execute", query, params, log, both)
 
-    def close(self, query: Query, *, log: LogFn | None = None) -> None:
+    def close_prepared(self, query: Query, *, log: LogFn | None = None) -> None:
         """Release a prepared statement on the server (a no-op if it has none).
 
         The one call still allowed while a failed transaction rolls back.
@@ -237,9 +237,17 @@ class Connection:
         """
         return fn(self)
 
+    @overload
+    def transaction(self, fn: None = None, *, log: LogFn | None = None) -> Transaction:
+        ...
+
+    @overload
+    def transaction(self, fn: Callable[[Connection], T], *, log: LogFn | None = None) -> T:
+        ...
+
     def transaction(
         self, fn: Callable[[Connection], T] | None = None, *, log: LogFn | None = None
-    ) -> Any:
+    ) -> Transaction | T:
         """Run ``fn(self)`` in a transaction, or with no ``fn``, return a context manager.
 
         See :class:`~dbpool.pool.transaction.Transaction` for commit, rollback
@@ -505,9 +513,9 @@ class AsyncConnection:
         return await self._in_thread(functools.partial(self._conn.prepare_execute, log=log),
                                      name, sql, params)
 
-    async def close(self, query: Query, *, log: LogFn | None = None) -> None:
-        """See :meth:`Connection.close`."""
-        await self._in_thread(functools.partial(self._conn.close, log=log), query)
+    async def close_prepared(self, query: Query, *, log: LogFn | None = None) -> None:
+        """See :meth:`Connection.close_prepared`."""
+        await self._in_thread(functools.partial(self._conn.close_prepared, log=log), query)
 
     async def copy_from(self, sql: str | Query, data: CopyData, params: Params = None, *,
                         log: LogFn | None = None) -> Result:
@@ -537,10 +545,19 @@ class AsyncConnection:
         """``await fn(self)``: on a connection already held, run is a pass-through."""
         return await fn(self)
 
+    @overload
+    def transaction(self, fn: None = None, *, log: LogFn | None = None) -> AsyncTransaction:
+        ...
+
+    @overload
+    def transaction(self, fn: Callable[[AsyncConnection], Awaitable[T]], *,
+                    log: LogFn | None = None) -> Awaitable[T]:
+        ...
+
     def transaction(
         self, fn: Callable[[AsyncConnection], Awaitable[T]] | None = None, *,
         log: LogFn | None = None,
-    ) -> Any:
+    ) -> AsyncTransaction | Awaitable[T]:
         """``async with conn.transaction():``, or ``await conn.transaction(fn)``.
 
         The same rules as :meth:`Connection.transaction`.

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from dbpool.actors import backoff
 from dbpool.actors.listeners import ListenerSpec
 from dbpool.errors import ConfigurationError
 
-__all__ = ["PoolOptions"]
+__all__ = ["PoolOptions", "PoolStartOptions"]
 
 
 @dataclass(frozen=True)
@@ -220,3 +220,45 @@ class PoolOptions:
                 f"unknown pool option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return cls(**options)
+
+
+class PoolStartOptions(TypedDict, total=False):
+    """The options of :meth:`dbpool.pool.Pool.start`, for type checkers: a misspelt
+    name is an error before the code runs.  The fields of :class:`PoolOptions`,
+    but ``pool``, which ``Pool.start`` takes itself; a test checks the two agree.
+    """
+
+    pool_size: int
+    name: str
+    backoff_type: Literal["stop", "exp", "rand", "rand_exp"]
+    backoff_min: float | None
+    backoff_max: float | None
+    configure: Callable[[dict[str, Any]], Mapping[str, Any]] | None
+    after_connect: Callable[[Any], object] | None
+    after_connect_timeout: float
+    idle_interval: float
+    ping_timeout: float
+    idle_limit: int | None
+    connection_listeners: Sequence[ListenerSpec]
+    max_restarts: int
+    max_seconds: float
+    show_sensitive_data_on_connection_error: bool
+    breaker_threshold: int
+    reconnect_log_interval: float
+    timeout: float
+    queue: bool
+    queue_target: float
+    queue_interval: float
+    max_waiting: int
+    barge_window: float
+    max_lifetime: tuple[float, float] | None
+    disconnect_all_every: float | None
+    disconnect_all_interval: float
+    log: Callable[[Any], object] | None
+    checkout_retries: int
+    ownership_mode: Literal["auto", "manual"]
+    ownership_timeout: float | None
+    ownership_log: int | str | None
+    post_checkout: Callable[..., Any] | None
+    pre_checkin: Callable[..., Any] | None
+    connect_kwargs: Mapping[str, Any]

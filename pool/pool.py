@@ -28,14 +28,14 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from sys import _getframe
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack, overload
 
 import pykka
 
 from dbpool.actors.connection import ConnectionConfig
 from dbpool.actors.slot import Slot
 from dbpool.driver import Driver, Params, Query, Result
-from dbpool.errors import ConnectionError, OwnershipError, PoolStoppedError, TransactionStatus
+from dbpool.errors import ConnectionError, PoolStoppedError, TransactionStatus
 from dbpool.pgdriver import PgDriver
 
 from .connection import AsyncConnection, AsyncTransaction, Connection, LostBeforeEffect
@@ -43,26 +43,31 @@ from .copy import CopyData
 from .core import AsyncHold, Monitor, PoolCore
 from .loans import Loan, Location, caller_location
 from .logentry import LogFn
-from .options import PoolOptions
-from .ownership.core import (
-    AllowAnswer,
-    CheckinAnswer,
-    CheckoutAnswer,
-    ModeAnswer,
-    OwnershipCore,
-)
+from .options import PoolOptions, PoolStartOptions
+from .ownership.core import OwnershipCore
 from .ownership.owners import Owner
 from .pool_actor import Availability, PoolActor
 from .transaction import Transaction
 
-__all__ = ["Pool"]
+__all__ = ["AsyncCheckout", "AsyncPoolTransaction", "Checkout", "Pool", "PoolTransaction"]
+
+if TYPE_CHECKING:
+    from .ownership.pool import OwnershipPool
 
 logger = logging.getLogger("dbpool.pool")
 T = TypeVar("T")
 
 
 class Pool:
-    """A handle on a running pool.  Thread-safe; share one per process."""
+    """A handle on a running pool.  Thread-safe; share one per process.
+
+    ``Pool.start(..., pool="ownership")`` returns an
+    :class:`~dbpool.pool.ownership.pool.OwnershipPool`, this class with the
+    ownership calls.
+    """
+
+    #: Whether a plain checkout holds its connection for the thread's other calls.
+    _holds_checkouts = False
 
     def __init__(self, core: PoolCore, ref: pykka.ActorRef[Any]) -> None:
         self._core = core
@@ -71,25 +76,48 @@ class Pool:
         #: The pool actor's ActorRef.
         self.ref = ref
 
+    @overload
     @classmethod
-    def start(
-        cls, conninfo: str | None = None, *, driver: Driver[Any] | None = None, **options: Any
-    ) -> Pool:
+    def start(cls, conninfo: str | None = None, *, driver: Driver[Any] | None = None,
+              pool: Literal["ownership"], **options: Unpack[PoolStartOptions]) -> OwnershipPool:
+        ...
+
+    @overload
+    @classmethod
+    def start(cls, conninfo: str | None = None, *, driver: Driver[Any] | None = None,
+              pool: Literal["queue"] = "queue", **options: Unpack[PoolStartOptions]) -> Pool:
+        ...
+
+    @classmethod
+    def start(cls, conninfo: str | None = None, *, driver: Driver[Any] | None = None,
+              pool: Literal["queue", "ownership"] = "queue",
+              **options: Unpack[PoolStartOptions]) -> Pool:
         """Start a pool of connections to ``conninfo`` and return its handle.
 
         ``conninfo`` is a libpq string or URI.  When it is None, dbpool
         starts (or reuses) the embedded PostgreSQL of the ``embedded`` extra,
         and fails clearly if that is not installed.  ``options`` are
         described in :class:`~dbpool.pool.options.PoolOptions`; an unknown
-        name raises :class:`~dbpool.errors.ConfigurationError`.
+        name raises :class:`~dbpool.errors.ConfigurationError` (and is a
+        type error for mypy: see :class:`~dbpool.pool.options.PoolStartOptions`).
+        ``pool="ownership"`` starts an ownership pool and returns its
+        :class:`~dbpool.pool.ownership.pool.OwnershipPool`.  As a context
+        manager the handle closes the pool at the end of the block.
         """
-        opts = PoolOptions.from_kwargs(options)
+        opts = PoolOptions.from_kwargs({**options, "pool": pool})
         if conninfo is None:
             from dbpool.embedded import embedded_conninfo
 
             conninfo = embedded_conninfo()
         driver = driver if driver is not None else PgDriver()
-        core = OwnershipCore(driver, opts) if opts.pool == "ownership" else PoolCore(driver, opts)
+        handle: type[Pool] = Pool
+        core: PoolCore
+        if opts.pool == "ownership":
+            from .ownership.pool import OwnershipPool  # it builds on this module
+
+            handle, core = OwnershipPool, OwnershipCore(driver, opts)
+        else:
+            core = PoolCore(driver, opts)
         config = ConnectionConfig(
             pool_name=opts.name,
             driver=driver,
@@ -109,7 +137,7 @@ class Pool:
             may_connect=lambda: core.breaker.may_connect,
         )
         ref = PoolActor.start(core, config)
-        return cls(core, ref)
+        return handle(core, ref)
 
     @property
     def name(self) -> str:
@@ -124,7 +152,7 @@ class Pool:
     def checkout(
         self, timeout: float | None = None, queue: bool | None = None, *,
         caller: Owner | None = None,
-    ) -> _Checkout:
+    ) -> Checkout:
         """Lend one connection to this thread: ``with pool.checkout() as conn: ...``.
 
         ``timeout`` (the pool's ``timeout`` option by default) is a deadline
@@ -137,21 +165,20 @@ class Pool:
         An ownership pool's checkout holds its connection for the thread's
         other calls, which could only wait for it otherwise.
         """
-        return _Checkout(self._core, timeout, queue, caller=caller,
-                         hold=isinstance(self._core, OwnershipCore))
+        return Checkout(self._core, timeout, queue, caller=caller, hold=self._holds_checkouts)
 
     def acheckout(
         self, timeout: float | None = None, queue: bool | None = None, *,
         caller: Owner | None = None,
-    ) -> _AsyncCheckout:
+    ) -> AsyncCheckout:
         """:meth:`checkout` for asyncio: ``async with pool.acheckout() as conn: ...``.
 
         Waiting for a connection never blocks the event loop, and each call
         on the :class:`~dbpool.pool.connection.AsyncConnection` runs on a
         worker thread.
         """
-        return _AsyncCheckout(self._core, timeout, queue, caller=caller,
-                              hold=isinstance(self._core, OwnershipCore))
+        return AsyncCheckout(self._core, timeout, queue, caller=caller,
+                              hold=self._holds_checkouts)
 
     def query(
         self, sql: str, params: Params = None, *, timeout: float | None = None,
@@ -210,10 +237,11 @@ class Pool:
         return self._one_shot(lambda c: c.prepare_execute(name, sql, params, log=log),
                               **self._checkout_opts(opts))
 
-    def close(self, query: Query, **opts: Any) -> None:
-        """Release a prepared statement on one connection (see :meth:`Connection.close`)."""
+    def close_prepared(self, query: Query, **opts: Any) -> None:
+        """Release a prepared statement on one connection (see
+        :meth:`Connection.close_prepared`)."""
         log = opts.pop("log", None)
-        self._one_shot(lambda c: c.close(query, log=log), **self._checkout_opts(opts))
+        self._one_shot(lambda c: c.close_prepared(query, log=log), **self._checkout_opts(opts))
 
     def status(self, **opts: Any) -> TransactionStatus:
         """The transaction status of this thread's connection, or of a checked-out one.
@@ -241,14 +269,24 @@ class Pool:
         held = self._core.held_conn()
         if held is not None:
             return held.run(fn)
-        with _Checkout(self._core, where=caller_location(), hold=True,
+        with Checkout(self._core, where=caller_location(), hold=True,
                        **self._checkout_opts(opts)) as conn:
             before = conn._status_or_error()
             result = fn(conn)
             conn._check_status_unchanged(before)
             return result
 
-    def transaction(self, fn: Callable[[Connection], T] | None = None, **opts: Any) -> Any:
+    @overload
+    def transaction(self, fn: None = None, **opts: Any) -> PoolTransaction:
+        ...
+
+    @overload
+    def transaction(self, fn: Callable[[Connection], T], **opts: Any) -> T:
+        ...
+
+    def transaction(
+        self, fn: Callable[[Connection], T] | None = None, **opts: Any
+    ) -> PoolTransaction | T:
         """Run ``fn(conn)`` in a transaction and return its result; or, with no ``fn``,
         return a context manager: ``with pool.transaction() as conn: ...``.
 
@@ -261,7 +299,7 @@ class Pool:
         on another connection, up to ``checkout_retries``.
         """
         log = opts.pop("log", None)
-        tx = _PoolTransaction(self._core, log, caller_location(), **self._checkout_opts(opts))
+        tx = PoolTransaction(self._core, log, caller_location(), **self._checkout_opts(opts))
         if fn is None:
             return tx
         with tx as conn:
@@ -277,7 +315,7 @@ class Pool:
         """
         log = opts.pop("log", None)
         # Made here, not in the generator, so that a deadline names the caller's line.
-        tx = _PoolTransaction(self._core, log, caller_location(), **self._checkout_opts(opts))
+        tx = PoolTransaction(self._core, log, caller_location(), **self._checkout_opts(opts))
         return _stream_in(tx, sql, params, max_rows, log)
 
     def copy_from(self, sql: str | Query, data: CopyData, params: Params = None,
@@ -297,7 +335,7 @@ class Pool:
         held = self._core.held_conn()
         if held is not None:  # inside a transaction or run on this thread
             return iter(held.copy_to(sql, params, log=log))
-        checkout = _Checkout(self._core, where=caller_location(), hold=True, **checkout_opts)
+        checkout = Checkout(self._core, where=caller_location(), hold=True, **checkout_opts)
         return _copy_in(checkout, sql, params, log)
 
     def _checkout_opts(self, opts: dict[str, Any]) -> dict[str, Any]:
@@ -365,10 +403,11 @@ class Pool:
         return await self._aone_shot(lambda c: c.prepare_execute(name, sql, params, log=log),
                                      **self._checkout_opts(opts))
 
-    async def aclose(self, query: Query, **opts: Any) -> None:
-        """:meth:`close` for asyncio."""
+    async def aclose_prepared(self, query: Query, **opts: Any) -> None:
+        """:meth:`close_prepared` for asyncio."""
         log = opts.pop("log", None)
-        await self._aone_shot(lambda c: c.close(query, log=log), **self._checkout_opts(opts))
+        await self._aone_shot(lambda c: c.close_prepared(query, log=log),
+                              **self._checkout_opts(opts))
 
     async def astatus(self, **opts: Any) -> TransactionStatus:
         """:meth:`status` for asyncio."""
@@ -383,23 +422,33 @@ class Pool:
         held = self._core.aheld_conn()
         if held is not None:
             return await held.run(fn)
-        async with _AsyncCheckout(self._core, where=caller_location(), hold=True,
+        async with AsyncCheckout(self._core, where=caller_location(), hold=True,
                                   **self._checkout_opts(opts)) as conn:
             before = await conn._in_thread(conn.sync._status_or_error)
             result = await fn(conn)
             await conn._in_thread(conn.sync._check_status_unchanged, before)
             return result
 
+    @overload
+    def atransaction(self, fn: None = None, **opts: Any) -> AsyncPoolTransaction:
+        ...
+
+    @overload
+    def atransaction(
+        self, fn: Callable[[AsyncConnection], Awaitable[T]], **opts: Any
+    ) -> Awaitable[T]:
+        ...
+
     def atransaction(
         self, fn: Callable[[AsyncConnection], Awaitable[T]] | None = None, **opts: Any
-    ) -> Any:
+    ) -> AsyncPoolTransaction | Awaitable[T]:
         """:meth:`transaction` for asyncio.
 
         ``await pool.atransaction(fn)`` with a coroutine function, or
         ``async with pool.atransaction() as conn: ...``.
         """
         log = opts.pop("log", None)
-        tx = _AsyncPoolTransaction(self._core, log, caller_location(),
+        tx = AsyncPoolTransaction(self._core, log, caller_location(),
                                    **self._checkout_opts(opts))
         if fn is None:
             return tx
@@ -410,7 +459,7 @@ class Pool:
     ) -> AsyncIterator[Result]:
         """:meth:`stream` for asyncio: an async iterator of batches."""
         log = opts.pop("log", None)
-        tx = _AsyncPoolTransaction(self._core, log, caller_location(),
+        tx = AsyncPoolTransaction(self._core, log, caller_location(),
                                    **self._checkout_opts(opts))
         return _astream_in(tx, sql, params, max_rows, log)
 
@@ -425,7 +474,7 @@ class Pool:
         where = caller_location(3)  # past this and the public a* method
         retries = self._core.options.checkout_retries
         while True:
-            async with _AsyncCheckout(self._core, timeout, queue, where, caller=caller) as conn:
+            async with AsyncCheckout(self._core, timeout, queue, where, caller=caller) as conn:
                 try:
                     return await conn._in_thread(call, conn.sync)
                 except LostBeforeEffect:
@@ -443,69 +492,17 @@ class Pool:
         """
         self._core.disconnect_all(interval)
 
-    # -- ownership (pool="ownership"; see dbpool.pool.ownership) ------------
-
-    def ownership_checkout(
-        self, owner: Owner | None = None, *, timeout: float | None = None,
-        queue: bool | None = None, **overrides: Any,
-    ) -> CheckoutAnswer:
-        """Check out a connection owned by ``owner`` (this thread or task by default).
-
-        Returns ``"ok"``, or ``"already_owner"`` / ``"already_allowed"``.  The
-        connection is taken from the pool at once (waiting up to ``timeout``),
-        so an error taking it, or from ``post_checkout``, is raised here.
-        ``post_checkout``, ``pre_checkin`` and ``ownership_timeout`` override
-        the pool's options for this ownership.
-        """
-        return self._ownership().ownership_checkout(
-            owner, self._default_timeout if timeout is None else timeout,
-            self._default_queue if queue is None else queue, caller_location(), overrides)
-
-    def ownership_checkin(self, owner: Owner | None = None) -> CheckinAnswer:
-        """Give back the connection ``owner`` (this thread or task) owns.
-
-        Returns ``"ok"``, ``"not_owner"`` (it is only allowed on one) or
-        ``"not_found"``.  The owners allowed on it lose it too.
-        """
-        return self._ownership().ownership_checkin(owner)
-
-    def ownership_allow(
-        self, owner_or_allowed: Owner, allowed: Owner, *, unallow_existing: bool = False
-    ) -> AllowAnswer:
-        """Let ``allowed`` use the connection of ``owner_or_allowed`` (an owner or allowed).
-
-        Returns ``"ok"``, ``"already_owner"`` / ``"already_allowed"`` if
-        ``allowed`` has a connection already (``unallow_existing=True`` moves
-        it instead), or ``"not_found"``.
-        """
-        return self._ownership().ownership_allow(owner_or_allowed, allowed, unallow_existing)
-
-    def ownership_mode(self, mode: Any) -> ModeAnswer:
-        """Set the mode: ``"auto"``, ``"manual"`` or ``("shared", owner)``.
-
-        Returns ``"ok"``, or for a shared mode ``"already_shared"`` (another
-        live owner shares), ``"not_owner"`` or ``"not_found"``.  Every owned
-        connection but the shared owner's is checked in.
-        """
-        return self._ownership().ownership_mode(mode)
-
     def connection_metrics(self) -> list[dict[str, Any]]:
-        """DBConnection's ``get_connection_metrics``: the pool's entry, then one per owned
-        connection (ownership pools), each with ``ready_conn_count`` and
-        ``checkout_queue_length``."""
+        """DBConnection's ``get_connection_metrics``: the pool's entry (then, for an
+        ownership pool, one per owned connection), each with ``ready_conn_count``
+        and ``checkout_queue_length``."""
         ready, waiting = self._core.queue.counts()
-        entries: list[dict[str, Any]] = [{"source": ("pool", self.name),
-                                          "ready_conn_count": ready,
-                                          "checkout_queue_length": waiting}]
-        if isinstance(self._core, OwnershipCore):
-            entries.extend(self._core.proxy_metrics())
-        return entries
+        return [{"source": ("pool", self.name), "ready_conn_count": ready,
+                 "checkout_queue_length": waiting}, *self._owned_metrics()]
 
-    def _ownership(self) -> OwnershipCore:
-        if not isinstance(self._core, OwnershipCore):
-            raise OwnershipError(f"{self.name}: not an ownership pool; start it with "
-                                 "Pool.start(..., pool='ownership')")
-        return self._core
+    def _owned_metrics(self) -> list[dict[str, Any]]:
+        """The entries of owned connections (an ownership pool has some)."""
+        return []
 
     # -- availability (see dbpool.pool.breaker) ----------------------------
 
@@ -559,13 +556,21 @@ class Pool:
 
     # -- lifecycle -------------------------------------------------------
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the pool: fail waiters, close connections, stop the actors."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Close the pool: fail its waiters, close its connections, stop its actors.
+
+        Waits up to ``timeout`` seconds; closing a closed pool does nothing.
+        ``with Pool.start(...) as pool:`` closes it at the end of the block.
+        (A prepared statement is released by :meth:`close_prepared`.)
+        """
         try:
             self.ref.stop(block=True, timeout=timeout)
         except pykka.ActorDeadError:
             pass
         self._core.stopped.wait(timeout)
+
+    #: DBConnection's name for :meth:`close`.
+    stop = close
 
     @property
     def alive(self) -> bool:
@@ -596,36 +601,37 @@ class Pool:
         metrics = {"ready_conn_count": ready, "checkout_queue_length": waiting,
                    "health": self._core.breaker.state, "paused": self._core.queue.paused,
                    **self._core.metrics.snapshot()}
-        if isinstance(self._core, OwnershipCore):
-            metrics["owned"] = self._core.proxy_metrics()
+        owned = self._owned_metrics()
+        if owned:
+            metrics["owned"] = owned
         return metrics
 
     def __enter__(self) -> Pool:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()
 
     def __repr__(self) -> str:
         return f"<dbpool Pool {self.name!r} size={self.options.pool_size} alive={self.alive}>"
 
 
 def _stream_in(
-    tx: _PoolTransaction, sql: str | Query, params: Params, max_rows: int, log: LogFn | None
+    tx: PoolTransaction, sql: str | Query, params: Params, max_rows: int, log: LogFn | None
 ) -> Iterator[Result]:
     with tx as conn:
         yield from conn.stream(sql, params, max_rows=max_rows, log=log)
 
 
 def _copy_in(
-    checkout: _Checkout, sql: str | Query, params: Params, log: LogFn | None
+    checkout: Checkout, sql: str | Query, params: Params, log: LogFn | None
 ) -> Iterator[bytes]:
     with checkout as conn, conn.copy_to(sql, params, log=log) as copy:
         yield from copy
 
 
 async def _astream_in(
-    tx: _AsyncPoolTransaction, sql: str | Query, params: Params, max_rows: int,
+    tx: AsyncPoolTransaction, sql: str | Query, params: Params, max_rows: int,
     log: LogFn | None,
 ) -> AsyncIterator[Result]:
     async with tx as conn, conn.stream(sql, params, max_rows=max_rows, log=log) as batches:
@@ -633,7 +639,7 @@ async def _astream_in(
             yield batch
 
 
-class _Checkout:
+class Checkout:
     """The context manager :meth:`Pool.checkout` returns.
 
     With ``hold`` (run and transaction), calls on the pool from this thread
@@ -680,7 +686,7 @@ class _Checkout:
             self._core.give_back(conn)
 
 
-class _PoolTransaction:
+class PoolTransaction:
     """What :meth:`Pool.transaction` returns: a checkout (unless nested) and a transaction."""
 
     def __init__(
@@ -693,7 +699,7 @@ class _PoolTransaction:
         self._timeout = timeout
         self._queue = queue
         self._caller = caller
-        self._checkout: _Checkout | None = None
+        self._checkout: Checkout | None = None
         self._tx: Transaction | None = None
 
     def __enter__(self) -> Connection:
@@ -703,7 +709,7 @@ class _PoolTransaction:
             return self._tx.__enter__()
         retries = self._core.options.checkout_retries
         while True:
-            checkout = _Checkout(self._core, self._timeout, self._queue, self._where, hold=True,
+            checkout = Checkout(self._core, self._timeout, self._queue, self._where, hold=True,
                                  caller=self._caller)
             conn = checkout.__enter__()
             tx = Transaction(conn, self._log)
@@ -733,8 +739,8 @@ class _PoolTransaction:
                 self._checkout.__exit__(None, None, None)
 
 
-class _AsyncCheckout:
-    """The async context manager :meth:`Pool.acheckout` returns (see :class:`_Checkout`)."""
+class AsyncCheckout:
+    """The async context manager :meth:`Pool.acheckout` returns (see :class:`Checkout`)."""
 
     __slots__ = ("_caller", "_conn", "_core", "_hold", "_queue", "_timeout", "_token", "_where")
 
@@ -779,7 +785,7 @@ class _AsyncCheckout:
             self._core.give_back(conn.sync)
 
 
-class _AsyncPoolTransaction:
+class AsyncPoolTransaction:
     """What :meth:`Pool.atransaction` returns: an async checkout (unless nested) and a
     transaction."""
 
@@ -793,7 +799,7 @@ class _AsyncPoolTransaction:
         self._timeout = timeout
         self._queue = queue
         self._caller = caller
-        self._checkout: _AsyncCheckout | None = None
+        self._checkout: AsyncCheckout | None = None
         self._tx: AsyncTransaction | None = None
 
     async def __aenter__(self) -> AsyncConnection:
@@ -804,7 +810,7 @@ class _AsyncPoolTransaction:
             return await self._tx.__aenter__()
         retries = core.options.checkout_retries
         while True:
-            checkout = _AsyncCheckout(core, self._timeout, self._queue, self._where, hold=True,
+            checkout = AsyncCheckout(core, self._timeout, self._queue, self._where, hold=True,
                                       caller=self._caller)
             conn = await checkout.__aenter__()
             tx = AsyncTransaction(conn, self._log)

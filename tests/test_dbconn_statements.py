@@ -791,7 +791,7 @@ def test_execute_and_prepare_execute_log_entries_on_postgresql(
     query, res = pool.prepare_execute("triple", "SELECT $1::int * 3", [5])
     assert res.rows == [(15,)]
     assert pool.execute(query, [7]).rows == [(21,)]
-    pool.close(query)
+    pool.close_prepared(query)
     assert [e.call for e in entries] == ["prepare_execute", "execute", "close"]
     both, execute, close = entries
     assert both.query == query and both.params == [5]

@@ -289,14 +289,14 @@ def test_close_is_logged_and_releases_the_statement(pg_dsn: str, pools: list[Poo
     pool, _ = start_named(pg_dsn, pools, "dbc-close")
     entries: list[LogEntry] = []
     query = pool.prepare("dbc_close", "SELECT $1::int")
-    assert pool.close(query, log=entries.append) is None
+    assert pool.close_prepared(query, log=entries.append) is None
     (entry,) = entries
     assert (entry.call, entry.query, entry.params, entry.error) == ("close", query, None, None)
     assert entry.pool_time is not None and entry.pool_time >= 0
     assert entry.connection_time >= 0 and entry.decode_time is None
     names = pool.query("SELECT name FROM pg_prepared_statements").rows
     assert ("dbc_close",) not in names
-    pool.close(query)  # closing again is harmless
+    pool.close_prepared(query)  # closing again is harmless
 
 
 # -- begin ------------------------------------------------------------------------
@@ -901,7 +901,7 @@ def test_a_close_error_is_raised_and_logged(pools: list[Pool], how: str) -> None
     entries: list[LogEntry] = []
     query = Query("SELECT 1", "q")
     with pytest.raises(RuntimeError) as info:
-        pool.close(query, log=entries.append)
+        pool.close_prepared(query, log=entries.append)
     assert info.value is err
     (entry,) = entries
     assert (entry.call, entry.query, entry.params, entry.error) == ("close", query, None, err)
@@ -913,7 +913,7 @@ def test_a_close_error_is_raised_and_logged(pools: list[Pool], how: str) -> None
     else:
         driver.wait_for("connect", 2)
         assert sequence(driver) == ["connect", "handle_close", "disconnect", "connect"]
-    pool.close(query)
+    pool.close_prepared(query)
     assert len(calls(driver, "disconnect")) == (how == "raise")
 
 
@@ -928,8 +928,8 @@ def test_close_is_allowed_in_a_failed_transaction_which_then_rolls_back(
     def outer(conn: Connection) -> None:
         with pytest.raises(RolledBack):
             conn.transaction(lambda c: c.rollback("oops"))
-        assert conn.close(query) is None
-        assert pool.close(query) is None  # on this thread's connection
+        assert conn.close_prepared(query) is None
+        assert pool.close_prepared(query) is None  # on this thread's connection
 
     with pytest.raises(RolledBack) as info:
         pool.transaction(outer)

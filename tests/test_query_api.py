@@ -183,7 +183,7 @@ def test_prepared_statements_are_reused_and_reprepared_after_a_reconnect(
     with pool.checkout() as conn:
         assert conn.backend_pid != pid
         assert conn.execute(query, [9]).rows == [(10,)]  # prepared again on the new one
-        conn.close(query)
+        conn.close_prepared(query)
         statements = conn.query("SELECT name FROM pg_prepared_statements").rows
         assert ("add_one",) not in statements
     prepared, result = pool.prepare_execute("twice", "SELECT $1::int * 2", [21])

@@ -78,10 +78,10 @@ def test_async_prepare_execute_prepare_execute_close_and_status(
         assert (await pool.aexecute(inverse, [4])).rows == [(15,)]
         names = await pool.aquery("SELECT name FROM pg_prepared_statements ORDER BY name")
         assert names.rows == [("a_inc",), ("a_inv",)]
-        await pool.aclose(query)
+        await pool.aclose_prepared(query)
         names = await pool.aquery("SELECT name FROM pg_prepared_statements")
         assert names.rows == [("a_inv",)]
-        await pool.aclose(query)  # closing what the connection no longer has is a no-op
+        await pool.aclose_prepared(query)  # closing what the connection no longer has is a no-op
 
     run(body)
     assert [e.kind for e in events.values()] == ["connected"]

@@ -45,6 +45,7 @@ from dbpool.driver import Params, Result
 from dbpool.pool import Pool
 from dbpool.pool.ownership import sandbox
 from dbpool.pool.ownership.owners import Owner
+from dbpool.pool.ownership.pool import OwnershipPool
 
 __all__ = ["AsyncSandbox", "Sandbox"]
 
@@ -53,7 +54,7 @@ __all__ = ["AsyncSandbox", "Sandbox"]
 class Sandbox:
     """A test's sandboxed connection: calls on :attr:`pool` from its thread use it."""
 
-    pool: Pool
+    pool: OwnershipPool
     owner: Owner
 
     def query(self, sql: str, params: Params = None) -> Result:
@@ -69,7 +70,7 @@ class Sandbox:
 class AsyncSandbox:
     """:class:`Sandbox` for async tests: the calls are awaitables."""
 
-    pool: Pool
+    pool: OwnershipPool
     owner: Owner
 
     async def query(self, sql: str, params: Params = None) -> Result:
@@ -89,7 +90,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 @pytest.fixture(scope="session")
-def dbpool_pool(request: pytest.FixtureRequest) -> Iterator[Pool]:
+def dbpool_pool(request: pytest.FixtureRequest) -> Iterator[OwnershipPool]:
     """The ownership pool the sandbox fixtures use (override it to use your own)."""
     dsn = request.config.getoption("dbpool_dsn") or os.environ.get("DBPOOL_DSN")
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
@@ -101,10 +102,12 @@ def dbpool_pool(request: pytest.FixtureRequest) -> Iterator[Pool]:
         pool.stop()
 
 
-def _sandboxed(pool: Pool) -> Iterator[Any]:
+def _sandboxed(pool: OwnershipPool) -> Iterator[Any]:
     """Check out a sandbox for the test's thread; yield its owner; roll it back."""
-    if not isinstance(pool, Pool):
-        raise pytest.UsageError(f"dbpool_pool must return a dbpool Pool, got {pool!r}")
+    if not isinstance(pool, OwnershipPool):
+        raise pytest.UsageError(
+            f"dbpool_pool must return an ownership pool (Pool.start(..., pool='ownership')), "
+            f"got {pool!r}")
     owner = threading.current_thread()
     answer = sandbox.checkout(pool, owner)
     if answer != "ok":
@@ -118,14 +121,14 @@ def _sandboxed(pool: Pool) -> Iterator[Any]:
 
 
 @pytest.fixture
-def dbpool_sandbox(dbpool_pool: Pool) -> Iterator[Sandbox]:
+def dbpool_sandbox(dbpool_pool: OwnershipPool) -> Iterator[Sandbox]:
     """This test's connection, inside a transaction rolled back at teardown."""
     for owner in _sandboxed(dbpool_pool):
         yield Sandbox(dbpool_pool, owner)
 
 
 @pytest.fixture
-def dbpool_async_sandbox(dbpool_pool: Pool) -> Iterator[AsyncSandbox]:
+def dbpool_async_sandbox(dbpool_pool: OwnershipPool) -> Iterator[AsyncSandbox]:
     """:func:`dbpool_sandbox` for async tests.
 
     The owner is the test's thread, which runs the test's event loop: the

@@ -52,8 +52,8 @@ from .owners import Owner
 from .proxy import CheckinReason
 
 if TYPE_CHECKING:
-    from ..pool import Pool
     from .core import CheckinAnswer, CheckoutAnswer
+    from .pool import OwnershipPool
 
 __all__ = ["SandboxDriver", "SandboxState", "checkin", "checkout", "post_checkout",
            "pre_checkin"]
@@ -259,12 +259,12 @@ def pre_checkin(reason: CheckinReason, driver: Any, state: Any) -> tuple[Any, An
     return inner_driver, inner_state
 
 
-def checkout(pool: Pool, owner: Owner | None = None, **options: Any) -> CheckoutAnswer:
+def checkout(pool: OwnershipPool, owner: Owner | None = None, **options: Any) -> CheckoutAnswer:
     """Check out a sandboxed connection for ``owner`` (this thread or task by default)."""
     return pool.ownership_checkout(owner, post_checkout=post_checkout,
                                    pre_checkin=pre_checkin, **options)
 
 
-def checkin(pool: Pool, owner: Owner | None = None) -> CheckinAnswer:
+def checkin(pool: OwnershipPool, owner: Owner | None = None) -> CheckinAnswer:
     """Roll back and give back the sandboxed connection of ``owner``."""
     return pool.ownership_checkin(owner)

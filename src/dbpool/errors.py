@@ -3,7 +3,8 @@
 The hierarchy is small on purpose::
 
     DBPoolError
-     ├── ConnectionError      no usable connection: reason says why
+     ├── ConnectionError      no usable connection: reason says why (also a
+     │    │                   psycopg.OperationalError and a builtin ConnectionError)
      │    └── PoolStoppedError the pool was stopped (or stopped itself)
      ├── TransactionError     begin/commit/rollback met the wrong status
      ├── RolledBack           a transaction ended by rollback(reason)
@@ -20,13 +21,17 @@ message (``err.diag.message_primary``) and the detail
 (``err.diag.message_detail``).  :func:`sql_error_fields` reads them into a
 plain dict, the form the wire protocol and log entries use.
 
-``dbpool.errors.ConnectionError`` shadows the builtin of that name inside
-this module only; import it qualified (``from dbpool import errors``) if the
-builtin matters to your code.
+:class:`ConnectionError` is a pool's way of saying "no connection": a queue
+timeout, an open circuit, a lost connection, a deadline.  So code written
+for psycopg or for the standard library catches it as it would theirs: it is
+a ``psycopg.OperationalError`` (as psycopg_pool's ``PoolTimeout`` is) and a
+subclass of the builtin ``ConnectionError`` of the same name, so a bare
+``except ConnectionError`` catches it too.
 """
 
 from __future__ import annotations
 
+import builtins
 from typing import Any, Literal
 
 import psycopg
@@ -72,11 +77,12 @@ class DBPoolError(Exception):
     """Base class of every error dbpool raises itself."""
 
 
-class ConnectionError(DBPoolError):
+class ConnectionError(DBPoolError, psycopg.OperationalError, builtins.ConnectionError):
     """No usable connection, for the reason in :attr:`reason`.
 
-    The message never contains a password unless the pool was started with
-    ``show_sensitive_data_on_connection_error=True``.
+    Also a ``psycopg.OperationalError`` and a builtin ``ConnectionError``
+    (see the module docstring).  The message never contains a password
+    unless the pool was started with ``show_sensitive_data_on_connection_error=True``.
     """
 
     def __init__(self, message: str, *, reason: Reason = "error") -> None:
