@@ -286,6 +286,14 @@ class Connection:
         """The connection's position in its pool."""
         return self._slot.index
 
+    @property
+    def driver_state(self) -> Any:
+        """The driver's state of this connection (the psycopg driver's is a
+        :class:`~dbpool.pgdriver.PgState`), for a holder that drives the
+        connection itself (see :mod:`dbpool.pool.lender`); None once the loan
+        has ended."""
+        return self._driver_state
+
     def mark_broken(self, error: BaseException) -> None:
         """Have the pool replace this connection when it is checked in, for ``error``.
 

@@ -41,6 +41,7 @@ from dbpool.pgdriver import PgDriver
 from .connection import AsyncConnection, AsyncTransaction, Connection, LostBeforeEffect
 from .copy import CopyData
 from .core import AsyncHold, Monitor, PoolCore
+from .lender import Lender
 from .loans import Loan, Location, caller_location
 from .logentry import LogFn
 from .options import PoolOptions, PoolStartOptions
@@ -146,6 +147,11 @@ class Pool:
     @property
     def options(self) -> PoolOptions:
         return self._core.options
+
+    def lender(self) -> Lender:
+        """Non-blocking borrowing, for an event loop that drives connections itself
+        (``dbpool serve``'s front end): see :mod:`dbpool.pool.lender`."""
+        return Lender(self._core)
 
     # -- checkout --------------------------------------------------------
 

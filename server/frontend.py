@@ -48,7 +48,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from dbpool import wire
 from dbpool.driver import CopyDirection
-from dbpool.errors import ConnectionError, ProtocolError, StatementNotAllowed
+from dbpool.errors import ConfigurationError, ConnectionError, ProtocolError, StatementNotAllowed
+from dbpool.pgdriver import PgDriver
 from dbpool.pool.copy import not_a_copy
 from dbpool.protocol import VERSION, error_map, protocol_error
 from dbpool.statement_scope import copy_refused, explain, scope_of
@@ -68,7 +69,8 @@ from .pipeline import (
 )
 
 if TYPE_CHECKING:
-    from dbpool.pool import Pool
+    from dbpool.pool import Connection, Pool
+    from dbpool.pool.lender import Offer
 
     from .config import ServeConfig
 
@@ -169,7 +171,12 @@ class FrontEnd:
     def __init__(self, pool: Pool, config: ServeConfig,
                  context: zmq.Context[Any] | None = None) -> None:
         self.pool = pool
-        self.core = pool._core
+        #: The pool's queue, for a loop that never blocks (see dbpool.pool.lender).
+        self.lender = pool.lender()
+        if not isinstance(self.lender.driver, PgDriver):
+            raise ConfigurationError(
+                f"dbpool serve drives its connections through libpq's pipeline: it needs a "
+                f"pool of the psycopg driver (PgDriver), not {type(self.lender.driver).__name__}")
         self.config = config
         self.depth = config.pipeline_depth
         self.context = context or zmq.Context()
@@ -1069,7 +1076,7 @@ class FrontEnd:
         None while the pool holds checkouts (paused, or its circuit open): the
         job then waits in the pool's queue, or fails at once, like any caller.
         """
-        if self.core.queue.blocked:
+        if self.lender.blocked:
             return None
         shared = self._shared
         for pipe in shared:
@@ -1089,23 +1096,11 @@ class FrontEnd:
 
     def _borrow(self) -> Pipe | None:
         """An idle connection from the pool, if one can be had without waiting."""
-        core = self.core
-        while True:
-            slot = core.queue.try_get()
-            if slot is None:
-                return None
-            pipe = self._accept(slot)
-            if pipe is not None:
-                return pipe
+        conn = self.lender.try_borrow()
+        return None if conn is None else self._adopt(conn)
 
-    def _accept(self, slot: Any) -> Pipe | None:
-        try:
-            conn = self.core.accept(slot, time.monotonic(), _INF, None)
-        except Exception:
-            logger.exception("front end: the driver refused a connection")
-            return None
-        if conn is None:
-            return None
+    def _adopt(self, conn: Connection) -> Pipe:
+        """Drive a borrowed connection from the loop."""
         pipe = Pipe(conn, self._complete)
         self._pipes[pipe.fd] = pipe
         self._poller.register(pipe.fd, _POLLIN)
@@ -1116,7 +1111,7 @@ class FrontEnd:
         if pipe.owner is not None and pipe.broken is None:
             return
         queued = self._queued
-        blocked = self.core.queue.blocked  # paused or open: held connections serve no one new
+        blocked = self.lender.blocked  # paused or open: held connections serve no one new
         if pipe.broken is None and pipe.retiring is None:
             while queued and pipe.inflight < self.depth and not pipe.cancelling and not blocked:
                 job = queued[0]
@@ -1135,7 +1130,7 @@ class FrontEnd:
                 if pipe.owner is None and pipe not in self._shared:
                     self._shared.append(pipe)
                 return
-            if not (self.core.queue.has_waiters or self._draining or blocked):
+            if not (self.lender.has_waiters or self._draining or blocked):
                 # Idle now, but the next request is likely close behind: keep it
                 # for _LINGER (see _release_idle), unless others wait for it.
                 pipe.idle_since = time.monotonic()
@@ -1158,8 +1153,9 @@ class FrontEnd:
         ``_LINGER`` later.
         """
         wake_at = _INF
-        queue = self.core.queue
-        expired = now if queue.has_waiters or queue.blocked or self._draining else now - _LINGER
+        lender = self.lender
+        expired = now if lender.has_waiters or lender.blocked or self._draining \
+            else now - _LINGER
         for pipe in [pipe for pipe in self._shared if not pipe.requests]:
             if pipe.idle_since <= expired:
                 self._release(pipe)
@@ -1181,7 +1177,7 @@ class FrontEnd:
             if isinstance(lease, Lease):
                 self._forget(lease, f"connection lost: {pipe.broken}")
             pipe.owner = None
-        self.core.give_back(pipe.release())
+        self.lender.give_back(pipe.release())
 
     def _watch(self, pipe: Pipe) -> None:
         """``pipe`` has statements to send (or was read): flush it before sleeping."""
@@ -1192,24 +1188,24 @@ class FrontEnd:
         if self._waiter is not None or not self._queued:
             return
         try:
-            self._waiter = self.core.queue.wait(self._on_slot)
+            self._waiter = self.lender.wait(self._on_offer)
         except ConnectionError as error:
             self._fail_queued(error, all_of_them=error.reason != "queue_full")
 
-    def _on_slot(self, slot: Any, error: BaseException | None) -> None:
+    def _on_offer(self, offer: Offer | None, error: BaseException | None) -> None:
         # Any thread, under the pool queue's lock: hand over to the loop.
-        self.post(lambda: self._slot_arrived(slot, error))
+        self.post(lambda: self._offer_arrived(offer, error))
 
-    def _slot_arrived(self, slot: Any, error: BaseException | None) -> None:
+    def _offer_arrived(self, offer: Offer | None, error: BaseException | None) -> None:
         self._waiter = None
         if error is not None:
             self._fail_queued(error, all_of_them=not isinstance(error, ConnectionError)
                               or error.reason != "queue_timeout")
             self._want_connection()
             return
-        pipe = self._accept(slot)
-        if pipe is not None:
-            self._settle(pipe)
+        conn = self.lender.take(offer) if offer is not None else None
+        if conn is not None:
+            self._settle(self._adopt(conn))
         self._want_connection()
 
     def _fail_queued(self, error: BaseException, all_of_them: bool) -> None:
@@ -1221,7 +1217,7 @@ class FrontEnd:
 
     def _cancel(self, pipe: Pipe) -> None:
         """Cancel the statement running on ``pipe`` (sent by the pool's cancel threads)."""
-        self.core.cancel(self.core.driver, pipe.state)
+        self.lender.cancel(pipe.conn)
 
     # -- time ----------------------------------------------------------------
 
@@ -1235,10 +1231,10 @@ class FrontEnd:
                 queued.remove(job)
                 self._reply_error(job.route, job.rid, {
                     "kind": "connection", "reason": "queue_timeout",
-                    "message": f"{self.core.name}: connection not available within the "
+                    "message": f"{self.lender.name}: connection not available within the "
                                "request's timeout"})
             if (not queued and self._waiter is not None
-                    and self.core.queue.cancel_wait(self._waiter)):
+                    and self.lender.cancel_wait(self._waiter)):
                 self._waiter = None
         stuck = now - _STUCK_AFTER
         for pipe in list(self._pipes.values()):
@@ -1273,13 +1269,7 @@ class FrontEnd:
         waits on it and drop it (its socket shut, so nothing more is waited for)."""
         logger.warning("front end: a connection gave no answer %gs past a request's "
                        "deadline; dropping it", _STUCK_AFTER)
-        interrupt = getattr(self.core.driver, "interrupt", None)
-        if interrupt is not None:
-            try:
-                interrupt(pipe.state)
-            except Exception:
-                logger.debug("front end: shutting a stuck connection down failed",
-                             exc_info=True)
+        self.lender.interrupt(pipe.conn)
         pipe.lose(ConnectionError(
             f"no answer from PostgreSQL within the request's timeout (and {_STUCK_AFTER:g}s "
             "more); its connection was dropped", reason="deadline"))
@@ -1313,7 +1303,7 @@ class FrontEnd:
         self._draining = True
         self._drain_until = time.monotonic() + self.config.grace
         self._next_tick = 0.0
-        self._publish("pool", {"event": "stopping", "pool": self.core.name,
+        self._publish("pool", {"event": "stopping", "pool": self.lender.name,
                                "time": time.time(), "state": "stopping", "reason": None})
 
     def _drained(self, now: float) -> bool:
@@ -1337,7 +1327,7 @@ class FrontEnd:
         for pipe in list(self._pipes.values()):
             self._release(pipe)
         if self._waiter is not None:
-            self.core.queue.cancel_wait(self._waiter)
+            self.lender.cancel_wait(self._waiter)
         self.router.disable_monitor()
         self._monitor.close(linger=0)
         self.router.close(linger=0)

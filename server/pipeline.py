@@ -17,24 +17,22 @@ loop:
   the pool.
 
 Statements use psycopg's placeholders and psycopg's adaptation, through the
-same objects psycopg's cursors use (``PostgresQuery`` and the
-``Transformer``): a parameter or a column converts exactly as it does
-in-process.  ``PostgresQuery`` lives in a private psycopg module; this is
-the one place dbpool uses it, and ``tests/test_remote_*`` cover it.
+same objects psycopg's cursors use (the ``Transformer``, and the query
+classes that :mod:`dbpool.server.psycopg_internals` keeps, with every other
+piece of psycopg's and libpq's insides the server needs): a parameter or a
+column converts exactly as it does in-process.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import select
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias
 
 import psycopg
 from psycopg import pq
-from psycopg._queries import PostgresClientQuery, PostgresQuery
 from psycopg.abc import Transformer as TransformerProtocol
 from psycopg.adapt import Transformer
 
@@ -44,6 +42,7 @@ from dbpool.pool.connection import Connection
 from dbpool.statement_scope import copy_refused
 
 from .copy import Copy
+from .psycopg_internals import Converter, send_pipeline_sync
 
 __all__ = ["AT_ONCE", "NEVER", "PREPARE_THRESHOLD", "Job", "Outcome", "Pipe", "Statement",
            "first_error"]
@@ -78,35 +77,6 @@ _COPY = frozenset(int(status) for status in (
 #: Command tags after which the front end's prepared statements may be gone
 #: (a DEALLOCATE does not say which one it dropped: all are forgotten).
 _FORGETS_STATEMENTS = (b"DISCARD ALL", b"DEALLOCATE")
-def _libpq_send_pipeline_sync() -> Callable[[int], int] | None:
-    """libpq's ``PQsendPipelineSync`` (libpq 17+), which psycopg does not wrap yet.
-
-    ``PQpipelineSync`` flushes as it marks the Sync: one ``send`` system call
-    per request, the costliest step of a request here.  ``PQsendPipelineSync``
-    leaves the flush to the loop, so the requests that one loop iteration
-    puts on a connection leave in one write.  It is looked up in the libpq
-    that psycopg loaded (from the process's memory map), and called with
-    psycopg's public ``PGconn.pgconn_ptr``.  None when that libpq is older:
-    ``PQpipelineSync`` serves, one write per request.
-    """
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "/libpq" in line})
-    except OSError:  # not Linux
-        return None
-    for path in paths:
-        try:
-            function = getattr(ctypes.CDLL(path), "PQsendPipelineSync", None)
-        except OSError:
-            continue
-        if function is not None:
-            function.argtypes = [ctypes.c_void_p]
-            function.restype = ctypes.c_int
-            return cast(Callable[[int], int], function)
-    return None
-
-
-_send_pipeline_sync = _libpq_send_pipeline_sync()
 
 #: Prepared statements a connection keeps for the front end; past this,
 #: statements run unprepared rather than grow the server's memory.
@@ -163,14 +133,19 @@ class Pipe:
         self.conn = conn
         #: Called with each job when its results are in (or the connection is lost).
         self.complete = complete
-        state: PgState = conn._driver_state
+        state = conn.driver_state
+        if not isinstance(state, PgState):
+            raise TypeError(f"dbpool serve drives psycopg connections; this pool's driver "
+                            f"gives {type(state).__name__}")
         self.state = state
         pgconn = state.conn.pgconn
         self.pgconn = pgconn
         self.fd: int = pgconn.socket
-        if state.remote_transformer is None:
+        if state.remote_transformer is None:  # kept on the connection: costly to make
             state.remote_transformer = Transformer(state.conn)
+            state.remote_converter = Converter(state.conn, state.remote_transformer)
         self.tx: TransformerProtocol = state.remote_transformer
+        self.converter: Converter = state.remote_converter
         self.encoding = state.conn.info.encoding
         self.requests: deque[Job] = deque()
         #: Why the connection is unusable, once it is.
@@ -214,10 +189,8 @@ class Pipe:
         cannot be adapted raises with nothing sent.
         """
         assert not self.requests and self.copy is None
-        query = PostgresClientQuery(self.tx)
-        query.convert(statement, params)
-        assert query.query is not None
-        copy = self.copy = Copy(self, query.query, direction, page_bytes, notify)
+        copy = self.copy = Copy(self, self.converter.merge(statement, params), direction,
+                                page_bytes, notify)
         return copy
 
     # -- sending ------------------------------------------------------------
@@ -235,11 +208,10 @@ class Pipe:
         (the ``execute`` op), or from its Nth run here on (the ``query`` op,
         like psycopg's ``prepare_threshold``).
         """
-        converted = []
-        for sql, params in statements:
-            query = PostgresQuery(self.tx)
-            query.convert(sql, params)
-            converted.append((query.query, query.params, query.types, query.formats))
+        converter = self.converter
+        converted = [converter.convert(sql, params) for sql, params in statements]
+        if not converter.binds:  # literals merged in: every text would be a new statement
+            prepare = NEVER
         pgconn = self.pgconn
         prepares: list[tuple[int, Any, bytes]] | None = None
         position = 0
@@ -266,11 +238,7 @@ class Pipe:
                     pgconn.send_query_params(text, params, param_types=types,
                                              param_formats=formats, result_format=_TEXT)
                 position += 1
-            if _send_pipeline_sync is None:
-                pgconn.pipeline_sync()
-            elif _send_pipeline_sync(pgconn.pgconn_ptr) != 1:  # type: ignore[attr-defined]
-                raise psycopg.OperationalError(
-                    f"sending a Sync failed: {pgconn.get_error_message()}")
+            send_pipeline_sync(pgconn)
         except psycopg.Error as error:
             self.lose(error)
             raise

@@ -96,9 +96,10 @@ class PgState:
     remote_statements: dict[Any, bytes] = field(default_factory=dict)
     #: How often the front end ran each statement not yet prepared here.
     remote_counts: dict[Any, int] = field(default_factory=dict)
-    #: The ZeroMQ front end's psycopg Transformer for this connection, kept
-    #: across its loans (making one costs more than a query).
+    #: The ZeroMQ front end's psycopg Transformer for this connection, and its
+    #: statement converter, kept across its loans (making one costs more than a query).
     remote_transformer: Any = None
+    remote_converter: Any = None
     #: Seconds a ping may wait for its answer.
     ping_timeout: float = 5.0
     #: Our own descriptor of the connection's socket (see PgDriver.interrupt).
