@@ -382,6 +382,13 @@ def test_leaving_a_transaction_whose_lease_ended_logs_no_warning(
 # -- 4. leases belong to their session -----------------------------------------------------
 
 
+def _forged(client: Client, tx: Transaction) -> Transaction:
+    """A transaction of ``client`` that claims ``tx``'s lease (another session's)."""
+    stolen = Transaction(client, None)
+    stolen.lease, stolen._state = tx.lease, "active"
+    return stolen
+
+
 def test_a_lease_used_by_another_session_is_refused_and_unaffected(
         servers: Servers, pg_dsn: str, table: str) -> None:
     server = servers.start(pg_dsn)
@@ -391,7 +398,7 @@ def test_a_lease_used_by_another_session_is_refused_and_unaffected(
         tx = owner.transaction()
         tx.query(f"INSERT INTO {table} VALUES (10)")
 
-        stolen = Transaction(intruder, tx.lease, tx.heartbeat_timeout, tx.expires_in)
+        stolen = _forged(intruder, tx)
         attempts: list[Callable[[], object]] = [
             lambda: stolen.query(f"INSERT INTO {table} VALUES (99)"),
             lambda: stolen.execute(f"INSERT INTO {table} VALUES (99)"),
@@ -403,7 +410,7 @@ def test_a_lease_used_by_another_session_is_refused_and_unaffected(
             with pytest.raises(ProtocolError) as info:
                 attempt()
             assert info.value.code == "lease_not_owned"
-        stolen = Transaction(intruder, tx.lease, tx.heartbeat_timeout, tx.expires_in)
+        stolen = _forged(intruder, tx)
         with pytest.raises(ProtocolError) as info:
             stolen.rollback()
         assert info.value.code == "lease_not_owned"

@@ -1,0 +1,5 @@
+"""The client's requests, written once for asyncio; ``client/_sync`` is generated from here.
+
+Edit these files, then run ``python .ci/unasync_client.py`` to write the
+sync twin (CI fails when it is stale).
+"""
