@@ -28,7 +28,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from sys import _getframe
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, Unpack, overload
 
 import pykka
 
@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("dbpool.pool")
 T = TypeVar("T")
+CheckoutT = TypeVar("CheckoutT")
+TransactionT = TypeVar("TransactionT")
 
 
 class Pool:
@@ -692,8 +694,9 @@ class Checkout:
             self._core.give_back(conn)
 
 
-class PoolTransaction:
-    """What :meth:`Pool.transaction` returns: a checkout (unless nested) and a transaction."""
+class _TransactionBlock(Generic[CheckoutT, TransactionT]):
+    """What a transaction block of the pool holds: how to check out, and, once
+    entered, its checkout (None when nested) and its transaction."""
 
     def __init__(
         self, core: PoolCore, log: LogFn | None, where: Location | None,
@@ -705,8 +708,12 @@ class PoolTransaction:
         self._timeout = timeout
         self._queue = queue
         self._caller = caller
-        self._checkout: Checkout | None = None
-        self._tx: Transaction | None = None
+        self._checkout: CheckoutT | None = None
+        self._tx: TransactionT | None = None
+
+
+class PoolTransaction(_TransactionBlock["Checkout", Transaction]):
+    """What :meth:`Pool.transaction` returns: a checkout (unless nested) and a transaction."""
 
     def __enter__(self) -> Connection:
         held = self._core.held_conn()
@@ -791,22 +798,9 @@ class AsyncCheckout:
             self._core.give_back(conn.sync)
 
 
-class AsyncPoolTransaction:
+class AsyncPoolTransaction(_TransactionBlock["AsyncCheckout", AsyncTransaction]):
     """What :meth:`Pool.atransaction` returns: an async checkout (unless nested) and a
     transaction."""
-
-    def __init__(
-        self, core: PoolCore, log: LogFn | None, where: Location | None,
-        timeout: float | None, queue: bool | None, caller: Owner | None = None,
-    ) -> None:
-        self._core = core
-        self._log = log
-        self._where = where
-        self._timeout = timeout
-        self._queue = queue
-        self._caller = caller
-        self._checkout: AsyncCheckout | None = None
-        self._tx: AsyncTransaction | None = None
 
     async def __aenter__(self) -> AsyncConnection:
         core = self._core
