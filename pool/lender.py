@@ -47,10 +47,11 @@ Offer = Slot
 class Lender:
     """Non-blocking borrowing from one pool (see the module docstring)."""
 
-    __slots__ = ("_core",)
+    __slots__ = ("_core", "_queue")
 
     def __init__(self, core: PoolCore) -> None:
         self._core = core
+        self._queue = core.queue
 
     @property
     def name(self) -> str:
@@ -67,13 +68,13 @@ class Lender:
         """Whether the pool lends nothing now (paused, or its circuit open): a borrower
         should give new work to no connection it holds, and wait or fail like any
         caller."""
-        return self._core.queue.blocked
+        return self._queue._blocked  # read at every request: one hop, not two
 
     @property
     def has_waiters(self) -> bool:
         """Whether other callers wait for a connection (a borrower should give back
         the ones it does not need at once)."""
-        return self._core.queue.has_waiters
+        return bool(self._queue._waiters)
 
     def try_borrow(self) -> Connection | None:
         """An idle connection, lent now, or None if none is idle."""

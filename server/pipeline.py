@@ -42,7 +42,7 @@ from dbpool.pool.connection import Connection
 from dbpool.statement_scope import copy_refused
 
 from .copy import Copy
-from .psycopg_internals import Converter, send_pipeline_sync
+from .psycopg_internals import Converter, pipeline_sync_sender
 
 __all__ = ["AT_ONCE", "NEVER", "PREPARE_THRESHOLD", "Job", "Outcome", "Pipe", "Statement",
            "first_error"]
@@ -55,6 +55,7 @@ Statement: TypeAlias = tuple[str, Any]
 #: error that lost the connection.
 Outcome: TypeAlias = "list[pq.abc.PGresult] | BaseException"
 
+_send_pipeline_sync = pipeline_sync_sender()
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _TEXT = pq.Format.TEXT
@@ -238,7 +239,11 @@ class Pipe:
                     pgconn.send_query_params(text, params, param_types=types,
                                              param_formats=formats, result_format=_TEXT)
                 position += 1
-            send_pipeline_sync(pgconn)
+            if _send_pipeline_sync is None:  # send_pipeline_sync(pgconn), inlined: hot path
+                pgconn.pipeline_sync()
+            elif _send_pipeline_sync(pgconn.pgconn_ptr) != 1:  # type: ignore[attr-defined]
+                raise psycopg.OperationalError(
+                    f"sending a Sync failed: {pgconn.get_error_message()!r}")
         except psycopg.Error as error:
             self.lose(error)
             raise

@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import psycopg
 from psycopg import pq
 from psycopg.abc import Transformer as TransformerProtocol
 
-__all__ = ["FAST", "TESTED", "Converted", "Converter", "send_pipeline_sync"]
+__all__ = ["FAST", "TESTED", "Converted", "Converter", "pipeline_sync_sender",
+           "send_pipeline_sync"]
 
 logger = logging.getLogger("dbpool.server.psycopg_internals")
 
@@ -68,13 +69,8 @@ _QUERIES = _private_queries()
 FAST = _QUERIES is not None
 
 
-class Converted(NamedTuple):
-    """A statement ready for libpq: its text, parameters, their types and formats."""
-
-    query: bytes
-    params: Any
-    types: tuple[int, ...]
-    formats: Any
+#: A statement ready for libpq: ``(text, parameters, their types, their formats)``.
+Converted = tuple[bytes, Any, Sequence[int], Any]
 
 
 class Converter:
@@ -99,8 +95,8 @@ class Converter:
         if self._query_class is not None:
             query = self._query_class(self._tx)
             query.convert(sql, params)
-            return Converted(query.query, query.params, tuple(query.types), query.formats)
-        return Converted(self.merge(sql, params), None, (), None)
+            return query.query, query.params, query.types, query.formats
+        return self.merge(sql, params), None, (), None
 
     def merge(self, sql: str, params: Any) -> bytes:
         """``sql`` with ``params`` merged in as literals (for COPY)."""
@@ -134,6 +130,12 @@ def _libpq_send_pipeline_sync() -> Callable[[int], int] | None:
 
 
 _send_pipeline_sync = _libpq_send_pipeline_sync()
+
+
+def pipeline_sync_sender() -> Callable[[int], int] | None:
+    """``PQsendPipelineSync`` for a caller that inlines :func:`send_pipeline_sync` on its
+    hot path (called with ``pgconn.pgconn_ptr``; 1 on success), or None without it."""
+    return _send_pipeline_sync
 
 
 def send_pipeline_sync(pgconn: pq.abc.PGconn, flush: bool = False) -> None:

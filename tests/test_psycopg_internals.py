@@ -47,11 +47,10 @@ def run(conn: psycopg.Connection[Any], converter: Converter, sql: str, params: A
         flush: bool = False) -> list[tuple[Any, ...]]:
     """``sql`` through the converter and libpq's pipeline, rows loaded by psycopg."""
     pgconn = conn.pgconn
-    query = converter.convert(sql, params)
+    text, values, types, formats = converter.convert(sql, params)
     pgconn.enter_pipeline_mode()
     try:
-        pgconn.send_query_params(query.query, query.params, param_types=query.types,
-                                 param_formats=query.formats)
+        pgconn.send_query_params(text, values, param_types=types, param_formats=formats)
         send_pipeline_sync(pgconn, flush=flush)
         while pgconn.flush():
             select.select([], [pgconn.socket], [], 5)
