@@ -438,12 +438,10 @@ class Connection:
         message = f"connection lost: {' '.join(str(error).split())}"
         raise (LostBeforeEffect if retry_safe else ConnectionError)(message) from error
 
-    def _end(self) -> Slot | None:
-        """End the loan: return the slot, cleaned, or None if the pool took it already.
-
-        A connection left inside a transaction (open or failed) is rolled
-        back; if that fails, the slot is marked broken so that it is replaced.
-        """
+    def _surrender(self) -> Slot | None:
+        """End the loan from the holder's side (the checkin calls this, once): the
+        slot, or None if the watcher took it already.  Decides nothing: the
+        checkin cleans and places the slot."""
         loan = self._loan
         try:
             loan.claim.pop()  # loan.take(), inlined: the hot path
@@ -452,11 +450,9 @@ class Connection:
                 self._close_revoked(loan.revoked)
             return None
         self._driver_state = None  # ours no longer; nothing below may close it
-        core, slot = self._core, self._slot
+        slot = self._slot
         if self._broken is not None and slot.broken is None:
             slot.broken = self._broken
-        core.loans.pop(slot.index, None)  # core.forget(loan)
-        core.clean(slot)
         return slot
 
     def _needs_cleaning(self) -> bool:

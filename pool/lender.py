@@ -112,13 +112,13 @@ class Lender:
 
     def give_back(self, conn: Connection) -> None:
         """Return a borrowed connection (rolled back if left in a transaction)."""
-        self._core.give_back(conn)
+        self._core.checkin.take_back(conn)
 
     def cancel(self, conn: Connection) -> None:
         """Ask the server to cancel the statement running on ``conn``; never blocks."""
         state = conn.driver_state
         if state is not None:
-            self._core.cancel(self._core.driver, state)
+            self._core.canceller.cancel(self._core.driver, state)
 
     def interrupt(self, conn: Connection) -> None:
         """Wake at once whatever waits on ``conn``'s socket (the driver shuts it down),

@@ -31,7 +31,8 @@ from dbpool.actors.slot import Slot
 from dbpool.errors import ConnectionError
 
 if TYPE_CHECKING:
-    from .core import PoolCore
+    from .checkin import Checkin
+    from .metrics import PoolMetrics
 
 __all__ = ["Loan", "LoanWatcher", "Location", "caller_location"]
 
@@ -97,15 +98,20 @@ class Loan:
 class LoanWatcher:
     """Ends loans that passed their deadline or were abandoned.  One thread per pool."""
 
-    def __init__(self, core: PoolCore) -> None:
-        self._core = core
+    def __init__(self, name: str, loans: dict[int, Loan], checkin: Checkin,
+                 metrics: PoolMetrics, idle_interval: float) -> None:
+        self._name = name
+        self._loans = loans
+        self._checkin = checkin
+        self._metrics = metrics
+        self._idle_interval = idle_interval
         # SimpleQueue.put is reentrant, so Connection.__del__ may use it.
         self._inbox: queue.SimpleQueue[tuple[Loan, str] | None] = queue.SimpleQueue()
         #: When the thread sweeps next; a loan due earlier must wake it.
         self.wake_at = float("inf")
         self._stopped = False
         self._thread = threading.Thread(
-            target=self._run, name=f"{core.name}-loan-watcher", daemon=True)
+            target=self._run, name=f"{name}-loan-watcher", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -140,42 +146,31 @@ class LoanWatcher:
                 return
             try:
                 if item is not None:
-                    self._reclaim(*item)
+                    self._checkin.reclaim(*item)
                 self._sweep()
             except Exception:
-                logger.exception("%s: loan watcher failed; continuing", self._core.name)
+                logger.exception("%s: loan watcher failed; continuing", self._name)
 
     def _sweep(self) -> None:
         self.wake_at = float("inf")  # loans made during the sweep wake us again
         now = time.monotonic()
-        next_sweep = now + self._core.options.idle_interval
-        for loan in list(self._core.loans.values()):
+        next_sweep = now + self._idle_interval
+        for loan in list(self._loans.values()):
             if now >= loan.deadline:
                 self._revoke(loan)
             elif not loan.thread.is_alive():
                 if loan.take():
-                    self._reclaim(loan, "its thread ended while it was checked out")
+                    self._checkin.reclaim(loan, "its thread ended while it was checked out")
             else:
                 next_sweep = min(next_sweep, loan.deadline)
         self.wake_at = next_sweep
 
     def _revoke(self, loan: Loan) -> None:
-        core, slot = self._core, loan.slot
+        slot = loan.slot
         error = ConnectionError(
-            f"{core.name}: connection {slot.index} was revoked: it was queued and checked out "
-            f"for longer than its {loan.deadline - loan.started:g}s timeout "
+            f"{self._name}: connection {slot.index} was revoked: it was queued and checked "
+            f"out for longer than its {loan.deadline - loan.started:g}s timeout "
             f"({loan.describe()}); its statement was cancelled and the connection is being "
             "replaced", reason="deadline")
-        if core.revoke(loan, error):
-            core.metrics.add("deadlines")
-
-    def _reclaim(self, loan: Loan, how: str) -> None:
-        core, slot = self._core, loan.slot
-        core.forget(loan)
-        core.metrics.add("reclaimed")
-        core.clean(slot)
-        fate = "replacing it" if slot.broken is not None else "returned it to the pool"
-        logger.warning(
-            "%s: connection %d was %s and never checked in: %s; the pool %s",
-            core.name, slot.index, loan.describe(), how, fate)
-        core.checkin(slot)
+        if self._checkin.revoke(loan, error):
+            self._metrics.add("deadlines")

@@ -127,7 +127,7 @@ class Pool:
             connect_opts={"conninfo": conninfo, "ping_timeout": opts.ping_timeout,
                           **opts.connect_kwargs},
             scheduler=core.scheduler,
-            release=core.take_from_actor,
+            release=core.checkin.from_actor,
             deliver=core.deliver,
             configure=opts.configure,
             after_connect=_after_connect_runner(core) if opts.after_connect else None,
@@ -217,7 +217,7 @@ class Pool:
             if core.options.checkout_retries <= 0:
                 raise
         finally:
-            core.give_back(conn)
+            core.checkin.take_back(conn)
         return self._one_shot(lambda c: c.query(sql, params, log=log), timeout, queue,
                               caller_location(), retries=core.options.checkout_retries - 1,
                               caller=caller)
@@ -381,7 +381,7 @@ class Pool:
                 logger.info("%s: connection %d was closed by the server; retrying the call "
                             "on another connection", core.name, conn.index)
             finally:
-                core.give_back(conn)
+                core.checkin.take_back(conn)
 
     async def aquery(
         self, sql: str, params: Params = None, *, timeout: float | None = None,
@@ -498,7 +498,7 @@ class Pool:
         database never sees them all reconnect at once.  Use it to pick up a
         DNS change or new credentials from ``configure``.
         """
-        self._core.disconnect_all(interval)
+        self._core.recycler.disconnect_all(interval)
 
     def connection_metrics(self) -> list[dict[str, Any]]:
         """DBConnection's ``get_connection_metrics``: the pool's entry (then, for an
@@ -691,7 +691,7 @@ class Checkout:
                     self._core.held.reset(self._token)
                 except ValueError:  # exited from another context (a callback, a task)
                     self._core.held.set(None)
-            self._core.give_back(conn)
+            self._core.checkin.take_back(conn)
 
 
 class _TransactionBlock(Generic[CheckoutT, TransactionT]):
@@ -793,9 +793,9 @@ class AsyncCheckout:
         await conn._settle()
         if conn.sync._needs_cleaning():  # a rollback is I/O: not on the loop
             await asyncio.get_running_loop().run_in_executor(
-                None, self._core.give_back, conn.sync)
+                None, self._core.checkin.take_back, conn.sync)
         else:
-            self._core.give_back(conn.sync)
+            self._core.checkin.take_back(conn.sync)
 
 
 class AsyncPoolTransaction(_TransactionBlock["AsyncCheckout", AsyncTransaction]):
@@ -854,7 +854,8 @@ def _after_connect_runner(core: PoolCore) -> Callable[[Slot], None]:
         try:
             user_fn(conn)
         finally:
-            conn._end()  # the actor, not a queue, takes the slot back
+            if conn._surrender() is not None:  # the actor, not a queue, takes it back
+                core.checkin.clean(slot)
         if slot.broken is not None:  # e.g. left in a transaction that would not roll back
             raise slot.broken
 

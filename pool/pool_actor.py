@@ -95,6 +95,16 @@ class PoolActor(pykka.ThreadingActor):
     def __init__(self, core: PoolCore, config: ConnectionConfig) -> None:
         super().__init__()
         self.core = core
+        # The parts it works with, named once.
+        self.name = core.name
+        self.options = core.options
+        self.breaker = core.breaker
+        self.queue = core.queue
+        self.watcher = core.watcher
+        self.scheduler = core.scheduler
+        self.checkin = core.checkin
+        self.recycler = core.recycler
+        self.metrics = core.metrics
         self.config = config
         self.connections: dict[int, pykka.ActorRef[Any]] = {}
         self.restarts = RestartIntensity(core.options.max_restarts, core.options.max_seconds)
@@ -102,64 +112,64 @@ class PoolActor(pykka.ThreadingActor):
         self._workers: ThreadPoolExecutor | None = None
 
     def on_start(self) -> None:
-        self.core.breaker.attach(
+        self.breaker.attach(
             probe=self._probe, schedule=lambda delay, token: self._tick_later(
                 delay, _ProbeDue(token)))
-        for index in range(self.core.options.pool_size):
+        for index in range(self.options.pool_size):
             self._start_connection(index)
-        self.core.watcher.start()
+        self.watcher.start()
         self._schedule_idle_sweep()
-        self._tick_later(self.core.options.queue_interval, _QueuePoll())
-        if self.core.options.disconnect_all_every is not None:
-            self._tick_later(self.core.options.disconnect_all_every, _PeriodicDisconnectAll())
+        self._tick_later(self.options.queue_interval, _QueuePoll())
+        if self.options.disconnect_all_every is not None:
+            self._tick_later(self.options.disconnect_all_every, _PeriodicDisconnectAll())
 
     def on_receive(self, message: Any) -> Any:
         match message:
             case Notify(event):
                 self.core.deliver(event)
                 if event.kind == "connected":
-                    self.core.breaker.connected(event.index)
+                    self.breaker.connected(event.index)
                 else:
-                    self.core.breaker.disconnected(event.index)
+                    self.breaker.disconnected(event.index)
             case Parked(index):
-                self.core.breaker.parked_connection(index)
+                self.breaker.parked_connection(index)
             case _ProbeDue(token):
-                self.core.breaker.probe_due(token)
+                self.breaker.probe_due(token)
             case Availability(action):
                 self._availability(action)
             case RunQuery():
                 return self._run_query(message)
             case ConnectFailed(index, error):
-                self.core.metrics.add("connect_errors")
+                self.metrics.add("connect_errors")
                 telemetry.emit("connection_error", {"count": 1},
-                               {"pool": self.core.name, "error": error, "index": index})
-                self.core.breaker.connect_failed(index, error)
+                               {"pool": self.name, "error": error, "index": index})
+                self.breaker.connect_failed(index, error)
             case ConnectionGaveUp(index, error):
                 self._fail(PoolStoppedError(
-                    f"{self.core.name}: connection {index} failed and backoff_type is 'stop', "
+                    f"{self.name}: connection {index} failed and backoff_type is 'stop', "
                     f"so the pool stopped: {error}", cause=error))
             case ConnectionCrashed(index, error, actor):
                 self._restart(index, error, actor)
-                self.core.breaker.crashed(index, error)
+                self.breaker.crashed(index, error)
             case _IdleSweep(since):
                 self._idle_sweep(since)
             case _QueuePoll():
-                self.core.queue.poll()
-                self._tick_later(self.core.options.queue_interval, message)
+                self.queue.poll()
+                self._tick_later(self.options.queue_interval, message)
             case _PeriodicDisconnectAll():
-                self.core.disconnect_all(self.core.options.disconnect_all_interval)
-                every = self.core.options.disconnect_all_every
+                self.recycler.disconnect_all(self.options.disconnect_all_interval)
+                every = self.options.disconnect_all_every
                 assert every is not None
                 self._tick_later(every, message)
             case _:
-                logger.warning("%s: pool actor ignored unknown message %r", self.core.name, message)
+                logger.warning("%s: pool actor ignored unknown message %r", self.name, message)
 
     def on_stop(self) -> None:
         self.core.before_stop()
         error = self._stop_error
         closed = PoolStoppedError(
-            f"{self.core.name}: the pool is stopped" + (f": {error}" if error else ""), cause=error)
-        for slot in self.core.queue.close(closed):
+            f"{self.name}: the pool is stopped" + (f": {error}" if error else ""), cause=error)
+        for slot in self.queue.close(closed):
             slot.lent_at = None  # back in its actor's hands, which close it
         for ref in self.connections.values():
             try:
@@ -168,8 +178,8 @@ class PoolActor(pykka.ThreadingActor):
                 pass
         if self._workers is not None:
             self._workers.shutdown(wait=False)  # queued ones fail fast: the queue is closed
-        self.core.watcher.stop()
-        self.core.scheduler.stop()
+        self.watcher.stop()
+        self.scheduler.stop()
         self.core.mark_stopped(error)
 
     def on_failure(self, *exc_info: Any) -> None:
@@ -190,13 +200,13 @@ class PoolActor(pykka.ThreadingActor):
             return  # a crash report from an actor already replaced
         if not self.restarts.allow():
             self._fail(PoolStoppedError(
-                f"{self.core.name}: connection actors crashed more than "
+                f"{self.name}: connection actors crashed more than "
                 f"{self.restarts.max_restarts} times within {self.restarts.max_seconds:g}s, "
                 f"so the pool stopped; last crash (connection {index}): "
                 f"{type(error).__name__}: {error}", cause=error))
             return
         logger.error("%s: connection %d crashed (%s: %s); restarting it",
-                     self.core.name, index, type(error).__name__, error)
+                     self.name, index, type(error).__name__, error)
         self._start_connection(index)
 
     def _fail(self, error: BaseException) -> None:
@@ -216,7 +226,7 @@ class PoolActor(pykka.ThreadingActor):
                 pass
 
     def _availability(self, action: str) -> None:
-        breaker, queue = self.core.breaker, self.core.queue
+        breaker, queue = self.breaker, self.queue
         if action == "open":
             breaker.open()
         elif action == "close":
@@ -230,24 +240,23 @@ class PoolActor(pykka.ThreadingActor):
         elif action == "drain":
             queue.pause()
             breaker.drain()
-            # Idle connections close now; lent ones as they come back (recycle_reason).
-            for slot in queue.take_idle(float("inf"), self.core.options.pool_size):
-                self.core.recycle(slot, "the pool was drained")
+            # Idle connections close now; lent ones as they come back (the recycler).
+            for slot in queue.take_idle(float("inf"), self.options.pool_size):
+                self.checkin.recycle(slot, "the pool was drained")
 
     # -- timers ----------------------------------------------------------
 
     def _tick_later(self, delay: float, message: Any) -> None:
-        self.core.scheduler.tell_later(delay, self.actor_ref, message)
+        self.scheduler.tell_later(delay, self.actor_ref, message)
 
     def _schedule_idle_sweep(self) -> None:
-        self._tick_later(self.core.options.idle_interval, _IdleSweep(time.monotonic()))
+        self._tick_later(self.options.idle_interval, _IdleSweep(time.monotonic()))
 
     def _idle_sweep(self, since: float) -> None:
-        core = self.core
-        for slot in core.queue.take_idle(since, core.options.effective_idle_limit):
-            reason = core.recycle_reason(slot)
+        for slot in self.queue.take_idle(since, self.options.effective_idle_limit):
+            reason = self.recycler.reason(slot)
             if reason is not None:
-                core.recycle(slot, reason)
+                self.checkin.recycle(slot, reason)
                 continue
             try:
                 slot.actor.tell(Ping(slot))
@@ -262,8 +271,8 @@ class PoolActor(pykka.ThreadingActor):
             pykka.ThreadingFuture())
         if self._workers is None:
             self._workers = ThreadPoolExecutor(
-                max_workers=self.core.options.pool_size,
-                thread_name_prefix=f"{self.core.name}-query")
+                max_workers=self.options.pool_size,
+                thread_name_prefix=f"{self.name}-query")
         self._workers.submit(_answer, self.core, request, future)
         return future
 
@@ -278,7 +287,7 @@ def _answer(core: PoolCore, request: RunQuery, future: pykka.Future[Any] | None)
         try:
             result = conn.query(request.sql, request.params)
         finally:
-            core.give_back(conn)
+            core.checkin.take_back(conn)
     except Exception as exc:
         error = exc
     if future is not None:

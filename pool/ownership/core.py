@@ -71,6 +71,7 @@ from dbpool.actors.slot import Slot
 from dbpool.driver import Driver
 from dbpool.errors import ConnectionError, OwnershipError, PoolStoppedError
 
+from ..checkin import Checkin as PoolCheckin
 from ..connection import Connection
 from ..core import PoolCore
 from ..loans import Location
@@ -95,6 +96,36 @@ AllowAnswer = Literal["ok", "already_owner", "already_allowed", "not_found"]
 ModeAnswer = Literal["ok", "already_shared", "not_owner", "not_found"]
 
 _OVERRIDES = frozenset({"post_checkout", "pre_checkin", "ownership_timeout"})
+
+
+class OwnershipCheckin(PoolCheckin):
+    """The checkin of an ownership pool: a slot an owner's proxy holds goes back to
+    the proxy (its owner's next client takes it), not to the pool's queue."""
+
+    def __init__(self, core: OwnershipCore, *args: Any) -> None:
+        super().__init__(*args)
+        self._core = core  # its registry of holders and its manager
+
+    def place(self, slot: Slot) -> None:
+        proxy = self._core.holders.get(slot.index)
+        if proxy is not None and proxy.slot is slot:
+            proxy.checkin(slot)
+        else:
+            super().place(slot)
+
+    def reconnect(self, slot: Slot, error: BaseException, taken: bool = False) -> None:
+        core = self._core
+        proxy = core.holders.pop(slot.index, None)
+        if proxy is not None:  # taken from its client (a deadline, or the ownership ended)
+            proxy.forget(slot)
+            if getattr(error, "reason", None) == "deadline":
+                # As DBConnection's proxy does: a client past its deadline ends the ownership.
+                try:
+                    core.manager.tell(End(proxy, f"a client of {describe_owner(proxy.owner)}'s "
+                                                 "connection timed out"))
+                except pykka.ActorDeadError:
+                    pass  # the pool is stopping: every ownership ends anyway
+        super().reconnect(slot, error, taken)
 
 
 class OwnershipCore(PoolCore):
@@ -187,25 +218,10 @@ class OwnershipCore(PoolCore):
             raise OwnershipError(self._not_found(first))
         return entry[1]
 
-    def checkin(self, slot: Slot) -> None:
-        proxy = self.holders.get(slot.index)
-        if proxy is not None and proxy.slot is slot:
-            proxy.checkin(slot)
-        else:
-            super().checkin(slot)
-
-    def reconnect(self, slot: Slot, error: BaseException, taken: bool = False) -> None:
-        proxy = self.holders.pop(slot.index, None)
-        if proxy is not None:  # taken from its client (a deadline, or the ownership ended)
-            proxy.forget(slot)
-            if getattr(error, "reason", None) == "deadline":
-                # As DBConnection's proxy does: a client past its deadline ends the ownership.
-                try:
-                    self.manager.tell(End(proxy, f"a client of {describe_owner(proxy.owner)}'s "
-                                                 "connection timed out"))
-                except pykka.ActorDeadError:
-                    pass  # the pool is stopping: every ownership ends anyway
-        super().reconnect(slot, error, taken)
+    def _make_checkin(self) -> PoolCheckin:
+        return OwnershipCheckin(self, self.name, self.driver, self.queue, self.loans,
+                                self.breaker, self.recycler, self.metrics, self.canceller,
+                                self.deliver)
 
     def before_stop(self) -> None:
         try:
@@ -238,7 +254,7 @@ class OwnershipCore(PoolCore):
         except BaseException:
             self._ask(End(proxy, f"the checkout by {describe_owner(owner)} failed"))
             raise
-        self.give_back(conn)
+        self.checkin.take_back(conn)
         return "ok"
 
     def ownership_checkin(self, owner: Owner | None) -> CheckinAnswer:

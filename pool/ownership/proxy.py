@@ -177,7 +177,7 @@ class Proxy:
         outcome = self.core.driver.checkout(slot.driver_state)
         if isinstance(outcome, Ok):
             return True
-        self.core.refused(slot, outcome)  # raises, unless it only has it replaced
+        self.core.checkin.refused(slot, outcome)  # raises, unless it only has it replaced
         return False
 
     def _acquire_failed(self) -> None:
@@ -198,7 +198,7 @@ class Proxy:
                 logger.error("%s: connection %d disconnected: post_checkout raised %s: %s",
                              self.core.name, slot.index, type(error).__name__, error)
                 slot.broken = error
-                self.core.checkin(slot)
+                self.core.checkin.place(slot)
                 self._acquire_failed()
                 raise
         with self._lock:
@@ -288,7 +288,7 @@ class Proxy:
         if idle:
             self._finish(slot)
         elif loan is not None and loan.slot is slot:
-            self.core.revoke(loan, ConnectionError(
+            self.core.checkin.revoke(loan, ConnectionError(
                 f"{self.core.name}: {message}; the connection was taken from its client, "
                 f"{_client(loan.thread, loan.where)}, and is being replaced"))
         # Otherwise a client is between our queue and its loan, or checking in:
@@ -321,7 +321,7 @@ class Proxy:
         if reason != "checkin" and slot.broken is None:
             slot.broken = reason[1]
         slot.lent_at = self._pool_lent_at
-        self.core.checkin(slot)
+        self.core.checkin.place(slot)
 
     # -- metrics ---------------------------------------------------------
 
