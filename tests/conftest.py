@@ -23,8 +23,14 @@ Fixtures
 ``fault_proxy`` (function)
     ``make(host, port) -> FaultProxy``; every proxy made is closed at teardown.
 ``pools`` (function)
-    A list to append started :class:`~dbpool.pool.Pool` handles to; all are
-    stopped at teardown.
+    A list (:class:`~tests.support.pools.Pools`) to append started
+    :class:`~dbpool.pool.Pool` handles to; all are stopped at teardown.  Its
+    ``kind`` is ``pool_kind``'s.
+``pool_kind`` (function)
+    None, or the pool kind a module parametrizes its tests over
+    (``pytest.mark.parametrize("pool_kind", POOL_KINDS, indirect=True)``; see
+    :mod:`tests.support.pools`), applying the ``pool_kind_xfail`` and
+    ``pool_kind_skip`` marks of that kind.
 """
 
 from __future__ import annotations
@@ -38,7 +44,6 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from dbpool.pool import Pool
 from tests.support.faultproxy import FaultProxy, ProxyFactory
 from tests.support.ownership import Gate, Peer, PeerFactory
 from tests.support.pgcluster import (
@@ -51,6 +56,7 @@ from tests.support.pgcluster import (
     find_pg_bindir,
     shared_template,
 )
+from tests.support.pools import POOL_KINDS, Pools
 
 log = logging.getLogger("tests.conftest")
 
@@ -59,6 +65,10 @@ _SYSTEM_DSN = make_conninfo("", host="127.0.0.1", port=5432, user="postgres", db
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: soak tests, run separately with `-m slow`")
+    config.addinivalue_line(
+        "markers", "pool_kind_xfail(kind, reason): a strict xfail when run against that pool kind")
+    config.addinivalue_line(
+        "markers", "pool_kind_skip(kind, reason): skipped when run against that pool kind")
 
 
 @pytest.fixture(scope="session")
@@ -157,9 +167,30 @@ def fault_proxy() -> Iterator[ProxyFactory]:
 
 
 @pytest.fixture
-def pools() -> Iterator[list[Pool]]:
+def pool_kind(request: pytest.FixtureRequest) -> str | None:
+    """The pool kind the test runs against, when its module parametrizes it (else None).
+
+    A case marked ``pool_kind_xfail(kind, reason=...)`` is a strict xfail on
+    that kind, and one marked ``pool_kind_skip(kind, reason=...)`` is skipped.
+    """
+    kind: str | None = getattr(request, "param", None)
+    if kind is None:
+        return None
+    assert kind in POOL_KINDS, kind
+    for mark in request.node.iter_markers("pool_kind_skip"):
+        if mark.args[0] == kind:
+            pytest.skip(f"{kind} pool: {mark.kwargs['reason']}")
+    for mark in request.node.iter_markers("pool_kind_xfail"):
+        if mark.args[0] == kind:
+            request.node.add_marker(pytest.mark.xfail(
+                strict=True, reason=f"{kind} pool: {mark.kwargs['reason']}"))
+    return kind
+
+
+@pytest.fixture
+def pools(pool_kind: str | None) -> Iterator[Pools]:
     """A list to append started pools to; each is stopped at teardown."""
-    started: list[Pool] = []
+    started = Pools(pool_kind)
     yield started
     for pool in started:
         pool.stop()

@@ -13,7 +13,7 @@ session, transaction or COPY keyword hidden in a string literal or a comment
 never makes a plain statement anything but plain.
 
 The end-to-end effects (what the service refuses, replaces and keeps) are in
-``tests/test_remote_isolation.py``.
+``tests/server/test_remote_isolation.py``.
 """
 
 from __future__ import annotations

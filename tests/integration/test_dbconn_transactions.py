@@ -12,6 +12,10 @@ is ``RolledBack("rollback")``; a callback that raises, which stops the
 connection process in DBConnection, propagates here and the connection is
 cleaned (status read, rolled back if needed) at checkin.  Each test names
 the Elixir test it ports in a comment.
+
+Every case runs against both pool kinds, as db_connection runs these cases
+against DBConnection.ConnectionPool and DBConnection.Ownership: the plain pool
+and the ownership pool in auto mode (``pool_kind``, see tests/support/pools.py).
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ from dbpool.pool import Pool
 from dbpool.pool.connection import Connection
 from dbpool.pool.logentry import LogEntry
 from tests.support.events import kind
-from tests.support.pools import start_named
+from tests.support.pools import POOL_KINDS, kind_options, start_named
 from tests.support.scripted import Call, FakeState, ScriptedDriver
+
+pytestmark = pytest.mark.parametrize("pool_kind", POOL_KINDS, indirect=True)
 
 # -- helpers ----------------------------------------------------------------
 
@@ -48,8 +54,9 @@ _BACKGROUND = frozenset({"ping", "checkout"})
 
 
 def start(pools: list[Pool], driver: ScriptedDriver, **options: Any) -> Pool:
-    """A one-connection pool on the scripted driver."""
-    pool = Pool.start("scripted", driver=driver, pool_size=1, **options)
+    """A one-connection pool on the scripted driver, of the test's pool kind."""
+    pool = Pool.start("scripted", driver=driver, pool_size=1,
+                      **{**kind_options(pools), **options})
     pools.append(pool)
     return pool
 

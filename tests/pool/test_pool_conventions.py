@@ -19,7 +19,7 @@ from dbpool.errors import ConnectionError
 from dbpool.pool import OwnershipPool, Pool, PoolOptions, PoolStartOptions
 from tests.support.events import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_pool_started_in_a_with_block_is_closed_at_its_end(pg_dsn: str) -> None:

@@ -1,7 +1,7 @@
 """The query API from asyncio, on real PostgreSQL.
 
 The asyncio counterparts of the calls in test_query_api.py and
-test_dbconn_statements.py: ``aquery``, ``aprepare``, ``aexecute``,
+integration/test_dbconn_statements.py: ``aquery``, ``aprepare``, ``aexecute``,
 ``aprepare_execute``, ``aclose``, ``astatus``, ``arun``, ``atransaction``,
 ``astream`` and ``acheckout`` with the AsyncConnection's own calls; nesting,
 run's status check, cancellation in the middle of a statement, streams

@@ -376,7 +376,7 @@ def test_frozen() -> None:
 
 def test_the_example_deploy_config_loads() -> None:
     """deploy/dbpool.toml stays a valid configuration."""
-    path = Path(__file__).resolve().parent.parent / "deploy" / "dbpool.toml"
+    path = Path(__file__).resolve().parents[2] / "deploy" / "dbpool.toml"
     config = load_config(argparse.Namespace(config=str(path)), {})
     assert config.pool_size == 10 and config.pipeline_depth == 8
     assert (config.backoff_type, config.backoff_min, config.backoff_max,

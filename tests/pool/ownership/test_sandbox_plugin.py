@@ -37,7 +37,7 @@ from dbpool.pool.ownership.owners import propagate_callers
 
 pytest_plugins = ["pytester"]
 
-EXAMPLE = Path(__file__).parent / "example_app"
+EXAMPLE = Path(__file__).resolve().parents[2] / "example_app"
 
 
 def committed_count(dsn: str, table: str) -> int:

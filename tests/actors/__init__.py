@@ -1,0 +1,1 @@
+"""Tests of the connection actors (actors/): lifecycle, backoff."""

@@ -1,0 +1,1 @@
+"""Tests of the in-process pool (pool/): queue, loans, metrics, recycling, query API."""

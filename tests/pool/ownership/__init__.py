@@ -1,0 +1,1 @@
+"""Tests of the Ownership pool and its pytest sandbox (pool/ownership/)."""

@@ -1,0 +1,1 @@
+"""Tests of the service (server/): dbpool serve, driven through the client."""
