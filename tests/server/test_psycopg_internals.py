@@ -13,6 +13,7 @@ import select
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
+from importlib import metadata
 from typing import Any
 
 import psycopg
@@ -75,7 +76,7 @@ def run(conn: psycopg.Connection[Any], converter: Converter, sql: str, params: A
 
 
 def test_the_installed_psycopg_is_the_tested_one_and_the_fast_path_is_in_use() -> None:
-    major, minor = (int(part) for part in psycopg.__version__.split(".")[:2])
+    major, minor = (int(part) for part in metadata.version("psycopg").split(".")[:2])
     assert TESTED[0] <= (major, minor) < TESTED[1]
     assert psycopg_internals.FAST
 
