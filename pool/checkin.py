@@ -20,6 +20,7 @@ Nothing here calls back into its caller.  The pool's parts give a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from .queue import CheckoutQueue
 from .recycling import Recycler
 
 if TYPE_CHECKING:
-    from .connection import Connection
+    from .connection import AsyncConnection, Connection
 
 __all__ = ["Checkin"]
 
@@ -81,6 +82,15 @@ class Checkin:
         if "checkin" in _listened and lent_at is not None:
             telemetry.emit("checkin", {"usage_time": time.monotonic() - lent_at},
                            {"pool": self.name, "index": slot.index})
+
+    async def atake_back(self, conn: AsyncConnection) -> None:
+        """:meth:`take_back` from an asyncio task: a call its task abandoned
+        ends first, and a rollback (I/O) runs on a worker thread, not on the loop."""
+        await conn.settle()
+        if conn.sync._needs_cleaning():
+            await asyncio.get_running_loop().run_in_executor(None, self.take_back, conn.sync)
+        else:
+            self.take_back(conn.sync)
 
     def refused(self, slot: Slot, outcome: Any) -> None:
         """The driver's checkout callback refused a slot taken from the queue.

@@ -44,12 +44,12 @@ from .copy import CopyData, CopyTo, copy_from
 from .loans import Loan
 from .logentry import LogEntry, LogFn, emit
 from .stream import Stream
-from .transaction import RollbackSignal, Transaction
+from .transaction import AsyncTransaction, RollbackSignal, Transaction
 
 if TYPE_CHECKING:
     from .core import PoolCore
 
-__all__ = ["AsyncConnection", "AsyncStream", "AsyncTransaction", "Connection", "LostBeforeEffect"]
+__all__ = ["AsyncConnection", "AsyncStream", "Connection", "LostBeforeEffect"]
 
 T = TypeVar("T")
 _NO_OPTS: dict[str, Any] = {}
@@ -611,22 +611,28 @@ class AsyncConnection:
         """The underlying :class:`Connection` (blocking calls; use in a thread)."""
         return self._conn
 
+    async def _astatus_or_error(self) -> TransactionStatus:
+        return await self._in_thread(self._conn._status_or_error)
+
+    async def _acheck_status_unchanged(self, before: TransactionStatus) -> None:
+        await self._in_thread(self._conn._check_status_unchanged, before)
+
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
             # A call abandoned by a cancelled task may still run on its thread:
             # it ends first, so that two threads never share the connection.
-            await self._settle()
+            await self.settle()
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(None, functools.partial(fn, *args))
             self._pending = future
             # Shielded: if the task is cancelled, the call still finishes before
-            # the next one or checkin (see _settle).
+            # the next one or checkin (see settle).
             return await asyncio.shield(future)
 
-    async def _settle(self) -> None:
-        """Wait for a call abandoned by a cancelled task to finish."""
+    async def settle(self) -> None:
+        """Wait for a call abandoned by a cancelled task to finish (before a checkin)."""
         pending, self._pending = self._pending, None
         if pending is not None and not pending.done():
             await asyncio.wait([pending])
@@ -662,25 +668,3 @@ class AsyncStream:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-class AsyncTransaction:
-    """A transaction block for asyncio: :class:`Transaction` with its I/O on a worker thread."""
-
-    def __init__(self, conn: AsyncConnection, log: LogFn | None = None) -> None:
-        self._conn = conn
-        self._tx = Transaction(conn.sync, log)
-
-    async def __aenter__(self) -> AsyncConnection:
-        await self._conn._in_thread(self._tx.__enter__)
-        return self._conn
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._conn._in_thread(self._tx.__exit__, exc_type, exc, tb)
-
-    async def run(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        async with self as conn:
-            return await fn(conn)

@@ -6,8 +6,9 @@ checkout queue (:mod:`~dbpool.pool.queue`), the circuit breaker
 (:mod:`~dbpool.pool.loans`), recycling (:mod:`~dbpool.pool.recycling`),
 cancels (:mod:`~dbpool.pool.cancels`) and the checkin policy
 (:mod:`~dbpool.pool.checkin`).  Its own work is lending: a checkout takes a
-slot from the queue, the driver's checkout callback accepts it, and a loan
-with its deadline makes it a :class:`~dbpool.pool.connection.Connection`.
+slot from the queue (:mod:`dbpool.pool._async.lending`, with its generated
+sync twin), the driver's checkout callback accepts it, and a loan with its
+deadline makes it a :class:`~dbpool.pool.connection.Connection`.
 The way back does not pass through here: the holder hands the connection to
 the checkin, which decides where it goes.
 """
@@ -20,7 +21,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any
 
 from dbpool import telemetry
@@ -31,6 +32,8 @@ from dbpool.driver import Driver, Ok
 from dbpool.errors import ConnectionError
 from dbpool.telemetry import listened as _listened
 
+from ._async.lending import alend as _alend
+from ._sync.lending import lend as _lend
 from .breaker import Breaker
 from .cancels import Canceller
 from .checkin import Checkin
@@ -48,6 +51,8 @@ logger = logging.getLogger("dbpool.pool")
 Monitor = Callable[[BaseException | None], object]
 #: What an async checkout leaves in its context: the holding task and its connection.
 AsyncHold = tuple["asyncio.Task[Any] | None", "weakref.ref[AsyncConnection]"]
+HoldToken = Token["weakref.ref[Connection] | None"]
+AsyncHoldToken = Token["AsyncHold | None"]
 
 
 
@@ -124,41 +129,35 @@ class PoolCore:
             return None
         return conn
 
-    def lend(
-        self, timeout: float, queue: bool, where: Location | None, caller: Any = None
-    ) -> Connection:
-        """Check out a connection for this thread (see :meth:`Pool.checkout`).
+    #: Check out a connection for this thread: :func:`dbpool.pool._sync.lending.lend`.
+    lend = _lend
+    #: The same for an asyncio task, lent an AsyncConnection:
+    #: :func:`dbpool.pool._async.lending.alend` (``lend``'s source).
+    alend = _alend
 
-        ``caller`` is for the ownership pool, which lends the connection of
-        that owner; a plain pool ignores it.
-        """
-        started = time.monotonic()
+    def hold(self, conn: Connection) -> HoldToken:
+        """Make ``conn`` this thread's held connection (run, transaction) until :meth:`unhold`."""
+        return self.held.set(weakref.ref(conn))
+
+    def ahold(self, conn: AsyncConnection) -> AsyncHoldToken:
+        """Make ``conn`` this task's held connection until :meth:`aunhold`."""
+        return self.aheld.set((asyncio.current_task(), weakref.ref(conn)))
+
+    def unhold(self, token: HoldToken) -> None:
+        """End a :meth:`hold`."""
         try:
-            while True:
-                slot = self.queue.get(started, timeout, queue)
-                conn = self.accept(slot, started, timeout, where)
-                if conn is not None:
-                    return conn
-        except ConnectionError as error:
-            self._report(error)
-            raise
+            self.held.reset(token)
+        except ValueError:  # ended from another context (a callback, a task)
+            self.held.set(None)
 
-    async def alend(
-        self, timeout: float, queue: bool, where: Location | None, caller: Any = None
-    ) -> Connection:
-        """:meth:`lend` for asyncio: the wait never blocks the event loop."""
-        started = time.monotonic()
+    def aunhold(self, token: AsyncHoldToken) -> None:
+        """End an :meth:`ahold`."""
         try:
-            while True:
-                slot = await self.queue.aget(started, timeout, queue)
-                conn = self.accept(slot, started, timeout, where)
-                if conn is not None:
-                    return conn
-        except ConnectionError as error:
-            self._report(error)
-            raise
+            self.aheld.reset(token)
+        except ValueError:  # ended from another context (a different task)
+            self.aheld.set(None)
 
-    def _report(self, error: ConnectionError) -> None:
+    def report_failure(self, error: ConnectionError) -> None:
         """Emit the connection_error telemetry event for a failed checkout."""
         telemetry.emit("connection_error", {"count": 1}, {"pool": self.name, "error": error})
 
@@ -178,6 +177,13 @@ class PoolCore:
             return self.lend_slot(slot, started, timeout, where)
         self.checkin.refused(slot, outcome)
         return None
+
+    def aaccept(
+        self, slot: Slot, started: float, timeout: float, where: Location | None
+    ) -> AsyncConnection | None:
+        """:meth:`accept`, lending the connection to an asyncio task."""
+        conn = self.accept(slot, started, timeout, where)
+        return None if conn is None else AsyncConnection(conn)
 
     def lend_slot(
         self, slot: Slot, started: float, timeout: float, where: Location | None

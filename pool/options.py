@@ -11,7 +11,7 @@ from dbpool.actors import backoff
 from dbpool.actors.listeners import ListenerSpec
 from dbpool.errors import ConfigurationError
 
-__all__ = ["PoolOptions", "PoolStartOptions"]
+__all__ = ["PoolOptions", "PoolStartOptions", "checkout_options"]
 
 
 @dataclass(frozen=True)
@@ -262,3 +262,13 @@ class PoolStartOptions(TypedDict, total=False):
     post_checkout: Callable[..., Any] | None
     pre_checkin: Callable[..., Any] | None
     connect_kwargs: Mapping[str, Any]
+
+
+def checkout_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """The checkout keywords of a pool call (``timeout``, ``queue``, ``caller``),
+    all present; anything else raises TypeError, as a misspelt keyword would."""
+    unknown = set(opts) - {"timeout", "queue", "caller"}
+    if unknown:
+        raise TypeError(f"unexpected option(s): {', '.join(sorted(unknown))}")
+    return {"timeout": opts.get("timeout"), "queue": opts.get("queue"),
+            "caller": opts.get("caller")}

@@ -28,8 +28,9 @@ wraps ``fn(conn)`` in one):
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dbpool.driver import Error, WrongStatus
 from dbpool.errors import ConnectionError, RolledBack, TransactionError
@@ -37,9 +38,11 @@ from dbpool.errors import ConnectionError, RolledBack, TransactionError
 from .logentry import LogFn
 
 if TYPE_CHECKING:
-    from .connection import Connection
+    from .connection import AsyncConnection, Connection
 
-__all__ = ["RollbackSignal", "Transaction"]
+__all__ = ["AsyncTransaction", "RollbackSignal", "Transaction"]
+
+T = TypeVar("T")
 
 
 class RollbackSignal(BaseException):
@@ -159,3 +162,25 @@ def _wrong_status(call: str, status: str) -> str:
         "transaction": "transaction is already started",
         "error": "transaction is aborted",
     }[status]
+
+
+class AsyncTransaction:
+    """A transaction block for asyncio: :class:`Transaction` with its I/O on a worker thread."""
+
+    def __init__(self, conn: AsyncConnection, log: LogFn | None = None) -> None:
+        self._conn = conn
+        self._tx = Transaction(conn.sync, log)
+
+    async def __aenter__(self) -> AsyncConnection:
+        await self._conn._in_thread(self._tx.__enter__)
+        return self._conn
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._conn._in_thread(self._tx.__exit__, exc_type, exc, tb)
+
+    async def run(self, fn: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        async with self as conn:
+            return await fn(conn)

@@ -1,5 +1,5 @@
 """The client's requests, written once for asyncio; ``client/_sync`` is generated from here.
 
-Edit these files, then run ``python .ci/unasync_client.py`` to write the
+Edit these files, then run ``python .ci/generate_sync.py`` to write the
 sync twin (CI fails when it is stale).
 """

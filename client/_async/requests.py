@@ -3,7 +3,7 @@
 This file is the one source of the client's requests: the asyncio client
 (:mod:`dbpool.client.aio`) uses it as it is, and the sync client
 (:mod:`dbpool.client.sync`) uses ``client/_sync/requests.py``, generated from
-it by ``.ci/unasync_client.py`` (``async``/``await`` dropped, ``Async`` names
+it by ``.ci/generate_sync.py`` (``async``/``await`` dropped, ``Async`` names
 renamed).  Each client adds only its transport: how a request map travels
 (``_call``), where it goes (``_endpoint``), and the heartbeats
 (``_heartbeat``).

@@ -1,12 +1,12 @@
-# Generated from client/_async/requests.py by .ci/unasync_client.py (the unasync
-# package's rewrite of async code as sync code): do not edit; edit the source and
-# run `python .ci/unasync_client.py`.  CI fails when this file is stale.
+# Generated from client/_async/requests.py by .ci/generate_sync.py (the unasync
+# package's rewrite of async code as sync code): do not edit; edit the
+# source and run `python .ci/generate_sync.py`.  CI fails when this file is stale.
 """What a client asks of ``dbpool serve``: its requests, transactions, streams and copies.
 
 This file is the one source of the client's requests: the asyncio client
 (:mod:`dbpool.client.aio`) uses it as it is, and the sync client
 (:mod:`dbpool.client.sync`) uses ``client/_sync/requests.py``, generated from
-it by ``.ci/unasync_client.py`` (``async``/``await`` dropped, ``Async`` names
+it by ``.ci/generate_sync.py`` (``async``/``await`` dropped, ``Async`` names
 renamed).  Each client adds only its transport: how a request map travels
 (``_call``), where it goes (``_endpoint``), and the heartbeats
 (``_heartbeat``).

@@ -72,10 +72,12 @@ from dbpool.driver import Driver
 from dbpool.errors import ConnectionError, OwnershipError, PoolStoppedError
 
 from ..checkin import Checkin as PoolCheckin
-from ..connection import Connection
 from ..core import PoolCore
 from ..loans import Location
 from ..options import PoolOptions
+from ._async.lending import alend as _alend
+from ._sync.lending import lend as _lend
+from ._sync.lending import lend_from
 from .manager import (
     Allow,
     Checkin,
@@ -86,7 +88,7 @@ from .manager import (
     SetMode,
 )
 from .owners import Owner, callers, current_owner, describe_owner, join_chain, on_owner_exit
-from .proxy import Proxy, ProxyGone
+from .proxy import Proxy
 
 __all__ = ["AllowAnswer", "CheckinAnswer", "CheckoutAnswer", "ModeAnswer", "OwnershipCore"]
 
@@ -145,37 +147,12 @@ class OwnershipCore(PoolCore):
 
     # -- lending ---------------------------------------------------------
 
-    def lend(
-        self, timeout: float, queue: bool, where: Location | None, caller: Any = None
-    ) -> Connection:
-        started = time.monotonic()
-        try:
-            while True:
-                proxy = self.proxy_for(caller, where)
-                try:
-                    return proxy.lend(started, timeout, queue, where)
-                except ProxyGone:
-                    self._check_time_left(started, timeout)
-        except ConnectionError as error:
-            self._report(error)
-            raise
+    #: Check out the caller's connection: :func:`dbpool.pool.ownership._sync.lending.lend`.
+    lend = _lend
+    #: The same for an asyncio task: :func:`dbpool.pool.ownership._async.lending.alend`.
+    alend = _alend
 
-    async def alend(
-        self, timeout: float, queue: bool, where: Location | None, caller: Any = None
-    ) -> Connection:
-        started = time.monotonic()
-        try:
-            while True:
-                proxy = self.proxy_for(caller, where)
-                try:
-                    return await proxy.alend(started, timeout, queue, where)
-                except ProxyGone:
-                    self._check_time_left(started, timeout)
-        except ConnectionError as error:
-            self._report(error)
-            raise
-
-    def _check_time_left(self, started: float, timeout: float) -> None:
+    def check_time_left(self, started: float, timeout: float) -> None:
         if time.monotonic() >= started + timeout:
             raise ConnectionError(
                 f"{self.name}: no owned connection within the {timeout:g}s checkout timeout "
@@ -250,7 +227,7 @@ class OwnershipCore(PoolCore):
             join_chain(me)
         # Take the connection now, as DBConnection does, so that errors show here.
         try:
-            conn = proxy.lend(time.monotonic(), timeout, queue, where)
+            conn = lend_from(proxy, time.monotonic(), timeout, queue, where)
         except BaseException:
             self._ask(End(proxy, f"the checkout by {describe_owner(owner)} failed"))
             raise

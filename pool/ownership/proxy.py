@@ -40,16 +40,16 @@ from dbpool.actors.slot import Slot
 from dbpool.driver import Ok
 from dbpool.errors import ConfigurationError, ConnectionError
 
+from ..connection import AsyncConnection, Connection
 from ..loans import Location, format_location
 from ..metrics import PoolMetrics
 from ..queue import CheckoutQueue
 from .owners import Owner, describe_owner
 
 if TYPE_CHECKING:
-    from ..connection import Connection
     from .core import OwnershipCore
 
-__all__ = ["CheckinReason", "PostCheckout", "PreCheckin", "Proxy", "ProxyGone"]
+__all__ = ["CheckinReason", "PostCheckout", "PreCheckin", "Proxy", "ProxyGone", "Reacquire"]
 
 logger = logging.getLogger("dbpool.ownership")
 
@@ -65,7 +65,7 @@ class ProxyGone(Exception):
     """The proxy ended while the caller was on its way in: look the owner up again."""
 
 
-class _Reacquire(Exception):
+class Reacquire(Exception):
     """The proxy lost its connection while the caller waited: take a fresh one."""
 
 
@@ -110,36 +110,9 @@ class Proxy:
             target=options.queue_target, interval=options.queue_interval,
             metrics=PoolMetrics())
 
-    # -- clients ---------------------------------------------------------
+    # -- clients (lent to in turn by dbpool.pool.ownership._async.lending) --
 
-    def lend(self, started: float, timeout: float, queue: bool,
-             where: Location | None) -> Connection:
-        """Lend the owned connection to this caller, taking one from the pool if needed.
-
-        Raises :class:`ProxyGone` if the proxy ends meanwhile.
-        """
-        while True:
-            if self._claim_acquire():
-                self._take(started, timeout, queue)
-            try:
-                slot = self.queue.get(started, timeout, queue)
-            except _Reacquire:
-                continue
-            return self._lend(slot, started, timeout, where)
-
-    async def alend(self, started: float, timeout: float, queue: bool,
-                    where: Location | None) -> Connection:
-        """:meth:`lend` for asyncio: waits never block the event loop."""
-        while True:
-            if self._claim_acquire():
-                await self._atake(started, timeout, queue)
-            try:
-                slot = await self.queue.aget(started, timeout, queue)
-            except _Reacquire:
-                continue
-            return self._lend(slot, started, timeout, where)
-
-    def _claim_acquire(self) -> bool:
+    def claim_acquire(self) -> bool:
         """Whether this caller is the one to take a connection from the pool."""
         with self._lock:
             if self.ended is not None:
@@ -149,30 +122,7 @@ class Proxy:
                 return True
             return False
 
-    def _take(self, started: float, timeout: float, queue: bool) -> None:
-        core = self.core
-        try:
-            slot = core.queue.get(started, timeout, queue)
-            while not self._usable(slot):
-                slot = core.queue.get(started, timeout, queue)
-        except BaseException:
-            self._acquire_failed()
-            raise
-        self._install(slot)
-
-    async def _atake(self, started: float, timeout: float, queue: bool) -> None:
-        core = self.core
-        try:
-            slot = await core.queue.aget(started, timeout, queue)
-            while not self._usable(slot):
-                slot = await core.queue.aget(started, timeout, queue)
-        except BaseException:
-            self._acquire_failed()
-            raise
-        # post_checkout may do I/O (the sandbox's BEGIN): not on the event loop.
-        await asyncio.get_running_loop().run_in_executor(None, self._install, slot)
-
-    def _usable(self, slot: Slot) -> bool:
+    def usable(self, slot: Slot) -> bool:
         """Run the driver's checkout callback on a slot from the pool (as accept does)."""
         outcome = self.core.driver.checkout(slot.driver_state)
         if isinstance(outcome, Ok):
@@ -180,14 +130,19 @@ class Proxy:
         self.core.checkin.refused(slot, outcome)  # raises, unless it only has it replaced
         return False
 
-    def _acquire_failed(self) -> None:
+    def acquire_failed(self) -> None:
         """Taking a connection failed: let the next waiter try in its turn."""
         with self._lock:
             self._acquiring = False
             old = self._replace_queue()
-        old.close(_Reacquire())
+        old.close(Reacquire())
 
-    def _install(self, slot: Slot) -> None:
+    async def ainstall(self, slot: Slot) -> None:
+        """:meth:`install` on a worker thread: post_checkout may do I/O (the
+        sandbox's BEGIN), not on the event loop."""
+        await asyncio.get_running_loop().run_in_executor(None, self.install, slot)
+
+    def install(self, slot: Slot) -> None:
         """Make a slot just taken from the pool ours: run post_checkout, queue it."""
         base = (slot.driver, slot.driver_state)
         driver, state = base
@@ -199,7 +154,7 @@ class Proxy:
                              self.core.name, slot.index, type(error).__name__, error)
                 slot.broken = error
                 self.core.checkin.place(slot)
-                self._acquire_failed()
+                self.acquire_failed()
                 raise
         with self._lock:
             self._acquiring = False
@@ -215,8 +170,17 @@ class Proxy:
         if not self.queue.put(slot):
             self._finish(slot)  # ended just now; the queue closed under us
 
-    def _lend(self, slot: Slot, started: float, timeout: float,
-              where: Location | None) -> Connection:
+    def alend_slot(self, slot: Slot, started: float, timeout: float,
+                   where: Location | None) -> AsyncConnection:
+        """:meth:`lend_slot`, lending to an asyncio task."""
+        return AsyncConnection(self.lend_slot(slot, started, timeout, where))
+
+    def lend_slot(self, slot: Slot, started: float, timeout: float,
+                  where: Location | None) -> Connection:
+        """Make our slot, taken from our queue, a loan to this caller.
+
+        Raises :class:`ProxyGone` if the proxy ended meanwhile.
+        """
         with self._lock:
             ended = self.ended
             if ended is None:
@@ -249,7 +213,7 @@ class Proxy:
         with self._lock:
             self._release_slot(slot)
             old = self._replace_queue()
-        old.close(_Reacquire())
+        old.close(Reacquire())
         self._give_back(slot, ("disconnect", error))
 
     def forget(self, slot: Slot) -> None:
@@ -264,7 +228,7 @@ class Proxy:
             self._release_slot(slot)
             old = self._replace_queue()
         slot.driver = self._base[0]
-        old.close(_Reacquire())
+        old.close(Reacquire())
 
     def _release_slot(self, slot: Slot) -> None:
         self.slot = None

@@ -248,6 +248,23 @@ async def test_async_connection_copy_round_trips(
     assert rows_of(direct, dst) == ROWS
 
 
+@pytest.mark.asyncio
+async def test_async_pool_copy_from_checks_out_for_the_copy_and_joins_a_transaction(
+    pool: Pool, direct: psycopg.Connection[Any], src: str, dst: str
+) -> None:
+    data = psycopg_copy_out(direct, f"COPY {src} TO STDOUT")
+    result = await pool.acopy_from(f"COPY {dst} FROM STDIN", in_pieces(data))
+    assert (result.rowcount, result.command) == (len(ROWS), f"COPY {len(ROWS)}")
+    assert rows_of(direct, dst) == ROWS
+    with pytest.raises(RolledBack):
+        async with pool.atransaction() as conn:
+            await conn.query(f"DELETE FROM {dst}")
+            await pool.acopy_from(f"COPY {dst} FROM STDIN", data)  # the held connection
+            assert (await conn.query(f"SELECT count(*) FROM {dst}")).rows == [(len(ROWS),)]
+            conn.rollback("undo")
+    assert rows_of(direct, dst) == ROWS
+
+
 def test_params_are_merged_into_the_statement(pool: Pool) -> None:
     assert b"".join(pool.copy_to("COPY (SELECT %s::int) TO STDOUT", [42])) == b"42\n"
     assert b"".join(pool.copy_to("COPY (SELECT %s::int, %s::text) TO STDOUT",
