@@ -12,7 +12,10 @@ What it measures, all in one run on one machine:
   - ``pgbouncer``: psycopg through a PgBouncer that the benchmark starts
     itself, in transaction mode with ``default_pool_size`` = the pool size;
   - ``dbpool``: :class:`dbpool.client.Client` talking to a ``dbpool serve``
-    subprocess with ``--pool-size`` = the pool size.
+    subprocess with ``--pool-size`` = the pool size;
+  - ``dbpool_curve``: the same through a second ``dbpool serve`` with CURVE
+    authentication and encryption (keys made for the run), to show what
+    CURVE costs.
 
   The worker processes are started once per scenario, connect to every
   contender and warm up; then the contenders take turns, in an order that
@@ -31,10 +34,11 @@ What it measures, all in one run on one machine:
   client.
 
 Targets (:data:`TARGETS`): at 16 processes dbpool's q/s is at least 0.75 x
-PgBouncer's; dbpool's single-client latency is at most 2 x PgBouncer's; a
-batch of 100 runs at least 5 x as many statements per second as PgBouncer
-does one at a time.  A target that could not be measured (PgBouncer not
-installed, the server not starting) counts as missed: :func:`run_remote`'s
+PgBouncer's, and with CURVE at least 0.85 x its own without; dbpool's
+single-client latency is at most 2 x PgBouncer's; a batch of 100 runs at
+least 5 x as many statements per second as PgBouncer does one at a time.
+A target that could not be measured (PgBouncer not installed, the server not
+starting) counts as missed: :func:`run_remote`'s
 report has ``"ok": False`` and ``dbpool bench --remote`` exits with status 1.
 """
 
@@ -85,7 +89,9 @@ BATCH_SIZE = 100
 DEFAULT_PROCESSES: tuple[int, ...] = (1, 4, 16, 64)
 #: Pool size per number of client processes, the same for dbpool and PgBouncer.
 POOL_SIZES: dict[int, int] = {1: 1, 4: 4, 16: 4, 64: 10}
-CONTENDERS: tuple[str, ...] = ("psycopg", "pgbouncer", "dbpool")
+CONTENDERS: tuple[str, ...] = ("psycopg", "pgbouncer", "dbpool", "dbpool_curve")
+#: dbpool through a server with CURVE authentication and encryption.
+CURVE = "dbpool_curve"
 #: The batch turn, run at 1 process only.
 BATCH = "dbpool_batch"
 IDLE_CLIENTS = 1000
@@ -102,6 +108,7 @@ SERVER_TIMEOUT = 30.0
 #: (name, description, threshold).
 TARGETS: tuple[tuple[str, str, float], ...] = (
     ("throughput_16", "16 processes: dbpool q/s >= 0.75 x pgbouncer q/s", 0.75),
+    ("curve_16", "16 processes: dbpool with CURVE q/s >= 0.85 x dbpool without", 0.85),
     ("latency_1", "1 process: dbpool median latency <= 2 x pgbouncer's", 2.0),
     ("batch_100", f"batch of {BATCH_SIZE}: dbpool statements/s >= 5 x pgbouncer "
                   "single-client statements/s", 5.0),
@@ -281,7 +288,7 @@ def _client_class() -> type[Client]:
 class DbpoolServer:
     """``python -m dbpool serve`` as a subprocess, on free local ports."""
 
-    def __init__(self, dsn: str, pool_size: int) -> None:
+    def __init__(self, dsn: str, pool_size: int, curve: bool = False) -> None:
         self.dsn = dsn
         self.pool_size = pool_size
         self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
@@ -289,6 +296,23 @@ class DbpoolServer:
         self.dir = Path(tempfile.mkdtemp(prefix="dbpool-bench-serve-"))
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = False
+        #: With CURVE: the server's public key file and a client's secret key file.
+        self.keys: tuple[str, str] | None = None
+        self._curve_args: list[str] = []
+        if curve:
+            from dbpool.keys import write_key_pair
+
+            server_public, server_secret = write_key_pair("server", self.dir / "server")
+            client_public, client_secret = write_key_pair("bench", self.dir / "authorized")
+            self.keys = (str(server_public), str(client_secret))
+            self._curve_args = ["--curve-secret-key", str(server_secret),
+                                "--authorized-keys", str(client_public.parent)]
+
+    def client(self, timeout: float) -> Client:
+        """A client of this server (with its keys, if it uses CURVE)."""
+        server_key, client_key = self.keys if self.keys is not None else (None, None)
+        return _client_class()(self.endpoint, timeout=timeout, server_key=server_key,
+                               client_key=client_key)
 
     @property
     def pid(self) -> int:
@@ -306,15 +330,14 @@ class DbpoolServer:
         return self
 
     def _start(self) -> None:
-        client_class = _client_class()
         argv = [sys.executable, "-m", "dbpool", "serve", "--dsn", self.dsn,
                 "--bind", self.endpoint, "--events-bind", self.events,
-                "--pool-size", str(self.pool_size)]
+                "--pool-size", str(self.pool_size), *self._curve_args]
         with open(self.dir / "serve.log", "wb") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=log, start_new_session=True)
         deadline = time.monotonic() + SERVER_TIMEOUT
-        client = client_class(self.endpoint, timeout=1.0)
+        client = self.client(1.0)
         try:
             while True:
                 if self.proc.poll() is not None:
@@ -329,7 +352,7 @@ class DbpoolServer:
                                           f"{SERVER_TIMEOUT:g}s: {exc!r}") from None
                     # A timed-out request may leave the client unusable: start afresh.
                     client.close()
-                    client = client_class(self.endpoint, timeout=1.0)
+                    client = self.client(1.0)
                     time.sleep(0.1)
         finally:
             client.close()
@@ -380,6 +403,8 @@ class WorkerSpec:
     pgbouncer_dsn: str | None
     dbpool_endpoint: str | None
     batch: bool
+    #: The CURVE server's endpoint, its public key file and a client's secret key file.
+    curve: tuple[str, str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -422,6 +447,15 @@ class _Contenders:
                     self.steps[BATCH] = lambda: client.batch(SQL, params)
             except Exception as exc:
                 self.errors["dbpool"] = self.errors[BATCH] = _one_line(exc)
+        if spec.curve is not None:
+            endpoint, server_key, client_key = spec.curve
+            try:
+                secured = _client_class()(endpoint, server_key=server_key,
+                                          client_key=client_key)
+                self.closers.append(secured.close)
+                self.steps[CURVE] = lambda: secured.query(SQL)
+            except Exception as exc:
+                self.errors[CURVE] = _one_line(exc)
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[Callable[[], object]]:
@@ -758,10 +792,20 @@ def _scenario(dsn: str, backend: Backend | None, bouncer_binary: str | None,
                 endpoint = server.endpoint
             except ServerError as exc:
                 unavailable["dbpool"] = str(exc)
-        spec = WorkerSpec(dsn, bouncer_dsn, endpoint, batch=processes == 1)
+        curve = None
+        if CURVE not in unavailable:
+            try:
+                secured = DbpoolServer(dsn, size, curve=True).start()
+                stack.callback(secured.stop)
+                assert secured.keys is not None
+                curve = (secured.endpoint, *secured.keys)
+            except ServerError as exc:
+                unavailable[CURVE] = str(exc)
+        spec = WorkerSpec(dsn, bouncer_dsn, endpoint, batch=processes == 1, curve=curve)
         names = ["psycopg"]
         names += ["pgbouncer"] if bouncer_dsn else []
         names += (["dbpool"] + ([BATCH] if spec.batch else [])) if endpoint else []
+        names += [CURVE] if curve else []
         _progress(as_json, f"  {processes} processes (pool of {size}): starting workers...")
         try:
             workers = _Workers(processes, spec)
@@ -863,8 +907,10 @@ def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds
             median = _median([t.per_second for t in here if t.contender == name and not t.errors])
             qps[name] = None if median is None else round(median)
         ratio = _paired_ratio(here, "dbpool", "pgbouncer", lambda t: t.per_second)
+        curve_ratio = _paired_ratio(here, CURVE, "dbpool", lambda t: t.per_second)
         scenarios.append({"processes": n, "pool_size": pool_size_for(n), "qps": qps,
-                          "dbpool/pgbouncer": None if ratio is None else round(ratio, 3)})
+                          "dbpool/pgbouncer": None if ratio is None else round(ratio, 3),
+                          "curve/plain": None if curve_ratio is None else round(curve_ratio, 3)})
 
     single = [t for t in turns if t.processes == 1]
     latency: dict[str, Any] = {}
@@ -890,6 +936,7 @@ def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds
     values: dict[str, tuple[float | None, bool]] = {
         # (value, whether the scenario it needs was run at all)
         "throughput_16": (by_16["dbpool/pgbouncer"] if by_16 else None, by_16 is not None),
+        "curve_16": (by_16["curve/plain"] if by_16 else None, by_16 is not None),
         "latency_1": (latency["dbpool/pgbouncer"], 1 in processes),
         "batch_100": (batch["ratio"], 1 in processes),
     }
@@ -944,12 +991,12 @@ def _print_report(report: dict[str, Any]) -> None:
             print("    " + "\n    ".join(why.splitlines()[1:]))
     if report["unavailable"]:
         print()
-    print(f"{'processes':>9} {'pool':>4} " + " ".join(f"{n:>10}" for n in CONTENDERS)
-          + f" {'dbpool/pgbouncer':>17}")
+    print(f"{'processes':>9} {'pool':>4} " + " ".join(f"{n:>12}" for n in CONTENDERS)
+          + f" {'dbpool/pgbouncer':>17} {'curve/plain':>12}")
     for row in report["scenarios"]:
         print(f"{row['processes']:>9} {row['pool_size']:>4} "
-              + " ".join(_cell(row["qps"][n], 10) for n in CONTENDERS)
-              + " " + _ratio(row["dbpool/pgbouncer"], 17))
+              + " ".join(_cell(row["qps"][n], 12) for n in CONTENDERS)
+              + " " + _ratio(row["dbpool/pgbouncer"], 17) + " " + _ratio(row["curve/plain"], 12))
     latency = report["latency_us"]
     print("\nsingle-client latency, µs per query (1 process, median):")
     for name in CONTENDERS:

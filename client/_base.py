@@ -16,9 +16,11 @@ from functools import partial
 from typing import Any, TypeAlias
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from dbpool.driver import Column, Result
 from dbpool.errors import ConnectionError, ProtocolError
+from dbpool.keys import HANDSHAKE_EVENTS, ClientKeys, handshake_failure
 from dbpool.protocol import VERSION, error_from_map
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "DEFAULT_TOPICS",
     "VERSION",
+    "Handshakes",
     "Keepalive",
     "Params",
     "Statement",
@@ -40,6 +43,7 @@ __all__ = [
     "copy_started",
     "error_from_reply",
     "events_endpoint",
+    "handshake_monitor",
     "lease_map",
     "malformed_reply",
     "new_session",
@@ -111,8 +115,9 @@ def normalize_topics(topics: str | Iterable[str]) -> tuple[str, ...]:
     return result
 
 
-def configure_socket(sock: zmq.Socket[Any], timeout: float) -> None:
-    """Set the options every request socket has (see the package docstring).
+def configure_socket(sock: zmq.Socket[Any], timeout: float, keys: ClientKeys | None) -> None:
+    """Set the options every request socket has (see the package docstring), and
+    ``keys`` for a server that uses CURVE.
 
     ``IMMEDIATE`` queues messages only on completed connections, so a send
     to a server that is down waits (up to ``SNDTIMEO``) instead of queueing
@@ -125,6 +130,57 @@ def configure_socket(sock: zmq.Socket[Any], timeout: float) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     sock.setsockopt(zmq.SNDTIMEO, max(1, round(timeout * 1000)))
+    if keys is not None:
+        keys.apply(sock)
+
+
+#: How much a failed handshake's event says (see Handshakes).
+_TELLING: dict[int, int] = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: 3,
+                            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: 2}
+#: What a request socket's monitor reports: how each handshake ended.
+_HANDSHAKE_EVENTS = HANDSHAKE_EVENTS | zmq.EVENT_HANDSHAKE_SUCCEEDED
+
+
+def handshake_monitor(sock: zmq.Socket[Any]) -> zmq.Socket[Any]:
+    """A monitor of how ``sock``'s handshakes end (call before it connects)."""
+    return sock.get_monitor_socket(_HANDSHAKE_EVENTS, f"inproc://dbpool-handshakes-{new_session()}")
+
+
+class Handshakes:
+    """What a request socket's monitor has said of its handshakes: :attr:`refused`
+    is the error of a refused one, unless a later one succeeded (see
+    :func:`dbpool.keys.handshake_failure`).
+
+    Of several failures the most telling is kept: a refused key, then a
+    mechanism mismatch, then a handshake that failed without saying why
+    (what a retry after a refusal may report).
+    """
+
+    __slots__ = ("endpoint", "keyed", "rank", "refused")
+
+    def __init__(self, endpoint: str, keyed: bool) -> None:
+        self.endpoint = endpoint
+        self.keyed = keyed
+        self.refused: ConnectionError | None = None
+        self.rank = 0
+
+    def feed(self, frames: list[bytes]) -> ConnectionError | None:
+        """Take one monitor message; return :attr:`refused` after it."""
+        event = parse_monitor_message(frames)
+        error = handshake_failure(event["event"], event["value"], self.endpoint, self.keyed)
+        if error is None:
+            self.refused, self.rank = None, 0
+        elif (telling := _TELLING.get(event["event"], 1)) >= self.rank:
+            self.refused, self.rank = error, telling
+        return self.refused
+
+    def read(self, monitor: zmq.Socket[Any]) -> ConnectionError | None:
+        """Take every message waiting on a (blocking) ``monitor``; return :attr:`refused`."""
+        while True:
+            try:
+                self.feed(monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return self.refused
 
 
 def closed_error() -> ConnectionError:

@@ -20,14 +20,13 @@ import logging
 import time
 import weakref
 from collections.abc import (
-    Awaitable,
     Callable,
     Generator,
     Iterable,
     Sequence,
 )
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import zmq
 import zmq.asyncio
@@ -42,10 +41,12 @@ from ._base import (
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT,
     DEFAULT_TOPICS,
+    Handshakes,
     Keepalive,
     closed_error,
     configure_socket,
     error_from_reply,
+    handshake_monitor,
     malformed_reply,
     normalize_topics,
     request,
@@ -69,14 +70,19 @@ _ZMQError = zmq.ZMQError
 class _Channel:
     """A request socket, its reader task and the futures of its requests in flight."""
 
-    __slots__ = ("endpoint", "pending", "reader", "retired", "send", "sock")
+    __slots__ = ("endpoint", "monitor", "pending", "reader", "retired", "send", "sock",
+                 "watcher")
 
-    def __init__(self, endpoint: str, sock: zmq.asyncio.Socket) -> None:
+    def __init__(self, endpoint: str, sock: zmq.asyncio.Socket,
+                 monitor: zmq.asyncio.Socket) -> None:
         self.endpoint = endpoint
         self.sock = sock
-        self.send: Callable[[bytes], Awaitable[Any]] = sock.send
+        #: Reports how ``sock``'s handshakes end (see dbpool.keys.handshake_failure).
+        self.monitor = monitor
+        self.send: Callable[[bytes], asyncio.Future[Any]] = sock.send  # type: ignore[assignment]
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.reader: asyncio.Task[None] | None = None
+        self.watcher: asyncio.Task[None] | None = None
         self.retired = False
 
 
@@ -98,8 +104,10 @@ class AsyncClient(AsyncRequests):
         *,
         events: str | None = None,
         context: zmq.Context[Any] | None = None,
+        server_key: str | None = None,
+        client_key: str | None = None,
     ) -> None:
-        self._identify(endpoint, timeout, events)
+        self._identify(endpoint, timeout, events, server_key, client_key)
         if context is None:
             self._context: zmq.asyncio.Context = zmq.asyncio.Context.instance()
         elif isinstance(context, zmq.asyncio.Context):
@@ -130,14 +138,20 @@ class AsyncClient(AsyncRequests):
             raise RuntimeError("an AsyncClient belongs to the event loop it was first used in")
         endpoint = self.endpoints[self._index]
         sock = self._context.socket(zmq.DEALER)
+        monitor: zmq.asyncio.Socket | None = None
         try:
-            configure_socket(sock, self.timeout)
+            configure_socket(sock, self.timeout, self.keys)
+            monitor = cast(zmq.asyncio.Socket, handshake_monitor(sock))
             sock.connect(endpoint)
         except BaseException:
+            if monitor is not None:
+                monitor.close(linger=0)
             sock.close(linger=0)
             raise
-        ch = _Channel(endpoint, sock)
+        ch = _Channel(endpoint, sock, monitor)
         ch.reader = loop.create_task(self._read(ch), name=f"dbpool-client-reader {endpoint}")
+        ch.watcher = loop.create_task(self._watch_handshakes(ch),
+                                      name=f"dbpool-client-handshakes {endpoint}")
         self._chan = ch
         self._channels.add(ch)
         logger.debug("connected a request socket to %s", endpoint)
@@ -150,6 +164,9 @@ class AsyncClient(AsyncRequests):
             self._chan = None
         if ch.reader is not None:
             ch.reader.cancel()
+        if ch.watcher is not None:
+            ch.watcher.cancel()
+        ch.monitor.close(linger=0)
         ch.sock.close(linger=0)
         for fut in ch.pending.values():
             if not fut.done():
@@ -197,6 +214,19 @@ class AsyncClient(AsyncRequests):
                 self._retire(ch)
                 self._close_channel(ch)
 
+    async def _watch_handshakes(self, ch: _Channel) -> None:
+        """Fail the requests waiting to be sent on ``ch`` as soon as a handshake is refused."""
+        handshakes = Handshakes(ch.endpoint, self.keys is not None)
+        try:
+            while True:
+                refused = handshakes.feed(await ch.monitor.recv_multipart())
+                if refused is not None:
+                    for fut in ch.pending.values():
+                        if not fut.done():
+                            fut.set_exception(refused)
+        except zmq.ZMQError:
+            pass  # the monitor was closed with its channel
+
     # -- the request loop ---------------------------------------------------------------
 
     async def _call(self, msg: dict[str, Any], timeout: float | None) -> Any:
@@ -223,7 +253,13 @@ class AsyncClient(AsyncRequests):
         sent = False
         try:
             async with asyncio.timeout(wait):
-                await ch.send(body)
+                send = ch.send(body)
+                if not send.done():  # not connected (yet): a refused handshake fails fut
+                    await asyncio.wait((send, fut), return_when=asyncio.FIRST_COMPLETED)
+                    if not send.done():
+                        send.cancel()
+                        await fut  # raises the handshake's error
+                await send
                 sent = True
                 reply = await fut
         except (TimeoutError, _Again):
@@ -277,7 +313,7 @@ class AsyncClient(AsyncRequests):
         names = normalize_topics(topics)
         if self._closed:
             raise closed_error()
-        sub = AsyncSubscription(self._context, self.events_endpoint, names)
+        sub = AsyncSubscription(self._context, self.events_endpoint, names, self.keys)
         self._subscriptions.add(sub)
         return sub
 
@@ -290,7 +326,8 @@ class AsyncClient(AsyncRequests):
             return
         self._closed = True
         await self._heartbeat.stop()
-        readers = [ch.reader for ch in self._channels if ch.reader is not None]
+        readers = [task for ch in self._channels for task in (ch.reader, ch.watcher)
+                   if task is not None]
         for ch in list(self._channels):
             self._close_channel(ch)
         if readers:

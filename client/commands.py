@@ -32,7 +32,8 @@ _NUMERIC = (int, float, Decimal)
 
 
 def query_command(endpoint: str, sql: str, params: list[str] | None, timeout: float,
-                  out: TextIO) -> int:
+                  out: TextIO, server_key: str | None = None,
+                  client_key: str | None = None) -> int:
     """Run ``sql`` on the server at ``endpoint`` and print its result as a table.
 
     ``params`` are passed as text for the ``%s`` placeholders.  Prints the
@@ -40,7 +41,7 @@ def query_command(endpoint: str, sql: str, params: list[str] | None, timeout: fl
     does, and returns 0; on an error prints it to stderr and returns 1.
     """
     try:
-        with Client(endpoint, timeout) as client:
+        with Client(endpoint, timeout, server_key=server_key, client_key=client_key) as client:
             result = client.query(sql, params)
     except (DBPoolError, psycopg.Error, ValueError, zmq.ZMQError) as exc:
         _print_error("dbpool query", exc)
@@ -50,14 +51,15 @@ def query_command(endpoint: str, sql: str, params: list[str] | None, timeout: fl
     return 0
 
 
-def status_command(endpoint: str, timeout: float, as_json: bool, out: TextIO) -> int:
+def status_command(endpoint: str, timeout: float, as_json: bool, out: TextIO,
+                   server_key: str | None = None, client_key: str | None = None) -> int:
     """Print the status map of the server at ``endpoint``; return 0, or 1 on an error.
 
     ``as_json`` prints it as JSON (values JSON has no form for as strings);
     otherwise as indented ``key: value`` lines.
     """
     try:
-        with Client(endpoint, timeout) as client:
+        with Client(endpoint, timeout, server_key=server_key, client_key=client_key) as client:
             status = client.status()
     except (DBPoolError, psycopg.Error, ValueError, zmq.ZMQError) as exc:
         _print_error("dbpool status", exc)

@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from dbpool.keys import ClientKeys
 from dbpool.wire import WireError, unpackb
 
 __all__ = ["AsyncSubscription", "Event", "Subscription", "parse_event"]
@@ -61,8 +62,11 @@ def parse_event(frames: Sequence[bytes]) -> Event | None:
     return Event(topic, body["event"], body)
 
 
-def _configure(sock: zmq.Socket[Any], endpoint: str, topics: Sequence[str]) -> None:
+def _configure(sock: zmq.Socket[Any], endpoint: str, topics: Sequence[str],
+               keys: ClientKeys | None) -> None:
     sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.apply(sock)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
     for topic in topics:
@@ -77,14 +81,15 @@ class Subscription:
     subscription is closed.  A context manager; :meth:`close` is idempotent.
     """
 
-    def __init__(self, context: zmq.Context[Any], endpoint: str, topics: Sequence[str]) -> None:
+    def __init__(self, context: zmq.Context[Any], endpoint: str, topics: Sequence[str],
+                 keys: ClientKeys | None = None) -> None:
         #: The events endpoint this subscription is connected to.
         self.endpoint = endpoint
         #: The topic prefixes subscribed to.
         self.topics = tuple(topics)
         self._sock: zmq.Socket[Any] = context.socket(zmq.SUB)
         try:
-            _configure(self._sock, endpoint, self.topics)
+            _configure(self._sock, endpoint, self.topics, keys)
         except BaseException:
             self._sock.close(linger=0)
             raise
@@ -145,8 +150,9 @@ class AsyncSubscription:
     """
 
     def __init__(self, context: zmq.asyncio.Context, endpoint: Callable[[], Awaitable[str]],
-                 topics: Sequence[str]) -> None:
+                 topics: Sequence[str], keys: ClientKeys | None = None) -> None:
         self._context = context
+        self._keys = keys
         self._resolve = endpoint
         #: The topic prefixes subscribed to.
         self.topics = tuple(topics)
@@ -164,7 +170,7 @@ class AsyncSubscription:
             if self._sock is None and not self._closed:
                 sock = self._context.socket(zmq.SUB)
                 try:
-                    _configure(sock, endpoint, self.topics)
+                    _configure(sock, endpoint, self.topics, self._keys)
                 except BaseException:
                     sock.close(linger=0)
                     raise

@@ -35,9 +35,11 @@ from ._base import (
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT,
     DEFAULT_TOPICS,
+    Handshakes,
     Keepalive,
     closed_error,
     configure_socket,
+    handshake_monitor,
     malformed_reply,
     normalize_topics,
     reply_value,
@@ -69,11 +71,12 @@ def _ms(seconds: float) -> int:
 class _Holder:
     """Closes a thread's socket when the thread's locals go (the thread ended)."""
 
-    __slots__ = ("client", "sock")
+    __slots__ = ("client", "monitor", "sock")
 
-    def __init__(self, client: Client, sock: zmq.Socket[Any]) -> None:
+    def __init__(self, client: Client, sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
         self.client = weakref.ref(client)
         self.sock = sock
+        self.monitor = monitor
 
     def __del__(self) -> None:
         try:
@@ -81,6 +84,7 @@ class _Holder:
             if client is not None:
                 client._forget(self.sock)
             self.sock.close(linger=0)
+            self.monitor.close(linger=0)
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
 
@@ -93,6 +97,8 @@ class _Channel(threading.local):
     """
 
     sock: zmq.Socket[bytes]
+    #: The monitor of ``sock``'s handshakes (see dbpool.keys.handshake_failure).
+    monitor: zmq.Socket[bytes]
     endpoint: str
     send: Callable[..., Any]
     recv: Callable[..., bytes]
@@ -125,6 +131,13 @@ class Client(Requests):
     asks the server (``status``).  ``context`` is the ZeroMQ context to make
     sockets in (default: the process's shared one).
 
+    ``server_key`` (the server's public key) and ``client_key`` (this
+    client's secret key) connect to a server that uses CURVE: each is a key
+    file from ``dbpool keygen`` or the key as Z85 text, and they default to
+    ``$DBPOOL_SERVER_KEY`` and ``$DBPOOL_CLIENT_KEY``.  A server that refuses
+    the key (or wants one) fails the request at once with
+    ``ConnectionError(reason="unauthorized")``, not after the timeout.
+
     Every client has a session id (:attr:`session`, 128 random bits) that
     its transactions and streams belong to.  A request that gets no reply
     within its timeout raises :class:`~dbpool.errors.ConnectionError` with
@@ -145,8 +158,10 @@ class Client(Requests):
         *,
         events: str | None = None,
         context: zmq.Context[Any] | None = None,
+        server_key: str | None = None,
+        client_key: str | None = None,
     ) -> None:
-        self._identify(endpoint, timeout, events)
+        self._identify(endpoint, timeout, events, server_key, client_key)
         self._context: zmq.Context[Any] = context if context is not None \
             else zmq.Context.instance()
         self._timeout_ms = _ms(self.timeout)
@@ -160,12 +175,17 @@ class Client(Requests):
 
     # -- sockets ------------------------------------------------------------------------
 
-    def _new_socket(self, endpoint: str, *, register: bool = True) -> zmq.Socket[Any]:
-        """A configured DEALER connected to ``endpoint``; closed by close() if registered."""
+    def _new_socket(self, endpoint: str, *, register: bool = True,
+                    monitor: bool = False) -> tuple[zmq.Socket[Any], zmq.Socket[Any] | None]:
+        """A configured DEALER connected to ``endpoint`` (closed by close() if registered),
+        and with ``monitor`` the socket that reports how its handshakes end."""
         sock: zmq.Socket[Any] = self._context.socket(zmq.DEALER)
+        watch = None
         try:
-            configure_socket(sock, self.timeout)
+            configure_socket(sock, self.timeout, self.keys)
             sock.setsockopt(zmq.RCVTIMEO, self._timeout_ms)
+            if monitor:
+                watch = handshake_monitor(sock)
             sock.connect(endpoint)
             with self._lock:
                 if self._closed:
@@ -173,9 +193,11 @@ class Client(Requests):
                 if register:
                     self._sockets.add(sock)
         except BaseException:
+            if watch is not None:
+                watch.close(linger=0)
             sock.close(linger=0)
             raise
-        return sock
+        return sock, watch
 
     def _current_endpoint(self) -> str:
         return self.endpoints[self._index]
@@ -183,11 +205,13 @@ class Client(Requests):
     def _attach(self, ch: _Channel) -> None:
         """Give ``ch`` a new socket on the current endpoint."""
         endpoint = self.endpoints[self._index]
-        sock = self._new_socket(endpoint)
+        sock, watch = self._new_socket(endpoint, monitor=True)
+        assert watch is not None
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        ch.holder = _Holder(self, sock)
+        ch.holder = _Holder(self, sock, watch)
         ch.sock = sock
+        ch.monitor = watch
         ch.endpoint = endpoint
         ch.send = sock.send
         ch.recv = sock.recv
@@ -201,6 +225,7 @@ class Client(Requests):
     def _replace(self, ch: _Channel) -> None:
         """Close ``ch``'s socket and give it a new one (the next endpoint, if several)."""
         old = ch.sock
+        ch.monitor.close(linger=0)
         with self._lock:
             self._sockets.discard(old)
             closed = self._closed
@@ -232,17 +257,18 @@ class Client(Requests):
             raise
         if timeout is None:
             try:
-                ch.send(body)
-            except _Again:
-                raise self._timed_out(ch, msg, self.timeout, sent=False) from None
+                ch.send(body, _NOBLOCK)
+            except _Again:  # not connected (yet): wait, watching the handshake
+                data = self._exchange(ch, msg, body, self.timeout)
             except _ZMQError as exc:
                 raise self._socket_error(ch, exc) from None
-            try:
-                data = ch.recv()
-            except _Again:
-                raise self._timed_out(ch, msg, self.timeout, sent=True) from None
-            except _ZMQError as exc:
-                raise self._socket_error(ch, exc) from None
+            else:
+                try:
+                    data = ch.recv()
+                except _Again:
+                    raise self._timed_out(ch, msg, self.timeout, sent=True) from None
+                except _ZMQError as exc:
+                    raise self._socket_error(ch, exc) from None
         else:
             data = self._exchange(ch, msg, body, timeout)
         try:
@@ -260,8 +286,7 @@ class Client(Requests):
             try:
                 ch.send(body, _NOBLOCK)
             except _Again:
-                if not ch.sock.poll(_ms(timeout), _POLLOUT):
-                    raise self._timed_out(ch, msg, timeout, sent=False) from None
+                self._wait_connected(ch, msg, timeout, deadline)
                 try:
                     ch.send(body, _NOBLOCK)
                 except _Again:
@@ -271,6 +296,24 @@ class Client(Requests):
             return ch.recv(_NOBLOCK)
         except _ZMQError as exc:
             raise self._socket_error(ch, exc) from None
+
+    def _wait_connected(self, ch: _Channel, msg: dict[str, Any], timeout: float,
+                        deadline: float) -> None:
+        """Wait until ``ch`` can send: raise ``unauthorized`` as soon as a handshake is
+        refused, ``timeout`` at ``deadline``."""
+        poller = zmq.Poller()
+        poller.register(ch.sock, _POLLOUT)
+        poller.register(ch.monitor, zmq.POLLIN)
+        while True:
+            ready = dict(poller.poll(_ms(deadline - _monotonic())))
+            if not ready:
+                raise self._timed_out(ch, msg, timeout, sent=False)
+            if ch.monitor in ready:
+                refused = Handshakes(ch.endpoint, self.keys is not None).read(ch.monitor)
+                if refused is not None:
+                    raise refused
+            if ch.sock in ready:
+                return
 
     def _settle(self, ch: _Channel, msg: dict[str, Any], data: bytes,
                 timeout: float | None) -> Any:
@@ -335,7 +378,7 @@ class Client(Requests):
         names = normalize_topics(topics)
         if self._closed:
             raise closed_error()
-        sub = Subscription(self._context, self.events_endpoint(), names)
+        sub = Subscription(self._context, self.events_endpoint(), names, self.keys)
         self._subscriptions.add(sub)
         return sub
 
@@ -441,7 +484,7 @@ class _Heartbeat:
                 if sock is None or current != endpoint:
                     if sock is not None:
                         sock.close(linger=0)
-                    sock = client._new_socket(current, register=False)
+                    sock, _ = client._new_socket(current, register=False)
                     endpoint = current
                 del client
                 self._drain(sock)

@@ -34,6 +34,9 @@ pipeline_depth     --pipeline-depth     DBPOOL_PIPELINE_DEPTH     8
 grace              --grace              DBPOOL_GRACE              10.0 s
 spin               --spin               DBPOOL_SPIN               0.0003 s
 log_level          --log-level          DBPOOL_LOG_LEVEL          INFO
+curve_secret_key   --curve-secret-key   DBPOOL_CURVE_SECRET_KEY   None: no CURVE
+authorized_keys    --authorized-keys    DBPOOL_AUTHORIZED_KEYS    None: no CURVE
+insecure           --insecure           DBPOOL_INSECURE           false
 pool_options       (none)               (none)                    {}: the TOML [pool] table
 =================  ===================  ========================  ================================
 
@@ -62,6 +65,16 @@ pool_options       (none)               (none)                    {}: the TOML [
   level, not in ``[pool]``.  For files written before they were settings,
   ``[pool]`` may still hold the last four: such a key counts as the top-level
   key, with a warning to move it; setting it in both places is an error.
+- ``curve_secret_key`` (the server's ``NAME.key_secret`` from ``dbpool
+  keygen``, or its secret key as Z85 text) and ``authorized_keys`` (a
+  folder of the clients' ``NAME.key`` files) turn on CURVE: only those
+  clients may connect, and everything is encrypted (see
+  :mod:`dbpool.server.auth`).  They go together.  Without them, binding an
+  address other than loopback (``127.0.0.0/8``, ``::1``, ``localhost``;
+  ``ipc://`` and ``inproc://`` are local too) is refused unless
+  ``insecure`` is true (``--insecure``; ``DBPOOL_INSECURE=1``), and then
+  every start logs a warning: anyone who reaches the port runs any SQL as
+  the pool's user.
 - An environment variable set to the empty string counts as unset.
 - A bad value raises :class:`~dbpool.errors.ConfigurationError` naming its
   source: ``DBPOOL_POOL_SIZE: expected an integer >= 1, got 'abc'``,
@@ -73,6 +86,7 @@ pool_options       (none)               (none)                    {}: the TOML [
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import math
 import os
@@ -132,6 +146,9 @@ class ServeConfig:
     grace: float = 10.0
     spin: float = 0.0003
     log_level: str = "INFO"
+    curve_secret_key: str | None = None
+    authorized_keys: str | None = None
+    insecure: bool = False
     pool_options: Mapping[str, Any] = field(default_factory=_empty_mapping)
 
     def __repr__(self) -> str:
@@ -150,13 +167,25 @@ class ServeConfig:
     def describe(self) -> str:
         """A one-line summary for the start-up log line, without the password."""
         database = "embedded" if self.dsn is None else mask_dsn(self.dsn, drop=True)
-        return (f"{self.name}: requests on {self.bind}, events on {self.events_bind}, "
-                f"pool of {self.pool_size} on {database}")
+        security = ("CURVE, clients in " + str(self.authorized_keys) if self.curve
+                    else "no authentication")
+        return (f"{self.name}: requests on {self.bind}, events on {self.events_bind} "
+                f"({security}), pool of {self.pool_size} on {database}")
 
     def pool_kwargs(self) -> dict[str, Any]:
         """The options :func:`~dbpool.server.serve.serve` gives :meth:`dbpool.pool.Pool.start`:
         the pool settings above and the ``[pool]`` table."""
         return {**{key: getattr(self, key) for key in _POOL_SETTINGS}, **self.pool_options}
+
+    @property
+    def curve(self) -> bool:
+        """Whether clients authenticate with CURVE keys."""
+        return self.curve_secret_key is not None
+
+    def exposed_endpoints(self) -> list[str]:
+        """The bound endpoints that other machines may reach (not loopback or local)."""
+        return [endpoint for endpoint in (self.bind, self.events_bind)
+                if not _is_local(endpoint)]
 
     def log_level_number(self) -> int:
         """:attr:`log_level` as a :mod:`logging` level number."""
@@ -310,6 +339,41 @@ def _dsn(value: object, source: str, from_text: bool) -> str:
     return value
 
 
+def _path(value: object, source: str, from_text: bool) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(source, "a path (or a key as Z85 text)", value)
+    return value.strip()
+
+
+def _boolean(value: object, source: str, from_text: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if from_text and isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+    raise _fail(source, "true or false" if not from_text else "1/true/yes or 0/false/no",
+                value)
+
+
+def _is_local(endpoint: str) -> bool:
+    """Whether only this machine can reach ``endpoint`` (loopback, ipc, inproc)."""
+    transport, _, address = endpoint.partition("://")
+    if transport in ("ipc", "inproc"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if ";" in host:  # tcp://source;destination: the bound side is the destination
+        host = host.rpartition(";")[2]
+    if host == "localhost" or host == "::1":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # an interface name or a wildcard: reachable from outside
+        return False
+
+
 def _log_level(value: object, source: str, from_text: bool) -> str:
     if isinstance(value, str) and value.strip().upper() in _LOG_LEVELS:
         return value.strip().upper()
@@ -365,7 +429,18 @@ _SETTINGS: tuple[_Setting, ...] = (
              "seconds the request loop keeps polling, yielding the CPU, before it sleeps "
              "(while traffic is steady; 0: always sleep)"),
     _Setting("log_level", _log_level, f"logging level ({', '.join(_LOG_LEVELS)})"),
+    _Setting("curve_secret_key", _path,
+             "the server's secret key file (NAME.key_secret from `dbpool keygen`): turns on "
+             "CURVE authentication and encryption, with --authorized-keys"),
+    _Setting("authorized_keys", _path,
+             "folder of the authorized clients' public key files (NAME.key; the client's "
+             "name is NAME); SIGHUP re-reads it"),
+    _Setting("insecure", _boolean,
+             "allow binding an address other than loopback without CURVE (anyone who "
+             "reaches it runs any SQL as the pool's user)"),
 )
+#: Settings that are switches: a flag without a value.
+_SWITCHES = frozenset({"insecure"})
 _BY_FIELD = {s.field: s for s in _SETTINGS}
 _METAVARS = {
     "bind": "ENDPOINT", "events_bind": "ENDPOINT", "pool_size": "N", "timeout": "SECONDS",
@@ -373,10 +448,13 @@ _METAVARS = {
     "breaker_threshold": "N",
     "max_message_size": "BYTES", "heartbeat_timeout": "SECONDS", "lease_max": "SECONDS",
     "pipeline_depth": "N", "grace": "SECONDS", "spin": "SECONDS", "log_level": "LEVEL",
+    "curve_secret_key": "PATH", "authorized_keys": "FOLDER",
 }
 #: What --help shows as the default of a setting whose default is None.
 _NONE_DEFAULTS = {
     "dsn": "the embedded PostgreSQL",
+    "curve_secret_key": "none: no CURVE",
+    "authorized_keys": "none: no CURVE",
     "backoff_min": f"{backoff.DEFAULT_MIN}, or --backoff-max if lower",
     "backoff_max": f"{backoff.DEFAULT_MAX}, or --backoff-min if higher",
 }
@@ -394,6 +472,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for setting in _SETTINGS:
         default = getattr(defaults, setting.field)
         shown = _NONE_DEFAULTS[setting.field] if default is None else default
+        if setting.field in _SWITCHES:
+            parser.add_argument(
+                setting.flag, dest=setting.field, default=None, action="store_const",
+                const=True, help=f"{setting.help} (env {setting.env}=1)".replace("%", "%%"))
+            continue
         parser.add_argument(
             setting.flag, dest=setting.field, default=None,
             metavar=setting.metavar,
@@ -432,7 +515,10 @@ def load_config(
         layer: dict[str, Any] = {}
         layer_origin: dict[str, str] = {}
         for setting, (raw, source) in raw_values.items():
-            if raw is not None:
+            if raw is True:  # a switch given on the command line
+                layer[setting.field] = True
+                layer_origin[setting.field] = source
+            elif raw is not None:
                 layer[setting.field] = setting.parse(raw, source, True)
                 layer_origin[setting.field] = source
         layers.append((layer, layer_origin))
@@ -444,9 +530,27 @@ def load_config(
     for layer, layer_origin in [*layers, (values, origin)]:
         _check_backoff_bounds(layer, layer_origin, backoff_type)
     config = ServeConfig(**values)
+    _check_security(config, origin)
     logger.debug("configuration %r (from %s)", config,
                  ", ".join(f"{k}: {v}" for k, v in origin.items()) or "defaults only")
     return config
+
+
+def _check_security(config: ServeConfig, origin: Mapping[str, str]) -> None:
+    """CURVE's two settings go together; an exposed endpoint needs CURVE or ``insecure``."""
+    if (config.curve_secret_key is None) != (config.authorized_keys is None):
+        given, missing = (("curve_secret_key", "authorized_keys")
+                          if config.curve_secret_key is not None
+                          else ("authorized_keys", "curve_secret_key"))
+        raise ConfigurationError(
+            f"{origin.get(given, given)}: CURVE needs {missing} too ({_BY_FIELD[missing].flag})")
+    exposed = config.exposed_endpoints()
+    if exposed and not config.curve and not config.insecure:
+        raise ConfigurationError(
+            f"refusing to serve {', '.join(exposed)} without authentication: anyone who "
+            "reaches it could run any SQL as the pool's user. Give --curve-secret-key and "
+            "--authorized-keys (keys from `dbpool keygen`), bind 127.0.0.1, or pass "
+            "--insecure to accept the risk")
 
 
 def _namespace_value(args: argparse.Namespace, name: str) -> Any:

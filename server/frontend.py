@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from dbpool.pool import Connection, Pool
     from dbpool.pool.lender import Offer
 
+    from .auth import Authority
     from .config import ServeConfig
 
 __all__ = ["FrontEnd"]
@@ -169,7 +170,8 @@ class FrontEnd:
     """
 
     def __init__(self, pool: Pool, config: ServeConfig,
-                 context: zmq.Context[Any] | None = None) -> None:
+                 context: zmq.Context[Any] | None = None,
+                 authority: Authority | None = None) -> None:
         self.pool = pool
         #: The pool's queue, for a loop that never blocks (see dbpool.pool.lender).
         self.lender = pool.lender()
@@ -181,13 +183,17 @@ class FrontEnd:
         self.depth = config.pipeline_depth
         self.context = context or zmq.Context()
         self._own_context = context is None
+        #: Who may connect (CURVE through ZAP), or None: anyone who reaches the port.
+        self.authority = authority
+        if authority is not None:
+            authority.start(self.context)
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, 4 * config.max_message_size)
+        if authority is not None:
+            authority.secure(self.router)
         self.router.bind(config.bind)
-        self.pub = self.context.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 0)
-        self.pub.bind(config.events_bind)
+        self.pub = self._bind_events(config.events_bind)
         #: The endpoints actually bound (a ``:0`` port resolved).
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -238,6 +244,14 @@ class FrontEnd:
             "copy_end": self._op_copy_end,
         }
 
+    def _bind_events(self, endpoint: str) -> zmq.Socket[Any]:
+        pub = self.context.socket(zmq.PUB)
+        pub.setsockopt(zmq.LINGER, 0)
+        if self.authority is not None:
+            self.authority.secure(pub)
+        pub.bind(endpoint)
+        return pub
+
     # -- other threads -------------------------------------------------------
 
     def post(self, call: Callable[[], None]) -> None:
@@ -251,6 +265,16 @@ class FrontEnd:
     def stop(self) -> None:
         """Begin a graceful stop (see :meth:`run`)."""
         self.post(self._begin_drain)
+
+    def reload_keys(self) -> None:
+        """Read the authorized keys again (``SIGHUP``; from any thread).
+
+        A removed key's next request is refused.  Its event subscription, which
+        ZeroMQ cannot end alone, ends with everyone's: the event socket is bound
+        anew and the authorized subscribers reconnect by themselves (events in
+        that moment are lost to them).
+        """
+        self.post(self._reload_keys)
 
     def publish(self, topic: str, event: dict[str, Any]) -> None:
         """Publish an event to subscribers (from any thread)."""
@@ -392,6 +416,22 @@ class FrontEnd:
             if lease is not None and lease.lease is None:  # a stream in a lease goes with it
                 self._expire(lease, "its client's connections closed")
 
+    def _reload_keys(self) -> None:
+        authority = self.authority
+        if authority is None:
+            logger.info("front end: no CURVE keys to reload")
+            return
+        try:
+            _, removed = authority.reload()
+        except ConfigurationError as error:
+            logger.error("front end: the authorized keys were not reloaded; the old ones "
+                         "stay: %s", error)
+            return
+        if removed:
+            endpoint = self.events_endpoint
+            self.pub.close(linger=0)
+            self.pub = self._bind_events(endpoint)
+
     def _drain_inbox(self) -> None:
         try:
             while os.read(self._wake_r, 4096):
@@ -445,6 +485,12 @@ class FrontEnd:
                 "unsupported_version",
                 f"protocol version {version!r} is not supported; this server speaks "
                 f"version {VERSION}"))
+            return
+        if self.authority is not None and self.authority.name_of(
+                cast("str | None", origin.get("User-Id"))) is None:
+            self._reply_error(route, rid, {
+                "kind": "connection", "reason": "unauthorized",
+                "message": "this client's key is no longer authorized by the server"})
             return
         op = req.get("op")
         handler = self._handlers.get(op) if type(op) is str else None
@@ -1334,6 +1380,8 @@ class FrontEnd:
         self.pub.close(linger=0)
         os.close(self._wake_r)
         os.close(self._wake_w)
+        if self.authority is not None:
+            self.authority.stop()
         if self._own_context:
             self.context.term()
 

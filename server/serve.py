@@ -13,7 +13,8 @@ publishes events:
 
 SIGTERM and SIGINT stop it gracefully: new requests are refused, in-flight
 ones and open leases get ``grace`` seconds to finish, what remains is rolled
-back, the connections are closed, and :func:`serve` returns 0.
+back, the connections are closed, and :func:`serve` returns 0.  SIGHUP
+re-reads the authorized client keys (see :mod:`dbpool.server.auth`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dbpool import telemetry
 from dbpool.actors.listeners import ConnectionEvent, HealthEvent
 from dbpool.pool import Pool
 
+from .auth import Authority
 from .config import ServeConfig
 from .frontend import FrontEnd
 
@@ -69,6 +71,13 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
                 "message": str(error) if error is not None else None,
                 "reason": getattr(error, "reason", None), "index": metadata.get("index")})
 
+    # The keys first: a bad key file fails the start before the database is touched.
+    authority = (Authority(str(config.curve_secret_key), str(config.authorized_keys))
+                 if config.curve else None)
+    exposed = config.exposed_endpoints()
+    if exposed and authority is None:
+        logger.warning("serving %s with no authentication (insecure): anyone who reaches it "
+                       "runs any SQL as the pool's user", ", ".join(exposed))
     options = config.pool_kwargs()
     options["connection_listeners"] = [*options.get("connection_listeners", ()), on_connection]
     logger.info("starting %s", config.describe())
@@ -76,14 +85,17 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
     handler_id = f"dbpool-serve-{id(pool)}"
     telemetry.attach(handler_id, ["connection_error", "health"], on_telemetry)
     try:
-        front = FrontEnd(pool, config)
+        front = FrontEnd(pool, config, authority=authority)
     except Exception:
         telemetry.detach(handler_id)
+        if authority is not None:
+            authority.stop()
         pool.stop()
         raise
     box.append(front)
     previous = {sig: signal.signal(sig, lambda *_: front.stop())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: front.reload_keys())
     pool.add_monitor(lambda error: front.publish("pool", {
         "event": "stopped", "pool": config.name, "time": time.time(), "state": "stopped",
         "reason": None if error is None else str(error)}))

@@ -26,6 +26,7 @@ from typing import Any, Generic, Protocol, Self, TypeVar
 from dbpool.copy_data import BLOCK_SIZE, CopyData
 from dbpool.driver import Result
 from dbpool.errors import ConnectionError, ProtocolError, TransactionError
+from dbpool.keys import client_keys
 from dbpool.protocol import VERSION
 
 from .._base import (
@@ -81,13 +82,15 @@ class Requests:
     _heartbeat: Heartbeats
     _closed: bool
 
-    def _identify(self, endpoint: str | Sequence[str], timeout: float,
-                  events: str | None) -> None:
-        """Set what every client starts with: endpoints, timeout, session, events."""
+    def _identify(self, endpoint: str | Sequence[str], timeout: float, events: str | None,
+                  server_key: str | None, client_key: str | None) -> None:
+        """Set what every client starts with: endpoints, timeout, session, events, keys."""
         self.endpoints = normalize_endpoints(endpoint)
         self.timeout = check_timeout(timeout)
         self.session = new_session()
         self._events = events
+        #: The CURVE keys (see :mod:`dbpool.keys`), or None without CURVE.
+        self.keys = client_keys(server_key, client_key)
 
     def _call(self, msg: dict[str, Any], timeout: float | None) -> Any:
         """Send ``msg`` with a new id and return the ``ok`` value of its reply.

@@ -62,20 +62,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     add_serve_arguments(serve)
 
-    endpoint_help = "the server's request endpoint (default: $DBPOOL_ENDPOINT, else %(default)s)"
     query = commands.add_parser("query", help="run one statement on a dbpool server")
     query.add_argument("sql")
     query.add_argument("params", nargs="*", help="parameters for %%s placeholders, as text")
-    query.add_argument("--endpoint", default=os.environ.get("DBPOOL_ENDPOINT",
-                                                            "tcp://127.0.0.1:7432"),
-                       help=endpoint_help)
-    query.add_argument("--timeout", type=float, default=15.0)
+    _add_client_arguments(query)
     status = commands.add_parser("status", help="print a dbpool server's status and metrics")
-    status.add_argument("--endpoint", default=os.environ.get("DBPOOL_ENDPOINT",
-                                                             "tcp://127.0.0.1:7432"),
-                        help=endpoint_help)
-    status.add_argument("--timeout", type=float, default=15.0)
+    _add_client_arguments(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    keygen = commands.add_parser(
+        "keygen", help="write a CURVE key pair: NAME.key (public) and NAME.key_secret")
+    keygen.add_argument("name", help="the key's name: a client's name is its key's name")
+    keygen.add_argument("--dir", default=".", help="the folder to write into (default: .)")
 
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -86,16 +84,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .client.commands import query_command
 
         return query_command(args.endpoint, args.sql, args.params or None, args.timeout,
-                             sys.stdout)
+                             sys.stdout, args.server_key, args.client_key)
     if args.command == "status":
         from .client.commands import status_command
 
-        return status_command(args.endpoint, args.timeout, args.json, sys.stdout)
+        return status_command(args.endpoint, args.timeout, args.json, sys.stdout,
+                              args.server_key, args.client_key)
+    if args.command == "keygen":
+        return _keygen(args)
     if args.command == "demo":
         return _demo(args)
     if args.command == "bench":
         return _bench(args)
     return 2  # pragma: no cover - argparse enforces a command
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--endpoint", default=os.environ.get("DBPOOL_ENDPOINT", "tcp://127.0.0.1:7432"),
+        help="the server's request endpoint (default: $DBPOOL_ENDPOINT, else %(default)s)")
+    parser.add_argument("--timeout", type=float, default=15.0)
+    parser.add_argument(
+        "--server-key", default=None, metavar="PATH",
+        help="the server's public key (its NAME.key, or Z85 text), for a server that uses "
+             "CURVE (default: $DBPOOL_SERVER_KEY)")
+    parser.add_argument(
+        "--client-key", default=None, metavar="PATH",
+        help="this client's secret key (NAME.key_secret, or Z85 text) "
+             "(default: $DBPOOL_CLIENT_KEY)")
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .errors import ConfigurationError
+    from .keys import write_key_pair
+
+    try:
+        public, secret = write_key_pair(args.name, args.dir)
+    except (ConfigurationError, OSError) as exc:
+        print(f"dbpool keygen: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {public} (public: give it to the other side) and {secret} (secret: "
+          "keep it private)")
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -64,9 +64,11 @@ __all__ = [
 #: - ``lease_expired``: a remote transaction lease ended (silent client,
 #:   ``lease_max``, server shutdown) before this request.
 #: - ``timeout``: the remote client got no reply within its timeout.
+#: - ``unauthorized``: the server refused the client's CURVE key (or the
+#:   handshake failed: no keys, or not the server's public key).
 Reason = Literal[
     "error", "queue_timeout", "queue_disabled", "queue_full", "deadline", "stopped",
-    "unavailable", "lease_expired", "timeout",
+    "unavailable", "lease_expired", "timeout", "unauthorized",
 ]
 
 #: A connection's transaction status, as DBConnection names it.

@@ -83,8 +83,13 @@ def test_defaults() -> None:
     assert config.log_level_number() == logging.INFO
 
 
+#: Settings that only go together (CURVE's two) or are a switch: tests/server/test_curve.py.
+SECURITY = {"curve_secret_key", "authorized_keys", "insecure"}
+
+
 def test_every_field_has_a_row_here() -> None:
-    assert set(VALUES) == {f.name for f in dataclasses.fields(ServeConfig)} - {"pool_options"}
+    assert set(VALUES) == {f.name for f in dataclasses.fields(ServeConfig)} - {
+        "pool_options", *SECURITY}
 
 
 @pytest.mark.parametrize("field", sorted(VALUES))
@@ -142,10 +147,10 @@ def test_flags_default_to_none_and_help_names_env_and_default() -> None:
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     args = vars(parser.parse_args([]))
-    assert set(args) == set(VALUES) | {"config"}
+    assert set(args) == set(VALUES) | SECURITY | {"config"}
     assert all(value is None for value in args.values())
     text = parser.format_help()
-    for field in VALUES:
+    for field in [*VALUES, *SECURITY]:
         assert "--" + field.replace("_", "-") in text
         assert "DBPOOL_" + field.upper() in text
     assert "DBPOOL_CONFIG" in text
@@ -330,8 +335,8 @@ def test_connect_kwargs_password_masked_in_repr(tmp_path: Path) -> None:
 
 def test_describe() -> None:
     assert ServeConfig().describe() == (
-        "dbpool: requests on tcp://127.0.0.1:7432, events on tcp://127.0.0.1:7433, "
-        "pool of 10 on embedded")
+        "dbpool: requests on tcp://127.0.0.1:7432, events on tcp://127.0.0.1:7433 "
+        "(no authentication), pool of 10 on embedded")
     described = ServeConfig(dsn="host=h user=u password=p dbname=d", pool_size=3).describe()
     assert "pool of 3 on " in described and "host=h" in described
     assert "password" not in described
@@ -382,6 +387,7 @@ def test_the_example_deploy_config_loads() -> None:
     assert (config.backoff_type, config.backoff_min, config.backoff_max,
             config.breaker_threshold) == ("rand_exp", 1.0, 30.0, 5)
     assert "backoff_type" not in config.pool_options
+    assert config.curve and config.exposed_endpoints()  # exposed, so with CURVE
     PoolOptions.from_kwargs(config.pool_kwargs())
 
 
