@@ -106,8 +106,9 @@ class AsyncClient(AsyncRequests):
         context: zmq.Context[Any] | None = None,
         server_key: str | None = None,
         client_key: str | None = None,
+        pool: str | None = None,
     ) -> None:
-        self._identify(endpoint, timeout, events, server_key, client_key)
+        self._identify(endpoint, timeout, events, server_key, client_key, pool)
         if context is None:
             self._context: zmq.asyncio.Context = zmq.asyncio.Context.instance()
         elif isinstance(context, zmq.asyncio.Context):
@@ -241,6 +242,8 @@ class AsyncClient(AsyncRequests):
             ch = self._open_channel()
         rid = self._last_id = self._last_id + 1
         msg["id"] = rid
+        if self.pool is not None:
+            msg["pool"] = self.pool
         try:
             body = self._pack(msg)
         except BaseException:

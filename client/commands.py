@@ -33,7 +33,7 @@ _NUMERIC = (int, float, Decimal)
 
 def query_command(endpoint: str, sql: str, params: list[str] | None, timeout: float,
                   out: TextIO, server_key: str | None = None,
-                  client_key: str | None = None) -> int:
+                  client_key: str | None = None, pool: str | None = None) -> int:
     """Run ``sql`` on the server at ``endpoint`` and print its result as a table.
 
     ``params`` are passed as text for the ``%s`` placeholders.  Prints the
@@ -41,7 +41,8 @@ def query_command(endpoint: str, sql: str, params: list[str] | None, timeout: fl
     does, and returns 0; on an error prints it to stderr and returns 1.
     """
     try:
-        with Client(endpoint, timeout, server_key=server_key, client_key=client_key) as client:
+        with Client(endpoint, timeout, server_key=server_key, client_key=client_key,
+                    pool=pool) as client:
             result = client.query(sql, params)
     except (DBPoolError, psycopg.Error, ValueError, zmq.ZMQError) as exc:
         _print_error("dbpool query", exc)

@@ -131,6 +131,9 @@ class Client(Requests):
     asks the server (``status``).  ``context`` is the ZeroMQ context to make
     sockets in (default: the process's shared one).
 
+    ``pool`` names the server's pool to use (``[pools.NAME]`` in its
+    configuration; default: its ``default`` pool).
+
     ``server_key`` (the server's public key) and ``client_key`` (this
     client's secret key) connect to a server that uses CURVE: each is a key
     file from ``dbpool keygen`` or the key as Z85 text, and they default to
@@ -160,8 +163,9 @@ class Client(Requests):
         context: zmq.Context[Any] | None = None,
         server_key: str | None = None,
         client_key: str | None = None,
+        pool: str | None = None,
     ) -> None:
-        self._identify(endpoint, timeout, events, server_key, client_key)
+        self._identify(endpoint, timeout, events, server_key, client_key, pool)
         self._context: zmq.Context[Any] = context if context is not None \
             else zmq.Context.instance()
         self._timeout_ms = _ms(self.timeout)
@@ -250,6 +254,8 @@ class Client(Requests):
         ch = self._ch
         rid = ch.last_id = ch.last_id + 1
         msg["id"] = rid
+        if self.pool is not None:
+            msg["pool"] = self.pool
         try:
             body = ch.pack(msg)
         except BaseException:

@@ -90,17 +90,21 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from dbpool.actors import backoff
 from dbpool.errors import ConfigurationError
 from dbpool.pool.options import PoolOptions
+
+from .clients import ClientPolicy
+from .served_pool import DEFAULT_POOL
 
 __all__ = ["ENV_PREFIX", "ServeConfig", "add_serve_arguments", "load_config", "mask_dsn"]
 
@@ -119,6 +123,10 @@ _MOVED_POOL_KEYS = frozenset({"backoff_type", "backoff_min", "backoff_max",
 #: Checked together by the pool (backoff.new), under the type in effect.
 _BACKOFF_BOUNDS = ("backoff_min", "backoff_max")
 _POOL_DEFAULTS = PoolOptions()
+#: The policy of a client that has no [clients.NAME] table.
+_DEFAULT_POLICY = ClientPolicy()
+#: What a pool's or a client's name may be.
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def _empty_mapping() -> Mapping[str, Any]:
@@ -150,6 +158,10 @@ class ServeConfig:
     authorized_keys: str | None = None
     insecure: bool = False
     pool_options: Mapping[str, Any] = field(default_factory=_empty_mapping)
+    #: The ``[pools.NAME]`` tables: each pool's DSN and options beyond the top level's.
+    pools: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty_mapping)
+    #: The ``[clients.NAME]`` tables (see :mod:`dbpool.server.clients`).
+    clients: Mapping[str, ClientPolicy] = field(default_factory=_empty_mapping)
 
     def __repr__(self) -> str:
         parts = []
@@ -159,6 +171,8 @@ class ServeConfig:
                 value = mask_dsn(value)
             elif f.name == "pool_options":
                 value = _masked_pool_options(value)
+            elif f.name == "pools":
+                value = {name: _masked_pool_options(table) for name, table in value.items()}
             parts.append(f"{f.name}={value!r}")
         return f"ServeConfig({', '.join(parts)})"
 
@@ -166,16 +180,41 @@ class ServeConfig:
 
     def describe(self) -> str:
         """A one-line summary for the start-up log line, without the password."""
-        database = "embedded" if self.dsn is None else mask_dsn(self.dsn, drop=True)
         security = ("CURVE, clients in " + str(self.authorized_keys) if self.curve
                     else "no authentication")
+        served = "; ".join(
+            f"{'pool' if route == DEFAULT_POOL else 'pool ' + route} of "
+            f"{options['pool_size']} on "
+            f"{'embedded' if dsn is None else mask_dsn(dsn, drop=True)}"
+            for route, dsn, options in self.pool_specs())
         return (f"{self.name}: requests on {self.bind}, events on {self.events_bind} "
-                f"({security}), pool of {self.pool_size} on {database}")
+                f"({security}), {served}")
 
     def pool_kwargs(self) -> dict[str, Any]:
-        """The options :func:`~dbpool.server.serve.serve` gives :meth:`dbpool.pool.Pool.start`:
-        the pool settings above and the ``[pool]`` table."""
+        """The options :func:`~dbpool.server.serve.serve` gives :meth:`dbpool.pool.Pool.start`
+        for the default pool: the pool settings above and the ``[pool]`` table."""
         return {**{key: getattr(self, key) for key in _POOL_SETTINGS}, **self.pool_options}
+
+    def pool_specs(self) -> list[tuple[str, str | None, dict[str, Any]]]:
+        """Each pool to serve: ``(name, dsn, Pool.start options)``.
+
+        The top level (``dsn``, the pool settings, ``[pool]``) is the pool
+        named ``default``, unless ``[pools.NAME]`` tables are given and the top
+        level sets no ``dsn``.  A ``[pools.NAME]`` pool starts from the top
+        level's options, overrides them with its table, and is named NAME.
+        """
+        specs: list[tuple[str, str | None, dict[str, Any]]] = []
+        if not self.pools or (self.dsn is not None and DEFAULT_POOL not in self.pools):
+            specs.append((DEFAULT_POOL, self.dsn, self.pool_kwargs()))
+        for route, table in self.pools.items():
+            options = {**self.pool_kwargs(), **table, "name": route}
+            dsn = options.pop("dsn", None)
+            specs.append((route, dsn, options))
+        return specs
+
+    def policy(self, client: str) -> ClientPolicy:
+        """What ``client`` may do: its ``[clients.NAME]`` table, else the defaults."""
+        return self.clients.get(client) or _DEFAULT_POLICY
 
     @property
     def curve(self) -> bool:
@@ -506,9 +545,11 @@ def load_config(
     layers: list[tuple[dict[str, Any], dict[str, str]]] = []
     path = _namespace_value(args, "config") or environ.get(ENV_PREFIX + "CONFIG") or None
     if path is not None:
-        settings, pool_options = _read_toml(str(path))
+        settings, pool_options, pools, clients = _read_toml(str(path))
         layers.append((settings, dict.fromkeys(settings, str(path))))
         values["pool_options"] = MappingProxyType(pool_options)
+        values["pools"] = MappingProxyType(pools)
+        values["clients"] = MappingProxyType(clients)
     env_raw = {s: (environ.get(s.env) or None, s.env) for s in _SETTINGS}
     flag_raw = {s: (_namespace_value(args, s.field), s.flag) for s in _SETTINGS}
     for raw_values in (env_raw, flag_raw):
@@ -531,6 +572,7 @@ def load_config(
         _check_backoff_bounds(layer, layer_origin, backoff_type)
     config = ServeConfig(**values)
     _check_security(config, origin)
+    _check_clients(config, str(path))
     logger.debug("configuration %r (from %s)", config,
                  ", ".join(f"{k}: {v}" for k, v in origin.items()) or "defaults only")
     return config
@@ -553,6 +595,17 @@ def _check_security(config: ServeConfig, origin: Mapping[str, str]) -> None:
             "--insecure to accept the risk")
 
 
+def _check_clients(config: ServeConfig, path: str) -> None:
+    """A client's ``pools`` name pools that are served."""
+    served = {route for route, _, _ in config.pool_specs()}
+    for name, policy in config.clients.items():
+        unknown = sorted((policy.pools or frozenset()) - served)
+        if unknown:
+            raise ConfigurationError(
+                f"{path}: [clients.{name}] pools: no pool named {', '.join(unknown)} "
+                f"(served: {', '.join(sorted(served))})")
+
+
 def _namespace_value(args: argparse.Namespace, name: str) -> Any:
     return getattr(args, name, None)
 
@@ -569,8 +622,10 @@ def _check_backoff_bounds(
                             f"{' and '.join(sources)}: ")
 
 
-def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The settings and the ``[pool]`` options of the TOML file at ``path``."""
+def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, Any],
+                                   dict[str, dict[str, Any]], dict[str, ClientPolicy]]:
+    """The settings, the ``[pool]`` options, the ``[pools.NAME]`` tables and the
+    ``[clients.NAME]`` policies of the TOML file at ``path``."""
     try:
         with open(path, "rb") as file:
             document = tomllib.load(file)
@@ -583,15 +638,24 @@ def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     settings: dict[str, Any] = {}
     pool_options: dict[str, Any] = {}
     moved: dict[str, Any] = {}
+    pools: dict[str, dict[str, Any]] = {}
+    clients: dict[str, ClientPolicy] = {}
     for key, value in document.items():
         if key == "pool":
             pool_options, moved = _pool_table(value, path)
+        elif key == "pools":
+            pools = _pools_tables(value, path)
+        elif key == "clients":
+            clients = _clients_tables(value, path)
         elif key in _BY_FIELD:
             # TOML has numbers: there, a number written as a string is an error.
             settings[key] = _BY_FIELD[key].parse(value, f"{path}: {key}", False)
         else:
-            known = ", ".join([*_BY_FIELD, "[pool]"])
+            known = ", ".join([*_BY_FIELD, "[pool]", "[pools.NAME]", "[clients.NAME]"])
             raise ConfigurationError(f"{path}: unknown key {key!r} (known: {known})")
+    if DEFAULT_POOL in pools and "dsn" in settings:
+        raise ConfigurationError(f"{path}: the default pool's dsn is set both at the top "
+                                 f"level and in [pools.{DEFAULT_POOL}]; set it in one place")
     for key, value in moved.items():
         if key in document:
             raise ConfigurationError(f"{path}: {key} is set both at the top level and in "
@@ -599,7 +663,65 @@ def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         logger.warning("%s: [pool] %s is deprecated: set it at the top level (%s = ...)",
                        path, key, key)
         settings[key] = _BY_FIELD[key].parse(value, f"{path}: [pool] {key}", False)
-    return settings, pool_options
+    return settings, pool_options, pools, clients
+
+
+def _tables(value: object, path: str, key: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict) or not all(isinstance(t, dict) for t in value.values()):
+        raise ConfigurationError(f"{path}: '{key}' must hold tables ([{key}.NAME])")
+    for name in value:
+        if not _NAME.fullmatch(name):
+            raise ConfigurationError(f"{path}: [{key}.{name}]: a name is letters, digits, "
+                                     "'_', '-' and '.'")
+    return value
+
+
+def _pools_tables(value: object, path: str) -> dict[str, dict[str, Any]]:
+    """The ``[pools.NAME]`` tables: a ``dsn`` and Pool.start options, checked."""
+    known = {f.name for f in fields(PoolOptions)} - {"name", "pool"}
+    pools: dict[str, dict[str, Any]] = {}
+    for name, table in _tables(value, path, "pools").items():
+        where = f"{path}: [pools.{name}]"
+        options: dict[str, Any] = {}
+        for key, item in table.items():
+            if key == "dsn":
+                options["dsn"] = _dsn(item, f"{where} dsn", False)
+            elif key in _BY_FIELD and key in _POOL_SETTINGS:
+                options[key] = _BY_FIELD[key].parse(item, f"{where} {key}", False)
+            elif key in known:
+                options[key] = tuple(item) if isinstance(item, list) else item
+            else:
+                raise ConfigurationError(f"{where}: unknown key {key!r} (known: dsn, "
+                                         f"{', '.join(sorted(known))})")
+        _check_pool_options({k: v for k, v in options.items() if k != "dsn"}, f"{where} ")
+        pools[name] = options
+    return pools
+
+
+def _clients_tables(value: object, path: str) -> dict[str, ClientPolicy]:
+    """The ``[clients.NAME]`` tables: pools, admin, max_inflight, max_leases."""
+    policies: dict[str, ClientPolicy] = {}
+    for name, table in _tables(value, path, "clients").items():
+        where = f"{path}: [clients.{name}]"
+        unknown = set(table) - {"pools", "admin", "max_inflight", "max_leases"}
+        if unknown:
+            raise ConfigurationError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: "
+                                     "pools, admin, max_inflight, max_leases)")
+        pools = table.get("pools")
+        if pools is not None and (not isinstance(pools, list)
+                                  or not all(isinstance(p, str) for p in pools)):
+            raise ConfigurationError(f"{where} pools: expected a list of pool names")
+        admin = table.get("admin", False)
+        if not isinstance(admin, bool):
+            raise _fail(f"{where} admin", "true or false", admin)
+        limits: list[int | None] = [
+            None if key not in table else
+            cast(int, _integer(minimum)(table[key], f"{where} {key}", False))
+            for key, minimum in (("max_inflight", 1), ("max_leases", 0))]
+        policies[name] = ClientPolicy(pools=None if pools is None else frozenset(pools),
+                                      admin=admin, max_inflight=limits[0],
+                                      max_leases=limits[1])
+    return policies
 
 
 def _pool_table(table: object, path: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -38,7 +38,7 @@ import secrets
 import select
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
@@ -48,12 +48,19 @@ from zmq.utils.monitor import recv_monitor_message
 
 from dbpool import wire
 from dbpool.driver import CopyDirection
-from dbpool.errors import ConfigurationError, ConnectionError, ProtocolError, StatementNotAllowed
+from dbpool.errors import (
+    ConfigurationError,
+    ConnectionError,
+    PermissionDenied,
+    ProtocolError,
+    StatementNotAllowed,
+)
 from dbpool.pgdriver import PgDriver
 from dbpool.pool.copy import not_a_copy
 from dbpool.protocol import VERSION, error_map, protocol_error
 from dbpool.statement_scope import copy_refused, explain, scope_of
 
+from .clients import ANONYMOUS, ANONYMOUS_POLICY, ClientState
 from .copy import Copy
 from .memory import Trimmer
 from .peers import Peers
@@ -67,6 +74,7 @@ from .pipeline import (
     Statement,
     first_error,
 )
+from .served_pool import DEFAULT_POOL, ServedPool
 
 if TYPE_CHECKING:
     from dbpool.pool import Connection, Pool
@@ -132,7 +140,7 @@ def _bad(message: str) -> RequestError:
 class Lease:
     """A connection held for one client session: a transaction, a stream or a copy."""
 
-    __slots__ = ("copy", "cursor", "dirty", "expires_at", "finished", "id", "kind",
+    __slots__ = ("client", "copy", "cursor", "dirty", "expires_at", "finished", "id", "kind",
                  "last_seen", "lease", "max_rows", "pipe", "session", "waiting")
 
     def __init__(self, kind: str, session: str, pipe: Pipe, now: float, lease_max: float,
@@ -155,6 +163,8 @@ class Lease:
         self.waiting: Job | None = None
         #: The COPY ended and its connection went on; its outcome may still be owed.
         self.finished = False
+        #: The client that holds it, for its max_leases.
+        self.client: ClientState | None = None
 
     def holder(self) -> Lease:
         """The lease that holds the connection: the transaction a stream runs in, or itself."""
@@ -169,16 +179,22 @@ class FrontEnd:
     stop has drained or the grace period ended.
     """
 
-    def __init__(self, pool: Pool, config: ServeConfig,
+    def __init__(self, pools: Pool | Mapping[str, Pool], config: ServeConfig,
                  context: zmq.Context[Any] | None = None,
                  authority: Authority | None = None) -> None:
-        self.pool = pool
-        #: The pool's queue, for a loop that never blocks (see dbpool.pool.lender).
-        self.lender = pool.lender()
-        if not isinstance(self.lender.driver, PgDriver):
-            raise ConfigurationError(
-                f"dbpool serve drives its connections through libpq's pipeline: it needs a "
-                f"pool of the psycopg driver (PgDriver), not {type(self.lender.driver).__name__}")
+        if not isinstance(pools, Mapping):
+            pools = {DEFAULT_POOL: pools}
+        #: The pools served, by the name requests use (see served_pool.py).
+        self.served: dict[str, ServedPool] = {}
+        for name, pool in pools.items():
+            served = self.served[name] = ServedPool(name, pool)
+            if not isinstance(served.lender.driver, PgDriver):
+                raise ConfigurationError(
+                    f"dbpool serve drives its connections through libpq's pipeline: pool "
+                    f"{name!r} needs the psycopg driver (PgDriver), not "
+                    f"{type(served.lender.driver).__name__}")
+        #: Where a request that names no pool goes (None: it must name one).
+        self.default = self.served.get(DEFAULT_POOL)
         self.config = config
         self.depth = config.pipeline_depth
         self.context = context or zmq.Context()
@@ -222,10 +238,9 @@ class FrontEnd:
         self._count_clients()  # asking ZMQ_EVENTS arms the (edge-triggered) descriptor
         self._pipes: dict[int, Pipe] = {}  # by socket
         self._dirty: set[Pipe] = set()  # pipes to flush before the loop sleeps
-        self._shared: list[Pipe] = []  # pipes serving any client
-        self._queued: deque[Job] = deque()  # jobs waiting for a connection
-        self._waiter: Any = None  # our place in the pool's queue
         self.leases: dict[str, Lease] = {}
+        #: What each client is doing now, by name (see clients.py).
+        self.client_states: dict[str, ClientState] = {}
         self._sessions: dict[str, set[str]] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._next_tick = 0.0
@@ -486,11 +501,17 @@ class FrontEnd:
                 f"protocol version {version!r} is not supported; this server speaks "
                 f"version {VERSION}"))
             return
-        if self.authority is not None and self.authority.name_of(
-                cast("str | None", origin.get("User-Id"))) is None:
+        name = ANONYMOUS if self.authority is None else self.authority.name_of(
+            cast("str | None", origin.get("User-Id")))
+        if name is None:
             self._reply_error(route, rid, {
                 "kind": "connection", "reason": "unauthorized",
                 "message": "this client's key is no longer authorized by the server"})
+            return
+        state = self._state_of(name)
+        if state.kicked is not None:
+            self._reply_error(route, rid, {"kind": "connection", "reason": "unauthorized",
+                                           "message": state.kicked})
             return
         op = req.get("op")
         handler = self._handlers.get(op) if type(op) is str else None
@@ -506,26 +527,79 @@ class FrontEnd:
                 "bad_request", f"'timeout' must be a number of seconds, more than 0 and at "
                                f"most {_MAX_TIMEOUT:g}"))
             return
+        pool_name = req.get("pool")
+        if pool_name is None:
+            served = self.default
+        elif type(pool_name) is str and pool_name in self.served:
+            served = self.served[pool_name]
+        else:
+            self._reply_error(route, rid, protocol_error(
+                "unknown_pool", f"no pool named {pool_name!r}; this server serves "
+                                f"{', '.join(sorted(self.served))}"))
+            return
+        policy = state.policy
+        holding = op in _HOLDING_OPS and req.get("lease") is None
+        refused = None
+        if policy.max_inflight is not None and state.inflight >= policy.max_inflight:
+            refused = f"{policy.max_inflight} requests in flight"
+        elif (holding and policy.max_leases is not None
+              and len(state.leases) + state.opening >= policy.max_leases):
+            refused = f"{policy.max_leases} transactions, streams and copies open"
+        if refused is not None:
+            self._reply_error(route, rid, {
+                "kind": "connection", "reason": "client_limit",
+                "message": f"client {state.name!r} already has {refused}, its limit"})
+            return
         now = time.monotonic()
         session = req.get("session")
         if type(session) is str and (op in _HOLDING_OPS or session in self._sessions):
             self._peers.note(session, origin.get(_SRCFD), now)
         job = Job(route, rid, str(op), req, now + timeout)
+        job.served = served
+        # Turns in a pool's queue: by client name, or by connection when all are anonymous.
+        job.client = route[0] if self.authority is None else state.name
+        job.state, job.holding = state, holding
+        state.inflight += 1
+        if holding:
+            state.opening += 1
         try:
             handler(job)
         except RequestError as error:
-            self._reply_error(route, rid, error.error)
+            self._answer_error(job, error.error)
         except Exception as error:  # a bug: answer it and keep serving everyone else
             logger.exception("front end: %s request %d failed", op, rid)
-            self._reply_error(route, rid, error_map(error))
+            self._answer_error(job, error_map(error))
+
+    def _state_of(self, name: str) -> ClientState:
+        state = self.client_states.get(name)
+        if state is None:
+            policy = ANONYMOUS_POLICY if self.authority is None else self.config.policy(name)
+            state = self.client_states[name] = ClientState(name, policy)
+        return state
+
+    def _answered(self, job: Job) -> None:
+        """``job``'s one reply is going out: it is in flight no more."""
+        state = job.state
+        if state is not None:
+            job.state = None
+            state.inflight -= 1
+            state.requests += 1
+            if job.holding:
+                state.opening -= 1
+
+    def _answer_error(self, job: Job, error: dict[str, Any]) -> None:
+        self._answered(job)
+        self._reply_error(job.route, job.rid, error)
 
     def _reply(self, job: Job, value: Any) -> bool:
         """Answer ``job`` with ``value``; False if it had to answer ``unsupported_type``."""
+        self._answered(job)
         try:
             body = self.packer.pack({"id": job.rid, "ok": value})
         except (TypeError, ValueError, OverflowError) as error:
             self.packer.reset()
-            self._reply_error(job.route, job.rid, protocol_error("unsupported_type", str(error)))
+            self._answer_error(job, protocol_error("unsupported_type",
+                                                                 str(error)))
             return False
         self._send_reply(job.route, body)
         return True
@@ -546,7 +620,7 @@ class FrontEnd:
     def _fail(self, job: Job, error: BaseException) -> None:
         if not isinstance(error, psycopg.Error | ConnectionError | ProtocolError):
             logger.error("front end: %s request failed", job.op, exc_info=error)
-        self._reply_error(job.route, job.rid, error_map(error))
+        self._answer_error(job, error_map(error))
 
     # -- operations ----------------------------------------------------------
 
@@ -559,16 +633,21 @@ class FrontEnd:
     def status(self) -> dict[str, Any]:
         """The status map of the protocol (see ``docs/protocol.md``)."""
         kinds = [lease.kind for lease in self.leases.values()]
+        pools = {name: served.status() for name, served in self.served.items()}
+        main = pools.get(DEFAULT_POOL) or next(iter(pools.values()))
         return {
             "version": VERSION,
             "server": {**self.counters, "clients": self.clients,
                        "open_leases": kinds.count("lease"), "open_streams": kinds.count("stream"),
                        "open_copies": kinds.count("copy"),
-                       "connections_held": len(self._pipes), "queued": len(self._queued),
+                       "connections_held": len(self._pipes),
+                       "queued": sum(len(served.queued) for served in self.served.values()),
                        "draining": self._draining},
-            "pool": self.pool.metrics(),
+            "pools": pools,
+            # The default pool (else the first), as before there were several.
+            "pool": main,
             "events": self.events_endpoint,
-            "health": self.pool.health if self.pool.alive else "stopped",
+            "health": main["health"],
         }
 
     def _op_query(self, job: Job) -> None:
@@ -655,7 +734,7 @@ class FrontEnd:
                 if result.status != _TUPLES_OK:  # it, or its Prepare, may have failed
                     failed = first_error(outcome)
                     if failed is not None:
-                        self._reply_error(job.route, job.rid,
+                        self._answer_error(job,
                                           error_map(pipe.error(outcome[failed])))
                         return
                 self._reply(job, _result_map(pipe, result))
@@ -672,7 +751,7 @@ class FrontEnd:
         if failed is not None:
             error = error_map(pipe.error(outcome[failed]))
             error["index"] = failed
-            self._reply_error(job.route, job.rid, error)
+            self._answer_error(job, error)
         else:
             self._reply(job, {"results": [_result_map(pipe, r) for r in outcome]})
 
@@ -689,7 +768,7 @@ class FrontEnd:
                 return
             lease = Lease("lease", session, pipe, time.monotonic(), self.config.lease_max)
             pipe.owner = lease
-            self._add_lease(lease)
+            self._add_lease(lease, job)
             self._reply(job, {"lease": lease.id,
                               "heartbeat_timeout": self.config.heartbeat_timeout,
                               "expires_in": self.config.lease_max})
@@ -760,7 +839,7 @@ class FrontEnd:
                 self._fail(job, outcome if isinstance(outcome, BaseException)
                            else pipe.error(outcome[failed or 0]))
                 return
-            self._add_lease(stream)
+            self._add_lease(stream, job)
             self._page(job, stream, pipe, outcome[-1])
 
         def start(pipe: Pipe) -> None:
@@ -900,8 +979,12 @@ class FrontEnd:
             return
         self._dirty.add(pipe)
 
-    def _add_lease(self, lease: Lease) -> None:
+    def _add_lease(self, lease: Lease, job: Job) -> None:
         self.leases[lease.id] = lease
+        state = job.state
+        if state is not None:
+            lease.client = state
+            state.leases.add(lease.id)
         self._sessions.setdefault(lease.session, set()).add(lease.id)
         self.counters[_COUNTERS[lease.kind]] += 1
         if not self._peers.alive(lease.session):  # the client died while it began
@@ -909,6 +992,8 @@ class FrontEnd:
 
     def _forget(self, lease: Lease, why: str) -> None:
         self.leases.pop(lease.id, None)
+        if lease.client is not None:
+            lease.client.leases.discard(lease.id)
         ids = self._sessions.get(lease.session)
         if ids is not None:
             ids.discard(lease.id)
@@ -984,7 +1069,7 @@ class FrontEnd:
             copying.copy, copying.waiting = copy, job
             if lease is None:
                 pipe.owner = copying
-            self._add_lease(copying)
+            self._add_lease(copying, job)
             copy.start()
             self._repoll(pipe)
 
@@ -1113,8 +1198,23 @@ class FrontEnd:
         job.start(pipe)
 
     def _queue(self, job: Job) -> None:
-        self._queued.append(job)
-        self._want_connection()
+        served = self._served(job)
+        served.queued.append(job)
+        self._want_connection(served)
+
+    def _served(self, job: Job) -> ServedPool:
+        """The pool a job runs on (a RequestError if it named none and there is no default)."""
+        served = job.served
+        if served is None:
+            raise RequestError(protocol_error(
+                "unknown_pool", f"name a pool ('pool'): this server serves "
+                                f"{', '.join(sorted(self.served))}, and no default"))
+        state = job.state
+        if state is not None and not state.policy.may_use(served.name):
+            raise RequestError(error_map(PermissionDenied(
+                f"client {state.name!r} may not use pool {served.name!r} (its pools: "
+                f"{', '.join(sorted(state.policy.pools or ()))})")))
+        return served
 
     def _pipe_for(self, job: Job) -> Pipe | None:
         """A connection for a job now: one of ours, the pool's, or None (queue it).
@@ -1122,15 +1222,16 @@ class FrontEnd:
         None while the pool holds checkouts (paused, or its circuit open): the
         job then waits in the pool's queue, or fails at once, like any caller.
         """
-        if self.lender.blocked:
+        served = self._served(job)
+        if served.lender.blocked:
             return None
-        shared = self._shared
+        shared = served.shared
         for pipe in shared:
             if not pipe.requests and not pipe.cancelling:
                 if job.needs_own:
                     shared.remove(pipe)
                 return pipe
-        borrowed = self._borrow()
+        borrowed = self._borrow(served)
         if borrowed is not None:
             if not job.needs_own:
                 shared.append(borrowed)
@@ -1140,14 +1241,15 @@ class FrontEnd:
         best = min(shared, key=_inflight)
         return best if best.inflight < self.depth and not best.cancelling else None
 
-    def _borrow(self) -> Pipe | None:
+    def _borrow(self, served: ServedPool) -> Pipe | None:
         """An idle connection from the pool, if one can be had without waiting."""
-        conn = self.lender.try_borrow()
-        return None if conn is None else self._adopt(conn)
+        conn = served.lender.try_borrow()
+        return None if conn is None else self._adopt(conn, served)
 
-    def _adopt(self, conn: Connection) -> Pipe:
+    def _adopt(self, conn: Connection, served: ServedPool) -> Pipe:
         """Drive a borrowed connection from the loop."""
         pipe = Pipe(conn, self._complete)
+        pipe.served = served
         self._pipes[pipe.fd] = pipe
         self._poller.register(pipe.fd, _POLLIN)
         return pipe
@@ -1156,38 +1258,39 @@ class FrontEnd:
         """After a request on ``pipe`` completed: give it more work, or give it back."""
         if pipe.owner is not None and pipe.broken is None:
             return
-        queued = self._queued
-        blocked = self.lender.blocked  # paused or open: held connections serve no one new
+        served = pipe.served
+        queued, shared = served.queued, served.shared
+        blocked = served.lender.blocked  # paused or open: held connections serve no one new
         if pipe.broken is None and pipe.retiring is None:
             while queued and pipe.inflight < self.depth and not pipe.cancelling and not blocked:
-                job = queued[0]
+                job = queued.peek()
                 if job.needs_own and pipe.inflight:
                     break
                 queued.popleft()
-                if pipe not in self._shared and not job.needs_own:
-                    self._shared.append(pipe)
-                elif job.needs_own and pipe in self._shared:
-                    self._shared.remove(pipe)
+                if pipe not in shared and not job.needs_own:
+                    shared.append(pipe)
+                elif job.needs_own and pipe in shared:
+                    shared.remove(pipe)
                 assert job.start is not None
                 job.start(pipe)
                 if job.needs_own:
                     return
             if pipe.inflight:
-                if pipe.owner is None and pipe not in self._shared:
-                    self._shared.append(pipe)
+                if pipe.owner is None and pipe not in shared:
+                    shared.append(pipe)
                 return
-            if not (self.lender.has_waiters or self._draining or blocked):
+            if not (served.lender.has_waiters or self._draining or blocked):
                 # Idle now, but the next request is likely close behind: keep it
                 # for _LINGER (see _release_idle), unless others wait for it.
                 pipe.idle_since = time.monotonic()
-                if pipe not in self._shared:
-                    self._shared.append(pipe)
+                if pipe not in shared:
+                    shared.append(pipe)
                 return
         elif pipe.inflight:
             return
         self._release(pipe)
         if queued:
-            self._want_connection()
+            self._want_connection(served)
 
     def _release_idle(self, now: float) -> float:
         """Give back connections idle for ``_LINGER``; return when to look again.
@@ -1199,20 +1302,22 @@ class FrontEnd:
         ``_LINGER`` later.
         """
         wake_at = _INF
-        lender = self.lender
-        expired = now if lender.has_waiters or lender.blocked or self._draining \
-            else now - _LINGER
-        for pipe in [pipe for pipe in self._shared if not pipe.requests]:
-            if pipe.idle_since <= expired:
-                self._release(pipe)
-            else:
-                wake_at = min(wake_at, pipe.idle_since + _LINGER)
+        for served in self.served.values():
+            lender = served.lender
+            expired = now if lender.has_waiters or lender.blocked or self._draining \
+                else now - _LINGER
+            for pipe in [pipe for pipe in served.shared if not pipe.requests]:
+                if pipe.idle_since <= expired:
+                    self._release(pipe)
+                else:
+                    wake_at = min(wake_at, pipe.idle_since + _LINGER)
         return wake_at
 
     def _release(self, pipe: Pipe) -> None:
         self._dirty.discard(pipe)
-        if pipe in self._shared:
-            self._shared.remove(pipe)
+        served = pipe.served
+        if pipe in served.shared:
+            served.shared.remove(pipe)
         if self._pipes.pop(pipe.fd, None) is not None:
             try:
                 self._poller.unregister(pipe.fd)
@@ -1223,39 +1328,41 @@ class FrontEnd:
             if isinstance(lease, Lease):
                 self._forget(lease, f"connection lost: {pipe.broken}")
             pipe.owner = None
-        self.lender.give_back(pipe.release())
+        served.lender.give_back(pipe.release())
 
     def _watch(self, pipe: Pipe) -> None:
         """``pipe`` has statements to send (or was read): flush it before sleeping."""
         self._dirty.add(pipe)
 
-    def _want_connection(self) -> None:
+    def _want_connection(self, served: ServedPool) -> None:
         """Wait in the pool's queue for the head of ours (one waiter at a time)."""
-        if self._waiter is not None or not self._queued:
+        if served.waiter is not None or not served.queued:
             return
+
+        def on_offer(offer: Offer | None, error: BaseException | None) -> None:
+            # Any thread, under the pool queue's lock: hand over to the loop.
+            self.post(lambda: self._offer_arrived(served, offer, error))
+
         try:
-            self._waiter = self.lender.wait(self._on_offer)
+            served.waiter = served.lender.wait(on_offer)
         except ConnectionError as error:
-            self._fail_queued(error, all_of_them=error.reason != "queue_full")
+            self._fail_queued(served, error, all_of_them=error.reason != "queue_full")
 
-    def _on_offer(self, offer: Offer | None, error: BaseException | None) -> None:
-        # Any thread, under the pool queue's lock: hand over to the loop.
-        self.post(lambda: self._offer_arrived(offer, error))
-
-    def _offer_arrived(self, offer: Offer | None, error: BaseException | None) -> None:
-        self._waiter = None
+    def _offer_arrived(self, served: ServedPool, offer: Offer | None,
+                       error: BaseException | None) -> None:
+        served.waiter = None
         if error is not None:
-            self._fail_queued(error, all_of_them=not isinstance(error, ConnectionError)
+            self._fail_queued(served, error, all_of_them=not isinstance(error, ConnectionError)
                               or error.reason != "queue_timeout")
-            self._want_connection()
+            self._want_connection(served)
             return
-        conn = self.lender.take(offer) if offer is not None else None
+        conn = served.lender.take(offer) if offer is not None else None
         if conn is not None:
-            self._settle(self._adopt(conn))
-        self._want_connection()
+            self._settle(self._adopt(conn, served))
+        self._want_connection(served)
 
-    def _fail_queued(self, error: BaseException, all_of_them: bool) -> None:
-        queued = self._queued
+    def _fail_queued(self, served: ServedPool, error: BaseException, all_of_them: bool) -> None:
+        queued = served.queued
         while queued:
             self._fail(queued.popleft(), error)
             if not all_of_them:
@@ -1263,7 +1370,7 @@ class FrontEnd:
 
     def _cancel(self, pipe: Pipe) -> None:
         """Cancel the statement running on ``pipe`` (sent by the pool's cancel threads)."""
-        self.lender.cancel(pipe.conn)
+        pipe.served.lender.cancel(pipe.conn)
 
     # -- time ----------------------------------------------------------------
 
@@ -1271,17 +1378,19 @@ class FrontEnd:
         """Deadlines of queued and running requests, silent sessions, old leases."""
         self._next_tick = now + _TICK
         self._trimmer.tick(now, self._departures)
-        queued = self._queued
-        if queued:
+        for served in self.served.values():
+            queued = served.queued
+            if not queued:
+                continue
             for job in [job for job in queued if job.deadline <= now]:
                 queued.remove(job)
-                self._reply_error(job.route, job.rid, {
+                self._answer_error(job, {
                     "kind": "connection", "reason": "queue_timeout",
-                    "message": f"{self.lender.name}: connection not available within the "
+                    "message": f"{served.lender.name}: connection not available within the "
                                "request's timeout"})
-            if (not queued and self._waiter is not None
-                    and self.lender.cancel_wait(self._waiter)):
-                self._waiter = None
+            if (not queued and served.waiter is not None
+                    and served.lender.cancel_wait(served.waiter)):
+                served.waiter = None
         stuck = now - _STUCK_AFTER
         for pipe in list(self._pipes.values()):
             requests = pipe.requests
@@ -1315,7 +1424,7 @@ class FrontEnd:
         waits on it and drop it (its socket shut, so nothing more is waited for)."""
         logger.warning("front end: a connection gave no answer %gs past a request's "
                        "deadline; dropping it", _STUCK_AFTER)
-        self.lender.interrupt(pipe.conn)
+        pipe.served.lender.interrupt(pipe.conn)
         pipe.lose(ConnectionError(
             f"no answer from PostgreSQL within the request's timeout (and {_STUCK_AFTER:g}s "
             "more); its connection was dropped", reason="deadline"))
@@ -1349,12 +1458,14 @@ class FrontEnd:
         self._draining = True
         self._drain_until = time.monotonic() + self.config.grace
         self._next_tick = 0.0
-        self._publish("pool", {"event": "stopping", "pool": self.lender.name,
-                               "time": time.time(), "state": "stopping", "reason": None})
+        for served in self.served.values():
+            self._publish("pool", {"event": "stopping", "pool": served.lender.name,
+                                   "time": time.time(), "state": "stopping", "reason": None})
 
     def _drained(self, now: float) -> bool:
         busy = any(pipe.inflight for pipe in self._pipes.values())
-        if not busy and not self.leases and not self._queued:
+        queued = any(served.queued for served in self.served.values())
+        if not busy and not self.leases and not queued:
             return not self._pipes
         if now < self._drain_until:
             return False
@@ -1365,15 +1476,17 @@ class FrontEnd:
         for lease in list(self.leases.values()):
             if lease.id in self.leases:
                 self._expire(lease, "the server is shutting down")
-        self._fail_queued(ConnectionError("the server is shutting down", reason="stopped"),
-                          all_of_them=True)
+        for served in self.served.values():
+            self._fail_queued(served, ConnectionError("the server is shutting down",
+                                                      reason="stopped"), all_of_them=True)
         return False
 
     def _close(self) -> None:
         for pipe in list(self._pipes.values()):
             self._release(pipe)
-        if self._waiter is not None:
-            self.lender.cancel_wait(self._waiter)
+        for served in self.served.values():
+            if served.waiter is not None:
+                served.lender.cancel_wait(served.waiter)
         self.router.disable_monitor()
         self._monitor.close(linger=0)
         self.router.close(linger=0)

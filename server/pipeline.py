@@ -28,8 +28,8 @@ from __future__ import annotations
 import logging
 import select
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias
+from collections.abc import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import psycopg
 from psycopg import pq
@@ -43,6 +43,10 @@ from dbpool.statement_scope import copy_refused
 
 from .copy import Copy
 from .psycopg_internals import Converter, pipeline_sync_sender
+
+if TYPE_CHECKING:
+    from .clients import ClientState
+    from .served_pool import ServedPool
 
 __all__ = ["AT_ONCE", "NEVER", "PREPARE_THRESHOLD", "Job", "Outcome", "Pipe", "Statement",
            "first_error"]
@@ -102,8 +106,8 @@ class Job:
     answers with the one statement's result.
     """
 
-    __slots__ = ("deadline", "finish", "needs_own", "op", "prepares", "req",
-                 "results", "rid", "route", "shared", "start")
+    __slots__ = ("client", "deadline", "finish", "holding", "needs_own", "op", "prepares",
+                 "req", "results", "rid", "route", "served", "shared", "start", "state")
 
     def __init__(self, route: list[bytes], rid: int, op: str, req: dict[str, Any],
                  deadline: float) -> None:
@@ -113,6 +117,14 @@ class Job:
         self.req = req
         self.deadline = deadline
         self.finish: Callable[[Job, Outcome, Pipe], None] | None = None
+        #: The pool it runs on, if it needs a connection of its own (ServedPool).
+        self.served: ServedPool | None = None
+        #: Who sent it: its turn in a pool's queue is its client's (see FairQueue).
+        self.client: Hashable = None
+        #: Its client's counts (ClientState), until it is answered.
+        self.state: ClientState | None = None
+        #: Whether it opens a lease, stream or copy (it counts toward max_leases).
+        self.holding = False
         #: What to run once the job has a connection (a queued job).
         self.start: Callable[[Pipe], None] | None = None
         #: Whether it needs a connection of its own (begin, stream).
@@ -132,6 +144,8 @@ class Pipe:
     def __init__(self, conn: Connection,
                  complete: Callable[[Pipe, Job, Outcome], None]) -> None:
         self.conn = conn
+        #: The pool it came from (the front end sets it when it adopts the connection).
+        self.served: ServedPool
         #: Called with each job when its results are in (or the connection is lost).
         self.complete = complete
         state = conn.driver_state

@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dbpool import telemetry
@@ -59,15 +59,18 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
 
     def on_telemetry(name: str, measurements: Mapping[str, float],
                      metadata: Mapping[str, Any]) -> None:
-        if box and name == "health" and metadata.get("pool") == config.name:
+        pool = metadata.get("pool")
+        if not box or pool not in names:
+            return
+        if name == "health":
             box[0].publish("pool", {
-                "event": "health", "pool": config.name, "time": time.time(),
+                "event": "health", "pool": pool, "time": time.time(),
                 "state": metadata.get("state"), "previous": metadata.get("previous"),
                 "reason": metadata.get("reason")})
-        elif box and metadata.get("pool") == config.name:
+        else:
             error = metadata.get("error")
             box[0].publish("telemetry", {
-                "event": name, "pool": config.name, "time": time.time(),
+                "event": name, "pool": pool, "time": time.time(),
                 "message": str(error) if error is not None else None,
                 "reason": getattr(error, "reason", None), "index": metadata.get("index")})
 
@@ -78,29 +81,34 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
     if exposed and authority is None:
         logger.warning("serving %s with no authentication (insecure): anyone who reaches it "
                        "runs any SQL as the pool's user", ", ".join(exposed))
-    options = config.pool_kwargs()
-    options["connection_listeners"] = [*options.get("connection_listeners", ()), on_connection]
     logger.info("starting %s", config.describe())
-    pool = Pool.start(config.dsn, **options)
-    handler_id = f"dbpool-serve-{id(pool)}"
+    pools: dict[str, Pool] = {}
+    #: The pools' own names (in their events and telemetry).
+    names: set[str] = set()
+    handler_id = f"dbpool-serve-{id(pools)}"
     telemetry.attach(handler_id, ["connection_error", "health"], on_telemetry)
     try:
-        front = FrontEnd(pool, config, authority=authority)
+        for route, dsn, options in config.pool_specs():
+            options["connection_listeners"] = [*options.get("connection_listeners", ()),
+                                               on_connection]
+            pool = pools[route] = Pool.start(dsn, **options)
+            names.add(pool.name)
+        front = FrontEnd(pools, config, authority=authority)
     except Exception:
         telemetry.detach(handler_id)
         if authority is not None:
             authority.stop()
-        pool.stop()
+        for pool in pools.values():
+            pool.stop()
         raise
     box.append(front)
     previous = {sig: signal.signal(sig, lambda *_: front.stop())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: front.reload_keys())
-    pool.add_monitor(lambda error: front.publish("pool", {
-        "event": "stopped", "pool": config.name, "time": time.time(), "state": "stopped",
-        "reason": None if error is None else str(error)}))
-    front.publish("pool", {"event": "started", "pool": config.name, "time": time.time(),
-                           "state": "closed", "reason": None})
+    for pool in pools.values():
+        pool.add_monitor(_on_stopped(front, pool.name))
+        front.publish("pool", {"event": "started", "pool": pool.name, "time": time.time(),
+                               "state": "closed", "reason": None})
     print(f"dbpool serve: ready on {front.endpoint} (events on {front.events_endpoint})",
           flush=True)
     logger.info("serving on %s, events on %s", front.endpoint, front.events_endpoint)
@@ -112,9 +120,19 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
         for sig, old in previous.items():
             signal.signal(sig, old)
         telemetry.detach(handler_id)
-        pool.stop()
+        for pool in pools.values():
+            pool.stop()
     logger.info("stopped")
     return 0
+
+
+def _on_stopped(front: FrontEnd, name: str) -> Callable[[BaseException | None], None]:
+    def stopped(error: BaseException | None) -> None:
+        front.publish("pool", {"event": "stopped", "pool": name, "time": time.time(),
+                               "state": "stopped",
+                               "reason": None if error is None else str(error)})
+
+    return stopped
 
 
 def _plain(tag: Any) -> Any:

@@ -80,8 +80,13 @@ class AsyncRequests:
     _closed: bool
 
     def _identify(self, endpoint: str | Sequence[str], timeout: float, events: str | None,
-                  server_key: str | None, client_key: str | None) -> None:
-        """Set what every client starts with: endpoints, timeout, session, events, keys."""
+                  server_key: str | None, client_key: str | None, pool: str | None) -> None:
+        """Set what every client starts with: endpoints, timeout, session, events, keys,
+        the pool its requests name."""
+        if pool is not None and (not isinstance(pool, str) or not pool):
+            raise ValueError(f"pool must be a pool's name, not {pool!r}")
+        #: The server's pool this client's requests go to (None: the server's default).
+        self.pool = pool
         self.endpoints = normalize_endpoints(endpoint)
         self.timeout = check_timeout(timeout)
         self.session = new_session()

@@ -65,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     query = commands.add_parser("query", help="run one statement on a dbpool server")
     query.add_argument("sql")
     query.add_argument("params", nargs="*", help="parameters for %%s placeholders, as text")
+    query.add_argument("--pool", default=os.environ.get("DBPOOL_POOL"),
+                       help="the server's pool to run it on (default: $DBPOOL_POOL, else the "
+                            "server's default pool)")
     _add_client_arguments(query)
     status = commands.add_parser("status", help="print a dbpool server's status and metrics")
     _add_client_arguments(status)
@@ -84,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .client.commands import query_command
 
         return query_command(args.endpoint, args.sql, args.params or None, args.timeout,
-                             sys.stdout, args.server_key, args.client_key)
+                             sys.stdout, args.server_key, args.client_key, args.pool)
     if args.command == "status":
         from .client.commands import status_command
 

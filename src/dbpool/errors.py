@@ -12,6 +12,8 @@ The hierarchy is small on purpose::
      ├── ProtocolError        a request broke the wire protocol: code says how
      ├── StatementNotAllowed  a statement the service will not run where it was
      │                        sent: scope says why (also a psycopg.ProgrammingError)
+     ├── PermissionDenied     the service does not let this client do that (a pool it
+     │                        may not use, an admin operation; also a PermissionError)
      └── ConfigurationError   an option is invalid (also a ValueError)
 
 SQL errors are not wrapped: a statement that fails raises the
@@ -41,6 +43,7 @@ __all__ = [
     "ConnectionError",
     "DBPoolError",
     "OwnershipError",
+    "PermissionDenied",
     "PoolStoppedError",
     "ProtocolError",
     "Reason",
@@ -65,10 +68,13 @@ __all__ = [
 #:   ``lease_max``, server shutdown) before this request.
 #: - ``timeout``: the remote client got no reply within its timeout.
 #: - ``unauthorized``: the server refused the client's CURVE key (or the
-#:   handshake failed: no keys, or not the server's public key).
+#:   handshake failed: no keys, or not the server's public key), or an admin
+#:   kicked the client.
+#: - ``client_limit``: the request would take the client past its
+#:   ``max_inflight`` or ``max_leases`` on the server.
 Reason = Literal[
     "error", "queue_timeout", "queue_disabled", "queue_full", "deadline", "stopped",
-    "unavailable", "lease_expired", "timeout", "unauthorized",
+    "unavailable", "lease_expired", "timeout", "unauthorized", "client_limit",
 ]
 
 #: A connection's transaction status, as DBConnection names it.
@@ -184,6 +190,12 @@ class StatementNotAllowed(DBPoolError, psycopg.ProgrammingError):
 
 def _rebuild_statement_not_allowed(message: str, scope: str) -> StatementNotAllowed:
     return StatementNotAllowed(message, scope=scope)
+
+
+class PermissionDenied(DBPoolError, builtins.PermissionError):
+    """``dbpool serve`` does not let this client do that: use a pool its
+    ``[clients.NAME]`` table does not list, or run an admin operation without
+    ``admin = true``.  Also the builtin ``PermissionError``."""
 
 
 class ConfigurationError(DBPoolError, ValueError):

@@ -24,6 +24,7 @@ from psycopg.pq import DiagnosticField
 from .errors import (
     ConnectionError,
     DBPoolError,
+    PermissionDenied,
     PoolStoppedError,
     ProtocolError,
     Reason,
@@ -75,6 +76,8 @@ def error_map(error: BaseException) -> dict[str, Any]:
     """
     if isinstance(error, StatementNotAllowed):
         return {"kind": "statement", "scope": error.scope, "message": str(error)}
+    if isinstance(error, PermissionDenied):
+        return {"kind": "permission", "message": str(error)}
     if isinstance(error, psycopg.Error) and (
         error.sqlstate or not isinstance(error, psycopg.OperationalError | psycopg.InterfaceError)
     ):  # from the server, or psycopg refused it (ProgrammingError, DataError...)
@@ -111,6 +114,8 @@ def error_from_map(error: Mapping[str, Any]) -> Exception:
         return ProtocolError(message, code=str(error.get("code", "internal")))
     if kind == "statement":
         return StatementNotAllowed(message, scope=str(error.get("scope", "statement")))
+    if kind == "permission":
+        return PermissionDenied(message)
     return DBPoolError(message)
 
 

@@ -89,7 +89,7 @@ SECURITY = {"curve_secret_key", "authorized_keys", "insecure"}
 
 def test_every_field_has_a_row_here() -> None:
     assert set(VALUES) == {f.name for f in dataclasses.fields(ServeConfig)} - {
-        "pool_options", *SECURITY}
+        "pool_options", "pools", "clients", *SECURITY}
 
 
 @pytest.mark.parametrize("field", sorted(VALUES))
