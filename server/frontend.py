@@ -1223,23 +1223,28 @@ class FrontEnd:
         job then waits in the pool's queue, or fails at once, like any caller.
         """
         served = self._served(job)
+        client = job.client
+        served.seen.add(client)
         if served.lender.blocked:
             return None
         shared = served.shared
+        each = served.pipes_each()
+        held = _pipes_of(shared, client) if served.active > 1 else 0
         for pipe in shared:
-            if not pipe.requests and not pipe.cancelling:
+            if not pipe.requests and not pipe.cancelling and held < each:
                 if job.needs_own:
                     shared.remove(pipe)
                 return pipe
-        borrowed = self._borrow(served)
+        borrowed = self._borrow(served) if held < each else None
         if borrowed is not None:
             if not job.needs_own:
                 shared.append(borrowed)
             return borrowed
         if job.needs_own or not shared:
             return None
-        best = min(shared, key=_inflight)
-        return best if best.inflight < self.depth and not best.cancelling else None
+        room = [pipe for pipe in shared if pipe.inflight < self.depth and not pipe.cancelling
+                and (held < each or (held == each and _count_of(pipe, client)))]
+        return min(room, key=_inflight) if room else None
 
     def _borrow(self, served: ServedPool) -> Pipe | None:
         """An idle connection from the pool, if one can be had without waiting."""
@@ -1262,11 +1267,21 @@ class FrontEnd:
         queued, shared = served.queued, served.shared
         blocked = served.lender.blocked  # paused or open: held connections serve no one new
         if pipe.broken is None and pipe.retiring is None:
-            while queued and pipe.inflight < self.depth and not pipe.cancelling and not blocked:
-                job = queued.peek()
+            each, contended = served.pipes_each(), served.active > 1
+
+            def may_take(job: Job) -> bool:  # a job that needs its own: an empty pipe
                 if job.needs_own and pipe.inflight:
+                    return False
+                if not contended:
+                    return True
+                held = _pipes_of(shared, job.client)  # over its share: none until it drains
+                return held < each or (held == each and _count_of(pipe, job.client) > 0)
+
+            while queued and pipe.inflight < self.depth and not pipe.cancelling and not blocked:
+                taken = queued.popleft_where(may_take)
+                if taken is None:
                     break
-                queued.popleft()
+                job = taken
                 if pipe not in shared and not job.needs_own:
                     shared.append(pipe)
                 elif job.needs_own and pipe in shared:
@@ -1304,8 +1319,12 @@ class FrontEnd:
         wake_at = _INF
         for served in self.served.values():
             lender = served.lender
-            expired = now if lender.has_waiters or lender.blocked or self._draining \
-                else now - _LINGER
+            if lender.has_waiters or lender.blocked or self._draining:
+                expired = now
+            elif served.queued:  # kept for turns: it would only come back to our queue
+                continue
+            else:
+                expired = now - _LINGER
             for pipe in [pipe for pipe in served.shared if not pipe.requests]:
                 if pipe.idle_since <= expired:
                     self._release(pipe)
@@ -1379,9 +1398,13 @@ class FrontEnd:
         self._next_tick = now + _TICK
         self._trimmer.tick(now, self._departures)
         for served in self.served.values():
+            served.tick()
             queued = served.queued
             if not queued:
                 continue
+            # A connection left idle by the turns of clients gone quiet serves again.
+            for pipe in [pipe for pipe in served.shared if not pipe.requests]:
+                self._settle(pipe)
             for job in [job for job in queued if job.deadline <= now]:
                 queued.remove(job)
                 self._answer_error(job, {
@@ -1511,6 +1534,16 @@ class FrontEnd:
             self.pub.send_multipart([topic.encode(), body], zmq.NOBLOCK)
         except zmq.ZMQError:
             logger.debug("front end: event dropped", exc_info=True)
+
+
+def _pipes_of(pipes: list[Pipe], client: Any) -> int:
+    """How many of ``pipes`` have requests of ``client`` in flight."""
+    return sum(1 for pipe in pipes if _count_of(pipe, client))
+
+
+def _count_of(pipe: Pipe, client: Any) -> int:
+    """How many of ``client``'s requests ``pipe`` has in flight."""
+    return sum(1 for job in pipe.requests if job.client == client)
 
 
 def _inflight(pipe: Pipe) -> int:

@@ -9,15 +9,18 @@ pool's own queue.  So one pool's pause, drain or dead database never holds
 up another's requests.
 
 The requests waiting for a connection are served **in turn by client**
-(:class:`FairQueue`), not first come first served: a client with 200
-requests queued makes a client with one wait behind one of them, not all
-200.  PgBouncer serves waiting clients strictly in arrival order.
+(:class:`FairQueue`), not first come first served, and while several
+clients are active each client's requests spread over only its share of
+the connections (:meth:`ServedPool.pipes_each`): a client with 200
+requests queued does not make a client with one wait behind them, and the
+clients get the connections in proportion.  PgBouncer serves waiting
+clients strictly in arrival order.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -70,6 +73,21 @@ class FairQueue:
             return job
         raise IndexError("no job waits")
 
+    def popleft_where(self, may_take: Callable[[Job], bool]) -> Job | None:
+        """Take the first job, in turn order, that ``may_take`` accepts (each client's
+        oldest is asked; None if it refuses them all)."""
+        for client, jobs in self._by_client.items():
+            job = jobs[0]
+            if may_take(job):
+                jobs.popleft()
+                if jobs:
+                    self._by_client.move_to_end(client)
+                else:
+                    del self._by_client[client]
+                self._count -= 1
+                return job
+        return None
+
     def remove(self, job: Job) -> None:
         jobs = self._by_client[job.client]
         jobs.remove(job)
@@ -103,6 +121,31 @@ class ServedPool:
         self.queued = FairQueue()
         #: Our place in the pool's queue, while we wait there (one waiter at a time).
         self.waiter: Any = None
+        #: The clients whose requests came for a connection in this tick and the last.
+        self.seen: set[Hashable] = set()
+        self._seen_before: set[Hashable] = set()
+        #: How many clients were active lately (see pipes_each).
+        self.active = 1
+
+    def tick(self) -> None:
+        """Count the clients active lately (the front end calls it every tick)."""
+        self.active = max(1, len(self.seen | self._seen_before))
+        self._seen_before, self.seen = self.seen, set()
+
+    def pipes_each(self) -> int:
+        """How many connections one client's requests may spread over, while other
+        clients are active: its share of the pool's connections (at least one).
+
+        Alone, a client may use every connection.  With others active, its
+        requests go only to the connections it already uses (pipelined behind
+        its own, never ahead of another client's) until it has its share, so
+        a client that keeps hundreds of requests queued leaves the other
+        connections to the clients that send one at a time.  Many clients
+        with one request each still share every connection's pipeline.
+        """
+        if self.active <= 1:
+            return 1 << 30
+        return max(1, self.pool.options.pool_size // self.active)
 
     def status(self) -> dict[str, Any]:
         """The pool's metrics and health, for the status map."""

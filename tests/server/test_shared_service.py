@@ -1,0 +1,233 @@
+"""One ``dbpool serve`` shared by several applications: several pools, named clients,
+their limits and permissions, and fair turns on a saturated pool.
+
+Real server processes with CURVE keys (:class:`tests.server.test_curve.Keys`) and
+the real PostgreSQL.  What is checked (issue 17):
+
+- requests go to the pool they name (``Client(pool=...)``), each pool with
+  its own metrics; an unknown pool is a ``protocol``/``unknown_pool`` error;
+- a client limited to pool ``a`` gets :class:`~dbpool.errors.PermissionDenied`
+  on pool ``b`` and on the default pool, and ``a`` keeps serving it;
+- ``max_inflight`` and ``max_leases`` hold exactly: the request over the
+  limit gets ``client_limit``, the ones within it succeed, and another
+  client sees nothing of it;
+- fairness: on a saturated pool of 2, a client that keeps 200 requests
+  queued does not make a client sending one request at a time wait behind
+  them all: the polite client's p99 stays within 5 x its latency on the idle
+  pool, and it completes at least 30% of the requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import statistics
+import time
+from collections.abc import Iterator
+from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.synchronize import Event
+from pathlib import Path
+
+import pytest
+import zmq
+
+from dbpool.client import AsyncClient
+from dbpool.errors import ConnectionError, PermissionDenied, ProtocolError
+from tests.server.test_curve import Keys
+from tests.support.remote import ServerProcess
+
+pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
+
+CLIENTS = ("app", "limited", "flood", "polite", "ops")
+
+
+def config_file(tmp_path: Path, pg_dsn: str) -> Path:
+    path = tmp_path / "dbpool.toml"
+    path.write_text(f"""
+[pools.a]
+dsn = "{pg_dsn}"
+pool_size = 2
+
+[pools.b]
+dsn = "{pg_dsn}"
+pool_size = 2
+
+[pools.fair]
+dsn = "{pg_dsn}"
+pool_size = 2
+
+[clients.app]
+pools = ["a"]
+
+[clients.limited]
+max_inflight = 2
+max_leases = 1
+
+[clients.ops]
+admin = true
+""")
+    return path
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return Keys(tmp_path, CLIENTS)
+
+
+@pytest.fixture
+def server(pg_dsn: str, keys: Keys, tmp_path: Path) -> Iterator[ServerProcess]:
+    path = config_file(tmp_path, pg_dsn)
+    with ServerProcess(pg_dsn, *keys.server_args(), "--config", str(path),
+                       pool_size=2) as process:
+        yield process
+
+
+def test_requests_go_to_the_pool_they_name(server: ServerProcess, keys: Keys) -> None:
+    with keys.client(server, "ops", timeout=10) as default, \
+            keys.client(server, "ops", timeout=10, pool="b") as on_b:
+        before = default.status()["pools"]
+        assert set(before) == {"default", "a", "b", "fair"}
+        for _ in range(5):
+            on_b.query("SELECT 1")
+        default.query("SELECT 1")
+        after = default.status()["pools"]
+        assert after["b"]["checkouts"] - before["b"]["checkouts"] >= 1
+        assert after["a"]["checkouts"] == before["a"]["checkouts"]
+        assert after["b"]["name"] == "b" and after["default"]["name"] == "dbpool"
+        with keys.client(server, "ops", timeout=10, pool="nope") as lost, \
+                pytest.raises(ProtocolError) as caught:
+            lost.query("SELECT 1")
+        assert caught.value.code == "unknown_pool" and "a, b, default, fair" in str(caught.value)
+
+
+def test_a_client_limited_to_one_pool_is_refused_the_others(
+    server: ServerProcess, keys: Keys
+) -> None:
+    with keys.client(server, "app", timeout=10, pool="a") as on_a, \
+            keys.client(server, "app", timeout=10, pool="b") as on_b, \
+            keys.client(server, "app", timeout=10) as on_default:
+        assert on_a.query("SELECT 1").rows == [(1,)]
+        for client in (on_b, on_default):
+            with pytest.raises(PermissionDenied, match="may not use pool"):
+                client.query("SELECT 1")
+            with pytest.raises(PermissionDenied):
+                client.transaction()
+        assert isinstance(PermissionDenied("x"), PermissionError)
+        with on_a.transaction() as tx:
+            assert tx.query("SELECT 2").rows == [(2,)]
+        assert on_b.ping() is None or True  # ping needs no pool
+
+
+def test_max_inflight_holds_exactly(server: ServerProcess, keys: Keys) -> None:
+    async def main() -> tuple[list[object], float]:
+        async with AsyncClient(server.endpoint, timeout=10,
+                               server_key=str(keys.server_public),
+                               client_key=str(keys.secrets["limited"]), pool="a") as limited, \
+                AsyncClient(server.endpoint, timeout=10, server_key=str(keys.server_public),
+                            client_key=str(keys.secrets["ops"]), pool="b") as other:
+            slow = [asyncio.ensure_future(limited.query("SELECT pg_sleep(0.5), 1"))
+                    for _ in range(2)]
+            await asyncio.sleep(0.1)  # both are in flight on the server
+            over = await asyncio.gather(limited.query("SELECT 1"), return_exceptions=True)
+            started = time.monotonic()
+            assert (await other.query("SELECT 1")).rows == [(1,)]  # untouched
+            others_latency = time.monotonic() - started
+            results = [*(await asyncio.gather(*slow, return_exceptions=True)), *over]
+            again = await limited.query("SELECT 3")  # the limit frees as they end
+            assert again.rows == [(3,)]
+            return results, others_latency
+
+    results, others_latency = asyncio.run(main())
+    assert [getattr(r, "rows", None) for r in results[:2]] == [[("", 1)], [("", 1)]]
+    refused = results[2]
+    assert isinstance(refused, ConnectionError) and refused.reason == "client_limit"
+    assert "2 requests in flight" in str(refused)
+    assert others_latency < 0.4  # not behind the limited client's sleeps
+
+
+def test_max_leases_holds_exactly(server: ServerProcess, keys: Keys) -> None:
+    with keys.client(server, "limited", timeout=10, pool="a") as limited, \
+            keys.client(server, "ops", timeout=10, pool="b") as other:
+        tx = limited.transaction()
+        with pytest.raises(ConnectionError) as caught:
+            limited.transaction()
+        assert caught.value.reason == "client_limit"
+        with pytest.raises(ConnectionError) as streamed:
+            list(limited.stream("SELECT generate_series(1, 3)"))
+        assert streamed.value.reason == "client_limit"
+        assert tx.query("SELECT 1").rows == [(1,)]  # the one it holds works
+        with other.transaction() as mine, other.transaction() as second:  # others: no limit
+            assert mine.query("SELECT 1").rows == second.query("SELECT 1").rows
+        tx.commit()
+        with limited.transaction() as again:
+            assert again.query("SELECT 2").rows == [(2,)]
+
+
+def _flood(endpoint: str, server_key: str, client_key: str, sql: str, count: Synchronized[int],
+           stop: Event, errors: Synchronized[int]) -> None:
+    """A client process that keeps 200 requests in flight until ``stop``."""
+
+    async def main() -> None:
+        async with AsyncClient(endpoint, timeout=60, pool="fair", server_key=server_key,
+                               client_key=client_key) as client:
+            async def one() -> None:
+                while not stop.is_set():
+                    try:
+                        await client.query(sql)
+                    except Exception:
+                        with errors.get_lock():
+                            errors.value += 1
+                        return
+                    with count.get_lock():
+                        count.value += 1
+
+            await asyncio.gather(*(one() for _ in range(200)))
+
+    asyncio.run(main())
+
+
+def test_a_flooding_client_does_not_starve_a_polite_one(
+    server: ServerProcess, keys: Keys
+) -> None:
+    sql = "SELECT pg_sleep(0.002)"
+    spawn = multiprocessing.get_context("spawn")
+    count, errors, stop = spawn.Value("q", 0), spawn.Value("q", 0), spawn.Event()
+    with keys.client(server, "polite", timeout=20, pool="fair") as polite:
+        for _ in range(20):
+            polite.query(sql)
+        idle = []
+        for _ in range(100):
+            started = time.perf_counter()
+            polite.query(sql)
+            idle.append(time.perf_counter() - started)
+        idle_median = statistics.median(idle)
+        flooder = spawn.Process(target=_flood, args=(
+            server.endpoint, str(keys.server_public), str(keys.secrets["flood"]), sql, count,
+            stop, errors))
+        flooder.start()
+        try:
+            with keys.client(server, "ops", timeout=10) as ops:
+                deadline = time.monotonic() + 30
+                while ops.status()["pools"]["fair"]["queued"] < 100:  # saturated
+                    assert time.monotonic() < deadline, "the flood never queued"
+            latencies = []
+            flood_before = count.value
+            started_all = time.monotonic()
+            while time.monotonic() - started_all < 3.0:
+                started = time.perf_counter()
+                polite.query(sql)
+                latencies.append(time.perf_counter() - started)
+            flood_count = count.value - flood_before
+        finally:
+            stop.set()
+            flooder.join(timeout=60)
+            if flooder.is_alive():
+                flooder.kill()
+    assert errors.value == 0
+    p99 = statistics.quantiles(latencies, n=100)[98]
+    share = len(latencies) / (len(latencies) + flood_count)
+    print(f"idle median {idle_median * 1e3:.2f} ms; saturated: polite p99 "
+          f"{p99 * 1e3:.2f} ms ({p99 / idle_median:.1f}x), {len(latencies)} polite and "
+          f"{flood_count} flood requests (polite share {share:.0%})")
+    assert p99 <= 5 * idle_median
+    assert share >= 0.30
