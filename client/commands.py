@@ -23,7 +23,8 @@ from dbpool.errors import ConnectionError, DBPoolError, ProtocolError
 
 from .sync import Client
 
-__all__ = ["format_result", "format_status", "query_command", "status_command"]
+__all__ = ["admin_command", "format_result", "format_status", "query_command",
+           "status_command"]
 
 logger = logging.getLogger("dbpool.client.commands")
 
@@ -48,6 +49,21 @@ def query_command(endpoint: str, sql: str, params: list[str] | None, timeout: fl
         _print_error("dbpool query", exc)
         return 1
     out.write(format_result(result))
+    out.flush()
+    return 0
+
+
+def admin_command(endpoint: str, command: str, pool: str | None, name: str | None,
+                  seconds: float | None, timeout: float, out: TextIO,
+                  server_key: str | None = None, client_key: str | None = None) -> int:
+    """Run an admin operation and print its answer as JSON; return 0, or 1 on an error."""
+    try:
+        with Client(endpoint, timeout, server_key=server_key, client_key=client_key) as client:
+            answer = client.admin(command, pool=pool, name=name, seconds=seconds)
+    except (DBPoolError, psycopg.Error, ValueError, zmq.ZMQError) as exc:
+        _print_error("dbpool admin", exc)
+        return 1
+    out.write(json.dumps(answer, indent=2, sort_keys=True, default=str) + "\n")
     out.flush()
     return 0
 

@@ -36,6 +36,7 @@ import logging
 import os
 import secrets
 import select
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -256,7 +257,13 @@ class FrontEnd:
             "fetch": self._op_fetch, "close": self._op_close,
             "copy_out": self._op_copy_out, "copy_read": self._op_copy_read,
             "copy_in": self._op_copy_in, "copy_write": self._op_copy_write,
-            "copy_end": self._op_copy_end,
+            "copy_end": self._op_copy_end, "admin": self._op_admin,
+        }
+        self._admin: dict[str, Callable[[Job, list[ServedPool]], None]] = {
+            "pause": self._admin_pause, "resume": self._admin_resume,
+            "drain": self._admin_drain, "disconnect_all": self._admin_disconnect_all,
+            "status": self._admin_status, "clients": self._admin_clients,
+            "reload": self._admin_reload, "kick": self._admin_kick,
         }
 
     def _bind_events(self, endpoint: str) -> zmq.Socket[Any]:
@@ -432,6 +439,10 @@ class FrontEnd:
                 self._expire(lease, "its client's connections closed")
 
     def _reload_keys(self) -> None:
+        for state in self.client_states.values():
+            if state.kicked is not None:
+                logger.info("front end: client %r is served again (reload)", state.name)
+                state.kicked = None
         authority = self.authority
         if authority is None:
             logger.info("front end: no CURVE keys to reload")
@@ -649,6 +660,110 @@ class FrontEnd:
             "events": self.events_endpoint,
             "health": main["health"],
         }
+
+    # -- admin -----------------------------------------------------------------
+
+    def _op_admin(self, job: Job) -> None:
+        """An admin operation (``docs/protocol.md``, "Admin operations"): admin clients only."""
+        state = job.state
+        if state is not None and not state.policy.admin:
+            raise RequestError(error_map(PermissionDenied(
+                f"client {state.name!r} may not run admin operations (admin = false)")))
+        command = job.req.get("command")
+        run = self._admin.get(command) if type(command) is str else None
+        if run is None:
+            raise _bad(f"unknown admin command {command!r}; known: {', '.join(self._admin)}")
+        target = job.req.get("target")
+        if target is None:
+            pools = list(self.served.values())
+        elif type(target) is str and target in self.served:
+            pools = [self.served[target]]
+        else:
+            raise RequestError(protocol_error(
+                "unknown_pool", f"no pool named {target!r}; this server serves "
+                                f"{', '.join(sorted(self.served))}"))
+        logger.info("front end: admin %s (%s) by client %s", command,
+                    "all pools" if target is None else f"pool {target}",
+                    state.name if state is not None else "?")
+        run(job, pools)
+
+    def _off_loop(self, job: Job, work: Callable[[], Any]) -> None:
+        """Run ``work`` (which may wait on the pools' actors) on a thread of its own,
+        and answer ``job`` with its result back on the loop."""
+
+        def run() -> None:
+            try:
+                result = work()
+            except BaseException as error:
+                failed = error
+                self.post(lambda: self._fail(job, failed))
+            else:
+                self.post(lambda: self._answer(job, result))
+
+        threading.Thread(target=run, name="dbpool-admin", daemon=True).start()
+
+    def _answer(self, job: Job, value: Any) -> None:
+        self._reply(job, value)
+
+    def _admin_pause(self, job: Job, pools: list[ServedPool]) -> None:
+        def pause() -> dict[str, str]:
+            for served in pools:
+                served.pool.pause()
+            return dict.fromkeys((served.name for served in pools), "paused")
+
+        self._off_loop(job, pause)
+
+    def _admin_resume(self, job: Job, pools: list[ServedPool]) -> None:
+        def resume() -> dict[str, str]:
+            for served in pools:
+                served.pool.resume()
+            return dict.fromkeys((served.name for served in pools), "resumed")
+
+        self._off_loop(job, resume)
+
+    def _admin_drain(self, job: Job, pools: list[ServedPool]) -> None:
+        seconds = job.req.get("seconds", 30.0)
+        if type(seconds) not in (int, float) or not 0 <= seconds <= _MAX_TIMEOUT:
+            raise _bad("'seconds' must be a number of seconds")
+        self._off_loop(job, lambda: {p.name: "drained" if p.pool.drain(seconds)
+                                     else "timed out" for p in pools})
+
+    def _admin_disconnect_all(self, job: Job, pools: list[ServedPool]) -> None:
+        interval = job.req.get("seconds", 0.0)
+        if type(interval) not in (int, float) or not 0 <= interval <= _MAX_TIMEOUT:
+            raise _bad("'seconds' must be a number of seconds")
+        for served in pools:
+            served.pool.disconnect_all(interval)
+        self._reply(job, {served.name: "disconnecting" for served in pools})
+
+    def _admin_status(self, job: Job, pools: list[ServedPool]) -> None:
+        status = self.status()
+        status["pools"] = {served.name: status["pools"][served.name] for served in pools}
+        self._reply(job, status)
+
+    def _admin_clients(self, job: Job, pools: list[ServedPool]) -> None:
+        self._reply(job, [state.describe() for state in self.client_states.values()])
+
+    def _admin_reload(self, job: Job, pools: list[ServedPool]) -> None:
+        self._reload_keys()
+        self._reply(job, {"clients": self.authority.clients if self.authority else None})
+
+    def _admin_kick(self, job: Job, pools: list[ServedPool]) -> None:
+        name = job.req.get("name")
+        if type(name) is not str or not name:
+            raise _bad("'name' must be the name of a client")
+        state = self.client_states.get(name)
+        if state is None:
+            state = self._state_of(name)  # not connected yet: refused when it comes
+        state.kicked = f"client {name!r} was kicked by an admin; it is refused until a reload"
+        ended = 0
+        for lease_id in list(state.leases):
+            lease = self.leases.get(lease_id)
+            if lease is not None and lease.id in self.leases and lease.lease is None:
+                self._expire(lease, "its client was kicked by an admin")
+                ended += 1
+        logger.warning("front end: client %r kicked: %d lease(s) ended", name, ended)
+        self._reply(job, {"name": name, "leases_ended": ended})
 
     def _op_query(self, job: Job) -> None:
         self._statements(job, [(_sql(job.req), _params(job.req.get("params")))],

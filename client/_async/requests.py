@@ -192,7 +192,8 @@ class AsyncRequests:
         return time.perf_counter() - start
 
     async def status(self, *, timeout: float | None = None) -> dict[str, Any]:
-        """The server's status map (``version``, ``server``, ``pool``, ``events``, ``health``)."""
+        """The server's status map (``version``, ``server``, ``pools``, ``pool`` (the
+        default), ``events``, ``health``)."""
         msg = request("status")
         if timeout is not None:
             msg["timeout"] = timeout
@@ -200,6 +201,24 @@ class AsyncRequests:
         if not isinstance(value, dict):
             raise malformed_reply(self._endpoint(), "status", f"not a map: {value!r:.200}")
         return value
+
+    async def admin(self, command: str, *, pool: str | None = None, name: str | None = None,
+                    seconds: float | None = None, timeout: float | None = None) -> Any:
+        """Run an admin operation (op ``admin``); the client must be an admin.
+
+        ``command`` is ``pause``, ``resume``, ``drain``, ``disconnect_all`` or
+        ``status`` (of ``pool``, or of every pool), ``clients``, ``reload``,
+        or ``kick`` (the client ``name``).  ``seconds`` is ``drain``'s wait
+        and ``disconnect_all``'s spread.  Returns the operation's answer
+        (``docs/protocol.md``, "Admin operations"); a non-admin gets
+        :class:`~dbpool.errors.PermissionDenied`.
+        """
+        msg = request("admin", command=command)
+        for key, value in (("target", pool), ("name", name), ("seconds", seconds),
+                           ("timeout", timeout)):
+            if value is not None:
+                msg[key] = value
+        return await self._call(msg, timeout)
 
     async def events_endpoint(self) -> str:
         """The events endpoint a subscription connects to.

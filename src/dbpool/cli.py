@@ -73,6 +73,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_client_arguments(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    admin = commands.add_parser("admin", help="run an admin operation on a dbpool server")
+    admin.add_argument("operation", choices=["pause", "resume", "drain", "disconnect-all",
+                                              "status", "clients", "reload", "kick"])
+    admin.add_argument("name", nargs="?", help="kick: the client's name")
+    admin.add_argument("--pool", default=None,
+                       help="the pool to act on (default: every pool)")
+    admin.add_argument("--seconds", type=float, default=None,
+                       help="drain: how long to wait; disconnect-all: over how long")
+    _add_client_arguments(admin)
+
     keygen = commands.add_parser(
         "keygen", help="write a CURVE key pair: NAME.key (public) and NAME.key_secret")
     keygen.add_argument("name", help="the key's name: a client's name is its key's name")
@@ -95,6 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                               args.server_key, args.client_key)
     if args.command == "keygen":
         return _keygen(args)
+    if args.command == "admin":
+        from .client.commands import admin_command
+
+        if args.operation == "kick" and not args.name:
+            print("dbpool admin kick: name the client", file=sys.stderr)
+            return 2
+        return admin_command(args.endpoint, args.operation.replace("-", "_"), args.pool,
+                             args.name, args.seconds, args.timeout, sys.stdout,
+                             args.server_key, args.client_key)
     if args.command == "demo":
         return _demo(args)
     if args.command == "bench":

@@ -50,7 +50,7 @@ VERSION = 1
 OPS = frozenset({
     "ping", "status", "query", "execute", "batch", "begin", "commit", "rollback",
     "heartbeat", "stream", "fetch", "close",
-    "copy_out", "copy_read", "copy_in", "copy_write", "copy_end",
+    "copy_out", "copy_read", "copy_in", "copy_write", "copy_end", "admin",
 })
 
 _REASONS: frozenset[str] = frozenset(get_args(Reason))

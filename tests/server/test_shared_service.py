@@ -14,13 +14,20 @@ the real PostgreSQL.  What is checked (issue 17):
 - fairness: on a saturated pool of 2, a client that keeps 200 requests
   queued does not make a client sending one request at a time wait behind
   them all: the polite client's p99 stays within 5 x its latency on the idle
-  pool, and it completes at least 30% of the requests.
+  pool, and it completes at least 30% of the requests;
+- admin operations are for admin clients only; pausing pool ``b`` leaves
+  ``a`` serving; ``clients`` lists who holds what; ``kick`` ends a client's
+  leases and refuses it until a reload; ``dbpool admin`` runs them;
+- the password of a pool's DSN shows in no log line or reply on these paths.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
+import os
+import signal
 import statistics
 import time
 from collections.abc import Iterator
@@ -33,7 +40,8 @@ import zmq
 
 from dbpool.client import AsyncClient
 from dbpool.errors import ConnectionError, PermissionDenied, ProtocolError
-from tests.server.test_curve import Keys
+from tests.server.test_curve import Keys, run_cli
+from tests.support.pgcluster import PgCluster
 from tests.support.remote import ServerProcess
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
@@ -231,3 +239,87 @@ def test_a_flooding_client_does_not_starve_a_polite_one(
           f"{flood_count} flood requests (polite share {share:.0%})")
     assert p99 <= 5 * idle_median
     assert share >= 0.30
+
+
+# -- admin operations ----------------------------------------------------------------------
+
+
+def test_only_an_admin_pauses_and_a_paused_pool_leaves_the_others_serving(
+    server: ServerProcess, keys: Keys
+) -> None:
+    with keys.client(server, "ops", timeout=10) as ops, \
+            keys.client(server, "app", timeout=10, pool="a") as app, \
+            keys.client(server, "polite", timeout=2, pool="b") as on_b:
+        with pytest.raises(PermissionDenied, match="admin"):
+            app.admin("pause", pool="b")
+        assert on_b.query("SELECT 1").rows == [(1,)]
+        assert ops.admin("pause", pool="b") == {"b": "paused"}
+        try:
+            for _ in range(20):
+                assert app.query("SELECT 1").rows == [(1,)]  # pool a serves on
+            with pytest.raises(ConnectionError) as caught:
+                on_b.query("SELECT 1", timeout=0.5)
+            assert caught.value.reason in ("queue_timeout", "timeout")
+            assert ops.admin("status", pool="b")["pools"]["b"]["paused"] is True
+            assert set(ops.admin("status")["pools"]) == {"default", "a", "b", "fair"}
+        finally:
+            assert ops.admin("resume", pool="b") == {"b": "resumed"}
+        assert on_b.query("SELECT 2").rows == [(2,)]
+
+
+def test_clients_lists_each_client_and_kick_ends_its_leases_until_reload(
+    server: ServerProcess, keys: Keys
+) -> None:
+    with keys.client(server, "ops", timeout=10) as ops, \
+            keys.client(server, "limited", timeout=10, pool="a") as limited:
+        tx = limited.transaction()
+        tx.query("SELECT 1")
+        listed = {entry["name"]: entry for entry in ops.admin("clients")}
+        assert listed["limited"]["leases"] == 1 and listed["limited"]["max_leases"] == 1
+        assert listed["ops"]["admin"] is True and listed["ops"]["inflight"] == 1  # this one
+        assert ops.admin("kick", name="limited") == {"name": "limited", "leases_ended": 1}
+        with pytest.raises(ConnectionError) as caught:
+            limited.query("SELECT 1")
+        assert caught.value.reason == "unauthorized" and "kicked" in str(caught.value)
+        with pytest.raises(ConnectionError):
+            tx.query("SELECT 1")
+        ops.admin("reload")
+        assert limited.query("SELECT 3").rows == [(3,)]
+
+
+def test_dbpool_admin_on_the_command_line(server: ServerProcess, keys: Keys) -> None:
+    common = ["--endpoint", server.endpoint, "--server-key", str(keys.server_public)]
+    done = run_cli("admin", "status", "--pool", "a", *common,
+                   "--client-key", str(keys.secrets["ops"]))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["pools"]["a"]["name"] == "a"
+    refused = run_cli("admin", "pause", *common, "--client-key", str(keys.secrets["app"]))
+    assert refused.returncode == 1 and "may not run admin operations" in refused.stderr
+
+
+def test_no_password_on_the_new_paths(
+    pg_password_cluster: PgCluster, keys: Keys, tmp_path: Path
+) -> None:
+    """Several pools, SIGHUP's reload, admin status and clients: the DSNs' password is
+    in no log line and no reply."""
+    cluster = pg_password_cluster
+    secret = cluster.password
+    assert secret is not None
+    path = tmp_path / "dbpool.toml"
+    path.write_text(f'[pools.first]\ndsn = "{cluster.conninfo()}"\n\n'
+                    f'[pools.second]\ndsn = "{cluster.conninfo()}"\n\n'
+                    '[clients.ops]\nadmin = true\n')
+    with ServerProcess(cluster.conninfo(), *keys.server_args(), "--config", str(path),
+                       pool_size=1) as srv:
+        with keys.client(srv, "ops", timeout=10, pool="second") as ops:
+            assert ops.query("SELECT 1").rows == [(1,)]  # logged in with the password
+            replies = [ops.status(), ops.admin("status"), ops.admin("clients"),
+                       ops.admin("reload"), ops.admin("disconnect_all", seconds=0.1)]
+            os.kill(srv.pid, signal.SIGHUP)
+            srv.wait_output("authorized keys reloaded")
+        assert srv.terminate() == 0
+        output = srv.output()
+    assert "pool first of 1" in output and "pool second of 1" in output  # described
+    assert secret not in output
+    for reply in replies:
+        assert secret not in repr(reply)
