@@ -172,7 +172,9 @@ class ServeConfig:
             elif f.name == "pool_options":
                 value = _masked_pool_options(value)
             elif f.name == "pools":
-                value = {name: _masked_pool_options(table) for name, table in value.items()}
+                value = {name: _masked_pool_options(
+                    {**table, "dsn": mask_dsn(table["dsn"])} if "dsn" in table else table)
+                    for name, table in value.items()}
             parts.append(f"{f.name}={value!r}")
         return f"ServeConfig({', '.join(parts)})"
 
@@ -596,8 +598,14 @@ def _check_security(config: ServeConfig, origin: Mapping[str, str]) -> None:
 
 
 def _check_clients(config: ServeConfig, path: str) -> None:
-    """A client's ``pools`` name pools that are served."""
-    served = {route for route, _, _ in config.pool_specs()}
+    """Every pool has a name of its own; a client's ``pools`` name pools that are served."""
+    specs = config.pool_specs()
+    names = [options["name"] for _, _, options in specs]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigurationError(f"{path}: two pools are named {name!r} (the default "
+                                     f"pool takes `name`, {config.name!r}); rename one")
+    served = {route for route, _, _ in specs}
     for name, policy in config.clients.items():
         unknown = sorted((policy.pools or frozenset()) - served)
         if unknown:

@@ -547,3 +547,85 @@ def test_serve_starts_the_pool_with_the_settings(
                 got.breaker_threshold) == ("exp", 0.1, 0.3, 4)
     finally:
         pool.stop()
+
+
+# -- several pools and named clients -------------------------------------------------------
+
+
+def test_pools_tables_start_from_the_top_level_and_keep_the_default(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+dsn = "host=main"
+pool_size = 6
+timeout = 3
+
+[pool]
+queue_target = 0.1
+
+[pools.reports]
+dsn = "host=replica password=s3cret"
+pool_size = 2
+max_lifetime = [10, 20]
+""")
+    config = load("--config", str(path))
+    specs = {route: (dsn, options) for route, dsn, options in config.pool_specs()}
+    assert set(specs) == {"default", "reports"}
+    assert specs["default"][0] == "host=main"
+    assert specs["default"][1]["pool_size"] == 6 and specs["default"][1]["name"] == "dbpool"
+    dsn, options = specs["reports"]
+    assert dsn == "host=replica password=s3cret"
+    assert (options["pool_size"], options["timeout"], options["queue_target"],
+            options["max_lifetime"], options["name"]) == (2, 3.0, 0.1, (10, 20), "reports")
+    assert "dsn" not in options
+    for text in (repr(config), config.describe()):
+        assert "s3cret" not in text
+    assert "pool reports of 2 on host=replica" in config.describe()
+
+
+def test_only_pools_tables_means_no_default(tmp_path: Path) -> None:
+    path = write(tmp_path, '[pools.a]\ndsn = "host=a"\n[pools.b]\ndsn = "host=b"\n')
+    assert [route for route, _, _ in load("--config", str(path)).pool_specs()] == ["a", "b"]
+    assert [route for route, _, _ in load().pool_specs()] == ["default"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[pools.a]\nsize = 2\n', "[pools.a]: unknown key 'size'"),
+    ('[pools.a]\npool_size = 0\n', "[pools.a] pool_size: expected an integer >= 1"),
+    ('[pools.a]\ndsn = "host=x password=\'unclosed"\n', "its text is not shown"),
+    ('dsn = "host=x"\n[pools.default]\ndsn = "host=y"\n', "set it in one place"),
+    ('[pools."a b"]\ndsn = "host=x"\n', "a name is letters"),
+    ('[pools.dbpool]\ndsn = "host=x"\n[pools.b]\ndsn = "host=y"\n'
+     'dsn = "host=z"\n', "not valid TOML"),
+    ('dsn = "host=x"\n[pools.dbpool]\ndsn = "host=y"\n', "two pools are named 'dbpool'"),
+    ('[clients.app]\npools = ["nope"]\n', "[clients.app] pools: no pool named nope"),
+    ('[clients.app]\nadmin = "yes"\n', "[clients.app] admin: expected true or false"),
+    ('[clients.app]\nmax_inflight = 0\n', "max_inflight: expected an integer >= 1"),
+    ('[clients.app]\nmax_leases = -1\n', "max_leases: expected an integer >= 0"),
+    ('[clients.app]\nlimit = 3\n', "unknown key 'limit'"),
+])
+def test_bad_pools_and_clients_tables_name_what_is_wrong(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigurationError) as caught:
+        load("--config", str(path))
+    assert message in str(caught.value)
+    assert "unclosed" not in str(caught.value)
+
+
+def test_clients_tables_give_policies(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[pools.a]
+dsn = "host=a"
+[clients.app]
+pools = ["a"]
+max_inflight = 4
+max_leases = 0
+[clients.ops]
+admin = true
+""")
+    config = load("--config", str(path))
+    app, ops, other = config.policy("app"), config.policy("ops"), config.policy("nobody")
+    assert app.may_use("a") and not app.may_use("default")
+    assert (app.max_inflight, app.max_leases, app.admin) == (4, 0, False)
+    assert ops.admin and ops.may_use("a") and ops.max_inflight is None
+    assert not other.admin and other.may_use("anything")
