@@ -53,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="instead, benchmark `dbpool serve` against PgBouncer and direct "
                             "psycopg from client processes (exit status 1 if a target is "
                             "missed or not measured)")
+    bench.add_argument("--fairness", action="store_true",
+                       help="instead, flood a pool of 2 from one client and time another "
+                            "client's requests, through dbpool serve and through PgBouncer")
     bench.add_argument("--processes", default="1,4,16,64", metavar="N,N,...",
                        help="client process counts with --remote (default: %(default)s)")
 
@@ -187,6 +190,11 @@ def _bench(args: argparse.Namespace) -> int:
     from .embedded import embedded_conninfo
 
     dsn = args.dsn or embedded_conninfo()
+    if args.fairness:
+        from .bench.fairness import run_fairness
+
+        run_fairness(dsn, duration=max(args.duration, 3.0), as_json=args.json)
+        return 0
     if args.remote:
         from .bench.remote import parse_processes, run_remote
 
