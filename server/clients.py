@@ -12,7 +12,8 @@ file's stem, and a ``[clients.NAME]`` table in the configuration gives it a
 A client without a table has the defaults (every pool, no admin, no
 limits).  Without CURVE every client is one anonymous client, ``anonymous``,
 with every pool and admin (only loopback can reach such a server, and anyone
-there could run any SQL anyway).
+there could run any SQL anyway), unless a ``[clients.anonymous]`` table says
+otherwise.
 
 A request beyond a limit is refused at once with
 ``connection``/``client_limit``; one for a pool the client may not use, or

@@ -584,7 +584,8 @@ class FrontEnd:
     def _state_of(self, name: str) -> ClientState:
         state = self.client_states.get(name)
         if state is None:
-            policy = ANONYMOUS_POLICY if self.authority is None else self.config.policy(name)
+            policy = (self.config.clients.get(ANONYMOUS, ANONYMOUS_POLICY)
+                      if self.authority is None else self.config.policy(name))
             state = self.client_states[name] = ClientState(name, policy)
         return state
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from dbpool.client import AsyncClient
+from dbpool.client import AsyncClient, Client
 from dbpool.errors import ConnectionError, PermissionDenied, ProtocolError
 from tests.server.test_curve import Keys, run_cli
 from tests.support.pgcluster import PgCluster
@@ -323,3 +323,43 @@ def test_no_password_on_the_new_paths(
     assert secret not in output
     for reply in replies:
         assert secret not in repr(reply)
+
+
+def test_losing_one_pools_database_leaves_the_others_serving(
+    pg_dsn: str, pg_cluster: PgCluster, keys: Keys, tmp_path: Path
+) -> None:
+    path = tmp_path / "dbpool.toml"
+    path.write_text(f'breaker_threshold = 1\nbackoff_min = 0.05\nbackoff_max = 0.2\n\n'
+                    f'[pools.kept]\ndsn = "{pg_dsn}"\n\n'
+                    f'[pools.lost]\ndsn = "{pg_cluster.conninfo()}"\n')
+    with ServerProcess(pg_dsn, *keys.server_args(), "--config", str(path),
+                       pool_size=2) as srv, \
+            keys.client(srv, "ops", timeout=10, pool="kept") as kept, \
+            keys.client(srv, "ops", timeout=3, pool="lost") as lost:
+        assert lost.query("SELECT 1").rows == kept.query("SELECT 1").rows == [(1,)]
+        pg_cluster.kill()
+        deadline = time.monotonic() + 15
+        while True:  # the lost pool's circuit opens
+            try:
+                lost.query("SELECT 1")
+            except ConnectionError as error:
+                if error.reason == "unavailable":
+                    break
+            assert time.monotonic() < deadline, "the lost pool never said unavailable"
+        for _ in range(50):
+            assert kept.query("SELECT 1").rows == [(1,)]
+        status = kept.status()["pools"]
+        assert status["lost"]["health"] == "open" and status["kept"]["health"] == "closed"
+
+
+def test_without_curve_everyone_is_the_anonymous_client(pg_dsn: str, tmp_path: Path) -> None:
+    path = tmp_path / "dbpool.toml"
+    path.write_text("[clients.anonymous]\nmax_leases = 0\nadmin = true\n")
+    with ServerProcess(pg_dsn, "--config", str(path), pool_size=2) as srv, \
+            Client(srv.endpoint, timeout=10) as one, Client(srv.endpoint, timeout=10) as two:
+        assert one.query("SELECT 1").rows == [(1,)]
+        for client in (one, two):
+            with pytest.raises(ConnectionError) as caught:
+                client.transaction()
+            assert caught.value.reason == "client_limit"
+        assert [entry["name"] for entry in two.admin("clients")] == ["anonymous"]
