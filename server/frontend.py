@@ -707,20 +707,10 @@ class FrontEnd:
         self._reply(job, value)
 
     def _admin_pause(self, job: Job, pools: list[ServedPool]) -> None:
-        def pause() -> dict[str, str]:
-            for served in pools:
-                served.pool.pause()
-            return dict.fromkeys((served.name for served in pools), "paused")
-
-        self._off_loop(job, pause)
+        self._off_loop(job, lambda: _each(pools, lambda pool: pool.pause(), "paused"))
 
     def _admin_resume(self, job: Job, pools: list[ServedPool]) -> None:
-        def resume() -> dict[str, str]:
-            for served in pools:
-                served.pool.resume()
-            return dict.fromkeys((served.name for served in pools), "resumed")
-
-        self._off_loop(job, resume)
+        self._off_loop(job, lambda: _each(pools, lambda pool: pool.resume(), "resumed"))
 
     def _admin_drain(self, job: Job, pools: list[ServedPool]) -> None:
         seconds = job.req.get("seconds", 30.0)
@@ -1650,6 +1640,14 @@ class FrontEnd:
             self.pub.send_multipart([topic.encode(), body], zmq.NOBLOCK)
         except zmq.ZMQError:
             logger.debug("front end: event dropped", exc_info=True)
+
+
+def _each(pools: list[ServedPool], action: Callable[[Pool], None],
+          done: str) -> dict[str, str]:
+    """Do ``action`` to each pool; answer ``{pool: done}``."""
+    for served in pools:
+        action(served.pool)
+    return dict.fromkeys((served.name for served in pools), done)
 
 
 def _pipes_of(pipes: list[Pipe], client: Any) -> int:

@@ -265,6 +265,12 @@ def test_only_an_admin_pauses_and_a_paused_pool_leaves_the_others_serving(
         finally:
             assert ops.admin("resume", pool="b") == {"b": "resumed"}
         assert on_b.query("SELECT 2").rows == [(2,)]
+        assert ops.admin("drain", pool="b", seconds=5) == {"b": "drained"}
+        drained = ops.admin("status", pool="b")["pools"]["b"]
+        assert drained["paused"] is True and drained["ready_conn_count"] == 0
+        assert app.query("SELECT 1").rows == [(1,)]  # pool a untouched
+        ops.admin("resume", pool="b")
+        assert on_b.query("SELECT 3").rows == [(3,)]
 
 
 def test_clients_lists_each_client_and_kick_ends_its_leases_until_reload(
