@@ -317,18 +317,27 @@ def test_no_password_on_the_new_paths(
                     '[clients.ops]\nadmin = true\n')
     with ServerProcess(cluster.conninfo(), *keys.server_args(), "--config", str(path),
                        pool_size=1) as srv:
-        with keys.client(srv, "ops", timeout=10, pool="second") as ops:
+        with keys.client(srv, "ops", timeout=10, pool="second") as ops, \
+                ops.subscribe("") as events:
             assert ops.query("SELECT 1").rows == [(1,)]  # logged in with the password
             replies = [ops.status(), ops.admin("status"), ops.admin("clients"),
                        ops.admin("reload"), ops.admin("disconnect_all", seconds=0.1)]
             os.kill(srv.pid, signal.SIGHUP)
             srv.wait_output("authorized keys reloaded")
+            first = events.get(timeout=15)  # the reconnects disconnect_all brings
+            seen = [] if first is None else [first]
+            while (event := events.get(timeout=0.5)) is not None and len(seen) < 50:
+                seen.append(event)
+            assert ops.query("SELECT 1").rows == [(1,)]
         assert srv.terminate() == 0
         output = srv.output()
     assert "pool first of 1" in output and "pool second of 1" in output  # described
     assert secret not in output
     for reply in replies:
         assert secret not in repr(reply)
+    assert seen, "no event arrived"  # the disconnect_all's reconnects, at least
+    for event in seen:
+        assert secret not in repr(event)
 
 
 def test_losing_one_pools_database_leaves_the_others_serving(
