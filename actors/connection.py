@@ -27,6 +27,7 @@ import logging
 import random
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -153,6 +154,7 @@ class ConnectionActor(pykka.ThreadingActor):
         if self.config.configure is not None:
             # An exception here is a crash on purpose: the pool restarts us.
             opts = dict(self.config.configure(opts))
+        started = time.monotonic()
         try:
             state = self.config.driver.connect(opts)
         except Exception as exc:
@@ -161,7 +163,7 @@ class ConnectionActor(pykka.ThreadingActor):
         lifetime = self.config.max_lifetime
         self.slot.mark_connected(
             state, random.uniform(*lifetime) if lifetime is not None else float("inf"))
-        self._notify("connected")
+        self._notify("connected", duration=time.monotonic() - started)
         if self.config.after_connect is not None:
             failure = self._run_after_connect()
             if failure is not None:
@@ -256,9 +258,10 @@ class ConnectionActor(pykka.ThreadingActor):
 
     # -- helpers ---------------------------------------------------------
 
-    def _notify(self, kind: EventKind, *, reason: str | None = None) -> None:
+    def _notify(self, kind: EventKind, *, reason: str | None = None,
+                duration: float | None = None) -> None:
         event = ConnectionEvent(kind, self.config.pool_name, self.slot.index, self.actor_ref,
-                                self.slot.backend_pid, reason=reason)
+                                self.slot.backend_pid, reason=reason, duration=duration)
         try:
             self.pool_ref.tell(Notify(event))
         except pykka.ActorDeadError:  # the pool is stopping us: deliver it ourselves

@@ -48,6 +48,8 @@ class ConnectionEvent:
     backend_pid: int | None
     tag: Any = None
     reason: str | None = None
+    #: For ``connected``: the seconds the connect took.
+    duration: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

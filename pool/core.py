@@ -203,6 +203,8 @@ class PoolCore:
     def deliver(self, event: ConnectionEvent) -> None:
         """Give a connection event to the listeners and to telemetry."""
         self.metrics.add("connects" if event.kind == "connected" else "disconnects")
+        if event.duration is not None:
+            self.metrics.observe_connect(event.duration)
         deliver(self.listeners, event)
         telemetry.emit(event.kind, {"count": 1}, {"pool": self.name, "event": event})
 

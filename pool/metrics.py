@@ -68,7 +68,8 @@ class PoolMetrics:
     - ``recycled``: connections closed by ``disconnect_all`` or ``max_lifetime``.
 
     Histograms (seconds): ``queue_wait`` (every checkout; 0 when a connection
-    was idle) and ``usage`` (checkout to checkin).
+    was idle), ``usage`` (checkout to checkin) and ``connect_time`` (each
+    successful connect).
     """
 
     COUNTERS = (
@@ -98,6 +99,12 @@ class PoolMetrics:
         self.recycled = 0
         self.queue_wait = Histogram()
         self.usage = Histogram()
+        self.connect_time = Histogram()
+
+    def observe_connect(self, seconds: float) -> None:
+        """A connection took ``seconds`` to connect (from a connection actor's thread)."""
+        with self.lock:
+            self.connect_time.observe(seconds)
 
     def add(self, counter: str, n: int = 1) -> None:
         """Bump a counter from outside the queue lock."""
@@ -110,4 +117,5 @@ class PoolMetrics:
         counters["timeouts"] = self.queue_timeouts + self.deadlines
         counters["queue_wait"] = self.queue_wait.snapshot(zeros=self.immediate)
         counters["usage"] = self.usage.snapshot()
+        counters["connect_time"] = self.connect_time.snapshot()
         return counters

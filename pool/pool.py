@@ -281,10 +281,17 @@ class Pool(PoolCalls, AsyncPoolCalls):
         ``get_connection_metrics`` gives them; the rest is described in
         :class:`~dbpool.pool.metrics.PoolMetrics`.
         """
-        ready, waiting = self._core.queue.counts()
+        core = self._core
+        ready, waiting = core.queue.counts()
+        breaker = core.breaker
+        up, down, in_use = len(breaker.up), len(breaker.parked), len(core.loans)
         metrics = {"ready_conn_count": ready, "checkout_queue_length": waiting,
-                   "health": self._core.breaker.state, "paused": self._core.queue.paused,
-                   **self._core.metrics.snapshot()}
+                   "health": breaker.state, "paused": core.queue.paused,
+                   "pool_size": core.options.pool_size,
+                   "connections": {"idle": max(0, up - in_use), "in_use": in_use,
+                                   "connecting": max(0, core.options.pool_size - up - down),
+                                   "down": down},
+                   **core.metrics.snapshot()}
         owned = self._owned_metrics()
         if owned:
             metrics["owned"] = owned

@@ -37,6 +37,7 @@ log_level          --log-level          DBPOOL_LOG_LEVEL          INFO
 curve_secret_key   --curve-secret-key   DBPOOL_CURVE_SECRET_KEY   None: no CURVE
 authorized_keys    --authorized-keys    DBPOOL_AUTHORIZED_KEYS    None: no CURVE
 insecure           --insecure           DBPOOL_INSECURE           false
+metrics_bind       --metrics-bind       DBPOOL_METRICS_BIND       None: no HTTP endpoint
 pool_options       (none)               (none)                    {}: the TOML [pool] table
 =================  ===================  ========================  ================================
 
@@ -75,6 +76,9 @@ pool_options       (none)               (none)                    {}: the TOML [
   ``insecure`` is true (``--insecure``; ``DBPOOL_INSECURE=1``), and then
   every start logs a warning: anyone who reaches the port runs any SQL as
   the pool's user.
+- ``metrics_bind`` (``host:port``) serves ``/metrics`` (Prometheus),
+  ``/health/live`` and ``/health/ready`` over HTTP (see
+  :mod:`dbpool.server.metrics`; the ``metrics`` extra).
 - An environment variable set to the empty string counts as unset.
 - A bad value raises :class:`~dbpool.errors.ConfigurationError` naming its
   source: ``DBPOOL_POOL_SIZE: expected an integer >= 1, got 'abc'``,
@@ -157,6 +161,7 @@ class ServeConfig:
     curve_secret_key: str | None = None
     authorized_keys: str | None = None
     insecure: bool = False
+    metrics_bind: str | None = None
     pool_options: Mapping[str, Any] = field(default_factory=_empty_mapping)
     #: The ``[pools.NAME]`` tables: each pool's DSN and options beyond the top level's.
     pools: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty_mapping)
@@ -386,6 +391,14 @@ def _path(value: object, source: str, from_text: bool) -> str:
     return value.strip()
 
 
+def _host_port(value: object, source: str, from_text: bool) -> str:
+    text = value.strip() if isinstance(value, str) else ""
+    host, _, port = text.rpartition(":")
+    if not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        raise _fail(source, "host:port such as 127.0.0.1:9187", value)
+    return text
+
+
 def _boolean(value: object, source: str, from_text: bool) -> bool:
     if isinstance(value, bool):
         return value
@@ -476,6 +489,9 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("authorized_keys", _path,
              "folder of the authorized clients' public key files (NAME.key; the client's "
              "name is NAME); SIGHUP re-reads it"),
+    _Setting("metrics_bind", _host_port,
+             "host:port of the HTTP endpoint for /metrics (Prometheus), /health/live and "
+             "/health/ready (needs the metrics extra)"),
     _Setting("insecure", _boolean,
              "allow binding an address other than loopback without CURVE (anyone who "
              "reaches it runs any SQL as the pool's user)"),
@@ -489,13 +505,14 @@ _METAVARS = {
     "breaker_threshold": "N",
     "max_message_size": "BYTES", "heartbeat_timeout": "SECONDS", "lease_max": "SECONDS",
     "pipeline_depth": "N", "grace": "SECONDS", "spin": "SECONDS", "log_level": "LEVEL",
-    "curve_secret_key": "PATH", "authorized_keys": "FOLDER",
+    "curve_secret_key": "PATH", "authorized_keys": "FOLDER", "metrics_bind": "HOST:PORT",
 }
 #: What --help shows as the default of a setting whose default is None.
 _NONE_DEFAULTS = {
     "dsn": "the embedded PostgreSQL",
     "curve_secret_key": "none: no CURVE",
     "authorized_keys": "none: no CURVE",
+    "metrics_bind": "none: no HTTP endpoint",
     "backoff_min": f"{backoff.DEFAULT_MIN}, or --backoff-max if lower",
     "backoff_max": f"{backoff.DEFAULT_MAX}, or --backoff-min if higher",
 }

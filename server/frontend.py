@@ -58,6 +58,7 @@ from dbpool.errors import (
 )
 from dbpool.pgdriver import PgDriver
 from dbpool.pool.copy import not_a_copy
+from dbpool.pool.metrics import Histogram
 from dbpool.protocol import VERSION, error_map, protocol_error
 from dbpool.statement_scope import copy_refused, explain, scope_of
 
@@ -248,7 +249,14 @@ class FrontEnd:
         self._last_work = 0.0
         self._draining = False
         self._drain_until = _INF
-        self.counters = {"requests": 0, "errors": 0, "leases": 0, "streams": 0, "copies": 0}
+        self.counters = {"requests": 0, "errors": 0, "leases": 0, "streams": 0, "copies": 0,
+                         "bytes_in": 0, "bytes_out": 0}
+        #: Answers by (op, outcome): ``ok``, or the error map's kind (see server/metrics.py).
+        self.outcomes: dict[tuple[str, str], int] = {}
+        #: Seconds from a request's arrival to its answer.
+        self.latency = Histogram()
+        #: When the loop last went round (monotonic), for /health/live.
+        self.last_loop = time.monotonic()
         self._handlers: dict[str, Callable[[Job], None]] = {
             "ping": self._op_ping, "status": self._op_status, "query": self._op_query,
             "execute": self._op_execute, "batch": self._op_batch, "begin": self._op_begin,
@@ -315,6 +323,7 @@ class FrontEnd:
         poll, pipes, spin = self._poller.poll, self._pipes, self.config.spin
         try:
             while True:
+                self.last_loop = time.monotonic()
                 self._read_requests()
                 self._flush()
                 now = time.monotonic()
@@ -476,7 +485,9 @@ class FrontEnd:
 
     def _handle(self, frames: list[bytes], origin: zmq.Frame) -> None:
         """Decode, validate and start one request; answer errors at once."""
-        self.counters["requests"] += 1
+        counters = self.counters
+        counters["requests"] += 1
+        counters["bytes_in"] += len(frames[-1])
         if len(frames) == 2:
             route, body = frames[:1], frames[1]
         elif len(frames) == 3 and not frames[1]:  # a REQ socket's delimiter
@@ -566,6 +577,7 @@ class FrontEnd:
         if type(session) is str and (op in _HOLDING_OPS or session in self._sessions):
             self._peers.note(session, origin.get(_SRCFD), now)
         job = Job(route, rid, str(op), req, now + timeout)
+        job.started = now
         job.served = served
         # Turns in a pool's queue: by client name, or by connection when all are anonymous.
         job.client = route[0] if self.authority is None else state.name
@@ -589,8 +601,13 @@ class FrontEnd:
             state = self.client_states[name] = ClientState(name, policy)
         return state
 
-    def _answered(self, job: Job) -> None:
+    def _answered(self, job: Job, outcome: str) -> None:
         """``job``'s one reply is going out: it is in flight no more."""
+        key = (job.op, outcome)
+        outcomes = self.outcomes
+        outcomes[key] = outcomes.get(key, 0) + 1
+        if job.started:
+            self.latency.observe(time.monotonic() - job.started)
         state = job.state
         if state is not None:
             job.state = None
@@ -600,12 +617,12 @@ class FrontEnd:
                 state.opening -= 1
 
     def _answer_error(self, job: Job, error: dict[str, Any]) -> None:
-        self._answered(job)
+        self._answered(job, str(error.get("kind", "protocol")))
         self._reply_error(job.route, job.rid, error)
 
     def _reply(self, job: Job, value: Any) -> bool:
         """Answer ``job`` with ``value``; False if it had to answer ``unsupported_type``."""
-        self._answered(job)
+        self._answered(job, "ok")
         try:
             body = self.packer.pack({"id": job.rid, "ok": value})
         except (TypeError, ValueError, OverflowError) as error:
@@ -617,6 +634,7 @@ class FrontEnd:
         return True
 
     def _send_reply(self, route: list[bytes], body: bytes) -> None:
+        self.counters["bytes_out"] += len(body)
         send = self.router.send
         for frame in route:
             send(frame, _SNDMORE)

@@ -107,7 +107,8 @@ class Job:
     """
 
     __slots__ = ("client", "deadline", "finish", "holding", "needs_own", "op", "prepares",
-                 "req", "results", "rid", "route", "served", "shared", "start", "state")
+                 "req", "results", "rid", "route", "served", "shared", "start", "started",
+                 "state")
 
     def __init__(self, route: list[bytes], rid: int, op: str, req: dict[str, Any],
                  deadline: float) -> None:
@@ -125,6 +126,8 @@ class Job:
         self.state: ClientState | None = None
         #: Whether it opens a lease, stream or copy (it counts toward max_leases).
         self.holding = False
+        #: When it arrived (monotonic; 0 for the front end's own jobs).
+        self.started = 0.0
         #: What to run once the job has a connection (a queued job).
         self.start: Callable[[Pipe], None] | None = None
         #: Whether it needs a connection of its own (begin, stream).

@@ -77,6 +77,16 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
     # The keys first: a bad key file fails the start before the database is touched.
     authority = (Authority(str(config.curve_secret_key), str(config.authorized_keys))
                  if config.curve else None)
+    metrics = None
+    if config.metrics_bind is not None:
+        from .metrics import MetricsServer  # the metrics extra
+
+        try:
+            metrics = MetricsServer(config.metrics_bind)
+        except BaseException:
+            if authority is not None:
+                authority.stop()
+            raise
     exposed = config.exposed_endpoints()
     if exposed and authority is None:
         logger.warning("serving %s with no authentication (insecure): anyone who reaches it "
@@ -98,10 +108,14 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
         telemetry.detach(handler_id)
         if authority is not None:
             authority.stop()
+        if metrics is not None:
+            metrics.stop()
         for pool in pools.values():
             pool.stop()
         raise
     box.append(front)
+    if metrics is not None:
+        metrics.start(front)
     previous = {sig: signal.signal(sig, lambda *_: front.stop())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: front.reload_keys())
@@ -109,8 +123,9 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
         pool.add_monitor(_on_stopped(front, pool.name))
         front.publish("pool", {"event": "started", "pool": pool.name, "time": time.time(),
                                "state": "closed", "reason": None})
-    print(f"dbpool serve: ready on {front.endpoint} (events on {front.events_endpoint})",
-          flush=True)
+    shown = "" if metrics is None else f" (metrics and health on http://{metrics.address}/)"
+    print(f"dbpool serve: ready on {front.endpoint} (events on {front.events_endpoint})"
+          f"{shown}", flush=True)
     logger.info("serving on %s, events on %s", front.endpoint, front.events_endpoint)
     if ready is not None:
         ready.set()
@@ -120,6 +135,8 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
         for sig, old in previous.items():
             signal.signal(sig, old)
         telemetry.detach(handler_id)
+        if metrics is not None:
+            metrics.stop()
         for pool in pools.values():
             pool.stop()
     logger.info("stopped")

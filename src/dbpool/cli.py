@@ -86,6 +86,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="drain: how long to wait; disconnect-all: over how long")
     _add_client_arguments(admin)
 
+    health = commands.add_parser(
+        "healthcheck", help="exit 0 if dbpool serve is ready (or live), else 1: for "
+                            "container health checks")
+    health.add_argument("--url", default=None,
+                        help="the health URL (default: http://$DBPOOL_METRICS_BIND/health/ready, "
+                             "else http://127.0.0.1:9187/health/ready)")
+    health.add_argument("--live", action="store_true",
+                        help="ask /health/live (the request loop runs) instead of ready")
+    health.add_argument("--timeout", type=float, default=5.0)
+
     keygen = commands.add_parser(
         "keygen", help="write a CURVE key pair: NAME.key (public) and NAME.key_secret")
     keygen.add_argument("name", help="the key's name: a client's name is its key's name")
@@ -108,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               args.server_key, args.client_key)
     if args.command == "keygen":
         return _keygen(args)
+    if args.command == "healthcheck":
+        return _healthcheck(args)
     if args.command == "admin":
         from .client.commands import admin_command
 
@@ -137,6 +149,28 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
         "--client-key", default=None, metavar="PATH",
         help="this client's secret key (NAME.key_secret, or Z85 text) "
              "(default: $DBPOOL_CLIENT_KEY)")
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    url = args.url
+    if url is None:
+        bind = os.environ.get("DBPOOL_METRICS_BIND") or "127.0.0.1:9187"
+        url = f"http://{bind}/health/{'live' if args.live else 'ready'}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            body = response.read().decode(errors="replace")
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        body, status = exc.read().decode(errors="replace"), exc.code
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"dbpool healthcheck: {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    line = " ".join(body.split())
+    print(f"dbpool healthcheck: {url}: {status} {line}")
+    return 0 if status == 200 else 1
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -57,6 +57,8 @@ VALUES: dict[str, tuple[str, str, str, tuple[Any, Any, Any]]] = {
     "grace": ("0", "2", "3", (0.0, 2.0, 3.0)),
     "spin": ("0", "0.001", "0.0002", (0.0, 0.001, 0.0002)),
     "log_level": ("debug", "WARNING", '"error"', ("DEBUG", "WARNING", "ERROR")),
+    "metrics_bind": ("127.0.0.1:1", " [::1]:2 ", '"localhost:3"',
+                     ("127.0.0.1:1", "[::1]:2", "localhost:3")),
 }
 
 
@@ -113,7 +115,7 @@ def test_every_env_var_parsed() -> None:
         "DBPOOL_TIMEOUT", "DBPOOL_MAX_MESSAGE_SIZE", "DBPOOL_HEARTBEAT_TIMEOUT",
         "DBPOOL_LEASE_MAX", "DBPOOL_PIPELINE_DEPTH", "DBPOOL_GRACE", "DBPOOL_SPIN",
         "DBPOOL_LOG_LEVEL", "DBPOOL_BACKOFF_TYPE", "DBPOOL_BACKOFF_MIN",
-        "DBPOOL_BACKOFF_MAX", "DBPOOL_BREAKER_THRESHOLD"])
+        "DBPOOL_BACKOFF_MAX", "DBPOOL_BREAKER_THRESHOLD", "DBPOOL_METRICS_BIND"])
     config = load(env=env)
     for field, (_, _, _, (_, expected, _)) in VALUES.items():
         value = getattr(config, field)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from dbpool.client import Client
 
 _READY = re.compile(r"dbpool serve: ready on (\S+) \(events on (\S+)\)")
+_METRICS = re.compile(r"metrics and health on http://(\S+)/\)")
 
 
 class ServerProcess:
@@ -52,6 +53,8 @@ class ServerProcess:
         self._ready = threading.Event()
         self.endpoint = ""
         self.events = ""
+        #: host:port of the HTTP metrics and health endpoint, if it serves one.
+        self.metrics = ""
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if not self._ready.wait(start_timeout):
@@ -68,6 +71,9 @@ class ServerProcess:
             match = _READY.search(line)
             if match:
                 self.endpoint, self.events = match.group(1), match.group(2)
+                metrics = _METRICS.search(line)
+                if metrics:
+                    self.metrics = metrics.group(1)
                 self._ready.set()
         self._ready.set()  # exited
 
