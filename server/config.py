@@ -38,6 +38,7 @@ curve_secret_key   --curve-secret-key   DBPOOL_CURVE_SECRET_KEY   None: no CURVE
 authorized_keys    --authorized-keys    DBPOOL_AUTHORIZED_KEYS    None: no CURVE
 insecure           --insecure           DBPOOL_INSECURE           false
 metrics_bind       --metrics-bind       DBPOOL_METRICS_BIND       None: no HTTP endpoint
+wait_for_database  --wait-for-database  DBPOOL_WAIT_FOR_DATABASE  None: wait as long as it takes
 pool_options       (none)               (none)                    {}: the TOML [pool] table
 =================  ===================  ========================  ================================
 
@@ -162,6 +163,7 @@ class ServeConfig:
     authorized_keys: str | None = None
     insecure: bool = False
     metrics_bind: str | None = None
+    wait_for_database: float | None = None
     pool_options: Mapping[str, Any] = field(default_factory=_empty_mapping)
     #: The ``[pools.NAME]`` tables: each pool's DSN and options beyond the top level's.
     pools: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty_mapping)
@@ -492,6 +494,9 @@ _SETTINGS: tuple[_Setting, ...] = (
     _Setting("metrics_bind", _host_port,
              "host:port of the HTTP endpoint for /metrics (Prometheus), /health/live and "
              "/health/ready (needs the metrics extra)"),
+    _Setting("wait_for_database", _seconds(zero_ok=False),
+             "exit 1 if a pool has no connection up this many seconds after the start "
+             "(ready is printed only once every pool has one)"),
     _Setting("insecure", _boolean,
              "allow binding an address other than loopback without CURVE (anyone who "
              "reaches it runs any SQL as the pool's user)"),
@@ -506,6 +511,7 @@ _METAVARS = {
     "max_message_size": "BYTES", "heartbeat_timeout": "SECONDS", "lease_max": "SECONDS",
     "pipeline_depth": "N", "grace": "SECONDS", "spin": "SECONDS", "log_level": "LEVEL",
     "curve_secret_key": "PATH", "authorized_keys": "FOLDER", "metrics_bind": "HOST:PORT",
+    "wait_for_database": "SECONDS",
 }
 #: What --help shows as the default of a setting whose default is None.
 _NONE_DEFAULTS = {
@@ -513,6 +519,7 @@ _NONE_DEFAULTS = {
     "curve_secret_key": "none: no CURVE",
     "authorized_keys": "none: no CURVE",
     "metrics_bind": "none: no HTTP endpoint",
+    "wait_for_database": "none: wait as long as it takes",
     "backoff_min": f"{backoff.DEFAULT_MIN}, or --backoff-max if lower",
     "backoff_max": f"{backoff.DEFAULT_MAX}, or --backoff-min if higher",
 }

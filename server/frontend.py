@@ -176,27 +176,20 @@ class Lease:
 class FrontEnd:
     """The request loop of ``dbpool serve`` (see the module docstring).
 
-    Create it, then call :meth:`run` on the thread that is to serve; call
-    :meth:`stop` (or :meth:`post`) from anywhere.  ``run`` returns once a
-    stop has drained or the grace period ended.
+    Create it (it binds its sockets at once: a bad endpoint raises
+    :class:`~dbpool.errors.ConfigurationError` before any pool is touched),
+    give it its pools (:meth:`add_pool`), then call :meth:`run` on the thread
+    that is to serve; call :meth:`stop` (or :meth:`post`) from anywhere.
+    ``run`` returns once a stop has drained or the grace period ended.
     """
 
     def __init__(self, pools: Pool | Mapping[str, Pool], config: ServeConfig,
                  context: zmq.Context[Any] | None = None,
                  authority: Authority | None = None) -> None:
-        if not isinstance(pools, Mapping):
-            pools = {DEFAULT_POOL: pools}
         #: The pools served, by the name requests use (see served_pool.py).
         self.served: dict[str, ServedPool] = {}
-        for name, pool in pools.items():
-            served = self.served[name] = ServedPool(name, pool)
-            if not isinstance(served.lender.driver, PgDriver):
-                raise ConfigurationError(
-                    f"dbpool serve drives its connections through libpq's pipeline: pool "
-                    f"{name!r} needs the psycopg driver (PgDriver), not "
-                    f"{type(served.lender.driver).__name__}")
         #: Where a request that names no pool goes (None: it must name one).
-        self.default = self.served.get(DEFAULT_POOL)
+        self.default: ServedPool | None = None
         self.config = config
         self.depth = config.pipeline_depth
         self.context = context or zmq.Context()
@@ -210,8 +203,16 @@ class FrontEnd:
         self.router.setsockopt(zmq.MAXMSGSIZE, 4 * config.max_message_size)
         if authority is not None:
             authority.secure(self.router)
-        self.router.bind(config.bind)
-        self.pub = self._bind_events(config.events_bind)
+        try:
+            _bind(self.router, config.bind, "bind")
+            self.pub = self._bind_events(config.events_bind)
+        except BaseException:
+            self.router.close(linger=0)
+            if authority is not None:
+                authority.stop()
+            if self._own_context:
+                self.context.term()
+            raise
         #: The endpoints actually bound (a ``:0`` port resolved).
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -257,6 +258,9 @@ class FrontEnd:
         self.latency = Histogram()
         #: When the loop last went round (monotonic), for /health/live.
         self.last_loop = time.monotonic()
+        for name, pool in (pools if isinstance(pools, Mapping)
+                           else {DEFAULT_POOL: pools}).items():
+            self.add_pool(name, pool)
         self._handlers: dict[str, Callable[[Job], None]] = {
             "ping": self._op_ping, "status": self._op_status, "query": self._op_query,
             "execute": self._op_execute, "batch": self._op_batch, "begin": self._op_begin,
@@ -279,8 +283,24 @@ class FrontEnd:
         pub.setsockopt(zmq.LINGER, 0)
         if self.authority is not None:
             self.authority.secure(pub)
-        pub.bind(endpoint)
+        try:
+            _bind(pub, endpoint, "events_bind")
+        except BaseException:
+            pub.close(linger=0)
+            raise
         return pub
+
+    def add_pool(self, name: str, pool: Pool) -> None:
+        """Serve ``pool`` under ``name`` (before :meth:`run`)."""
+        served = ServedPool(name, pool)
+        if not isinstance(served.lender.driver, PgDriver):
+            raise ConfigurationError(
+                f"dbpool serve drives its connections through libpq's pipeline: pool "
+                f"{name!r} needs the psycopg driver (PgDriver), not "
+                f"{type(served.lender.driver).__name__}")
+        self.served[name] = served
+        if name == DEFAULT_POOL:
+            self.default = served
 
     # -- other threads -------------------------------------------------------
 
@@ -664,7 +684,7 @@ class FrontEnd:
         """The status map of the protocol (see ``docs/protocol.md``)."""
         kinds = [lease.kind for lease in self.leases.values()]
         pools = {name: served.status() for name, served in self.served.items()}
-        main = pools.get(DEFAULT_POOL) or next(iter(pools.values()))
+        main = pools.get(DEFAULT_POOL) or next(iter(pools.values()), {"health": "stopped"})
         return {
             "version": VERSION,
             "server": {**self.counters, "clients": self.clients,
@@ -1671,6 +1691,14 @@ def _each(pools: list[ServedPool], action: Callable[[Pool], None],
 def _pipes_of(pipes: list[Pipe], client: Any) -> int:
     """How many of ``pipes`` have requests of ``client`` in flight."""
     return sum(1 for pipe in pipes if _count_of(pipe, client))
+
+
+def _bind(sock: zmq.Socket[Any], endpoint: str, setting: str) -> None:
+    """Bind ``sock``; a failure is a ConfigurationError that names the endpoint."""
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as error:
+        raise ConfigurationError(f"cannot bind {setting} {endpoint}: {error}") from None
 
 
 def _count_of(pipe: Pipe, client: Any) -> int:

@@ -149,7 +149,11 @@ class MetricsServer:
     def __init__(self, bind: str) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         host, port = parse_bind(bind)
-        self.httpd = ThreadingHTTPServer((host, port), _handler(self))
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), _handler(self))
+        except OSError as error:
+            raise ConfigurationError(f"cannot bind metrics_bind {bind}: "
+                                     f"{error.strerror or error}") from None
         self.httpd.daemon_threads = True
         #: The address actually bound (a port of 0 resolved).
         self.address = f"{host}:{self.httpd.server_address[1]}"

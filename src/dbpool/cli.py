@@ -188,7 +188,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .errors import DBPoolError
+    from .errors import ConfigurationError, DBPoolError
     from .server.config import load_config
     from .server.serve import serve
 
@@ -205,6 +205,9 @@ def _serve(args: argparse.Namespace) -> int:
         print("no DSN given: starting the embedded PostgreSQL", flush=True)
     try:
         return serve(config)
+    except ConfigurationError as exc:  # a bad key file, an endpoint that will not bind
+        print(f"dbpool serve: {exc}", file=sys.stderr)
+        return 2
     except (DBPoolError, OSError) as exc:
         print(f"dbpool serve: {exc}", file=sys.stderr)
         return 1

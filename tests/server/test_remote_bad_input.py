@@ -924,7 +924,7 @@ def test_wrong_dsn_password_never_leaks(pg_password_cluster: PgCluster, ctx: zmq
         return False
 
     with ServerProcess(cluster.conninfo(password=wrong), "--config", str(config),
-                       pool_size=2) as srv:
+                       pool_size=2, wait_ready=False) as srv:
         sub: zmq.Socket[Any] = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")

@@ -59,6 +59,7 @@ VALUES: dict[str, tuple[str, str, str, tuple[Any, Any, Any]]] = {
     "log_level": ("debug", "WARNING", '"error"', ("DEBUG", "WARNING", "ERROR")),
     "metrics_bind": ("127.0.0.1:1", " [::1]:2 ", '"localhost:3"',
                      ("127.0.0.1:1", "[::1]:2", "localhost:3")),
+    "wait_for_database": ("1", "2.5", "3", (1.0, 2.5, 3.0)),
 }
 
 
@@ -115,7 +116,8 @@ def test_every_env_var_parsed() -> None:
         "DBPOOL_TIMEOUT", "DBPOOL_MAX_MESSAGE_SIZE", "DBPOOL_HEARTBEAT_TIMEOUT",
         "DBPOOL_LEASE_MAX", "DBPOOL_PIPELINE_DEPTH", "DBPOOL_GRACE", "DBPOOL_SPIN",
         "DBPOOL_LOG_LEVEL", "DBPOOL_BACKOFF_TYPE", "DBPOOL_BACKOFF_MIN",
-        "DBPOOL_BACKOFF_MAX", "DBPOOL_BREAKER_THRESHOLD", "DBPOOL_METRICS_BIND"])
+        "DBPOOL_BACKOFF_MAX", "DBPOOL_BREAKER_THRESHOLD", "DBPOOL_METRICS_BIND",
+        "DBPOOL_WAIT_FOR_DATABASE"])
     config = load(env=env)
     for field, (_, _, _, (_, expected, _)) in VALUES.items():
         value = getattr(config, field)

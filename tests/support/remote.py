@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from dbpool.client import Client
 
 _READY = re.compile(r"dbpool serve: ready on (\S+) \(events on (\S+)\)")
+_LISTENING = re.compile(r"dbpool serve: listening on (\S+) \(events on (\S+)\)")
 _METRICS = re.compile(r"metrics and health on http://(\S+)/\)")
 
 
@@ -39,7 +40,8 @@ class ServerProcess:
 
     def __init__(self, dsn: str, *args: str, bind: str = "tcp://127.0.0.1:*",
                  events_bind: str = "tcp://127.0.0.1:*", pool_size: int = 4,
-                 env: dict[str, str] | None = None, start_timeout: float = 30.0) -> None:
+                 env: dict[str, str] | None = None, start_timeout: float = 30.0,
+                 wait_ready: bool = True) -> None:
         self.dsn = dsn
         self.args: Sequence[str] = args
         self.pool_size = pool_size
@@ -49,6 +51,8 @@ class ServerProcess:
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})})
         self._lines: list[str] = []
+        #: Whether the start waits for "ready" (every pool connected) or "listening".
+        self._wait_ready = wait_ready
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self.endpoint = ""
@@ -68,7 +72,7 @@ class ServerProcess:
         for line in self.process.stdout:
             with self._lock:
                 self._lines.append(line)
-            match = _READY.search(line)
+            match = (_READY if self._wait_ready else _LISTENING).search(line)
             if match:
                 self.endpoint, self.events = match.group(1), match.group(2)
                 metrics = _METRICS.search(line)
