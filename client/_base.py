@@ -8,9 +8,11 @@ a reply into a value or an exception, a result map into a
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import secrets
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, TypeAlias
@@ -24,6 +26,7 @@ from dbpool.keys import HANDSHAKE_EVENTS, ClientKeys, handshake_failure
 from dbpool.protocol import VERSION, error_from_map
 
 __all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_ENDPOINT",
     "DEFAULT_HEARTBEAT_TIMEOUT",
     "DEFAULT_MAX_ROWS",
@@ -47,13 +50,16 @@ __all__ = [
     "lease_map",
     "malformed_reply",
     "new_session",
+    "no_server",
     "normalize_endpoints",
     "normalize_topics",
     "page_map",
     "reply_value",
     "request",
+    "timed_out",
     "to_result",
     "to_results",
+    "unresolved",
 ]
 
 logger = logging.getLogger("dbpool.client")
@@ -62,6 +68,8 @@ logger = logging.getLogger("dbpool.client")
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7432"
 #: Seconds a client waits for a reply unless told otherwise.
 DEFAULT_TIMEOUT = 15.0
+#: Seconds a request waits for a connection to a server before ``no_server``.
+DEFAULT_CONNECT_TIMEOUT = 2.0
 #: The server's default ``heartbeat_timeout``: used for streams outside a
 #: transaction until a ``begin`` reply has said what the server's is.
 DEFAULT_HEARTBEAT_TIMEOUT = 10.0
@@ -181,6 +189,49 @@ class Handshakes:
                 self.feed(monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return self.refused
+
+
+def unresolved(endpoint: str) -> ConnectionError | None:
+    """The error for an endpoint whose host name does not resolve, else None."""
+    split = _split_tcp(endpoint)
+    if split is None:
+        return None
+    _, host, port = split
+    host = host.strip("[]")
+    if host in _WILDCARD_HOSTS or host == "localhost" or _is_address(host):
+        return None
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        return ConnectionError(f"{endpoint}: the host name {host!r} does not resolve "
+                               f"({error.strerror})", reason="no_server")
+    except (OSError, UnicodeError):
+        return None  # let libzmq say what it makes of it
+    return None
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def timed_out(endpoint: str, op: object, wait: float, sent: bool) -> ConnectionError:
+    """The error for a request with no reply within ``wait`` seconds: ``timeout`` if it
+    was sent (a live server that did not answer), else ``no_server`` (no connection)."""
+    if sent:
+        return ConnectionError(f"no reply from {endpoint} to {op!r} within {wait:g} s",
+                               reason="timeout")
+    return ConnectionError(f"could not send {op!r} to {endpoint} within {wait:g} s: no "
+                           "connection to a server", reason="no_server")
+
+
+def no_server(endpoint: str, waited: float) -> ConnectionError:
+    """The error for a request that found no server to connect to."""
+    return ConnectionError(f"no server at {endpoint}: no connection within {waited:g} s "
+                           "(nothing listening there, or unreachable)", reason="no_server")
 
 
 def closed_error() -> ConnectionError:

@@ -38,6 +38,7 @@ from dbpool.wire import WireError, make_packer, unpackb
 from ._async.requests import AsyncCopyTo, AsyncRequests, AsyncStream
 from ._async.requests import AsyncTransaction as _AsyncTransaction
 from ._base import (
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT,
     DEFAULT_TOPICS,
@@ -48,9 +49,12 @@ from ._base import (
     error_from_reply,
     handshake_monitor,
     malformed_reply,
+    no_server,
     normalize_topics,
     request,
+    timed_out,
     to_result,
+    unresolved,
 )
 from .events import AsyncSubscription
 
@@ -70,8 +74,8 @@ _ZMQError = zmq.ZMQError
 class _Channel:
     """A request socket, its reader task and the futures of its requests in flight."""
 
-    __slots__ = ("endpoint", "monitor", "pending", "reader", "retired", "send", "sock",
-                 "watcher")
+    __slots__ = ("endpoint", "monitor", "pending", "reader", "resolved", "retired", "send",
+                 "sock", "watcher")
 
     def __init__(self, endpoint: str, sock: zmq.asyncio.Socket,
                  monitor: zmq.asyncio.Socket) -> None:
@@ -84,6 +88,8 @@ class _Channel:
         self.reader: asyncio.Task[None] | None = None
         self.watcher: asyncio.Task[None] | None = None
         self.retired = False
+        #: Whether the endpoint's host name was found to resolve.
+        self.resolved = False
 
 
 class AsyncClient(AsyncRequests):
@@ -107,8 +113,10 @@ class AsyncClient(AsyncRequests):
         server_key: str | None = None,
         client_key: str | None = None,
         pool: str | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
-        self._identify(endpoint, timeout, events, server_key, client_key, pool)
+        self._identify(endpoint, timeout, events, server_key, client_key, pool,
+                       connect_timeout)
         if context is None:
             self._context: zmq.asyncio.Context = zmq.asyncio.Context.instance()
         elif isinstance(context, zmq.asyncio.Context):
@@ -250,18 +258,29 @@ class AsyncClient(AsyncRequests):
             self._reset_packer()
             raise
         fut: asyncio.Future[dict[str, Any]] = self._loop.create_future()  # type: ignore[union-attr]
-        pending = ch.pending
-        pending[rid] = fut
+        ch.pending[rid] = fut
         wait = self.timeout if timeout is None else timeout
         sent = False
+        tries = len(self.endpoints)
         try:
             async with asyncio.timeout(wait):
-                send = ch.send(body)
-                if not send.done():  # not connected (yet): a refused handshake fails fut
-                    await asyncio.wait((send, fut), return_when=asyncio.FIRST_COMPLETED)
-                    if not send.done():
-                        send.cancel()
-                        await fut  # raises the handshake's error
+                while True:
+                    send = ch.send(body)
+                    if send.done():
+                        break
+                    # Not connected (yet): a refused handshake fails fut; no connection
+                    # within connect_timeout is no_server, and the next endpoint is tried.
+                    error = await self._connect_failure(ch, send, fut)
+                    if error is None:
+                        break
+                    tries -= 1
+                    if tries <= 0:
+                        raise error
+                    del ch.pending[rid]
+                    if not ch.pending:
+                        self._close_channel(ch)
+                    ch = self._open_channel()
+                    ch.pending[rid] = fut
                 await send
                 sent = True
                 reply = await fut
@@ -273,8 +292,8 @@ class AsyncClient(AsyncRequests):
             raise ConnectionError(f"socket error on {ch.endpoint}: {exc}", reason="error") \
                 from None
         finally:
-            del pending[rid]
-            if ch.retired and not pending:
+            ch.pending.pop(rid, None)
+            if ch.retired and not ch.pending:
                 self._close_channel(ch)
         if "error" not in reply:
             try:
@@ -284,16 +303,38 @@ class AsyncClient(AsyncRequests):
                     from None
         raise error_from_reply(reply)
 
+    async def _connect_failure(self, ch: _Channel, send: asyncio.Future[Any],
+                               fut: asyncio.Future[dict[str, Any]]) -> ConnectionError | None:
+        """Wait for ``send`` to go out; None once it has.  Raises a refused handshake's
+        error (which fails ``fut``); returns ``no_server`` (the channel retired) if no
+        connection comes within :attr:`connect_timeout` or the host name does not resolve."""
+        if not ch.resolved:
+            loop = asyncio.get_running_loop()
+            unknown = await loop.run_in_executor(None, unresolved, ch.endpoint)
+            if unknown is not None:
+                send.cancel()
+                self._retire(ch)
+                return unknown
+            ch.resolved = True
+        started = time.monotonic()
+        await asyncio.wait((send, fut), timeout=self.connect_timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if send.done():
+            return None
+        send.cancel()
+        if fut.done():
+            await fut  # raises the handshake's error
+        error = no_server(ch.endpoint, round(time.monotonic() - started, 1))
+        logger.debug("%s; retiring the socket", error)
+        self._retire(ch)
+        return error
+
     def _timed_out(self, ch: _Channel, msg: dict[str, Any], wait: float,
                    *, sent: bool) -> ConnectionError:
-        endpoint, op = ch.endpoint, msg.get("op")
-        if sent:
-            text = f"no reply from {endpoint} to {op!r} within {wait:g} s"
-        else:
-            text = f"could not send {op!r} to {endpoint} within {wait:g} s: not connected"
-        logger.debug("%s; retiring the socket", text)
+        error = timed_out(ch.endpoint, msg.get("op"), wait, sent)
+        logger.debug("%s; retiring the socket", error)
         self._retire(ch)
-        return ConnectionError(text, reason="timeout")
+        return error
 
     def transaction(self, *, timeout: float | None = None) -> AsyncTransaction:
         """An :class:`AsyncTransaction`, begun by ``async with`` or ``await``.

@@ -32,6 +32,7 @@ from dbpool.protocol import VERSION
 from dbpool.wire import WireError, make_packer, packb, unpackb
 
 from ._base import (
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT,
     DEFAULT_TOPICS,
@@ -41,9 +42,12 @@ from ._base import (
     configure_socket,
     handshake_monitor,
     malformed_reply,
+    no_server,
     normalize_topics,
     reply_value,
+    timed_out,
     to_result,
+    unresolved,
 )
 from ._sync.requests import CopyTo, Requests, Stream, Transaction
 from .events import Subscription
@@ -99,6 +103,8 @@ class _Channel(threading.local):
     sock: zmq.Socket[bytes]
     #: The monitor of ``sock``'s handshakes (see dbpool.keys.handshake_failure).
     monitor: zmq.Socket[bytes]
+    #: Whether the endpoint's host name was found to resolve.
+    resolved: bool
     endpoint: str
     send: Callable[..., Any]
     recv: Callable[..., bytes]
@@ -134,6 +140,13 @@ class Client(Requests):
     ``pool`` names the server's pool to use (``[pools.NAME]`` in its
     configuration; default: its ``default`` pool).
 
+    A request that finds no connection to a server waits for one at most
+    ``connect_timeout`` seconds (2), then raises ``ConnectionError`` with
+    ``reason="no_server"`` naming the endpoint (and a host name that does not
+    resolve says so at once); with several endpoints it tries the next at
+    once.  ``reason="timeout"`` is for a request sent to a live server that
+    did not answer in time.
+
     ``server_key`` (the server's public key) and ``client_key`` (this
     client's secret key) connect to a server that uses CURVE: each is a key
     file from ``dbpool keygen`` or the key as Z85 text, and they default to
@@ -164,8 +177,10 @@ class Client(Requests):
         server_key: str | None = None,
         client_key: str | None = None,
         pool: str | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
-        self._identify(endpoint, timeout, events, server_key, client_key, pool)
+        self._identify(endpoint, timeout, events, server_key, client_key, pool,
+                       connect_timeout)
         self._context: zmq.Context[Any] = context if context is not None \
             else zmq.Context.instance()
         self._timeout_ms = _ms(self.timeout)
@@ -216,6 +231,7 @@ class Client(Requests):
         ch.holder = _Holder(self, sock, watch)
         ch.sock = sock
         ch.monitor = watch
+        ch.resolved = False
         ch.endpoint = endpoint
         ch.send = sock.send
         ch.recv = sock.recv
@@ -288,13 +304,24 @@ class Client(Requests):
     def _exchange(self, ch: _Channel, msg: dict[str, Any], body: bytes, timeout: float) -> bytes:
         """Send and receive within ``timeout`` seconds, however the socket is set."""
         deadline = _monotonic() + timeout
+        tries = len(self.endpoints)
         try:
-            try:
-                ch.send(body, _NOBLOCK)
-            except _Again:
-                self._wait_connected(ch, msg, timeout, deadline)
+            while True:
                 try:
                     ch.send(body, _NOBLOCK)
+                    break
+                except _Again:
+                    pass
+                try:
+                    self._wait_connected(ch, deadline)
+                except ConnectionError as error:  # with several endpoints: the next, at once
+                    tries -= 1
+                    if error.reason != "no_server" or tries <= 0 or _monotonic() >= deadline:
+                        raise
+                    continue
+                try:
+                    ch.send(body, _NOBLOCK)
+                    break
                 except _Again:
                     raise self._timed_out(ch, msg, timeout, sent=False) from None
             if not ch.poll(_ms(deadline - _monotonic())):
@@ -303,17 +330,28 @@ class Client(Requests):
         except _ZMQError as exc:
             raise self._socket_error(ch, exc) from None
 
-    def _wait_connected(self, ch: _Channel, msg: dict[str, Any], timeout: float,
-                        deadline: float) -> None:
+    def _wait_connected(self, ch: _Channel, deadline: float) -> None:
         """Wait until ``ch`` can send: raise ``unauthorized`` as soon as a handshake is
-        refused, ``timeout`` at ``deadline``."""
+        refused, ``no_server`` when no connection comes within :attr:`connect_timeout`
+        (or by ``deadline``), or at once for a host name that does not resolve."""
+        started = _monotonic()
+        if not ch.resolved:
+            error = unresolved(ch.endpoint)
+            if error is not None:
+                self._replace(ch)
+                raise error
+            ch.resolved = True
+        limit = min(deadline, started + self.connect_timeout)
         poller = zmq.Poller()
         poller.register(ch.sock, _POLLOUT)
         poller.register(ch.monitor, zmq.POLLIN)
         while True:
-            ready = dict(poller.poll(_ms(deadline - _monotonic())))
+            ready = dict(poller.poll(_ms(limit - _monotonic())))
             if not ready:
-                raise self._timed_out(ch, msg, timeout, sent=False)
+                error = no_server(ch.endpoint, round(_monotonic() - started, 1))
+                logger.debug("%s; replacing the socket", error)
+                self._replace(ch)
+                raise error
             if ch.monitor in ready:
                 refused = Handshakes(ch.endpoint, self.keys is not None).read(ch.monitor)
                 if refused is not None:
@@ -347,14 +385,10 @@ class Client(Requests):
 
     def _timed_out(self, ch: _Channel, msg: Mapping[str, Any], wait: float,
                    *, sent: bool) -> ConnectionError:
-        endpoint, op = ch.endpoint, msg.get("op")
-        if sent:
-            text = f"no reply from {endpoint} to {op!r} within {wait:g} s"
-        else:
-            text = f"could not send {op!r} to {endpoint} within {wait:g} s: not connected"
-        logger.debug("%s; replacing the socket", text)
+        error = timed_out(ch.endpoint, msg.get("op"), wait, sent)
+        logger.debug("%s; replacing the socket", error)
         self._replace(ch)
-        return ConnectionError(text, reason="timeout")
+        return error
 
     def _socket_error(self, ch: _Channel, exc: zmq.ZMQError) -> ConnectionError:
         if self._closed:

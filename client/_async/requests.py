@@ -80,9 +80,12 @@ class AsyncRequests:
     _closed: bool
 
     def _identify(self, endpoint: str | Sequence[str], timeout: float, events: str | None,
-                  server_key: str | None, client_key: str | None, pool: str | None) -> None:
-        """Set what every client starts with: endpoints, timeout, session, events, keys,
+                  server_key: str | None, client_key: str | None, pool: str | None,
+                  connect_timeout: float) -> None:
+        """Set what every client starts with: endpoints, timeouts, session, events, keys,
         the pool its requests name."""
+        #: Seconds a request waits for a connection before ``no_server``.
+        self.connect_timeout = check_timeout(connect_timeout)
         if pool is not None and (not isinstance(pool, str) or not pool):
             raise ValueError(f"pool must be a pool's name, not {pool!r}")
         #: The server's pool this client's requests go to (None: the server's default).

@@ -72,9 +72,12 @@ __all__ = [
 #:   kicked the client.
 #: - ``client_limit``: the request would take the client past its
 #:   ``max_inflight`` or ``max_leases`` on the server.
+#: - ``no_server``: the remote client reached no server within its
+#:   ``connect_timeout`` (nothing listening, unreachable, or a host name that
+#:   does not resolve); ``timeout`` is for a live server that did not answer.
 Reason = Literal[
     "error", "queue_timeout", "queue_disabled", "queue_full", "deadline", "stopped",
-    "unavailable", "lease_expired", "timeout", "unauthorized", "client_limit",
+    "unavailable", "lease_expired", "timeout", "unauthorized", "client_limit", "no_server",
 ]
 
 #: A connection's transaction status, as DBConnection names it.
