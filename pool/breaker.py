@@ -237,11 +237,13 @@ class Breaker:
         self._unlogged += 1
         if now - self._logged_at < self.log_interval:
             return
+        fields = {"pool": self.name, "reason": getattr(error, "reason", "error"),
+                  "attempts": self._unlogged}
         if self._logged_at == 0.0 or self._unlogged == 1:
-            logger.error("%s", error)
+            logger.error("%s", error, extra=fields)
         else:
             logger.error("%s: %d connection attempts failed in the last %.0fs; the last: %s",
-                         self.name, self._unlogged, now - self._logged_at, error)
+                         self.name, self._unlogged, now - self._logged_at, error, extra=fields)
         self._logged_at = now
         self._unlogged = 0
 

@@ -39,6 +39,7 @@ authorized_keys    --authorized-keys    DBPOOL_AUTHORIZED_KEYS    None: no CURVE
 insecure           --insecure           DBPOOL_INSECURE           false
 metrics_bind       --metrics-bind       DBPOOL_METRICS_BIND       None: no HTTP endpoint
 wait_for_database  --wait-for-database  DBPOOL_WAIT_FOR_DATABASE  None: wait as long as it takes
+log_format         --log-format         DBPOOL_LOG_FORMAT         text
 pool_options       (none)               (none)                    {}: the TOML [pool] table
 =================  ===================  ========================  ================================
 
@@ -164,6 +165,7 @@ class ServeConfig:
     insecure: bool = False
     metrics_bind: str | None = None
     wait_for_database: float | None = None
+    log_format: str = "text"
     pool_options: Mapping[str, Any] = field(default_factory=_empty_mapping)
     #: The ``[pools.NAME]`` tables: each pool's DSN and options beyond the top level's.
     pools: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty_mapping)
@@ -430,6 +432,12 @@ def _is_local(endpoint: str) -> bool:
         return False
 
 
+def _log_format(value: object, source: str, from_text: bool) -> str:
+    if isinstance(value, str) and value.strip().lower() in ("text", "json"):
+        return value.strip().lower()
+    raise _fail(source, "text or json", value)
+
+
 def _log_level(value: object, source: str, from_text: bool) -> str:
     if isinstance(value, str) and value.strip().upper() in _LOG_LEVELS:
         return value.strip().upper()
@@ -485,6 +493,9 @@ _SETTINGS: tuple[_Setting, ...] = (
              "seconds the request loop keeps polling, yielding the CPU, before it sleeps "
              "(while traffic is steady; 0: always sleep)"),
     _Setting("log_level", _log_level, f"logging level ({', '.join(_LOG_LEVELS)})"),
+    _Setting("log_format", _log_format,
+             "text, or json: one JSON object a line (time, level, logger, message, and "
+             "fields such as pool, client, op, reason)"),
     _Setting("curve_secret_key", _path,
              "the server's secret key file (NAME.key_secret from `dbpool keygen`): turns on "
              "CURVE authentication and encryption, with --authorized-keys"),
@@ -511,7 +522,7 @@ _METAVARS = {
     "max_message_size": "BYTES", "heartbeat_timeout": "SECONDS", "lease_max": "SECONDS",
     "pipeline_depth": "N", "grace": "SECONDS", "spin": "SECONDS", "log_level": "LEVEL",
     "curve_secret_key": "PATH", "authorized_keys": "FOLDER", "metrics_bind": "HOST:PORT",
-    "wait_for_database": "SECONDS",
+    "wait_for_database": "SECONDS", "log_format": "FORMAT",
 }
 #: What --help shows as the default of a setting whose default is None.
 _NONE_DEFAULTS = {

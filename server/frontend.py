@@ -669,7 +669,8 @@ class FrontEnd:
 
     def _fail(self, job: Job, error: BaseException) -> None:
         if not isinstance(error, psycopg.Error | ConnectionError | ProtocolError):
-            logger.error("front end: %s request failed", job.op, exc_info=error)
+            logger.error("front end: %s request failed", job.op, exc_info=error,
+                         extra={"op": job.op, "client": job.client})
         self._answer_error(job, error_map(error))
 
     # -- operations ----------------------------------------------------------
@@ -723,7 +724,9 @@ class FrontEnd:
                                 f"{', '.join(sorted(self.served))}"))
         logger.info("front end: admin %s (%s) by client %s", command,
                     "all pools" if target is None else f"pool {target}",
-                    state.name if state is not None else "?")
+                    state.name if state is not None else "?",
+                    extra={"op": f"admin {command}", "pool": target,
+                           "client": state.name if state is not None else None})
         run(job, pools)
 
     def _off_loop(self, job: Job, work: Callable[[], Any]) -> None:
@@ -791,7 +794,8 @@ class FrontEnd:
             if lease is not None and lease.id in self.leases and lease.lease is None:
                 self._expire(lease, "its client was kicked by an admin")
                 ended += 1
-        logger.warning("front end: client %r kicked: %d lease(s) ended", name, ended)
+        logger.warning("front end: client %r kicked: %d lease(s) ended", name, ended,
+                       extra={"client": name, "op": "admin kick"})
         self._reply(job, {"name": name, "leases_ended": ended})
 
     def _op_query(self, job: Job) -> None:
@@ -1061,7 +1065,9 @@ class FrontEnd:
     def _expire(self, lease: Lease, why: str) -> None:
         """End a lease or stream the client left: cancel, roll back, give back."""
         logger.warning("front end: %s %s of session %s...: %s; rolling back", lease.kind,
-                       lease.id[:8], lease.session[:8], why)
+                       lease.id[:8], lease.session[:8], why,
+                       extra={"client": lease.client.name if lease.client else None,
+                              "pool": lease.pipe.served.name, "reason": why})
         pipe = lease.pipe
         children = [s for s in self.leases.values() if s.lease is lease]
         for stream in children:

@@ -185,13 +185,17 @@ class _ReadyWhenConnected(threading.Thread):
             if limit is not None and now - started >= limit:
                 self.gave_up = True
                 logger.error("no database within --wait-for-database %g s: %s; stopping",
-                             limit, _describe(waiting, dsns, self.last_errors))
+                             limit, _describe(waiting, dsns, self.last_errors),
+                             extra={"pool": [served.name for served in waiting],
+                                    "duration": round(now - started, 3)})
                 self.front.stop()
                 return
             if now - logged >= WAITING_LOG_INTERVAL:
                 logged = now
                 logger.warning("waiting for the database (%.0f s): %s", now - started,
-                               _describe(waiting, dsns, self.last_errors))
+                               _describe(waiting, dsns, self.last_errors),
+                               extra={"pool": [served.name for served in waiting],
+                                      "duration": round(now - started, 3)})
 
 
 def _connected(pool: Pool) -> bool:

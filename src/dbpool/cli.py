@@ -197,8 +197,9 @@ def _serve(args: argparse.Namespace) -> int:
     except DBPoolError as exc:
         print(f"dbpool serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else config.log_level_number(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logformat import configure
+
+    configure(logging.DEBUG if args.verbose else config.log_level_number(), config.log_format)
     if not args.verbose:  # pgserver logs every pg_ctl call at INFO
         logging.getLogger("pgserver").setLevel(logging.WARNING)
     if config.dsn is None:

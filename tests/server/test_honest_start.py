@@ -6,11 +6,14 @@
 - with a database that does not answer, it says ``listening`` but never
   ``ready``, logs what it waits for and why, and ``--wait-for-database 3``
   exits 1 after 3 s;
-- ``ready`` comes once every pool has a connection up.
+- ``ready`` comes once every pool has a connection up;
+- ``--log-format json`` lines parse as JSON, and an outage logs a bounded
+  number of lines.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -104,3 +107,24 @@ def test_waiting_is_logged_and_ready_follows_the_first_connection(pg_dsn: str) -
         assert output.index("dbpool serve: listening on") < output.index(
             "dbpool serve: ready on")
         assert "every pool has a connection up" in output
+
+
+def test_json_logs_parse_and_an_outage_logs_a_bounded_number_of_lines(
+    silent_database: tuple[socket.socket, str]
+) -> None:
+    _, dsn = silent_database
+    outage = 8.0
+    server = ServerProcess(dsn, "--log-format", "json", "--backoff-min", "0.05",
+                           "--backoff-max", "0.2", pool_size=2, wait_ready=False)
+    try:
+        time.sleep(outage)  # the behaviour under test is what a stretch of time logs
+    finally:
+        server.terminate()
+    lines = [line for line in server.output().splitlines()
+             if line.strip() and not line.startswith("dbpool serve:")]
+    entries = [json.loads(line) for line in lines]
+    assert all({"time", "level", "logger", "message"} <= set(entry) for entry in entries)
+    failures = [entry for entry in entries if entry.get("reason") and entry.get("pool")]
+    assert failures, "no connect failure logged with its pool and reason"
+    # Some 80 failed connects: the log says so a few times, not 80.
+    assert len(entries) <= 3 + outage / 5 * 3 + outage / 10 * 2, entries

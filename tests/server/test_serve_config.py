@@ -60,6 +60,7 @@ VALUES: dict[str, tuple[str, str, str, tuple[Any, Any, Any]]] = {
     "metrics_bind": ("127.0.0.1:1", " [::1]:2 ", '"localhost:3"',
                      ("127.0.0.1:1", "[::1]:2", "localhost:3")),
     "wait_for_database": ("1", "2.5", "3", (1.0, 2.5, 3.0)),
+    "log_format": ("json", " TEXT ", '"json"', ("json", "text", "json")),
 }
 
 
@@ -117,7 +118,7 @@ def test_every_env_var_parsed() -> None:
         "DBPOOL_LEASE_MAX", "DBPOOL_PIPELINE_DEPTH", "DBPOOL_GRACE", "DBPOOL_SPIN",
         "DBPOOL_LOG_LEVEL", "DBPOOL_BACKOFF_TYPE", "DBPOOL_BACKOFF_MIN",
         "DBPOOL_BACKOFF_MAX", "DBPOOL_BREAKER_THRESHOLD", "DBPOOL_METRICS_BIND",
-        "DBPOOL_WAIT_FOR_DATABASE"])
+        "DBPOOL_WAIT_FOR_DATABASE", "DBPOOL_LOG_FORMAT"])
     config = load(env=env)
     for field, (_, _, _, (_, expected, _)) in VALUES.items():
         value = getattr(config, field)
