@@ -16,12 +16,18 @@ from collections.abc import Sequence
 
 from .actors.listeners import ConnectionEvent, HealthEvent
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("dbpool.cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dbpool`` command's parser, every subcommand and flag."""
     parser = argparse.ArgumentParser(prog="dbpool", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -101,7 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     keygen.add_argument("name", help="the key's name: a client's name is its key's name")
     keygen.add_argument("--dir", default=".", help="the folder to write into (default: .)")
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         return _serve(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
