@@ -1,6 +1,6 @@
 """``dbpool bench --stream-rows``: the streaming memory benchmark's own checks.
 
-The 10-million-row figure comes from the benchmark command (see the README);
+The 10-million-row figure comes from the benchmark command (see docs/guide/queries.md);
 these tests check that the command streams every row and that its memory
 gauge does see growth, so that a leaking stream could not pass unnoticed.
 """
