@@ -7,6 +7,7 @@ installed, :func:`embedded_conninfo` raises and says how to install it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -47,7 +48,45 @@ def embedded_conninfo(data_dir: Path | None = None) -> str:
     server = _servers.get(path)
     if server is None:
         path.mkdir(parents=True, exist_ok=True)
+        _forget_dead_users(path)
         logger.info("starting the embedded PostgreSQL in %s", path)
         server = pgserver.get_server(path, cleanup_mode="stop")  # type: ignore[attr-defined]
         _servers[path] = server
     return str(server.get_uri())
+
+
+def _forget_dead_users(path: Path) -> None:
+    """Take the processes that died without stopping the server off its list of users.
+
+    pgserver stops the server when the last process on that list exits; a
+    process killed with SIGKILL never leaves the list, so the server would
+    outlive everyone.  With the dead taken off, this process adopts a server
+    left running (pgserver finds it and reuses it: one postmaster for the
+    folder), and stops it when it exits last.
+    """
+    import fasteners  # pgserver's own lock library
+    from pgserver.postgres_server import PostgresServer
+
+    users = path / ".handle_pids.json"
+    with fasteners.InterProcessLock(PostgresServer.lock_path):
+        try:
+            pids = json.loads(users.read_text())
+        except (OSError, ValueError):
+            return
+        if not isinstance(pids, list) or not all(isinstance(pid, int) for pid in pids):
+            return  # not the format this was written for: leave it alone
+        alive = [pid for pid in pids if _alive(pid)]
+        if alive != pids:
+            logger.info("the embedded PostgreSQL in %s: its users %s are gone; adopting it",
+                        path, sorted(set(pids) - set(alive)))
+            users.write_text(json.dumps(alive))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
