@@ -53,6 +53,7 @@ from dbpool.errors import (
     ConfigurationError,
     ConnectionError,
     PermissionDenied,
+    PoolStoppedError,
     ProtocolError,
     StatementNotAllowed,
 )
@@ -191,6 +192,8 @@ class FrontEnd:
         #: Where a request that names no pool goes (None: it must name one).
         self.default: ServedPool | None = None
         self.config = config
+        #: What the admin ``reload`` runs (serve.py sets it: see reload.py).
+        self.on_reload: Callable[[], None] | None = None
         self.depth = config.pipeline_depth
         self.context = context or zmq.Context()
         self._own_context = context is None
@@ -302,6 +305,22 @@ class FrontEnd:
         if name == DEFAULT_POOL:
             self.default = served
 
+    def remove_pool(self, name: str) -> None:
+        """Serve pool ``name`` no more (on the loop): new requests for it are
+        ``unknown_pool``, its queued ones fail, and its connections go back to it as
+        their work in flight ends (the caller drains and stops the pool)."""
+        served = self.served.pop(name)
+        if self.default is served:
+            self.default = None
+        served.removed = True
+        for pipe in [pipe for pipe in served.shared if not pipe.requests]:
+            self._release(pipe)
+        if served.waiter is not None:
+            served.lender.cancel_wait(served.waiter)
+            served.waiter = None
+        self._fail_queued(served, PoolStoppedError(f"pool {name!r} was removed by a reload"),
+                          all_of_them=True)
+
     # -- other threads -------------------------------------------------------
 
     def post(self, call: Callable[[], None]) -> None:
@@ -324,7 +343,7 @@ class FrontEnd:
         anew and the authorized subscribers reconnect by themselves (events in
         that moment are lost to them).
         """
-        self.post(self._reload_keys)
+        self.post(self.reread_keys)
 
     def publish(self, topic: str, event: dict[str, Any]) -> None:
         """Publish an event to subscribers (from any thread)."""
@@ -467,7 +486,8 @@ class FrontEnd:
             if lease is not None and lease.lease is None:  # a stream in a lease goes with it
                 self._expire(lease, "its client's connections closed")
 
-    def _reload_keys(self) -> None:
+    def reread_keys(self) -> None:
+        """Read the authorized keys again and serve kicked clients again (on the loop)."""
         for state in self.client_states.values():
             if state.kicked is not None:
                 logger.info("front end: client %r is served again (reload)", state.name)
@@ -777,8 +797,12 @@ class FrontEnd:
         self._reply(job, [state.describe() for state in self.client_states.values()])
 
     def _admin_reload(self, job: Job, pools: list[ServedPool]) -> None:
-        self._reload_keys()
-        self._reply(job, {"clients": self.authority.clients if self.authority else None})
+        if self.on_reload is not None:
+            self.on_reload()  # the whole configuration (see reload.py), keys included
+        else:
+            self.reread_keys()
+        self._reply(job, {"clients": self.authority.clients if self.authority else None,
+                          "pools": sorted(self.served)})
 
     def _admin_kick(self, job: Job, pools: list[ServedPool]) -> None:
         name = job.req.get("name")
@@ -1415,7 +1439,8 @@ class FrontEnd:
             return
         served = pipe.served
         queued, shared = served.queued, served.shared
-        blocked = served.lender.blocked  # paused or open: held connections serve no one new
+        # Paused, open or removed: held connections serve no one new.
+        blocked = served.lender.blocked or served.removed
         if pipe.broken is None and pipe.retiring is None:
             each, contended = served.pipes_each(), served.active > 1
 

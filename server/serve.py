@@ -36,6 +36,7 @@ from dbpool.pool import Pool
 from .auth import Authority
 from .config import ServeConfig, mask_dsn
 from .frontend import FrontEnd
+from .reload import DsnHolder, Reloader
 
 __all__ = ["serve"]
 
@@ -45,14 +46,17 @@ WAITING_LOG_INTERVAL = 5.0
 logger = logging.getLogger("dbpool.server")
 
 
-def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
+def serve(config: ServeConfig, *, ready: threading.Event | None = None,
+          reload: Callable[[], ServeConfig] | None = None) -> int:
     """Run the server until SIGTERM/SIGINT (or :meth:`FrontEnd.stop`); return 0.
 
     Prints ``dbpool serve: listening on <endpoint> (events on <endpoint>)``
     once its sockets are bound and its pools started, and ``dbpool serve:
     ready on ...`` once every pool has a connection up (``ready`` is set at
     that moment).  With ``wait_for_database``, if that takes longer, it stops
-    and returns 1.
+    and returns 1.  ``reload`` reads the configuration again for SIGHUP and the
+    admin ``reload`` (see :mod:`dbpool.server.reload`); without it they re-read
+    the authorized keys only.
     """
     _raise_file_limit()
     box: list[FrontEnd] = []
@@ -112,20 +116,31 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None) -> int:
     handler_id = f"dbpool-serve-{id(pools)}"
     telemetry.attach(handler_id, ["connection_error", "health"], on_telemetry)
     box.append(front)
-    for route, dsn, options in config.pool_specs():
-        options["connection_listeners"] = [*options.get("connection_listeners", ()),
-                                           on_connection]
-        pool = pools[route] = Pool.start(dsn, **options)
+    holders: dict[str, DsnHolder] = {}
+
+    def start_pool(route: str, dsn: str | None, options: dict[str, Any]) -> Pool:
+        holder = holders[route] = DsnHolder(dsn, options.get("configure"))
+        options = {**options, "configure": holder,
+                   "connection_listeners": [*options.get("connection_listeners", ()),
+                                            on_connection]}
+        pool: Pool = Pool.start(dsn, **options)
+        pools[route] = pool
         names.add(pool.name)
-        front.add_pool(route, pool)
         pool.add_monitor(_on_stopped(front, pool.name))
         front.publish("pool", {"event": "started", "pool": pool.name, "time": time.time(),
                                "state": "closed", "reason": None})
+        return pool
+
+    for route, dsn, options in config.pool_specs():
+        front.add_pool(route, start_pool(route, dsn, options))
+    reloader = Reloader(front, config, reload or (lambda: config), start_pool, holders)
+    front.on_reload = reloader.reload
     if metrics is not None:
         metrics.start(front)
     previous = {sig: signal.signal(sig, lambda *_: front.stop())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: front.reload_keys())
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP,
+                                            lambda *_: front.post(reloader.reload))
     shown = "" if metrics is None else f" (metrics and health on http://{metrics.address}/)"
     where = f"{front.endpoint} (events on {front.events_endpoint}){shown}"
     print(f"dbpool serve: listening on {where}", flush=True)

@@ -126,6 +126,8 @@ class ServedPool:
         self._seen_before: set[Hashable] = set()
         #: How many clients were active lately (see pipes_each).
         self.active = 1
+        #: Taken out of service by a reload: its connections go back as they come free.
+        self.removed = False
 
     def tick(self) -> None:
         """Count the clients active lately (the front end calls it every tick)."""

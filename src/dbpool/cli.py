@@ -214,7 +214,7 @@ def _serve(args: argparse.Namespace) -> int:
     if config.dsn is None:
         print("no DSN given: starting the embedded PostgreSQL", flush=True)
     try:
-        return serve(config)
+        return serve(config, reload=lambda: load_config(args))
     except ConfigurationError as exc:  # a bad key file, an endpoint that will not bind
         print(f"dbpool serve: {exc}", file=sys.stderr)
         return 2

@@ -141,11 +141,12 @@ class PgDriver:
     def connect(self, opts: Options) -> PgState:
         conninfo = str(opts.get("conninfo", ""))
         kwargs = {k: v for k, v in opts.items() if k not in _POOL_KEYS}
-        kwargs.setdefault("application_name", "dbpool")
         try:
             given = conninfo_to_dict(conninfo)
         except psycopg.Error:
             given = {}  # libpq will say what is wrong with it
+        if "application_name" not in given:  # a keyword would beat the DSN's own
+            kwargs.setdefault("application_name", "dbpool")
         for key, value in NETWORK_DEFAULTS.items():
             if key not in given and key not in kwargs:
                 kwargs[key] = value

@@ -159,3 +159,16 @@ def test_a_terminated_backend_is_a_disconnect_safe_to_retry(state: PgState, pg_d
 def test_ping_and_checkout_on_a_live_connection(state: PgState) -> None:
     assert driver.ping(state) == Ok(None)
     assert driver.checkout(state) == Ok(None)
+
+
+def test_the_dsns_application_name_wins_and_dbpool_is_the_default(pg_dsn: str) -> None:
+    driver = PgDriver()
+    named = driver.connect({"conninfo": pg_dsn + " application_name=my-app"})
+    plain = driver.connect({"conninfo": pg_dsn})
+    try:
+        names = [state.conn.execute("SHOW application_name").fetchone()
+                 for state in (named, plain)]
+        assert names == [("my-app",), ("dbpool",)]
+    finally:
+        driver.disconnect(None, named)
+        driver.disconnect(None, plain)
