@@ -7,6 +7,7 @@ installed, :func:`embedded_conninfo` raises and says how to install it.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -64,7 +65,9 @@ def _forget_dead_users(path: Path) -> None:
     left running (pgserver finds it and reuses it: one postmaster for the
     folder), and stops it when it exits last.
     """
-    import fasteners  # pgserver's own lock library
+    # pgserver's own lock library (untyped; imported by name so that a type check
+    # of dbpool needs no stubs for it).
+    fasteners = importlib.import_module("fasteners")
     from pgserver.postgres_server import PostgresServer
 
     users = path / ".handle_pids.json"
