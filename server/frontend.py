@@ -442,7 +442,10 @@ class FrontEnd:
             frames = [origin.bytes, recv(_NOBLOCK)]  # a message arrives whole
             while option(_ZMQ_RCVMORE):
                 frames.append(recv(_NOBLOCK))
-            handle(frames, origin)
+            try:
+                handle(frames, origin)
+            except Exception:  # a bug outside any handler: this request only, never the loop
+                logger.exception("front end: a request could not be handled")
 
     def _flush(self) -> None:
         """Send the statements queued on connections this iteration, one write each."""

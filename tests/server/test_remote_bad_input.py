@@ -961,3 +961,41 @@ def test_wrong_dsn_password_never_leaks(pg_password_cluster: PgCluster, ctx: zmq
     for frame in [*c.received, *(f for message in events for f in message)]:
         assert wrong.encode() not in frame, frame
     assert wrong not in repr(status) and wrong not in repr(reply)
+
+
+def test_a_bug_outside_any_handler_costs_that_request_only(
+    pg_dsn: str, ctx: zmq.Context[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The front end on a thread of this process, with its error reply made to fail
+    once (a bug where no handler catches it): the loop goes on and serves the next."""
+    import threading
+
+    from dbpool.pool import Pool
+    from dbpool.server.config import ServeConfig
+    from dbpool.server.frontend import FrontEnd
+
+    with Pool.start(pg_dsn, pool_size=1) as pool:
+        front = FrontEnd(pool, ServeConfig(bind="tcp://127.0.0.1:*",
+                                           events_bind="tcp://127.0.0.1:*", grace=1.0))
+        real = front._reply_error
+        broken = [True]
+
+        def reply_error(*args: Any) -> None:
+            if broken:
+                broken.clear()
+                raise RuntimeError("an injected bug")
+            real(*args)
+
+        front._reply_error = reply_error  # type: ignore[method-assign]
+        thread = threading.Thread(target=front.run, daemon=True)
+        thread.start()
+        try:
+            with RecordingClient(ctx, front.endpoint) as c:
+                c.send_frames(b"\xc1")  # malformed: its error reply raises
+                reply = c.raw(wire.packb({"v": 1, "id": 2, "op": "ping"}))
+                assert reply == {"id": 2, "ok": "pong"}
+            assert thread.is_alive()
+            assert "a request could not be handled" in caplog.text
+        finally:
+            front.stop()
+            thread.join(10)
