@@ -51,6 +51,7 @@ from .messages import (
     Ping,
     Probe,
     Reconnect,
+    Retire,
 )
 from .scheduler import Scheduler
 from .slot import Slot
@@ -122,6 +123,10 @@ class ConnectionActor(pykka.ThreadingActor):
                 self._reconnect(error, backoff=backoff)
             case Ping(slot) if slot is self.slot and slot.driver_state is not None:
                 self._ping()
+            case Retire(slot) if slot is self.slot:
+                self._attempt += 1  # no connect after this
+                self._close(ConnectionError("the pool shrank", reason="stopped"))
+                self._tell_pool(Parked(self.slot.index))
             case Connect() | Reconnect() | Ping() | Probe():
                 pass  # stale: overtaken by a newer attempt or connection
             case _:

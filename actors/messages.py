@@ -24,6 +24,7 @@ __all__ = [
     "Ping",
     "Probe",
     "Reconnect",
+    "Retire",
 ]
 
 
@@ -95,6 +96,14 @@ class ConnectionCrashed:
     index: int
     error: BaseException
     actor: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Retire:
+    """The pool shrank past this connection: close it and report :class:`Parked`
+    (the pool then stops the actor)."""
+
+    slot: Slot
 
 
 @dataclass(frozen=True, slots=True)

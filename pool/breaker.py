@@ -113,6 +113,12 @@ class Breaker:
     def disconnected(self, index: int) -> None:
         self.up.discard(index)
 
+    def forget(self, index: int) -> None:
+        """Connection ``index`` is gone for good (the pool shrank)."""
+        self.up.discard(index)
+        if index in self.parked:
+            self.parked.remove(index)
+
     def parked_connection(self, index: int) -> None:
         if index not in self.parked:
             self.parked.append(index)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from dbpool import telemetry
 from dbpool.actors.listeners import ConnectionEvent
-from dbpool.actors.messages import Reconnect
+from dbpool.actors.messages import Reconnect, Retire
 from dbpool.actors.slot import Slot
 from dbpool.driver import Disconnect, Driver, Ok
 from dbpool.errors import ConnectionError
@@ -67,6 +67,9 @@ class Checkin:
         self.metrics = metrics
         self.canceller = canceller
         self.deliver = deliver
+        #: Slot indexes past the pool's size after a resize: their connections close
+        #: as they come back, and the pool actor stops their actors.
+        self.retired: set[int] = set()
 
     # -- from the holder ---------------------------------------------------
 
@@ -156,7 +159,7 @@ class Checkin:
     def from_actor(self, slot: Slot) -> bool:
         """A connection actor's ready slot (connected or pinged): into the queue, or
         False if the pool takes none now (stopping, or drained)."""
-        if self.breaker.drained:
+        if self.breaker.drained or slot.index in self.retired:
             return False
         return self.queue.put(slot)
 
@@ -203,6 +206,13 @@ class Checkin:
                 self.queue.record_usage(slot)
                 self.recycle(slot, reason)
                 return
+        if slot.index in self.retired:  # the pool shrank past it
+            self.queue.record_usage(slot)
+            try:
+                slot.actor.tell(Retire(slot))
+            except Exception:  # the actor is gone: the pool is stopping
+                self.dispose(slot)
+            return
         if not self.queue.put(slot):
             self.dispose(slot)
 

@@ -30,7 +30,7 @@ import pykka
 from dbpool.actors.connection import ConnectionConfig
 from dbpool.actors.slot import Slot
 from dbpool.driver import Driver, Params, Query
-from dbpool.errors import PoolStoppedError
+from dbpool.errors import ConfigurationError, PoolStoppedError
 from dbpool.pgdriver import PgDriver
 
 from ._async.calls import AsyncPoolCalls
@@ -44,7 +44,7 @@ from .loans import Loan, caller_location
 from .logentry import LogFn
 from .options import PoolOptions, PoolStartOptions, checkout_options
 from .ownership.core import OwnershipCore
-from .pool_actor import Availability, PoolActor
+from .pool_actor import Availability, PoolActor, Resize
 
 __all__ = ["AsyncCheckout", "AsyncPoolTransaction", "Checkout", "Pool", "PoolTransaction"]
 
@@ -231,6 +231,21 @@ class Pool(PoolCalls, AsyncPoolCalls):
         drained = not loans
         self._availability("drain")
         return drained
+
+    def resize(self, size: int) -> None:
+        """Keep ``size`` connections open from now on, as HikariCP's
+        ``setMaximumPoolSize`` does at run time.
+
+        Growing opens the new connections in the background.  Shrinking closes
+        idle connections past the new size at once and lent ones when they are
+        checked in: nothing in flight is interrupted.
+        """
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigurationError(f"pool_size must be an integer >= 1, got {size!r}")
+        try:
+            self.ref.ask(Resize(size), timeout=30.0)
+        except pykka.ActorDeadError:
+            raise PoolStoppedError(f"{self.name}: the pool is stopped") from None
 
     def _availability(self, action: str) -> None:
         try:

@@ -27,7 +27,7 @@ import atexit
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pykka
@@ -42,6 +42,7 @@ from dbpool.actors.messages import (
     Parked,
     Ping,
     Probe,
+    Retire,
 )
 from dbpool.actors.slot import Slot
 from dbpool.actors.supervisor import RestartIntensity
@@ -75,6 +76,14 @@ class _ProbeDue:
     """Timer tick: the circuit breaker's backoff step passed (see pool/breaker.py)."""
 
     token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resize:
+    """From :meth:`~dbpool.pool.Pool.resize`: keep ``size`` connections open from now on;
+    answered once started (growing) or once the idle ones beyond it are closing."""
+
+    size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +140,12 @@ class PoolActor(pykka.ThreadingActor):
                     self.breaker.connected(event.index)
                 else:
                     self.breaker.disconnected(event.index)
+            case Parked(index) if index in self.checkin.retired:
+                self._stop_retired(index)
             case Parked(index):
                 self.breaker.parked_connection(index)
+            case Resize(size):
+                self._resize(size)
             case _ProbeDue(token):
                 self.breaker.probe_due(token)
             case Availability(action):
@@ -194,10 +207,45 @@ class PoolActor(pykka.ThreadingActor):
         ref = ConnectionActor.start(slot, self.config, self.actor_ref)
         self.connections[index] = ref
 
+    def _resize(self, size: int) -> None:
+        """Grow by starting connection actors; shrink by retiring the highest indexes:
+        idle connections close now, lent ones when they come back, and their actors
+        stop.  Nothing in flight is touched."""
+        old = self.options.pool_size
+        retired = self.checkin.retired
+        if size > old:
+            for index in range(old, size):
+                if index in retired:  # still closing from a shrink: it stays instead
+                    retired.discard(index)
+                    if index in self.connections:
+                        continue
+                self._start_connection(index)
+        elif size < old:
+            going = set(range(size, old))
+            retired.update(going)
+            for slot in self.queue.take_slots(going):
+                slot.actor.tell(Retire(slot))
+            for index in [index for index in self.breaker.parked if index in going]:
+                self._stop_retired(index)
+        self.core.options = replace(self.core.options, pool_size=size)
+        self.options = self.core.options
+        logger.info("%s: pool size %d -> %d", self.name, old, size)
+
+    def _stop_retired(self, index: int) -> None:
+        """A retired connection has closed: stop its actor, forget its index."""
+        self.checkin.retired.discard(index)
+        self.breaker.forget(index)
+        ref = self.connections.pop(index, None)
+        if ref is not None:
+            ref.stop(block=False)
+
     def _restart(self, index: int, error: BaseException, actor: Any) -> None:
         current = self.connections.get(index)
         if current is None or current.actor_urn != actor.actor_urn:
             return  # a crash report from an actor already replaced
+        if index in self.checkin.retired:
+            self._stop_retired(index)
+            return
         if not self.restarts.allow():
             self._fail(PoolStoppedError(
                 f"{self.name}: connection actors crashed more than "

@@ -496,6 +496,14 @@ class CheckoutQueue:
                 taken.append(idle.popleft())
         return taken
 
+    def take_slots(self, indexes: set[int]) -> list[Slot]:
+        """Remove the idle slots whose index is in ``indexes`` (a resize retires them)."""
+        with self._lock:
+            taken = [slot for slot in self._idle if slot.index in indexes]
+            for slot in taken:
+                self._idle.remove(slot)
+        return taken
+
     def close(self, error: BaseException) -> list[Slot]:
         """Refuse all further checkouts with ``error``; fail the waiters; return idle slots."""
         with self._lock:

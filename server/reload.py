@@ -11,12 +11,13 @@ What changes without a restart, with nothing in flight failing:
 - a pool whose ``dsn`` changed has its connections replaced, staggered over
   :data:`RECYCLE_SPREAD` seconds (``disconnect_all``), the new ones to the new
   DSN;
+- a pool's size grows or shrinks (:meth:`dbpool.pool.Pool.resize`: idle
+  connections past it close, lent ones when they come back);
 - the authorized CURVE keys (see :mod:`dbpool.server.auth`).
 
 A configuration that does not load is refused with one log line, and the
 old one stays.  A change that needs a restart (a bound endpoint, CURVE
-itself, a pool's size or other pool options) is named in a warning and
-left as it was.
+itself, a pool's other options) is named in a warning and left as it was.
 """
 
 from __future__ import annotations
@@ -120,8 +121,13 @@ class Reloader:
                             "over %g s", route, shown, RECYCLE_SPREAD)
                 self.holders[route].dsn = dsn
                 front.served[route].pool.disconnect_all(RECYCLE_SPREAD)
+            size = options.get("pool_size")
+            if size != old_options.get("pool_size") and isinstance(size, int):
+                logger.info("reload: pool %s resized to %d", route, size)
+                threading.Thread(target=front.served[route].pool.resize, args=(size,),
+                                 name=f"dbpool-resize-{route}", daemon=True).start()
             changed = sorted(key for key in {*options, *old_options}
-                             if key != "connection_listeners"
+                             if key not in ("connection_listeners", "pool_size")
                              and options.get(key) != old_options.get(key))
             if changed:
                 logger.warning("reload: pool %s: %s changed; it takes a restart", route,

@@ -1,12 +1,11 @@
 """Live reload of ``dbpool serve``'s configuration (SIGHUP), under load (issue 18).
 
 Four client processes keep querying the default pool while the TOML file is
-changed and SIGHUP sent five times: a client limit changed, a pool added, a
-broken file (refused; the old configuration stays), the new pool's DSN
-changed (its connections are replaced, now to the new DSN), and the pool
-removed.  The clients see no error throughout.
-
-Not yet live: a pool's size (a reload names it as needing a restart).
+changed and SIGHUP sent seven times: the default pool's size up and down, a
+client limit changed, a pool added, a broken file (refused; the old
+configuration stays), the new pool's DSN changed (its connections are
+replaced, now to the new DSN), and the pool removed.  The clients see no
+error throughout.
 """
 
 from __future__ import annotations
@@ -55,13 +54,14 @@ def application_names(dsn: str) -> set[str]:
     return {row[0] for row in rows}
 
 
-def test_five_reloads_under_load_cost_the_clients_nothing(pg_dsn: str, tmp_path: Path) -> None:
+def test_reloads_under_load_cost_the_clients_nothing(pg_dsn: str, tmp_path: Path) -> None:
     path = tmp_path / "dbpool.toml"
     base = f'dsn = "{pg_dsn}"\n[clients.anonymous]\nadmin = true\n'
-    path.write_text(base)
+
     spawn = multiprocessing.get_context("spawn")
     stop, done, errors = spawn.Event(), spawn.Value("q", 0), spawn.Value("q", 0)
-    with ServerProcess(pg_dsn, "--config", str(path), pool_size=2) as server:
+    path.write_text("pool_size = 2\n" + base)
+    with ServerProcess(pg_dsn, "--config", str(path), pool_size=None) as server:
         workers = [spawn.Process(target=_load, args=(server.endpoint, stop, done, errors))
                    for _ in range(4)]
         for worker in workers:
@@ -70,6 +70,19 @@ def test_five_reloads_under_load_cost_the_clients_nothing(pg_dsn: str, tmp_path:
             wait_for(lambda: done.value > 100, 30, "the load to run")
             with Client(server.endpoint, timeout=10) as client, \
                     Client(server.endpoint, timeout=10, pool="extra") as extra:
+
+                def size_is(size: int) -> bool:
+                    default = client.status()["pools"]["default"]
+                    connections = default["connections"]
+                    return bool(default["pool_size"] == size
+                                and connections["idle"] + connections["in_use"] == size)
+
+                # 0. the default pool's size, up and down, under the load
+                reload(server, path, "pool_size = 4\n" + base, "reload: pool default resized")
+                wait_for(lambda: size_is(4), 10, "four connections")
+                base = "pool_size = 1\n" + base
+                reload(server, path, base, "reload: pool default resized")
+                wait_for(lambda: size_is(1), 10, "one connection")
                 # 1. a limit
                 reload(server, path, base + "max_leases = 0\n", "reloaded:")
                 with pytest.raises(ConnectionError) as caught:

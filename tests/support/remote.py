@@ -39,14 +39,15 @@ class ServerProcess:
     """One ``dbpool serve`` child process (see the module docstring)."""
 
     def __init__(self, dsn: str, *args: str, bind: str = "tcp://127.0.0.1:*",
-                 events_bind: str = "tcp://127.0.0.1:*", pool_size: int = 4,
+                 events_bind: str = "tcp://127.0.0.1:*", pool_size: int | None = 4,
                  env: dict[str, str] | None = None, start_timeout: float = 30.0,
                  wait_ready: bool = True) -> None:
         self.dsn = dsn
         self.args: Sequence[str] = args
         self.pool_size = pool_size
+        sizing = [] if pool_size is None else ["--pool-size", str(pool_size)]
         command = [sys.executable, "-m", "dbpool", "serve", "--dsn", dsn, "--bind", bind,
-                   "--events-bind", events_bind, "--pool-size", str(pool_size), *args]
+                   "--events-bind", events_bind, *sizing, *args]
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})})
