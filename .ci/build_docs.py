@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TREE = ROOT / ".ci" / "docs-src" / "dbpool"
-LAYERS = ("actors", "pool", "server", "client", "bench")
+LAYERS = ("actors", "pool", "server", "client", "dbapi", "bench")
 
 
 def lay_out() -> None:

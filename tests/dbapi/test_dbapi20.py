@@ -1,0 +1,59 @@
+"""dbpool.dbapi against the standard DB-API 2.0 compliance suite (issue 19).
+
+``dbapi20.py`` is Stuart Bishop's suite, from the ``dbapi-compliance``
+package on PyPI, the one psycopg runs too.  Here it runs in-process: each
+connection it makes borrows one from a pool on the real PostgreSQL.  Where
+PEP 249 leaves a choice, the subclass overrides, as psycopg's own
+``tests/dbapi20.py`` does, and says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import dbapi20
+import pytest
+
+from dbpool import dbapi
+from dbpool.pool import Pool
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dbapi_pool(pg_dsn: str) -> Iterator[Pool]:
+    with Pool.start(pg_dsn, pool_size=4, name="dbapi20") as pool:
+        InProcessCompliance.connect_kw_args = {"pool": pool}
+        yield pool
+
+
+class InProcessCompliance(dbapi20.DatabaseAPI20Test):  # type: ignore[misc]
+    driver = dbapi
+    connect_args = ()
+    connect_kw_args: ClassVar[dict[str, Any]] = {}
+    # The suite's tables are made per test and dropped after it.
+    table_prefix = "dbapi20test_"
+
+    # PEP 249 leaves multiple result sets to the driver: PostgreSQL's extended
+    # protocol gives one per statement, so nextset() is always None (psycopg
+    # overrides this test the same way).
+    def test_nextset(self) -> None:
+        con = self._connect()
+        try:
+            cur = con.cursor()
+            cur.execute("SELECT 1")
+            self.assertIsNone(cur.nextset())
+        finally:
+            con.close()
+
+    # "Driver dependant": setoutputsize is accepted and ignored, results are
+    # fetched whole (psycopg skips this test).
+    def test_setoutputsize(self) -> None:
+        con = self._connect()
+        try:
+            cur = con.cursor()
+            cur.setoutputsize(1000, 0)
+            cur.execute("SELECT 'x'")
+            self.assertEqual(cur.fetchall(), [("x",)])
+        finally:
+            con.close()
+
