@@ -1,9 +1,22 @@
-"""A PEP 249 connection: one connection of a dbpool pool, held until :meth:`close`."""
+"""A PEP 249 connection, over an in-process pool or through ``dbpool serve``.
+
+:class:`Connection` holds what PEP 249 asks of a connection (transactions
+begun by the first statement, commit, rollback, close); a *transport* does
+the I/O:
+
+- :class:`PoolTransport`: a connection checked out of an in-process
+  :class:`~dbpool.pool.Pool`, held until close;
+- :class:`RemoteTransport`: a :class:`~dbpool.client.Client` of ``dbpool
+  serve``; a transaction is a lease on one server connection, with what a
+  lease guarantees (a client that dies has its transaction rolled back),
+  and statements outside one (autocommit) run on any connection.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import psycopg
 
@@ -12,14 +25,80 @@ from dbpool.driver import Params, Result
 from .cursor import Cursor
 
 if TYPE_CHECKING:
+    from dbpool.client import Client, Transaction
     from dbpool.pool import Checkout, Pool
     from dbpool.pool import Connection as PoolConnection
 
-__all__ = ["Connection", "connect"]
+__all__ = ["Connection", "PoolTransport", "RemoteTransport", "connect"]
+
+
+class Transport(Protocol):
+    """How a :class:`Connection` runs statements and transactions."""
+
+    def begin(self) -> None: ...
+    def end(self, commit: bool) -> None: ...
+    def execute(self, sql: str, params: Params) -> Result: ...
+    def execute_many(self, sql: str, params_seq: Sequence[Params]) -> list[Result]: ...
+    def close(self) -> None: ...
+
+
+class PoolTransport:
+    """A connection of an in-process pool, checked out until :meth:`close`."""
+
+    def __init__(self, checkout: Checkout) -> None:
+        self._checkout = checkout
+        self._conn: PoolConnection = checkout.__enter__()
+
+    def begin(self) -> None:
+        self._conn.query("BEGIN")
+
+    def end(self, commit: bool) -> None:
+        self._conn.query("COMMIT" if commit else "ROLLBACK")
+
+    def execute(self, sql: str, params: Params) -> Result:
+        return self._conn.query(sql, params)
+
+    def execute_many(self, sql: str, params_seq: Sequence[Params]) -> list[Result]:
+        return [self._conn.query(sql, params) for params in params_seq]
+
+    def close(self) -> None:
+        self._checkout.__exit__(None, None, None)  # a transaction left: the pool cleans
+
+
+class RemoteTransport:
+    """A client of ``dbpool serve``: a transaction is a lease (``client.transaction()``)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._tx: Transaction | None = None
+
+    def begin(self) -> None:
+        self._tx = self._client.transaction()
+
+    def end(self, commit: bool) -> None:
+        tx, self._tx = self._tx, None
+        if tx is not None:
+            if commit:
+                tx.commit()
+            else:
+                tx.rollback()
+
+    def execute(self, sql: str, params: Params) -> Result:
+        target = self._tx if self._tx is not None else self._client
+        return target.query(sql, params)
+
+    def execute_many(self, sql: str, params_seq: Sequence[Params]) -> list[Result]:
+        if not params_seq:
+            return []
+        target = self._tx if self._tx is not None else self._client
+        return target.batch(sql, list(params_seq))  # one round trip
+
+    def close(self) -> None:
+        self._client.close()
 
 
 class Connection:
-    """A DB-API connection on a connection lent by an in-process pool.
+    """A DB-API connection (see the module docstring).
 
     The exceptions are also attributes, as PEP 249's optional extension
     asks (``conn.Error``...).
@@ -36,9 +115,8 @@ class Connection:
     ProgrammingError = psycopg.ProgrammingError
     NotSupportedError = psycopg.NotSupportedError
 
-    def __init__(self, checkout: Checkout, autocommit: bool) -> None:
-        self._checkout: Checkout | None = checkout
-        self._conn: PoolConnection | None = checkout.__enter__()
+    def __init__(self, transport: Transport, autocommit: bool) -> None:
+        self._transport: Transport | None = transport
         #: Whether each statement commits by itself (no transaction is begun).
         self.autocommit = autocommit
         self._in_transaction = False
@@ -50,37 +128,37 @@ class Connection:
         return Cursor(self)
 
     def commit(self) -> None:
-        conn = self._live()
+        transport = self._live()
         if self._in_transaction:
             self._in_transaction = False
-            conn.query("COMMIT")
+            transport.end(commit=True)
 
     def rollback(self) -> None:
-        conn = self._live()
+        transport = self._live()
         if self._in_transaction:
             self._in_transaction = False
-            conn.query("ROLLBACK")
+            transport.end(commit=False)
 
     def close(self) -> None:
-        """Roll back a transaction left open and give the connection back to its pool.
+        """Roll back a transaction left open and let the connection go.
 
         Closing twice raises :class:`InterfaceError`, as the DB-API test suite
         expects.
         """
-        checkout = self._checkout
-        if checkout is None:
+        transport = self._transport
+        if transport is None:
             raise psycopg.InterfaceError("the connection is already closed")
         try:
             if self._in_transaction:
                 self._in_transaction = False
-                self._live().query("ROLLBACK")
+                transport.end(commit=False)
         finally:
-            self._conn = self._checkout = None
-            checkout.__exit__(None, None, None)  # a rollback that failed: the pool cleans
+            self._transport = None
+            transport.close()
 
     @property
     def closed(self) -> bool:
-        return self._checkout is None
+        return self._transport is None
 
     def __enter__(self) -> Connection:
         return self
@@ -97,23 +175,51 @@ class Connection:
 
     # -- for the cursors --------------------------------------------------------
 
-    def _live(self) -> PoolConnection:
-        conn = self._conn
-        if conn is None:
+    def _live(self) -> Transport:
+        transport = self._transport
+        if transport is None:
             raise psycopg.InterfaceError("the connection is closed")
-        return conn
+        return transport
+
+    def _begun(self) -> Transport:
+        """The transport, with the transaction begun first unless autocommit."""
+        transport = self._live()
+        if not self.autocommit and not self._in_transaction:
+            transport.begin()
+            self._in_transaction = True
+        return transport
 
     def _run(self, sql: str, params: Params) -> Result:
-        """Run one statement, beginning the transaction first unless autocommit."""
-        conn = self._live()
-        if not self.autocommit and not self._in_transaction:
-            conn.query("BEGIN")
-            self._in_transaction = True
-        return conn.query(sql, params)
+        return self._begun().execute(sql, params)
+
+    def _run_many(self, sql: str, params_seq: Sequence[Params]) -> list[Result]:
+        return self._begun().execute_many(sql, params_seq)
 
 
-def connect(*, pool: Pool, autocommit: bool = False,
-            timeout: float | None = None) -> Connection:
-    """Borrow a connection of ``pool`` until :meth:`Connection.close` (``timeout`` is the
-    checkout's: the wait for a connection and its use, as for ``pool.checkout``)."""
-    return Connection(pool.checkout(timeout=timeout), autocommit)
+def connect(endpoint: str | None = None, *, pool: Pool | str | None = None,
+            autocommit: bool = False, timeout: float | None = None,
+            server_key: str | None = None, client_key: str | None = None) -> Connection:
+    """A DB-API connection.
+
+    - ``connect(pool=<Pool>)``: borrow a connection of an in-process pool
+      until :meth:`Connection.close` (``timeout`` is the checkout's: the wait
+      for a connection and its use, as for ``pool.checkout``).
+    - ``connect("tcp://host:7432", pool="app", server_key=..., client_key=...)``:
+      through ``dbpool serve``; ``pool`` names the server's pool (default: its
+      default pool), ``timeout`` is the client's request timeout, the keys are
+      CURVE's (see :class:`dbpool.client.Client`).
+    """
+    if endpoint is None:
+        from dbpool.pool import Pool
+
+        if not isinstance(pool, Pool):
+            raise psycopg.InterfaceError(
+                "connect() needs pool=<a dbpool Pool>, or an endpoint of dbpool serve")
+        return Connection(PoolTransport(pool.checkout(timeout=timeout)), autocommit)
+    if pool is not None and not isinstance(pool, str):
+        raise psycopg.InterfaceError("through dbpool serve, pool= is the server's pool name")
+    from dbpool.client import Client
+
+    client = Client(endpoint, 15.0 if timeout is None else timeout, pool=pool,
+                    server_key=server_key, client_key=client_key)
+    return Connection(RemoteTransport(client), autocommit)

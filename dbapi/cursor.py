@@ -45,15 +45,13 @@ class Cursor:
         return self
 
     def executemany(self, operation: str, seq_of_parameters: Sequence[Params]) -> Cursor:
-        """Run one statement once per set of parameters; ``rowcount`` is their total."""
+        """Run one statement once per set of parameters (through ``dbpool serve``, in
+        one round trip); ``rowcount`` is their total."""
         self._check_open()
-        total = 0
-        result = None
-        for parameters in seq_of_parameters:
-            result = self.connection._run(operation, _params(parameters))
-            total += max(result.rowcount, 0)
+        results = self.connection._run_many(operation,
+                                            [_params(params) for params in seq_of_parameters])
         self._rows, self._position, self.description = [], 0, None
-        self.rowcount = total if result is not None else -1
+        self.rowcount = sum(max(result.rowcount, 0) for result in results) if results else -1
         return self
 
     def callproc(self, procname: str, parameters: Sequence[Any] = ()) -> Sequence[Any]:

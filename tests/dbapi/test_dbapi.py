@@ -102,3 +102,26 @@ def test_errors_are_psycopgs_and_a_closed_connection_says_so(pool: Pool) -> None
         cur.execute("SELECT 1")
     with pytest.raises(dbapi.InterfaceError):
         conn.close()
+
+
+def test_through_dbpool_serve_a_transaction_is_a_lease(pg_dsn: str, table: str) -> None:
+    from tests.support.remote import ServerProcess
+
+    with ServerProcess(pg_dsn, pool_size=2) as server:
+        conn = dbapi.connect(server.endpoint)
+        cur = conn.cursor()
+        cur.executemany(f"INSERT INTO {table} VALUES (%s, %s)", [(1, "a"), (2, "b")])
+        assert cur.rowcount == 2
+        assert count(pg_dsn, table) == 0  # in the lease's transaction
+        conn.commit()
+        assert count(pg_dsn, table) == 2
+        with pytest.raises(psycopg.errors.UniqueViolation):  # the same class as in-process
+            cur.execute(f"INSERT INTO {table} VALUES (1, 'again')")
+        conn.rollback()
+        cur.execute(f"SELECT body FROM {table} ORDER BY id")
+        assert cur.fetchall() == [("a",), ("b",)]
+        conn.close()
+        auto = dbapi.connect(server.endpoint, autocommit=True)
+        auto.cursor().execute(f"DELETE FROM {table} WHERE id = 1")  # no lease needed
+        assert count(pg_dsn, table) == 1
+        auto.close()

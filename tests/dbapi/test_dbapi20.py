@@ -1,10 +1,11 @@
 """dbpool.dbapi against the standard DB-API 2.0 compliance suite (issue 19).
 
 ``dbapi20.py`` is Stuart Bishop's suite, from the ``dbapi-compliance``
-package on PyPI, the one psycopg runs too.  Here it runs in-process: each
-connection it makes borrows one from a pool on the real PostgreSQL.  Where
-PEP 249 leaves a choice, the subclass overrides, as psycopg's own
-``tests/dbapi20.py`` does, and says why.
+package on PyPI, the one psycopg runs too.  It runs twice: in-process (each
+connection it makes borrows one from a pool on the real PostgreSQL) and
+through a ``dbpool serve`` process (each connection a client; a transaction
+a lease).  Where PEP 249 leaves a choice, the subclass overrides, as
+psycopg's own ``tests/dbapi20.py`` does, and says why.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 from dbpool import dbapi
 from dbpool.pool import Pool
+from tests.support.remote import ServerProcess
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,6 +26,13 @@ def dbapi_pool(pg_dsn: str) -> Iterator[Pool]:
     with Pool.start(pg_dsn, pool_size=4, name="dbapi20") as pool:
         InProcessCompliance.connect_kw_args = {"pool": pool}
         yield pool
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dbapi_server(pg_dsn: str) -> Iterator[ServerProcess]:
+    with ServerProcess(pg_dsn, pool_size=2) as server:
+        RemoteCompliance.connect_args = (server.endpoint,)
+        yield server
 
 
 class InProcessCompliance(dbapi20.DatabaseAPI20Test):  # type: ignore[misc]
@@ -57,3 +66,9 @@ class InProcessCompliance(dbapi20.DatabaseAPI20Test):  # type: ignore[misc]
         finally:
             con.close()
 
+
+class RemoteCompliance(InProcessCompliance):
+    """The same suite and overrides, through ``dbpool serve``."""
+
+    connect_args: ClassVar[tuple[str, ...]] = ()
+    connect_kw_args: ClassVar[dict[str, Any]] = {}
