@@ -336,7 +336,9 @@ def test_send_timeout_when_down_and_the_next_request_works_after_a_restart(
         stub.unbind()
         with pytest.raises(ConnectionError) as info:
             client.query("x")
-        assert info.value.reason == "timeout"
+        # Sent before libzmq saw the server go (no reply: timeout), or after (no
+        # connection to send on: no_server); which one is a race of libzmq's.
+        assert info.value.reason in ("timeout", "no_server")
         stub.rebind()
         stub.handshakes.get(timeout=WAIT)
         assert client.query("after").rows[0][0] == "after"
