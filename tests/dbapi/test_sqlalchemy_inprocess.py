@@ -1,0 +1,126 @@
+"""SQLAlchemy's own postgresql+psycopg dialect on a dbpool pool (issue 19).
+
+An ORM round trip (tables, related objects, a join, a rolled-back session, a
+savepoint) through ``dbpool.dbapi.sqlalchemy.create_engine(pool)``; the
+checkouts show in the pool's metrics, 8 threads' sessions at once; and a
+connection SQLAlchemy returns inside a transaction comes back clean.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+sqlalchemy = pytest.importorskip("sqlalchemy")
+
+from sqlalchemy import ForeignKey, String, select, text  # noqa: E402
+from sqlalchemy.orm import (  # noqa: E402
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+)
+
+from dbpool.dbapi.sqlalchemy import create_engine  # noqa: E402
+from dbpool.pool import Pool  # noqa: E402
+
+SUFFIX = uuid.uuid4().hex[:8]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Author(Base):
+    __tablename__ = f"sa_author_{SUFFIX}"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    books: Mapped[list[Book]] = relationship(back_populates="author")
+
+
+class Book(Base):
+    __tablename__ = f"sa_book_{SUFFIX}"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(100))
+    author_id: Mapped[int] = mapped_column(ForeignKey(f"sa_author_{SUFFIX}.id"))
+    author: Mapped[Author] = relationship(back_populates="books")
+
+
+@pytest.fixture
+def pool(pg_dsn: str) -> Iterator[Pool]:
+    with Pool.start(pg_dsn, pool_size=4, name=f"sa-{SUFFIX}") as started:
+        yield started
+
+
+@pytest.fixture
+def engine(pool: Pool) -> Iterator[sqlalchemy.Engine]:
+    engine = create_engine(pool)
+    Base.metadata.create_all(engine)
+    yield engine
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+
+
+def test_an_orm_round_trip(engine: sqlalchemy.Engine, pool: Pool) -> None:
+    with Session(engine) as session:
+        session.add(Author(name="Le Guin", books=[Book(title="The Dispossessed"),
+                                                  Book(title="The Lathe of Heaven")]))
+        session.commit()
+    with Session(engine) as session:
+        rows = session.execute(select(Author.name, Book.title).join(Book.author)
+                               .order_by(Book.title)).all()
+        assert rows == [("Le Guin", "The Dispossessed"), ("Le Guin", "The Lathe of Heaven")]
+        session.add(Author(name="never"))
+        session.flush()
+        session.rollback()  # a rolled-back session
+        assert session.scalar(select(sqlalchemy.func.count(Author.id))) == 1
+        with session.begin_nested():  # a savepoint, kept
+            session.add(Author(name="kept"))
+        nested = session.begin_nested()  # a savepoint, rolled back
+        session.add(Author(name="undone"))
+        nested.rollback()
+        session.commit()
+        names = session.scalars(select(Author.name).order_by(Author.name)).all()
+        assert names == ["Le Guin", "kept"]
+    assert pool.metrics()["connections"]["in_use"] == 0
+
+
+def test_sessions_from_8_threads_are_dbpool_checkouts(engine: sqlalchemy.Engine,
+                                                        pool: Pool) -> None:
+    before = pool.metrics()["checkouts"]
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(10):
+                with Session(engine) as session:
+                    assert session.execute(text("SELECT 1")).scalar() == 1
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert pool.metrics()["checkouts"] - before >= 80
+
+
+def test_a_connection_returned_in_a_transaction_comes_back_clean(
+    engine: sqlalchemy.Engine, pg_dsn: str
+) -> None:
+    with Pool.start(pg_dsn, pool_size=1, name=f"sa-one-{SUFFIX}") as one:
+        single = create_engine(one)
+        conn = single.connect()
+        conn.execute(text(f"INSERT INTO {Author.__tablename__} (name) VALUES ('dangling')"))
+        conn.close()  # SQLAlchemy rolls back and gives it to dbpool
+        with one.checkout() as back:  # the one connection: back in dbpool's own mode
+            assert back.driver_state.conn.autocommit is True
+            assert back.status() == "idle"
+            assert back.query(f"SELECT count(*) FROM {Author.__tablename__}").rows == [(0,)]
+        single.dispose()
