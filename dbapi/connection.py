@@ -45,9 +45,15 @@ class Transport(Protocol):
 class PoolTransport:
     """A connection of an in-process pool, checked out until :meth:`close`."""
 
-    def __init__(self, checkout: Checkout) -> None:
+    def __init__(self, checkout: Checkout, hold_timeout: float | None) -> None:
         self._checkout = checkout
-        self._conn: PoolConnection = checkout.__enter__()
+        conn: PoolConnection = checkout.__enter__()
+        try:
+            conn.set_deadline(hold_timeout)
+        except BaseException:
+            checkout.__exit__(None, None, None)
+            raise
+        self._conn = conn
 
     def begin(self) -> None:
         self._conn.query("BEGIN")
@@ -198,12 +204,15 @@ class Connection:
 
 def connect(endpoint: str | None = None, *, pool: Pool | str | None = None,
             autocommit: bool = False, timeout: float | None = None,
-            server_key: str | None = None, client_key: str | None = None) -> Connection:
+            hold_timeout: float | None = None, server_key: str | None = None,
+            client_key: str | None = None) -> Connection:
     """A DB-API connection.
 
     - ``connect(pool=<Pool>)``: borrow a connection of an in-process pool
-      until :meth:`Connection.close` (``timeout`` is the checkout's: the wait
-      for a connection and its use, as for ``pool.checkout``).
+      until :meth:`Connection.close`.  ``timeout`` bounds the wait for it (the
+      pool's ``timeout`` by default); ``hold_timeout`` how long it may then be
+      held (None: until ``close()``, as a DB-API connection is held; one whose
+      thread ends is reclaimed all the same).
     - ``connect("tcp://host:7432", pool="app", server_key=..., client_key=...)``:
       through ``dbpool serve``; ``pool`` names the server's pool (default: its
       default pool), ``timeout`` is the client's request timeout, the keys are
@@ -215,7 +224,8 @@ def connect(endpoint: str | None = None, *, pool: Pool | str | None = None,
         if not isinstance(pool, Pool):
             raise psycopg.InterfaceError(
                 "connect() needs pool=<a dbpool Pool>, or an endpoint of dbpool serve")
-        return Connection(PoolTransport(pool.checkout(timeout=timeout)), autocommit)
+        return Connection(PoolTransport(pool.checkout(timeout=timeout), hold_timeout),
+                          autocommit)
     if pool is not None and not isinstance(pool, str):
         raise psycopg.InterfaceError("through dbpool serve, pool= is the server's pool name")
     from dbpool.client import Client

@@ -294,6 +294,19 @@ class Connection:
         has ended."""
         return self._driver_state
 
+    def set_deadline(self, seconds: float | None) -> None:
+        """Move this checkout's deadline to ``seconds`` from now, or lift it (None).
+
+        For a holder whose use has no end known at checkout, such as a DB-API
+        connection or an ORM session held until it is closed: its wait was
+        bounded by the checkout's timeout, its use is bounded here.  Without a
+        deadline the connection stays lent until it is checked in, or until the
+        thread that checked it out ends (then it is reclaimed).
+        """
+        loan = self._loan
+        loan.deadline = float("inf") if seconds is None else time.monotonic() + seconds
+        self._core.watcher.watch(loan)  # an earlier deadline must wake the watcher
+
     def mark_broken(self, error: BaseException) -> None:
         """Have the pool replace this connection when it is checked in, for ``error``.
 
@@ -605,6 +618,10 @@ class AsyncConnection:
     @property
     def index(self) -> int:
         return self._conn.index
+
+    def set_deadline(self, seconds: float | None) -> None:
+        """See :meth:`Connection.set_deadline`."""
+        self._conn.set_deadline(seconds)
 
     @property
     def sync(self) -> Connection:

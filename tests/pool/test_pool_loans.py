@@ -123,6 +123,36 @@ def test_a_checkout_within_its_deadline_is_untouched(pg_dsn: str, pools: list[Po
     assert pool.metrics()["deadlines"] == 0
 
 
+def test_set_deadline_none_lets_a_holder_keep_its_connection_past_the_timeout(
+    pg_dsn: str, pools: list[Pool]
+) -> None:
+    pool, _ = start_named(pg_dsn, pools, "dbpool-kept")
+    with pool.checkout(timeout=0.2) as conn:
+        conn.set_deadline(None)  # a DB-API connection's hold: until it is checked in
+        assert conn.query("SELECT pg_sleep(0.6)").rowcount == 1
+        assert conn.query("SELECT 1").rows == [(1,)]
+    assert pool.metrics()["deadlines"] == 0
+
+
+def test_set_deadline_sooner_than_the_checkouts_wakes_the_watcher(
+    pg_dsn: str, pools: list[Pool]
+) -> None:
+    # The watcher's own sweeps are far apart: only the new deadline can wake it in time
+    # to revoke a holder that sits idle (a running query would notice by itself).
+    pool, events = start_named(pg_dsn, pools, "dbpool-sooner", idle_interval=30)
+    with pool.checkout(timeout=60) as conn:
+        watcher = conn._core.watcher
+        swept = threading.Event()
+        while watcher.wake_at == float("inf"):  # until it has seen the 60s loan
+            swept.wait(0.01)
+        conn.set_deadline(0.3)
+        events.wait_count(kind("disconnected"), 1, timeout=5)  # revoked, replaced
+        with pytest.raises(ConnectionError) as info:
+            conn.query("SELECT 1")
+    assert info.value.reason == "deadline"
+    assert pool.metrics()["deadlines"] == 1
+
+
 def test_a_garbage_collected_checkout_is_rolled_back_reclaimed_and_logged(
     pg_dsn: str, pools: list[Pool], pool_log: Recorder[str]
 ) -> None:

@@ -1,0 +1,1 @@
+"""Django's database backend on dbpool (ENGINE ``"dbpool.django"``)."""
