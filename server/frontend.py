@@ -855,6 +855,7 @@ class FrontEnd:
 
     def _statements(self, job: Job, statements: list[Statement], prepare: int) -> None:
         """Run statements on the job's lease, or on any connection."""
+        job.statements = statements
         if job.req.get("lease") is not None:
             lease = self._owned(job, "lease", job.req["lease"])
             _check_idle_of_copy(lease)
@@ -900,6 +901,14 @@ class FrontEnd:
         if pipe.cancelling and not pipe.requests:
             pipe.cancelling = False
         try:
+            if (job.shared and not job.replanned and job.statements is not None
+                    and not isinstance(outcome, BaseException) and pipe.found_stale(job)):
+                # Outside a lease the failure rolled the whole request back: run it
+                # again, unprepared (its statements are prepared afresh later).
+                job.replanned = True
+                job.results = []
+                self._send(pipe, job, job.statements, NEVER)
+                return
             if job.finish is not None:
                 job.finish(job, outcome, pipe)
             elif isinstance(outcome, BaseException):

@@ -82,6 +82,15 @@ _COPY = frozenset(int(status) for status in (
 #: Command tags after which the front end's prepared statements may be gone
 #: (a DEALLOCATE does not say which one it dropped: all are forgotten).
 _FORGETS_STATEMENTS = (b"DISCARD ALL", b"DEALLOCATE")
+#: PostgreSQL's SQLSTATE for "cached plan must not change result type": a prepared
+#: statement whose result columns changed under it (DDL, here or on another
+#: connection).  It fails every run until the statement is prepared again.
+_STALE_PLAN = b"0A000"
+#: Command tags of DDL that may change what a prepared statement returns (psycopg
+#: forgets its own prepared statements after the same ones).
+_CHANGES_SCHEMA = (b"DROP", b"ALTER")
+_ENDS_TRANSACTION = (b"COMMIT", b"ROLLBACK")
+_SQLSTATE = pq.DiagnosticField.SQLSTATE
 
 #: Prepared statements a connection keeps for the front end; past this,
 #: statements run unprepared rather than grow the server's memory.
@@ -107,8 +116,8 @@ class Job:
     """
 
     __slots__ = ("client", "deadline", "finish", "holding", "needs_own", "op", "prepares",
-                 "req", "results", "rid", "route", "served", "shared", "start", "started",
-                 "state")
+                 "ran_prepared", "replanned", "req", "results", "rid", "route", "served",
+                 "shared", "start", "started", "state", "statements")
 
     def __init__(self, route: list[bytes], rid: int, op: str, req: dict[str, Any],
                  deadline: float) -> None:
@@ -139,6 +148,17 @@ class Job:
         #: Sent on a connection that no lease or stream held: it must leave
         #: no transaction open behind it.
         self.shared = False
+        #: Whether one of its statements ran as a prepared statement.
+        self.ran_prepared = False
+        #: What it runs, for running it again (the front end sets it for query,
+        #: execute and batch).
+        self.statements: Sequence[Statement] | None = None
+        #: Whether it was sent again after a prepared statement's plan went stale.
+        self.replanned = False
+
+
+def _ignore(job: Job, outcome: Outcome, pipe: Pipe) -> None:
+    """The finish of the pipe's own requests: nobody waits for their results."""
 
 
 class Pipe:
@@ -182,6 +202,10 @@ class Pipe:
         #: PostgreSQL confirms one, other requests run it unnamed, so that a
         #: Prepare skipped after an earlier failure can never break them.
         self.preparing: dict[Any, bytes] = {}
+        #: DDL ran in the transaction of the lease that holds it, not yet ended.
+        self.ddl_pending = False
+        #: Statements prepared in that transaction: (query, types) keys.
+        self.lease_prepared: list[Any] = []
         #: The COPY this connection is running, out of pipeline mode (see copy.py).
         self.copy: Copy | None = None
         pgconn.nonblocking = 1
@@ -233,6 +257,15 @@ class Pipe:
         pgconn = self.pgconn
         prepares: list[tuple[int, Any, bytes]] | None = None
         position = 0
+        ran_prepared = False
+        state = self.state
+        if state.remote_epoch != self.served.schema_epoch:  # DDL ran since: start afresh
+            state.remote_epoch = self.served.schema_epoch
+            if state.remote_statements:
+                state.stale_statements.extend(state.remote_statements.values())
+                state.remote_statements.clear()
+        if state.stale_statements and self.owner is None:  # in no transaction: drop them
+            self._deallocate_stale()
         try:
             for text, params, types, formats in converted:
                 name = None
@@ -252,6 +285,7 @@ class Pipe:
                             position += 1
                 if name is not None:
                     pgconn.send_query_prepared(name, params, param_formats=formats)
+                    ran_prepared = True
                 else:
                     pgconn.send_query_params(text, params, param_types=types,
                                              param_formats=formats, result_format=_TEXT)
@@ -265,8 +299,62 @@ class Pipe:
             self.lose(error)
             raise
         job.prepares = prepares
+        job.ran_prepared = ran_prepared
         job.shared = self.owner is None
         self.requests.append(job)
+
+    def _deallocate_stale(self) -> None:
+        """Send ``DEALLOCATE`` for the prepared statements found stale, as a request of
+        its own whose results nobody waits for."""
+        state = self.state
+        names, state.stale_statements = state.stale_statements, []
+        pgconn = self.pgconn
+        for name in names:
+            pgconn.send_query_params(b'DEALLOCATE "' + name + b'"', None, result_format=_TEXT)
+        pgconn.pipeline_sync()
+        job = Job([], 0, "deallocate", {}, float("inf"))
+        job.finish = _ignore
+        job.shared = True
+        self.requests.append(job)
+
+    def _end_lease_statements(self, job: Job) -> None:
+        """At the end of a lease's transaction (or a rollback to a savepoint), what
+        was prepared inside it: kept after a commit; after a rollback, forgotten, as it
+        may name objects the rollback undid, which a new object of the same name
+        would make stale (psycopg forgets its own on ROLLBACK for the same reason)."""
+        for r in job.results:
+            tag = r.command_status or b"" if r.status == _COMMAND_OK else b""
+            if tag.startswith(b"ROLLBACK"):
+                statements = self.state.remote_statements
+                for key in self.lease_prepared:
+                    name = statements.pop(key, None)
+                    if name is not None:
+                        self.state.stale_statements.append(name)
+                self.lease_prepared.clear()
+                return
+            if tag.startswith(b"COMMIT"):
+                self.lease_prepared.clear()
+                return
+
+    def _count_ddl(self, job: Job) -> None:
+        """DDL ran on this connection: bump the pool's schema epoch now, and again when
+        its transaction commits (until then other connections still see the old
+        schema, and may prepare for it)."""
+        served = self.served
+        served.schema_epoch += 1
+        if job.shared:  # its implicit transaction has ended with it
+            self.ddl_pending = False
+            return
+        ended = any(r.status == _COMMAND_OK
+                    and (r.command_status or b"").startswith(_ENDS_TRANSACTION)
+                    for r in job.results)
+        self.ddl_pending = not ended
+
+    def found_stale(self, job: Job) -> bool:
+        """Whether ``job`` failed because a prepared statement's plan went stale
+        (PostgreSQL's "cached plan must not change result type")."""
+        return job.ran_prepared and any(
+            r.status == _FATAL and r.error_field(_SQLSTATE) == _STALE_PLAN for r in job.results)
 
     def _new_statement(self, key: tuple[bytes, tuple[int, ...]], prepare: int) -> bytes | None:
         """A name to prepare a statement this connection lacks under, or None: run it
@@ -284,7 +372,8 @@ class Pipe:
                     counts.clear()
                 return None
             del counts[key]
-        if len(state.remote_statements) + len(self.preparing) >= MAX_PREPARED:
+        if (len(state.remote_statements) + len(self.preparing) + len(state.stale_statements)
+                >= MAX_PREPARED):
             return None
         return state.next_statement_name()
 
@@ -343,13 +432,30 @@ class Pipe:
                 status = results[position].status
                 if status == _COMMAND_OK:
                     statements[key] = name
+                    if not job.shared:
+                        self.lease_prepared.append(key)
                 if status != _FATAL:  # a failed Prepare is the request's error
                     skip.add(position)
             job.results = [r for i, r in enumerate(results) if i not in skip]
-        if statements and any(
+        if statements and job.finish is not _ignore and any(
             r.status == _COMMAND_OK and (r.command_status or b"").startswith(_FORGETS_STATEMENTS)
             for r in job.results
         ):  # a lease's client dropped prepared statements of the connection
+            statements.clear()
+        if self.lease_prepared:  # (a lease's COMMIT or ROLLBACK is sent as shared)
+            self._end_lease_statements(job)
+        if self.ddl_pending or any(
+            r.status == _COMMAND_OK and (r.command_status or b"").startswith(_CHANGES_SCHEMA)
+            for r in job.results
+        ):
+            self._count_ddl(job)
+        if statements and self.found_stale(job):
+            # DDL changed what a prepared statement returns, and likely others with it:
+            # forget them all (they are prepared afresh when run again), and deallocate
+            # them once the connection is in no transaction.
+            logger.debug("prepared statements went stale on a %s request: %d forgotten",
+                         job.op, len(statements))
+            self.state.stale_statements.extend(statements.values())
             statements.clear()
         try:
             self.complete(self, job, job.results)

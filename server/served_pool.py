@@ -128,6 +128,10 @@ class ServedPool:
         self.active = 1
         #: Taken out of service by a reload: its connections go back as they come free.
         self.removed = False
+        #: Counts the DDL (DROP, ALTER) seen through this pool, done and committed:
+        #: a connection that prepared statements before the latest count forgets
+        #: them before its next request, as their plans may have gone stale.
+        self.schema_epoch = 0
 
     def tick(self) -> None:
         """Count the clients active lately (the front end calls it every tick)."""

@@ -96,6 +96,10 @@ class PgState:
     remote_statements: dict[Any, bytes] = field(default_factory=dict)
     #: How often the front end ran each statement not yet prepared here.
     remote_counts: dict[Any, int] = field(default_factory=dict)
+    #: The front end's prepared statements whose plans went stale, to deallocate.
+    stale_statements: list[bytes] = field(default_factory=list)
+    #: The served pool's schema_epoch when the front end last used this connection.
+    remote_epoch: int = 0
     #: The ZeroMQ front end's psycopg Transformer for this connection, and its
     #: statement converter, kept across its loans (making one costs more than a query).
     remote_transformer: Any = None
