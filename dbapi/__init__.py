@@ -27,6 +27,9 @@ same class whichever way it came.
 - ``threadsafety`` is 1: threads may share the module, not a connection (a
   connection is a checkout, lent to one caller at a time);
 - ``paramstyle`` is ``"pyformat"``: psycopg's ``%s`` and ``%(name)s``.
+
+``Binary`` returns ``bytes``, not psycopg's wrapper: bytes is what both the
+pool and the service's wire format carry.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ from psycopg import (
     NUMBER,
     ROWID,
     STRING,
-    Binary,
     DatabaseError,
     DataError,
     Date,
@@ -89,6 +91,14 @@ __all__ = [
     "paramstyle",
     "threadsafety",
 ]
+
+
+
+def Binary(data: bytes | bytearray | memoryview | str) -> bytes:
+    """A binary value, as ``bytes`` (which psycopg adapts to ``bytea`` and the
+    service's wire format carries); a str is encoded as UTF-8."""
+    return data.encode() if isinstance(data, str) else bytes(data)
+
 
 apilevel = "2.0"
 threadsafety = 1

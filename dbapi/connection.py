@@ -14,13 +14,15 @@ the I/O:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
 
 import psycopg
 
 from dbpool.driver import Params, Result
+from dbpool.errors import DBPoolError, ProtocolError, TransactionError
 
 from .cursor import Cursor
 
@@ -35,7 +37,7 @@ __all__ = ["Connection", "PoolTransport", "RemoteTransport", "connect"]
 class Transport(Protocol):
     """How a :class:`Connection` runs statements and transactions."""
 
-    def begin(self) -> None: ...
+    def begin(self, characteristics: str) -> None: ...
     def end(self, commit: bool) -> None: ...
     def execute(self, sql: str, params: Params) -> Result: ...
     def execute_many(self, sql: str, params_seq: Sequence[Params]) -> list[Result]: ...
@@ -55,8 +57,8 @@ class PoolTransport:
             raise
         self._conn = conn
 
-    def begin(self) -> None:
-        self._conn.query("BEGIN")
+    def begin(self, characteristics: str) -> None:
+        self._conn.query(f"BEGIN {characteristics}" if characteristics else "BEGIN")
 
     def end(self, commit: bool) -> None:
         self._conn.query("COMMIT" if commit else "ROLLBACK")
@@ -78,29 +80,59 @@ class RemoteTransport:
         self._client = client
         self._tx: Transaction | None = None
 
-    def begin(self) -> None:
-        self._tx = self._client.transaction()
+    def begin(self, characteristics: str) -> None:
+        with _as_dbapi_errors():
+            tx = self._client.transaction()
+            self._tx = tx
+            if characteristics:  # before the lease's first statement, as PostgreSQL wants
+                tx.query(f"SET TRANSACTION {characteristics}")
 
     def end(self, commit: bool) -> None:
         tx, self._tx = self._tx, None
         if tx is not None:
-            if commit:
-                tx.commit()
-            else:
-                tx.rollback()
+            with _as_dbapi_errors():
+                if commit:
+                    tx.commit()
+                else:
+                    tx.rollback()
 
     def execute(self, sql: str, params: Params) -> Result:
         target = self._tx if self._tx is not None else self._client
-        return target.query(sql, params)
+        with _as_dbapi_errors():
+            return target.query(sql, params)
 
     def execute_many(self, sql: str, params_seq: Sequence[Params]) -> list[Result]:
         if not params_seq:
             return []
         target = self._tx if self._tx is not None else self._client
-        return target.batch(sql, list(params_seq))  # one round trip
+        with _as_dbapi_errors():
+            return target.batch(sql, list(params_seq))  # one round trip
 
     def close(self) -> None:
         self._client.close()
+
+
+@contextmanager
+def _as_dbapi_errors() -> Iterator[None]:
+    """Raise what the client raises as one of PEP 249's classes.
+
+    SQL errors and lost connections already are (``psycopg.errors`` classes,
+    :class:`dbpool.errors.ConnectionError` is an ``OperationalError``); the
+    service's own refusals are ``OperationalError`` (a permission, a pool
+    limit) or ``InterfaceError`` (a protocol error), and a parameter the wire
+    cannot carry is a ``ProgrammingError``, as psycopg's "cannot adapt" is.
+    The original is the new error's ``__cause__``.
+    """
+    try:
+        yield
+    except psycopg.Error:
+        raise
+    except (ProtocolError, TransactionError) as error:
+        raise psycopg.InterfaceError(str(error)) from error
+    except DBPoolError as error:
+        raise psycopg.OperationalError(str(error)) from error
+    except TypeError as error:
+        raise psycopg.ProgrammingError(str(error)) from error
 
 
 class Connection:
@@ -123,9 +155,36 @@ class Connection:
 
     def __init__(self, transport: Transport, autocommit: bool) -> None:
         self._transport: Transport | None = transport
-        #: Whether each statement commits by itself (no transaction is begun).
-        self.autocommit = autocommit
+        self._autocommit = autocommit
         self._in_transaction = False
+        #: The isolation level of the transactions begun from now on (``"SERIALIZABLE"``,
+        #: ``"REPEATABLE READ"``, ``"READ COMMITTED"``, ``"READ UNCOMMITTED"``), or None
+        #: for the server's default.
+        self.isolation_level: str | None = None
+        #: Whether the transactions begun from now on are ``READ ONLY`` (None: the default).
+        self.read_only: bool | None = None
+        #: Whether they are ``DEFERRABLE`` (None: the default).
+        self.deferrable: bool | None = None
+
+    @property
+    def autocommit(self) -> bool:
+        """Whether each statement commits by itself (no transaction is begun).
+
+        Changing it inside a transaction raises ``ProgrammingError``, as psycopg does.
+        """
+        return self._autocommit
+
+    @autocommit.setter
+    def autocommit(self, value: bool) -> None:
+        if self._in_transaction and bool(value) != self._autocommit:
+            raise psycopg.ProgrammingError(
+                "can't change autocommit inside a transaction: commit or roll back first")
+        self._autocommit = bool(value)
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open (begun by a statement, not yet ended)."""
+        return self._in_transaction
 
     # -- PEP 249 ---------------------------------------------------------------
 
@@ -190,10 +249,27 @@ class Connection:
     def _begun(self) -> Transport:
         """The transport, with the transaction begun first unless autocommit."""
         transport = self._live()
-        if not self.autocommit and not self._in_transaction:
-            transport.begin()
+        if not self._autocommit and not self._in_transaction:
+            transport.begin(self._characteristics())
             self._in_transaction = True
         return transport
+
+    def _characteristics(self) -> str:
+        """The ``BEGIN`` / ``SET TRANSACTION`` modes from the attributes, checked."""
+        modes = []
+        level = self.isolation_level
+        if level is not None:
+            level = str(level).upper().replace("_", " ")
+            if level not in _ISOLATION_LEVELS:
+                raise psycopg.ProgrammingError(
+                    f"unknown isolation level {self.isolation_level!r}: one of "
+                    + ", ".join(_ISOLATION_LEVELS))
+            modes.append(f"ISOLATION LEVEL {level}")
+        if self.read_only is not None:
+            modes.append("READ ONLY" if self.read_only else "READ WRITE")
+        if self.deferrable is not None:
+            modes.append("DEFERRABLE" if self.deferrable else "NOT DEFERRABLE")
+        return " ".join(modes)
 
     def _run(self, sql: str, params: Params) -> Result:
         return self._begun().execute(sql, params)
@@ -202,7 +278,10 @@ class Connection:
         return self._begun().execute_many(sql, params_seq)
 
 
-def connect(endpoint: str | None = None, *, pool: Pool | str | None = None,
+_ISOLATION_LEVELS = ("SERIALIZABLE", "REPEATABLE READ", "READ COMMITTED", "READ UNCOMMITTED")
+
+
+def connect(endpoint: str | Sequence[str] | None = None, *, pool: Pool | str | None = None,
             autocommit: bool = False, timeout: float | None = None,
             hold_timeout: float | None = None, server_key: str | None = None,
             client_key: str | None = None) -> Connection:
@@ -214,7 +293,8 @@ def connect(endpoint: str | None = None, *, pool: Pool | str | None = None,
       held (None: until ``close()``, as a DB-API connection is held; one whose
       thread ends is reclaimed all the same).
     - ``connect("tcp://host:7432", pool="app", server_key=..., client_key=...)``:
-      through ``dbpool serve``; ``pool`` names the server's pool (default: its
+      through ``dbpool serve`` (``endpoint`` may be a list: the client moves to
+      the next when one does not answer); ``pool`` names the server's pool (default: its
       default pool), ``timeout`` is the client's request timeout, the keys are
       CURVE's (see :class:`dbpool.client.Client`).
     """

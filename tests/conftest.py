@@ -58,6 +58,10 @@ from tests.support.pgcluster import (
 )
 from tests.support.pools import POOL_KINDS, Pools
 
+#: SQLAlchemy's compliance suite runs under SQLAlchemy's own pytest plugin, in a
+#: pytest of its own (tests/dbapi/test_sqlalchemy_suite.py): never collected here.
+collect_ignore = ["sqlalchemy_suite"]
+
 log = logging.getLogger("tests.conftest")
 
 _SYSTEM_DSN = make_conninfo("", host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
