@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -125,3 +126,113 @@ def test_through_dbpool_serve_a_transaction_is_a_lease(pg_dsn: str, table: str) 
         auto.cursor().execute(f"DELETE FROM {table} WHERE id = 1")  # no lease needed
         assert count(pg_dsn, table) == 1
         auto.close()
+
+
+# -- both transports -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(pg_dsn: str) -> Iterator[str]:
+    """The endpoint of a ``dbpool serve`` for the module."""
+    from tests.support.remote import ServerProcess
+
+    with ServerProcess(pg_dsn, pool_size=2) as server:
+        yield server.endpoint
+
+
+@pytest.fixture(params=["in-process", "remote"])
+def connect(request: pytest.FixtureRequest, pool: Pool) -> Iterator[Any]:
+    """``connect(**kwargs)`` on the in-process pool, or through ``dbpool serve``."""
+    opened: list[dbapi.Connection] = []
+
+    def make(**kwargs: Any) -> dbapi.Connection:
+        if request.param == "in-process":
+            conn = dbapi.connect(pool=pool, **kwargs)
+        else:
+            conn = dbapi.connect(request.getfixturevalue("served"), **kwargs)
+        opened.append(conn)
+        return conn
+
+    yield make
+    for conn in opened:
+        if not conn.closed:
+            conn.close()
+
+
+def one(conn: dbapi.Connection, sql: str) -> Any:
+    cur = conn.cursor()
+    cur.execute(sql)
+    row = cur.fetchone()
+    assert row is not None
+    return row[0]
+
+
+def test_isolation_level_read_only_and_deferrable_apply_to_each_transaction(
+    connect: Any
+) -> None:
+    conn = connect()
+    assert one(conn, "SHOW transaction_isolation") == "read committed"
+    conn.rollback()
+    conn.isolation_level = "serializable"
+    conn.read_only = True
+    conn.deferrable = True
+    assert one(conn, "SHOW transaction_isolation") == "serializable"
+    assert one(conn, "SHOW transaction_read_only") == "on"
+    assert one(conn, "SHOW transaction_deferrable") == "on"
+    conn.commit()
+    conn.isolation_level = "REPEATABLE_READ"  # SQLAlchemy's spelling works too
+    conn.read_only = None
+    assert one(conn, "SHOW transaction_isolation") == "repeatable read"
+    assert one(conn, "SHOW transaction_read_only") == "off"
+    conn.rollback()
+    conn.isolation_level = "chaotic"
+    with pytest.raises(dbapi.ProgrammingError, match="unknown isolation level"):
+        conn.cursor().execute("SELECT 1")
+
+
+def test_autocommit_cannot_change_inside_a_transaction(connect: Any) -> None:
+    conn = connect()
+    conn.cursor().execute("SELECT 1")
+    assert conn.in_transaction
+    with pytest.raises(dbapi.ProgrammingError, match="inside a transaction"):
+        conn.autocommit = True
+    conn.commit()
+    conn.autocommit = True
+    conn.cursor().execute("SELECT 1")
+    assert not conn.in_transaction
+
+
+def test_binary_is_bytes_and_round_trips(connect: Any) -> None:
+    value = dbapi.Binary(b"\x00\xffdbpool")
+    assert type(value) is bytes
+    cur = connect().cursor()
+    cur.execute("SELECT %s::bytea", [value])
+    assert cur.fetchone() == (value,)
+
+
+def test_the_services_own_errors_are_pep_249_classes(served: str) -> None:
+    conn = dbapi.connect(served, autocommit=True)
+    with pytest.raises(dbapi.ProgrammingError, match="cannot carry"):  # the wire's TypeError
+        conn.cursor().execute("SELECT %s", [object()])
+    conn.close()
+    conn = dbapi.connect(served, pool="no_such_pool", autocommit=True)
+    with pytest.raises(dbapi.InterfaceError, match="no pool named") as info:
+        conn.cursor().execute("SELECT 1")
+    assert type(info.value.__cause__).__name__ == "ProtocolError"
+    conn.close()
+
+
+def test_a_connection_is_held_until_close_unless_hold_timeout_says_otherwise(
+    pool: Pool
+) -> None:
+    conn = dbapi.connect(pool=pool, timeout=0.2)  # 0.2s to get it, no limit on holding it
+    cur = conn.cursor()
+    cur.execute("SELECT pg_sleep(0.5)")
+    cur.execute("SELECT 1")
+    assert cur.fetchone() == (1,)
+    conn.close()
+    conn = dbapi.connect(pool=pool, hold_timeout=0.2)
+    with pytest.raises(dbapi.OperationalError) as info:
+        conn.cursor().execute("SELECT pg_sleep(5)")
+    assert getattr(info.value, "reason", None) == "deadline"
+    assert pool.metrics()["deadlines"] == 1
