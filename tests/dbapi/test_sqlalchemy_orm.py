@@ -1,16 +1,21 @@
-"""SQLAlchemy's own postgresql+psycopg dialect on a dbpool pool (issue 19).
+"""SQLAlchemy on dbpool, both ways (issue 19).
 
-An ORM round trip (tables, related objects, a join, a rolled-back session, a
-savepoint) through ``dbpool.dbapi.sqlalchemy.create_engine(pool)``; the
-checkouts show in the pool's metrics, 8 threads' sessions at once; and a
-connection SQLAlchemy returns inside a transaction comes back clean.
+- ``in-process``: SQLAlchemy's own postgresql+psycopg dialect on a dbpool
+  pool, ``dbpool.dbapi.sqlalchemy.create_engine(pool)``;
+- ``remote``: the ``postgresql+dbpool://`` dialect through ``dbpool serve``.
+
+On each: an ORM round trip (tables, related objects, a join, a rolled-back
+session, savepoints), and 8 threads' sessions at once, which show as dbpool's
+checkouts in its metrics (the service's: its leases and its pool's
+checkouts).  In-process, a connection SQLAlchemy returns inside a transaction
+comes back clean.
 """
 
 from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -25,8 +30,10 @@ from sqlalchemy.orm import (  # noqa: E402
     relationship,
 )
 
+from dbpool.client import Client  # noqa: E402
 from dbpool.dbapi.sqlalchemy import create_engine  # noqa: E402
 from dbpool.pool import Pool  # noqa: E402
+from tests.support.remote import ServerProcess  # noqa: E402
 
 SUFFIX = uuid.uuid4().hex[:8]
 
@@ -56,16 +63,43 @@ def pool(pg_dsn: str) -> Iterator[Pool]:
         yield started
 
 
-@pytest.fixture
-def engine(pool: Pool) -> Iterator[sqlalchemy.Engine]:
-    engine = create_engine(pool)
+@pytest.fixture(scope="module")
+def server(pg_dsn: str) -> Iterator[ServerProcess]:
+    with ServerProcess(pg_dsn, pool_size=4) as started:
+        yield started
+
+
+#: What a test reads of dbpool's checkouts, whichever way the engine goes.
+Checkouts = Callable[[], int]
+
+
+@pytest.fixture(params=["in-process", "remote"])
+def engine_and_checkouts(
+    request: pytest.FixtureRequest, pool: Pool
+) -> Iterator[tuple[sqlalchemy.Engine, Checkouts]]:
+    if request.param == "in-process":
+        engine = create_engine(pool)
+
+        def checkouts() -> int:
+            return int(pool.metrics()["checkouts"])
+    else:
+        server: ServerProcess = request.getfixturevalue("server")
+        host_port = server.endpoint.removeprefix("tcp://")
+        engine = sqlalchemy.create_engine(f"postgresql+dbpool://{host_port}/")
+        client = Client(server.endpoint)
+        request.addfinalizer(client.close)
+
+        def checkouts() -> int:  # each transaction is a lease, a checkout of the pool's
+            return int(client.status()["server"]["leases"])
     Base.metadata.create_all(engine)
-    yield engine
+    yield engine, checkouts
     Base.metadata.drop_all(engine)
     engine.dispose()
 
 
-def test_an_orm_round_trip(engine: sqlalchemy.Engine, pool: Pool) -> None:
+def test_an_orm_round_trip(engine_and_checkouts: tuple[sqlalchemy.Engine, Checkouts],
+                           pool: Pool) -> None:
+    engine = engine_and_checkouts[0]
     with Session(engine) as session:
         session.add(Author(name="Le Guin", books=[Book(title="The Dispossessed"),
                                                   Book(title="The Lathe of Heaven")]))
@@ -89,13 +123,17 @@ def test_an_orm_round_trip(engine: sqlalchemy.Engine, pool: Pool) -> None:
     assert pool.metrics()["connections"]["in_use"] == 0
 
 
-def test_sessions_from_8_threads_are_dbpool_checkouts(engine: sqlalchemy.Engine,
-                                                        pool: Pool) -> None:
-    before = pool.metrics()["checkouts"]
+def test_sessions_from_8_threads_are_dbpool_checkouts(
+    engine_and_checkouts: tuple[sqlalchemy.Engine, Checkouts]
+) -> None:
+    engine, checkouts = engine_and_checkouts
+    before = checkouts()
     errors: list[BaseException] = []
+    started = threading.Barrier(8)
 
     def work() -> None:
         try:
+            started.wait(30)  # all 8 at once
             for _ in range(10):
                 with Session(engine) as session:
                     assert session.execute(text("SELECT 1")).scalar() == 1
@@ -108,14 +146,13 @@ def test_sessions_from_8_threads_are_dbpool_checkouts(engine: sqlalchemy.Engine,
     for thread in threads:
         thread.join(60)
     assert errors == []
-    assert pool.metrics()["checkouts"] - before >= 80
+    assert checkouts() - before >= 80
 
 
-def test_a_connection_returned_in_a_transaction_comes_back_clean(
-    engine: sqlalchemy.Engine, pg_dsn: str
-) -> None:
+def test_a_connection_returned_in_a_transaction_comes_back_clean(pg_dsn: str) -> None:
     with Pool.start(pg_dsn, pool_size=1, name=f"sa-one-{SUFFIX}") as one:
         single = create_engine(one)
+        Base.metadata.create_all(single)
         conn = single.connect()
         conn.execute(text(f"INSERT INTO {Author.__tablename__} (name) VALUES ('dangling')"))
         conn.close()  # SQLAlchemy rolls back and gives it to dbpool
@@ -123,4 +160,5 @@ def test_a_connection_returned_in_a_transaction_comes_back_clean(
             assert back.driver_state.conn.autocommit is True
             assert back.status() == "idle"
             assert back.query(f"SELECT count(*) FROM {Author.__tablename__}").rows == [(0,)]
+        Base.metadata.drop_all(single)
         single.dispose()
