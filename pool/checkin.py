@@ -147,6 +147,10 @@ class Checkin:
         slot = loan.slot
         self.loans.pop(slot.index, None)
         self.metrics.add("reclaimed")
+        if loan.exposed and slot.broken is None:
+            slot.broken = ConnectionError(
+                f"{self.name}: connection {slot.index} was driven directly by its holder "
+                "and abandoned: replaced, as what the holder changed in it is unknown")
         self.clean(slot)
         fate = "replacing it" if slot.broken is not None else "returned it to the pool"
         logger.warning(

@@ -291,7 +291,10 @@ class Connection:
         """The driver's state of this connection (the psycopg driver's is a
         :class:`~dbpool.pgdriver.PgState`), for a holder that drives the
         connection itself (see :mod:`dbpool.pool.lender`); None once the loan
-        has ended."""
+        has ended.  A connection whose state was taken and that is then abandoned
+        (its thread ends, it is dropped unreturned) is replaced, not reused: what
+        its holder changed in it is unknown."""
+        self._loan.exposed = True
         return self._driver_state
 
     def set_deadline(self, seconds: float | None) -> None:

@@ -65,7 +65,8 @@ def format_location(where: Location | None) -> str:
 class Loan:
     """One checkout of one slot.  See the module docstring."""
 
-    __slots__ = ("claim", "deadline", "revoked", "slot", "started", "thread", "where")
+    __slots__ = ("claim", "deadline", "exposed", "revoked", "slot", "started", "thread",
+                 "where")
 
     def __init__(
         self, slot: Slot, started: float = 0.0, deadline: float = float("inf"),
@@ -79,6 +80,9 @@ class Loan:
         self.thread = threading.current_thread()
         #: Set when the watcher revoked the loan at its deadline.
         self.revoked: ConnectionError | None = None
+        #: Whether the holder took the driver's state to drive the connection itself:
+        #: then nobody knows what it changed, and an abandoned one is replaced.
+        self.exposed = False
         # Claiming pops this list; list.pop is atomic, so the owner, the
         # watcher and a __del__ (which must take no lock) can race for it.
         self.claim = [True]

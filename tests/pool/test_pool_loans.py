@@ -199,6 +199,33 @@ def test_a_checkout_whose_thread_ended_is_reclaimed(
         kept[0].query("SELECT 1")
 
 
+def test_an_abandoned_checkout_whose_driver_state_was_taken_is_replaced(
+    pg_dsn: str, pools: list[Pool], pool_log: Recorder[str]
+) -> None:
+    # A framework (SQLAlchemy, Django) drives the psycopg connection itself: what it
+    # changed (autocommit, cursor class, adapters, SET...) is unknown to the pool.
+    pool, events = start_named(pg_dsn, pools, "dbpool-exposed", idle_interval=0.1)
+    kept: list[Connection] = []
+
+    def worker() -> None:
+        conn = pool.checkout().__enter__()
+        kept.append(conn)
+        raw = conn.driver_state.conn
+        raw.autocommit = False
+        raw.execute("SET application_name = 'changed-by-the-holder'")
+
+    thread = threading.Thread(target=worker, name="framework-worker")
+    thread.start()
+    thread.join()
+    old_pid = kept[0].backend_pid
+    pool_log.wait_count(lambda m: "never checked in" in m and "replacing it" in m, 1)
+    events.wait_count(kind("connected"), 2)
+    with pool.checkout(timeout=2) as conn:
+        assert conn.backend_pid != old_pid
+        assert conn.driver_state.conn.autocommit is True
+        assert conn.query("SHOW application_name").rows == [("dbpool-exposed",)]
+
+
 def test_a_reclaimed_connection_that_cannot_roll_back_is_replaced(
     pg_dsn: str, pools: list[Pool], pool_log: Recorder[str]
 ) -> None:
