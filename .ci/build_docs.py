@@ -27,7 +27,7 @@ def lay_out() -> None:
         shutil.rmtree(TREE.parent)
     TREE.mkdir(parents=True)
     for path in (ROOT / "src" / "dbpool").iterdir():
-        if path.suffix in (".py", ".typed"):
+        if path.suffix in (".py", ".typed") or (path / "__init__.py").is_file():
             (TREE / path.name).symlink_to(path)
     for layer in LAYERS:
         (TREE / layer).symlink_to(ROOT / layer, target_is_directory=True)

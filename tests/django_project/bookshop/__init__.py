@@ -1,0 +1,1 @@
+"""A bookshop: authors, books and tags, to run Django's ORM on ENGINE "dbpool.django"."""
