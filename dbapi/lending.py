@@ -11,18 +11,50 @@ in.  The pool cleans what it gets back (a broken connection is replaced).
 
 So each framework checkout is a dbpool checkout: it waits in dbpool's queue
 (CoDel), under its circuit breaker, and counts in its metrics.
+
+**The SQL sandbox.**  On an ownership pool whose caller holds a sandboxed
+connection (:mod:`dbpool.pool.ownership.sandbox`), the connection lent sits
+inside the sandbox's transaction, which the framework must neither commit
+nor end.  It is lent as it is, in dbpool's mode, and the framework's
+transactions go through :meth:`Lender.begin`, :meth:`Lender.commit` and
+:meth:`Lender.rollback`: each is a dbpool transaction on the lent
+connection, which the sandbox makes a savepoint.  So the application's
+commits and rollbacks keep their meaning inside the test, and nothing is
+committed.  On a plain pool those three calls are psycopg's own.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg.pq import TransactionStatus as PgTransactionStatus
+
+from dbpool.errors import RolledBack
+from dbpool.pool.ownership.sandbox import SandboxState
+from dbpool.pool.transaction import RollbackSignal, Transaction
 
 if TYPE_CHECKING:
-    from dbpool.pool import Checkout, Pool
+    from dbpool.pool import Checkout, Connection, Pool
 
 __all__ = ["Lender"]
+
+logger = logging.getLogger("dbpool.dbapi")
+
+
+@dataclass(eq=False)
+class _Lent:
+    """One lent connection: its dbpool checkout, and, in a sandbox, the framework's
+    open transaction."""
+
+    checkout: Checkout
+    conn: Connection
+    raw: psycopg.Connection[Any]
+    sandboxed: bool
+    #: The framework's transaction on a sandboxed connection (a savepoint), if open.
+    tx: Transaction | None = None
 
 
 class Lender:
@@ -41,37 +73,118 @@ class Lender:
         self.pool = pool
         self.timeout = timeout
         self.hold_timeout = hold_timeout
-        self._lent: dict[int, tuple[Checkout, psycopg.Connection[Any]]] = {}
+        self._lent: dict[int, _Lent] = {}
 
     def lend(self) -> psycopg.Connection[Any]:
-        """Check a connection out and lend its psycopg connection (autocommit off)."""
+        """Check a connection out and lend its psycopg connection.
+
+        Autocommit is off, except on a sandboxed connection (see the module
+        docstring): psycopg cannot leave autocommit inside the sandbox's
+        transaction, and must not begin one of its own there.
+        """
         checkout: Checkout = self.pool.checkout(timeout=self.timeout)
         conn = checkout.__enter__()
         try:
             conn.set_deadline(self.hold_timeout)
-            raw: psycopg.Connection[Any] = conn.driver_state.conn
-            raw.autocommit = False
+            state = conn.driver_state
+            sandboxed = isinstance(state, SandboxState)
+            raw: psycopg.Connection[Any] = (state.inner if sandboxed else state).conn
+            if not sandboxed:
+                raw.autocommit = False
         except BaseException:
             checkout.__exit__(None, None, None)
             raise
-        self._lent[id(raw)] = (checkout, raw)
+        self._lent[id(raw)] = _Lent(checkout, conn, raw, sandboxed)
+        if sandboxed:
+            logger.debug("%s: lent connection %d from the SQL sandbox: its transactions "
+                         "are savepoints", self.pool.name, conn.index)
         return raw
+
+    def sandboxed(self, raw: Any) -> bool:
+        """Whether ``raw`` is lent by this lender from inside the SQL sandbox."""
+        return self._sandbox_loan(raw) is not None
+
+    def begin(self, raw: Any) -> None:
+        """Begin the framework's transaction on ``raw``.
+
+        A plain connection needs nothing: psycopg begins at the first
+        statement.  A sandboxed one opens a savepoint now.  A transaction
+        already open is kept, as psycopg keeps it.
+        """
+        lent = self._sandbox_loan(raw)
+        if lent is None or lent.tx is not None:
+            return
+        tx = lent.conn.transaction()
+        tx.__enter__()
+        lent.tx = tx
+
+    def commit(self, raw: Any) -> None:
+        """Commit the framework's transaction: a sandboxed one is released into the sandbox.
+
+        As PostgreSQL's ``COMMIT``, it rolls back a transaction in which a
+        statement failed, without an error; and with no transaction open it
+        does nothing.
+        """
+        lent = self._sandbox_loan(raw)
+        if lent is None:
+            raw.commit()
+            return
+        tx, lent.tx = lent.tx, None
+        if tx is None:
+            return
+        if lent.raw.info.transaction_status == PgTransactionStatus.INERROR:
+            logger.debug("%s: commit of a failed transaction in the SQL sandbox: rolled back",
+                         self.pool.name)
+            _roll_back(tx)
+            return
+        tx.__exit__(None, None, None)
+
+    def rollback(self, raw: Any) -> None:
+        """Roll back the framework's transaction (to its savepoint, in the sandbox);
+        with none open, do nothing."""
+        lent = self._sandbox_loan(raw)
+        if lent is None:
+            raw.rollback()
+            return
+        tx, lent.tx = lent.tx, None
+        if tx is not None:
+            _roll_back(tx)
 
     def give_back(self, raw: Any) -> None:
         """Roll back what is open and give the connection back to the pool.
 
-        A connection this lender did not lend is closed.
+        A sandboxed connection goes back as it came, inside the sandbox's
+        transaction: the pool's checkin rolls back the framework's savepoint
+        if it is open, as it would an application's transaction.  A
+        connection this lender did not lend is closed.
         """
         lent = self._lent.pop(id(raw), None)
-        if lent is None or lent[1] is not raw:  # not one of ours
+        if lent is None or lent.raw is not raw:  # not one of ours
             raw.close()
             return
-        checkout = lent[0]
         try:
-            if not raw.closed:
+            if not lent.sandboxed and not raw.closed:
                 raw.rollback()
                 raw.autocommit = True  # dbpool's own mode, with explicit BEGIN
         except Exception:  # broken: the pool's checkin finds it so and replaces it
             pass
         finally:
-            checkout.__exit__(None, None, None)
+            lent.checkout.__exit__(None, None, None)
+
+    def _sandbox_loan(self, raw: Any) -> _Lent | None:
+        lent = self._lent.get(id(raw))
+        if lent is None or lent.raw is not raw or not lent.sandboxed:
+            return None
+        return lent
+
+
+def _roll_back(tx: Transaction) -> None:
+    """End a dbpool transaction by rolling it back, as ``conn.rollback()`` inside it would.
+
+    A rollback that finds the connection lost has it replaced at checkin
+    (see :mod:`dbpool.pool.transaction`); another failure is raised.
+    """
+    try:
+        tx.__exit__(RollbackSignal, RollbackSignal("rollback"), None)
+    except RolledBack:  # how a transaction block reports the rollback asked of it
+        pass

@@ -23,7 +23,11 @@ What sees the sandbox:
   running on it or created by it;
 - other threads the test allows (``sandbox.allow(thread)``), or starts with
   :func:`~dbpool.pool.ownership.owners.propagate_callers` or a
-  :class:`~dbpool.pool.ownership.owners.CallersThreadPoolExecutor`.
+  :class:`~dbpool.pool.ownership.owners.CallersThreadPoolExecutor`;
+- SQLAlchemy sessions on :func:`dbpool.dbapi.sqlalchemy.create_engine` of
+  the pool, in the test's thread and in those threads: their commits and
+  rollbacks are savepoints in the test's transaction (see
+  :mod:`dbpool.dbapi.sqlalchemy.engine`).
 
 With pytest-xdist every worker process has its own pool and every test its
 own transaction, so parallel tests never see each other's writes.  Two
