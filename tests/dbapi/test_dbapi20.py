@@ -10,6 +10,7 @@ psycopg's own ``tests/dbapi20.py`` does, and says why.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -35,12 +36,21 @@ def dbapi_server(pg_dsn: str) -> Iterator[ServerProcess]:
         yield server
 
 
+def _ddl(prefix: str) -> tuple[str, str, str, str]:
+    """The suite's DDL for ``prefix`` (its class body spells it with its own prefix)."""
+    return (f"create table {prefix}booze (name varchar(20))",
+            f"create table {prefix}barflys (name varchar(20), drink varchar(30))",
+            f"drop table {prefix}booze", f"drop table {prefix}barflys")
+
+
 class InProcessCompliance(dbapi20.DatabaseAPI20Test):  # type: ignore[misc]
     driver = dbapi
     connect_args = ()
     connect_kw_args: ClassVar[dict[str, Any]] = {}
-    # The suite's tables are made per test and dropped after it.
-    table_prefix = "dbapi20test_"
+    # The suite's tables are made per test and dropped after it; named per class and
+    # process, so that the two classes, on two xdist workers, never share one.
+    table_prefix = f"dbapi20test_ip_{uuid.uuid4().hex[:6]}_"
+    ddl1, ddl2, xddl1, xddl2 = _ddl(table_prefix)
 
     # PEP 249 leaves multiple result sets to the driver: PostgreSQL's extended
     # protocol gives one per statement, so nextset() is always None (psycopg
@@ -69,6 +79,9 @@ class InProcessCompliance(dbapi20.DatabaseAPI20Test):  # type: ignore[misc]
 
 class RemoteCompliance(InProcessCompliance):
     """The same suite and overrides, through ``dbpool serve``."""
+
+    table_prefix = f"dbapi20test_rm_{uuid.uuid4().hex[:6]}_"
+    ddl1, ddl2, xddl1, xddl2 = _ddl(table_prefix)
 
     connect_args: ClassVar[tuple[str, ...]] = ()
     connect_kw_args: ClassVar[dict[str, Any]] = {}

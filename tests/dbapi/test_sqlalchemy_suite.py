@@ -55,6 +55,7 @@ def counts(output: str) -> dict[str, int]:
     return {kind: int(n) for n, kind in re.findall(r"(\d+) (\w+)", match[-1])}
 
 
+@pytest.mark.timeout(900)  # 25 s alone; a busy 2-core CI machine may take several times that
 def test_sqlalchemy_dialect_compliance_suite(suite_database: str) -> None:
     with ServerProcess(suite_database, pool_size=8) as server:
         host_port = server.endpoint.removeprefix("tcp://")
