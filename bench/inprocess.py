@@ -23,14 +23,15 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import psycopg
 
-__all__ = ["run", "stream"]
+__all__ = ["Cell", "Contender", "print_scenarios", "run", "scenario_rows", "stream",
+           "take_turns"]
 
 #: (threads, pool size) pairs, as the issue specifies them.
 SCENARIOS: tuple[tuple[int, int], ...] = ((1, 1), (4, 4), (16, 4), (64, 10))
@@ -183,47 +184,70 @@ def run(dsn: str, duration: float = 0.5, rounds: int = 10, as_json: bool = False
         contenders: tuple[str, ...] = tuple(CONTENDERS)) -> dict[str, Any]:
     """Run the benchmark, print a table (or JSON) and return the results.
 
-    For each scenario every contender is opened once, then they take turns:
-    ``rounds`` rounds in which each runs for ``duration`` seconds, in an
-    order that rotates from round to round.  A cell's q/s is the median over
-    its rounds, and a ratio is the median of the per-round ratios: a virtual
-    machine's speed can swing severalfold within seconds, and short turns
-    paired within a round cancel most of that.
+    For each scenario every contender is opened once, then they take turns
+    (:func:`take_turns`): ``rounds`` rounds in which each runs for
+    ``duration`` seconds, in an order that rotates from round to round.  A
+    cell's q/s is the median over its rounds, and a ratio is the median of
+    the per-round ratios: a virtual machine's speed can swing severalfold
+    within seconds, and short turns paired within a round cancel most of that.
     """
-    cells: list[Cell] = []
-    for threads, size in SCENARIOS:
-        runs: dict[str, list[Cell]] = {name: [] for name in contenders}
-        with ExitStack() as stack:
-            steps = {name: stack.enter_context(CONTENDERS[name](dsn, size))
-                     for name in contenders}
-            for round_ in range(rounds):
-                shift = round_ % len(contenders)
-                for name in contenders[shift:] + contenders[:shift]:
-                    queries, seconds = _drive(threads, _loop_factory(steps[name]), duration)
-                    runs[name].append(Cell(name, threads, size, queries, seconds))
-        for name in contenders:
-            cells.extend(runs[name])
-            if not as_json:
-                qps = statistics.median(c.qps for c in runs[name])
-                print(f"  {name:>12} {threads:>3} threads: {qps:9.0f} q/s (median)",
-                      file=sys.stderr, flush=True)
+    factories = {name: CONTENDERS[name] for name in contenders}
+    cells = take_turns(dsn, SCENARIOS, factories, duration, rounds, quiet=as_json)
     cycle = _checkout_cycle(dsn, 20_000)
     report = _report(cells, cycle, rounds, duration)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        _print_table(report)
+        print_scenarios(report)
+        _print_checkout_cycle(report)
     return report
 
 
-def _report(
-    cells: list[Cell], cycle: dict[str, float], rounds: int, duration: float
-) -> dict[str, Any]:
+#: Opens a contender on (dsn, pool size) and yields one worker step: one query.
+Contender = Callable[[str, int], AbstractContextManager[Callable[[], object]]]
+
+
+def take_turns(dsn: str, scenarios: Sequence[tuple[int, int]],
+               contenders: Mapping[str, Contender], duration: float, rounds: int,
+               quiet: bool = False) -> list[Cell]:
+    """Measure every contender at every (threads, pool size) scenario; one cell per turn.
+
+    For each scenario every contender is opened once (all at the same time),
+    then they take ``rounds`` turns of ``duration`` seconds each, in an order
+    that rotates from round to round, and are closed.  Unless ``quiet``, each
+    contender's median q/s is printed to stderr as its scenario ends.
+    """
+    names = tuple(contenders)
+    cells: list[Cell] = []
+    for threads, size in scenarios:
+        runs: dict[str, list[Cell]] = {name: [] for name in names}
+        with ExitStack() as stack:
+            steps = {name: stack.enter_context(contenders[name](dsn, size)) for name in names}
+            for round_ in range(rounds):
+                shift = round_ % len(names)
+                for name in names[shift:] + names[:shift]:
+                    queries, seconds = _drive(threads, _loop_factory(steps[name]), duration)
+                    runs[name].append(Cell(name, threads, size, queries, seconds))
+        for name in names:
+            cells.extend(runs[name])
+            if not quiet:
+                qps = statistics.median(c.qps for c in runs[name])
+                print(f"  {name:>12} {threads:>3} threads: {qps:9.0f} q/s (median)",
+                      file=sys.stderr, flush=True)
+    return cells
+
+
+def scenario_rows(cells: list[Cell], scenarios: Sequence[tuple[int, int]]) -> list[dict[str, Any]]:
+    """One row per scenario: each contender's median q/s, and dbpool's ratios.
+
+    A ratio ``dbpool/X`` is the median of the per-round ratios of dbpool's
+    q/s over X's (the turns of a round are paired).
+    """
     rows = []
-    for threads, size in SCENARIOS:
+    for threads, size in scenarios:
         here: dict[str, list[float]] = {}
         for c in cells:
-            if c.threads == threads:
+            if c.threads == threads and c.pool_size == size:
                 here.setdefault(c.contender, []).append(c.qps)
         row: dict[str, Any] = {"threads": threads, "pool_size": size,
                                "qps": {k: round(statistics.median(v)) for k, v in here.items()}}
@@ -234,20 +258,31 @@ def _report(
                     a / b for a, b in zip(ours, v, strict=True)), 3)
                 for k, v in here.items() if k != "dbpool"}
         rows.append(row)
+    return rows
+
+
+def _report(
+    cells: list[Cell], cycle: dict[str, float], rounds: int, duration: float
+) -> dict[str, Any]:
     return {
         "workload": SQL,
         "cpus": os.cpu_count(),
         "rounds": rounds,
         "duration": duration,
-        "scenarios": rows,
+        "scenarios": scenario_rows(cells, SCENARIOS),
         "checkout_checkin_us": {k: round(v, 2) for k, v in cycle.items()},
         "cells": [asdict(c) | {"qps": round(c.qps)} for c in cells],
     }
 
 
-def _print_table(report: dict[str, Any]) -> None:
+def print_scenarios(report: dict[str, Any], title: str | None = None) -> None:
+    """Print a report's scenario rows as a table: q/s per contender, then dbpool's ratios.
+
+    ``title`` names the workload (by default the report's ``workload``, quoted).
+    """
     names = list(report["scenarios"][0]["qps"])
-    print(f"\n{SQL!r}, queries per second ({report['cpus']} CPUs; median of "
+    title = f"{report['workload']!r}" if title is None else title
+    print(f"\n{title}, queries per second ({report['cpus']} CPUs; median of "
           f"{report['rounds']} rounds of {report['duration']:g}s; ratios: median of "
           "per-round ratios)\n")
     header = f"{'threads':>7} {'pool':>4} " + " ".join(f"{n:>12}" for n in names)
@@ -259,6 +294,9 @@ def _print_table(report: dict[str, Any]) -> None:
         line += " ".join(f"{row['qps'][n]:>12}" for n in names)
         line += " " + " ".join(f"{row['ratio'][r]:>19.2f}x" for r in ratios)
         print(line)
+
+
+def _print_checkout_cycle(report: dict[str, Any]) -> None:
     print("\nbare checkout+checkin, µs per cycle (1 thread, pool of 1):")
     for name, us in report["checkout_checkin_us"].items():
         print(f"  {name:>12}: {us:6.2f}")

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--fairness", action="store_true",
                        help="instead, flood a pool of 2 from one client and time another "
                             "client's requests, through dbpool serve and through PgBouncer")
+    bench.add_argument("--sqlalchemy", action="store_true",
+                       help="instead, SQLAlchemy Core SELECT 1 through an engine on a dbpool "
+                            "pool, one with SQLAlchemy's QueuePool and psycopg_pool's recipe, "
+                            "at 1 and 16 threads")
     bench.add_argument("--processes", default="1,4,16,64", metavar="N,N,...",
                        help="client process counts with --remote (default: %(default)s)")
 
@@ -254,6 +258,16 @@ def _bench(args: argparse.Namespace) -> int:
                             rounds=args.rounds if args.rounds is not None else 3,
                             as_json=args.json)
         return 0 if report["ok"] else 1
+    if args.sqlalchemy:
+        try:
+            from .bench.sqlalchemy_core import run_sqlalchemy
+        except ImportError as exc:  # the sqlalchemy or bench extra is not installed
+            print(f"dbpool bench --sqlalchemy: {exc} (pip install 'dbpool[bench,sqlalchemy]')",
+                  file=sys.stderr)
+            return 2
+        run_sqlalchemy(dsn, duration=args.duration,
+                       rounds=args.rounds if args.rounds is not None else 10, as_json=args.json)
+        return 0
     if args.stream_rows is not None:
         report = stream(dsn, args.stream_rows, max_rows=args.max_rows,
                         limit_mb=args.rss_limit_mb, as_json=args.json)
