@@ -3,11 +3,15 @@
 SQLAlchemy's ``postgresql+psycopg`` dialect and Django's PostgreSQL backend
 each want a psycopg connection of their own, not dbpool's
 :class:`~dbpool.pool.Connection`.  A :class:`Lender` checks one out of a
-dbpool :class:`~dbpool.pool.Pool` and lends the psycopg connection under it,
-in psycopg's transactional mode (``autocommit`` off) as a DB-API connection
-starts; :meth:`Lender.give_back` takes it back, rolls back what is open,
-restores dbpool's own mode (autocommit, with explicit ``BEGIN``) and checks it
-in.  The pool cleans what it gets back (a broken connection is replaced).
+dbpool :class:`~dbpool.pool.Pool` and lends the psycopg connection under it
+as it is, in dbpool's mode: autocommit on, a transaction begun explicitly
+(:meth:`Lender.begin` sends ``BEGIN`` with the connection's isolation level,
+read-only and deferrable modes, as psycopg would); a framework that prefers
+psycopg's own transactional mode turns autocommit off itself, as Django does.
+:meth:`Lender.give_back` takes the connection back: it rolls back what is
+open, restores dbpool's mode and checks it in.  The pool cleans what it gets
+back (a broken connection is replaced, and one abandoned by its thread too,
+as nobody knows what its holder changed).
 
 So each framework checkout is a dbpool checkout: it waits in dbpool's queue
 (CoDel), under its circuit breaker, and counts in its metrics.
@@ -20,12 +24,14 @@ transactions go through :meth:`Lender.begin`, :meth:`Lender.commit` and
 :meth:`Lender.rollback`: each is a dbpool transaction on the lent
 connection, which the sandbox makes a savepoint.  So the application's
 commits and rollbacks keep their meaning inside the test, and nothing is
-committed.  On a plain pool those three calls are psycopg's own.
+committed.  On a plain pool, commit and rollback are psycopg's own.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +39,7 @@ import psycopg
 from psycopg.pq import TransactionStatus as PgTransactionStatus
 
 from dbpool.errors import RolledBack
+from dbpool.pool.ownership.pool import OwnershipPool
 from dbpool.pool.ownership.sandbox import SandboxState
 from dbpool.pool.transaction import RollbackSignal, Transaction
 
@@ -49,7 +56,8 @@ class _Lent:
     """One lent connection: its dbpool checkout, and, in a sandbox, the framework's
     open transaction."""
 
-    checkout: Checkout
+    #: How it goes back: its checkout's exit, or the pool's non-blocking give_back.
+    back: Callable[[], object]
     conn: Connection
     raw: psycopg.Connection[Any]
     sandboxed: bool
@@ -74,27 +82,36 @@ class Lender:
         self.timeout = timeout
         self.hold_timeout = hold_timeout
         self._lent: dict[int, _Lent] = {}
+        # An idle connection is taken without a checkout's waiting machinery: the
+        # queue's own try (its rules, metrics and breaker), as dbpool serve takes
+        # them.  Not on an ownership pool, whose connections are its owners'.
+        self._idle = None if isinstance(pool, OwnershipPool) else pool.lender()
 
     def lend(self) -> psycopg.Connection[Any]:
-        """Check a connection out and lend its psycopg connection.
-
-        Autocommit is off, except on a sandboxed connection (see the module
-        docstring): psycopg cannot leave autocommit inside the sandbox's
-        transaction, and must not begin one of its own there.
-        """
-        checkout: Checkout = self.pool.checkout(timeout=self.timeout)
-        conn = checkout.__enter__()
+        """Check a connection out and lend its psycopg connection, in dbpool's mode
+        (autocommit on; see the module docstring)."""
+        idle = self._idle
+        conn = idle.try_borrow() if idle is not None else None
+        back: Callable[[], object]
+        if conn is not None:
+            back = functools.partial(idle.give_back, conn)  # type: ignore[union-attr]
+            # Its loan has no deadline: set one only if asked.
+            holding = self.hold_timeout if self.hold_timeout is not None else _UNSET
+        else:
+            checkout: Checkout = self.pool.checkout(timeout=self.timeout)
+            conn = checkout.__enter__()
+            back = functools.partial(checkout.__exit__, None, None, None)
+            holding = self.hold_timeout  # None lifts the checkout's deadline
         try:
-            conn.set_deadline(self.hold_timeout)
+            if holding is not _UNSET:
+                conn.set_deadline(holding)
             state = conn.driver_state
             sandboxed = isinstance(state, SandboxState)
             raw: psycopg.Connection[Any] = (state.inner if sandboxed else state).conn
-            if not sandboxed:
-                raw.autocommit = False
         except BaseException:
-            checkout.__exit__(None, None, None)
+            back()
             raise
-        self._lent[id(raw)] = _Lent(checkout, conn, raw, sandboxed)
+        self._lent[id(raw)] = _Lent(back, conn, raw, sandboxed)
         if sandboxed:
             logger.debug("%s: lent connection %d from the SQL sandbox: its transactions "
                          "are savepoints", self.pool.name, conn.index)
@@ -107,12 +124,18 @@ class Lender:
     def begin(self, raw: Any) -> None:
         """Begin the framework's transaction on ``raw``.
 
-        A plain connection needs nothing: psycopg begins at the first
-        statement.  A sandboxed one opens a savepoint now.  A transaction
-        already open is kept, as psycopg keeps it.
+        On a plain connection, send ``BEGIN`` with the connection's modes now,
+        in either autocommit mode (with autocommit off psycopg would send the
+        same at the first statement, through a costlier path).  A sandboxed
+        connection opens a savepoint.  A transaction already open is kept, as
+        psycopg keeps it.
         """
         lent = self._sandbox_loan(raw)
-        if lent is None or lent.tx is not None:
+        if lent is None:
+            if raw.pgconn.transaction_status == _IDLE:
+                _begin(raw)
+            return
+        if lent.tx is not None:
             return
         tx = lent.conn.transaction()
         tx.__enter__()
@@ -164,18 +187,42 @@ class Lender:
             return
         try:
             if not lent.sandboxed and not raw.closed:
-                raw.rollback()
-                raw.autocommit = True  # dbpool's own mode, with explicit BEGIN
+                if raw.pgconn.transaction_status != _IDLE:
+                    raw.rollback()
+                if not raw.autocommit:
+                    raw.autocommit = True  # dbpool's own mode, with explicit BEGIN
         except Exception:  # broken: the pool's checkin finds it so and replaces it
             pass
         finally:
-            lent.checkout.__exit__(None, None, None)
+            lent.back()
 
     def _sandbox_loan(self, raw: Any) -> _Lent | None:
         lent = self._lent.get(id(raw))
         if lent is None or lent.raw is not raw or not lent.sandboxed:
             return None
         return lent
+
+
+_IDLE = PgTransactionStatus.IDLE
+#: A checkout's deadline to lift (set_deadline(None)); an idle loan has none to lift.
+_UNSET: Any = object()
+_COMMAND_OK = psycopg.pq.ExecStatus.COMMAND_OK
+
+
+def _begin(raw: psycopg.Connection[Any]) -> None:
+    """``BEGIN`` on ``raw``, with its isolation level, read-only and deferrable modes,
+    as psycopg begins a transaction outside autocommit (straight through libpq:
+    psycopg's own path costs a cursor more, at every transaction)."""
+    modes = b""
+    if raw.isolation_level is not None:
+        modes += b" ISOLATION LEVEL " + raw.isolation_level.name.replace("_", " ").encode()
+    if raw.read_only is not None:
+        modes += b" READ ONLY" if raw.read_only else b" READ WRITE"
+    if raw.deferrable is not None:
+        modes += b" DEFERRABLE" if raw.deferrable else b" NOT DEFERRABLE"
+    result = raw.pgconn.exec_(b"BEGIN" + modes)
+    if result.status != _COMMAND_OK:
+        raise psycopg.errors.error_from_result(result, encoding=raw.info.encoding)
 
 
 def _roll_back(tx: Transaction) -> None:

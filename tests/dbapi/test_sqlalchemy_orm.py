@@ -162,3 +162,58 @@ def test_a_connection_returned_in_a_transaction_comes_back_clean(pg_dsn: str) ->
             assert back.query(f"SELECT count(*) FROM {Author.__tablename__}").rows == [(0,)]
         Base.metadata.drop_all(single)
         single.dispose()
+
+
+# -- the in-process engine's own pool ------------------------------------------------
+
+
+def test_the_connect_events_run_once_per_dbpool_connection(pool: Pool) -> None:
+    engine = create_engine(pool)
+    connects: list[object] = []
+    sqlalchemy.event.listen(engine, "connect", lambda dbapi_conn, record: connects.append(1))
+    before = pool.metrics()["checkouts"]
+    for _ in range(20):
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+    assert pool.metrics()["checkouts"] - before == 20  # each one a dbpool checkout
+    assert 1 <= len(connects) <= 4  # but a record per connection, not per checkout
+    engine.dispose()
+
+
+def test_raw_connection_is_a_dbapi_connection_with_a_transaction(
+    pool: Pool, pg_dsn: str
+) -> None:
+    engine = create_engine(pool)
+    Base.metadata.create_all(engine)
+    try:
+        raw = engine.raw_connection()
+        cur = raw.cursor()
+        cur.execute(f"INSERT INTO {Author.__tablename__} (name) VALUES ('uncommitted')")
+        raw.rollback()
+        cur.execute(f"SELECT count(*) FROM {Author.__tablename__}")
+        assert cur.fetchone() == (0,)
+        raw.close()
+    finally:
+        Base.metadata.drop_all(engine)
+        engine.dispose()
+
+
+def test_the_engines_isolation_level_holds_on_every_checkout(pool: Pool, pg_dsn: str) -> None:
+    serializable = create_engine(pool, isolation_level="SERIALIZABLE")
+    for _ in range(3):
+        with serializable.connect() as conn:
+            assert conn.execute(text("SHOW transaction_isolation")).scalar() == "serializable"
+    with serializable.connect() as conn:
+        conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        assert conn.execute(text("SHOW transaction_isolation")).scalar() == "repeatable read"
+    with serializable.connect() as conn:  # the engine's level again
+        assert conn.execute(text("SHOW transaction_isolation")).scalar() == "serializable"
+    serializable.dispose()
+    autocommit = create_engine(pool, isolation_level="AUTOCOMMIT")
+    for _ in range(3):
+        with autocommit.connect() as conn:  # no transaction is begun: each statement commits
+            assert conn.execute(text("SELECT now() = statement_timestamp()")).scalar()
+    autocommit.dispose()
+    with pool.checkout() as back:  # the connection is dbpool's again, in its own mode
+        assert back.driver_state.conn.autocommit is True
+        assert back.status() == "idle"

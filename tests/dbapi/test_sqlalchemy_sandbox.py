@@ -327,14 +327,24 @@ def test_the_lenders_transactions_on_a_plain_pool_are_psycopgs(
         raw: Any = lender.lend()
         try:
             assert not lender.sandboxed(raw)
-            lender.begin(raw)
+            assert raw.autocommit is True  # lent in dbpool's mode
+            lender.begin(raw)  # an explicit BEGIN
             raw.execute(f"INSERT INTO {notes} VALUES (1, 'committed')")
+            assert committed_count(pg_dsn, notes) == 0
             lender.commit(raw)
+            assert committed_count(pg_dsn, notes) == 1
+            lender.begin(raw)
             raw.execute(f"INSERT INTO {notes} VALUES (2, 'rolled back')")
             lender.rollback(raw)
             assert raw.execute(f"SELECT id FROM {notes}").fetchall() == [(1,)]
-            lender.commit(raw)
-            assert committed_count(pg_dsn, notes) == 1
+            raw.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+            raw.read_only = True
+            lender.begin(raw)  # with the connection's modes, as psycopg would
+            assert raw.execute("SHOW transaction_isolation").fetchone() == ("serializable",)
+            assert raw.execute("SHOW transaction_read_only").fetchone() == ("on",)
+            lender.rollback(raw)
+            raw.isolation_level = raw.read_only = None
+            lender.begin(raw)
             raw.execute(f"INSERT INTO {notes} VALUES (3, 'given back open')")
         finally:  # also when an assertion failed: the table's drop would wait for it
             lender.give_back(raw)
