@@ -13,10 +13,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -38,6 +36,7 @@ from dbpool.dbapi.sqlalchemy import create_engine  # noqa: E402
 from dbpool.pool import OwnershipPool, Pool  # noqa: E402
 from dbpool.pool.ownership import sandbox  # noqa: E402
 from dbpool.pool.ownership.owners import propagate_callers  # noqa: E402
+from tests.support import examples  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "example_sqlalchemy_app"
 #: The example's tests (check_*.py).
@@ -70,24 +69,9 @@ def example_prefix(pg_dsn: str) -> Iterator[str]:
 def run_example_suite(
     dsn: str, prefix: str, *args: str, sandboxed: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """Run tests/example_sqlalchemy_app in a fresh interpreter, with its own ini and rootdir."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("PYTEST_", "EXAMPLE_SA_APP_"))}  # nothing of this run leaks in
-    env.update(EXAMPLE_SA_APP_DSN=dsn, EXAMPLE_SA_APP_PREFIX=prefix)
-    if not sandboxed:
-        env["EXAMPLE_SA_APP_NO_SANDBOX"] = "1"
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-c", str(EXAMPLE / "pytest.ini"),
-         "--rootdir", str(EXAMPLE), "-p", "no:randomly", *args],
-        cwd=EXAMPLE, env=env, capture_output=True, text=True, timeout=100, check=False)
-
-
-def identity_used(dsn: str, table: str) -> bool:
-    """Whether any id was ever drawn for ``table`` (a rollback does not give them back)."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_sequence_last_value(pg_get_serial_sequence(%s, 'id'))",
-                           [table]).fetchone()
-    return row is not None and row[0] is not None
+    """Run the example's suite on ``dsn`` (see :func:`tests.support.examples.run_example_suite`)."""
+    return examples.run_example_suite(EXAMPLE, "EXAMPLE_SA_APP_", {"DSN": dsn, "PREFIX": prefix},
+                                      *args, sandboxed=sandboxed)
 
 
 @pytest.mark.timeout(120)
@@ -100,7 +84,7 @@ def test_the_sqlalchemy_example_passes_in_parallel_and_leaves_its_tables_empty(
         # Every write was rolled back, whatever else happened; and the tests did
         # write (they drew ids, which a rollback does not give back).
         assert committed_count(pg_dsn, table) == 0, output
-        assert identity_used(pg_dsn, table), output
+        assert examples.identity_used(pg_dsn, table), output
     assert result.returncode == 0, output
     assert re.search(r"\b4 workers\b", output), output
     assert re.search(rf"\b{EXAMPLE_TESTS} passed\b", output), output

@@ -17,10 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -34,6 +32,7 @@ from dbpool.errors import OwnershipError, RolledBack
 from dbpool.pool import Pool
 from dbpool.pool.ownership import sandbox
 from dbpool.pool.ownership.owners import propagate_callers
+from tests.support import examples
 
 pytest_plugins = ["pytester"]
 
@@ -75,24 +74,9 @@ def example_table(pg_dsn: str) -> Iterator[str]:
 def run_example_suite(
     dsn: str, table: str, *args: str, sandboxed: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """Run tests/example_app in a fresh interpreter, with its own ini file and rootdir."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("PYTEST_", "EXAMPLE_APP_"))}  # nothing of this run leaks in
-    env.update(EXAMPLE_APP_DSN=dsn, EXAMPLE_APP_TABLE=table)
-    if not sandboxed:
-        env["EXAMPLE_APP_NO_SANDBOX"] = "1"
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-c", str(EXAMPLE / "pytest.ini"),
-         "--rootdir", str(EXAMPLE), "-p", "no:randomly", *args],
-        cwd=EXAMPLE, env=env, capture_output=True, text=True, timeout=100, check=False)
-
-
-def identity_used(dsn: str, table: str) -> bool:
-    """Whether any id was ever drawn for ``table`` (a rollback does not give them back)."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_sequence_last_value(pg_get_serial_sequence(%s, 'id'))",
-                           [table]).fetchone()
-    return row is not None and row[0] is not None
+    """Run the example's suite on ``dsn`` (see :func:`tests.support.examples.run_example_suite`)."""
+    return examples.run_example_suite(EXAMPLE, "EXAMPLE_APP_", {"DSN": dsn, "TABLE": table},
+                                      *args, sandboxed=sandboxed)
 
 
 @pytest.mark.timeout(120)
@@ -104,7 +88,7 @@ def test_the_example_suite_passes_in_parallel_and_leaves_its_table_empty(
     # Every write was rolled back, whatever else happened; and the tests did write
     # (they drew ids, which a rollback does not give back).
     assert committed_count(pg_dsn, example_table) == 0, output
-    assert identity_used(pg_dsn, example_table), output
+    assert examples.identity_used(pg_dsn, example_table), output
     assert result.returncode == 0, output
     assert re.search(r"\b4 workers\b", output), output
     assert re.search(r"\b50 passed\b", output), output
