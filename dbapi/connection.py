@@ -25,11 +25,13 @@ from dbpool.driver import Params, Result
 from dbpool.errors import DBPoolError, ProtocolError, TransactionError
 
 from .cursor import Cursor
+from .lending import roll_back
 
 if TYPE_CHECKING:
     from dbpool.client import Client, Transaction
     from dbpool.pool import Checkout, Pool
     from dbpool.pool import Connection as PoolConnection
+    from dbpool.pool.transaction import Transaction as PoolTransaction
 
 __all__ = ["Connection", "PoolTransport", "RemoteTransport", "connect"]
 
@@ -45,7 +47,12 @@ class Transport(Protocol):
 
 
 class PoolTransport:
-    """A connection of an in-process pool, checked out until :meth:`close`."""
+    """A connection of an in-process pool, checked out until :meth:`close`.
+
+    A transaction is a dbpool transaction on it, so that on a sandboxed
+    connection of the SQL sandbox it is a savepoint, and a DB-API ``commit()``
+    keeps the test's transaction open.
+    """
 
     def __init__(self, checkout: Checkout, hold_timeout: float | None) -> None:
         self._checkout = checkout
@@ -56,12 +63,23 @@ class PoolTransport:
             checkout.__exit__(None, None, None)
             raise
         self._conn = conn
+        self._tx: PoolTransaction | None = None
 
     def begin(self, characteristics: str) -> None:
-        self._conn.query(f"BEGIN {characteristics}" if characteristics else "BEGIN")
+        tx = self._conn.transaction()
+        tx.__enter__()
+        self._tx = tx
+        if characteristics:  # before the transaction's first statement, as PostgreSQL wants
+            self._conn.query(f"SET TRANSACTION {characteristics}")
 
     def end(self, commit: bool) -> None:
-        self._conn.query("COMMIT" if commit else "ROLLBACK")
+        tx, self._tx = self._tx, None
+        if tx is None:
+            return
+        if commit and self._conn.status() != "error":
+            tx.__exit__(None, None, None)
+        else:  # as PostgreSQL's COMMIT, that of a failed transaction rolls back
+            roll_back(tx)
 
     def execute(self, sql: str, params: Params) -> Result:
         return self._conn.query(sql, params)

@@ -46,7 +46,7 @@ from dbpool.pool.transaction import RollbackSignal, Transaction
 if TYPE_CHECKING:
     from dbpool.pool import Checkout, Connection, Pool
 
-__all__ = ["Lender"]
+__all__ = ["Lender", "roll_back"]
 
 logger = logging.getLogger("dbpool.dbapi")
 
@@ -158,7 +158,7 @@ class Lender:
         if lent.raw.info.transaction_status == PgTransactionStatus.INERROR:
             logger.debug("%s: commit of a failed transaction in the SQL sandbox: rolled back",
                          self.pool.name)
-            _roll_back(tx)
+            roll_back(tx)
             return
         tx.__exit__(None, None, None)
 
@@ -171,7 +171,7 @@ class Lender:
             return
         tx, lent.tx = lent.tx, None
         if tx is not None:
-            _roll_back(tx)
+            roll_back(tx)
 
     def give_back(self, raw: Any) -> None:
         """Roll back what is open and give the connection back to the pool.
@@ -225,7 +225,7 @@ def _begin(raw: psycopg.Connection[Any]) -> None:
         raise psycopg.errors.error_from_result(result, encoding=raw.info.encoding)
 
 
-def _roll_back(tx: Transaction) -> None:
+def roll_back(tx: Transaction) -> None:
     """End a dbpool transaction by rolling it back, as ``conn.rollback()`` inside it would.
 
     A rollback that finds the connection lost has it replaced at checkin

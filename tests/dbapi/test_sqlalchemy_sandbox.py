@@ -334,3 +334,23 @@ def test_the_lenders_transactions_on_a_plain_pool_are_psycopgs(
             lender.give_back(raw)
         assert raw.autocommit is True
     assert committed_count(pg_dsn, notes) == 1
+
+
+def test_dbapi_connections_in_the_sandbox_commit_into_it(
+    sandboxed: OwnershipPool, notes: str, pg_dsn: str
+) -> None:
+    from dbpool import dbapi
+
+    conn = dbapi.connect(pool=sandboxed)
+    cur = conn.cursor()
+    cur.execute(f"INSERT INTO {notes} VALUES (1, 'kept')")
+    conn.commit()  # a savepoint released into the sandbox's transaction
+    cur.execute(f"INSERT INTO {notes} VALUES (2, 'undone')")
+    conn.rollback()
+    with pytest.raises(dbapi.IntegrityError):
+        cur.execute(f"INSERT INTO {notes} VALUES (1, 'again')")
+    conn.commit()  # of a failed transaction: rolled back, as PostgreSQL's COMMIT
+    cur.execute(f"SELECT body FROM {notes} ORDER BY id")
+    assert cur.fetchall() == [("kept",)]  # the test sees its rows
+    conn.close()
+    assert committed_count(pg_dsn, notes) == 0  # nothing committed
