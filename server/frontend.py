@@ -902,11 +902,12 @@ class FrontEnd:
             pipe.cancelling = False
         try:
             if (job.shared and not job.replanned and job.statements is not None
-                    and not isinstance(outcome, BaseException) and pipe.found_stale(job)):
+                    and job.stale_plan):
                 # Outside a lease the failure rolled the whole request back: run it
                 # again, unprepared (its statements are prepared afresh later).
                 job.replanned = True
                 job.results = []
+                job.stale_plan = False
                 self._send(pipe, job, job.statements, NEVER)
                 return
             if job.finish is not None:

@@ -117,7 +117,7 @@ class Job:
 
     __slots__ = ("client", "deadline", "finish", "holding", "needs_own", "op", "prepares",
                  "ran_prepared", "replanned", "req", "results", "rid", "route", "served",
-                 "shared", "start", "started", "state", "statements")
+                 "shared", "stale_plan", "start", "started", "state", "statements")
 
     def __init__(self, route: list[bytes], rid: int, op: str, req: dict[str, Any],
                  deadline: float) -> None:
@@ -153,6 +153,9 @@ class Job:
         #: What it runs, for running it again (the front end sets it for query,
         #: execute and batch).
         self.statements: Sequence[Statement] | None = None
+        #: Whether it failed because a prepared statement's plan went stale (PostgreSQL's
+        #: "cached plan must not change result type").
+        self.stale_plan = False
         #: Whether it was sent again after a prepared statement's plan went stale.
         self.replanned = False
 
@@ -317,44 +320,58 @@ class Pipe:
         job.shared = True
         self.requests.append(job)
 
-    def _end_lease_statements(self, job: Job) -> None:
-        """At the end of a lease's transaction (or a rollback to a savepoint), what
-        was prepared inside it: kept after a commit; after a rollback, forgotten, as it
-        may name objects the rollback undid, which a new object of the same name
-        would make stale (psycopg forgets its own on ROLLBACK for the same reason)."""
+    def _after_statements(self, job: Job) -> None:
+        """Keep the connection's prepared statements true to what its results say.
+
+        One pass over the command tags: a ``DISCARD ALL`` or ``DEALLOCATE`` of a
+        lease's client dropped them; DDL (``DROP``, ``ALTER``) may have changed
+        what any of the pool's prepared statements return, so the pool's schema
+        epoch moves, now and again when the lease that ran it commits (until then
+        other connections still see the old schema, and may prepare for it); the
+        end of a lease's transaction keeps what was prepared inside it after a
+        commit, and forgets it after a rollback, as it may name objects the
+        rollback undid (psycopg forgets its own on ROLLBACK for the same reason);
+        and a run that met a stale plan (DDL done elsewhere) forgets them all, to
+        be deallocated once the connection is in no transaction.
+        """
+        forgets = changes_schema = stale = False
+        ended = b""
         for r in job.results:
-            tag = r.command_status or b"" if r.status == _COMMAND_OK else b""
-            if tag.startswith(b"ROLLBACK"):
-                statements = self.state.remote_statements
+            status = r.status
+            if status == _COMMAND_OK:
+                tag = r.command_status or b""
+                if tag.startswith(_FORGETS_STATEMENTS):
+                    forgets = True
+                elif tag.startswith(_CHANGES_SCHEMA):
+                    changes_schema = True
+                elif tag.startswith(_ENDS_TRANSACTION):
+                    ended = tag
+            elif status == _FATAL and job.ran_prepared and \
+                    r.error_field(_SQLSTATE) == _STALE_PLAN:
+                stale = True
+        state = self.state
+        statements = state.remote_statements
+        if forgets:
+            statements.clear()
+        if ended and self.lease_prepared:  # (a lease's COMMIT or ROLLBACK is sent as shared)
+            if ended.startswith(b"ROLLBACK"):
                 for key in self.lease_prepared:
                     name = statements.pop(key, None)
                     if name is not None:
-                        self.state.stale_statements.append(name)
-                self.lease_prepared.clear()
-                return
-            if tag.startswith(b"COMMIT"):
-                self.lease_prepared.clear()
-                return
-
-    def _count_ddl(self, job: Job) -> None:
-        """DDL ran on this connection: bump the pool's schema epoch now, and again when
-        its transaction commits (until then other connections still see the old
-        schema, and may prepare for it)."""
-        served = self.served
-        served.schema_epoch += 1
-        if job.shared:  # its implicit transaction has ended with it
+                        state.stale_statements.append(name)
+            self.lease_prepared.clear()
+        if changes_schema or (self.ddl_pending and ended):
+            self.served.schema_epoch += 1
+        if ended or job.shared:  # its transaction is over: committed or not
             self.ddl_pending = False
-            return
-        ended = any(r.status == _COMMAND_OK
-                    and (r.command_status or b"").startswith(_ENDS_TRANSACTION)
-                    for r in job.results)
-        self.ddl_pending = not ended
-
-    def found_stale(self, job: Job) -> bool:
-        """Whether ``job`` failed because a prepared statement's plan went stale
-        (PostgreSQL's "cached plan must not change result type")."""
-        return job.ran_prepared and any(
-            r.status == _FATAL and r.error_field(_SQLSTATE) == _STALE_PLAN for r in job.results)
+        elif changes_schema:
+            self.ddl_pending = True
+        if stale:
+            job.stale_plan = True
+            logger.debug("prepared statements went stale on a %s request: %d forgotten",
+                         job.op, len(statements))
+            state.stale_statements.extend(statements.values())
+            statements.clear()
 
     def _new_statement(self, key: tuple[bytes, tuple[int, ...]], prepare: int) -> bytes | None:
         """A name to prepare a statement this connection lacks under, or None: run it
@@ -437,26 +454,8 @@ class Pipe:
                 if status != _FATAL:  # a failed Prepare is the request's error
                     skip.add(position)
             job.results = [r for i, r in enumerate(results) if i not in skip]
-        if statements and job.finish is not _ignore and any(
-            r.status == _COMMAND_OK and (r.command_status or b"").startswith(_FORGETS_STATEMENTS)
-            for r in job.results
-        ):  # a lease's client dropped prepared statements of the connection
-            statements.clear()
-        if self.lease_prepared:  # (a lease's COMMIT or ROLLBACK is sent as shared)
-            self._end_lease_statements(job)
-        if self.ddl_pending or any(
-            r.status == _COMMAND_OK and (r.command_status or b"").startswith(_CHANGES_SCHEMA)
-            for r in job.results
-        ):
-            self._count_ddl(job)
-        if statements and self.found_stale(job):
-            # DDL changed what a prepared statement returns, and likely others with it:
-            # forget them all (they are prepared afresh when run again), and deallocate
-            # them once the connection is in no transaction.
-            logger.debug("prepared statements went stale on a %s request: %d forgotten",
-                         job.op, len(statements))
-            self.state.stale_statements.extend(statements.values())
-            statements.clear()
+        if job.finish is not _ignore:  # the pipe's own DEALLOCATEs: nothing to learn
+            self._after_statements(job)
         try:
             self.complete(self, job, job.results)
         except Exception:

@@ -34,6 +34,7 @@ transaction) and waits for another waits for itself, until its ``timeout``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import weakref
@@ -67,13 +68,15 @@ def create_engine(pool: Pool, *, timeout: float | None = None,
     to ``sqlalchemy.create_engine``.
     """
     lender = Lender(pool, timeout, hold_timeout)
-    lend: list[Callable[[], Any]] = []  # the creator, once the dialect exists
-    engine = sqlalchemy.create_engine("postgresql+psycopg://", creator=lambda: lend[0](),
-                                      poolclass=LendingPool, **kwargs)
+    #: The connections SQLAlchemy set to AUTOCOMMIT (see _begin_explicitly).
+    autocommit: weakref.WeakSet[Any] = weakref.WeakSet()
+    engine = sqlalchemy.create_engine(
+        "postgresql+psycopg://", creator=functools.partial(_lend, lender, autocommit),
+        poolclass=LendingPool, **kwargs)
     dialect = engine.dialect
     # The dialect closes a DB-API connection through do_close: ours goes back instead.
     dialect.do_close = lender.give_back  # type: ignore[method-assign, assignment]
-    lend.append(_begin_explicitly(dialect, lender))
+    _begin_explicitly(dialect, lender, autocommit)
     if isinstance(pool, OwnershipPool):  # only an ownership pool lends from a sandbox
         _join_sandboxes(dialect, lender)
     return engine
@@ -148,19 +151,31 @@ class LendingPool(SQLAlchemyPool):
                               dialect=self._dialect)
 
 
-def _begin_explicitly(dialect: Any, lender: Lender) -> Callable[[], Any]:
-    """Begin SQLAlchemy's transactions with an explicit ``BEGIN``; return the creator.
+def _lend(lender: Lender, autocommit: weakref.WeakSet[Any]) -> Any:
+    """The engine's creator: a lent connection in the DB-API's mode, autocommit off
+    (for code that uses ``engine.raw_connection()`` as a DB-API connection), unless
+    SQLAlchemy set it to ``AUTOCOMMIT`` (see :func:`_begin_explicitly`)."""
+    raw = lender.lend()
+    wanted = raw in autocommit
+    if raw.autocommit != wanted and not lender.sandboxed(raw):  # the sandbox's: as lent
+        try:
+            raw.autocommit = wanted
+        except BaseException:
+            lender.give_back(raw)
+            raise
+    return raw
 
-    The creator lends a connection in the DB-API's mode, autocommit off (for
-    code that uses ``engine.raw_connection()`` as a DB-API connection), unless
-    SQLAlchemy asked that connection for ``AUTOCOMMIT``: SQLAlchemy applies an
-    engine's isolation level once per connection, so the level it set is
-    remembered across the connection's loans (``set_isolation_level``), and
-    the other modes stay on the psycopg connection.  ``do_begin`` has the lender
-    send ``BEGIN`` with those modes, cheaper than psycopg's own first-statement
-    ``BEGIN``, unless the connection is in ``AUTOCOMMIT``.
+
+def _begin_explicitly(dialect: Any, lender: Lender, autocommit: weakref.WeakSet[Any]) -> None:
+    """Begin SQLAlchemy's transactions with an explicit ``BEGIN``.
+
+    SQLAlchemy applies an engine's isolation level once per connection, so the
+    level it set is remembered across the connection's loans: ``AUTOCOMMIT`` in
+    ``autocommit`` (which :func:`_lend` reads), the other modes on the psycopg
+    connection.  ``do_begin`` has the lender send ``BEGIN`` with those modes,
+    cheaper than psycopg's own first-statement ``BEGIN``, unless the
+    connection is in ``AUTOCOMMIT``.
     """
-    autocommit: weakref.WeakSet[Any] = weakref.WeakSet()
     set_level = dialect.set_isolation_level
 
     def set_isolation_level(dbapi_connection: Any, level: str) -> None:
@@ -176,20 +191,8 @@ def _begin_explicitly(dialect: Any, lender: Lender) -> Callable[[], Any]:
         if raw not in autocommit:
             lender.begin(raw)
 
-    def creator() -> Any:
-        raw = lender.lend()
-        wanted = raw in autocommit
-        if raw.autocommit != wanted and not lender.sandboxed(raw):  # the sandbox's: as lent
-            try:
-                raw.autocommit = wanted
-            except BaseException:
-                lender.give_back(raw)
-                raise
-        return raw
-
     dialect.set_isolation_level = set_isolation_level
     dialect.do_begin = do_begin
-    return creator
 
 
 def _unwrap(dbapi_connection: Any) -> Any:
