@@ -95,16 +95,15 @@ class Lender:
         back: Callable[[], object]
         if conn is not None:
             back = functools.partial(idle.give_back, conn)  # type: ignore[union-attr]
-            # Its loan has no deadline: set one only if asked.
-            holding = self.hold_timeout if self.hold_timeout is not None else _UNSET
+            reset_deadline = self.hold_timeout is not None  # its loan has none to lift
         else:
             checkout: Checkout = self.pool.checkout(timeout=self.timeout)
             conn = checkout.__enter__()
             back = functools.partial(checkout.__exit__, None, None, None)
-            holding = self.hold_timeout  # None lifts the checkout's deadline
+            reset_deadline = True  # the checkout's: lifted (None) or moved
         try:
-            if holding is not _UNSET:
-                conn.set_deadline(holding)
+            if reset_deadline:
+                conn.set_deadline(self.hold_timeout)
             state = conn.driver_state
             sandboxed = isinstance(state, SandboxState)
             raw: psycopg.Connection[Any] = (state.inner if sandboxed else state).conn
@@ -204,8 +203,6 @@ class Lender:
 
 
 _IDLE = PgTransactionStatus.IDLE
-#: A checkout's deadline to lift (set_deadline(None)); an idle loan has none to lift.
-_UNSET: Any = object()
 _COMMAND_OK = psycopg.pq.ExecStatus.COMMAND_OK
 
 

@@ -217,3 +217,15 @@ def test_the_engines_isolation_level_holds_on_every_checkout(pool: Pool, pg_dsn:
     with pool.checkout() as back:  # the connection is dbpool's again, in its own mode
         assert back.driver_state.conn.autocommit is True
         assert back.status() == "idle"
+
+
+def test_hold_timeout_bounds_how_long_sqlalchemy_holds_a_connection(pool: Pool) -> None:
+    engine = create_engine(pool, hold_timeout=0.3)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT 1")).scalar() == 1  # an idle connection: lent at once
+        # SQLAlchemy drives psycopg itself: it sees the revoked session go, as psycopg's
+        # error, long before the statement would have ended.
+        with pytest.raises(sqlalchemy.exc.OperationalError):
+            conn.execute(text("SELECT pg_sleep(30)"))
+    assert pool.metrics()["deadlines"] == 1
+    engine.dispose()
