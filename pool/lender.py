@@ -11,6 +11,11 @@ such loop) the pool's queue without the waiting:
   a connection with :meth:`Lender.take` on its own thread;
 - :meth:`Lender.give_back` returns a connection; one marked with
   :meth:`Connection.mark_broken` is replaced rather than lent again;
+- :meth:`Lender.wants_back` says whether the pool wants a borrowed connection
+  back though nothing is wrong with it (the pool shrank past it, or it is due
+  for replacement): a borrower that keeps connections between requests gives
+  it no new work and returns it once its requests are done, or a busy
+  borrower would keep it past ``max_lifetime`` or a resize for ever;
 - :meth:`Lender.cancel` and :meth:`Lender.interrupt` stop a statement, or
   wake whoever waits on the connection's socket, without blocking.
 
@@ -109,6 +114,16 @@ class Lender:
         except Exception:
             logger.exception("%s: the driver refused a connection", self._core.name)
             return None
+
+    def wants_back(self, conn: Connection) -> bool:
+        """Whether the pool wants ``conn`` back as soon as its work is done: the pool
+        shrank past it, or the recycler is due to replace it (``max_lifetime``,
+        ``disconnect_all``)."""
+        slot = conn._slot
+        if slot.index in self._core.checkin.retired:
+            return True
+        recycler = self._core.recycler
+        return recycler.recycling and recycler.reason(slot) is not None
 
     def give_back(self, conn: Connection) -> None:
         """Return a borrowed connection (rolled back if left in a transaction)."""

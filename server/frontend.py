@@ -1452,9 +1452,17 @@ class FrontEnd:
             return
         served = pipe.served
         queued, shared = served.queued, served.shared
+        lender = served.lender
         # Paused, open or removed: held connections serve no one new.
-        blocked = served.lender.blocked or served.removed
-        if pipe.broken is None and pipe.retiring is None:
+        blocked = lender.blocked or served.removed
+        if lender.wants_back(pipe.conn):
+            # Past a shrink or due for replacement: no new work, so that a busy
+            # pipe drains and goes back rather than being kept for ever.
+            if pipe in shared:
+                shared.remove(pipe)
+            if pipe.inflight:
+                return
+        elif pipe.broken is None and pipe.retiring is None:
             each, contended = served.pipes_each(), served.active > 1
 
             def may_take(job: Job) -> bool:  # a job that needs its own: an empty pipe
@@ -1482,7 +1490,7 @@ class FrontEnd:
                 if pipe.owner is None and pipe not in shared:
                     shared.append(pipe)
                 return
-            if not (served.lender.has_waiters or self._draining or blocked):
+            if not (lender.has_waiters or self._draining or blocked):
                 # Idle now, but the next request is likely close behind: keep it
                 # for _LINGER (see _release_idle), unless others wait for it.
                 pipe.idle_since = time.monotonic()
