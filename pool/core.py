@@ -70,7 +70,7 @@ class PoolCore:
         self.queue = CheckoutQueue(
             name=options.name, target=options.queue_target, interval=options.queue_interval,
             max_waiting=options.max_waiting, metrics=self.metrics,
-            barge_window=options.barge_window, call_later=self.scheduler.call_later)
+            barge_window=options.barge_seconds, call_later=self.scheduler.call_later)
         self.listeners: tuple[Listener, ...] = normalize(options.connection_listeners)
         #: The circuit breaker; the pool actor attaches it to its connections.
         self.breaker = Breaker(self.name, options, self.queue, self.listeners)
