@@ -75,16 +75,25 @@ def timers() -> Timers:
     return Timers()
 
 
-def test_within_the_window_a_checkin_is_left_for_a_running_caller(
-    clock: Clock, timers: Timers
-) -> None:
+def checked_in_while_waiting(clock: Clock, timers: Timers, after: float
+                             ) -> tuple[CheckoutQueue, Slot, list[Any]]:
+    """A queue whose one slot is checked in ``after`` seconds into a waiter's wait,
+    inside the window: the waiter is not served at once."""
     queue = CheckoutQueue(barge_window=WINDOW, call_later=timers)
     slot = lent(queue, 0)
     served = waiter(queue)
-    clock.now += WINDOW / 2
+    clock.now += after
     queue.put(slot)
-    assert served == []  # the sleeping waiter is not woken...
-    assert queue.try_get() is slot  # ...the running caller takes it
+    assert served == []
+    return queue, slot, served
+
+
+def test_within_the_window_a_checkin_is_left_for_a_running_caller(
+    clock: Clock, timers: Timers
+) -> None:
+    queue, slot, served = checked_in_while_waiting(clock, timers, WINDOW / 2)
+    assert queue.try_get() is slot  # the running caller takes it...
+    assert served == []  # ...and the waiter sleeps on
     assert timers.pending and timers.pending[0][0] == WINDOW
 
 
@@ -103,15 +112,11 @@ def test_past_the_window_checkins_go_to_the_longest_waiter(
 def test_a_slot_nobody_barged_for_goes_to_the_waiter_when_the_timer_fires(
     clock: Clock, timers: Timers
 ) -> None:
-    queue = CheckoutQueue(barge_window=WINDOW, call_later=timers)
-    slot = lent(queue, 0)
-    served = waiter(queue)
-    clock.now += 0.001
-    queue.put(slot)
-    assert served == []
+    queue, slot, served = checked_in_while_waiting(clock, timers, 0.001)
     clock.now += WINDOW
     assert timers.fire() == [WINDOW]
     assert served == [slot]
+    assert queue.try_get() is None
 
 
 def test_a_zero_window_is_strict_fifo(clock: Clock, timers: Timers) -> None:
