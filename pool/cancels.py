@@ -34,11 +34,24 @@ class Canceller:
 
     def cancel(self, driver: Any, state: Any) -> None:
         """Cancel the statement running on a connection, without waiting for it."""
+        self.send(self.prepare(driver, state))
+
+    def prepare(self, driver: Any, state: Any) -> Callable[[], object] | None:
+        """The cancel of the statement running on a connection, made now (no I/O), to
+        :meth:`send` later, even after the connection is closed; None if it cannot
+        be made."""
         prepare = getattr(driver, "prepare_cancel", None)
         try:
-            send = prepare(state) if prepare is not None else partial(driver.cancel, state)
+            send: Callable[[], object] = (
+                prepare(state) if prepare is not None else partial(driver.cancel, state))
         except Exception:
             logger.debug("preparing a cancel failed", exc_info=True)
+            return None
+        return send
+
+    def send(self, send: Callable[[], object] | None) -> None:
+        """Send a cancel :meth:`prepare` made, on a cancel thread."""
+        if send is None:
             return
         try:
             self._threads.submit(_send, send)

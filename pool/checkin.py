@@ -110,34 +110,41 @@ class Checkin:
 
     # -- from the loan watcher ---------------------------------------------
 
-    def revoke(self, loan: Loan, error: ConnectionError) -> bool:
+    def revoke(self, loan: Loan, error: ConnectionError, metric: str | None = None) -> bool:
         """End someone else's loan now: its holder's next call raises ``error``.
 
         The running statement is cancelled on the server, the holder is woken
         from any read (the driver's ``interrupt``), and the slot gets a fresh
         connection for others; the old one stays with its holder, who closes
-        it on its own thread.  False if the loan had ended already.
+        it on its own thread.  ``metric``, if given, is counted once the loan
+        is taken, before the holder is woken.  False if the loan had ended
+        already.
         """
         loan.revoked = error  # set first, so the holder never sees a bare claim
         if not loan.take():
             loan.revoked = None  # the holder checked in just now
             return False
+        if metric is not None:  # counted before the holder is woken and can look
+            self.metrics.add(metric)
         slot = loan.slot
         state = slot.driver_state
         self.loans.pop(slot.index, None)
         self.queue.record_usage(slot)
         logger.warning("%s", error)
         if state is not None:
-            # The cancel is made before the holder can close the connection;
-            # then the holder is woken at once, even from a read that would
-            # never return.
-            self.canceller.cancel(slot.driver, state)
+            # The cancel is made before the holder can close the connection, and
+            # sent after the holder is woken (at once, even from a read that would
+            # never return): so the holder always finds its connection lost, never
+            # the cancel's plain error, which a framework would take for a failed
+            # statement and go on with the connection (a rollback on a dead socket).
+            cancel = self.canceller.prepare(slot.driver, state)
             interrupt = getattr(slot.driver, "interrupt", None)
             if interrupt is not None:
                 try:
                     interrupt(state)
                 except Exception:
                     logger.debug("waking the holder of a revoked loan failed", exc_info=True)
+            self.canceller.send(cancel)
         slot.driver_state = None
         self.reconnect(slot, error, taken=True)  # its actor reports it disconnected
         return True

@@ -176,5 +176,4 @@ class LoanWatcher:
             f"out for longer than its {loan.deadline - loan.started:g}s timeout "
             f"({loan.describe()}); its statement was cancelled and the connection is being "
             "replaced", reason="deadline")
-        if self._checkin.revoke(loan, error):
-            self._metrics.add("deadlines")
+        self._checkin.revoke(loan, error, metric="deadlines")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,7 @@ from sqlalchemy.orm import (  # noqa: E402
 
 from dbpool.client import Client  # noqa: E402
 from dbpool.dbapi.sqlalchemy import create_engine  # noqa: E402
+from dbpool.pgdriver import PgDriver  # noqa: E402
 from dbpool.pool import Pool  # noqa: E402
 from tests.support.remote import ServerProcess  # noqa: E402
 
@@ -229,3 +231,36 @@ def test_hold_timeout_bounds_how_long_sqlalchemy_holds_a_connection(pool: Pool) 
             conn.execute(text("SELECT pg_sleep(30)"))
     assert pool.metrics()["deadlines"] == 1
     engine.dispose()
+
+
+class _LateWake(PgDriver):
+    """A driver whose wake-up of a revoked holder comes late, as when the revoking
+    thread is preempted: it first gives the holder up to 0.5 s to fail by itself."""
+
+    def __init__(self) -> None:
+        self.holder_failed = threading.Event()
+
+    def interrupt(self, state: Any) -> None:
+        self.holder_failed.wait(0.5)
+        super().interrupt(state)
+
+
+def test_a_revoked_holder_finds_its_connection_lost_however_late_the_wake_up(
+    pg_dsn: str
+) -> None:
+    # The revoke's cancel goes only after the holder is woken: had it gone first,
+    # the holder would see a plain cancel, SQLAlchemy would keep the connection
+    # as valid, and its close would roll back on a dead socket and raise.
+    driver = _LateWake()
+    with Pool.start(pg_dsn, driver=driver, pool_size=1, name=f"sa-late-{SUFFIX}") as pool:
+        engine = create_engine(pool, hold_timeout=0.3)
+        with engine.connect() as conn:
+            with pytest.raises(sqlalchemy.exc.OperationalError) as caught:
+                try:
+                    conn.execute(text("SELECT pg_sleep(30)"))
+                finally:
+                    driver.holder_failed.set()
+            assert caught.value.connection_invalidated
+        assert pool.metrics()["deadlines"] == 1
+        assert pool.query("SELECT 1").rows == [(1,)]
+        engine.dispose()
