@@ -46,12 +46,12 @@ from dbpool.pool.transaction import RollbackSignal, Transaction
 if TYPE_CHECKING:
     from dbpool.pool import Checkout, Connection, Pool
 
-__all__ = ["Lender", "roll_back"]
+__all__ = ["Lender", "roll_back", "set_autocommit"]
 
 logger = logging.getLogger("dbpool.dbapi")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Lent:
     """One lent connection: its dbpool checkout, and, in a sandbox, the framework's
     open transaction."""
@@ -188,8 +188,7 @@ class Lender:
             if not lent.sandboxed and not raw.closed:
                 if raw.pgconn.transaction_status != _IDLE:
                     raw.rollback()
-                if not raw.autocommit:
-                    raw.autocommit = True  # dbpool's own mode, with explicit BEGIN
+                set_autocommit(raw, True)  # dbpool's own mode, with explicit BEGIN
         except Exception:  # broken: the pool's checkin finds it so and replaces it
             pass
         finally:
@@ -220,6 +219,19 @@ def _begin(raw: psycopg.Connection[Any]) -> None:
     result = raw.pgconn.exec_(b"BEGIN" + modes)
     if result.status != _COMMAND_OK:
         raise psycopg.errors.error_from_result(result, encoding=raw.info.encoding)
+
+
+def set_autocommit(raw: psycopg.Connection[Any], value: bool) -> None:
+    """``raw.autocommit = value`` for a connection in no transaction, at the cost of an
+    assignment: psycopg's setter checks just that, under its lock and through a
+    generator, about 1 µs, which a framework's checkout pays twice (the
+    attribute is psycopg's own, in the psycopg versions ``pyproject.toml``
+    pins; tests/dbapi/test_lending_internals.py holds it to that).  In a
+    transaction the setter runs, and raises as psycopg does."""
+    if raw.pgconn.transaction_status == _IDLE:
+        raw._autocommit = value
+    else:
+        raw.autocommit = value
 
 
 def roll_back(tx: Transaction) -> None:

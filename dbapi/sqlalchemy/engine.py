@@ -48,7 +48,7 @@ from sqlalchemy.pool.base import _ConnectionRecord
 
 from dbpool.pool.ownership.pool import OwnershipPool
 
-from ..lending import Lender
+from ..lending import Lender, set_autocommit
 
 if TYPE_CHECKING:
     from dbpool.pool import Pool
@@ -159,7 +159,7 @@ def _lend(lender: Lender, autocommit: weakref.WeakSet[Any]) -> Any:
     wanted = raw in autocommit
     if raw.autocommit != wanted and not lender.sandboxed(raw):  # the sandbox's: as lent
         try:
-            raw.autocommit = wanted
+            set_autocommit(raw, wanted)
         except BaseException:
             lender.give_back(raw)
             raise
