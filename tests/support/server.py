@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 
 
@@ -23,3 +25,19 @@ def active_queries(dsn: str, application_name: str) -> list[str]:
             (application_name,),
         ).fetchall()
     return [row[0] for row in rows]
+
+
+def running_after(dsn: str, application_name: str, needle: str,
+                  timeout: float = 5.0) -> list[str]:
+    """The statements containing ``needle`` still running in sessions named
+    ``application_name`` once none is, or ``timeout`` seconds have passed.
+
+    For a cancel, which is sent to the server on its own connection and may
+    arrive a moment after the caller it concerns has been told: the server's
+    own view is asked again until the statement is gone.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        running = [q for q in active_queries(dsn, application_name) if needle in q]
+        if not running or time.monotonic() >= deadline:
+            return running
