@@ -39,6 +39,7 @@ import psycopg
 from psycopg.pq import TransactionStatus as PgTransactionStatus
 
 from dbpool.errors import RolledBack
+from dbpool.pgconnection import PgConnection
 from dbpool.pool.ownership.pool import OwnershipPool
 from dbpool.pool.ownership.sandbox import SandboxState
 from dbpool.pool.transaction import RollbackSignal, Transaction
@@ -131,6 +132,8 @@ class Lender:
         """
         lent = self._sandbox_loan(raw)
         if lent is None:
+            if getattr(raw, "rollback_pending", False):  # rolled back, and begun again
+                raw.settle()
             if raw.pgconn.transaction_status == _IDLE:
                 _begin(raw)
             return
@@ -172,6 +175,19 @@ class Lender:
         if tx is not None:
             roll_back(tx)
 
+    def rollback_unawaited(self, raw: Any) -> None:
+        """:meth:`rollback`, without waiting for the server's answer where that is safe:
+        on a connection lent from a plain pool, whose next use reads the answer
+        (:mod:`dbpool.pgconnection`).  A framework that ends each checkout with a
+        rollback (SQLAlchemy) then gives the connection back a round trip sooner;
+        one that goes on with it first reads the answer, through psycopg."""
+        lent = self._lent.get(id(raw))
+        if (self._idle is None or lent is None or lent.raw is not raw or lent.sandboxed
+                or not isinstance(raw, PgConnection)):
+            self.rollback(raw)
+            return
+        raw.rollback_unawaited()
+
     def give_back(self, raw: Any) -> None:
         """Roll back what is open and give the connection back to the pool.
 
@@ -186,9 +202,13 @@ class Lender:
             return
         try:
             if not lent.sandboxed and not raw.closed:
-                if raw.pgconn.transaction_status != _IDLE:
-                    raw.rollback()
-                set_autocommit(raw, True)  # dbpool's own mode, with explicit BEGIN
+                if getattr(raw, "rollback_pending", False):
+                    # Its next borrower reads the answer (the pool's checkout settles it).
+                    raw._autocommit = True  # as set_autocommit() would, once idle
+                else:
+                    if raw.pgconn.transaction_status != _IDLE:
+                        raw.rollback()
+                    set_autocommit(raw, True)  # dbpool's own mode, with explicit BEGIN
         except Exception:  # broken: the pool's checkin finds it so and replaces it
             pass
         finally:

@@ -191,8 +191,12 @@ def _begin_explicitly(dialect: Any, lender: Lender, autocommit: weakref.WeakSet[
         if raw not in autocommit:
             lender.begin(raw)
 
+    def do_rollback(dbapi_connection: Any) -> None:
+        lender.rollback_unawaited(_unwrap(dbapi_connection))
+
     dialect.set_isolation_level = set_isolation_level
     dialect.do_begin = do_begin
+    dialect.do_rollback = do_rollback
 
 
 def _unwrap(dbapi_connection: Any) -> Any:

@@ -44,6 +44,7 @@ from .driver import (
     WrongStatus,
 )
 from .errors import StatementNotAllowed, TransactionStatus
+from .pgconnection import PgConnection, read_results, wait_for
 from .statement_scope import copy_refused, is_copy
 
 __all__ = ["CANCEL_TIMEOUT", "NETWORK_DEFAULTS", "PgCopy", "PgDriver", "PgState"]
@@ -82,13 +83,14 @@ _STATUS: dict[int, TransactionStatus] = {
 }
 # Read at every checkin, so answered from libpq's int without allocating.
 _OK_STATUS: dict[int, Ok[TransactionStatus]] = {code: Ok(s) for code, s in _STATUS.items()}
+_OK_IDLE = _OK_STATUS[pq.TransactionStatus.IDLE]
 
 
 @dataclass(slots=True, eq=False)
 class PgState:
     """One psycopg connection and what the driver remembers about it."""
 
-    conn: psycopg.Connection[Any]
+    conn: PgConnection[Any]
     cursor: psycopg.Cursor[Any]
     #: Names of the prepared statements this connection has.
     prepared: set[str] = field(default_factory=set)
@@ -154,7 +156,7 @@ class PgDriver:
         for key, value in NETWORK_DEFAULTS.items():
             if key not in given and key not in kwargs:
                 kwargs[key] = value
-        conn = psycopg.Connection.connect(conninfo, autocommit=True, **kwargs)
+        conn: PgConnection[Any] = PgConnection.connect(conninfo, autocommit=True, **kwargs)
         state = PgState(conn=conn, cursor=conn.cursor(),
                         ping_timeout=float(opts.get("ping_timeout", 5.0)))
         try:
@@ -193,8 +195,14 @@ class PgDriver:
                 pass
 
     def checkout(self, state: PgState) -> Outcome[None]:
-        if state.conn.closed:
+        conn = state.conn
+        if conn.closed:
             return Disconnect(psycopg.OperationalError("the connection is closed"))
+        if conn.rollback_pending:  # its last user did not wait for its ROLLBACK
+            try:
+                conn.settle(time.monotonic() + state.ping_timeout)
+            except psycopg.Error as err:
+                return Disconnect(err)
         return _OK_NONE
 
     def ping(self, state: PgState) -> Outcome[None]:
@@ -204,23 +212,19 @@ class PgDriver:
         drops packets makes a ping fail at its deadline, not hang the
         connection's actor.
         """
-        pgconn = state.conn.pgconn
+        conn = state.conn
+        pgconn = conn.pgconn
         deadline = time.monotonic() + state.ping_timeout
         try:
+            conn.settle(deadline)
             pgconn.send_query(b"SELECT 1")
-            while pgconn.flush() == 1:
-                if not _wait(pgconn.socket, select.POLLOUT, deadline):
-                    return Disconnect(_ping_timeout(state))
-            while True:
-                pgconn.consume_input()
-                if not pgconn.is_busy():
-                    break
-                if not _wait(pgconn.socket, select.POLLIN, deadline):
-                    return Disconnect(_ping_timeout(state))
+            results = read_results(pgconn, deadline)
+            if results is None:
+                return Disconnect(_ping_timeout(state))
             failed = None
-            while (result := pgconn.get_result()) is not None:
+            for result in results:
                 if result.status != _TUPLES_OK and failed is None:
-                    failed = psycopg.errors.error_from_result(result, state.conn.info.encoding)
+                    failed = psycopg.errors.error_from_result(result, conn.info.encoding)
         except psycopg.Error as err:
             return Disconnect(err)
         if failed is not None or pgconn.status != pq.ConnStatus.OK:
@@ -259,7 +263,7 @@ class PgDriver:
                         raise psycopg.OperationalError(
                             f"cancel failed: {cancel_conn.get_error_message()}")
                     event = select.POLLIN if status == _POLL_READING else select.POLLOUT
-                    if not _wait(cancel_conn.socket, event, deadline):
+                    if not wait_for(cancel_conn.socket, event, deadline):
                         raise psycopg.errors.CancellationTimeout(
                             f"no answer to a cancel within {CANCEL_TIMEOUT:g}s")
             finally:
@@ -289,6 +293,8 @@ class PgDriver:
 
     def handle_status(self, opts: Options, state: PgState) -> Outcome[TransactionStatus]:
         status = _OK_STATUS.get(state.conn.pgconn.transaction_status)
+        if status is None and state.conn.rollback_pending:
+            return _OK_IDLE  # as the ROLLBACK will leave it; the next checkout reads its answer
         if status is None:  # UNKNOWN (broken) or ACTIVE (a query still running)
             return Disconnect(psycopg.OperationalError("the connection is not usable"))
         return status
@@ -477,24 +483,15 @@ class PgDriver:
 _OK_NONE: Ok[None] = Ok(None)
 
 
-def _wait(fd: int, event: int, deadline: float) -> bool:
-    """Wait until ``fd`` is ready for ``event``; False if the deadline passed first."""
-    poller = select.poll()
-    poller.register(fd, event)
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        if poller.poll(left * 1000):
-            return True
-
-
 def _ping_timeout(state: PgState) -> psycopg.OperationalError:
     return psycopg.OperationalError(f"no answer to a ping within {state.ping_timeout:g}s")
 
 
 def _status(state: PgState) -> TransactionStatus:
-    return _STATUS.get(state.conn.pgconn.transaction_status, "error")
+    conn = state.conn
+    if conn.rollback_pending:  # lent without a checkout (an owner's): settle here
+        conn.settle()
+    return _STATUS.get(conn.pgconn.transaction_status, "error")
 
 
 _TUPLES_OK = int(pq.ExecStatus.TUPLES_OK)  # an enum member lookup costs more per query

@@ -1,0 +1,128 @@
+"""psycopg's connection, able to roll back without waiting for the answer.
+
+A framework ends nearly every use of a connection with a ``ROLLBACK`` and
+then gives it back: SQLAlchemy rolls back whatever its ``Connection`` began
+when it is closed.  Waiting for that ``ROLLBACK``'s answer costs the caller
+a round trip to the server for nothing it will look at.  So
+:meth:`PgConnection.rollback_unawaited` sends ``ROLLBACK`` and returns at
+once; the server ends the transaction (and releases its locks) as soon as the
+command arrives, and the connection's next use reads the answer first:
+
+- any psycopg operation on the connection, since all of them go through
+  :meth:`PgConnection.wait`, which settles first;
+- the pool's next checkout and ping of it (:class:`dbpool.pgdriver.PgDriver`),
+  which settle with a deadline and replace the connection if the
+  ``ROLLBACK`` failed (the connection was lost).
+
+So the answer is read by the next borrower, usually without waiting, as it
+has come in the meantime.  Until then libpq reports the connection busy
+(``ACTIVE``); :attr:`PgConnection.rollback_pending` says why.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from typing import Any
+
+import psycopg
+from psycopg import pq
+from psycopg.abc import PQGen
+from psycopg.rows import Row
+
+__all__ = ["PgConnection", "read_results", "wait_for"]
+
+_IDLE = pq.TransactionStatus.IDLE
+_ENDABLE = frozenset({pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR})
+_COMMAND_OK = pq.ExecStatus.COMMAND_OK
+_FOREVER = float("inf")
+
+
+class PgConnection(psycopg.Connection[Row]):
+    """The psycopg connection of a dbpool pool (see the module docstring)."""
+
+    #: Whether the answer to an unawaited ``ROLLBACK`` is still to be read (read
+    #: it, do not set it: a plain attribute, as the pool reads it at every checkout).
+    rollback_pending = False
+
+    def rollback_unawaited(self) -> None:
+        """End the transaction as :meth:`rollback` does, without waiting for the answer.
+
+        Where psycopg's own rollback has more to do (a ``Transaction`` block
+        or a two-phase transaction open, pipeline mode, a statement still
+        running), this is :meth:`rollback` itself, and raises as it does.
+        Outside a transaction it does nothing, as :meth:`rollback`.
+        """
+        status = self.pgconn.transaction_status
+        if status == _IDLE:
+            return
+        if (status not in _ENDABLE or self._num_transactions or self._tpc
+                or self._pipeline is not None):
+            self.rollback()
+            return
+        with self.lock:
+            pgconn = self.pgconn
+            pgconn.send_query(b"ROLLBACK")
+            while pgconn.flush() == 1:  # a few bytes: in practice never here
+                wait_for(pgconn.socket, select.POLLOUT, _FOREVER)
+            self.rollback_pending = True
+            # psycopg forgets its prepared statements at every rollback (it deallocates
+            # them at the next use: see settle()); so do we, as it would.
+            self._prepared.clear()
+
+    def settle(self, deadline: float = _FOREVER) -> None:
+        """Read the answer to an unawaited ``ROLLBACK``, waiting for it until
+        ``deadline`` (``time.monotonic()``); raise its error if it failed, or
+        ``psycopg.OperationalError`` if the deadline passed first.  Does
+        nothing if none is pending."""
+        if not self.rollback_pending:
+            return
+        self.rollback_pending = False
+        results = read_results(self.pgconn, deadline)
+        if results is None:
+            raise psycopg.OperationalError("no answer to a ROLLBACK in time: connection unusable")
+        for result in results:
+            if result.status != _COMMAND_OK:
+                raise psycopg.errors.error_from_result(result, encoding=self.info.encoding)
+        super().wait(self._prepared.maintain_gen(self))
+
+    def wait(self, gen: PQGen[Any], interval: float = 0.1, timeout: float | None = None) -> Any:
+        """psycopg's :meth:`psycopg.Connection.wait`, once an unawaited ``ROLLBACK``
+        has been settled: every operation through psycopg comes here first."""
+        if self.rollback_pending:
+            self.settle()
+        return super().wait(gen, interval, timeout)
+
+
+def read_results(pgconn: pq.abc.PGconn, deadline: float) -> list[pq.abc.PGresult] | None:
+    """The results of the command sent on ``pgconn``, read through libpq with a
+    poll, or None if ``deadline`` (``time.monotonic()``) passed first.
+
+    Driven by hand, not by psycopg's waiting, so that a network that drops
+    packets fails at the deadline instead of hanging the caller.
+    """
+    while pgconn.flush() == 1:
+        if not wait_for(pgconn.socket, select.POLLOUT, deadline):
+            return None
+    while True:
+        pgconn.consume_input()
+        if not pgconn.is_busy():
+            break
+        if not wait_for(pgconn.socket, select.POLLIN, deadline):
+            return None
+    results = []
+    while (result := pgconn.get_result()) is not None:
+        results.append(result)
+    return results
+
+
+def wait_for(fd: int, event: int, deadline: float) -> bool:
+    """Wait until ``fd`` is ready for ``event``; False if the deadline passed first."""
+    poller = select.poll()
+    poller.register(fd, event)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if poller.poll(None if left == _FOREVER else left * 1000):
+            return True
