@@ -35,7 +35,7 @@ from typing import Any
 
 import psycopg
 
-from .remote import Backend, DbpoolServer, PgBouncer, ServerError, find_pgbouncer
+from .servers import Backend, DbpoolServer, PgBouncer, ServerError, find_pgbouncer
 
 __all__ = ["run_fairness"]
 

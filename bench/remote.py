@@ -28,6 +28,10 @@ What it measures, all in one run on one machine:
 - **Batch**: one client sending ``client.batch("SELECT 1", [()] * 100)`` over
   and over, in statements per second, against PgBouncer's single-client
   statements per second (one ``SELECT 1`` per round trip).
+- **Many tasks**: one process of 256 asyncio tasks, each running ``SELECT 1``
+  in a loop: one ``AsyncClient`` through ``dbpool serve`` against psycopg's
+  ``AsyncConnectionPool`` of 256 connections to PgBouncer, a pool of 10
+  behind either (:mod:`dbpool.bench.many_tasks`).
 - **Idle clients**: the resident memory of the ``dbpool serve`` process
   before and after 1,000 ZeroMQ ``DEALER`` sockets (in a few helper
   processes) have connected and each sent one ``ping``, and the growth per
@@ -36,7 +40,8 @@ What it measures, all in one run on one machine:
 Targets (:data:`TARGETS`): at 16 processes dbpool's q/s is at least 0.75 x
 PgBouncer's, and with CURVE at least 0.85 x its own without; dbpool's
 single-client latency is at most 2 x PgBouncer's; a batch of 100 runs at
-least 5 x as many statements per second as PgBouncer does one at a time.
+least 5 x as many statements per second as PgBouncer does one at a time;
+many asyncio tasks in one process run at least 2 x PgBouncer's q/s.
 A target that could not be measured (PgBouncer not installed, the server not
 starting) counts as missed: :func:`run_remote`'s
 report has ``"ok": False`` and ``dbpool bench --remote`` exits with status 1.
@@ -49,34 +54,35 @@ import json
 import logging
 import multiprocessing
 import os
-import pwd
 import resource
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Barrier
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
-from psycopg.conninfo import make_conninfo
 
-if TYPE_CHECKING:
-    from dbpool.client import Client
+from .many_tasks import TASKS, run_many_tasks
+from .many_tasks import THRESHOLD as MANY_TASKS_THRESHOLD
+from .servers import (
+    Backend,
+    DbpoolServer,
+    PgBouncer,
+    ServerError,
+    client_class,
+    find_pgbouncer,
+)
 
 __all__ = [
     "DEFAULT_PROCESSES",
     "TARGETS",
-    "find_pgbouncer",
     "parse_processes",
     "pool_size_for",
     "run_remote",
@@ -102,8 +108,6 @@ IDLE_HOLD = 3.0
 WARMUP = 20
 #: Seconds to wait for the worker processes to start, or for a turn's barrier.
 STARTUP_TIMEOUT = 180.0
-#: Seconds to wait for a server (dbpool serve, PgBouncer) to answer.
-SERVER_TIMEOUT = 30.0
 
 #: (name, description, threshold).
 TARGETS: tuple[tuple[str, str, float], ...] = (
@@ -112,6 +116,9 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ("latency_1", "1 process: dbpool median latency <= 2 x pgbouncer's", 2.0),
     ("batch_100", f"batch of {BATCH_SIZE}: dbpool statements/s >= 5 x pgbouncer "
                   "single-client statements/s", 5.0),
+    ("asyncio_tasks", "1 process of many asyncio tasks: dbpool q/s >= "
+                      f"{MANY_TASKS_THRESHOLD:g} x pgbouncer (AsyncConnectionPool)",
+     MANY_TASKS_THRESHOLD),
 )
 
 
@@ -131,265 +138,6 @@ def parse_processes(text: str) -> tuple[int, ...]:
     if not counts or any(n < 1 for n in counts):
         raise ValueError(f"expected comma-separated process counts >= 1, got {text!r}")
     return tuple(sorted(set(counts)))
-
-
-def find_pgbouncer() -> str | None:
-    """The PgBouncer binary: on ``$PATH``, else ``/usr/sbin/pgbouncer``, else None."""
-    found = shutil.which("pgbouncer")
-    if found:
-        return found
-    fallback = "/usr/sbin/pgbouncer"
-    return fallback if os.access(fallback, os.X_OK) else None
-
-
-# -- servers -------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return "\n".join(text[-lines:])
-
-
-class ServerError(RuntimeError):
-    """A contender's server did not start."""
-
-
-@dataclass(frozen=True)
-class Backend:
-    """Where PostgreSQL is, as libpq resolved the benchmark's DSN."""
-
-    host: str
-    port: int
-    user: str
-    dbname: str
-    password: str | None
-
-    @classmethod
-    def resolve(cls, dsn: str) -> Backend:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            info = conn.info
-            return cls(info.host, info.port, info.user, info.dbname, info.password or None)
-
-
-class PgBouncer:
-    """A PgBouncer of our own, in transaction mode, in a temporary directory.
-
-    As root it runs as the ``postgres`` user (PgBouncer refuses root), in a
-    directory that user owns.
-    """
-
-    def __init__(self, binary: str, backend: Backend, pool_size: int) -> None:
-        self.binary = binary
-        self.backend = backend
-        self.pool_size = pool_size
-        self.port = _free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="dbpool-bench-pgbouncer-"))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def dsn(self) -> str:
-        return make_conninfo("", host="127.0.0.1", port=self.port, dbname="bench",
-                             user=self.backend.user)
-
-    def _config(self) -> str:
-        target: dict[str, Any] = {"host": self.backend.host, "port": self.backend.port,
-                                  "user": self.backend.user, "dbname": self.backend.dbname}
-        if self.backend.password:
-            target["password"] = self.backend.password
-        return "\n".join([
-            "[databases]",
-            f"bench = {make_conninfo('', **target)}",
-            "[pgbouncer]",
-            "listen_addr = 127.0.0.1",
-            f"listen_port = {self.port}",
-            "auth_type = any",
-            "pool_mode = transaction",
-            f"default_pool_size = {self.pool_size}",
-            "max_client_conn = 2000",
-            "unix_socket_dir =",
-            "ignore_startup_parameters = extra_float_digits",
-            f"logfile = {self.dir / 'pgbouncer.log'}",
-            f"pidfile = {self.dir / 'pgbouncer.pid'}",
-            "",
-        ])
-
-    def start(self) -> PgBouncer:
-        """Start it and wait until it answers; ServerError (and cleaned up) if it does not."""
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _start(self) -> None:
-        ini = self.dir / "pgbouncer.ini"
-        ini.write_text(self._config())
-        ini.chmod(0o600)
-        user: int | None = None
-        group: int | None = None
-        if os.geteuid() == 0:
-            entry = pwd.getpwnam("postgres")
-            user, group = entry.pw_uid, entry.pw_gid
-            for path in (self.dir, ini):
-                os.chown(path, user, group)
-        with open(self.dir / "stderr.log", "wb") as err:
-            self.proc = subprocess.Popen(
-                [self.binary, str(ini)], stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                user=user, group=group, start_new_session=True)
-        deadline = time.monotonic() + SERVER_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise ServerError(f"pgbouncer exited with status {self.proc.returncode}:\n"
-                                  f"{_tail(self.dir / 'stderr.log')}")
-            try:
-                with psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None,
-                                     connect_timeout=2) as conn:
-                    conn.execute(SQL).fetchall()
-                break
-            except psycopg.Error as exc:
-                if time.monotonic() > deadline:
-                    raise ServerError(f"pgbouncer did not answer within {SERVER_TIMEOUT:g}s: "
-                                      f"{exc}") from None
-                time.sleep(0.1)
-        logger.info("pgbouncer pid %s on port %s, pool of %s", self.proc.pid, self.port,
-                    self.pool_size)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # safe shutdown: no query is running now
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _client_class() -> type[Client]:
-    """:class:`dbpool.client.Client`, or ServerError if the client library is broken."""
-    try:
-        from dbpool.client import Client
-    except ImportError as exc:
-        raise ServerError(f"dbpool.client.Client is not available: {exc}") from None
-    return Client
-
-
-class DbpoolServer:
-    """``python -m dbpool serve`` as a subprocess, on free local ports."""
-
-    def __init__(self, dsn: str, pool_size: int, curve: bool = False) -> None:
-        self.dsn = dsn
-        self.pool_size = pool_size
-        self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
-        self.events = f"tcp://127.0.0.1:{_free_port()}"
-        self.dir = Path(tempfile.mkdtemp(prefix="dbpool-bench-serve-"))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started = False
-        #: With CURVE: the server's public key file and a client's secret key file.
-        self.keys: tuple[str, str] | None = None
-        self._curve_args: list[str] = []
-        if curve:
-            from dbpool.keys import write_key_pair
-
-            server_public, server_secret = write_key_pair("server", self.dir / "server")
-            client_public, client_secret = write_key_pair("bench", self.dir / "authorized")
-            self.keys = (str(server_public), str(client_secret))
-            self._curve_args = ["--curve-secret-key", str(server_secret),
-                                "--authorized-keys", str(client_public.parent)]
-
-    def client(self, timeout: float) -> Client:
-        """A client of this server (with its keys, if it uses CURVE)."""
-        server_key, client_key = self.keys if self.keys is not None else (None, None)
-        return _client_class()(self.endpoint, timeout=timeout, server_key=server_key,
-                               client_key=client_key)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> DbpoolServer:
-        """Start it and wait for a ping; ServerError (and cleaned up) if it does not answer."""
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        self.started = True
-        return self
-
-    def _start(self) -> None:
-        argv = [sys.executable, "-m", "dbpool", "serve", "--dsn", self.dsn,
-                "--bind", self.endpoint, "--events-bind", self.events,
-                "--pool-size", str(self.pool_size), *self._curve_args]
-        with open(self.dir / "serve.log", "wb") as log:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, start_new_session=True)
-        deadline = time.monotonic() + SERVER_TIMEOUT
-        client = self.client(1.0)
-        try:
-            while True:
-                if self.proc.poll() is not None:
-                    raise ServerError(f"dbpool serve exited with status "
-                                      f"{self.proc.returncode}:\n{_tail(self.dir / 'serve.log')}")
-                try:
-                    client.ping(timeout=1.0)
-                    break
-                except Exception as exc:
-                    if time.monotonic() > deadline:
-                        raise ServerError(f"dbpool serve did not answer a ping within "
-                                          f"{SERVER_TIMEOUT:g}s: {exc!r}") from None
-                    # A timed-out request may leave the client unusable: start afresh.
-                    client.close()
-                    client = self.client(1.0)
-                    time.sleep(0.1)
-        finally:
-            client.close()
-        logger.info("dbpool serve pid %s on %s, pool of %s", self.proc.pid, self.endpoint,
-                    self.pool_size)
-
-    def rss_bytes(self) -> int | None:
-        return _rss_of(self.pid)
-
-    def log_tail(self) -> str:
-        return _tail(self.dir / "serve.log")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                logger.warning("dbpool serve did not stop within 30 s of SIGTERM: killing it")
-                self.proc.kill()
-                self.proc.wait()
-        if self.started and self.proc is not None and \
-                self.proc.returncode not in (0, -signal.SIGTERM):
-            logger.warning("dbpool serve exited with status %s:\n%s", self.proc.returncode,
-                           self.log_tail())
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _rss_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 # -- worker processes ---------------------------------------------------------------------
@@ -439,7 +187,7 @@ class _Contenders:
                 self.errors["pgbouncer"] = _one_line(exc)
         if spec.dbpool_endpoint is not None:
             try:
-                client = _client_class()(spec.dbpool_endpoint)
+                client = client_class()(spec.dbpool_endpoint)
                 self.closers.append(client.close)
                 self.steps["dbpool"] = lambda: client.query(SQL)
                 if spec.batch:
@@ -450,7 +198,7 @@ class _Contenders:
         if spec.curve is not None:
             endpoint, server_key, client_key = spec.curve
             try:
-                secured = _client_class()(endpoint, server_key=server_key,
+                secured = client_class()(endpoint, server_key=server_key,
                                           client_key=client_key)
                 self.closers.append(secured.close)
                 self.steps[CURVE] = lambda: secured.query(SQL)
@@ -676,7 +424,7 @@ def _measure_idle(dsn: str, clients: int = IDLE_CLIENTS, helpers: int = IDLE_HEL
     procs: list[multiprocessing.process.BaseProcess] = []
     try:
         # One client first: the server's own lazily built state should not count.
-        client = _client_class()(server.endpoint)
+        client = client_class()(server.endpoint)
         try:
             client.ping()
             client.query(SQL)
@@ -852,12 +600,15 @@ def run_remote(
     rounds: int = 3,
     as_json: bool = False,
     idle_clients: int = IDLE_CLIENTS,
+    tasks: int = TASKS,
 ) -> dict[str, Any]:
     """Run the remote benchmark, print a table (or JSON) and return the report.
 
     ``duration`` is seconds per contender per round (at least 1.0 is wise:
-    the first instants of a turn are the noisiest).  The report's ``ok`` is
-    False if any target was missed or could not be measured.
+    the first instants of a turn are the noisiest).  ``tasks`` is the number of
+    asyncio tasks of the many-tasks row (:mod:`dbpool.bench.many_tasks`; 0
+    leaves it out).  The report's ``ok`` is False if any target was missed or
+    could not be measured.
     """
     began = time.monotonic()
     bouncer_binary = find_pgbouncer()
@@ -869,6 +620,14 @@ def run_remote(
     for n in processes:
         turns.extend(_scenario(dsn, backend, bouncer_binary, n, duration, rounds,
                                unavailable, as_json))
+    many: dict[str, Any] | None = None
+    if tasks > 0:
+        _progress(as_json, f"  1 process, {tasks} asyncio tasks...")
+        many = run_many_tasks(dsn, backend, bouncer_binary, duration, rounds, tasks,
+                              unavailable)
+        for name, rate in many["qps"].items():
+            shown = f"{rate:9.0f}" if rate is not None else "   failed"
+            _progress(as_json, f"  {name:>12} {tasks:>3} tasks: {shown} q/s (median)")
     idle: dict[str, Any] | None = None
     if "dbpool" not in unavailable and idle_clients > 0:
         _progress(as_json, f"  dbpool serve RSS with {idle_clients} idle clients...")
@@ -877,7 +636,8 @@ def run_remote(
         except Exception as exc:
             logger.warning("the idle-client measurement failed: %s", _one_line(exc))
             idle = {"error": _one_line(exc)}
-    report = _report(turns, processes, duration, rounds, bouncer_binary, unavailable, idle)
+    report = _report(turns, processes, duration, rounds, bouncer_binary, unavailable, idle,
+                     many)
     report["elapsed_seconds"] = round(time.monotonic() - began, 1)
     if as_json:
         print(json.dumps(report, indent=2))
@@ -898,7 +658,7 @@ def _pgbouncer_version(binary: str | None) -> str | None:
 
 def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds: int,
             bouncer_binary: str | None, unavailable: dict[str, str],
-            idle: dict[str, Any] | None) -> dict[str, Any]:
+            idle: dict[str, Any] | None, many: dict[str, Any] | None) -> dict[str, Any]:
     scenarios: list[dict[str, Any]] = []
     for n in processes:
         here = [t for t in turns if t.processes == n and t.contender in CONTENDERS]
@@ -939,6 +699,7 @@ def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds
         "curve_16": (by_16["curve/plain"] if by_16 else None, by_16 is not None),
         "latency_1": (latency["dbpool/pgbouncer"], 1 in processes),
         "batch_100": (batch["ratio"], 1 in processes),
+        "asyncio_tasks": (many["dbpool/pgbouncer"] if many else None, many is not None),
     }
     targets = []
     for name, text, threshold in TARGETS:
@@ -965,6 +726,7 @@ def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds
         "scenarios": scenarios,
         "latency_us": latency,
         "batch": batch,
+        "many_tasks": many,
         "idle_clients": idle,
         "targets": targets,
         "ok": all(t["status"] in ("PASS", "SKIPPED") for t in targets),
@@ -1007,6 +769,14 @@ def _print_report(report: dict[str, Any]) -> None:
     print(f"  dbpool client.batch: {_cell(batch['dbpool_statements_per_second'], 9)}")
     print(f"  pgbouncer, 1 per round trip: {_cell(batch['pgbouncer_statements_per_second'], 9)}")
     print(f"  ratio: {_ratio(batch['ratio'])}")
+    many = report["many_tasks"]
+    if many is not None:
+        print(f"\n1 process, {many['tasks']} asyncio tasks, {report['workload']!r} in a loop, "
+              f"q/s (pool of {many['pool_size']} behind either):")
+        print(f"  dbpool AsyncClient: {_cell(many['qps']['dbpool'], 9)}")
+        print(f"  pgbouncer, AsyncConnectionPool of {many['tasks']}: "
+              f"{_cell(many['qps']['pgbouncer'], 9)}")
+        print(f"  ratio: {_ratio(many['dbpool/pgbouncer'])}")
     idle = report["idle_clients"]
     if idle is not None:
         print(f"\ndbpool serve RSS with {IDLE_CLIENTS} idle DEALER clients (one ping each):")

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "at 1 and 16 threads")
     bench.add_argument("--processes", default="1,4,16,64", metavar="N,N,...",
                        help="client process counts with --remote (default: %(default)s)")
+    bench.add_argument("--tasks", type=int, default=256, metavar="N",
+                       help="asyncio tasks of the one-process row with --remote, 0 to leave "
+                            "it out (default: %(default)s)")
 
     serve = commands.add_parser(
         "serve", help="serve the pool over ZeroMQ (on the embedded PostgreSQL without a DSN)")
@@ -256,7 +259,7 @@ def _bench(args: argparse.Namespace) -> int:
             return 2
         report = run_remote(dsn, processes=processes, duration=max(args.duration, 1.0),
                             rounds=args.rounds if args.rounds is not None else 3,
-                            as_json=args.json)
+                            as_json=args.json, tasks=max(args.tasks, 0))
         return 0 if report["ok"] else 1
     if args.sqlalchemy:
         try:

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from dbpool.bench.remote import find_pgbouncer
+from dbpool.bench.servers import find_pgbouncer
 
 
 def test_a_short_remote_benchmark_measures_every_contender_and_judges_every_target(
@@ -25,7 +25,7 @@ def test_a_short_remote_benchmark_measures_every_contender_and_judges_every_targ
     script = (
         "import sys; from dbpool.bench.remote import run_remote; "
         "run_remote(sys.argv[1], processes=[1], duration=0.3, rounds=1, as_json=True, "
-        "idle_clients=50)"
+        "idle_clients=50, tasks=16)"
     )
     done = subprocess.run([sys.executable, "-c", script, pg_dsn], capture_output=True,
                           text=True, timeout=180)
@@ -43,3 +43,7 @@ def test_a_short_remote_benchmark_measures_every_contender_and_judges_every_targ
     assert statuses["throughput_16"] == "SKIPPED"  # 16 processes were not asked for
     assert statuses["latency_1"] in ("PASS", "FAIL")
     assert statuses["batch_100"] in ("PASS", "FAIL")
+    many = report["many_tasks"]
+    assert many["tasks"] == 16
+    assert many["qps"]["dbpool"] > 0 and many["qps"]["pgbouncer"] > 0, many
+    assert statuses["asyncio_tasks"] in ("PASS", "FAIL")

@@ -1,0 +1,290 @@
+"""The servers the remote benchmarks run against, each started for the run on
+free loopback ports: PgBouncer (transaction mode) and ``dbpool serve``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+if TYPE_CHECKING:
+    from dbpool.client import Client
+
+__all__ = ["SERVER_TIMEOUT", "Backend", "DbpoolServer", "PgBouncer", "ServerError",
+           "client_class", "find_pgbouncer", "rss_of"]
+
+logger = logging.getLogger("dbpool.bench.servers")
+
+#: Seconds to wait for a server (dbpool serve, PgBouncer) to answer.
+SERVER_TIMEOUT = 30.0
+#: What a starting server is asked, to know it answers.
+_PROBE = "SELECT 1"
+
+
+def find_pgbouncer() -> str | None:
+    """The PgBouncer binary: on ``$PATH``, else ``/usr/sbin/pgbouncer``, else None."""
+    found = shutil.which("pgbouncer")
+    if found:
+        return found
+    fallback = "/usr/sbin/pgbouncer"
+    return fallback if os.access(fallback, os.X_OK) else None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+class ServerError(RuntimeError):
+    """A contender's server did not start."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where PostgreSQL is, as libpq resolved the benchmark's DSN."""
+
+    host: str
+    port: int
+    user: str
+    dbname: str
+    password: str | None
+
+    @classmethod
+    def resolve(cls, dsn: str) -> Backend:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            info = conn.info
+            return cls(info.host, info.port, info.user, info.dbname, info.password or None)
+
+
+class PgBouncer:
+    """A PgBouncer of our own, in transaction mode, in a temporary directory.
+
+    As root it runs as the ``postgres`` user (PgBouncer refuses root), in a
+    directory that user owns.
+    """
+
+    def __init__(self, binary: str, backend: Backend, pool_size: int) -> None:
+        self.binary = binary
+        self.backend = backend
+        self.pool_size = pool_size
+        self.port = _free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="dbpool-bench-pgbouncer-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dsn(self) -> str:
+        return make_conninfo("", host="127.0.0.1", port=self.port, dbname="bench",
+                             user=self.backend.user)
+
+    def _config(self) -> str:
+        target: dict[str, Any] = {"host": self.backend.host, "port": self.backend.port,
+                                  "user": self.backend.user, "dbname": self.backend.dbname}
+        if self.backend.password:
+            target["password"] = self.backend.password
+        return "\n".join([
+            "[databases]",
+            f"bench = {make_conninfo('', **target)}",
+            "[pgbouncer]",
+            "listen_addr = 127.0.0.1",
+            f"listen_port = {self.port}",
+            "auth_type = any",
+            "pool_mode = transaction",
+            f"default_pool_size = {self.pool_size}",
+            "max_client_conn = 2000",
+            "unix_socket_dir =",
+            "ignore_startup_parameters = extra_float_digits",
+            f"logfile = {self.dir / 'pgbouncer.log'}",
+            f"pidfile = {self.dir / 'pgbouncer.pid'}",
+            "",
+        ])
+
+    def start(self) -> PgBouncer:
+        """Start it and wait until it answers; ServerError (and cleaned up) if it does not."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        ini = self.dir / "pgbouncer.ini"
+        ini.write_text(self._config())
+        ini.chmod(0o600)
+        user: int | None = None
+        group: int | None = None
+        if os.geteuid() == 0:
+            entry = pwd.getpwnam("postgres")
+            user, group = entry.pw_uid, entry.pw_gid
+            for path in (self.dir, ini):
+                os.chown(path, user, group)
+        with open(self.dir / "stderr.log", "wb") as err:
+            self.proc = subprocess.Popen(
+                [self.binary, str(ini)], stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                user=user, group=group, start_new_session=True)
+        deadline = time.monotonic() + SERVER_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerError(f"pgbouncer exited with status {self.proc.returncode}:\n"
+                                  f"{_tail(self.dir / 'stderr.log')}")
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None,
+                                     connect_timeout=2) as conn:
+                    conn.execute(_PROBE).fetchall()
+                break
+            except psycopg.Error as exc:
+                if time.monotonic() > deadline:
+                    raise ServerError(f"pgbouncer did not answer within {SERVER_TIMEOUT:g}s: "
+                                      f"{exc}") from None
+                time.sleep(0.1)
+        logger.info("pgbouncer pid %s on port %s, pool of %s", self.proc.pid, self.port,
+                    self.pool_size)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # safe shutdown: no query is running now
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def client_class() -> type[Client]:
+    """:class:`dbpool.client.Client`, or ServerError if the client library is broken."""
+    try:
+        from dbpool.client import Client
+    except ImportError as exc:
+        raise ServerError(f"dbpool.client.Client is not available: {exc}") from None
+    return Client
+
+
+class DbpoolServer:
+    """``python -m dbpool serve`` as a subprocess, on free local ports."""
+
+    def __init__(self, dsn: str, pool_size: int, curve: bool = False) -> None:
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        self.events = f"tcp://127.0.0.1:{_free_port()}"
+        self.dir = Path(tempfile.mkdtemp(prefix="dbpool-bench-serve-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False
+        #: With CURVE: the server's public key file and a client's secret key file.
+        self.keys: tuple[str, str] | None = None
+        self._curve_args: list[str] = []
+        if curve:
+            from dbpool.keys import write_key_pair
+
+            server_public, server_secret = write_key_pair("server", self.dir / "server")
+            client_public, client_secret = write_key_pair("bench", self.dir / "authorized")
+            self.keys = (str(server_public), str(client_secret))
+            self._curve_args = ["--curve-secret-key", str(server_secret),
+                                "--authorized-keys", str(client_public.parent)]
+
+    def client(self, timeout: float) -> Client:
+        """A client of this server (with its keys, if it uses CURVE)."""
+        server_key, client_key = self.keys if self.keys is not None else (None, None)
+        return client_class()(self.endpoint, timeout=timeout, server_key=server_key,
+                               client_key=client_key)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> DbpoolServer:
+        """Start it and wait for a ping; ServerError (and cleaned up) if it does not answer."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        self.started = True
+        return self
+
+    def _start(self) -> None:
+        argv = [sys.executable, "-m", "dbpool", "serve", "--dsn", self.dsn,
+                "--bind", self.endpoint, "--events-bind", self.events,
+                "--pool-size", str(self.pool_size), *self._curve_args]
+        with open(self.dir / "serve.log", "wb") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=log, start_new_session=True)
+        deadline = time.monotonic() + SERVER_TIMEOUT
+        client = self.client(1.0)
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise ServerError(f"dbpool serve exited with status "
+                                      f"{self.proc.returncode}:\n{_tail(self.dir / 'serve.log')}")
+                try:
+                    client.ping(timeout=1.0)
+                    break
+                except Exception as exc:
+                    if time.monotonic() > deadline:
+                        raise ServerError(f"dbpool serve did not answer a ping within "
+                                          f"{SERVER_TIMEOUT:g}s: {exc!r}") from None
+                    # A timed-out request may leave the client unusable: start afresh.
+                    client.close()
+                    client = self.client(1.0)
+                    time.sleep(0.1)
+        finally:
+            client.close()
+        logger.info("dbpool serve pid %s on %s, pool of %s", self.proc.pid, self.endpoint,
+                    self.pool_size)
+
+    def rss_bytes(self) -> int | None:
+        return rss_of(self.pid)
+
+    def log_tail(self) -> str:
+        return _tail(self.dir / "serve.log")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                logger.warning("dbpool serve did not stop within 30 s of SIGTERM: killing it")
+                self.proc.kill()
+                self.proc.wait()
+        if self.started and self.proc is not None and \
+                self.proc.returncode not in (0, -signal.SIGTERM):
+            logger.warning("dbpool serve exited with status %s:\n%s", self.proc.returncode,
+                           self.log_tail())
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def rss_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
