@@ -68,19 +68,26 @@ _unpackb = unpackb
 _to_result = to_result
 _VERSION = VERSION
 _Again = zmq.Again
+_NOBLOCK = zmq.NOBLOCK
+_EVENTS = zmq.EVENTS
+_POLLIN = zmq.POLLIN
 _ZMQError = zmq.ZMQError
 
 
 class _Channel:
     """A request socket, its reader task and the futures of its requests in flight."""
 
-    __slots__ = ("endpoint", "monitor", "pending", "reader", "resolved", "retired", "send",
-                 "sock", "watcher")
+    __slots__ = ("direct", "endpoint", "monitor", "pending", "reader", "resolved", "retired",
+                 "send", "sock", "watcher")
 
     def __init__(self, endpoint: str, sock: zmq.asyncio.Socket,
                  monitor: zmq.asyncio.Socket) -> None:
         self.endpoint = endpoint
         self.sock = sock
+        #: The same socket without asyncio's futures: what can be sent or read now
+        #: goes straight through (a future and its event bookkeeping cost more than
+        #: the message).  Never closed itself, and never used once ``sock`` is.
+        self.direct: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         #: Reports how ``sock``'s handshakes end (see dbpool.keys.handshake_failure).
         self.monitor = monitor
         self.send: Callable[[bytes], asyncio.Future[Any]] = sock.send  # type: ignore[assignment]
@@ -182,6 +189,35 @@ class AsyncClient(AsyncRequests):
                 fut.set_exception(closed_error() if self._closed else ConnectionError(
                     f"the socket to {ch.endpoint} was closed", reason="error"))
 
+    def _read_now(self, ch: _Channel) -> None:
+        """Resolve the requests whose replies have come, without waiting for more."""
+        recv_now = ch.direct.recv
+        while True:
+            try:
+                data = recv_now(_NOBLOCK)
+            except _Again:
+                return
+            self._resolve(ch, data)
+
+    @staticmethod
+    def _resolve(ch: _Channel, data: bytes) -> None:
+        """Hand one reply to the future of its request."""
+        try:
+            reply = _unpackb(data)
+            fut = ch.pending.get(reply["id"])
+        except (WireError, TypeError, KeyError) as exc:
+            logger.warning("dropped a malformed reply from %s: %s", ch.endpoint, exc)
+            return
+        if fut is None:
+            if reply["id"] is None and "error" in reply:
+                logger.warning("the server at %s could not read a request: %r",
+                               ch.endpoint, reply["error"])
+            else:
+                logger.debug("dropped a reply to request %r", reply["id"])
+            return
+        if not fut.done():
+            fut.set_result(reply)
+
     def _retire(self, ch: _Channel) -> None:
         """Send no more on ``ch``; close it once its last request in flight ends."""
         if ch.retired:
@@ -196,27 +232,15 @@ class AsyncClient(AsyncRequests):
                                ch.endpoint, self.endpoints[self._index])
 
     async def _read(self, ch: _Channel) -> None:
-        """Resolve the future of each reply's request; drop replies nobody awaits."""
+        """Resolve the future of each reply's request; drop replies nobody awaits.
+
+        Waits (asyncio) for a reply only when none is there: those that have
+        come are read straight from the socket, without a future each."""
         recv = ch.sock.recv
-        pending = ch.pending
         try:
             while True:
-                data = await recv()
-                try:
-                    reply = _unpackb(data)
-                    fut = pending.get(reply["id"])
-                except (WireError, TypeError, KeyError) as exc:
-                    logger.warning("dropped a malformed reply from %s: %s", ch.endpoint, exc)
-                    continue
-                if fut is None:
-                    if reply["id"] is None and "error" in reply:
-                        logger.warning("the server at %s could not read a request: %r",
-                                       ch.endpoint, reply["error"])
-                    else:
-                        logger.debug("dropped a reply to request %r", reply["id"])
-                    continue
-                if not fut.done():
-                    fut.set_result(reply)
+                self._resolve(ch, await recv())
+                self._read_now(ch)
         except zmq.ZMQError as exc:
             if not ch.sock.closed:
                 logger.error("the reader of %s failed: %s", ch.endpoint, exc)
@@ -265,23 +289,33 @@ class AsyncClient(AsyncRequests):
         try:
             async with asyncio.timeout(wait):
                 while True:
+                    try:
+                        ch.direct.send(body, _NOBLOCK)  # the common case: out at once
+                    except _Again:  # not connected (IMMEDIATE), or the queue is full
+                        pass
+                    else:
+                        # A send may take in replies without the socket's descriptor
+                        # saying so (ZeroMQ's is edge-triggered): read what came.
+                        if cast(int, ch.direct.get(_EVENTS)) & _POLLIN:
+                            self._read_now(ch)
+                        break
                     send = ch.send(body)
-                    if send.done():
-                        break
-                    # Not connected (yet): a refused handshake fails fut; no connection
-                    # within connect_timeout is no_server, and the next endpoint is tried.
-                    error = await self._connect_failure(ch, send, fut)
-                    if error is None:
-                        break
-                    tries -= 1
-                    if tries <= 0:
-                        raise error
-                    del ch.pending[rid]
-                    if not ch.pending:
-                        self._close_channel(ch)
-                    ch = self._open_channel()
-                    ch.pending[rid] = fut
-                await send
+                    if not send.done():
+                        # Not connected (yet): a refused handshake fails fut; no connection
+                        # within connect_timeout is no_server, and the next endpoint is tried.
+                        error = await self._connect_failure(ch, send, fut)
+                        if error is not None:
+                            tries -= 1
+                            if tries <= 0:
+                                raise error
+                            del ch.pending[rid]
+                            if not ch.pending:
+                                self._close_channel(ch)
+                            ch = self._open_channel()
+                            ch.pending[rid] = fut
+                            continue
+                    await send
+                    break
                 sent = True
                 reply = await fut
         except (TimeoutError, _Again):
