@@ -1429,9 +1429,15 @@ class FrontEnd:
             return borrowed
         if job.needs_own or not shared:
             return None
-        room = [pipe for pipe in shared if pipe.inflight < self.depth and not pipe.cancelling
-                and (held < each or (held == each and _count_of(pipe, client)))]
-        return min(room, key=_inflight) if room else None
+        # The least busy pipe with room (one pass: this runs for every request).
+        best: Pipe | None = None
+        fewest = self.depth
+        for pipe in shared:
+            inflight = len(pipe.requests)
+            if inflight < fewest and not pipe.cancelling and (
+                    held < each or (held == each and _count_of(pipe, client))):
+                best, fewest = pipe, inflight
+        return best
 
     def _borrow(self, served: ServedPool) -> Pipe | None:
         """An idle connection from the pool, if one can be had without waiting."""
@@ -1756,10 +1762,6 @@ def _bind(sock: zmq.Socket[Any], endpoint: str, setting: str) -> None:
 def _count_of(pipe: Pipe, client: Any) -> int:
     """How many of ``client``'s requests ``pipe`` has in flight."""
     return sum(1 for job in pipe.requests if job.client == client)
-
-
-def _inflight(pipe: Pipe) -> int:
-    return len(pipe.requests)
 
 
 # -- request fields --------------------------------------------------------------
