@@ -10,7 +10,10 @@ One process runs ``tasks`` asyncio tasks (256 by default), each running
   tasks, to a PgBouncer in transaction mode, as an asyncio application
   would use PgBouncer (each task checks a connection out per query).
 
-Both poolers keep :data:`POOL_SIZE` server connections.  The contenders take
+Both poolers keep :data:`POOL_SIZE` server connections.  Each turn also
+reports where the CPU went, in microseconds per query: in the client process
+(this one), in the pooler's process (``dbpool serve`` or PgBouncer) and in
+PostgreSQL's processes.  The contenders take
 turns in an order that rotates from round to round; a rate is the median
 over rounds, the ratio the median of the per-round ratios.  The target
 (:data:`THRESHOLD`): dbpool's q/s at least twice PgBouncer's.
@@ -27,7 +30,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .servers import Backend, DbpoolServer, PgBouncer, ServerError
+from .servers import (
+    Backend,
+    DbpoolServer,
+    PgBouncer,
+    ServerError,
+    cpu_seconds,
+    postgres_cpu_seconds,
+)
 
 __all__ = ["POOL_SIZE", "TASKS", "THRESHOLD", "run_many_tasks"]
 
@@ -43,6 +53,8 @@ THRESHOLD = 2.0
 REQUEST_TIMEOUT = 30.0
 
 Query = Callable[[], Awaitable[object]]
+#: A contender: how to open its query, and the pid of its pooler's process.
+Contender = tuple[Callable[[], contextlib.AbstractAsyncContextManager[Query]], int]
 
 
 @dataclass
@@ -54,6 +66,10 @@ class TasksTurn:
     queries: int
     seconds: float
     errors: list[str] = field(default_factory=list)
+    #: CPU microseconds per query: this process, the pooler's, PostgreSQL's.
+    client_us: float | None = None
+    server_us: float | None = None
+    postgres_us: float | None = None
 
     @property
     def per_second(self) -> float:
@@ -113,23 +129,31 @@ async def _pgbouncer(dsn: str, tasks: int) -> AsyncIterator[Query]:
         await pool.close()
 
 
-async def _turns(contenders: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Query]]],
-                 tasks: int, duration: float, rounds: int) -> list[TasksTurn]:
+async def _turns(contenders: dict[str, Contender], tasks: int, duration: float,
+                 rounds: int) -> list[TasksTurn]:
     names = list(contenders)
     turns: list[TasksTurn] = []
     async with contextlib.AsyncExitStack() as stack:
         queries = {name: await stack.enter_async_context(make())
-                   for name, make in contenders.items()}
+                   for name, (make, _) in contenders.items()}
         for query in queries.values():  # warm up: every connection opened and used
             await _drive(query, tasks, 0.2)
         for round_ in range(rounds):
             shift = round_ % len(names)
             for name in names[shift:] + names[:shift]:
+                pid = contenders[name][1]
+                used = (time.process_time(), cpu_seconds(pid), postgres_cpu_seconds())
                 done, seconds, errors = await _drive(queries[name], tasks, duration)
+                after = (time.process_time(), cpu_seconds(pid), postgres_cpu_seconds())
                 if errors:
                     logger.warning("%s, %s tasks, round %s: %s", name, tasks, round_ + 1,
                                    "; ".join(errors))
-                turns.append(TasksTurn(name, round_, done, seconds, errors))
+                turn = TasksTurn(name, round_, done, seconds, errors)
+                if done:
+                    turn.client_us, turn.server_us, turn.postgres_us = (
+                        None if a is None or b is None else round((b - a) / done * 1e6, 1)
+                        for a, b in zip(used, after, strict=True))
+                turns.append(turn)
     return turns
 
 
@@ -142,20 +166,22 @@ def run_many_tasks(dsn: str, backend: Backend | None, bouncer_binary: str | None
     ``unavailable``; the ratio is then None.
     """
     unavailable = {} if unavailable is None else unavailable
-    contenders: dict[str, Callable[[], contextlib.AbstractAsyncContextManager[Query]]] = {}
+    contenders: dict[str, Contender] = {}
     with contextlib.ExitStack() as stack:
         if bouncer_binary is not None and backend is not None:
             try:
                 bouncer = PgBouncer(bouncer_binary, backend, POOL_SIZE).start()
                 stack.callback(bouncer.stop)
-                contenders["pgbouncer"] = lambda: _pgbouncer(bouncer.dsn, tasks)
+                assert bouncer.proc is not None
+                contenders["pgbouncer"] = (lambda: _pgbouncer(bouncer.dsn, tasks),
+                                           bouncer.proc.pid)
             except ServerError as exc:
                 unavailable.setdefault("pgbouncer", str(exc))
         if "dbpool" not in unavailable:
             try:
                 server = DbpoolServer(dsn, POOL_SIZE).start()
                 stack.callback(server.stop)
-                contenders["dbpool"] = lambda: _dbpool(server)
+                contenders["dbpool"] = (lambda: _dbpool(server), server.pid)
             except ServerError as exc:
                 unavailable["dbpool"] = str(exc)
         turns = asyncio.run(_turns(contenders, tasks, duration, rounds)) if contenders else []
@@ -169,10 +195,18 @@ def run_many_tasks(dsn: str, backend: Backend | None, bouncer_binary: str | None
             by_round.setdefault(t.round, {})[t.contender] = t.per_second
     ratios = [r["dbpool"] / r["pgbouncer"] for r in by_round.values()
               if "dbpool" in r and "pgbouncer" in r]
+    cpu: dict[str, dict[str, float | None]] = {}
+    for name in ("dbpool", "pgbouncer"):
+        mine = [t for t in turns if t.contender == name and not t.errors]
+        cpu[name] = {}
+        for where in ("client", "server", "postgres"):
+            values = [v for t in mine if (v := getattr(t, f"{where}_us")) is not None]
+            cpu[name][where] = round(statistics.median(values), 1) if values else None
     return {
         "tasks": tasks,
         "pool_size": POOL_SIZE,
         "qps": qps,
+        "cpu_us_per_query": cpu,
         "dbpool/pgbouncer": round(statistics.median(ratios), 3) if ratios else None,
         "turns": [asdict(t) | {"per_second": round(t.per_second)} for t in turns],
     }

@@ -777,6 +777,10 @@ def _print_report(report: dict[str, Any]) -> None:
         print(f"  pgbouncer, AsyncConnectionPool of {many['tasks']}: "
               f"{_cell(many['qps']['pgbouncer'], 9)}")
         print(f"  ratio: {_ratio(many['dbpool/pgbouncer'])}")
+        print("  CPU µs per query (median):    client   pooler  postgres")
+        for name, cpu in many["cpu_us_per_query"].items():
+            print(f"    {name:>24}: " + " ".join(
+                _cell(cpu[where], 8, ".1f") for where in ("client", "server", "postgres")))
     idle = report["idle_clients"]
     if idle is not None:
         print(f"\ndbpool serve RSS with {IDLE_CLIENTS} idle DEALER clients (one ping each):")

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from dbpool.client import Client
 
 __all__ = ["SERVER_TIMEOUT", "Backend", "DbpoolServer", "PgBouncer", "ServerError",
-           "client_class", "find_pgbouncer", "rss_of"]
+           "client_class", "cpu_seconds", "find_pgbouncer", "postgres_cpu_seconds", "rss_of"]
 
 logger = logging.getLogger("dbpool.bench.servers")
 
@@ -288,3 +288,31 @@ def rss_of(pid: int) -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU seconds (user and system) process ``pid`` has used, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU seconds used by every PostgreSQL process of this machine (backends and
+    helpers, whichever cluster): the server side of a quiet machine's queries."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as comm:
+                if comm.read().strip() != "postgres":
+                    continue
+        except OSError:
+            continue
+        used = cpu_seconds(int(entry))
+        total += used or 0.0
+    return total

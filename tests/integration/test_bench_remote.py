@@ -46,4 +46,7 @@ def test_a_short_remote_benchmark_measures_every_contender_and_judges_every_targ
     many = report["many_tasks"]
     assert many["tasks"] == 16
     assert many["qps"]["dbpool"] > 0 and many["qps"]["pgbouncer"] > 0, many
+    for contender in ("dbpool", "pgbouncer"):
+        cpu = many["cpu_us_per_query"][contender]
+        assert cpu["client"] > 0 and cpu["server"] > 0 and cpu["postgres"] > 0, many
     assert statuses["asyncio_tasks"] in ("PASS", "FAIL")
