@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 import weakref
+from collections import deque
 from collections.abc import (
     Callable,
     Generator,
@@ -72,6 +73,10 @@ _NOBLOCK = zmq.NOBLOCK
 _EVENTS = zmq.EVENTS
 _POLLIN = zmq.POLLIN
 _ZMQError = zmq.ZMQError
+
+
+class _Expired(Exception):
+    """A request's time ran out (see AsyncClient._expiring)."""
 
 
 class _Channel:
@@ -140,6 +145,9 @@ class AsyncClient(AsyncRequests):
         self._last_id = 0
         self._closed = False
         self._subscriptions: weakref.WeakSet[AsyncSubscription] = weakref.WeakSet()
+        #: Requests in flight with their deadlines, a line per timeout (see _expiring).
+        self._expiries: dict[float, deque[tuple[float, asyncio.Future[dict[str, Any]]]]] = {}
+        self._expiry_timer: asyncio.TimerHandle | None = None
         self._heartbeat = _Heartbeat(self)
 
     # -- sockets ------------------------------------------------------------------------
@@ -287,38 +295,33 @@ class AsyncClient(AsyncRequests):
         sent = False
         tries = len(self.endpoints)
         try:
-            async with asyncio.timeout(wait):
-                while True:
-                    try:
-                        ch.direct.send(body, _NOBLOCK)  # the common case: out at once
-                    except _Again:  # not connected (IMMEDIATE), or the queue is full
-                        pass
-                    else:
-                        # A send may take in replies without the socket's descriptor
-                        # saying so (ZeroMQ's is edge-triggered): read what came.
-                        if cast(int, ch.direct.get(_EVENTS)) & _POLLIN:
-                            self._read_now(ch)
-                        break
-                    send = ch.send(body)
-                    if not send.done():
-                        # Not connected (yet): a refused handshake fails fut; no connection
-                        # within connect_timeout is no_server, and the next endpoint is tried.
-                        error = await self._connect_failure(ch, send, fut)
-                        if error is not None:
-                            tries -= 1
-                            if tries <= 0:
-                                raise error
-                            del ch.pending[rid]
-                            if not ch.pending:
-                                self._close_channel(ch)
-                            ch = self._open_channel()
-                            ch.pending[rid] = fut
-                            continue
-                    await send
-                    break
+            if self._send_now(ch, body):  # the common case
                 sent = True
-                reply = await fut
-        except (TimeoutError, _Again):
+                reply = await self._expiring(fut, wait)
+            else:
+                async with asyncio.timeout(wait):
+                    while True:
+                        send = ch.send(body)
+                        if not send.done():
+                            # Not connected (yet): a refused handshake fails fut; no
+                            # connection within connect_timeout is no_server, and the next
+                            # endpoint is tried.
+                            error = await self._connect_failure(ch, send, fut)
+                            if error is not None:
+                                tries -= 1
+                                if tries <= 0:
+                                    raise error
+                                del ch.pending[rid]
+                                if not ch.pending:
+                                    self._close_channel(ch)
+                                ch = self._open_channel()
+                                ch.pending[rid] = fut
+                                continue
+                        await send
+                        break
+                    sent = True
+                    reply = await fut
+        except (TimeoutError, _Again, _Expired):
             raise self._timed_out(ch, msg, wait, sent=sent) from None
         except _ZMQError as exc:
             if self._closed:
@@ -336,6 +339,75 @@ class AsyncClient(AsyncRequests):
                 raise malformed_reply(ch.endpoint, msg["op"], "neither 'ok' nor 'error'") \
                     from None
         raise error_from_reply(reply)
+
+    def _send_now(self, ch: _Channel, body: bytes) -> bool:
+        """Send ``body`` on ``ch`` if it can go out at once (False: not connected yet,
+        as IMMEDIATE holds messages until a connection is, or the queue is full)."""
+        try:
+            ch.direct.send(body, _NOBLOCK)
+        except _Again:
+            return False
+        # A send may take in replies without the socket's descriptor saying so
+        # (ZeroMQ's is edge-triggered): read what came.
+        if cast(int, ch.direct.get(_EVENTS)) & _POLLIN:
+            self._read_now(ch)
+        return True
+
+    def _expiring(self, fut: asyncio.Future[dict[str, Any]],
+                  wait: float) -> asyncio.Future[dict[str, Any]]:
+        """``fut``, failed with ``_Expired`` if it is not done in ``wait`` seconds.
+
+        One timer for all requests in flight, not one each (asyncio's timers are
+        a heap: with hundreds of requests in flight, pushing and cancelling one
+        per request cost more than the rest of the request).  Requests with the
+        same ``wait`` expire in the order they were made, so each ``wait`` has a
+        line in that order, and the timer is set for the earliest head.
+        """
+        loop = self._loop
+        assert loop is not None
+        deadline = loop.time() + wait
+        line = self._expiries.get(wait)
+        if line is None:
+            line = self._expiries[wait] = deque()
+        while line and line[0][1].done():  # answered: forget them
+            line.popleft()
+        if len(line) > 64 and len(line) > 4 * self._in_flight():
+            # A slow head keeps answered ones behind it: drop those now and then.
+            line = self._expiries[wait] = deque(e for e in line if not e[1].done())
+        line.append((deadline, fut))
+        timer = self._expiry_timer
+        if timer is None or deadline < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._expiry_timer = loop.call_at(deadline, self._expire)
+        return fut
+
+    def _in_flight(self) -> int:
+        return sum(len(ch.pending) for ch in self._channels)
+
+    def _expire(self) -> None:
+        """Fail the requests whose time is up; set the timer for the next."""
+        self._expiry_timer = None
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        earliest: float | None = None
+        for wait, line in list(self._expiries.items()):
+            while line:
+                deadline, fut = line[0]
+                if fut.done():
+                    line.popleft()
+                elif deadline <= now:
+                    line.popleft()
+                    fut.set_exception(_Expired())
+                else:
+                    break
+            if not line:
+                del self._expiries[wait]
+            elif earliest is None or line[0][0] < earliest:
+                earliest = line[0][0]
+        if earliest is not None:
+            self._expiry_timer = loop.call_at(earliest, self._expire)
 
     async def _connect_failure(self, ch: _Channel, send: asyncio.Future[Any],
                                fut: asyncio.Future[dict[str, Any]]) -> ConnectionError | None:
@@ -403,6 +475,9 @@ class AsyncClient(AsyncRequests):
         if self._closed:
             return
         self._closed = True
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
         await self._heartbeat.stop()
         readers = [task for ch in self._channels for task in (ch.reader, ch.watcher)
                    if task is not None]

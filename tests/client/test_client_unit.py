@@ -576,6 +576,34 @@ def test_async_concurrent_requests_answered_out_of_order() -> None:
         stub.close()
 
 
+def test_async_requests_on_a_connected_socket_time_out_each_at_its_own_deadline() -> None:
+    # Requests sent straight out share one timer (AsyncClient._expiring): a short
+    # timeout made after a long one must still end first, and on time.
+    def script(stub: Stub, rid: bytes, msg: dict[str, Any]) -> list[Any] | None:
+        if msg["op"] == "query" and msg["sql"].startswith("slow"):
+            return None
+        return stub.answer(rid, msg)
+
+    async def main(stub: Stub) -> None:
+        async with AsyncClient(stub.endpoint, timeout=2.0) as client:
+            assert (await client.query("fast")).rows[0][0] == "fast"  # now connected
+            long = asyncio.ensure_future(client.query("slow long", timeout=30.0))
+            await asyncio.sleep(0)  # sent
+            started = time.monotonic()
+            with pytest.raises(ConnectionError) as info:
+                await client.query("slow short", timeout=0.3)
+            assert info.value.reason == "timeout"
+            assert 0.25 < time.monotonic() - started < 3.0
+            assert not long.done()
+            long.cancel()
+
+    stub = Stub(script)
+    try:
+        asyncio.run(main(stub))
+    finally:
+        stub.close()
+
+
 def test_async_timeout_transaction_stream_and_heartbeats() -> None:
     def script(stub: Stub, rid: bytes, msg: dict[str, Any]) -> list[Any] | None:
         if msg["op"] == "query" and msg["sql"] == "slow":
