@@ -30,14 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .servers import (
-    Backend,
-    DbpoolServer,
-    PgBouncer,
-    ServerError,
-    cpu_seconds,
-    postgres_cpu_seconds,
-)
+from .servers import Backend, DbpoolServer, cpu_seconds, postgres_cpu_seconds, start_poolers
 
 __all__ = ["POOL_SIZE", "TASKS", "THRESHOLD", "run_many_tasks"]
 
@@ -168,22 +161,13 @@ def run_many_tasks(dsn: str, backend: Backend | None, bouncer_binary: str | None
     unavailable = {} if unavailable is None else unavailable
     contenders: dict[str, Contender] = {}
     with contextlib.ExitStack() as stack:
-        if bouncer_binary is not None and backend is not None:
-            try:
-                bouncer = PgBouncer(bouncer_binary, backend, POOL_SIZE).start()
-                stack.callback(bouncer.stop)
-                assert bouncer.proc is not None
-                contenders["pgbouncer"] = (lambda: _pgbouncer(bouncer.dsn, tasks),
-                                           bouncer.proc.pid)
-            except ServerError as exc:
-                unavailable.setdefault("pgbouncer", str(exc))
-        if "dbpool" not in unavailable:
-            try:
-                server = DbpoolServer(dsn, POOL_SIZE).start()
-                stack.callback(server.stop)
-                contenders["dbpool"] = (lambda: _dbpool(server), server.pid)
-            except ServerError as exc:
-                unavailable["dbpool"] = str(exc)
+        bouncer, server = start_poolers(stack, dsn, backend, bouncer_binary, POOL_SIZE,
+                                        unavailable)
+        if bouncer is not None and bouncer.proc is not None:
+            bouncer_dsn = bouncer.dsn
+            contenders["pgbouncer"] = (lambda: _pgbouncer(bouncer_dsn, tasks), bouncer.proc.pid)
+        if server is not None:
+            contenders["dbpool"] = (lambda: _dbpool(server), server.pid)
         turns = asyncio.run(_turns(contenders, tasks, duration, rounds)) if contenders else []
     qps: dict[str, int | None] = {}
     for name in ("dbpool", "pgbouncer"):

@@ -74,10 +74,10 @@ from .many_tasks import THRESHOLD as MANY_TASKS_THRESHOLD
 from .servers import (
     Backend,
     DbpoolServer,
-    PgBouncer,
     ServerError,
     client_class,
     find_pgbouncer,
+    start_poolers,
 )
 
 __all__ = [
@@ -525,21 +525,9 @@ def _scenario(dsn: str, backend: Backend | None, bouncer_binary: str | None,
     size = pool_size_for(processes)
     turns: list[Turn] = []
     with contextlib.ExitStack() as stack:
-        bouncer_dsn = endpoint = None
-        if bouncer_binary is not None and backend is not None:
-            try:
-                bouncer = PgBouncer(bouncer_binary, backend, size).start()
-                stack.callback(bouncer.stop)
-                bouncer_dsn = bouncer.dsn
-            except ServerError as exc:
-                unavailable.setdefault("pgbouncer", str(exc))
-        if "dbpool" not in unavailable:
-            try:
-                server = DbpoolServer(dsn, size).start()
-                stack.callback(server.stop)
-                endpoint = server.endpoint
-            except ServerError as exc:
-                unavailable["dbpool"] = str(exc)
+        bouncer, server = start_poolers(stack, dsn, backend, bouncer_binary, size, unavailable)
+        bouncer_dsn = bouncer.dsn if bouncer is not None else None
+        endpoint = server.endpoint if server is not None else None
         curve = None
         if CURVE not in unavailable:
             try:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
     from dbpool.client import Client
 
 __all__ = ["SERVER_TIMEOUT", "Backend", "DbpoolServer", "PgBouncer", "ServerError",
-           "client_class", "cpu_seconds", "find_pgbouncer", "postgres_cpu_seconds", "rss_of"]
+           "client_class", "cpu_seconds", "find_pgbouncer", "postgres_cpu_seconds", "rss_of",
+           "start_poolers"]
 
 logger = logging.getLogger("dbpool.bench.servers")
 
@@ -316,3 +318,26 @@ def postgres_cpu_seconds() -> float:
         used = cpu_seconds(int(entry))
         total += used or 0.0
     return total
+
+
+def start_poolers(stack: ExitStack, dsn: str, backend: Backend | None,
+                  bouncer_binary: str | None, size: int,
+                  unavailable: dict[str, str]) -> tuple[PgBouncer | None, DbpoolServer | None]:
+    """A PgBouncer and a ``dbpool serve``, each with a pool of ``size``, stopped when
+    ``stack`` closes.  One that cannot start is None, with its reason in
+    ``unavailable`` (under ``"pgbouncer"`` or ``"dbpool"``); a dbpool already
+    found unavailable is not tried again."""
+    bouncer = server = None
+    if bouncer_binary is not None and backend is not None:
+        try:
+            bouncer = PgBouncer(bouncer_binary, backend, size).start()
+            stack.callback(bouncer.stop)
+        except ServerError as exc:
+            unavailable.setdefault("pgbouncer", str(exc))
+    if "dbpool" not in unavailable:
+        try:
+            server = DbpoolServer(dsn, size).start()
+            stack.callback(server.stop)
+        except ServerError as exc:
+            unavailable["dbpool"] = str(exc)
+    return bouncer, server

@@ -13,6 +13,7 @@ from psycopg import pq
 from dbpool.driver import Disconnect, Ok
 from dbpool.pgdriver import PgDriver, PgState
 from tests.support.faultproxy import ProxyFactory
+from tests.support.server import advisory_lock_free
 
 driver = PgDriver()
 LOCK = 640_771
@@ -30,24 +31,13 @@ def _holding_lock(state: PgState) -> None:
     state.conn.execute("SELECT pg_advisory_xact_lock(%s)", [LOCK])
 
 
-def _lock_taken_elsewhere(pg_dsn: str) -> bool:
-    """Whether another session can take LOCK now (waiting up to 5 s for it)."""
-    with psycopg.connect(pg_dsn) as other:
-        other.execute("SET lock_timeout = '5s'")
-        try:
-            other.execute("SELECT pg_advisory_xact_lock(%s)", [LOCK])
-        except psycopg.errors.LockNotAvailable:
-            return False
-        return True
-
-
 def test_the_rollback_ends_the_transaction_before_anyone_reads_its_answer(
     state: PgState, pg_dsn: str
 ) -> None:
     _holding_lock(state)
     state.conn.rollback_unawaited()
     assert state.conn.rollback_pending
-    assert _lock_taken_elsewhere(pg_dsn)  # released by the server, unread by us
+    assert advisory_lock_free(pg_dsn, LOCK)  # released by the server, unread by us
     assert state.conn.rollback_pending
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
 
 sqlalchemy = pytest.importorskip("sqlalchemy")
@@ -17,6 +16,7 @@ from sqlalchemy import text  # noqa: E402
 
 from dbpool.dbapi.sqlalchemy import create_engine  # noqa: E402
 from dbpool.pool import Pool  # noqa: E402
+from tests.support.server import advisory_lock_free  # noqa: E402
 
 LOCK = 640_772
 
@@ -27,16 +27,6 @@ def pool(pg_dsn: str) -> Iterator[Pool]:
         yield pool
 
 
-def _lock_free(pg_dsn: str) -> bool:
-    with psycopg.connect(pg_dsn) as other:
-        other.execute("SET lock_timeout = '5s'")
-        try:
-            other.execute("SELECT pg_advisory_xact_lock(%s)", [LOCK])
-        except psycopg.errors.LockNotAvailable:
-            return False
-        return True
-
-
 def test_closing_ends_the_transaction_and_the_next_borrower_reads_the_answer(
     pool: Pool, pg_dsn: str
 ) -> None:
@@ -45,7 +35,7 @@ def test_closing_ends_the_transaction_and_the_next_borrower_reads_the_answer(
         c.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": LOCK})
         raw: Any = c.connection.dbapi_connection
     assert raw.rollback_pending  # given back before the ROLLBACK's answer came
-    assert _lock_free(pg_dsn)  # but the transaction ended on the server
+    assert advisory_lock_free(pg_dsn, LOCK)  # but the transaction ended on the server
     assert pool.query("SELECT 1").rows == [(1,)]  # the next borrower settles it
     assert not raw.rollback_pending
     engine.dispose()

@@ -41,3 +41,15 @@ def running_after(dsn: str, application_name: str, needle: str,
         running = [q for q in active_queries(dsn, application_name) if needle in q]
         if not running or time.monotonic() >= deadline:
             return running
+
+
+def advisory_lock_free(dsn: str, key: int, wait: str = "5s") -> bool:
+    """Whether a session of the test's own can take transaction advisory lock ``key``,
+    waiting up to ``wait`` (a PostgreSQL interval) for whoever holds it."""
+    with psycopg.connect(dsn) as other:
+        other.execute(f"SET lock_timeout = '{wait}'")
+        try:
+            other.execute("SELECT pg_advisory_xact_lock(%s)", [key])
+        except psycopg.errors.LockNotAvailable:
+            return False
+        return True
