@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import json
 import queue
 import threading
@@ -47,6 +48,9 @@ def result_map(sql: str, command: str = "SELECT 1") -> dict[str, Any]:
             "command": command}
 
 
+_STUB_NUMBERS = itertools.count()
+
+
 class Stub:
     """A ROUTER that answers requests as a script says, in a thread of its own.
 
@@ -70,7 +74,8 @@ class Stub:
         self.routing_ids: set[bytes] = set()
         self._commands: queue.Queue[tuple[Callable[[], Any], queue.Queue[Any]] | None] = \
             queue.Queue()
-        self._wake_addr = f"inproc://stub-{id(self)}"
+        # Unique per stub: an id() can come back while a freed stub still holds its name.
+        self._wake_addr = f"inproc://stub-{next(_STUB_NUMBERS)}"
         self._pull = self.ctx.socket(zmq.PULL)
         self._pull.bind(self._wake_addr)
         self._push = self.ctx.socket(zmq.PUSH)
