@@ -10,6 +10,11 @@ Each runs at 1, 4, 16 and 64 threads on pools of 1, 4, 4 and 10 connections.
 A second table times a bare checkout+checkin cycle (no query) for the two
 pools.  Ratios are dbpool's figure over each other contender's.
 
+Targets (:data:`TARGETS`, issue 20's): at 64 threads on 10 connections
+dbpool's q/s is at least 1.5 x psycopg_pool's; at 1 thread at least raw
+psycopg's.  The report's ``ok`` is False if one is missed or was not
+measured, and ``dbpool bench`` then exits with status 1.
+
 ``dbpool bench --stream-rows N`` instead streams N rows through
 ``pool.stream`` and reports the peak growth of the process's resident
 memory (:func:`stream`).
@@ -30,12 +35,20 @@ from typing import Any
 
 import psycopg
 
-__all__ = ["Cell", "Contender", "print_scenarios", "run", "scenario_rows", "stream",
+__all__ = ["TARGETS", "Cell", "Contender", "judge", "print_scenarios", "run", "scenario_rows",
+           "stream",
            "take_turns"]
 
 #: (threads, pool size) pairs, as the issue specifies them.
 SCENARIOS: tuple[tuple[int, int], ...] = ((1, 1), (4, 4), (16, 4), (64, 10))
 SQL = "SELECT 1"
+#: (name, description, threads, ratio, threshold): the ratio at that many threads
+#: must be at least the threshold.
+TARGETS: tuple[tuple[str, str, int, str, float], ...] = (
+    ("threads_64", "64 threads on 10 connections: dbpool q/s >= 1.5 x psycopg_pool", 64,
+     "dbpool/psycopg_pool", 1.5),
+    ("threads_1", "1 thread: dbpool q/s >= 1.0 x raw psycopg", 1, "dbpool/psycopg", 1.0),
+)
 
 
 @dataclass
@@ -200,6 +213,11 @@ def run(dsn: str, duration: float = 0.5, rounds: int = 10, as_json: bool = False
     else:
         print_scenarios(report)
         _print_checkout_cycle(report)
+        print("\ntargets:")
+        for target in report["targets"]:
+            value = target["value"]
+            shown = "-" if value is None else f"{value:.2f}x"
+            print(f"  {target['status']:<12} {target['target']}: {shown}")
     return report
 
 
@@ -261,15 +279,33 @@ def scenario_rows(cells: list[Cell], scenarios: Sequence[tuple[int, int]]) -> li
     return rows
 
 
+def judge(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each of :data:`TARGETS`, judged on the scenario rows: PASS, FAIL, or NOT
+    MEASURED (its scenario or contender did not run)."""
+    by_threads = {row["threads"]: row for row in scenarios}
+    judged = []
+    for name, text, threads, ratio, threshold in TARGETS:
+        value = by_threads.get(threads, {}).get("ratio", {}).get(ratio)
+        status = ("NOT MEASURED" if value is None
+                  else "PASS" if value >= threshold else "FAIL")
+        judged.append({"name": name, "target": text, "threshold": threshold,
+                       "value": value, "status": status})
+    return judged
+
+
 def _report(
     cells: list[Cell], cycle: dict[str, float], rounds: int, duration: float
 ) -> dict[str, Any]:
+    scenarios = scenario_rows(cells, SCENARIOS)
+    targets = judge(scenarios)
     return {
         "workload": SQL,
         "cpus": os.cpu_count(),
         "rounds": rounds,
         "duration": duration,
-        "scenarios": scenario_rows(cells, SCENARIOS),
+        "scenarios": scenarios,
+        "targets": targets,
+        "ok": all(t["status"] == "PASS" for t in targets),
         "checkout_checkin_us": {k: round(v, 2) for k, v in cycle.items()},
         "cells": [asdict(c) | {"qps": round(c.qps)} for c in cells],
     }

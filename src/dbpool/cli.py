@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=4)
     demo.add_argument("--queries", type=int, default=25, help="queries per thread")
 
-    bench = commands.add_parser("bench", help="SELECT 1 through raw psycopg, psycopg_pool, dbpool")
+    bench = commands.add_parser("bench", help="SELECT 1 through raw psycopg, psycopg_pool, dbpool "
+                                "(exit status 1 if a target is missed)")
     bench.add_argument("--dsn", default=os.environ.get("DBPOOL_DSN"),
                        help="libpq conninfo or URI (default: $DBPOOL_DSN, else embedded)")
     bench.add_argument("--duration", type=float, default=0.5,
@@ -275,9 +276,9 @@ def _bench(args: argparse.Namespace) -> int:
         report = stream(dsn, args.stream_rows, max_rows=args.max_rows,
                         limit_mb=args.rss_limit_mb, as_json=args.json)
         return 0 if report["within_limit"] else 1
-    run(dsn, duration=args.duration, rounds=args.rounds if args.rounds is not None else 10,
-        as_json=args.json)
-    return 0
+    report = run(dsn, duration=args.duration,
+                 rounds=args.rounds if args.rounds is not None else 10, as_json=args.json)
+    return 0 if report["ok"] else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
