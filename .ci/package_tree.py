@@ -1,16 +1,14 @@
 """Lay the dbpool package out as it installs, as links in ``.ci/package-tree/dbpool``.
 
 dbpool's layers are root folders that pyproject.toml maps to
-``dbpool.<layer>``.  An editable install maps them with an import hook that
-static tools cannot follow: run plainly on the README's install, mypy and
-lint-imports see ``src/dbpool`` alone, without its layers.  So the tools that
-read the package from its files (mypy, import-linter, mkdocstrings) read this
-tree instead, whichever way the package was installed (not committed).
-``python .ci/lint.py`` runs them on it; by hand::
+``dbpool.<layer>``.  The documentation build (mkdocstrings) reads the package
+from this tree, whichever way it was installed (a lenient editable install
+maps the root folders with an import hook that static tools cannot follow);
+``tests/test_layers.py`` copies it to break a contract on purpose.  Not
+committed.  mypy and lint-imports read the README's strict editable install,
+which lays the package out the same way::
 
-    python .ci/package_tree.py        # prints the folder to put on the path
-    MYPYPATH=$(python .ci/package_tree.py) mypy
-    PYTHONPATH=$(python .ci/package_tree.py) lint-imports
+    python .ci/package_tree.py        # prints the folder
 """
 
 from __future__ import annotations
