@@ -30,7 +30,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .servers import Backend, DbpoolServer, cpu_seconds, postgres_cpu_seconds, start_poolers
+from .servers import (
+    Backend,
+    DbpoolServer,
+    cpu_seconds,
+    one_line,
+    postgres_cpu_seconds,
+    start_poolers,
+)
 
 __all__ = ["POOL_SIZE", "TASKS", "THRESHOLD", "run_many_tasks"]
 
@@ -81,7 +88,7 @@ async def _drive(query: Query, tasks: int, duration: float) -> tuple[int, float,
             try:
                 await query()
             except Exception as exc:
-                errors.add(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                errors.add(one_line(exc))
                 return
             counts[i] += 1
 

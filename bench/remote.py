@@ -78,6 +78,7 @@ from .servers import (
     ServerError,
     client_class,
     find_pgbouncer,
+    one_line,
     start_poolers,
 )
 
@@ -170,10 +171,6 @@ class TurnResult:
     error: str | None = None
 
 
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-
-
 class _Contenders:
     """A worker's connections: a step function per contender."""
 
@@ -189,7 +186,7 @@ class _Contenders:
                 self.closers.append(bouncer.close)
                 self.steps["pgbouncer"] = lambda: bouncer.execute(SQL).fetchall()
             except Exception as exc:
-                self.errors["pgbouncer"] = _one_line(exc)
+                self.errors["pgbouncer"] = one_line(exc)
         if spec.dbpool_endpoint is not None:
             try:
                 client = client_class()(spec.dbpool_endpoint)
@@ -199,7 +196,7 @@ class _Contenders:
                     params = [()] * BATCH_SIZE
                     self.steps[BATCH] = lambda: client.batch(SQL, params)
             except Exception as exc:
-                self.errors["dbpool"] = self.errors[BATCH] = _one_line(exc)
+                self.errors["dbpool"] = self.errors[BATCH] = one_line(exc)
         if spec.curve is not None:
             endpoint, server_key, client_key = spec.curve
             try:
@@ -208,7 +205,7 @@ class _Contenders:
                 self.closers.append(secured.close)
                 self.steps[CURVE] = lambda: secured.query(SQL)
             except Exception as exc:
-                self.errors[CURVE] = _one_line(exc)
+                self.errors[CURVE] = one_line(exc)
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[Callable[[], object]]:
@@ -271,7 +268,7 @@ def _run_turn(step: Callable[[], object], duration: float, timed: bool,
                 step()
                 count += 1
     except Exception as exc:
-        error = _one_line(exc)
+        error = one_line(exc)
     seconds = clock() - began
     latency = statistics.median(latencies) * 1e6 if latencies else None
     return TurnResult(count * per_call, seconds, latency, error)
@@ -306,7 +303,7 @@ def _worker(spec: WorkerSpec, conn: Connection, barrier: Barrier) -> None:
                     except threading.BrokenBarrierError:
                         return
                 if result is None:
-                    result = TurnResult(0, duration, None, _one_line(exc))
+                    result = TurnResult(0, duration, None, one_line(exc))
             conn.send(result)
     except (EOFError, OSError):
         pass  # the coordinator went away
@@ -411,7 +408,7 @@ def _idle_helper(endpoint: str, sockets: int, conn: Connection) -> None:
         if pending:
             error = f"{len(pending)} pings unanswered after 60 s"
     except Exception as exc:
-        error = _one_line(exc)
+        error = one_line(exc)
     conn.send((ok, error))
     with contextlib.suppress(EOFError, OSError):
         conn.recv()  # hold until told
@@ -560,7 +557,7 @@ def _scenario(dsn: str, backend: Backend | None, bouncer_binary: str | None,
         except (threading.BrokenBarrierError, RuntimeError) as exc:
             # A worker died or hung: the rest of this scenario cannot be measured.
             logger.error("%s processes: the workers failed (%s); scenario abandoned",
-                         processes, _one_line(exc))
+                         processes, one_line(exc))
         for name in names:
             rates = [t.per_second for t in turns if t.contender == name and not t.errors]
             median = _median(rates)
@@ -627,8 +624,8 @@ def run_remote(
         try:
             idle = _measure_idle(dsn, idle_clients)
         except Exception as exc:
-            logger.warning("the idle-client measurement failed: %s", _one_line(exc))
-            idle = {"error": _one_line(exc)}
+            logger.warning("the idle-client measurement failed: %s", one_line(exc))
+            idle = {"error": one_line(exc)}
     report = _report(turns, processes, duration, rounds, bouncer_binary, unavailable, idle,
                      many)
     report["elapsed_seconds"] = round(time.monotonic() - began, 1)

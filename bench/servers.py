@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from dbpool.client import Client
 
 __all__ = ["SERVER_TIMEOUT", "Backend", "DbpoolServer", "PgBouncer", "ServerError",
-           "client_class", "cpu_seconds", "find_pgbouncer", "postgres_cpu_seconds", "rss_of",
-           "start_poolers"]
+           "client_class", "cpu_seconds", "find_pgbouncer", "one_line", "postgres_cpu_seconds",
+           "rss_of", "start_poolers"]
 
 logger = logging.getLogger("dbpool.bench.servers")
 
@@ -290,6 +290,11 @@ def rss_of(pid: int) -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def one_line(exc: BaseException) -> str:
+    """An error in one line, its class first: for a benchmark's report."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def cpu_seconds(pid: int) -> float | None:
