@@ -8,7 +8,20 @@ A :class:`Client` may be shared by threads.  Each thread talks to the server
 through a ``DEALER`` socket of its own, made on the thread's first request
 (ZeroMQ sockets are not thread-safe) and kept in a ``threading.local``;
 :meth:`Client.close` closes them all, and must not race with requests still
-running in other threads.  A :class:`Transaction` or :class:`Stream` is used
+running in other threads.
+
+Transport
+---------
+To a plain ``tcp://host:port`` endpoint without CURVE keys, a thread's
+``DEALER`` is :class:`~dbpool.client.zmtp.ZmtpConnection`: ZeroMQ's wire
+protocol spoken on a TCP socket by the calling thread itself, which saves
+the two wake-ups of libzmq's I/O thread per round trip.  It behaves as the
+libzmq socket does: it connects on the first request (retrying every
+100 ms for ``connect_timeout``), reconnects after the server closed the
+connection, and is replaced after a timeout.  One difference: when the
+connection closes while a reply is awaited, the request fails at once
+(``reason="timeout"``: no reply came) rather than at its deadline.  Other
+endpoints, and clients with keys, use libzmq.  A :class:`Transaction` or :class:`Stream` is used
 by one thread at a time.  Heartbeats go out from a daemon thread with a
 socket of its own, started when the first transaction or stream opens and
 stopped by :meth:`Client.close`.
@@ -28,6 +41,7 @@ from typing import Any, TypeVar
 import zmq
 
 from dbpool.errors import ConnectionError
+from dbpool.keys import MECHANISM_MISMATCH, handshake_failure
 from dbpool.protocol import VERSION
 from dbpool.wire import WireError, make_packer, packb, unpackb
 
@@ -51,6 +65,7 @@ from ._base import (
 )
 from ._sync.requests import CopyTo, Requests, Stream, Transaction
 from .events import Subscription
+from .zmtp import HandshakeError, PeerClosed, ZmtpConnection, split_tcp_endpoint
 
 __all__ = ["Client", "CopyTo", "Stream", "Transaction"]  # the last three: _sync.requests
 
@@ -68,6 +83,11 @@ _to_result = to_result
 _VERSION = VERSION
 
 
+#: Seconds between connection attempts of a direct connection (libzmq's
+#: ``RECONNECT_IVL`` as the client sets it).
+_RECONNECT_IVL = 0.1
+
+
 def _ms(seconds: float) -> int:
     return max(0, math.ceil(seconds * 1000))
 
@@ -77,7 +97,8 @@ class _Holder:
 
     __slots__ = ("client", "monitor", "sock")
 
-    def __init__(self, client: Client, sock: zmq.Socket[Any], monitor: zmq.Socket[Any]) -> None:
+    def __init__(self, client: Client, sock: zmq.Socket[Any] | ZmtpConnection,
+                 monitor: zmq.Socket[Any] | None) -> None:
         self.client = weakref.ref(client)
         self.sock = sock
         self.monitor = monitor
@@ -87,10 +108,18 @@ class _Holder:
             client = self.client()
             if client is not None:
                 client._forget(self.sock)
-            self.sock.close(linger=0)
-            self.monitor.close(linger=0)
+            _close(self.sock)
+            if self.monitor is not None:
+                self.monitor.close(linger=0)
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
+
+
+def _close(sock: zmq.Socket[Any] | ZmtpConnection) -> None:
+    if isinstance(sock, ZmtpConnection):
+        sock.close()
+    else:
+        sock.close(linger=0)
 
 
 class _Channel(threading.local):
@@ -103,6 +132,8 @@ class _Channel(threading.local):
     sock: zmq.Socket[bytes]
     #: The monitor of ``sock``'s handshakes (see dbpool.keys.handshake_failure).
     monitor: zmq.Socket[bytes]
+    #: The thread's direct connection, when it has one instead of ``sock``.
+    direct: ZmtpConnection | None
     #: Whether the endpoint's host name was found to resolve.
     resolved: bool
     endpoint: str
@@ -144,8 +175,10 @@ class Client(Requests):
     ``connect_timeout`` seconds (2), then raises ``ConnectionError`` with
     ``reason="no_server"`` naming the endpoint (and a host name that does not
     resolve says so at once); with several endpoints it tries the next at
-    once.  ``reason="timeout"`` is for a request sent to a live server that
-    did not answer in time.
+    once.  ``direct=False`` keeps libzmq for every endpoint (see the module
+    docstring: by default a thread speaks ZeroMQ's protocol itself on a
+    ``tcp://`` endpoint without keys).  ``reason="timeout"`` is for a request
+    sent to a live server that did not answer in time.
 
     ``server_key`` (the server's public key) and ``client_key`` (this
     client's secret key) connect to a server that uses CURVE: each is a key
@@ -178,7 +211,10 @@ class Client(Requests):
         client_key: str | None = None,
         pool: str | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        direct: bool = True,
     ) -> None:
+        #: Whether a thread may speak ZMTP itself (see the module docstring).
+        self.direct = direct
         self._identify(endpoint, timeout, events, server_key, client_key, pool,
                        connect_timeout)
         self._context: zmq.Context[Any] = context if context is not None \
@@ -187,7 +223,7 @@ class Client(Requests):
         self._lock = threading.Lock()
         self._index = 0
         self._closed = False
-        self._sockets: set[zmq.Socket[Any]] = set()
+        self._sockets: set[zmq.Socket[Any] | ZmtpConnection] = set()
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._heartbeat = _Heartbeat(self)
         self._ch = _Channel(weakref.ref(self))
@@ -222,8 +258,23 @@ class Client(Requests):
         return self.endpoints[self._index]
 
     def _attach(self, ch: _Channel) -> None:
-        """Give ``ch`` a new socket on the current endpoint."""
+        """Give ``ch`` a new socket on the current endpoint: a direct connection
+        where it can (see the module docstring), else a libzmq ``DEALER``."""
         endpoint = self.endpoints[self._index]
+        ch.resolved = False
+        ch.endpoint = endpoint
+        address = (split_tcp_endpoint(endpoint) if self.direct and self.keys is None
+                   else None)
+        if address is not None:
+            direct = ZmtpConnection(*address)
+            with self._lock:
+                if self._closed:
+                    raise closed_error()
+                self._sockets.add(direct)
+            ch.direct = direct
+            ch.holder = _Holder(self, direct, None)
+            return
+        ch.direct = None
         sock, watch = self._new_socket(endpoint, monitor=True)
         assert watch is not None
         poller = zmq.Poller()
@@ -231,21 +282,23 @@ class Client(Requests):
         ch.holder = _Holder(self, sock, watch)
         ch.sock = sock
         ch.monitor = watch
-        ch.resolved = False
-        ch.endpoint = endpoint
         ch.send = sock.send
         ch.recv = sock.recv
         ch.poll = poller.poll
         logger.debug("connected a request socket to %s", endpoint)
 
-    def _forget(self, sock: zmq.Socket[Any]) -> None:
+    def _forget(self, sock: zmq.Socket[Any] | ZmtpConnection) -> None:
         with self._lock:
             self._sockets.discard(sock)
 
     def _replace(self, ch: _Channel) -> None:
         """Close ``ch``'s socket and give it a new one (the next endpoint, if several)."""
-        old = ch.sock
-        ch.monitor.close(linger=0)
+        old: zmq.Socket[Any] | ZmtpConnection
+        if ch.direct is not None:
+            old = ch.direct
+        else:
+            old = ch.sock
+            ch.monitor.close(linger=0)
         with self._lock:
             self._sockets.discard(old)
             closed = self._closed
@@ -254,7 +307,7 @@ class Client(Requests):
                 self._index = (self._index + 1) % count
                 logger.warning("no reply from %s: moving to %s",
                                ch.endpoint, self.endpoints[self._index])
-        old.close(linger=0)
+        _close(old)
         if not closed:
             self._attach(ch)
 
@@ -277,7 +330,11 @@ class Client(Requests):
         except BaseException:
             ch.reset_packer()
             raise
-        if timeout is None:
+        direct = ch.direct
+        if direct is not None:
+            data = self._direct_exchange(ch, direct, msg, body,
+                                         self.timeout if timeout is None else timeout)
+        elif timeout is None:
             try:
                 ch.send(body, _NOBLOCK)
             except _Again:  # not connected (yet): wait, watching the handshake
@@ -330,6 +387,101 @@ class Client(Requests):
         except _ZMQError as exc:
             raise self._socket_error(ch, exc) from None
 
+    def _direct_exchange(self, ch: _Channel, direct: ZmtpConnection, msg: dict[str, Any],
+                         body: bytes, wait: float) -> bytes:
+        """Send and receive on ``ch``'s direct connection within ``wait`` seconds,
+        connecting first if it is not connected (or the server closed it)."""
+        deadline = _monotonic() + wait
+        if direct.connected:
+            try:
+                direct.idle_check()
+            except PeerClosed:
+                logger.debug("%s closed the connection: reconnecting", ch.endpoint)
+                direct.close()
+        for attempt in (1, 2):
+            if not direct.connected:
+                direct = self._direct_connect(ch, deadline)
+            try:
+                direct.send(body)
+                break
+            except (PeerClosed, OSError) as exc:
+                # The connection died before the request was taken whole, so the
+                # server never ran it: a fresh connection may carry it.
+                direct.close()
+                if self._closed:
+                    raise closed_error() from None
+                if attempt == 2:
+                    raise ConnectionError(f"could not send {msg['op']!r} to {ch.endpoint}: "
+                                          f"{exc}", reason="no_server") from None
+        try:
+            data = direct.recv(deadline)
+        except (PeerClosed, OSError) as exc:
+            direct.close()
+            if self._closed:
+                raise closed_error() from None
+            raise ConnectionError(f"{ch.endpoint} closed the connection before replying to "
+                                  f"{msg['op']!r} ({exc}): the request may have run",
+                                  reason="timeout") from None
+        if data is None:
+            raise self._timed_out(ch, msg, wait, sent=True)
+        return data
+
+    def _direct_connect(self, ch: _Channel, deadline: float) -> ZmtpConnection:
+        """Connect ``ch``'s direct connection, as :meth:`_wait_connected` waits for a
+        libzmq one: ``no_server`` after :attr:`connect_timeout` (then, with several
+        endpoints, the next one at once), ``unauthorized`` for a refused handshake."""
+        tries = len(self.endpoints)
+        while True:
+            if self._closed:
+                raise closed_error()
+            direct = ch.direct
+            assert direct is not None
+            started = _monotonic()
+            if not ch.resolved:
+                error = unresolved(ch.endpoint)
+                if error is not None:
+                    self._replace(ch)
+                    raise error
+                ch.resolved = True
+            limit = min(deadline, started + self.connect_timeout)
+            while True:
+                try:
+                    direct.connect(limit - _monotonic())
+                    logger.debug("connected directly to %s", ch.endpoint)
+                    return direct
+                except HandshakeError as exc:
+                    value = MECHANISM_MISMATCH if exc.mismatch else 0
+                    refused = handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, value,
+                                                ch.endpoint, keyed=False)
+                    assert refused is not None
+                    raise refused from None
+                except OSError as exc:
+                    if self._closed:
+                        raise closed_error() from None
+                    pause = min(_RECONNECT_IVL, limit - _monotonic())
+                    if pause <= 0:
+                        logger.debug("no connection to %s: %s", ch.endpoint, exc)
+                        break
+                    time.sleep(pause)  # libzmq's reconnect interval, as the socket would
+            error = no_server(ch.endpoint, round(_monotonic() - started, 1))
+            self._replace(ch)
+            tries -= 1
+            if tries <= 0 or _monotonic() >= deadline:
+                raise error
+
+    def _next_reply(self, ch: _Channel, deadline: float) -> bytes | None:
+        """The next reply on ``ch`` by ``deadline``, or None."""
+        direct = ch.direct
+        if direct is not None:
+            try:
+                return direct.recv(deadline)
+            except (PeerClosed, OSError):
+                direct.close()
+                return None
+        if not ch.poll(_ms(deadline - _monotonic())):
+            return None
+        return ch.recv(_NOBLOCK)
+
     def _wait_connected(self, ch: _Channel, deadline: float) -> None:
         """Wait until ``ch`` can send: raise ``unauthorized`` as soon as a handshake is
         refused, ``no_server`` when no connection comes within :attr:`connect_timeout`
@@ -377,11 +529,12 @@ class Client(Requests):
                 return reply_value(reply, ch.endpoint, op)
             logger.debug("dropped a reply to request %r while waiting for %d", got, rid)
             try:
-                if not ch.poll(_ms(deadline - _monotonic())):
-                    raise self._timed_out(ch, msg, wait, sent=True)
-                data = ch.recv(_NOBLOCK)
+                next_data = self._next_reply(ch, deadline)
             except _ZMQError as exc:
                 raise self._socket_error(ch, exc) from None
+            if next_data is None:
+                raise self._timed_out(ch, msg, wait, sent=True)
+            data = next_data
 
     def _timed_out(self, ch: _Channel, msg: Mapping[str, Any], wait: float,
                    *, sent: bool) -> ConnectionError:
@@ -435,7 +588,7 @@ class Client(Requests):
             self._sockets.clear()
         self._heartbeat.stop()
         for sock in sockets:
-            sock.close(linger=0)
+            _close(sock)
         for sub in list(self._subscriptions):
             sub.close()
 

@@ -37,7 +37,7 @@ __all__ = [
 #: Z85 text of a 32-byte key.
 _Z85_LENGTH = 40
 #: libzmq's code for a handshake between different mechanisms (CURVE and NULL).
-_MECHANISM_MISMATCH = 0x11000002
+MECHANISM_MISMATCH = 0x11000002
 #: The monitor events that end a handshake in failure.
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -170,7 +170,7 @@ def handshake_failure(event: int, value: int, endpoint: str,
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         text = (f"{endpoint} refused this client's key (status {value}): it is not among "
                 "the server's authorized keys")
-    elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
+    elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == MECHANISM_MISMATCH:
         text = (f"{endpoint} does not use CURVE; connect without server_key and client_key"
                 if keyed else
                 f"{endpoint} requires CURVE: give server_key and client_key "

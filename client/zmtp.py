@@ -1,0 +1,405 @@
+"""ZMTP 3.1 spoken directly on a TCP socket in the caller's thread: the sync
+client's transport for plain ``tcp://`` endpoints.
+
+Why: libzmq moves every message through an I/O thread of its own, on each
+side.  For a client that sends one request and waits for its reply, that is
+two thread wake-ups per round trip in the client alone, and on a 2-core
+machine each costs about as much as the query (``docs/performance.md``).
+Here the caller's thread writes the request and reads the reply itself.
+
+What is spoken is ZeroMQ's wire protocol (RFC 23, with RFC 37's PING and
+PONG) as a ``DEALER`` with the ``NULL`` security mechanism, so the server's
+``ROUTER`` (or any ZeroMQ peer) cannot tell it from a libzmq ``DEALER``.
+CURVE (RFC 26) is not spoken here: a client with keys uses libzmq.
+
+:class:`Decoder` is the protocol without I/O: bytes in, messages and
+commands out.  :class:`ZmtpConnection` drives it on a blocking socket with
+deadlines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+__all__ = [
+    "Command",
+    "Decoder",
+    "HandshakeError",
+    "PeerClosed",
+    "ZmtpConnection",
+    "frame",
+    "greeting",
+    "split_tcp_endpoint",
+]
+
+logger = logging.getLogger("dbpool.client.zmtp")
+
+#: Signature (with the padding libzmq sends), version 3.1, NULL, not as-server, filler.
+_GREETING = (b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f" + bytes((3, 1))
+             + b"NULL".ljust(20, b"\x00") + b"\x00" + bytes(31))
+GREETING_SIZE = 64
+
+_MORE = 0x01
+_LONG = 0x02
+_COMMAND = 0x04
+_pack_size = struct.Struct(">Q").pack
+_unpack_size = struct.Struct(">Q").unpack_from
+_monotonic = time.monotonic
+
+#: Bytes read per ``recv``: a reply of a ``SELECT`` fits many times over.
+_READ_SIZE = 1 << 16
+
+
+class HandshakeError(Exception):
+    """The peer does not speak ZMTP 3 with ``NULL``, or refused us (its ERROR's reason).
+
+    :attr:`mismatch` is True when the peer speaks ZMTP with another security
+    mechanism (a server that requires CURVE).
+    """
+
+    def __init__(self, message: str, *, mismatch: bool = False) -> None:
+        super().__init__(message)
+        self.mismatch = mismatch
+
+
+class PeerClosed(Exception):
+    """The peer closed the connection."""
+
+
+def greeting() -> bytes:
+    """This side's greeting: ZMTP 3.1, mechanism ``NULL``, as a client."""
+    return _GREETING
+
+
+def frame(body: bytes, *, more: bool = False, command: bool = False) -> bytes:
+    """``body`` as one frame: flags, size (1 octet, or 8 when over 255), body."""
+    flags = (_MORE if more else 0) | (_COMMAND if command else 0)
+    size = len(body)
+    if size > 255:
+        return bytes((flags | _LONG,)) + _pack_size(size) + body
+    return bytes((flags, size)) + body
+
+
+def ready(socket_type: bytes = b"DEALER") -> bytes:
+    """The ``READY`` command of the NULL mechanism, with our ``Socket-Type``."""
+    name = b"Socket-Type"
+    return frame(b"\x05READY" + bytes((len(name),)) + name
+                 + struct.pack(">I", len(socket_type)) + socket_type, command=True)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command frame: its name and the rest of its body."""
+
+    name: bytes
+    data: bytes
+
+
+class Decoder:
+    """Frames out of a byte stream, after the peer's greeting.
+
+    :meth:`feed` takes what was read; :meth:`events` yields each complete
+    message (``list[bytes]``, its frames) and each :class:`Command`, in
+    order.  The greeting is checked first: anything but ZMTP 3 with
+    ``NULL`` raises :class:`HandshakeError`.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._pos = 0
+        self._greeted = False
+        self._parts: list[bytes] = []
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing is buffered: the greeting was read and no frame is part-read."""
+        return self._greeted and not self._buffer and not self._parts
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def greeted(self) -> bool:
+        """Whether the peer's greeting was read (and found good): HandshakeError if bad."""
+        if not self._greeted:
+            buffer = self._buffer
+            if len(buffer) - self._pos < GREETING_SIZE:
+                return False
+            self._check_greeting(bytes(buffer[self._pos:self._pos + GREETING_SIZE]))
+            self._pos += GREETING_SIZE
+            self._greeted = True
+        return True
+
+    def events(self) -> Iterator[list[bytes] | Command]:
+        if not self.greeted():
+            return
+        buffer = self._buffer
+        while True:
+            pos, end = self._pos, len(buffer)
+            if end - pos < 2:
+                break
+            flags = buffer[pos]
+            if flags & _LONG:
+                if end - pos < 9:
+                    break
+                size = _unpack_size(buffer, pos + 1)[0]
+                start = pos + 9
+            else:
+                size = buffer[pos + 1]
+                start = pos + 2
+            if end - start < size:
+                break
+            body = bytes(buffer[start:start + size])
+            self._pos = start + size
+            if flags & _COMMAND:
+                length = body[0] if body else 0
+                yield Command(body[1:1 + length], body[1 + length:])
+            elif flags & _MORE:
+                self._parts.append(body)
+            else:
+                parts, self._parts = self._parts, []
+                parts.append(body)
+                yield parts
+        if self._pos:  # keep what is left unparsed at the front
+            del buffer[:self._pos]
+            self._pos = 0
+
+    @staticmethod
+    def _check_greeting(data: bytes) -> None:
+        if data[0] != 0xFF or data[9] != 0x7F:
+            raise HandshakeError("the peer does not speak ZMTP (no ZeroMQ signature)")
+        if data[10] < 3:
+            raise HandshakeError(f"the peer speaks ZMTP {data[10]}.{data[11]}, not 3")
+        mechanism = data[12:32].rstrip(b"\x00")
+        if mechanism != b"NULL":
+            raise HandshakeError(f"the peer wants the {mechanism.decode('ascii', 'replace')} "
+                                 "security mechanism", mismatch=True)
+
+
+def split_tcp_endpoint(endpoint: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``tcp://host:port`` endpoint this module can connect to,
+    else None (another transport, a source address, a wildcard, no port)."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    rest = endpoint[6:]
+    if ";" in rest:  # libzmq's "source;destination": libzmq's own business
+        return None
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or host in ("", "*"):
+        return None
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host, int(port)
+
+
+class ZmtpConnection:
+    """One ZMTP connection, as a ``DEALER``, on a blocking TCP socket.
+
+    Not thread-safe: one thread uses it (the sync client keeps one per
+    thread).  :meth:`close` may come from another thread; the owner's
+    pending call then fails with :class:`PeerClosed` or ``OSError``.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._sock: socket.socket | None = None
+        self._decoder = Decoder()
+        self._messages: list[list[bytes]] = []
+        self._timeout: float | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def connect(self, timeout: float) -> None:
+        """Connect and shake hands within ``timeout`` seconds.
+
+        Raises ``OSError`` (refused, unreachable, timed out) or
+        :class:`HandshakeError`; the connection is then closed again.
+        """
+        deadline = _monotonic() + timeout
+        sock = socket.create_connection((self.host, self.port), timeout=max(timeout, 0.001))
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(None)
+            self._sock = sock
+            self._decoder = Decoder()
+            self._messages.clear()
+            self._timeout = None
+            # READY only once the peer's greeting says it speaks NULL: a server that
+            # wants CURVE then closes cleanly, having read all we sent, where unread
+            # bytes would make its close a reset that hides its greeting.
+            sock.sendall(_GREETING)
+            decoder = self._decoder
+            while not decoder.greeted():
+                data = self._read(sock, deadline)
+                if data is None:
+                    raise TimeoutError(f"no ZMTP greeting from {self.host}:{self.port} "
+                                       f"within {timeout:g} s")
+                decoder.feed(data)
+            sock.sendall(ready())
+            while True:
+                command = self._next(deadline)
+                if command is None:
+                    raise TimeoutError(f"no ZMTP handshake from {self.host}:{self.port} "
+                                       f"within {timeout:g} s")
+                if isinstance(command, Command):
+                    if command.name == b"READY":
+                        return
+                    if command.name == b"ERROR":
+                        reason = command.data[1:1 + command.data[0]] if command.data else b""
+                        raise HandshakeError("the peer refused the handshake: "
+                                             + reason.decode("utf-8", "replace"))
+                else:
+                    raise HandshakeError("the peer sent a message before its READY")
+        except PeerClosed as exc:
+            self.close()
+            raise HandshakeError(f"the peer closed the connection during the handshake "
+                                 f"({exc})") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def send(self, body: bytes) -> None:
+        """Send one single-frame message (blocks while the kernel's buffer is full)."""
+        sock = self._sock
+        if sock is None:
+            raise PeerClosed("not connected")
+        size = len(body)
+        if size > 255:
+            sock.sendall(bytes((_LONG,)) + _pack_size(size) + body)
+        else:
+            sock.sendall(bytes((0, size)) + body)
+
+    def recv(self, deadline: float) -> bytes | None:
+        """The body of the next message, or None if none came by ``deadline``
+        (:func:`time.monotonic`).  A message of several frames gives its last."""
+        messages = self._messages
+        sock = self._sock
+        if not messages and sock is not None and self._decoder.empty:
+            # The common case, without the decoder: one read brings exactly one reply.
+            data = self._read(sock, deadline)
+            if data is None:
+                return None
+            size = len(data)
+            if size >= 2 and data[0] == 0 and data[1] == size - 2:
+                return data[2:]
+            if size >= 9 and data[0] == _LONG and _unpack_size(data, 1)[0] == size - 9:
+                return data[9:]
+            self._take(data)
+        while not messages:
+            event = self._next(deadline)
+            if event is None:
+                return None
+            if not isinstance(event, Command):
+                return event[-1]
+        return messages.pop(0)[-1]
+
+    def idle_check(self) -> None:
+        """Before a request: raise :class:`PeerClosed` if the peer has closed the
+        connection since the last reply, and answer any PING it sent meanwhile.
+
+        A stale reply (to a request given up on) is kept for :meth:`recv`,
+        whose caller drops replies to other requests.
+        """
+        sock = self._sock
+        if sock is None:
+            raise PeerClosed("not connected")
+        try:
+            data = sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            raise PeerClosed(str(error)) from None
+        if not data:
+            raise PeerClosed("the server closed the connection")
+        self._take(data)
+
+    def _next(self, deadline: float) -> list[bytes] | Command | None:
+        """The next message or handshake command, answering PINGs on the way."""
+        sock = self._sock
+        if sock is None:
+            raise PeerClosed("not connected")
+        for event in self._decoder.events():
+            if self._handled(event):
+                continue
+            self._queue_rest()
+            return event
+        while True:
+            data = self._read(sock, deadline)
+            if data is None:
+                return None
+            self._decoder.feed(data)
+            for event in self._decoder.events():
+                if self._handled(event):
+                    continue
+                self._queue_rest()
+                return event
+
+    def _read(self, sock: socket.socket, deadline: float) -> bytes | None:
+        """One read of what has arrived, waiting until ``deadline`` at most (None)."""
+        wait = deadline - _monotonic()
+        if wait <= 0:
+            return None
+        self._set_timeout(sock, wait)
+        try:
+            data = sock.recv(_READ_SIZE)
+        except (BlockingIOError, TimeoutError):
+            return None
+        except OSError as error:
+            raise PeerClosed(str(error)) from None
+        if not data:
+            raise PeerClosed("the server closed the connection")
+        return data
+
+    def _take(self, data: bytes) -> None:
+        self._decoder.feed(data)
+        self._queue_rest()
+
+    def _queue_rest(self) -> None:
+        for event in self._decoder.events():
+            if not self._handled(event) and not isinstance(event, Command):
+                self._messages.append(event)
+
+    def _handled(self, event: list[bytes] | Command) -> bool:
+        """Answer a PING (RFC 37) and swallow it and PONGs; False for anything else."""
+        if not isinstance(event, Command) or event.name not in (b"PING", b"PONG"):
+            return False
+        if event.name == b"PING" and self._sock is not None:
+            context = event.data[2:18]  # after the 2-octet TTL, at most 16 octets
+            self._sock.sendall(frame(b"\x04PONG" + context, command=True))
+        return True
+
+    def _set_timeout(self, sock: socket.socket, seconds: float) -> None:
+        """Bound the next blocking ``recv`` by the kernel's ``SO_RCVTIMEO``: unlike
+        ``settimeout``, it costs no extra ``poll`` per read, and a call only when the
+        bound moves by more than a millisecond."""
+        current = self._timeout
+        if current is not None and abs(current - seconds) < 0.001:
+            return
+        whole = int(seconds)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", whole, max(1, int((seconds - whole) * 1e6))))
+        self._timeout = seconds
+
+    def close(self) -> None:
+        """Close the socket at once (pending data is dropped, as with ``LINGER=0``)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def fileno(self) -> int:
+        return -1 if self._sock is None else self._sock.fileno()
+
+    def __repr__(self) -> str:
+        state = "connected" if self._sock is not None else "closed"
+        return f"<ZmtpConnection {self.host}:{self.port} {state} pid={os.getpid()}>"

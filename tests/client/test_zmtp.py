@@ -1,0 +1,239 @@
+"""The sync client's own ZMTP (dbpool.client.zmtp) against libzmq peers.
+
+The peer in each test is a standard ZeroMQ socket (pyzmq's ``ROUTER``), so
+these show that the direct transport interoperates: handshakes, short and
+long frames both ways, multipart messages, RFC 37 heartbeats, CURVE servers
+it must refuse to talk to, and peers that are not ZeroMQ at all.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from dbpool.client import Client
+from dbpool.client.zmtp import (
+    Command,
+    Decoder,
+    HandshakeError,
+    PeerClosed,
+    ZmtpConnection,
+    frame,
+    greeting,
+    split_tcp_endpoint,
+)
+from dbpool.errors import ConnectionError
+from dbpool.wire import packb, unpackb
+
+WAIT = 5.0
+
+
+@pytest.fixture
+def router() -> Iterator[tuple[zmq.Socket[bytes], int]]:
+    ctx = zmq.Context.instance()
+    sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    yield sock, port
+    sock.close(linger=0)
+
+
+def _connected(port: int) -> ZmtpConnection:
+    conn = ZmtpConnection("127.0.0.1", port)
+    conn.connect(WAIT)
+    return conn
+
+
+def test_messages_both_ways_with_short_and_long_frames(
+        router: tuple[zmq.Socket[bytes], int]) -> None:
+    sock, port = router
+    conn = _connected(port)
+    try:
+        for size in (0, 1, 255, 256, 70_000, 3_000_000):
+            body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+            conn.send(body)
+            routing_id, got = sock.recv_multipart()
+            assert got == body
+            sock.send_multipart([routing_id, body[::-1]])
+            assert conn.recv(time.monotonic() + WAIT) == body[::-1]
+    finally:
+        conn.close()
+
+
+def test_a_multipart_message_gives_its_last_frame_and_the_next_message_follows(
+        router: tuple[zmq.Socket[bytes], int]) -> None:
+    sock, port = router
+    conn = _connected(port)
+    try:
+        conn.send(b"hello")
+        routing_id, _ = sock.recv_multipart()
+        sock.send_multipart([routing_id, b"first", b"last"])
+        sock.send_multipart([routing_id, b"next"])
+        deadline = time.monotonic() + WAIT
+        assert conn.recv(deadline) == b"last"
+        assert conn.recv(deadline) == b"next"
+    finally:
+        conn.close()
+
+
+def test_recv_returns_none_at_its_deadline(router: tuple[zmq.Socket[bytes], int]) -> None:
+    _, port = router
+    conn = _connected(port)
+    try:
+        started = time.monotonic()
+        assert conn.recv(started + 0.2) is None
+        assert 0.15 < time.monotonic() - started < 2.0
+    finally:
+        conn.close()
+
+
+def test_heartbeats_are_answered_so_a_slow_reply_still_arrives() -> None:
+    # The ROUTER pings every 20 ms and drops a peer that has not answered within
+    # 150 ms; the reply comes after 600 ms.  Without PONGs the connection is gone.
+    ctx = zmq.Context.instance()
+    sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 20)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 150)
+    sock.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    conn = _connected(port)
+    try:
+        conn.send(b"slow")
+        routing_id, _ = sock.recv_multipart()
+        timer = threading.Timer(0.6, lambda: sock.send_multipart([routing_id, b"done"]))
+        timer.start()
+        try:
+            assert conn.recv(time.monotonic() + WAIT) == b"done"
+        finally:
+            timer.join()
+    finally:
+        conn.close()
+        sock.close(linger=0)
+
+
+def test_a_curve_server_ends_the_handshake() -> None:
+    # libzmq closes at once on a NULL greeting, without a greeting of its own, so
+    # all the client can say is that the handshake failed (the client's message then
+    # asks whether the server requires CURVE: tests/server/test_curve.py).
+    ctx = zmq.Context.instance()
+    sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    _, secret = zmq.curve_keypair()
+    sock.curve_server = True
+    sock.curve_secretkey = secret
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with pytest.raises(HandshakeError, match="closed the connection during the handshake"):
+            ZmtpConnection("127.0.0.1", port).connect(WAIT)
+    finally:
+        sock.close(linger=0)
+
+
+def test_a_peer_that_is_not_zeromq_is_refused() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        peer, _ = listener.accept()
+        with peer:
+            peer.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n" + b"x" * 64)
+            peer.recv(1024)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(HandshakeError, match="does not speak ZMTP"):
+            ZmtpConnection("127.0.0.1", port).connect(WAIT)
+    finally:
+        thread.join(WAIT)
+        listener.close()
+
+
+def test_idle_check_sees_a_closed_connection(router: tuple[zmq.Socket[bytes], int]) -> None:
+    sock, port = router
+    conn = _connected(port)
+    try:
+        conn.idle_check()  # open and quiet: nothing to say
+        sock.close(linger=0)
+        deadline = time.monotonic() + WAIT
+        while True:  # libzmq closes the connection in its I/O thread, soon
+            try:
+                conn.idle_check()
+            except PeerClosed:
+                break
+            assert time.monotonic() < deadline, "the close never arrived"
+            time.sleep(0.01)
+    finally:
+        conn.close()
+
+
+def test_the_decoder_reads_a_stream_fed_one_byte_at_a_time() -> None:
+    peer_greeting = greeting()
+    ready = frame(b"\x05READY\x0bSocket-Type\x00\x00\x00\x06ROUTER", command=True)
+    stream = (peer_greeting + ready + frame(b"a", more=True) + frame(b"b" * 300)
+              + frame(b"\x04PING\x00\x0aabc", command=True) + frame(b""))
+    decoder = Decoder()
+    events: list[list[bytes] | Command] = []
+    for i in range(len(stream)):
+        decoder.feed(stream[i:i + 1])
+        events.extend(decoder.events())
+    assert events == [Command(b"READY", b"\x0bSocket-Type\x00\x00\x00\x06ROUTER"),
+                      [b"a", b"b" * 300], Command(b"PING", b"\x00\x0aabc"), [b""]]
+    assert decoder.empty
+
+
+@pytest.mark.parametrize(("endpoint", "address"), [
+    ("tcp://127.0.0.1:7432", ("127.0.0.1", 7432)),
+    ("tcp://db.example:1", ("db.example", 1)),
+    ("tcp://[::1]:7432", ("::1", 7432)),
+    ("tcp://*:7432", None),
+    ("tcp://eth0;127.0.0.1:7432", None),
+    ("ipc:///tmp/dbpool", None),
+    ("tcp://127.0.0.1", None),
+])
+def test_which_endpoints_are_spoken_directly(endpoint: str,
+                                             address: tuple[str, int] | None) -> None:
+    assert split_tcp_endpoint(endpoint) == address
+
+
+def test_the_client_fails_at_once_when_the_connection_closes_before_the_reply(
+        router: tuple[zmq.Socket[bytes], int]) -> None:
+    sock, port = router
+    with Client(f"tcp://127.0.0.1:{port}", timeout=WAIT * 2) as client:
+        assert client._ch.direct is not None
+
+        def close_on_request() -> None:
+            sock.recv_multipart()
+            sock.close(linger=0)
+
+        thread = threading.Thread(target=close_on_request)
+        thread.start()
+        started = time.monotonic()
+        with pytest.raises(ConnectionError) as caught:
+            client.ping()
+        thread.join(WAIT)
+        assert caught.value.reason == "timeout"
+        assert "closed the connection before replying" in str(caught.value)
+        assert time.monotonic() - started < WAIT
+
+
+def test_the_client_answers_through_a_plain_router(
+        router: tuple[zmq.Socket[bytes], int]) -> None:
+    sock, port = router
+    with Client(f"tcp://127.0.0.1:{port}", timeout=WAIT) as client:
+        def answer() -> None:
+            routing_id, body = sock.recv_multipart()
+            request = unpackb(body)
+            sock.send_multipart([routing_id, packb({"id": request["id"], "ok": "pong"})])
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        assert client.ping() > 0
+        thread.join(WAIT)
