@@ -34,6 +34,7 @@ from .servers import (
     Backend,
     DbpoolServer,
     cpu_seconds,
+    median_ratio,
     one_line,
     postgres_cpu_seconds,
     start_poolers,
@@ -180,12 +181,6 @@ def run_many_tasks(dsn: str, backend: Backend | None, bouncer_binary: str | None
     for name in ("dbpool", "pgbouncer"):
         rates = [t.per_second for t in turns if t.contender == name and not t.errors]
         qps[name] = round(statistics.median(rates)) if rates else None
-    by_round: dict[int, dict[str, float]] = {}
-    for t in turns:
-        if not t.errors and t.per_second > 0:
-            by_round.setdefault(t.round, {})[t.contender] = t.per_second
-    ratios = [r["dbpool"] / r["pgbouncer"] for r in by_round.values()
-              if "dbpool" in r and "pgbouncer" in r]
     cpu: dict[str, dict[str, float | None]] = {}
     for name in ("dbpool", "pgbouncer"):
         mine = [t for t in turns if t.contender == name and not t.errors]
@@ -198,6 +193,6 @@ def run_many_tasks(dsn: str, backend: Backend | None, bouncer_binary: str | None
         "pool_size": POOL_SIZE,
         "qps": qps,
         "cpu_us_per_query": cpu,
-        "dbpool/pgbouncer": round(statistics.median(ratios), 3) if ratios else None,
+        "dbpool/pgbouncer": median_ratio(turns, "dbpool", "pgbouncer"),
         "turns": [asdict(t) | {"per_second": round(t.per_second)} for t in turns],
     }

@@ -32,6 +32,10 @@ What it measures, all in one run on one machine:
   in a loop: one ``AsyncClient`` through ``dbpool serve`` against psycopg's
   ``AsyncConnectionPool`` of 256 connections to PgBouncer, a pool of 10
   behind either (:mod:`dbpool.bench.many_tasks`).
+- **A real transaction**: pgbench's TPC-B-like transaction from one client,
+  through ``client.transaction()`` statement by statement, as one atomic
+  ``client.batch()``, and through PgBouncer statement by statement
+  (:mod:`dbpool.bench.tpcb`).
 - **Idle clients**: the resident memory of the ``dbpool serve`` process
   before and after 1,000 ZeroMQ ``DEALER`` sockets (in a few helper
   processes) have connected and each sent one ``ping``, and the growth per
@@ -42,7 +46,9 @@ processes dbpool's q/s is at least PgBouncer's, and with CURVE at 16 at
 least 0.85 x its own without; dbpool's single-client latency is at most
 PgBouncer's; a batch of 100 runs at
 least 5 x as many statements per second as PgBouncer does one at a time;
-many asyncio tasks in one process run at least 2 x PgBouncer's q/s.
+many asyncio tasks in one process run at least 2 x PgBouncer's q/s; the
+TPC-B-like transaction runs at least as fast as through PgBouncer, and at
+least 3 x as fast as one batch.
 A target that could not be measured (PgBouncer not installed, the server not
 starting) counts as missed: :func:`run_remote`'s
 report has ``"ok": False`` and ``dbpool bench --remote`` exits with status 1.
@@ -81,6 +87,9 @@ from .servers import (
     one_line,
     start_poolers,
 )
+from .tpcb import BATCH_THRESHOLD as TPCB_BATCH_THRESHOLD
+from .tpcb import TRANSACTION_THRESHOLD as TPCB_TRANSACTION_THRESHOLD
+from .tpcb import print_tpcb, run_tpcb
 
 __all__ = [
     "DEFAULT_PROCESSES",
@@ -125,6 +134,12 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ("asyncio_tasks", "1 process of many asyncio tasks: dbpool q/s >= "
                       f"{MANY_TASKS_THRESHOLD:g} x pgbouncer (AsyncConnectionPool)",
      MANY_TASKS_THRESHOLD),
+    ("tpcb_transaction", "TPC-B-like transaction, statement by statement: dbpool "
+                         f"transactions/s >= {TPCB_TRANSACTION_THRESHOLD:g} x pgbouncer",
+     TPCB_TRANSACTION_THRESHOLD),
+    ("tpcb_batch", "TPC-B-like transaction as one batch: dbpool transactions/s >= "
+                   f"{TPCB_BATCH_THRESHOLD:g} x pgbouncer statement by statement",
+     TPCB_BATCH_THRESHOLD),
 )
 
 
@@ -591,13 +606,15 @@ def run_remote(
     as_json: bool = False,
     idle_clients: int = IDLE_CLIENTS,
     tasks: int = TASKS,
+    tpcb: bool = True,
 ) -> dict[str, Any]:
     """Run the remote benchmark, print a table (or JSON) and return the report.
 
     ``duration`` is seconds per contender per round (at least 1.0 is wise:
     the first instants of a turn are the noisiest).  ``tasks`` is the number of
     asyncio tasks of the many-tasks row (:mod:`dbpool.bench.many_tasks`; 0
-    leaves it out).  The report's ``ok`` is False if any target was missed or
+    leaves it out); ``tpcb=False`` leaves out the TPC-B-like row
+    (:mod:`dbpool.bench.tpcb`).  The report's ``ok`` is False if any target was missed or
     could not be measured.
     """
     began = time.monotonic()
@@ -618,6 +635,10 @@ def run_remote(
         for name, rate in many["qps"].items():
             shown = f"{rate:9.0f}" if rate is not None else "   failed"
             _progress(as_json, f"  {name:>12} {tasks:>3} tasks: {shown} q/s (median)")
+    transactions: dict[str, Any] | None = None
+    if tpcb:
+        _progress(as_json, "  pgbench's TPC-B-like transaction, 1 client...")
+        transactions = run_tpcb(dsn, backend, bouncer_binary, duration, rounds, unavailable)
     idle: dict[str, Any] | None = None
     if "dbpool" not in unavailable and idle_clients > 0:
         _progress(as_json, f"  dbpool serve RSS with {idle_clients} idle clients...")
@@ -627,7 +648,7 @@ def run_remote(
             logger.warning("the idle-client measurement failed: %s", one_line(exc))
             idle = {"error": one_line(exc)}
     report = _report(turns, processes, duration, rounds, bouncer_binary, unavailable, idle,
-                     many)
+                     many, transactions)
     report["elapsed_seconds"] = round(time.monotonic() - began, 1)
     if as_json:
         print(json.dumps(report, indent=2))
@@ -648,7 +669,8 @@ def _pgbouncer_version(binary: str | None) -> str | None:
 
 def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds: int,
             bouncer_binary: str | None, unavailable: dict[str, str],
-            idle: dict[str, Any] | None, many: dict[str, Any] | None) -> dict[str, Any]:
+            idle: dict[str, Any] | None, many: dict[str, Any] | None,
+            transactions: dict[str, Any] | None) -> dict[str, Any]:
     scenarios: list[dict[str, Any]] = []
     for n in processes:
         here = [t for t in turns if t.processes == n and t.contender in CONTENDERS]
@@ -692,6 +714,10 @@ def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds
         "latency_1": (latency["dbpool/pgbouncer"], 1 in processes),
         "batch_100": (batch["ratio"], 1 in processes),
         "asyncio_tasks": (many["dbpool/pgbouncer"] if many else None, many is not None),
+        "tpcb_transaction": (transactions["transaction/pgbouncer"] if transactions else None,
+                             transactions is not None),
+        "tpcb_batch": (transactions["batch/pgbouncer"] if transactions else None,
+                       transactions is not None),
     }
     targets = []
     for name, text, threshold in TARGETS:
@@ -719,6 +745,7 @@ def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds
         "latency_us": latency,
         "batch": batch,
         "many_tasks": many,
+        "tpcb": transactions,
         "idle_clients": idle,
         "targets": targets,
         "ok": all(t["status"] in ("PASS", "SKIPPED") for t in targets),
@@ -773,6 +800,8 @@ def _print_report(report: dict[str, Any]) -> None:
         for name, cpu in many["cpu_us_per_query"].items():
             print(f"    {name:>24}: " + " ".join(
                 _cell(cpu[where], 8, ".1f") for where in ("client", "server", "postgres")))
+    if report["tpcb"] is not None:
+        print_tpcb(report["tpcb"])
     idle = report["idle_clients"]
     if idle is not None:
         print(f"\ndbpool serve RSS with {IDLE_CLIENTS} idle DEALER clients (one ping each):")

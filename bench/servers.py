@@ -9,14 +9,16 @@ import pwd
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
 from psycopg.conninfo import make_conninfo
@@ -346,3 +348,36 @@ def start_poolers(stack: ExitStack, dsn: str, backend: Backend | None,
         except ServerError as exc:
             unavailable["dbpool"] = str(exc)
     return bouncer, server
+
+
+class RoundTurn(Protocol):
+    """What :func:`median_ratio` reads of a contender's turn."""
+
+    @property
+    def contender(self) -> str: ...
+
+    @property
+    def round(self) -> int: ...
+
+    @property
+    def errors(self) -> list[str]: ...
+
+    @property
+    def per_second(self) -> float: ...
+
+
+def median_ratio(turns: Iterable[RoundTurn], numerator: str, denominator: str) -> float | None:
+    """``numerator``'s rate over ``denominator``'s: the median of the per-round ratios, over
+    the rounds where both ran without error (to 3 places), or None if no round did.
+
+    Ratios of turns paired within a round, not of the overall medians: a
+    virtual machine's speed swings within seconds, and the pairing cancels most
+    of that.
+    """
+    by_round: dict[int, dict[str, float]] = {}
+    for turn in turns:
+        if not turn.errors and turn.per_second > 0:
+            by_round.setdefault(turn.round, {})[turn.contender] = turn.per_second
+    ratios = [rates[numerator] / rates[denominator] for rates in by_round.values()
+              if numerator in rates and denominator in rates]
+    return round(statistics.median(ratios), 3) if ratios else None

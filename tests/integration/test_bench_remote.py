@@ -51,3 +51,8 @@ def test_a_short_remote_benchmark_measures_every_contender_and_judges_every_targ
         cpu = many["cpu_us_per_query"][contender]
         assert cpu["client"] > 0 and cpu["server"] > 0 and cpu["postgres"] > 0, many
     assert statuses["asyncio_tasks"] in ("PASS", "FAIL")
+    tpcb = report["tpcb"]
+    for contender in ("dbpool_transaction", "dbpool_batch", "pgbouncer"):
+        assert tpcb["tps"][contender] > 0, tpcb
+    assert statuses["tpcb_transaction"] in ("PASS", "FAIL")
+    assert statuses["tpcb_batch"] in ("PASS", "FAIL")
