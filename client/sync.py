@@ -13,7 +13,7 @@ running in other threads.
 Transport
 ---------
 To a plain ``tcp://host:port`` endpoint without CURVE keys, a thread's
-``DEALER`` is :class:`~dbpool.client.zmtp.ZmtpConnection`: ZeroMQ's wire
+``DEALER`` is :class:`~dbpool.client.direct.ZmtpConnection`: ZeroMQ's wire
 protocol spoken on a TCP socket by the calling thread itself, which saves
 the two wake-ups of libzmq's I/O thread per round trip.  It behaves as the
 libzmq socket does: it connects on the first request (retrying every
@@ -44,6 +44,7 @@ from dbpool.errors import ConnectionError
 from dbpool.keys import MECHANISM_MISMATCH, handshake_failure
 from dbpool.protocol import VERSION
 from dbpool.wire import WireError, make_packer, packb, unpackb
+from dbpool.zmtp import HandshakeError, split_tcp_endpoint
 
 from ._base import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -64,8 +65,8 @@ from ._base import (
     unresolved,
 )
 from ._sync.requests import CopyTo, Requests, Stream, Transaction
+from .direct import PeerClosed, ZmtpConnection
 from .events import Subscription
-from .zmtp import HandshakeError, PeerClosed, ZmtpConnection, split_tcp_endpoint
 
 __all__ = ["Client", "CopyTo", "Stream", "Transaction"]  # the last three: _sync.requests
 

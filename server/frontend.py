@@ -65,6 +65,7 @@ from dbpool.statement_scope import copy_refused, explain, scope_of
 
 from .clients import ANONYMOUS, ANONYMOUS_POLICY, ClientState
 from .copy import Copy
+from .direct_router import DirectRouter, Origin, bindable
 from .memory import Trimmer
 from .peers import Peers
 from .pipeline import (
@@ -201,23 +202,42 @@ class FrontEnd:
         self.authority = authority
         if authority is not None:
             authority.start(self.context)
-        self.router = self.context.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, 4 * config.max_message_size)
-        if authority is not None:
-            authority.secure(self.router)
+        self._poller = select.poll()
+        #: The request socket: the front end's own ROUTER (direct_router.py) on a
+        #: plain TCP endpoint, else libzmq's (CURVE, ipc, interface names).
+        self._direct: DirectRouter | None = None
+        self.router: zmq.Socket[Any] | None = None
+        address = bindable(config.bind) if authority is None else None
         try:
-            _bind(self.router, config.bind, "bind")
+            if address is not None:
+                try:
+                    self._direct = DirectRouter(
+                        *address, self._poller, 4 * config.max_message_size, self._serve,
+                        self._client_connected, self._client_disconnected)
+                except OSError as error:
+                    raise ConfigurationError(f"cannot bind bind {config.bind}: "
+                                             f"{error.strerror or error}") from None
+                self.endpoint = self._direct.endpoint
+            else:
+                self.router = self.context.socket(zmq.ROUTER)
+                self.router.setsockopt(zmq.LINGER, 0)
+                self.router.setsockopt(zmq.MAXMSGSIZE, 4 * config.max_message_size)
+                if authority is not None:
+                    authority.secure(self.router)
+                _bind(self.router, config.bind, "bind")
+                #: The endpoints actually bound (a ``:0`` port resolved).
+                self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
             self.pub = self._bind_events(config.events_bind)
         except BaseException:
-            self.router.close(linger=0)
+            if self._direct is not None:
+                self._direct.close()
+            if self.router is not None:
+                self.router.close(linger=0)
             if authority is not None:
                 authority.stop()
             if self._own_context:
                 self.context.term()
             raise
-        #: The endpoints actually bound (a ``:0`` port resolved).
-        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.packer = wire.make_packer()
         #: The largest COPY page or block: half the largest message, to leave room.
@@ -227,15 +247,16 @@ class FrontEnd:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._poller = select.poll()
-        self._router_fd: int = cast(int, self.router.getsockopt(zmq.FD))
-        self._poller.register(self._router_fd, _POLLIN)
         self._poller.register(self._wake_r, _POLLIN)
-        # Connects and disconnects of clients, for the status map's "clients".
-        self._monitor = self.router.get_monitor_socket(
-            zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self._monitor_fd = cast(int, self._monitor.getsockopt(zmq.FD))
-        self._poller.register(self._monitor_fd, _POLLIN)
+        self._monitor: zmq.Socket[Any] | None = None
+        self._monitor_fd = -1
+        if self.router is not None:
+            self._poller.register(cast(int, self.router.getsockopt(zmq.FD)), _POLLIN)
+            # Connects and disconnects of clients, for the status map's "clients".
+            self._monitor = self.router.get_monitor_socket(
+                zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+            self._monitor_fd = cast(int, self._monitor.getsockopt(zmq.FD))
+            self._poller.register(self._monitor_fd, _POLLIN)
         self.clients = 0
         self._departures = 0  # clients that left, ever
         #: The connections of lease-holding sessions, to release a dead client's leases.
@@ -360,6 +381,7 @@ class FrontEnd:
         returns.
         """
         poll, pipes, spin = self._poller.poll, self._pipes, self.config.spin
+        direct = self._direct
         try:
             while True:
                 self.last_loop = time.monotonic()
@@ -386,7 +408,9 @@ class FrontEnd:
                 for fd, mask in ready:
                     pipe = pipes.get(fd)
                     if pipe is None:
-                        if fd == self._wake_r:
+                        if direct is not None and direct.owns(fd):
+                            direct.event(fd, mask)
+                        elif fd == self._wake_r:
                             self._drain_inbox()
                         elif fd == self._monitor_fd:
                             self._count_clients()
@@ -425,16 +449,22 @@ class FrontEnd:
         return ready
 
     def _has_request(self) -> bool:
-        return bool(cast(int, self.router.getsockopt(_ZMQ_EVENTS)) & _ZMQ_POLLIN)
+        """Whether libzmq's ROUTER holds a request (the direct one's are polled for)."""
+        router = self.router
+        return router is not None and bool(
+            cast(int, router.getsockopt(_ZMQ_EVENTS)) & _ZMQ_POLLIN)
 
     def _read_requests(self) -> None:
-        """Serve every request waiting in the ROUTER socket.
+        """Serve every request waiting in libzmq's ROUTER socket.
 
         Asking ``ZMQ_EVENTS`` (rather than reading until ``EAGAIN``) also
         re-arms the socket's file descriptor, which signals only changes.
+        The direct router's requests are read as its sockets poll ready.
         """
         router = self.router
-        recv, option, handle = router.recv, router.getsockopt, self._handle
+        if router is None:
+            return
+        recv, option, serve = router.recv, router.getsockopt, self._serve
         while cast(int, option(_ZMQ_EVENTS)) & _ZMQ_POLLIN:
             # The routing id as a Frame: it says which connection the request came
             # through (SRCFD), for the sessions that hold leases (see peers.py).
@@ -442,10 +472,14 @@ class FrontEnd:
             frames = [origin.bytes, recv(_NOBLOCK)]  # a message arrives whole
             while option(_ZMQ_RCVMORE):
                 frames.append(recv(_NOBLOCK))
-            try:
-                handle(frames, origin)
-            except Exception:  # a bug outside any handler: this request only, never the loop
-                logger.exception("front end: a request could not be handled")
+            serve(frames, origin)
+
+    def _serve(self, frames: list[bytes], origin: zmq.Frame | Origin) -> None:
+        """Handle one request as it came off either router."""
+        try:
+            self._handle(frames, origin)
+        except Exception:  # a bug outside any handler: this request only, never the loop
+            logger.exception("front end: a request could not be handled")
 
     def _flush(self) -> None:
         """Send the statements queued on connections this iteration, one write each."""
@@ -460,19 +494,29 @@ class FrontEnd:
                 self._settle(pipe)
 
     def _count_clients(self) -> None:
+        """Read libzmq's monitor of the ROUTER's connections."""
         monitor = self._monitor
-        left = False
+        if monitor is None:
+            return
         while cast(int, monitor.getsockopt(_ZMQ_EVENTS)) & _ZMQ_POLLIN:
             message = recv_monitor_message(monitor, _NOBLOCK)
             if message["event"] == zmq.EVENT_ACCEPTED:
-                self.clients += 1
+                self._client_connected(int(message["value"]))
             else:
-                self.clients -= 1
-                self._departures += 1
-                self._peers.disconnected(int(message["value"]), time.monotonic())
-                left = True
-        if left and self._peers.watching:
-            self._release_the_dead(time.monotonic())
+                self._client_disconnected(int(message["value"]))
+
+    def _client_connected(self, fd: int) -> None:
+        self.clients += 1
+
+    def _client_disconnected(self, fd: int) -> None:
+        """A client connection closed: a session whose connections are all gone has
+        its leases rolled back now."""
+        self.clients -= 1
+        self._departures += 1
+        now = time.monotonic()
+        self._peers.disconnected(fd, now)
+        if self._peers.watching:
+            self._release_the_dead(now)
 
     def _release_the_dead(self, now: float) -> None:
         """Roll back at once the leases of sessions whose connections have all closed."""
@@ -526,7 +570,7 @@ class FrontEnd:
 
     # -- requests ------------------------------------------------------------
 
-    def _handle(self, frames: list[bytes], origin: zmq.Frame) -> None:
+    def _handle(self, frames: list[bytes], origin: zmq.Frame | Origin) -> None:
         """Decode, validate and start one request; answer errors at once."""
         counters = self.counters
         counters["requests"] += 1
@@ -678,6 +722,10 @@ class FrontEnd:
 
     def _send_reply(self, route: list[bytes], body: bytes) -> None:
         self.counters["bytes_out"] += len(body)
+        if self._direct is not None:
+            self._direct.send(route, body)
+            return
+        assert self.router is not None
         send = self.router.send
         for frame in route:
             send(frame, _SNDMORE)
@@ -1712,9 +1760,12 @@ class FrontEnd:
         for served in self.served.values():
             if served.waiter is not None:
                 served.lender.cancel_wait(served.waiter)
-        self.router.disable_monitor()
-        self._monitor.close(linger=0)
-        self.router.close(linger=0)
+        if self._direct is not None:
+            self._direct.close()
+        if self.router is not None and self._monitor is not None:
+            self.router.disable_monitor()
+            self._monitor.close(linger=0)
+            self.router.close(linger=0)
         self.pub.close(linger=0)
         os.close(self._wake_r)
         os.close(self._wake_w)

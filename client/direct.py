@@ -1,20 +1,14 @@
-"""ZMTP 3.1 spoken directly on a TCP socket in the caller's thread: the sync
-client's transport for plain ``tcp://`` endpoints.
+"""The sync client's direct connection: ZMTP spoken on a TCP socket in the
+caller's thread (the protocol itself is :mod:`dbpool.zmtp`).
 
-Why: libzmq moves every message through an I/O thread of its own, on each
-side.  For a client that sends one request and waits for its reply, that is
-two thread wake-ups per round trip in the client alone, and on a 2-core
-machine each costs about as much as the query (``docs/performance.md``).
-Here the caller's thread writes the request and reads the reply itself.
-
-What is spoken is ZeroMQ's wire protocol (RFC 23, with RFC 37's PING and
-PONG) as a ``DEALER`` with the ``NULL`` security mechanism, so the server's
-``ROUTER`` (or any ZeroMQ peer) cannot tell it from a libzmq ``DEALER``.
-CURVE (RFC 26) is not spoken here: a client with keys uses libzmq.
-
-:class:`Decoder` is the protocol without I/O: bytes in, messages and
-commands out.  :class:`ZmtpConnection` drives it on a blocking socket with
-deadlines.
+Why: libzmq moves every message through an I/O thread of its own.  For a
+client that sends one request and waits for its reply, that is two thread
+wake-ups per round trip in the client alone, and on a 2-core machine each
+costs about as much as the query (``docs/performance.md``).  Here the
+caller's thread writes the request and reads the reply itself, as a
+``DEALER`` with the ``NULL`` mechanism: the server's ``ROUTER`` (or any
+ZeroMQ peer) cannot tell it from a libzmq ``DEALER``.  A client with CURVE
+keys uses libzmq.
 """
 
 from __future__ import annotations
@@ -24,30 +18,21 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 
-__all__ = [
-    "Command",
-    "Decoder",
-    "HandshakeError",
-    "PeerClosed",
-    "ZmtpConnection",
-    "frame",
-    "greeting",
-    "split_tcp_endpoint",
-]
+from dbpool.zmtp import (
+    LONG,
+    Command,
+    Decoder,
+    HandshakeError,
+    frame,
+    greeting,
+    ready,
+)
 
-logger = logging.getLogger("dbpool.client.zmtp")
+__all__ = ["PeerClosed", "ZmtpConnection"]
 
-#: Signature (with the padding libzmq sends), version 3.1, NULL, not as-server, filler.
-_GREETING = (b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f" + bytes((3, 1))
-             + b"NULL".ljust(20, b"\x00") + b"\x00" + bytes(31))
-GREETING_SIZE = 64
+logger = logging.getLogger("dbpool.client.direct")
 
-_MORE = 0x01
-_LONG = 0x02
-_COMMAND = 0x04
 _pack_size = struct.Struct(">Q").pack
 _unpack_size = struct.Struct(">Q").unpack_from
 _monotonic = time.monotonic
@@ -56,144 +41,8 @@ _monotonic = time.monotonic
 _READ_SIZE = 1 << 16
 
 
-class HandshakeError(Exception):
-    """The peer does not speak ZMTP 3 with ``NULL``, or refused us (its ERROR's reason).
-
-    :attr:`mismatch` is True when the peer speaks ZMTP with another security
-    mechanism (a server that requires CURVE).
-    """
-
-    def __init__(self, message: str, *, mismatch: bool = False) -> None:
-        super().__init__(message)
-        self.mismatch = mismatch
-
-
 class PeerClosed(Exception):
     """The peer closed the connection."""
-
-
-def greeting() -> bytes:
-    """This side's greeting: ZMTP 3.1, mechanism ``NULL``, as a client."""
-    return _GREETING
-
-
-def frame(body: bytes, *, more: bool = False, command: bool = False) -> bytes:
-    """``body`` as one frame: flags, size (1 octet, or 8 when over 255), body."""
-    flags = (_MORE if more else 0) | (_COMMAND if command else 0)
-    size = len(body)
-    if size > 255:
-        return bytes((flags | _LONG,)) + _pack_size(size) + body
-    return bytes((flags, size)) + body
-
-
-def ready(socket_type: bytes = b"DEALER") -> bytes:
-    """The ``READY`` command of the NULL mechanism, with our ``Socket-Type``."""
-    name = b"Socket-Type"
-    return frame(b"\x05READY" + bytes((len(name),)) + name
-                 + struct.pack(">I", len(socket_type)) + socket_type, command=True)
-
-
-@dataclass(frozen=True)
-class Command:
-    """A command frame: its name and the rest of its body."""
-
-    name: bytes
-    data: bytes
-
-
-class Decoder:
-    """Frames out of a byte stream, after the peer's greeting.
-
-    :meth:`feed` takes what was read; :meth:`events` yields each complete
-    message (``list[bytes]``, its frames) and each :class:`Command`, in
-    order.  The greeting is checked first: anything but ZMTP 3 with
-    ``NULL`` raises :class:`HandshakeError`.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._pos = 0
-        self._greeted = False
-        self._parts: list[bytes] = []
-
-    @property
-    def empty(self) -> bool:
-        """Whether nothing is buffered: the greeting was read and no frame is part-read."""
-        return self._greeted and not self._buffer and not self._parts
-
-    def feed(self, data: bytes) -> None:
-        self._buffer += data
-
-    def greeted(self) -> bool:
-        """Whether the peer's greeting was read (and found good): HandshakeError if bad."""
-        if not self._greeted:
-            buffer = self._buffer
-            if len(buffer) - self._pos < GREETING_SIZE:
-                return False
-            self._check_greeting(bytes(buffer[self._pos:self._pos + GREETING_SIZE]))
-            self._pos += GREETING_SIZE
-            self._greeted = True
-        return True
-
-    def events(self) -> Iterator[list[bytes] | Command]:
-        if not self.greeted():
-            return
-        buffer = self._buffer
-        while True:
-            pos, end = self._pos, len(buffer)
-            if end - pos < 2:
-                break
-            flags = buffer[pos]
-            if flags & _LONG:
-                if end - pos < 9:
-                    break
-                size = _unpack_size(buffer, pos + 1)[0]
-                start = pos + 9
-            else:
-                size = buffer[pos + 1]
-                start = pos + 2
-            if end - start < size:
-                break
-            body = bytes(buffer[start:start + size])
-            self._pos = start + size
-            if flags & _COMMAND:
-                length = body[0] if body else 0
-                yield Command(body[1:1 + length], body[1 + length:])
-            elif flags & _MORE:
-                self._parts.append(body)
-            else:
-                parts, self._parts = self._parts, []
-                parts.append(body)
-                yield parts
-        if self._pos:  # keep what is left unparsed at the front
-            del buffer[:self._pos]
-            self._pos = 0
-
-    @staticmethod
-    def _check_greeting(data: bytes) -> None:
-        if data[0] != 0xFF or data[9] != 0x7F:
-            raise HandshakeError("the peer does not speak ZMTP (no ZeroMQ signature)")
-        if data[10] < 3:
-            raise HandshakeError(f"the peer speaks ZMTP {data[10]}.{data[11]}, not 3")
-        mechanism = data[12:32].rstrip(b"\x00")
-        if mechanism != b"NULL":
-            raise HandshakeError(f"the peer wants the {mechanism.decode('ascii', 'replace')} "
-                                 "security mechanism", mismatch=True)
-
-
-def split_tcp_endpoint(endpoint: str) -> tuple[str, int] | None:
-    """``(host, port)`` of a ``tcp://host:port`` endpoint this module can connect to,
-    else None (another transport, a source address, a wildcard, no port)."""
-    if not endpoint.startswith("tcp://"):
-        return None
-    rest = endpoint[6:]
-    if ";" in rest:  # libzmq's "source;destination": libzmq's own business
-        return None
-    host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit() or host in ("", "*"):
-        return None
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    return host, int(port)
 
 
 class ZmtpConnection:
@@ -234,7 +83,7 @@ class ZmtpConnection:
             # READY only once the peer's greeting says it speaks NULL: a server that
             # wants CURVE then closes cleanly, having read all we sent, where unread
             # bytes would make its close a reset that hides its greeting.
-            sock.sendall(_GREETING)
+            sock.sendall(greeting())
             decoder = self._decoder
             while not decoder.greeted():
                 data = self._read(sock, deadline)
@@ -272,7 +121,7 @@ class ZmtpConnection:
             raise PeerClosed("not connected")
         size = len(body)
         if size > 255:
-            sock.sendall(bytes((_LONG,)) + _pack_size(size) + body)
+            sock.sendall(bytes((LONG,)) + _pack_size(size) + body)
         else:
             sock.sendall(bytes((0, size)) + body)
 
@@ -289,7 +138,7 @@ class ZmtpConnection:
             size = len(data)
             if size >= 2 and data[0] == 0 and data[1] == size - 2:
                 return data[2:]
-            if size >= 9 and data[0] == _LONG and _unpack_size(data, 1)[0] == size - 9:
+            if size >= 9 and data[0] == LONG and _unpack_size(data, 1)[0] == size - 9:
                 return data[9:]
             self._take(data)
         while not messages:

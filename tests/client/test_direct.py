@@ -1,4 +1,4 @@
-"""The sync client's own ZMTP (dbpool.client.zmtp) against libzmq peers.
+"""The sync client's own ZMTP (dbpool.zmtp, dbpool.client.direct) against libzmq peers.
 
 The peer in each test is a standard ZeroMQ socket (pyzmq's ``ROUTER``), so
 these show that the direct transport interoperates: handshakes, short and
@@ -17,18 +17,10 @@ import pytest
 import zmq
 
 from dbpool.client import Client
-from dbpool.client.zmtp import (
-    Command,
-    Decoder,
-    HandshakeError,
-    PeerClosed,
-    ZmtpConnection,
-    frame,
-    greeting,
-    split_tcp_endpoint,
-)
+from dbpool.client.direct import PeerClosed, ZmtpConnection
 from dbpool.errors import ConnectionError
 from dbpool.wire import packb, unpackb
+from dbpool.zmtp import Command, Decoder, HandshakeError, frame, greeting, split_tcp_endpoint
 
 WAIT = 5.0
 

@@ -1,0 +1,325 @@
+"""The request socket without libzmq: a ZMTP ``ROUTER`` driven by the front end's loop.
+
+Why: a libzmq socket hands every message to and from an I/O thread of its
+own, two thread wake-ups per request on top of the front end's, and on a
+2-core machine each costs about as much as a ``SELECT 1``
+(``docs/performance.md``).  Here the front end's thread accepts the
+connections, reads the requests and writes the replies itself, on sockets
+in its own ``poll`` set.  It speaks ZeroMQ's protocol (:mod:`dbpool.zmtp`)
+with the ``NULL`` mechanism, so any ZeroMQ ``DEALER`` or ``REQ``, in any
+language, talks to it as to a libzmq ``ROUTER``.  A server with CURVE keys
+uses libzmq's ``ROUTER`` (:class:`dbpool.server.frontend.FrontEnd` picks).
+
+What a libzmq ``ROUTER`` does that clients rely on, it does too:
+
+- each connection gets a routing id (the peer's ``Identity`` if it sent one
+  not in use, else a new one), prepended to its messages as their first
+  frame; a reply to an unknown routing id is dropped;
+- a frame over ``max_message_size`` closes its connection (``MAXMSGSIZE``);
+- ZMTP heartbeats (``PING``) are answered.
+
+What it does differently, for isolation: a client that does not read its
+replies is disconnected once :data:`OUTPUT_LIMIT` bytes wait for it (where
+libzmq would drop replies past its high-water mark without a word), so one
+slow reader holds neither memory nor anyone else's replies.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import select
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from dbpool.zmtp import (
+    LONG,
+    Command,
+    Decoder,
+    HandshakeError,
+    TooLarge,
+    frame,
+    greeting,
+    properties,
+    ready,
+)
+
+__all__ = ["OUTPUT_LIMIT", "DirectRouter", "Origin", "bindable"]
+
+logger = logging.getLogger("dbpool.server.direct_router")
+
+#: Bytes of replies that may wait for one client before it is disconnected.
+OUTPUT_LIMIT = 64 << 20
+#: Bytes read from one connection per readable event: one recv serves many
+#: pipelined requests, and a busy client cannot keep the loop from the others.
+_READ_SIZE = 1 << 18
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
+_SRCFD = int(zmq.SRCFD)
+_pack_size = struct.Struct(">Q").pack
+#: The socket types a ROUTER talks to (RFC 28's compatibility table).
+_PEERS = frozenset({b"DEALER", b"REQ", b"ROUTER"})
+#: Routing ids: libzmq's form, a zero byte then a 32-bit counter.
+_ROUTING_IDS = itertools.count(1)
+
+Handler = Callable[[list[bytes], "Origin"], None]
+
+
+class Origin:
+    """A request's connection, as the front end reads a libzmq message's properties:
+    ``get(zmq.SRCFD)`` is its descriptor; there is no ``User-Id`` without CURVE."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def get(self, name: Any) -> Any:
+        return self.fd if name == _SRCFD else None
+
+
+class _Peer:
+    __slots__ = ("decoder", "fd", "origin", "out", "ready", "routing_id", "sock")
+
+    def __init__(self, sock: socket.socket, max_size: int) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.decoder = Decoder(max_size)
+        self.origin = Origin(self.fd)
+        self.out = bytearray()
+        self.ready = False
+        self.routing_id = b""
+
+
+def bindable(endpoint: str) -> tuple[str, int] | None:
+    """``(host, port)`` to bind for a ``tcp://`` endpoint :class:`DirectRouter` serves
+    (``*`` is every IPv4 address, as for libzmq), else None (leave it to libzmq)."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host, sep, port = endpoint[6:].rpartition(":")
+    if port == "*":  # libzmq's "any free port"
+        port = "0"
+    if not sep or not port.isdigit() or ";" in host:
+        return None
+    host = "0.0.0.0" if host == "*" else host.strip("[]")
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM,
+                           flags=socket.AI_NUMERICHOST)
+    except (OSError, UnicodeError):  # a name or an interface: libzmq's to resolve
+        return None
+    return host, int(port)
+
+
+class DirectRouter:
+    """A listening ``ROUTER`` on ``host:port`` whose sockets live in ``poller``.
+
+    The front end calls :meth:`event` for each of :attr:`fds` that polls
+    ready; requests go to ``handle(frames, origin)`` with the routing id as
+    the first frame, as from a libzmq ``ROUTER``; :meth:`send` queues a
+    reply.  ``on_connect(fd)`` and ``on_disconnect(fd)`` report each client
+    connection that completed its handshake and each that closed.
+    ``output_limit`` is the bytes of replies that may wait for one client
+    (see the module docstring).
+    """
+
+    def __init__(self, host: str, port: int, poller: select.poll, max_size: int,
+                 handle: Handler, on_connect: Callable[[int], None],
+                 on_disconnect: Callable[[int], None], *,
+                 output_limit: int = OUTPUT_LIMIT) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(1024)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
+        self._listener_fd = listener.fileno()
+        bound = listener.getsockname()
+        shown = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
+        #: The endpoint bound, as libzmq's ``LAST_ENDPOINT`` says it.
+        self.endpoint = f"tcp://{shown}:{bound[1]}"
+        self._poller = poller
+        self._max_size = max_size
+        self._output_limit = output_limit
+        self._handle = handle
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._peers: dict[int, _Peer] = {}
+        self._by_id: dict[bytes, _Peer] = {}
+        poller.register(self._listener_fd, _POLLIN)
+
+    def owns(self, fd: int) -> bool:
+        return fd == self._listener_fd or fd in self._peers
+
+    def event(self, fd: int, mask: int) -> None:
+        """Serve what ``poll`` said of ``fd``: accept, read and handle, or write."""
+        if fd == self._listener_fd:
+            self._accept()
+            return
+        peer = self._peers.get(fd)
+        if peer is None:
+            return
+        if mask & _POLLOUT:
+            self._flush(peer)
+        if mask & ~_POLLOUT and fd in self._peers:
+            self._read(peer)
+
+    def send(self, route: list[bytes], body: bytes) -> None:
+        """Queue ``body`` for the connection ``route[0]`` names, after the rest of the
+        route (a ``REQ``'s empty delimiter); dropped if that connection is gone."""
+        peer = self._by_id.get(route[0])
+        if peer is None:
+            return
+        size = len(body)
+        header = bytes((LONG,)) + _pack_size(size) if size > 255 else bytes((0, size))
+        if len(route) > 1:
+            data = b"".join([frame(part, more=True) for part in route[1:]]) + header + body
+        else:
+            data = header + body
+        out = peer.out
+        if not out:
+            try:
+                sent = peer.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                self._drop(peer, f"write failed: {error}")
+                return
+            if sent == len(data):
+                return
+            out += memoryview(data)[sent:]
+            self._poller.modify(peer.fd, _POLLIN | _POLLOUT)
+            return
+        out += data
+        if len(out) > self._output_limit:
+            self._drop(peer, f"{len(out)} bytes of replies wait for it (it does not read "
+                             f"them): over the limit of {self._output_limit}")
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:  # out of descriptors, say: serve who is here
+                logger.warning("direct router: accept failed: %s", error)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = _Peer(sock, self._max_size)
+            self._peers[peer.fd] = peer
+            self._poller.register(peer.fd, _POLLIN)
+            # Greeting and READY at once: NULL needs nothing of the client's first.
+            peer.out += greeting() + ready(b"ROUTER")
+            self._flush(peer)
+
+    def _read(self, peer: _Peer) -> None:
+        try:
+            data = peer.sock.recv(_READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._drop(peer, f"read failed: {error}")
+            return
+        if not data:
+            self._drop(peer, None)
+            return
+        decoder = peer.decoder
+        decoder.feed(data)
+        try:
+            for event in decoder.events():
+                if isinstance(event, Command):
+                    self._command(peer, event)
+                elif not peer.ready:
+                    raise HandshakeError("a message before the READY command")
+                else:
+                    event.insert(0, peer.routing_id)
+                    self._handle(event, peer.origin)
+                if peer.fd not in self._peers:  # dropped on the way (a failed write)
+                    return
+        except (HandshakeError, TooLarge) as error:
+            self._drop(peer, str(error))
+
+    def _command(self, peer: _Peer, command: Command) -> None:
+        name = command.name
+        if name == b"READY" and not peer.ready:
+            found = properties(command.data)
+            kind = found.get(b"socket-type", b"")
+            if kind not in _PEERS:
+                raise HandshakeError(f"a {kind.decode('ascii', 'replace') or 'nameless'} "
+                                     "socket cannot talk to a ROUTER")
+            wanted = found.get(b"identity", b"")
+            # libzmq's rule: a peer's own id if it has one that is free (ids that
+            # start with a zero byte are libzmq's to make).
+            if wanted and wanted[0] != 0 and wanted not in self._by_id:
+                peer.routing_id = wanted
+            else:
+                peer.routing_id = b"\x00" + struct.pack(">I", next(_ROUTING_IDS) & 0xFFFFFFFF)
+            self._by_id[peer.routing_id] = peer
+            peer.ready = True
+            self._on_connect(peer.fd)
+        elif name == b"PING":
+            self._write(peer, frame(b"\x04PONG" + command.data[2:18], command=True))
+        elif name == b"ERROR":
+            raise HandshakeError("the client sent ERROR: "
+                                 + command.data[1:1 + (command.data[:1] or b"\0")[0]]
+                                 .decode("utf-8", "replace"))
+        elif name not in (b"PONG", b"READY"):
+            logger.debug("direct router: command %r ignored", name)
+
+    def _write(self, peer: _Peer, data: bytes) -> None:
+        peer.out += data
+        self._flush(peer)
+
+    def _flush(self, peer: _Peer) -> None:
+        out = peer.out
+        if out:
+            try:
+                sent = peer.sock.send(out)
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                self._drop(peer, f"write failed: {error}")
+                return
+            del out[:sent]
+        self._poller.modify(peer.fd, _POLLIN | _POLLOUT if out else _POLLIN)
+
+    def _drop(self, peer: _Peer, why: str | None) -> None:
+        """Close ``peer``'s connection (``why`` is logged; None: it closed by itself)."""
+        if self._peers.pop(peer.fd, None) is None:
+            return
+        if why is not None:
+            logger.warning("direct router: disconnected a client: %s", why)
+        if peer.ready:
+            self._by_id.pop(peer.routing_id, None)
+        try:
+            self._poller.unregister(peer.fd)
+        except KeyError:
+            pass
+        fd = peer.fd
+        try:
+            peer.sock.close()
+        except OSError as error:
+            if error.errno != errno.EBADF:
+                raise
+        if peer.ready:
+            self._on_disconnect(fd)
+
+    def close(self) -> None:
+        """Close every connection and the listener."""
+        for peer in list(self._peers.values()):
+            self._drop(peer, None)
+        try:
+            self._poller.unregister(self._listener_fd)
+        except KeyError:
+            pass
+        self._listener.close()

@@ -1,0 +1,212 @@
+"""ZeroMQ's wire protocol, ZMTP 3.1 (RFC 23, with RFC 37's PING and PONG), without I/O.
+
+Both ends of ``dbpool serve`` can speak it themselves on a TCP socket
+instead of going through libzmq, whose I/O thread costs two thread wake-ups
+per message on each side (``docs/performance.md``): the sync client
+(:mod:`dbpool.client.direct`) and the server's request socket
+(:mod:`dbpool.server.direct_router`).  What they speak is the ``NULL``
+security mechanism only; with CURVE (RFC 26) both use libzmq.
+
+:class:`Decoder` turns bytes into messages and commands; :func:`frame`,
+:func:`greeting` and :func:`ready` make the bytes to send.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+__all__ = [
+    "GREETING_SIZE",
+    "Command",
+    "Decoder",
+    "HandshakeError",
+    "TooLarge",
+    "frame",
+    "greeting",
+    "properties",
+    "ready",
+    "split_tcp_endpoint",
+]
+
+#: Signature (with the padding libzmq sends), version 3.1, NULL, not as-server, filler.
+_GREETING = (b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f" + bytes((3, 1))
+             + b"NULL".ljust(20, b"\x00") + b"\x00" + bytes(31))
+GREETING_SIZE = 64
+
+MORE = 0x01
+LONG = 0x02
+COMMAND = 0x04
+_pack_size = struct.Struct(">Q").pack
+_unpack_size = struct.Struct(">Q").unpack_from
+_pack_length = struct.Struct(">I").pack
+_unpack_length = struct.Struct(">I").unpack_from
+
+
+class HandshakeError(Exception):
+    """The peer does not speak ZMTP 3 with ``NULL``, or refused us (its ERROR's reason).
+
+    :attr:`mismatch` is True when the peer speaks ZMTP with another security
+    mechanism (a server that requires CURVE).
+    """
+
+    def __init__(self, message: str, *, mismatch: bool = False) -> None:
+        super().__init__(message)
+        self.mismatch = mismatch
+
+
+def greeting() -> bytes:
+    """This side's greeting: ZMTP 3.1, mechanism ``NULL`` (whose handshake ignores
+    the as-server bit, so both ends send the same)."""
+    return _GREETING
+
+
+def frame(body: bytes, *, more: bool = False, command: bool = False) -> bytes:
+    """``body`` as one frame: flags, size (1 octet, or 8 when over 255), body."""
+    flags = (MORE if more else 0) | (COMMAND if command else 0)
+    size = len(body)
+    if size > 255:
+        return bytes((flags | LONG,)) + _pack_size(size) + body
+    return bytes((flags, size)) + body
+
+
+def ready(socket_type: bytes = b"DEALER") -> bytes:
+    """The ``READY`` command of the NULL mechanism, with our ``Socket-Type``."""
+    name = b"Socket-Type"
+    return frame(b"\x05READY" + bytes((len(name),)) + name
+                 + _pack_length(len(socket_type)) + socket_type, command=True)
+
+
+def properties(data: bytes) -> dict[bytes, bytes]:
+    """The metadata of a ``READY`` command's body (after its name), by lower-case name.
+
+    Raises :class:`HandshakeError` if it is cut short.
+    """
+    found: dict[bytes, bytes] = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        length = data[pos]
+        name_end = pos + 1 + length
+        if name_end + 4 > end:
+            raise HandshakeError("a READY command's metadata is cut short")
+        size = _unpack_length(data, name_end)[0]
+        value_end = name_end + 4 + size
+        if value_end > end:
+            raise HandshakeError("a READY command's metadata is cut short")
+        found[bytes(data[pos + 1:name_end]).lower()] = bytes(data[name_end + 4:value_end])
+        pos = value_end
+    return found
+
+
+class TooLarge(Exception):
+    """A frame larger than the decoder's ``max_size``."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command frame: its name and the rest of its body."""
+
+    name: bytes
+    data: bytes
+
+
+class Decoder:
+    """Frames out of a byte stream, after the peer's greeting.
+
+    :meth:`feed` takes what was read; :meth:`events` yields each complete
+    message (``list[bytes]``, its frames) and each :class:`Command`, in
+    order.  The greeting is checked first: anything but ZMTP 3 with
+    ``NULL`` raises :class:`HandshakeError`.
+    """
+
+    def __init__(self, max_size: int | None = None) -> None:
+        #: The largest frame taken; a larger one raises :class:`TooLarge` as soon as
+        #: its size is read, before its body is buffered.
+        self.max_size = max_size
+        self._buffer = bytearray()
+        self._pos = 0
+        self._greeted = False
+        self._parts: list[bytes] = []
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing is buffered: the greeting was read and no frame is part-read."""
+        return self._greeted and not self._buffer and not self._parts
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def greeted(self) -> bool:
+        """Whether the peer's greeting was read (and found good): HandshakeError if bad."""
+        if not self._greeted:
+            buffer = self._buffer
+            if len(buffer) - self._pos < GREETING_SIZE:
+                return False
+            self._check_greeting(bytes(buffer[self._pos:self._pos + GREETING_SIZE]))
+            self._pos += GREETING_SIZE
+            self._greeted = True
+        return True
+
+    def events(self) -> Iterator[list[bytes] | Command]:
+        if not self.greeted():
+            return
+        buffer = self._buffer
+        while True:
+            pos, end = self._pos, len(buffer)
+            if end - pos < 2:
+                break
+            flags = buffer[pos]
+            if flags & LONG:
+                if end - pos < 9:
+                    break
+                size = _unpack_size(buffer, pos + 1)[0]
+                start = pos + 9
+            else:
+                size = buffer[pos + 1]
+                start = pos + 2
+            if self.max_size is not None and size > self.max_size:
+                raise TooLarge(f"a frame of {size} bytes is over the limit of "
+                               f"{self.max_size}")
+            if end - start < size:
+                break
+            body = bytes(buffer[start:start + size])
+            self._pos = start + size
+            if flags & COMMAND:
+                length = body[0] if body else 0
+                yield Command(body[1:1 + length], body[1 + length:])
+            elif flags & MORE:
+                self._parts.append(body)
+            else:
+                parts, self._parts = self._parts, []
+                parts.append(body)
+                yield parts
+        if self._pos:  # keep what is left unparsed at the front
+            del buffer[:self._pos]
+            self._pos = 0
+
+    @staticmethod
+    def _check_greeting(data: bytes) -> None:
+        if data[0] != 0xFF or data[9] != 0x7F:
+            raise HandshakeError("the peer does not speak ZMTP (no ZeroMQ signature)")
+        if data[10] < 3:
+            raise HandshakeError(f"the peer speaks ZMTP {data[10]}.{data[11]}, not 3")
+        mechanism = data[12:32].rstrip(b"\x00")
+        if mechanism != b"NULL":
+            raise HandshakeError(f"the peer wants the {mechanism.decode('ascii', 'replace')} "
+                                 "security mechanism", mismatch=True)
+
+
+def split_tcp_endpoint(endpoint: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``tcp://host:port`` endpoint this module can connect to,
+    else None (another transport, a source address, a wildcard, no port)."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    rest = endpoint[6:]
+    if ";" in rest:  # libzmq's "source;destination": libzmq's own business
+        return None
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or host in ("", "*"):
+        return None
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host, int(port)

@@ -1,0 +1,240 @@
+"""The server's own ZMTP ROUTER (dbpool.server.direct_router) with libzmq clients.
+
+Each test runs a :class:`DirectRouter` on a poll loop in a thread, with a
+handler that answers as the test says, and talks to it with pyzmq's
+``DEALER`` and ``REQ`` sockets: that it interoperates with standard ZeroMQ
+peers is the point.  The whole server runs on it in every server test; here
+are the cases a ROUTER of one's own must get right: routing ids, the REQ
+envelope, heartbeats, oversized frames, junk, and a client that does not
+read its replies.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import zmq
+
+from dbpool.server.direct_router import DirectRouter, Origin, bindable
+
+WAIT = 5.0
+
+Reply = Callable[[list[bytes]], bytes | None]
+
+
+class Harness:
+    """A DirectRouter on a poll loop in a thread; ``reply(frames)`` answers each message."""
+
+    def __init__(self, reply: Reply, *, max_size: int = 1 << 20,
+                 output_limit: int | None = None) -> None:
+        self.reply = reply
+        self.poller = select.poll()
+        self.connected: list[int] = []
+        self.disconnected: list[int] = []
+        self.requests: list[list[bytes]] = []
+        self.changed = threading.Condition()
+        kwargs: dict[str, Any] = {} if output_limit is None else {"output_limit": output_limit}
+        self.router = DirectRouter("127.0.0.1", 0, self.poller, max_size, self._handle,
+                                   self._on_connect, self._on_disconnect, **kwargs)
+        self.endpoint = self.router.endpoint
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _handle(self, frames: list[bytes], origin: Origin) -> None:
+        assert origin.get(zmq.SRCFD) == origin.fd and origin.get("User-Id") is None
+        with self.changed:
+            self.requests.append(frames)
+            self.changed.notify_all()
+        body = self.reply(frames)
+        if body is not None:
+            route = frames[:2] if len(frames) > 2 and not frames[1] else frames[:1]
+            self.router.send(route, body)
+
+    def _on_connect(self, fd: int) -> None:
+        with self.changed:
+            self.connected.append(fd)
+            self.changed.notify_all()
+
+    def _on_disconnect(self, fd: int) -> None:
+        with self.changed:
+            self.disconnected.append(fd)
+            self.changed.notify_all()
+
+    def _run(self) -> None:
+        while not self._stop:
+            for fd, mask in self.poller.poll(20):
+                self.router.event(fd, mask)
+
+    def wait_for(self, predicate: Callable[[], bool], what: str) -> None:
+        with self.changed:
+            assert self.changed.wait_for(predicate, WAIT), what
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(WAIT)
+        self.router.close()
+
+
+@pytest.fixture
+def context() -> zmq.Context[zmq.Socket[bytes]]:
+    return zmq.Context.instance()
+
+
+def _socket(context: zmq.Context[zmq.Socket[bytes]], kind: int,
+            endpoint: str) -> zmq.Socket[bytes]:
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
+    sock.connect(endpoint)
+    return sock
+
+
+@pytest.fixture
+def echo() -> Iterator[Harness]:
+    harness = Harness(lambda frames: frames[-1][::-1])
+    yield harness
+    harness.close()
+
+
+def test_dealers_get_their_own_replies(echo: Harness,
+                                       context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    dealers = [_socket(context, zmq.DEALER, echo.endpoint) for _ in range(3)]
+    try:
+        for round_ in range(20):
+            for i, dealer in enumerate(dealers):
+                dealer.send(f"{i}-{round_}".encode())
+            for i, dealer in enumerate(dealers):
+                assert dealer.recv() == f"{i}-{round_}".encode()[::-1]
+        big = bytes(range(256)) * 4000
+        dealers[0].send(big)
+        assert dealers[0].recv() == big[::-1]
+        echo.wait_for(lambda: len(echo.connected) == 3, "three connections")
+        assert len({frames[0] for frames in echo.requests}) == 3  # a routing id each
+    finally:
+        for dealer in dealers:
+            dealer.close(linger=0)
+
+
+def test_a_req_socket_gets_its_envelope_back(echo: Harness,
+                                             context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    req = _socket(context, zmq.REQ, echo.endpoint)
+    try:
+        req.send(b"hello")
+        assert req.recv() == b"olleh"
+        assert echo.requests[0][1:] == [b"", b"hello"]  # the REQ's empty delimiter
+    finally:
+        req.close(linger=0)
+
+
+def test_a_peer_identity_is_its_routing_id(echo: Harness,
+                                          context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
+    dealer.setsockopt(zmq.ROUTING_ID, b"worker-7")
+    dealer.connect(echo.endpoint)
+    try:
+        dealer.send(b"x")
+        assert dealer.recv() == b"x"
+        assert echo.requests[0][0] == b"worker-7"
+    finally:
+        dealer.close(linger=0)
+
+
+def test_client_heartbeats_are_answered(echo: Harness,
+                                        context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    # The DEALER pings every 20 ms and drops a silent peer after 150 ms.
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
+    dealer.setsockopt(zmq.HEARTBEAT_IVL, 20)
+    dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 150)
+    dealer.connect(echo.endpoint)
+    try:
+        dealer.send(b"a")
+        assert dealer.recv() == b"a"
+        time.sleep(0.6)  # the heartbeats' time to fail, if unanswered
+        dealer.send(b"b")
+        assert dealer.recv() == b"b"
+        assert len(echo.connected) == 1 and not echo.disconnected  # one connection all along
+    finally:
+        dealer.close(linger=0)
+
+
+def test_an_oversized_frame_closes_only_its_connection(
+        context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    harness = Harness(lambda frames: frames[-1], max_size=1000)
+    big = _socket(context, zmq.DEALER, harness.endpoint)
+    small = _socket(context, zmq.DEALER, harness.endpoint)
+    try:
+        small.send(b"before")
+        assert small.recv() == b"before"
+        big.send(b"x" * 1001)
+        harness.wait_for(lambda: len(harness.disconnected) == 1, "the big sender dropped")
+        small.send(b"after")
+        assert small.recv() == b"after"
+        assert all(len(frames[-1]) <= 1000 for frames in harness.requests)
+    finally:
+        big.close(linger=0)
+        small.close(linger=0)
+        harness.close()
+
+
+def test_junk_is_dropped_and_the_others_are_served(
+        echo: Harness, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    dealer = _socket(context, zmq.DEALER, echo.endpoint)
+    host, port = echo.endpoint[6:].rsplit(":", 1)
+    try:
+        dealer.send(b"one")
+        assert dealer.recv() == b"eno"
+        with socket.create_connection((host, int(port)), timeout=WAIT) as junk:
+            junk.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 100)
+            junk.settimeout(WAIT)
+            received = b""
+            while chunk := junk.recv(4096):  # the server's greeting, then its close
+                received += chunk
+        assert received.startswith(b"\xff")
+        dealer.send(b"two")
+        assert dealer.recv() == b"owt"
+        assert not echo.disconnected  # the junk never completed a handshake
+    finally:
+        dealer.close(linger=0)
+
+
+def test_a_client_that_does_not_read_is_disconnected_and_others_are_served(
+        context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    harness = Harness(lambda frames: b"r" * 200_000, output_limit=2_000_000)
+    slow = _socket(context, zmq.DEALER, harness.endpoint)
+    slow.setsockopt(zmq.RCVHWM, 1)  # libzmq would read ahead for it otherwise
+    slow.setsockopt(zmq.RCVBUF, 4096)
+    fast = _socket(context, zmq.DEALER, harness.endpoint)
+    try:
+        for _ in range(200):  # 40 MB of replies it never reads
+            slow.send(b"give")
+        harness.wait_for(lambda: len(harness.disconnected) == 1, "the slow reader dropped")
+        fast.send(b"still there?")
+        assert len(fast.recv()) == 200_000
+    finally:
+        slow.close(linger=0)
+        fast.close(linger=0)
+        harness.close()
+
+
+@pytest.mark.parametrize(("endpoint", "address"), [
+    ("tcp://127.0.0.1:7432", ("127.0.0.1", 7432)),
+    ("tcp://127.0.0.1:*", ("127.0.0.1", 0)),
+    ("tcp://*:7432", ("0.0.0.0", 7432)),
+    ("tcp://[::1]:7432", ("::1", 7432)),
+    ("tcp://eth0:7432", None),
+    ("tcp://localhost:7432", None),
+    ("ipc:///tmp/dbpool.sock", None),
+])
+def test_which_binds_are_served_directly(endpoint: str, address: tuple[str, int] | None) -> None:
+    assert bindable(endpoint) == address
