@@ -36,6 +36,9 @@ What it measures, all in one run on one machine:
   through ``client.transaction()`` statement by statement, as one atomic
   ``client.batch()``, and through PgBouncer statement by statement
   (:mod:`dbpool.bench.tpcb`).
+- **Overload**: twice what a pool of 2 can serve, offered in an open loop
+  through either pooler, with the served requests' p50, p99 and maximum
+  latency and the share that failed fast (:mod:`dbpool.bench.overload`).
 - **Idle clients**: the resident memory of the ``dbpool serve`` process
   before and after 1,000 ZeroMQ ``DEALER`` sockets (in a few helper
   processes) have connected and each sent one ``ping``, and the growth per
@@ -48,7 +51,8 @@ PgBouncer's; a batch of 100 runs at
 least 5 x as many statements per second as PgBouncer does one at a time;
 many asyncio tasks in one process run at least 2 x PgBouncer's q/s; the
 TPC-B-like transaction runs at least as fast as through PgBouncer, and at
-least 3 x as fast as one batch.
+least 3 x as fast as one batch; under overload dbpool's served p99 stays
+within a few ``queue_target`` s (:func:`dbpool.bench.overload.overload_target`).
 A target that could not be measured (PgBouncer not installed, the server not
 starting) counts as missed: :func:`run_remote`'s
 report has ``"ok": False`` and ``dbpool bench --remote`` exits with status 1.
@@ -78,6 +82,8 @@ import psycopg
 
 from .many_tasks import TASKS, run_many_tasks
 from .many_tasks import THRESHOLD as MANY_TASKS_THRESHOLD
+from .overload import TARGET as OVERLOAD_TARGET
+from .overload import overload_target, print_overload, run_overload
 from .servers import (
     Backend,
     DbpoolServer,
@@ -87,6 +93,7 @@ from .servers import (
     one_line,
     start_poolers,
 )
+from .table import cell, ratio
 from .tpcb import BATCH_THRESHOLD as TPCB_BATCH_THRESHOLD
 from .tpcb import TRANSACTION_THRESHOLD as TPCB_TRANSACTION_THRESHOLD
 from .tpcb import print_tpcb, run_tpcb
@@ -140,6 +147,8 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
     ("tpcb_batch", "TPC-B-like transaction as one batch: dbpool transactions/s >= "
                    f"{TPCB_BATCH_THRESHOLD:g} x pgbouncer statement by statement",
      TPCB_BATCH_THRESHOLD),
+    # Judged as value <= threshold, in ms; the threshold comes with the report.
+    ("overload_p99", OVERLOAD_TARGET, 0.0),
 )
 
 
@@ -607,6 +616,7 @@ def run_remote(
     idle_clients: int = IDLE_CLIENTS,
     tasks: int = TASKS,
     tpcb: bool = True,
+    overload_seconds: float = 20.0,
 ) -> dict[str, Any]:
     """Run the remote benchmark, print a table (or JSON) and return the report.
 
@@ -614,7 +624,9 @@ def run_remote(
     the first instants of a turn are the noisiest).  ``tasks`` is the number of
     asyncio tasks of the many-tasks row (:mod:`dbpool.bench.many_tasks`; 0
     leaves it out); ``tpcb=False`` leaves out the TPC-B-like row
-    (:mod:`dbpool.bench.tpcb`).  The report's ``ok`` is False if any target was missed or
+    (:mod:`dbpool.bench.tpcb`); ``overload_seconds`` is the length of the
+    overload row's run through each pooler (0 leaves it out).  The report's
+    ``ok`` is False if any target was missed or
     could not be measured.
     """
     began = time.monotonic()
@@ -639,6 +651,10 @@ def run_remote(
     if tpcb:
         _progress(as_json, "  pgbench's TPC-B-like transaction, 1 client...")
         transactions = run_tpcb(dsn, backend, bouncer_binary, duration, rounds, unavailable)
+    overload: dict[str, Any] | None = None
+    if overload_seconds > 0:
+        _progress(as_json, f"  overload, {overload_seconds:g} s through each pooler...")
+        overload = run_overload(dsn, backend, bouncer_binary, overload_seconds, unavailable)
     idle: dict[str, Any] | None = None
     if "dbpool" not in unavailable and idle_clients > 0:
         _progress(as_json, f"  dbpool serve RSS with {idle_clients} idle clients...")
@@ -648,7 +664,7 @@ def run_remote(
             logger.warning("the idle-client measurement failed: %s", one_line(exc))
             idle = {"error": one_line(exc)}
     report = _report(turns, processes, duration, rounds, bouncer_binary, unavailable, idle,
-                     many, transactions)
+                     many, transactions, overload)
     report["elapsed_seconds"] = round(time.monotonic() - began, 1)
     if as_json:
         print(json.dumps(report, indent=2))
@@ -670,7 +686,8 @@ def _pgbouncer_version(binary: str | None) -> str | None:
 def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds: int,
             bouncer_binary: str | None, unavailable: dict[str, str],
             idle: dict[str, Any] | None, many: dict[str, Any] | None,
-            transactions: dict[str, Any] | None) -> dict[str, Any]:
+            transactions: dict[str, Any] | None,
+            overload: dict[str, Any] | None) -> dict[str, Any]:
     scenarios: list[dict[str, Any]] = []
     for n in processes:
         here = [t for t in turns if t.processes == n and t.contender in CONTENDERS]
@@ -718,15 +735,19 @@ def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds
                              transactions is not None),
         "tpcb_batch": (transactions["batch/pgbouncer"] if transactions else None,
                        transactions is not None),
+        "overload_p99": (overload_target(overload)[0] if overload else None,
+                         overload is not None),
     }
     targets = []
     for name, text, threshold in TARGETS:
         value, requested = values[name]
+        if name == "overload_p99" and overload is not None:
+            threshold = overload_target(overload)[1]
         if not requested:
             status = "SKIPPED"
         elif value is None:
             status = "NOT MEASURED"
-        elif name == "latency_1":
+        elif name in ("latency_1", "overload_p99"):
             status = "PASS" if value <= threshold else "FAIL"
         else:
             status = "PASS" if value >= threshold else "FAIL"
@@ -746,19 +767,12 @@ def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds
         "batch": batch,
         "many_tasks": many,
         "tpcb": transactions,
+        "overload": overload,
         "idle_clients": idle,
         "targets": targets,
         "ok": all(t["status"] in ("PASS", "SKIPPED") for t in targets),
         "turns": [asdict(t) | {"per_second": round(t.per_second)} for t in turns],
     }
-
-
-def _cell(value: float | None, width: int, fmt: str = ".0f") -> str:
-    return f"{'-':>{width}}" if value is None else f"{value:>{width}{fmt}}"
-
-
-def _ratio(value: float | None, width: int = 6) -> str:
-    return f"{'-':>{width}}" if value is None else f"{value:.2f}x".rjust(width)
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -776,48 +790,52 @@ def _print_report(report: dict[str, Any]) -> None:
           + f" {'dbpool/pgbouncer':>17} {'curve/plain':>12}")
     for row in report["scenarios"]:
         print(f"{row['processes']:>9} {row['pool_size']:>4} "
-              + " ".join(_cell(row["qps"][n], 12) for n in CONTENDERS)
-              + " " + _ratio(row["dbpool/pgbouncer"], 17) + " " + _ratio(row["curve/plain"], 12))
+              + " ".join(cell(row["qps"][n], 12) for n in CONTENDERS)
+              + " " + ratio(row["dbpool/pgbouncer"], 17) + " " + ratio(row["curve/plain"], 12))
     latency = report["latency_us"]
     print("\nsingle-client latency, µs per query (1 process, median):")
     for name in CONTENDERS:
-        print(f"  {name:>10}: {_cell(latency[name], 8, '.1f')}")
-    print(f"  dbpool/pgbouncer: {_ratio(latency['dbpool/pgbouncer'])}")
+        print(f"  {name:>10}: {cell(latency[name], 8, '.1f')}")
+    print(f"  dbpool/pgbouncer: {ratio(latency['dbpool/pgbouncer'])}")
     batch = report["batch"]
     print(f"\nbatch of {batch['batch_size']} x {report['workload']!r}, 1 client, statements/s:")
-    print(f"  dbpool client.batch: {_cell(batch['dbpool_statements_per_second'], 9)}")
-    print(f"  pgbouncer, 1 per round trip: {_cell(batch['pgbouncer_statements_per_second'], 9)}")
-    print(f"  ratio: {_ratio(batch['ratio'])}")
+    print(f"  dbpool client.batch: {cell(batch['dbpool_statements_per_second'], 9)}")
+    print(f"  pgbouncer, 1 per round trip: {cell(batch['pgbouncer_statements_per_second'], 9)}")
+    print(f"  ratio: {ratio(batch['ratio'])}")
     many = report["many_tasks"]
     if many is not None:
         print(f"\n1 process, {many['tasks']} asyncio tasks, {report['workload']!r} in a loop, "
               f"q/s (pool of {many['pool_size']} behind either):")
-        print(f"  dbpool AsyncClient: {_cell(many['qps']['dbpool'], 9)}")
+        print(f"  dbpool AsyncClient: {cell(many['qps']['dbpool'], 9)}")
         print(f"  pgbouncer, AsyncConnectionPool of {many['tasks']}: "
-              f"{_cell(many['qps']['pgbouncer'], 9)}")
-        print(f"  ratio: {_ratio(many['dbpool/pgbouncer'])}")
+              f"{cell(many['qps']['pgbouncer'], 9)}")
+        print(f"  ratio: {ratio(many['dbpool/pgbouncer'])}")
         print("  CPU µs per query (median):    client   pooler  postgres")
         for name, cpu in many["cpu_us_per_query"].items():
             print(f"    {name:>24}: " + " ".join(
-                _cell(cpu[where], 8, ".1f") for where in ("client", "server", "postgres")))
+                cell(cpu[where], 8, ".1f") for where in ("client", "server", "postgres")))
     if report["tpcb"] is not None:
         print_tpcb(report["tpcb"])
+    if report["overload"] is not None:
+        print_overload(report["overload"])
     idle = report["idle_clients"]
     if idle is not None:
         print(f"\ndbpool serve RSS with {IDLE_CLIENTS} idle DEALER clients (one ping each):")
         if "error" in idle:
             print(f"  failed: {idle['error']}")
         else:
-            print(f"  before: {_cell(idle['rss_before_mb'], 7, '.1f')} MB")
+            print(f"  before: {cell(idle['rss_before_mb'], 7, '.1f')} MB")
             print(f"  with {idle['clients']} clients ({idle['pongs']} pongs): "
-                  f"{_cell(idle['rss_with_clients_mb'], 7, '.1f')} MB")
-            print(f"  after they closed: {_cell(idle['rss_after_close_mb'], 7, '.1f')} MB")
-            print(f"  growth per client: {_cell(idle['growth_per_client_kb'], 7, '.2f')} KB")
+                  f"{cell(idle['rss_with_clients_mb'], 7, '.1f')} MB")
+            print(f"  after they closed: {cell(idle['rss_after_close_mb'], 7, '.1f')} MB")
+            print(f"  growth per client: {cell(idle['growth_per_client_kb'], 7, '.2f')} KB")
             for error in idle["errors"]:
                 print(f"  error: {error}")
     print("\ntargets:")
     for target in report["targets"]:
         value = target["value"]
-        print(f"  {target['status']:<12} {target['target']}: {_ratio(value, 0)}")
+        shown = (cell(value, 0) + " ms" if target["name"] == "overload_p99"
+                 else ratio(value, 0))
+        print(f"  {target['status']:<12} {target['target']}: {shown}")
     print(f"\n{'all targets met' if report['ok'] else 'some targets missed'} "
           f"({report['elapsed_seconds']:.0f} s)")

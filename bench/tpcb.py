@@ -67,6 +67,7 @@ from .servers import (
     postgres_cpu_seconds,
     start_poolers,
 )
+from .table import cell, ratio
 
 if TYPE_CHECKING:
     from dbpool.client import Client
@@ -429,9 +430,6 @@ def run_tpcb(dsn: str, backend: Backend | None, bouncer_binary: str | None,
 
 def print_tpcb(report: dict[str, Any]) -> None:
     """Print :func:`run_tpcb`'s report as a section of ``dbpool bench --remote``'s."""
-    # Imported here: remote imports this module, and its cell formats are its own.
-    from .remote import _cell, _ratio
-
     tps = report["tps"]
     print(f"\npgbench's TPC-B-like transaction (5 statements), 1 client, transactions/s "
           f"(pool of {report['pool_size']} behind either):")
@@ -440,17 +438,17 @@ def print_tpcb(report: dict[str, Any]) -> None:
               "pgbouncer": "pgbouncer, conn.transaction(), statement by statement"}
     width = max(map(len, labels.values())) + 1
     for name, label in labels.items():
-        print(f"  {label + ':':<{width}} {_cell(tps[name], 7)}")
-    print(f"  transaction/pgbouncer: {_ratio(report['transaction/pgbouncer'])} "
+        print(f"  {label + ':':<{width}} {cell(tps[name], 7)}")
+    print(f"  transaction/pgbouncer: {ratio(report['transaction/pgbouncer'])} "
           f"(target {TRANSACTION_THRESHOLD:.2f}x)")
-    print(f"  batch/pgbouncer:       {_ratio(report['batch/pgbouncer'])} "
+    print(f"  batch/pgbouncer:       {ratio(report['batch/pgbouncer'])} "
           f"(target {BATCH_THRESHOLD:.2f}x)")
     heading = "CPU µs per transaction (median):"
     print(f"  {heading:<{len(heading) + 1}}"
           + " ".join(f"{where:>8}" for where in ("client", "pooler", "postgres")))
     for name, cpu in report["cpu_us_per_transaction"].items():
         print(f"  {name + ':':>{len(heading) + 1}}" + " ".join(
-            _cell(cpu[where], 8, ".1f") for where in ("client", "server", "postgres")))
+            cell(cpu[where], 8, ".1f") for where in ("client", "server", "postgres")))
     errors = sorted({(t["contender"], error) for t in report["turns"] for error in t["errors"]})
     for name, error in errors:
         print(f"  error ({name}): {error}")

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tasks", type=int, default=256, metavar="N",
                        help="asyncio tasks of the one-process row with --remote, 0 to leave "
                             "it out (default: %(default)s)")
+    bench.add_argument("--overload-seconds", type=float, default=20.0, metavar="SECONDS",
+                       help="seconds of the overload row through each pooler with --remote, "
+                            "0 to leave it out (default: %(default)s)")
 
     serve = commands.add_parser(
         "serve", help="serve the pool over ZeroMQ (on the embedded PostgreSQL without a DSN)")
@@ -260,7 +263,8 @@ def _bench(args: argparse.Namespace) -> int:
             return 2
         report = run_remote(dsn, processes=processes, duration=max(args.duration, 1.0),
                             rounds=args.rounds if args.rounds is not None else 3,
-                            as_json=args.json, tasks=max(args.tasks, 0))
+                            as_json=args.json, tasks=max(args.tasks, 0),
+                            overload_seconds=max(args.overload_seconds, 0.0))
         return 0 if report["ok"] else 1
     if args.sqlalchemy:
         try:
