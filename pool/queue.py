@@ -6,14 +6,11 @@ table, and only waiting involves the pool.  Idle slots are handed out
 longest-idle first.  A slot checked in while callers wait goes straight to
 the one waiting longest.
 
-Load shedding follows DBConnection's CoDel queue (``connection_pool.ex``):
-
-- the queue tracks the smallest wait seen during each ``interval``;
-- if that minimum stayed above ``target`` for a whole interval, the queue is
-  *slow*: at checkin, waiters that have waited more than ``2 * target`` are
-  dropped rather than served, and the pool's poll (every ``interval``) drops
-  all of them when the queue made no progress since the last poll;
-- a dropped caller gets ``ConnectionError(reason="queue_timeout")``.
+Load shedding follows DBConnection's CoDel queue (``connection_pool.ex``;
+:mod:`.codel` judges): at checkin, a waiter that waited too long while the
+queue is slow is dropped rather than served, and the pool's poll (every
+``interval``) drops them all when the queue made no progress since the last
+poll.  A dropped caller gets ``ConnectionError(reason="queue_timeout")``.
 
 Waiters are threads (blocked on a lock of their own) or asyncio tasks
 (awaiting a future that the checkin resolves through their loop).
@@ -40,9 +37,10 @@ from collections.abc import Callable
 from dbpool.actors.slot import Slot
 from dbpool.errors import ConnectionError
 
+from .codel import Codel
 from .metrics import PoolMetrics
 
-__all__ = ["CheckoutQueue"]
+__all__ = ["CheckoutQueue", "drop_error"]
 
 _DROP_ADVICE = (
     "This means requests are coming in and your connection pool cannot serve them fast "
@@ -149,13 +147,7 @@ class CheckoutQueue:
         #: Either of the two: the hot path tests one attribute.
         self._blocked = False
         self._max_waiting = max_waiting
-        # CoDel state, as DBConnection names it.
-        self._target = target
-        self._interval = interval
-        self._delay = 0.0  # smallest wait seen this interval
-        self._slow = False
-        self._next = time.monotonic()
-        self._poll_last_sent = self._next
+        self._codel = Codel(target, interval, time.monotonic())
         # Barging (see the module docstring): a checkin may leave the slot idle
         # for a running thread while the head waiter is younger than the window.
         self._barge = barge_window if call_later is not None else 0.0
@@ -323,7 +315,7 @@ class CheckoutQueue:
                 slot.lent_at = None
                 return False
             waiters = self._waiters
-            if self._blocked or (not waiters and (self._idle or now < self._next)):
+            if self._blocked or (not waiters and (self._idle or now < self._codel.next)):
                 # Nobody waits and CoDel has no interval to close: just park it.
                 slot.lent_at = None
                 slot.idle_since = now
@@ -371,27 +363,14 @@ class CheckoutQueue:
 
     def _dequeue(self, now: float, slot: Slot) -> bool:
         """CoDel's dequeue: hand ``slot`` to a waiter, dropping late ones if slow."""
-        waiters = self._waiters
-        if now >= self._next:
-            # First dequeue of an interval: judge the last one, serve the head.
-            self._slow = self._delay > self._target
-            self._next = now + self._interval
-            if waiters:
-                waiter = waiters.popleft()
-                self._delay = now - waiter.since
-                self._serve(waiter, slot, now)
-                return True
-        late = 2 * self._target
+        waiters, codel = self._waiters, self._codel
         while waiters:
             waiter = waiters.popleft()
-            delay = now - waiter.since
-            if self._slow and delay > late:
-                self._drop(waiter, delay)
-                continue
-            self._delay = min(self._delay, delay)
-            self._serve(waiter, slot, now)
-            return True
-        self._delay = 0.0
+            if codel.serve(now, waiter.since):
+                self._serve(waiter, slot, now)
+                return True
+            self._drop(waiter, now - waiter.since)
+        codel.empty(now)
         return False
 
     def _serve(self, waiter: _AnyWaiter, slot: Slot, now: float) -> None:
@@ -420,9 +399,7 @@ class CheckoutQueue:
 
     def _drop(self, waiter: _AnyWaiter, delay: float) -> None:
         self.metrics.drops += 1
-        waiter.wake(None, ConnectionError(
-            f"{self.name}: connection not available and request was dropped from queue after "
-            f"{delay * 1000:.0f}ms. {_DROP_ADVICE}", reason="queue_timeout"))
+        waiter.wake(None, drop_error(self.name, delay))
 
     # -- the pool actor --------------------------------------------------
 
@@ -430,20 +407,11 @@ class CheckoutQueue:
         """CoDel's periodic check, every ``interval``: shed load if the queue is stuck."""
         with self._lock:
             now = time.monotonic()
-            if not self._waiters:
-                self._poll_last_sent = now
-                return
-            sent = self._waiters[0].since
-            last_sent, self._poll_last_sent = self._poll_last_sent, sent
-            if sent > last_sent or now < self._next:
-                return  # progress since the last poll, or the interval is not over
-            self._slow = self._delay > self._target
-            self._delay = now - sent
-            self._next = now + self._interval
-            if self._slow:
-                late = now - 2 * self._target
-                while self._waiters and self._waiters[0].since < late:
-                    waiter = self._waiters.popleft()
+            waiters = self._waiters
+            late = self._codel.poll(now, waiters[0].since if waiters else None)
+            if late is not None:
+                while waiters and waiters[0].since < late:
+                    waiter = waiters.popleft()
                     self._drop(waiter, now - waiter.since)
 
     # -- availability (the circuit breaker, pause, drain) ----------------
@@ -522,3 +490,10 @@ class CheckoutQueue:
         """``(ready_conn_count, checkout_queue_length)``."""
         with self._lock:
             return len(self._idle), len(self._waiters)
+
+
+def drop_error(name: str, delay: float) -> ConnectionError:
+    """The error of a request CoDel dropped after ``delay`` seconds in ``name``'s queue."""
+    return ConnectionError(
+        f"{name}: connection not available and request was dropped from queue after "
+        f"{delay * 1000:.0f}ms. {_DROP_ADVICE}", reason="queue_timeout")

@@ -60,6 +60,7 @@ from dbpool.errors import (
 from dbpool.pgdriver import PgDriver
 from dbpool.pool.copy import not_a_copy
 from dbpool.pool.metrics import Histogram
+from dbpool.pool.queue import drop_error
 from dbpool.protocol import VERSION, error_map, protocol_error
 from dbpool.statement_scope import copy_refused, explain, scope_of
 
@@ -1480,9 +1481,10 @@ class FrontEnd:
         # The least busy pipe with room (one pass: this runs for every request).
         best: Pipe | None = None
         fewest = self.depth
+        now = time.monotonic()
         for pipe in shared:
             inflight = len(pipe.requests)
-            if inflight < fewest and not pipe.cancelling and (
+            if inflight < fewest and not pipe.cancelling and pipe.takes_more(now) and (
                     held < each or (held == each and _count_of(pipe, client))):
                 best, fewest = pipe, inflight
         return best
@@ -1527,11 +1529,17 @@ class FrontEnd:
                 held = _pipes_of(shared, job.client)  # over its share: none until it drains
                 return held < each or (held == each and _count_of(pipe, job.client) > 0)
 
-            while queued and pipe.inflight < self.depth and not pipe.cancelling and not blocked:
+            now = time.monotonic()
+            codel = served.codel
+            while (queued and pipe.inflight < self.depth and not pipe.cancelling
+                   and not blocked and pipe.takes_more(now)):
                 taken = queued.popleft_where(may_take)
                 if taken is None:
                     break
                 job = taken
+                if job.started and not codel.serve(now, job.started):
+                    self._shed(served, job, now)
+                    continue
                 if pipe not in shared and not job.needs_own:
                     shared.append(pipe)
                 elif job.needs_own and pipe in shared:
@@ -1540,6 +1548,8 @@ class FrontEnd:
                 job.start(pipe)
                 if job.needs_own:
                     return
+            if not queued:
+                codel.empty(now)
             if pipe.inflight:
                 if pipe.owner is None and pipe not in shared:
                     shared.append(pipe)
@@ -1661,6 +1671,10 @@ class FrontEnd:
                     "kind": "connection", "reason": "queue_timeout",
                     "message": f"{served.lender.name}: connection not available within the "
                                "request's timeout"})
+            late = served.codel.poll(now, queued.oldest())
+            if late is not None:  # stuck, and slow: CoDel drops whoever waited too long
+                for job in queued.take_before(late):
+                    self._shed(served, job, now)
             if (not queued and served.waiter is not None
                     and served.lender.cancel_wait(served.waiter)):
                 served.waiter = None
@@ -1690,6 +1704,11 @@ class FrontEnd:
                                         f"{self.config.heartbeat_timeout:g}s")
                 elif lease.expires_at <= now:
                     self._expire(lease, f"it outlived lease_max ({self.config.lease_max:g}s)")
+
+    def _shed(self, served: ServedPool, job: Job, now: float) -> None:
+        """Answer a queued ``job`` that CoDel dropped (see served_pool.py)."""
+        served.shed += 1
+        self._answer_error(job, error_map(drop_error(served.lender.name, now - job.started)))
 
     def _drop_stuck(self, pipe: Pipe) -> None:
         """A connection that has not answered for :data:`_STUCK_AFTER` past a request's

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import select
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -52,6 +53,13 @@ __all__ = ["AT_ONCE", "NEVER", "PREPARE_THRESHOLD", "Job", "Outcome", "Pipe", "S
            "first_error"]
 
 logger = logging.getLogger("dbpool.server.pipeline")
+
+_monotonic = time.monotonic
+#: A connection takes requests behind the one it runs only while that one has
+#: run less than this (seconds).  Behind a short statement, pipelining saves
+#: round trips; behind a long one, a request would wait unseen, so it waits in
+#: the front end's queue instead, where CoDel judges its wait (served_pool.py).
+PIPELINE_BEHIND = 0.002
 
 #: ``(sql, params)``: one statement of a request.
 Statement: TypeAlias = tuple[str, Any]
@@ -199,6 +207,9 @@ class Pipe:
         self.wants_write = False
         #: When its last request completed (monotonic), while it has none.
         self.idle_since = 0.0
+        #: When the request it runs now became its first: sent to it idle, or the
+        #: one before completed (monotonic).
+        self.progress = 0.0
         #: A cancel was sent for its one request: it takes no more until that ends.
         self.cancelling = False
         #: Statements whose Prepare is in flight: (query, types) -> name.  Until
@@ -217,6 +228,10 @@ class Pipe:
     @property
     def inflight(self) -> int:
         return len(self.requests)
+
+    def takes_more(self, now: float) -> bool:
+        """Whether a request may go behind those in flight now (see PIPELINE_BEHIND)."""
+        return not self.requests or now - self.progress < PIPELINE_BEHIND
 
     def events(self) -> int:
         """What the loop should poll its socket for."""
@@ -304,6 +319,8 @@ class Pipe:
         job.prepares = prepares
         job.ran_prepared = ran_prepared
         job.shared = self.owner is None
+        if not self.requests:
+            self.progress = _monotonic()
         self.requests.append(job)
 
     def _deallocate_stale(self) -> None:
@@ -413,6 +430,7 @@ class Pipe:
             return
         pgconn = self.pgconn
         requests = self.requests
+        finished = False
         try:
             pgconn.consume_input()
             while requests and not pgconn.is_busy():
@@ -424,6 +442,9 @@ class Pipe:
                     if requests[0].shared and pgconn.transaction_status in _OPEN:
                         self.lose(_left_open())
                         return
+                    if not finished:
+                        finished = True
+                        self.progress = _monotonic()
                     self._finish(requests.popleft())
                 elif status in _EXPECTED:
                     requests[0].results.append(result)

@@ -15,13 +15,24 @@ the connections (:meth:`ServedPool.pipes_each`): a client with 200
 requests queued does not make a client with one wait behind them, and the
 clients get the connections in proportion.  PgBouncer serves waiting
 clients strictly in arrival order.
+
+The queue sheds load as the pool's own queue does, with DBConnection's
+CoDel (:mod:`dbpool.pool.codel`, the pool's ``queue_target`` and
+``queue_interval``): once waits have stayed above the target for an
+interval, a request that waited more than twice the target is answered
+``ConnectionError(reason="queue_timeout")`` at once instead of being served
+late, so that under overload the requests served are served in time, and
+the others learn it early.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
+
+from dbpool.pool.codel import Codel
 
 if TYPE_CHECKING:
     from dbpool.pool import Pool
@@ -88,6 +99,25 @@ class FairQueue:
                 return job
         return None
 
+    def oldest(self) -> float | None:
+        """When the longest-waiting job arrived (None if none waits)."""
+        if not self._count:
+            return None
+        return min(jobs[0].started for jobs in self._by_client.values())
+
+    def take_before(self, cutoff: float) -> list[Job]:
+        """Take every job that arrived before ``cutoff`` (the front end's own jobs,
+        which have no arrival time, stay)."""
+        taken: list[Job] = []
+        for client in list(self._by_client):
+            jobs = self._by_client[client]
+            while jobs and 0 < jobs[0].started < cutoff:
+                taken.append(jobs.popleft())
+            if not jobs:
+                del self._by_client[client]
+        self._count -= len(taken)
+        return taken
+
     def remove(self, job: Job) -> None:
         jobs = self._by_client[job.client]
         jobs.remove(job)
@@ -119,6 +149,11 @@ class ServedPool:
         self.shared: list[Pipe] = []
         #: Requests waiting for a connection.
         self.queued = FairQueue()
+        options = pool.options
+        #: The queue's load shedding (see the module docstring).
+        self.codel = Codel(options.queue_target, options.queue_interval, time.monotonic())
+        #: Requests the queue shed, ever.
+        self.shed = 0
         #: Our place in the pool's queue, while we wait there (one waiter at a time).
         self.waiter: Any = None
         #: The clients whose requests came for a connection in this tick and the last.
@@ -157,4 +192,4 @@ class ServedPool:
         """The pool's metrics and health, for the status map."""
         pool = self.pool
         return {**pool.metrics(), "health": pool.health if pool.alive else "stopped",
-                "name": pool.name, "queued": len(self.queued)}
+                "name": pool.name, "queued": len(self.queued), "shed": self.shed}
