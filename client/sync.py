@@ -437,14 +437,7 @@ class Client(Requests):
                 raise closed_error()
             direct = ch.direct
             assert direct is not None
-            started = _monotonic()
-            if not ch.resolved:
-                error = unresolved(ch.endpoint)
-                if error is not None:
-                    self._replace(ch)
-                    raise error
-                ch.resolved = True
-            limit = min(deadline, started + self.connect_timeout)
+            started, limit = self._connect_window(ch, deadline)
             while True:
                 try:
                     direct.connect(limit - _monotonic())
@@ -470,6 +463,19 @@ class Client(Requests):
             if tries <= 0 or _monotonic() >= deadline:
                 raise error
 
+    def _connect_window(self, ch: _Channel, deadline: float) -> tuple[float, float]:
+        """``(now, until when)`` a connection may be waited for: :attr:`connect_timeout`,
+        at most to ``deadline``; ``no_server`` at once for a host name that does not
+        resolve (looked up once per socket)."""
+        started = _monotonic()
+        if not ch.resolved:
+            error = unresolved(ch.endpoint)
+            if error is not None:
+                self._replace(ch)
+                raise error
+            ch.resolved = True
+        return started, min(deadline, started + self.connect_timeout)
+
     def _next_reply(self, ch: _Channel, deadline: float) -> bytes | None:
         """The next reply on ``ch`` by ``deadline``, or None."""
         direct = ch.direct
@@ -487,14 +493,7 @@ class Client(Requests):
         """Wait until ``ch`` can send: raise ``unauthorized`` as soon as a handshake is
         refused, ``no_server`` when no connection comes within :attr:`connect_timeout`
         (or by ``deadline``), or at once for a host name that does not resolve."""
-        started = _monotonic()
-        if not ch.resolved:
-            error = unresolved(ch.endpoint)
-            if error is not None:
-                self._replace(ch)
-                raise error
-            ch.resolved = True
-        limit = min(deadline, started + self.connect_timeout)
+        started, limit = self._connect_window(ch, deadline)
         poller = zmq.Poller()
         poller.register(ch.sock, _POLLOUT)
         poller.register(ch.monitor, zmq.POLLIN)

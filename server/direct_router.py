@@ -186,15 +186,9 @@ class DirectRouter:
         else:
             data = header + body
         out = peer.out
-        if not out:
-            try:
-                sent = peer.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as error:
-                self._drop(peer, f"write failed: {error}")
-                return
-            if sent == len(data):
+        if not out:  # the common case: straight out, with no copy
+            sent = self._send_some(peer, data)
+            if sent is None or sent == len(data):
                 return
             out += memoryview(data)[sent:]
             self._poller.modify(peer.fd, _POLLIN | _POLLOUT)
@@ -283,15 +277,22 @@ class DirectRouter:
     def _flush(self, peer: _Peer) -> None:
         out = peer.out
         if out:
-            try:
-                sent = peer.sock.send(out)
-            except BlockingIOError:
-                sent = 0
-            except OSError as error:
-                self._drop(peer, f"write failed: {error}")
+            sent = self._send_some(peer, out)
+            if sent is None:
                 return
             del out[:sent]
         self._poller.modify(peer.fd, _POLLIN | _POLLOUT if out else _POLLIN)
+
+    def _send_some(self, peer: _Peer, data: bytes | bytearray) -> int | None:
+        """Write what the socket takes of ``data`` now: the bytes written, or None if
+        the connection failed (and was dropped)."""
+        try:
+            return peer.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError as error:
+            self._drop(peer, f"write failed: {error}")
+            return None
 
     def _drop(self, peer: _Peer, why: str | None) -> None:
         """Close ``peer``'s connection (``why`` is logged; None: it closed by itself)."""
