@@ -27,16 +27,17 @@ import logging
 import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from .servers import (
     Backend,
     DbpoolServer,
-    cpu_seconds,
+    PairedTurn,
+    cpu_now,
+    median_cpu,
     median_ratio,
     one_line,
-    postgres_cpu_seconds,
     start_poolers,
 )
 
@@ -56,25 +57,6 @@ REQUEST_TIMEOUT = 30.0
 Query = Callable[[], Awaitable[object]]
 #: A contender: how to open its query, and the pid of its pooler's process.
 Contender = tuple[Callable[[], contextlib.AbstractAsyncContextManager[Query]], int]
-
-
-@dataclass
-class TasksTurn:
-    """One contender's turn: all its tasks together."""
-
-    contender: str
-    round: int
-    queries: int
-    seconds: float
-    errors: list[str] = field(default_factory=list)
-    #: CPU microseconds per query: this process, the pooler's, PostgreSQL's.
-    client_us: float | None = None
-    server_us: float | None = None
-    postgres_us: float | None = None
-
-    @property
-    def per_second(self) -> float:
-        return self.queries / self.seconds if self.seconds > 0 else 0.0
 
 
 async def _drive(query: Query, tasks: int, duration: float) -> tuple[int, float, list[str]]:
@@ -131,9 +113,9 @@ async def _pgbouncer(dsn: str, tasks: int) -> AsyncIterator[Query]:
 
 
 async def _turns(contenders: dict[str, Contender], tasks: int, duration: float,
-                 rounds: int) -> list[TasksTurn]:
+                 rounds: int) -> list[PairedTurn]:
     names = list(contenders)
-    turns: list[TasksTurn] = []
+    turns: list[PairedTurn] = []
     async with contextlib.AsyncExitStack() as stack:
         queries = {name: await stack.enter_async_context(make())
                    for name, (make, _) in contenders.items()}
@@ -143,17 +125,14 @@ async def _turns(contenders: dict[str, Contender], tasks: int, duration: float,
             shift = round_ % len(names)
             for name in names[shift:] + names[:shift]:
                 pid = contenders[name][1]
-                used = (time.process_time(), cpu_seconds(pid), postgres_cpu_seconds())
+                before = cpu_now(pid)
                 done, seconds, errors = await _drive(queries[name], tasks, duration)
-                after = (time.process_time(), cpu_seconds(pid), postgres_cpu_seconds())
+                after = cpu_now(pid)
                 if errors:
                     logger.warning("%s, %s tasks, round %s: %s", name, tasks, round_ + 1,
                                    "; ".join(errors))
-                turn = TasksTurn(name, round_, done, seconds, errors)
-                if done:
-                    turn.client_us, turn.server_us, turn.postgres_us = (
-                        None if a is None or b is None else round((b - a) / done * 1e6, 1)
-                        for a, b in zip(used, after, strict=True))
+                turn = PairedTurn(name, round_, done, seconds, errors)
+                turn.charge(before, after)
                 turns.append(turn)
     return turns
 
@@ -181,13 +160,7 @@ def run_many_tasks(dsn: str, backend: Backend | None, bouncer_binary: str | None
     for name in ("dbpool", "pgbouncer"):
         rates = [t.per_second for t in turns if t.contender == name and not t.errors]
         qps[name] = round(statistics.median(rates)) if rates else None
-    cpu: dict[str, dict[str, float | None]] = {}
-    for name in ("dbpool", "pgbouncer"):
-        mine = [t for t in turns if t.contender == name and not t.errors]
-        cpu[name] = {}
-        for where in ("client", "server", "postgres"):
-            values = [v for t in mine if (v := getattr(t, f"{where}_us")) is not None]
-            cpu[name][where] = round(statistics.median(values), 1) if values else None
+    cpu = {name: median_cpu(turns, name) for name in ("dbpool", "pgbouncer")}
     return {
         "tasks": tasks,
         "pool_size": POOL_SIZE,

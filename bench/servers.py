@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -381,3 +381,51 @@ def median_ratio(turns: Iterable[RoundTurn], numerator: str, denominator: str) -
     ratios = [rates[numerator] / rates[denominator] for rates in by_round.values()
               if numerator in rates and denominator in rates]
     return round(statistics.median(ratios), 3) if ratios else None
+
+
+@dataclass
+class PairedTurn:
+    """One contender's turn in a benchmark whose contenders take turns, round after
+    round: what it got ``done`` (queries, transactions) in ``seconds``, its errors,
+    and where the CPU went."""
+
+    contender: str
+    round: int
+    done: int
+    seconds: float
+    errors: list[str] = field(default_factory=list)
+    #: CPU microseconds per unit done: this process, the pooler's, PostgreSQL's.
+    client_us: float | None = None
+    server_us: float | None = None
+    postgres_us: float | None = None
+
+    @property
+    def per_second(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def charge(self, before: CpuReading, after: CpuReading) -> None:
+        """Set the CPU per unit done from readings of :func:`cpu_now` around the turn."""
+        if self.done:
+            self.client_us, self.server_us, self.postgres_us = (
+                None if a is None or b is None else round((b - a) / self.done * 1e6, 1)
+                for a, b in zip(before, after, strict=True))
+
+
+#: CPU seconds used so far: this process, a pooler's process, PostgreSQL's.
+CpuReading = tuple[float, float | None, float]
+
+
+def cpu_now(pid: int) -> CpuReading:
+    """The CPU seconds used so far by this process, process ``pid`` and PostgreSQL."""
+    return time.process_time(), cpu_seconds(pid), postgres_cpu_seconds()
+
+
+def median_cpu(turns: Iterable[PairedTurn], contender: str) -> dict[str, float | None]:
+    """``contender``'s median CPU µs per unit done, over its turns without errors, by
+    where it went (``client``, ``server``, ``postgres``)."""
+    mine = [t for t in turns if t.contender == contender and not t.errors]
+    cpu: dict[str, float | None] = {}
+    for where in ("client", "server", "postgres"):
+        values = [v for t in mine if (v := getattr(t, f"{where}_us")) is not None]
+        cpu[where] = round(statistics.median(values), 1) if values else None
+    return cpu

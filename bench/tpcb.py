@@ -52,7 +52,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -60,11 +60,12 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .servers import (
     Backend,
+    PairedTurn,
     ServerError,
-    cpu_seconds,
+    cpu_now,
+    median_cpu,
     median_ratio,
     one_line,
-    postgres_cpu_seconds,
     start_poolers,
 )
 from .table import cell, ratio
@@ -141,25 +142,6 @@ Contender = tuple[Transaction, int]
 
 class WrongResult(RuntimeError):
     """A contender's transaction did not do what pgbench's does."""
-
-
-@dataclass
-class TpcbTurn:
-    """One contender's turn."""
-
-    contender: str
-    round: int
-    transactions: int
-    seconds: float
-    errors: list[str] = field(default_factory=list)
-    #: CPU microseconds per transaction: this process, the pooler's, PostgreSQL's.
-    client_us: float | None = None
-    server_us: float | None = None
-    postgres_us: float | None = None
-
-    @property
-    def per_second(self) -> float:
-        return self.transactions / self.seconds if self.seconds > 0 else 0.0
 
 
 def find_pgbench() -> str | None:
@@ -321,23 +303,20 @@ def _drive(run: Transaction, duration: float,
 
 
 def _turns(contenders: dict[str, Contender], duration: float, rounds: int,
-           rng: random.Random) -> list[TpcbTurn]:
+           rng: random.Random) -> list[PairedTurn]:
     names = list(contenders)
-    turns: list[TpcbTurn] = []
+    turns: list[PairedTurn] = []
     for round_ in range(rounds):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             run, pid = contenders[name]
-            used = (time.process_time(), cpu_seconds(pid), postgres_cpu_seconds())
+            before = cpu_now(pid)
             done, seconds, errors = _drive(run, duration, rng)
-            after = (time.process_time(), cpu_seconds(pid), postgres_cpu_seconds())
+            after = cpu_now(pid)
             if errors:
                 logger.warning("%s, round %s: %s", name, round_ + 1, "; ".join(errors))
-            turn = TpcbTurn(name, round_, done, seconds, errors)
-            if done:
-                turn.client_us, turn.server_us, turn.postgres_us = (
-                    None if a is None or b is None else round((b - a) / done * 1e6, 1)
-                    for a, b in zip(used, after, strict=True))
+            turn = PairedTurn(name, round_, done, seconds, errors)
+            turn.charge(before, after)
             turns.append(turn)
     return turns
 
@@ -374,7 +353,7 @@ def run_tpcb(dsn: str, backend: Backend | None, bouncer_binary: str | None,
     """
     unavailable = {} if unavailable is None else unavailable
     rng = random.Random()
-    turns: list[TpcbTurn] = []
+    turns: list[PairedTurn] = []
     try:
         prepare_tables(dsn, find_pgbench())
     except (psycopg.Error, OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -410,14 +389,10 @@ def run_tpcb(dsn: str, backend: Backend | None, bouncer_binary: str | None,
             if contenders:
                 turns = _turns(contenders, duration, rounds, rng)
     tps: dict[str, int | None] = {}
-    cpu: dict[str, dict[str, float | None]] = {}
     for name in CONTENDERS:
         mine = [t for t in turns if t.contender == name and not t.errors]
         tps[name] = round(statistics.median(t.per_second for t in mine)) if mine else None
-        cpu[name] = {}
-        for where in ("client", "server", "postgres"):
-            values = [v for t in mine if (v := getattr(t, f"{where}_us")) is not None]
-            cpu[name][where] = round(statistics.median(values), 1) if values else None
+    cpu = {name: median_cpu(turns, name) for name in CONTENDERS}
     return {
         "pool_size": POOL_SIZE,
         "tps": tps,

@@ -87,11 +87,14 @@ def context() -> zmq.Context[zmq.Socket[bytes]]:
     return zmq.Context.instance()
 
 
-def _socket(context: zmq.Context[zmq.Socket[bytes]], kind: int,
-            endpoint: str) -> zmq.Socket[bytes]:
+def _socket(context: zmq.Context[zmq.Socket[bytes]], kind: int, endpoint: str,
+            options: dict[int, Any] | None = None) -> zmq.Socket[bytes]:
+    """A connected libzmq socket, with ``options`` set before it connects."""
     sock = context.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
+    for option, value in (options or {}).items():
+        sock.setsockopt(option, value)
     sock.connect(endpoint)
     return sock
 
@@ -135,11 +138,7 @@ def test_a_req_socket_gets_its_envelope_back(echo: Harness,
 
 def test_a_peer_identity_is_its_routing_id(echo: Harness,
                                           context: zmq.Context[zmq.Socket[bytes]]) -> None:
-    dealer = context.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
-    dealer.setsockopt(zmq.ROUTING_ID, b"worker-7")
-    dealer.connect(echo.endpoint)
+    dealer = _socket(context, zmq.DEALER, echo.endpoint, {zmq.ROUTING_ID: b"worker-7"})
     try:
         dealer.send(b"x")
         assert dealer.recv() == b"x"
@@ -151,12 +150,8 @@ def test_a_peer_identity_is_its_routing_id(echo: Harness,
 def test_client_heartbeats_are_answered(echo: Harness,
                                         context: zmq.Context[zmq.Socket[bytes]]) -> None:
     # The DEALER pings every 20 ms and drops a silent peer after 150 ms.
-    dealer = context.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
-    dealer.setsockopt(zmq.HEARTBEAT_IVL, 20)
-    dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 150)
-    dealer.connect(echo.endpoint)
+    dealer = _socket(context, zmq.DEALER, echo.endpoint,
+                     {zmq.HEARTBEAT_IVL: 20, zmq.HEARTBEAT_TIMEOUT: 150})
     try:
         dealer.send(b"a")
         assert dealer.recv() == b"a"
