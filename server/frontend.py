@@ -1461,7 +1461,9 @@ class FrontEnd:
         served = self._served(job)
         client = job.client
         served.seen.add(client)
-        if served.lender.blocked:
+        if served.lender.blocked or served.queued.holds(client):
+            # Not ahead of its client's own waiting requests: those go first, and CoDel
+            # judges the queue by their waits (served_pool.py).
             return None
         shared = served.shared
         each = served.pipes_each()

@@ -210,6 +210,8 @@ class Pipe:
         #: When the request it runs now became its first: sent to it idle, or the
         #: one before completed (monotonic).
         self.progress = 0.0
+        #: How long its requests ran lately, each once first (a moving average, s).
+        self.service = 0.0
         #: A cancel was sent for its one request: it takes no more until that ends.
         self.cancelling = False
         #: Statements whose Prepare is in flight: (query, types) -> name.  Until
@@ -231,7 +233,11 @@ class Pipe:
 
     def takes_more(self, now: float) -> bool:
         """Whether a request may go behind those in flight now (see PIPELINE_BEHIND)."""
-        return not self.requests or now - self.progress < PIPELINE_BEHIND
+        inflight = len(self.requests)
+        # One always may: the connection then has its next statement when the one it
+        # runs ends, and never idles for a round trip.
+        return inflight < 2 or (now - self.progress < PIPELINE_BEHIND
+                                and inflight * self.service < PIPELINE_BEHIND)
 
     def events(self) -> int:
         """What the loop should poll its socket for."""
@@ -444,7 +450,9 @@ class Pipe:
                         return
                     if not finished:
                         finished = True
-                        self.progress = _monotonic()
+                        now = _monotonic()
+                        self.service += 0.25 * (now - self.progress - self.service)
+                        self.progress = now
                     self._finish(requests.popleft())
                 elif status in _EXPECTED:
                     requests[0].results.append(result)

@@ -99,6 +99,10 @@ class FairQueue:
                 return job
         return None
 
+    def holds(self, client: Hashable) -> bool:
+        """Whether a job of ``client`` waits."""
+        return client in self._by_client
+
     def oldest(self) -> float | None:
         """When the longest-waiting job arrived (None if none waits)."""
         if not self._count:
