@@ -55,10 +55,12 @@ __all__ = ["AT_ONCE", "NEVER", "PREPARE_THRESHOLD", "Job", "Outcome", "Pipe", "S
 logger = logging.getLogger("dbpool.server.pipeline")
 
 _monotonic = time.monotonic
-#: A connection takes requests behind the one it runs only while that one has
-#: run less than this (seconds).  Behind a short statement, pipelining saves
-#: round trips; behind a long one, a request would wait unseen, so it waits in
-#: the front end's queue instead, where CoDel judges its wait (served_pool.py).
+#: A connection takes a request behind those it runs only if they should be
+#: done within this (seconds), by how long its recent requests took, and the
+#: one it runs started less than this ago; one behind it always may.  Behind
+#: short statements, pipelining saves round trips; behind long ones, a request
+#: would wait unseen, so it waits in the front end's queue instead, where
+#: CoDel judges its wait (served_pool.py).
 PIPELINE_BEHIND = 0.002
 
 #: ``(sql, params)``: one statement of a request.
