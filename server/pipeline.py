@@ -55,13 +55,18 @@ __all__ = ["AT_ONCE", "NEVER", "PREPARE_THRESHOLD", "Job", "Outcome", "Pipe", "S
 logger = logging.getLogger("dbpool.server.pipeline")
 
 _monotonic = time.monotonic
-#: A connection takes a request behind those it runs only if they should be
-#: done within this (seconds), by how long its recent requests took, and the
-#: one it runs started less than this ago; one behind it always may.  Behind
-#: short statements, pipelining saves round trips; behind long ones, a request
-#: would wait unseen, so it waits in the front end's queue instead, where
-#: CoDel judges its wait (served_pool.py).
+#: A connection takes requests behind the one it runs only while that one has
+#: run less than this (seconds), and while its requests lately took less than
+#: LONG_REQUEST each; one behind it always may.  Behind short statements,
+#: pipelining saves round trips; behind long ones, a request would wait unseen,
+#: so it waits in the front end's queue instead, where CoDel judges its wait
+#: (served_pool.py).
 PIPELINE_BEHIND = 0.002
+#: See PIPELINE_BEHIND: the time per request (a moving average of the time from
+#: one completion to the next) past which a connection pipelines one deep.  Well
+#: above what a busy loop takes to come back to a connection (under 1 ms), so
+#: that only statements that are long in themselves count.
+LONG_REQUEST = 0.005
 
 #: ``(sql, params)``: one statement of a request.
 Statement: TypeAlias = tuple[str, Any]
@@ -238,8 +243,8 @@ class Pipe:
         inflight = len(self.requests)
         # One always may: the connection then has its next statement when the one it
         # runs ends, and never idles for a round trip.
-        return inflight < 2 or (now - self.progress < PIPELINE_BEHIND
-                                and inflight * self.service < PIPELINE_BEHIND)
+        return inflight < 2 or (self.service < LONG_REQUEST
+                                and now - self.progress < PIPELINE_BEHIND)
 
     def events(self) -> int:
         """What the loop should poll its socket for."""
