@@ -35,20 +35,26 @@ class Codel:
         self.next = now
         self._poll_last_sent = now
 
-    def serve(self, now: float, since: float) -> bool:
-        """Whether to serve the head of the queue, waiting since ``since``: False to
-        drop it (the queue is slow and it waited more than ``2 * target``)."""
+    def serve(self, now: float, since: float, oldest: float | None = None) -> bool:
+        """Whether to serve the next waiter, waiting since ``since``: False to drop it
+        (the queue is slow and it waited more than ``2 * target``).
+
+        ``oldest`` is when the longest waiter arrived, for a queue that does not
+        serve its longest waiter first (one that takes clients in turn): the
+        queue's standing wait is that one's, not the next waiter's.
+        """
         delay = now - since
+        standing = delay if oldest is None else now - oldest
         if now >= self.next:
             # First dequeue of an interval: judge the last one, serve the head.
             self.slow = self.delay > self.target
             self.next = now + self.interval
-            self.delay = delay
+            self.delay = standing
             return True
         if self.slow and delay > 2 * self.target:
             return False
-        if delay < self.delay:
-            self.delay = delay
+        if standing < self.delay:
+            self.delay = standing
         return True
 
     def empty(self, now: float) -> None:

@@ -1539,7 +1539,8 @@ class FrontEnd:
                 if taken is None:
                     break
                 job = taken
-                if job.started and not codel.serve(now, job.started):
+                if job.started and not codel.serve(now, job.started,
+                                                   min(job.started, queued.oldest() or _INF)):
                     self._shed(served, job, now)
                     continue
                 if pipe not in shared and not job.needs_own:

@@ -104,10 +104,10 @@ class FairQueue:
         return client in self._by_client
 
     def oldest(self) -> float | None:
-        """When the longest-waiting job arrived (None if none waits)."""
-        if not self._count:
-            return None
-        return min(jobs[0].started for jobs in self._by_client.values())
+        """When the longest-waiting job arrived (None if none waits; the front end's
+        own jobs, which have no arrival time, do not count)."""
+        return min((jobs[0].started for jobs in self._by_client.values()
+                    if jobs[0].started), default=None)
 
     def take_before(self, cutoff: float) -> list[Job]:
         """Take every job that arrived before ``cutoff`` (the front end's own jobs,

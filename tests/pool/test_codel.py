@@ -62,3 +62,17 @@ def test_a_stuck_slow_queue_is_cut_back_by_the_poll() -> None:
     assert cutoff is not None and abs(cutoff - (1.2 - 2 * TARGET)) < 1e-9
     assert codel.poll(1.3, head_since=1.15) is None  # progress: nothing to drop
     assert codel.poll(1.4, head_since=None) is None  # empty: nothing to drop
+
+
+def test_a_queue_served_in_turns_is_judged_by_its_longest_wait() -> None:
+    # Clients taken in turn: a client with a short line is served 10 ms after it
+    # asked while another's requests have waited 300 ms.  Judged by the requests
+    # served, the queue would look fast; by the longest wait, it is slow.
+    codel = Codel(TARGET, INTERVAL, now=0.0)
+    codel.serve(0.0, since=-0.3, oldest=-0.3)
+    for step in range(1, 10):
+        now = step * 0.1
+        assert codel.serve(now, since=now - 0.01, oldest=now - 0.3)
+    codel.serve(1.0, since=0.99, oldest=0.7)
+    assert codel.slow
+    assert not codel.serve(1.1, since=0.9, oldest=0.9)  # 200 ms: dropped
