@@ -105,6 +105,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from dbpool import wire
 from dbpool.client import Client
+from dbpool.errors import ConnectionError as PoolConnectionError
 from dbpool.protocol import OPS, VERSION
 from dbpool.statement_scope import scope_of
 from tests.support.events import wait_for
@@ -1840,6 +1841,19 @@ SESSION_VIEW = (
 )
 
 
+def _begin_patiently(client: Client) -> Any:
+    """A transaction begun on ``client``, asked for again while the server sheds it:
+    just after the flood its queue may still be judged slow (CoDel), and a begin that
+    waits for the last connection to come free is then dropped."""
+    deadline = time.monotonic() + VICTIM_TIMEOUT
+    while True:
+        try:
+            return client.transaction()
+        except PoolConnectionError as error:
+            if error.reason != "queue_timeout" or time.monotonic() > deadline:
+                raise
+
+
 def every_connection(endpoint: str, pool_size: int) -> list[tuple[Any, ...]]:
     """SESSION_VIEW on each pooled connection: ``pool_size`` transactions held at once,
     so each runs on a connection of its own.  A connection whose view fails (a leaked
@@ -1847,7 +1861,7 @@ def every_connection(endpoint: str, pool_size: int) -> list[tuple[Any, ...]]:
     rows: list[tuple[Any, ...]] = []
     with ExitStack() as stack:
         client = stack.enter_context(Client(endpoint, timeout=VICTIM_TIMEOUT))
-        txs = [stack.enter_context(client.transaction()) for _ in range(pool_size)]
+        txs = [stack.enter_context(_begin_patiently(client)) for _ in range(pool_size)]
         for tx in txs:
             pid = tx.query("SELECT pg_backend_pid()").rows[0][0]
             try:
