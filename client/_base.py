@@ -44,6 +44,7 @@ __all__ = [
     "configure_socket",
     "copy_page",
     "copy_started",
+    "direct_address",
     "error_from_reply",
     "events_endpoint",
     "handshake_monitor",
@@ -342,6 +343,20 @@ def _split_tcp(endpoint: str) -> tuple[str, str, str] | None:
     if not colon:
         return None
     return scheme, host.rpartition(";")[2], port  # tcp://source;host:port
+
+
+def direct_address(endpoint: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``tcp://host:port`` endpoint the sync client can speak ZMTP
+    to itself (:mod:`dbpool.client.direct`), else None: another transport, a source
+    address (libzmq's ``source;host``), a wildcard host, no port."""
+    split = _split_tcp(endpoint)
+    if split is None or split[0] != "tcp" or ";" in endpoint:
+        return None
+    _, host, port = split
+    if not port.isdigit() or host in ("", "*"):
+        return None
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host, int(port)
 
 
 def events_endpoint(events: str, request_endpoint: str) -> str:

@@ -18,6 +18,7 @@ import os
 import socket
 import struct
 import time
+from collections import deque
 
 from dbpool.zmtp import (
     LONG,
@@ -33,7 +34,6 @@ __all__ = ["PeerClosed", "ZmtpConnection"]
 
 logger = logging.getLogger("dbpool.client.direct")
 
-_pack_size = struct.Struct(">Q").pack
 _unpack_size = struct.Struct(">Q").unpack_from
 _monotonic = time.monotonic
 
@@ -58,7 +58,9 @@ class ZmtpConnection:
         self.port = port
         self._sock: socket.socket | None = None
         self._decoder = Decoder()
-        self._messages: list[list[bytes]] = []
+        #: What the decoder gave and nobody took yet: messages, and the handshake's
+        #: commands (PING and PONG are answered and dropped as they come).
+        self._events: deque[list[bytes] | Command] = deque()
         self._timeout: float | None = None
 
     @property
@@ -78,7 +80,7 @@ class ZmtpConnection:
             sock.settimeout(None)
             self._sock = sock
             self._decoder = Decoder()
-            self._messages.clear()
+            self._events.clear()
             self._timeout = None
             # READY only once the peer's greeting says it speaks NULL: a server that
             # wants CURVE then closes cleanly, having read all we sent, where unread
@@ -92,6 +94,7 @@ class ZmtpConnection:
                                        f"within {timeout:g} s")
                 decoder.feed(data)
             sock.sendall(ready())
+            self._pump(b"")  # what came with the greeting (the peer's READY, perhaps)
             while True:
                 command = self._next(deadline)
                 if command is None:
@@ -119,18 +122,13 @@ class ZmtpConnection:
         sock = self._sock
         if sock is None:
             raise PeerClosed("not connected")
-        size = len(body)
-        if size > 255:
-            sock.sendall(bytes((LONG,)) + _pack_size(size) + body)
-        else:
-            sock.sendall(bytes((0, size)) + body)
+        sock.sendall(frame(body))
 
     def recv(self, deadline: float) -> bytes | None:
         """The body of the next message, or None if none came by ``deadline``
         (:func:`time.monotonic`).  A message of several frames gives its last."""
-        messages = self._messages
         sock = self._sock
-        if not messages and sock is not None and self._decoder.empty:
+        if not self._events and sock is not None and self._decoder.empty:
             # The common case, without the decoder: one read brings exactly one reply.
             data = self._read(sock, deadline)
             if data is None:
@@ -140,14 +138,13 @@ class ZmtpConnection:
                 return data[2:]
             if size >= 9 and data[0] == LONG and _unpack_size(data, 1)[0] == size - 9:
                 return data[9:]
-            self._take(data)
-        while not messages:
+            self._pump(data)
+        while True:
             event = self._next(deadline)
             if event is None:
                 return None
-            if not isinstance(event, Command):
+            if not isinstance(event, Command):  # a command after the handshake: nothing
                 return event[-1]
-        return messages.pop(0)[-1]
 
     def idle_check(self) -> None:
         """Before a request: raise :class:`PeerClosed` if the peer has closed the
@@ -167,28 +164,20 @@ class ZmtpConnection:
             raise PeerClosed(str(error)) from None
         if not data:
             raise PeerClosed("the server closed the connection")
-        self._take(data)
+        self._pump(data)
 
     def _next(self, deadline: float) -> list[bytes] | Command | None:
-        """The next message or handshake command, answering PINGs on the way."""
+        """The next message or command, read for until ``deadline`` (None)."""
         sock = self._sock
         if sock is None:
             raise PeerClosed("not connected")
-        for event in self._decoder.events():
-            if self._handled(event):
-                continue
-            self._queue_rest()
-            return event
-        while True:
+        events = self._events
+        while not events:
             data = self._read(sock, deadline)
             if data is None:
                 return None
-            self._decoder.feed(data)
-            for event in self._decoder.events():
-                if self._handled(event):
-                    continue
-                self._queue_rest()
-                return event
+            self._pump(data)
+        return events.popleft()
 
     def _read(self, sock: socket.socket, deadline: float) -> bytes | None:
         """One read of what has arrived, waiting until ``deadline`` at most (None)."""
@@ -206,23 +195,18 @@ class ZmtpConnection:
             raise PeerClosed("the server closed the connection")
         return data
 
-    def _take(self, data: bytes) -> None:
-        self._decoder.feed(data)
-        self._queue_rest()
-
-    def _queue_rest(self) -> None:
-        for event in self._decoder.events():
-            if not self._handled(event) and not isinstance(event, Command):
-                self._messages.append(event)
-
-    def _handled(self, event: list[bytes] | Command) -> bool:
-        """Answer a PING (RFC 37) and swallow it and PONGs; False for anything else."""
-        if not isinstance(event, Command) or event.name not in (b"PING", b"PONG"):
-            return False
-        if event.name == b"PING" and self._sock is not None:
-            context = event.data[2:18]  # after the 2-octet TTL, at most 16 octets
-            self._sock.sendall(frame(b"\x04PONG" + context, command=True))
-        return True
+    def _pump(self, data: bytes) -> None:
+        """Decode what was read into :attr:`_events`, answering PINGs (RFC 37)."""
+        decoder = self._decoder
+        decoder.feed(data)
+        events = self._events
+        for event in decoder.events():
+            if isinstance(event, Command) and event.name in (b"PING", b"PONG"):
+                if event.name == b"PING" and self._sock is not None:
+                    context = event.data[2:18]  # after the 2-octet TTL, at most 16 octets
+                    self._sock.sendall(frame(b"\x04PONG" + context, command=True))
+                continue
+            events.append(event)
 
     def _set_timeout(self, sock: socket.socket, seconds: float) -> None:
         """Bound the next blocking ``recv`` by the kernel's ``SO_RCVTIMEO``: unlike

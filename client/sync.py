@@ -8,7 +8,10 @@ A :class:`Client` may be shared by threads.  Each thread talks to the server
 through a ``DEALER`` socket of its own, made on the thread's first request
 (ZeroMQ sockets are not thread-safe) and kept in a ``threading.local``;
 :meth:`Client.close` closes them all, and must not race with requests still
-running in other threads.
+running in other threads.  A :class:`Transaction` or :class:`Stream` is used
+by one thread at a time.  Heartbeats go out from a daemon thread with a
+socket of its own, started when the first transaction or stream opens and
+stopped by :meth:`Client.close`.
 
 Transport
 ---------
@@ -21,10 +24,7 @@ libzmq socket does: it connects on the first request (retrying every
 connection, and is replaced after a timeout.  One difference: when the
 connection closes while a reply is awaited, the request fails at once
 (``reason="timeout"``: no reply came) rather than at its deadline.  Other
-endpoints, and clients with keys, use libzmq.  A :class:`Transaction` or :class:`Stream` is used
-by one thread at a time.  Heartbeats go out from a daemon thread with a
-socket of its own, started when the first transaction or stream opens and
-stopped by :meth:`Client.close`.
+endpoints, and clients with keys, use libzmq.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from dbpool.errors import ConnectionError
 from dbpool.keys import MECHANISM_MISMATCH, handshake_failure
 from dbpool.protocol import VERSION
 from dbpool.wire import WireError, make_packer, packb, unpackb
-from dbpool.zmtp import HandshakeError, split_tcp_endpoint
+from dbpool.zmtp import HandshakeError
 
 from ._base import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -55,6 +55,7 @@ from ._base import (
     Keepalive,
     closed_error,
     configure_socket,
+    direct_address,
     handshake_monitor,
     malformed_reply,
     no_server,
@@ -264,7 +265,7 @@ class Client(Requests):
         endpoint = self.endpoints[self._index]
         ch.resolved = False
         ch.endpoint = endpoint
-        address = (split_tcp_endpoint(endpoint) if self.direct and self.keys is None
+        address = (direct_address(endpoint) if self.direct and self.keys is None
                    else None)
         if address is not None:
             direct = ZmtpConnection(*address)

@@ -38,7 +38,6 @@ from typing import Any
 import zmq
 
 from dbpool.zmtp import (
-    LONG,
     Command,
     Decoder,
     HandshakeError,
@@ -61,7 +60,6 @@ _READ_SIZE = 1 << 18
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _SRCFD = int(zmq.SRCFD)
-_pack_size = struct.Struct(">Q").pack
 #: The socket types a ROUTER talks to (RFC 28's compatibility table).
 _PEERS = frozenset({b"DEALER", b"REQ", b"ROUTER"})
 #: Routing ids: libzmq's form, a zero byte then a 32-bit counter.
@@ -179,12 +177,9 @@ class DirectRouter:
         peer = self._by_id.get(route[0])
         if peer is None:
             return
-        size = len(body)
-        header = bytes((LONG,)) + _pack_size(size) if size > 255 else bytes((0, size))
+        data = frame(body)
         if len(route) > 1:
-            data = b"".join([frame(part, more=True) for part in route[1:]]) + header + body
-        else:
-            data = header + body
+            data = b"".join([frame(part, more=True) for part in route[1:]]) + data
         out = peer.out
         if not out:  # the common case: straight out, with no copy
             sent = self._send_some(peer, data)

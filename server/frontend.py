@@ -216,8 +216,7 @@ class FrontEnd:
                         *address, self._poller, 4 * config.max_message_size, self._serve,
                         self._client_connected, self._client_disconnected)
                 except OSError as error:
-                    raise ConfigurationError(f"cannot bind bind {config.bind}: "
-                                             f"{error.strerror or error}") from None
+                    raise _bind_failed("bind", config.bind, error.strerror or error) from None
                 self.endpoint = self._direct.endpoint
             else:
                 self.router = self.context.socket(zmq.ROUTER)
@@ -1829,7 +1828,11 @@ def _bind(sock: zmq.Socket[Any], endpoint: str, setting: str) -> None:
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as error:
-        raise ConfigurationError(f"cannot bind {setting} {endpoint}: {error}") from None
+        raise _bind_failed(setting, endpoint, error) from None
+
+
+def _bind_failed(setting: str, endpoint: str, why: object) -> ConfigurationError:
+    return ConfigurationError(f"cannot bind {setting} {endpoint}: {why}")
 
 
 def _count_of(pipe: Pipe, client: Any) -> int:

@@ -27,7 +27,6 @@ __all__ = [
     "greeting",
     "properties",
     "ready",
-    "split_tcp_endpoint",
 ]
 
 #: Signature (with the padding libzmq sends), version 3.1, NULL, not as-server, filler.
@@ -195,18 +194,3 @@ class Decoder:
         if mechanism != b"NULL":
             raise HandshakeError(f"the peer wants the {mechanism.decode('ascii', 'replace')} "
                                  "security mechanism", mismatch=True)
-
-
-def split_tcp_endpoint(endpoint: str) -> tuple[str, int] | None:
-    """``(host, port)`` of a ``tcp://host:port`` endpoint this module can connect to,
-    else None (another transport, a source address, a wildcard, no port)."""
-    if not endpoint.startswith("tcp://"):
-        return None
-    rest = endpoint[6:]
-    if ";" in rest:  # libzmq's "source;destination": libzmq's own business
-        return None
-    host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit() or host in ("", "*"):
-        return None
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    return host, int(port)

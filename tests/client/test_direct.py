@@ -17,10 +17,12 @@ import pytest
 import zmq
 
 from dbpool.client import Client
+from dbpool.client._base import direct_address
 from dbpool.client.direct import PeerClosed, ZmtpConnection
 from dbpool.errors import ConnectionError
 from dbpool.wire import packb, unpackb
-from dbpool.zmtp import Command, Decoder, HandshakeError, frame, greeting, split_tcp_endpoint
+from dbpool.zmtp import Command, Decoder, HandshakeError, frame, greeting
+from dbpool.zmtp import ready as ready_frame
 
 WAIT = 5.0
 
@@ -192,7 +194,7 @@ def test_the_decoder_reads_a_stream_fed_one_byte_at_a_time() -> None:
 ])
 def test_which_endpoints_are_spoken_directly(endpoint: str,
                                              address: tuple[str, int] | None) -> None:
-    assert split_tcp_endpoint(endpoint) == address
+    assert direct_address(endpoint) == address
 
 
 def test_the_client_fails_at_once_when_the_connection_closes_before_the_reply(
@@ -229,3 +231,36 @@ def test_the_client_answers_through_a_plain_router(
         thread.start()
         assert client.ping() > 0
         thread.join(WAIT)
+
+
+def test_a_ready_that_comes_with_the_greeting_completes_the_handshake() -> None:
+    # A peer may send its greeting and READY in one write, before it has ours:
+    # the READY then sits behind the greeting in the same read.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    peer_ready = frame(b"\x05READY\x0bSocket-Type\x00\x00\x00\x06ROUTER", command=True)
+
+    def serve() -> None:
+        peer, _ = listener.accept()
+        with peer:
+            peer.sendall(greeting() + peer_ready)
+            peer.settimeout(WAIT)
+            expected = greeting() + ready_frame() + frame(b"ping")  # nothing more till then
+            received = b""
+            while len(received) < len(expected):
+                received += peer.recv(4096)
+            assert received == expected
+            peer.sendall(frame(b"pong"))
+            peer.recv(4096)  # until the client closes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    conn = ZmtpConnection("127.0.0.1", port)
+    try:
+        conn.connect(2.0)
+        conn.send(b"ping")
+        assert conn.recv(time.monotonic() + WAIT) == b"pong"
+    finally:
+        conn.close()
+        thread.join(WAIT)
+        listener.close()
