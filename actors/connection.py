@@ -56,7 +56,7 @@ from .messages import (
 from .scheduler import Scheduler
 from .slot import Slot
 
-__all__ = ["ConnectionActor", "ConnectionConfig"]
+__all__ = ["ConnectionActor", "ConnectionConfig", "connect_error", "one_line"]
 
 logger = logging.getLogger("dbpool.actors.connection")
 
@@ -119,7 +119,7 @@ class ConnectionActor(pykka.ThreadingActor):
                 slot is self.slot and generation == slot.generation
             ):
                 if taken:
-                    self._notify("disconnected", reason=_one_line(error))
+                    self._notify("disconnected", reason=one_line(error))
                 self._reconnect(error, backoff=backoff)
             case Ping(slot) if slot is self.slot and slot.driver_state is not None:
                 self._ping()
@@ -191,7 +191,7 @@ class ConnectionActor(pykka.ThreadingActor):
 
     def _reconnect(self, error: BaseException, *, backoff: bool) -> None:
         logger.info("%s: connection %d disconnected: %s",
-                    self.config.pool_name, self.slot.index, _one_line(error))
+                    self.config.pool_name, self.slot.index, one_line(error))
         self._close(error)
         if self.backoff is None:
             self._tell_pool(ConnectionGaveUp(self.slot.index, error))
@@ -218,7 +218,7 @@ class ConnectionActor(pykka.ThreadingActor):
             return
         self.slot.driver_state = None
         self.config.driver.disconnect(error, state)
-        self._notify("disconnected", reason=_one_line(error))
+        self._notify("disconnected", reason=one_line(error))
 
     def _schedule_connect(self, delay: float) -> None:
         self._attempt += 1
@@ -279,16 +279,23 @@ class ConnectionActor(pykka.ThreadingActor):
             pass  # the pool is stopping; nothing left to report to
 
     def _connect_error(self, exc: Exception, opts: Mapping[str, Any]) -> ConnectionError:
-        """A ConnectionError for a failed connect, with no secret in it or its chain."""
-        where = f"{self.config.pool_name}: connection {self.slot.index} failed to connect"
-        detail = f"{type(exc).__name__}: {_one_line(exc)}"
-        if self.config.show_sensitive_data_on_connection_error:
-            error = ConnectionError(f"{where}: {detail}")
-            error.__cause__ = exc
-            return error
-        for secret in _secrets(self.config.connect_opts) | _secrets(opts):
-            detail = detail.replace(secret, "******")
-        return ConnectionError(f"{where}: {detail}")
+        return connect_error(
+            self.config, f"connection {self.slot.index} failed to connect", exc, opts)
+
+
+def connect_error(config: ConnectionConfig, what: str, exc: Exception,
+                  opts: Mapping[str, Any]) -> ConnectionError:
+    """A ConnectionError for a failed connect (``what`` happened in pool
+    ``config.pool_name``), with no secret in it or its chain."""
+    where = f"{config.pool_name}: {what}"
+    detail = f"{type(exc).__name__}: {one_line(exc)}"
+    if config.show_sensitive_data_on_connection_error:
+        error = ConnectionError(f"{where}: {detail}")
+        error.__cause__ = exc
+        return error
+    for secret in _secrets(config.connect_opts) | _secrets(opts):
+        detail = detail.replace(secret, "******")
+    return ConnectionError(f"{where}: {detail}")
 
 
 #: The password of a URI as written, percent-escapes and all (libpq quotes it
@@ -315,6 +322,6 @@ def _secrets(opts: Mapping[str, Any]) -> set[str]:
     return {s for s in found if s}
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 

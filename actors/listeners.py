@@ -1,7 +1,11 @@
 """Connection listeners: who hears that a connection connected or disconnected.
 
 They also hear of the pool's health: a :class:`HealthEvent` for every change
-of its circuit breaker's state (see :mod:`dbpool.pool.breaker`).
+of its circuit breaker's state (see :mod:`dbpool.pool.breaker`).  The same
+kinds of listener subscribe to a channel's notifications with
+``pool.listen``: they hear a :class:`NotificationEvent` for each ``NOTIFY``
+and a :class:`NotificationGap` when some may have been missed (see
+:mod:`dbpool.actors.relay`).
 
 A listener is a pykka :class:`~pykka.ActorRef` (it is *told* the event) or a
 callable (it is *called* with the event), optionally paired with a tag:
@@ -23,8 +27,8 @@ from typing import Any, Literal, TypeAlias
 import pykka
 
 __all__ = [
-    "ConnectionEvent", "EventKind", "HealthEvent", "Listener", "ListenerSpec", "deliver",
-    "normalize",
+    "ConnectionEvent", "Event", "EventKind", "HealthEvent", "Listener", "ListenerSpec",
+    "NotificationEvent", "NotificationGap", "deliver", "normalize",
 ]
 
 logger = logging.getLogger("dbpool.actors.listeners")
@@ -74,6 +78,46 @@ class HealthEvent:
         return "health"
 
 
+@dataclass(frozen=True, slots=True)
+class NotificationEvent:
+    """A ``NOTIFY`` on :attr:`channel` with :attr:`payload`, sent by the session
+    whose server process is :attr:`backend_pid`, heard by pool :attr:`pool`."""
+
+    pool: str
+    channel: str
+    payload: str
+    backend_pid: int
+    tag: Any = None
+
+    @property
+    def kind(self) -> str:
+        """``"notification"``."""
+        return "notification"
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationGap:
+    """Notifications on :attr:`channel` may have been missed: the listening
+    connection was lost (:attr:`reason`) and is listening again.
+
+    PostgreSQL keeps no notification for a session that is not listening,
+    so whatever was sent in between is gone: a subscriber that keeps state
+    from notifications should read it afresh.
+    """
+
+    pool: str
+    channel: str
+    reason: str
+    tag: Any = None
+
+    @property
+    def kind(self) -> str:
+        """``"gap"``."""
+        return "gap"
+
+
+#: Everything a listener may hear.
+Event: TypeAlias = "ConnectionEvent | HealthEvent | NotificationEvent | NotificationGap"
 Target: TypeAlias = "pykka.ActorRef[Any] | Callable[[ConnectionEvent], object]"
 ListenerSpec: TypeAlias = "Target | tuple[Target, Any]"
 
@@ -90,12 +134,12 @@ def normalize(specs: Iterable[ListenerSpec] | None) -> tuple[Listener, ...]:
     for spec in specs or ():
         target, tag = spec if isinstance(spec, tuple) else (spec, None)
         if not (isinstance(target, pykka.ActorRef) or callable(target)):
-            raise TypeError(f"a connection listener must be an ActorRef or a callable: {target!r}")
+            raise TypeError(f"a listener must be an ActorRef or a callable: {target!r}")
         listeners.append(Listener(target, tag))
     return tuple(listeners)
 
 
-def deliver(listeners: Sequence[Listener], event: ConnectionEvent | HealthEvent) -> None:
+def deliver(listeners: Sequence[Listener], event: Event) -> None:
     """Send ``event`` to every listener, each with its own tag."""
     for listener in listeners:
         tagged = event if listener.tag is None else replace(event, tag=listener.tag)
@@ -105,9 +149,8 @@ def deliver(listeners: Sequence[Listener], event: ConnectionEvent | HealthEvent)
             else:
                 listener.target(tagged)
         except pykka.ActorDeadError:
-            logger.warning("connection listener %r is dead; event %r dropped", listener.target,
-                           event)
+            logger.warning("listener %r is dead; event %r dropped", listener.target, event)
         except Exception:
-            logger.exception("connection listener %r raised on %r", listener.target, event)
+            logger.exception("listener %r raised on %r", listener.target, event)
 
 

@@ -1,17 +1,19 @@
 """The messages dbpool's actors tell each other.
 
 Connection actors receive :class:`Connect`, :class:`Probe`, :class:`Reconnect`
-and :class:`Ping`.  The pool actor receives the rest from
-its connection actors.
+and :class:`Ping`.  The pool actor receives :class:`Listen` and
+:class:`Unlisten` from its handle and passes them to its LISTEN/NOTIFY relay,
+and the rest from its connection actors.
 All are immutable; none carries a password.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from .listeners import ConnectionEvent
+from .listeners import ConnectionEvent, Listener
 from .slot import Slot
 
 __all__ = [
@@ -19,12 +21,14 @@ __all__ = [
     "ConnectFailed",
     "ConnectionCrashed",
     "ConnectionGaveUp",
+    "Listen",
     "Notify",
     "Parked",
     "Ping",
     "Probe",
     "Reconnect",
     "Retire",
+    "Unlisten",
 ]
 
 
@@ -112,3 +116,24 @@ class Parked:
     circuit breaker did not let it try on its own."""
 
     index: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Listen:
+    """Subscribe ``listener`` to ``channel``'s notifications; ``ready`` is done
+    once the relay's connection listens to the channel (or failed with why not)."""
+
+    channel: str
+    listener: Listener
+    ready: Future[None]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Unlisten:
+    """Unsubscribe ``target`` (an ActorRef or callable given to Listen) from
+    ``channel``; None: every subscriber of the channel."""
+
+    channel: str
+    target: Any = None
+    #: Done once no event goes to ``target`` any more.
+    done: Future[None] | None = None

@@ -13,6 +13,8 @@
     async with pool.acheckout() as conn:  # asyncio: the loop never blocks
         await conn.query("SELECT 1")
 
+    pool.listen("orders", print)          # every NOTIFY orders, '...' (see listen)
+
 ``Pool.start`` returns at once; connections open in the background and
 callers queue until one is ready.  ``pool.ref`` is the pool actor's pykka
 ActorRef.
@@ -21,16 +23,22 @@ ActorRef.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, Literal, Unpack, overload
 
 import pykka
 
 from dbpool.actors.connection import ConnectionConfig
+from dbpool.actors.listeners import ListenerSpec, normalize
+from dbpool.actors.messages import Listen, Unlisten
+from dbpool.actors.relay import THREAD_NAME as RELAY_THREAD
 from dbpool.actors.slot import Slot
 from dbpool.driver import Driver, Params, Query
-from dbpool.errors import ConfigurationError, PoolStoppedError
+from dbpool.errors import ConfigurationError, ConnectionError, PoolStoppedError
 from dbpool.pgdriver import PgDriver
 
 from ._async.calls import AsyncPoolCalls
@@ -46,7 +54,8 @@ from .options import PoolOptions, PoolStartOptions, checkout_options
 from .ownership.core import OwnershipCore
 from .pool_actor import Availability, PoolActor, Resize
 
-__all__ = ["AsyncCheckout", "AsyncPoolTransaction", "Checkout", "Pool", "PoolTransaction"]
+__all__ = ["MAX_CHANNEL_BYTES", "AsyncCheckout", "AsyncPoolTransaction", "Checkout", "Pool",
+           "PoolTransaction", "check_channel"]
 
 if TYPE_CHECKING:
     from .ownership.pool import OwnershipPool
@@ -188,6 +197,71 @@ class Pool(PoolCalls, AsyncPoolCalls):
         """The entries of owned connections (an ownership pool has some)."""
         return []
 
+    # -- LISTEN/NOTIFY (see dbpool.actors.relay) ----------------------------
+
+    def listen(self, channel: str, listener: ListenerSpec, timeout: float | None = None) -> None:
+        """Subscribe ``listener`` to ``channel``'s notifications.
+
+        ``listener`` is an ActorRef (told each event) or a callable (called
+        with it, on the relay's thread: keep it quick), optionally paired
+        with a tag, as for ``connection_listeners``.  It hears a
+        :class:`~dbpool.actors.listeners.NotificationEvent` for every
+        ``NOTIFY channel`` committed by anyone, through this pool or not,
+        and a :class:`~dbpool.actors.listeners.NotificationGap` after the
+        pool's listening connection was lost and listens again.
+
+        Returns once the pool listens to ``channel``: every notification
+        committed after that is delivered.  One connection per pool, outside
+        ``pool_size``, holds every ``LISTEN``; it opens at the first call.
+        If it cannot listen within ``timeout`` (default: the pool's
+        ``timeout``), the subscription is dropped and
+        :class:`~dbpool.errors.ConnectionError` (``reason="timeout"``) raised.
+        ``channel`` is a name as PostgreSQL takes it quoted (case counts).
+        """
+        ready = self.start_listening(channel, listener)
+        wait = self._default_timeout if timeout is None else timeout
+        try:
+            ready.result(wait)
+        except FutureTimeout:
+            target = listener[0] if isinstance(listener, tuple) else listener
+            self.unlisten(channel, target)
+            raise ConnectionError(f"{self.name}: could not listen to {channel!r} within "
+                                  f"{wait:g}s", reason="timeout") from None
+
+    def start_listening(self, channel: str, listener: ListenerSpec) -> Future[None]:
+        """:meth:`listen` without the wait: the future is done once the pool
+        listens to ``channel`` (for an event loop that must not block)."""
+        check_channel(channel)
+        (subscriber,) = normalize([listener])
+        ready: Future[None] = Future()
+        try:
+            self.ref.tell(Listen(channel, subscriber, ready))
+        except pykka.ActorDeadError:
+            raise PoolStoppedError(f"{self.name}: the pool is stopped") from None
+        return ready
+
+    def unlisten(self, channel: str, listener: object = None) -> None:
+        """Unsubscribe ``listener`` (as given to :meth:`listen`, without its tag) from
+        ``channel``, or every subscriber if None.  The pool stops listening to
+        a channel when its last subscriber goes.
+
+        Once it returns, ``listener`` hears nothing more on ``channel``
+        (called from a subscriber as it is called, it returns at once and
+        takes effect after the notifications being delivered).
+        """
+        check_channel(channel)
+        done: Future[None] = Future()
+        try:
+            self.ref.tell(Unlisten(channel, listener, done))
+        except pykka.ActorDeadError:
+            return  # a stopped pool listens to nothing
+        if threading.current_thread().name.startswith(RELAY_THREAD):
+            return  # a subscriber unsubscribing as it is called: the relay cannot answer
+        try:
+            done.result(self._default_timeout)
+        except FutureTimeout:  # the pool is stopping
+            pass
+
     # -- availability (see dbpool.pool.breaker) ----------------------------
 
     @property
@@ -320,6 +394,21 @@ class Pool(PoolCalls, AsyncPoolCalls):
 
     def __repr__(self) -> str:
         return f"<dbpool Pool {self.name!r} size={self.options.pool_size} alive={self.alive}>"
+
+
+#: PostgreSQL's longest identifier, in bytes (NAMEDATALEN - 1); a longer
+#: channel name would be cut short, and its notifications named differently.
+MAX_CHANNEL_BYTES = 63
+
+
+def check_channel(channel: object) -> None:
+    """Raise ValueError (TypeError) unless ``channel`` can name a channel as is."""
+    if not isinstance(channel, str):
+        raise TypeError(f"a channel name is a str, not {type(channel).__name__}")
+    size = len(channel.encode())
+    if size == 0 or size > MAX_CHANNEL_BYTES or "\0" in channel:
+        raise ValueError(f"a channel name has 1 to {MAX_CHANNEL_BYTES} bytes and no NUL: "
+                         f"{channel!r}")
 
 
 def _copy_in(

@@ -14,6 +14,9 @@ Contract:
   them if ``disconnect_all`` or ``max_lifetime`` says so, else ping them.
 - Every ``queue_interval`` it polls the checkout queue (CoDel load
   shedding); every ``disconnect_all_every`` it calls ``disconnect_all``.
+- It passes :class:`~dbpool.actors.messages.Listen` and ``Unlisten`` to its
+  LISTEN/NOTIFY relay (:mod:`dbpool.actors.relay`), which it starts at the
+  first ``Listen``.
 - It runs :class:`~dbpool.pool.messages.RunQuery` messages from other actors
   on worker threads, never on its own (see :mod:`dbpool.pool.messages`).
 - On stop it refuses new checkouts, fails the waiters, stops its connection
@@ -38,12 +41,15 @@ from dbpool.actors.messages import (
     ConnectFailed,
     ConnectionCrashed,
     ConnectionGaveUp,
+    Listen,
     Notify,
     Parked,
     Ping,
     Probe,
     Retire,
+    Unlisten,
 )
+from dbpool.actors.relay import NotifyRelay, Waker
 from dbpool.actors.slot import Slot
 from dbpool.actors.supervisor import RestartIntensity
 from dbpool.errors import PoolStoppedError
@@ -119,6 +125,8 @@ class PoolActor(pykka.ThreadingActor):
         self.restarts = RestartIntensity(core.options.max_restarts, core.options.max_seconds)
         self._stop_error: BaseException | None = None
         self._workers: ThreadPoolExecutor | None = None
+        #: The LISTEN/NOTIFY relay, once anyone listens, and what wakes it.
+        self._relay: tuple[pykka.ActorRef[Any], Waker] | None = None
 
     def on_start(self) -> None:
         self.breaker.attach(
@@ -152,6 +160,8 @@ class PoolActor(pykka.ThreadingActor):
                 self._availability(action)
             case RunQuery():
                 return self._run_query(message)
+            case Listen() | Unlisten():
+                self._to_relay(message)
             case ConnectFailed(index, error):
                 self.metrics.add("connect_errors")
                 telemetry.emit("connection_error", {"count": 1},
@@ -184,7 +194,8 @@ class PoolActor(pykka.ThreadingActor):
             f"{self.name}: the pool is stopped" + (f": {error}" if error else ""), cause=error)
         for slot in self.queue.close(closed):
             slot.lent_at = None  # back in its actor's hands, which close it
-        for ref in self.connections.values():
+        relays = [self._relay[0]] if self._relay is not None else []
+        for ref in [*self.connections.values(), *relays]:
             try:
                 ref.stop(block=True, timeout=10)
             except (pykka.ActorDeadError, pykka.Timeout):
@@ -201,6 +212,17 @@ class PoolActor(pykka.ThreadingActor):
         self.on_stop()
 
     # -- supervision -----------------------------------------------------
+
+    def _to_relay(self, message: Listen | Unlisten) -> None:
+        if self._relay is None or not self._relay[0].is_alive():
+            if isinstance(message, Unlisten):
+                return
+            waker = Waker()
+            ref = NotifyRelay.start(self.config, waker, self.options.idle_interval)
+            self._relay = ref, waker
+        ref, waker = self._relay
+        ref.tell(message)
+        waker.wake()
 
     def _start_connection(self, index: int) -> None:
         slot = Slot(index, self.core.driver)

@@ -35,6 +35,17 @@ has all three):
   the socket down), leaving the connection unusable.  A revoke at a
   deadline uses it so that the holder raises at its deadline even when the
   network has stopped answering.
+
+And three for the pool's LISTEN/NOTIFY relay (:mod:`dbpool.actors.relay`),
+which it calls on its own connection only, from the relay's thread (the
+psycopg driver has all three; a driver without them cannot relay):
+
+- ``listen(state, channel)`` and ``unlisten(state, channel)``: start or stop
+  receiving ``channel``'s notifications; each returns an :data:`Outcome`;
+- ``notifications(state, timeout, wake)``: wait up to ``timeout`` seconds,
+  or until the descriptor ``wake`` is readable, for notifications; return
+  ``Ok`` of a list of :class:`Notification`, in the order received (empty
+  if none came), or ``Disconnect`` if the connection was lost.
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ __all__ = [
     "Driver",
     "Error",
     "FetchStatus",
+    "Notification",
     "Ok",
     "Outcome",
     "Query",
@@ -174,6 +186,16 @@ class Result:
     def __repr__(self) -> str:
         return (f"Result(columns={self.columns!r}, rows={self.rows!r}, "
                 f"rowcount={self.rowcount!r}, command={self.command!r})")
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One ``NOTIFY`` as a listening connection received it."""
+
+    channel: str
+    payload: str
+    #: The server process of the session that sent it.
+    backend_pid: int
 
 
 @dataclass(slots=True)

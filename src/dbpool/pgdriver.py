@@ -18,6 +18,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from .driver import (
     DisconnectAndRetry,
     Error,
     FetchStatus,
+    Notification,
     Ok,
     Options,
     Outcome,
@@ -111,6 +113,8 @@ class PgState:
     #: Our own descriptor of the connection's socket (see PgDriver.interrupt).
     wake: socket.socket | None = None
     wake_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: The relay's connection only: notifications received, not yet taken.
+    notifications: deque[psycopg.Notify] | None = None
     _cursor_ids: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
@@ -270,6 +274,47 @@ class PgDriver:
                 cancel_conn.finish()
 
         return send
+
+    # -- the LISTEN/NOTIFY relay's connection ------------------------------
+
+    def listen(self, state: PgState, channel: str) -> Outcome[None]:
+        """``LISTEN channel`` (quoted: any string is a channel name)."""
+        return self._relay_statement(state, "LISTEN", channel)
+
+    def unlisten(self, state: PgState, channel: str) -> Outcome[None]:
+        """``UNLISTEN channel``."""
+        return self._relay_statement(state, "UNLISTEN", channel)
+
+    def notifications(self, state: PgState, timeout: float,
+                      wake: int | None = None) -> Outcome[list[Notification]]:
+        """The notifications received, waiting up to ``timeout`` s (or until ``wake``
+        is readable) for some if none is waiting.  See :mod:`dbpool.driver`."""
+        received = _received(state)
+        pgconn = state.conn.pgconn
+        try:
+            _take_notifies(pgconn)  # libpq may hold some already (a ping read them)
+            if not received:
+                fds = [pgconn.socket] if wake is None else [pgconn.socket, wake]
+                readable, _, _ = select.select(fds, [], [], timeout)
+                if pgconn.socket in readable:
+                    pgconn.consume_input()
+                    _take_notifies(pgconn)
+                    if pgconn.status != pq.ConnStatus.OK:
+                        raise psycopg.OperationalError("the connection was lost")
+        except (psycopg.Error, OSError, ValueError) as err:
+            return Disconnect(err)
+        got = [Notification(n.channel, n.payload, n.pid) for n in received]
+        received.clear()
+        return Ok(got)
+
+    def _relay_statement(self, state: PgState, command: str, channel: str) -> Outcome[None]:
+        _received(state)  # from now on, what arrives during statements is kept too
+        statement = sql.SQL(command + " {}").format(sql.Identifier(channel))
+        try:
+            state.cursor.execute(statement)
+        except psycopg.Error as err:
+            return _failure(state, err, False)
+        return _OK_NONE
 
     # -- transactions ----------------------------------------------------
 
@@ -481,6 +526,29 @@ class PgDriver:
 
 
 _OK_NONE: Ok[None] = Ok(None)
+
+
+def _received(state: PgState) -> deque[psycopg.Notify]:
+    """The notifications ``state``'s connection received and nobody has taken yet.
+
+    Kept through psycopg's notify handler, which it also calls for what
+    arrives while a statement runs, so none is lost between statements.
+    Only the relay's connection has one: a pooled connection whose user ran
+    ``LISTEN`` keeps nothing for nobody.
+    """
+    if state.notifications is None:
+        state.notifications = deque()
+        state.conn.add_notify_handler(state.notifications.append)
+    return state.notifications
+
+
+def _take_notifies(pgconn: pq.abc.PGconn) -> None:
+    """Hand what libpq has read of notifications to psycopg's notify handler, which
+    decodes them for ours (see :func:`_received`)."""
+    handler = pgconn.notify_handler
+    while (pgn := pgconn.notifies()) is not None:
+        if handler is not None:
+            handler(pgn)
 
 
 def _ping_timeout(state: PgState) -> psycopg.OperationalError:
