@@ -7,7 +7,8 @@ dbpool writes each piece of code that has a sync and an asyncio form once,
 for asyncio, in an ``_async`` folder; its sync twin in the ``_sync`` folder
 beside it is generated:
 
-- ``client/_async`` -> ``client/_sync``: the remote client's requests;
+- ``client/_async`` -> ``client/_sync``: the remote client's requests and
+  its subscriptions to a channel's notifications;
 - ``pool/_async`` -> ``pool/_sync``: the pool's calls, checkouts and lending;
 - ``pool/ownership/_async`` -> ``pool/ownership/_sync``: the ownership
   pool's lending.
@@ -15,9 +16,10 @@ beside it is generated:
 The generation is the ``unasync`` package's token rewrite (``async`` and
 ``await`` dropped, ``__aenter__`` -> ``__enter__``, ``AsyncIterator`` ->
 ``Iterator``...) with the renames below, and one rewrite of our own:
-``Awaitable[T]`` becomes ``T``.  Then ruff sorts the imports and drops the
-names left unused, as it would in any module.  Each generated file starts
-with a header that says it is generated, from what and how.
+``Awaitable[T]`` becomes ``T`` (``Awaitable[Any]``, ``Any``).  Then ruff
+sorts the imports and drops the names left unused, as it would in any
+module.  Each generated file starts with a header that says it is
+generated, from what and how.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ RENAMES = {
     "AsyncCopyTo": "CopyTo",
     "_AsyncPaged": "_Paged",
     "ablocks": "blocks",
+    "AsyncNotifications": "Notifications",
+    "AsyncSubscription": "Subscription",
     # the pool (pool/_async, pool/ownership/_async)
     "AsyncConnection": "Connection",
     "AsyncCheckout": "Checkout",
@@ -81,7 +85,7 @@ RENAMES = {
 }
 
 #: Rewrites of the generated text that a token rename cannot make.
-TEXT_REWRITES = {"Awaitable[T]": "T"}
+TEXT_REWRITES = {"Awaitable[T]": "T", "Awaitable[Any]": "Any"}
 
 HEADER = (
     "# Generated from {source} by .ci/generate_sync.py (the unasync\n"

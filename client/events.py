@@ -1,4 +1,6 @@
-"""The server's events: :class:`Event`, :class:`Subscription`, :class:`AsyncSubscription`.
+"""The server's events: :class:`Event`, :class:`Subscription`, :class:`AsyncSubscription`,
+and what a subscriber knows of one channel's notifications: :class:`Channel`
+(the subscriptions themselves are in ``client/_async/notifications.py``).
 
 ``dbpool serve`` publishes events on a ``PUB`` socket as two frames,
 ``[topic, body]`` (``docs/protocol.md``, "Events").  A subscription is a
@@ -25,12 +27,18 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from dbpool.errors import ConnectionError
 from dbpool.keys import ClientKeys
+from dbpool.protocol import LISTEN_TTL
 from dbpool.wire import WireError, unpackb
 
-__all__ = ["AsyncSubscription", "Event", "Subscription", "parse_event"]
+__all__ = ["RENEW_EVERY", "AsyncSubscription", "Channel", "Event", "Subscription",
+           "parse_event"]
 
 logger = logging.getLogger("dbpool.client.events")
+
+#: Events a subscription may have waiting, unread (the server keeps as many more).
+RECEIVE_HWM = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +77,8 @@ def _configure(sock: zmq.Socket[Any], endpoint: str, topics: Sequence[str],
         keys.apply(sock)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    # A burst of notifications must not overflow libzmq's default of 1,000.
+    sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
     for topic in topics:
         sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
     sock.connect(endpoint)
@@ -231,3 +241,69 @@ class AsyncSubscription:
 
     def __repr__(self) -> str:
         return f"<AsyncSubscription {self.endpoint or '(not connected)'} {list(self.topics)}>"
+
+
+#: Seconds between a subscriber's ``listen`` requests, which keep the server
+#: listening (it stops LISTEN_TTL after the last one), and which find out soon
+#: that a restarted server must be asked to listen again.
+RENEW_EVERY = min(5.0, LISTEN_TTL / 3)
+
+
+class Channel:
+    """What a subscriber to one channel knows, without I/O (both clients use it).
+
+    Built from the answer to ``listen``.  :meth:`take` turns what arrives on
+    the channel's topic into the events to hand the caller: notifications,
+    the server's gaps, and a gap of its own when a sequence number was
+    skipped (events dropped for a slow reader) or the server began to
+    listen afresh (``since`` changed: it restarted, or was not renewed).
+    """
+
+    def __init__(self, answer: Any) -> None:
+        try:
+            self.pool: str = answer["pool"]
+            self.channel: str = answer["channel"]
+            self.topic: str = answer["topic"]
+            self.since: int = answer["since"]
+        except (KeyError, TypeError) as exc:
+            raise ConnectionError(f"malformed answer to listen: {answer!r:.200}") from exc
+        #: The sequence number of the last event seen (None: none yet).
+        self.seq: int | None = None
+
+    def renewed(self, answer: Any) -> Event | None:
+        """A gap if the answer to a renewing ``listen`` shows a new beginning."""
+        since = answer.get("since") if isinstance(answer, dict) else None
+        if since is None or since == self.since:
+            return None
+        self.since, self.seq = since, None
+        return self._gap("the server began to listen afresh (it restarted, or no listen "
+                         "request renewed the channel in time)")
+
+    def take(self, event: Event) -> list[Event]:
+        """The events to hand the caller for ``event``, in order."""
+        data = event.data
+        seq, since = data.get("seq"), data.get("since")
+        out: list[Event] = []
+        if isinstance(since, int) and since != self.since:
+            if event.name == "listening":
+                return out  # a mark of a beginning this subscriber has not heard of yet
+            self.since, self.seq = since, None
+            out.append(self._gap("the server began to listen afresh (it restarted)"))
+        if isinstance(seq, int):
+            if self.seq is not None and seq > self.seq + 1:
+                out.append(self._gap(f"{seq - self.seq - 1} events missed: this subscriber "
+                                     "read too slowly"))
+            if self.seq is None or seq > self.seq:
+                self.seq = seq
+        if event.name in ("notification", "gap"):
+            out.append(Event("notify", event.name, data))
+        return out
+
+    def joined(self, event: Event, nonce: str) -> bool:
+        """Whether ``event`` is the ``listening`` mark of the request with ``nonce``."""
+        return event.name == "listening" and event.data.get("nonce") == nonce
+
+    def _gap(self, reason: str) -> Event:
+        return Event("notify", "gap", {"event": "gap", "pool": self.pool,
+                                       "channel": self.channel, "reason": reason,
+                                       "time": time.time()})

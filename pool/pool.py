@@ -40,6 +40,7 @@ from dbpool.actors.slot import Slot
 from dbpool.driver import Driver, Params, Query
 from dbpool.errors import ConfigurationError, ConnectionError, PoolStoppedError
 from dbpool.pgdriver import PgDriver
+from dbpool.protocol import check_channel
 
 from ._async.calls import AsyncPoolCalls
 from ._async.checkout import AsyncCheckout, AsyncPoolTransaction
@@ -54,8 +55,7 @@ from .options import PoolOptions, PoolStartOptions, checkout_options
 from .ownership.core import OwnershipCore
 from .pool_actor import Availability, PoolActor, Resize
 
-__all__ = ["MAX_CHANNEL_BYTES", "AsyncCheckout", "AsyncPoolTransaction", "Checkout", "Pool",
-           "PoolTransaction", "check_channel"]
+__all__ = ["AsyncCheckout", "AsyncPoolTransaction", "Checkout", "Pool", "PoolTransaction"]
 
 if TYPE_CHECKING:
     from .ownership.pool import OwnershipPool
@@ -249,18 +249,24 @@ class Pool(PoolCalls, AsyncPoolCalls):
         (called from a subscriber as it is called, it returns at once and
         takes effect after the notifications being delivered).
         """
-        check_channel(channel)
-        done: Future[None] = Future()
-        try:
-            self.ref.tell(Unlisten(channel, listener, done))
-        except pykka.ActorDeadError:
-            return  # a stopped pool listens to nothing
+        done = self.stop_listening(channel, listener)
         if threading.current_thread().name.startswith(RELAY_THREAD):
             return  # a subscriber unsubscribing as it is called: the relay cannot answer
         try:
             done.result(self._default_timeout)
         except FutureTimeout:  # the pool is stopping
             pass
+
+    def stop_listening(self, channel: str, listener: object = None) -> Future[None]:
+        """:meth:`unlisten` without the wait: the future is done once ``listener``
+        hears nothing more on ``channel``."""
+        check_channel(channel)
+        done: Future[None] = Future()
+        try:
+            self.ref.tell(Unlisten(channel, listener, done))
+        except pykka.ActorDeadError:
+            done.set_result(None)  # a stopped pool listens to nothing
+        return done
 
     # -- availability (see dbpool.pool.breaker) ----------------------------
 
@@ -394,21 +400,6 @@ class Pool(PoolCalls, AsyncPoolCalls):
 
     def __repr__(self) -> str:
         return f"<dbpool Pool {self.name!r} size={self.options.pool_size} alive={self.alive}>"
-
-
-#: PostgreSQL's longest identifier, in bytes (NAMEDATALEN - 1); a longer
-#: channel name would be cut short, and its notifications named differently.
-MAX_CHANNEL_BYTES = 63
-
-
-def check_channel(channel: object) -> None:
-    """Raise ValueError (TypeError) unless ``channel`` can name a channel as is."""
-    if not isinstance(channel, str):
-        raise TypeError(f"a channel name is a str, not {type(channel).__name__}")
-    size = len(channel.encode())
-    if size == 0 or size > MAX_CHANNEL_BYTES or "\0" in channel:
-        raise ValueError(f"a channel name has 1 to {MAX_CHANNEL_BYTES} bytes and no NUL: "
-                         f"{channel!r}")
 
 
 def _copy_in(

@@ -61,13 +61,15 @@ from dbpool.pgdriver import PgDriver
 from dbpool.pool.copy import not_a_copy
 from dbpool.pool.metrics import Histogram
 from dbpool.pool.queue import drop_error
-from dbpool.protocol import VERSION, error_map, protocol_error
+from dbpool.protocol import VERSION, check_channel, error_map, protocol_error
 from dbpool.statement_scope import copy_refused, explain, scope_of
 
 from .clients import ANONYMOUS, ANONYMOUS_POLICY, ClientState
 from .copy import Copy
 from .direct_router import DirectRouter, Origin, bindable
+from .events import EventSocket
 from .memory import Trimmer
+from .notify import RemoteListens
 from .peers import Peers
 from .pipeline import (
     AT_ONCE,
@@ -123,6 +125,8 @@ _COUNTERS = {"lease": "leases", "stream": "streams", "copy": "copies"}
 _PAGE_BYTES = 1 << 20
 #: The longest request timeout accepted (a year): beyond it is a mistake.
 _MAX_TIMEOUT = 365 * 86400.0
+#: The longest ``nonce`` of a ``listen`` request.
+_MAX_NONCE = 64
 
 
 class RequestError(Exception):
@@ -227,7 +231,7 @@ class FrontEnd:
                 _bind(self.router, config.bind, "bind")
                 #: The endpoints actually bound (a ``:0`` port resolved).
                 self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-            self.pub = self._bind_events(config.events_bind)
+            self.events = self._bind_events(config.events_bind)
         except BaseException:
             if self._direct is not None:
                 self._direct.close()
@@ -238,8 +242,10 @@ class FrontEnd:
             if self._own_context:
                 self.context.term()
             raise
-        self.events_endpoint = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.events_endpoint = self.events.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.packer = wire.make_packer()
+        #: The channels remote clients listen to (see notify.py).
+        self.listens = RemoteListens(self.post, self._publish)
         #: The largest COPY page or block: half the largest message, to leave room.
         self._block_bytes = max(config.max_message_size // 2, 1)
         # Cross-thread calls into the loop, and the pipe that wakes it.
@@ -248,6 +254,8 @@ class FrontEnd:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._poller.register(self._wake_r, _POLLIN)
+        self._events_fd = -1
+        self._watch_events()
         self._monitor: zmq.Socket[Any] | None = None
         self._monitor_fd = -1
         if self.router is not None:
@@ -294,6 +302,7 @@ class FrontEnd:
             "copy_out": self._op_copy_out, "copy_read": self._op_copy_read,
             "copy_in": self._op_copy_in, "copy_write": self._op_copy_write,
             "copy_end": self._op_copy_end, "admin": self._op_admin,
+            "listen": self._op_listen,
         }
         self._admin: dict[str, Callable[[Job, list[ServedPool]], None]] = {
             "pause": self._admin_pause, "resume": self._admin_resume,
@@ -302,9 +311,9 @@ class FrontEnd:
             "reload": self._admin_reload, "kick": self._admin_kick,
         }
 
-    def _bind_events(self, endpoint: str) -> zmq.Socket[Any]:
-        pub = self.context.socket(zmq.PUB)
-        pub.setsockopt(zmq.LINGER, 0)
+    def _bind_events(self, endpoint: str) -> EventSocket:
+        pub = self.context.socket(zmq.XPUB)
+        EventSocket.configure(pub)
         if self.authority is not None:
             self.authority.secure(pub)
         try:
@@ -312,7 +321,22 @@ class FrontEnd:
         except BaseException:
             pub.close(linger=0)
             raise
-        return pub
+        return EventSocket(pub, lambda: self.served, self._may_use)
+
+    def _watch_events(self) -> None:
+        """Poll the event socket for subscriptions (and arm its descriptor)."""
+        self._events_fd = self.events.fd
+        self._poller.register(self._events_fd, _POLLIN)
+        self.events.read()
+
+    def _may_use(self, user: str | None) -> Callable[[str], bool]:
+        """Which pools the events subscriber with CURVE User-Id ``user`` may hear of."""
+        if self.authority is None:
+            return self._state_of(ANONYMOUS).policy.may_use
+        name = self.authority.name_of(user)
+        if name is None:
+            return lambda pool: False
+        return self._state_of(name).policy.may_use
 
     def add_pool(self, name: str, pool: Pool) -> None:
         """Serve ``pool`` under ``name`` (before :meth:`run`)."""
@@ -414,6 +438,8 @@ class FrontEnd:
                             self._drain_inbox()
                         elif fd == self._monitor_fd:
                             self._count_clients()
+                        elif fd == self._events_fd:
+                            self.events.read()
                         continue
                     if mask & _POLLOUT:
                         pipe.flush()
@@ -551,8 +577,10 @@ class FrontEnd:
             return
         if removed:
             endpoint = self.events_endpoint
-            self.pub.close(linger=0)
-            self.pub = self._bind_events(endpoint)
+            self._poller.unregister(self._events_fd)
+            self.events.close()
+            self.events = self._bind_events(endpoint)
+            self._watch_events()
 
     def _drain_inbox(self) -> None:
         try:
@@ -764,6 +792,7 @@ class FrontEnd:
                        "open_copies": kinds.count("copy"),
                        "connections_held": len(self._pipes),
                        "queued": sum(len(served.queued) for served in self.served.values()),
+                       "listening": len(self.listens),
                        "draining": self._draining},
             "pools": pools,
             # The default pool (else the first), as before there were several.
@@ -771,6 +800,22 @@ class FrontEnd:
             "events": self.events_endpoint,
             "health": main["health"],
         }
+
+    # -- notifications (see notify.py) -------------------------------------------
+
+    def _op_listen(self, job: Job) -> None:
+        served = self._served(job)
+        channel = job.req.get("channel")
+        try:
+            check_channel(channel)
+        except (TypeError, ValueError) as error:
+            raise _bad(f"'channel': {error}") from None
+        nonce = job.req.get("nonce")
+        if nonce is not None and (type(nonce) is not str or len(nonce) > _MAX_NONCE):
+            raise _bad(f"'nonce' must be a string of at most {_MAX_NONCE} characters")
+        self.listens.listen(served, cast(str, channel), nonce, job.deadline,
+                            lambda value: self._reply(job, value),
+                            lambda error: self._answer_error(job, error))
 
     # -- admin -----------------------------------------------------------------
 
@@ -1659,6 +1704,7 @@ class FrontEnd:
         """Deadlines of queued and running requests, silent sessions, old leases."""
         self._next_tick = now + _TICK
         self._trimmer.tick(now, self._departures)
+        self.listens.expire(now)
         for served in self.served.values():
             served.tick()
             queued = served.queued
@@ -1776,6 +1822,7 @@ class FrontEnd:
         return False
 
     def _close(self) -> None:
+        self.listens.close()
         for pipe in list(self._pipes.values()):
             self._release(pipe)
         for served in self.served.values():
@@ -1787,7 +1834,7 @@ class FrontEnd:
             self.router.disable_monitor()
             self._monitor.close(linger=0)
             self.router.close(linger=0)
-        self.pub.close(linger=0)
+        self.events.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         if self.authority is not None:
@@ -1797,17 +1844,16 @@ class FrontEnd:
 
     # -- events ----------------------------------------------------------------
 
-    def _publish(self, topic: str, event: dict[str, Any]) -> None:
+    def _publish(self, topic: str | bytes, event: dict[str, Any]) -> None:
         try:
             body = self.packer.pack(event)
         except (TypeError, ValueError, OverflowError):
             self.packer.reset()
             logger.exception("front end: event %r cannot be encoded", event.get("event"))
             return
-        try:
-            self.pub.send_multipart([topic.encode(), body], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            logger.debug("front end: event dropped", exc_info=True)
+        self.events.publish(topic if isinstance(topic, bytes) else topic.encode(), body)
+        # Sending may have taken the descriptor's signal of a subscription waiting.
+        self.events.read()
 
 
 def _each(pools: list[ServedPool], action: Callable[[Pool], None],

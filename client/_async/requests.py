@@ -24,7 +24,7 @@ from dbpool.copy_data import BLOCK_SIZE, CopyData
 from dbpool.driver import Result
 from dbpool.errors import ConnectionError, ProtocolError, TransactionError
 from dbpool.keys import client_keys
-from dbpool.protocol import VERSION
+from dbpool.protocol import VERSION, check_channel
 
 from .._base import (
     DEFAULT_MAX_ROWS,
@@ -46,6 +46,8 @@ from .._base import (
     to_results,
 )
 from .._data import ablocks
+from ..events import AsyncSubscription
+from .notifications import AsyncNotifications
 
 __all__ = ["AsyncCopyTo", "AsyncRequests", "AsyncStream", "AsyncTransaction"]
 
@@ -222,6 +224,33 @@ class AsyncRequests:
             if value is not None:
                 msg[key] = value
         return await self._call(msg, timeout)
+
+    def subscribe(self, topics: str | Iterable[str]) -> AsyncSubscription:
+        """A subscription to the server's events (each client makes its own kind)."""
+        raise NotImplementedError
+
+    async def listen(self, channel: str, *, timeout: float | None = None) -> AsyncNotifications:
+        """The notifications of ``channel`` on this client's pool: every
+        ``NOTIFY channel`` committed after this returns (op ``listen``).
+
+        The server listens through its pool's relay (one connection for all
+        channels) and publishes each notification on its event socket, to
+        the clients that may use the pool.  Returns once the server listens
+        and this subscription hears it; ``timeout`` (default: the client's)
+        bounds that wait.  ``channel`` is a name as PostgreSQL takes it
+        quoted.  See :class:`~dbpool.client._async.notifications.AsyncNotifications`
+        (the sync client's is ``Notifications``).
+        """
+        check_channel(channel)
+        wait = self.timeout if timeout is None else check_timeout(timeout)
+
+        async def listen(nonce: str | None) -> Any:
+            msg = request("listen", channel=channel)
+            if nonce is not None:
+                msg["nonce"] = nonce
+            return await self._call(msg, wait)
+
+        return await AsyncNotifications.open(listen, self.subscribe, wait)
 
     async def events_endpoint(self) -> str:
         """The events endpoint a subscription connects to.

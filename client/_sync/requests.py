@@ -27,7 +27,7 @@ from dbpool.copy_data import BLOCK_SIZE, CopyData
 from dbpool.driver import Result
 from dbpool.errors import ConnectionError, ProtocolError, TransactionError
 from dbpool.keys import client_keys
-from dbpool.protocol import VERSION
+from dbpool.protocol import VERSION, check_channel
 
 from .._base import (
     DEFAULT_MAX_ROWS,
@@ -49,6 +49,8 @@ from .._base import (
     to_results,
 )
 from .._data import blocks
+from ..events import Subscription
+from .notifications import Notifications
 
 __all__ = ["CopyTo", "Requests", "Stream", "Transaction"]
 
@@ -225,6 +227,33 @@ class Requests:
             if value is not None:
                 msg[key] = value
         return self._call(msg, timeout)
+
+    def subscribe(self, topics: str | Iterable[str]) -> Subscription:
+        """A subscription to the server's events (each client makes its own kind)."""
+        raise NotImplementedError
+
+    def listen(self, channel: str, *, timeout: float | None = None) -> Notifications:
+        """The notifications of ``channel`` on this client's pool: every
+        ``NOTIFY channel`` committed after this returns (op ``listen``).
+
+        The server listens through its pool's relay (one connection for all
+        channels) and publishes each notification on its event socket, to
+        the clients that may use the pool.  Returns once the server listens
+        and this subscription hears it; ``timeout`` (default: the client's)
+        bounds that wait.  ``channel`` is a name as PostgreSQL takes it
+        quoted.  See :class:`~dbpool.client._async.notifications.AsyncNotifications`
+        (the sync client's is ``Notifications``).
+        """
+        check_channel(channel)
+        wait = self.timeout if timeout is None else check_timeout(timeout)
+
+        def listen(nonce: str | None) -> Any:
+            msg = request("listen", channel=channel)
+            if nonce is not None:
+                msg["nonce"] = nonce
+            return self._call(msg, wait)
+
+        return Notifications.open(listen, self.subscribe, wait)
 
     def events_endpoint(self) -> str:
         """The events endpoint a subscription connects to.

@@ -34,10 +34,16 @@ from .errors import (
 )
 
 __all__ = [
+    "EVENT_TOPICS",
+    "LISTEN_TTL",
+    "MAX_CHANNEL_BYTES",
+    "NOTIFY_TOPIC",
     "OPS",
     "VERSION",
+    "check_channel",
     "error_from_map",
     "error_map",
+    "notify_topic",
     "protocol_error",
 ]
 
@@ -50,8 +56,36 @@ VERSION = 1
 OPS = frozenset({
     "ping", "status", "query", "execute", "batch", "begin", "commit", "rollback",
     "heartbeat", "stream", "fetch", "close",
-    "copy_out", "copy_read", "copy_in", "copy_write", "copy_end", "admin",
+    "copy_out", "copy_read", "copy_in", "copy_write", "copy_end", "admin", "listen",
 })
+
+#: The topics of the server's events other than notifications.
+EVENT_TOPICS: tuple[str, ...] = ("connection", "pool", "telemetry")
+#: The start of a notification topic: ``notify:POOL:CHANNEL`` and a NUL byte,
+#: which ends it so that no channel's topic is the prefix of another's.
+NOTIFY_TOPIC = "notify:"
+#: Seconds the server keeps listening to a channel for remote subscribers
+#: after the last ``listen`` request for it; clients renew well before.
+LISTEN_TTL = 60.0
+#: PostgreSQL's longest identifier, in bytes (NAMEDATALEN - 1); a longer
+#: channel name would be cut short, and its notifications named differently.
+MAX_CHANNEL_BYTES = 63
+
+
+def check_channel(channel: object) -> str:
+    """``channel`` if it can name a channel as it is; else TypeError or ValueError."""
+    if not isinstance(channel, str):
+        raise TypeError(f"a channel name is a str, not {type(channel).__name__}")
+    size = len(channel.encode())
+    if size == 0 or size > MAX_CHANNEL_BYTES or "\0" in channel:
+        raise ValueError(f"a channel name has 1 to {MAX_CHANNEL_BYTES} bytes and no NUL: "
+                         f"{channel!r}")
+    return channel
+
+
+def notify_topic(pool: str, channel: str) -> bytes:
+    """The events topic of pool ``pool``'s notifications on ``channel``."""
+    return f"{NOTIFY_TOPIC}{pool}:{channel}\0".encode()
 
 _REASONS: frozenset[str] = frozenset(get_args(Reason))
 _DIAG_KEYS = (

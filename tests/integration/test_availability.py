@@ -48,6 +48,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,10 @@ from dbpool.actors.listeners import ConnectionEvent, HealthEvent
 from dbpool.client import Client, Event, Subscription
 from dbpool.errors import ConnectionError, PoolStoppedError
 from dbpool.pool import Pool
-from dbpool.server.config import ServeConfig
 from dbpool.server.frontend import FrontEnd
 from tests.support.events import Recorder, wait_for
 from tests.support.faultproxy import ProxyFactory
+from tests.support.frontend import front_end as serve_in_thread
 from tests.support.load import Call, Load, describe
 from tests.support.pgcluster import PgCluster
 from tests.support.remote import ServerProcess
@@ -376,23 +377,8 @@ _SERVER_LOG_LINE = re.compile(r"^\S+ \S+ (INFO|WARNING|ERROR|CRITICAL) dbpool[\w
 def front_end(pools: list[Pool]) -> Iterator[Callable[[Pool], FrontEnd]]:
     """``make(pool) -> FrontEnd``: ``dbpool serve``'s front end on ``pool``, run on a
     thread of this process (so that the test can call the pool's own methods)."""
-    started: list[tuple[FrontEnd, threading.Thread]] = []
-
-    def make(pool: Pool) -> FrontEnd:
-        config = ServeConfig(bind="tcp://127.0.0.1:*", events_bind="tcp://127.0.0.1:*",
-                             pool_size=pool.options.pool_size, name=pool.name, grace=2.0)
-        front = FrontEnd(pool, config)
-        thread = threading.Thread(target=front.run, daemon=True, name="front-end")
-        thread.start()
-        started.append((front, thread))
-        return front
-
-    try:
-        yield make
-    finally:
-        for front, thread in started:
-            front.stop()
-            thread.join(10)
+    with ExitStack() as stack:
+        yield lambda pool: stack.enter_context(serve_in_thread(pool))
 
 
 def test_remote_requests_waiting_for_a_connection_fail_at_once_when_the_circuit_opens(
