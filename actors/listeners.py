@@ -1,7 +1,8 @@
 """Connection listeners: who hears that a connection connected or disconnected.
 
 They also hear of the pool's health: a :class:`HealthEvent` for every change
-of its circuit breaker's state (see :mod:`dbpool.pool.breaker`).  The same
+of its circuit breaker's state (see :mod:`dbpool.pool.breaker`), and a
+:class:`ResizeEvent` for every change of its size.  The same
 kinds of listener subscribe to a channel's notifications with
 ``pool.listen``: they hear a :class:`NotificationEvent` for each ``NOTIFY``
 and a :class:`NotificationGap` when some may have been missed (see
@@ -28,7 +29,7 @@ import pykka
 
 __all__ = [
     "ConnectionEvent", "Event", "EventKind", "HealthEvent", "Listener", "ListenerSpec",
-    "NotificationEvent", "NotificationGap", "deliver", "normalize",
+    "NotificationEvent", "NotificationGap", "ResizeEvent", "deliver", "normalize",
 ]
 
 logger = logging.getLogger("dbpool.actors.listeners")
@@ -79,6 +80,26 @@ class HealthEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class ResizeEvent:
+    """Pool :attr:`pool` now keeps :attr:`size` connections, from :attr:`previous`.
+
+    :attr:`reason`: ``grow`` or ``shrink`` (elastic sizing, see
+    :mod:`dbpool.pool.elastic`), or ``resize`` (:meth:`~dbpool.pool.Pool.resize`).
+    """
+
+    pool: str
+    size: int
+    previous: int
+    reason: str
+    tag: Any = None
+
+    @property
+    def kind(self) -> str:
+        """``"resize"``."""
+        return "resize"
+
+
+@dataclass(frozen=True, slots=True)
 class NotificationEvent:
     """A ``NOTIFY`` on :attr:`channel` with :attr:`payload`, sent by the session
     whose server process is :attr:`backend_pid`, heard by pool :attr:`pool`."""
@@ -117,7 +138,8 @@ class NotificationGap:
 
 
 #: Everything a listener may hear.
-Event: TypeAlias = "ConnectionEvent | HealthEvent | NotificationEvent | NotificationGap"
+Event: TypeAlias = (
+    "ConnectionEvent | HealthEvent | ResizeEvent | NotificationEvent | NotificationGap")
 Target: TypeAlias = "pykka.ActorRef[Any] | Callable[[ConnectionEvent], object]"
 ListenerSpec: TypeAlias = "Target | tuple[Target, Any]"
 

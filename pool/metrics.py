@@ -65,7 +65,9 @@ class PoolMetrics:
     - ``deadlines``: loans revoked for passing their deadline;
     - ``reclaimed``: abandoned loans the pool took back;
     - ``connects``, ``connect_errors``, ``disconnects``;
-    - ``recycled``: connections closed by ``disconnect_all`` or ``max_lifetime``.
+    - ``recycled``: connections closed by ``disconnect_all`` or ``max_lifetime``;
+    - ``grown``, ``shrunk``: connections an elastic pool added or closed
+      (:mod:`dbpool.pool.elastic`).
 
     Histograms (seconds): ``queue_wait`` (every checkout; 0 when a connection
     was idle), ``usage`` (checkout to checkin) and ``connect_time`` (each
@@ -75,7 +77,7 @@ class PoolMetrics:
     COUNTERS = (
         "checkouts", "queue_waits", "queue_timeouts", "drops", "queue_full", "queue_disabled",
         "unavailable", "deadlines", "reclaimed", "connects", "connect_errors", "disconnects",
-        "recycled",
+        "recycled", "grown", "shrunk",
     )
 
     def __init__(self) -> None:
@@ -97,6 +99,8 @@ class PoolMetrics:
         self.connect_errors = 0
         self.disconnects = 0
         self.recycled = 0
+        self.grown = 0
+        self.shrunk = 0
         self.queue_wait = Histogram()
         self.usage = Histogram()
         self.connect_time = Histogram()

@@ -21,6 +21,12 @@ class PoolOptions:
     Connection lifecycle:
 
     - ``pool_size`` (10): connections kept open.
+    - ``min_size`` and ``max_size`` (both ``pool_size``): an elastic pool
+      (:mod:`dbpool.pool.elastic`) starts with ``min_size`` connections,
+      grows one at a time up to ``max_size`` while checkouts wait longer
+      than ``queue_target``, and closes the connections that stayed idle
+      for ``max_idle`` (600.0) seconds, down to ``min_size``.  ``pool_size``
+      is then the current size (it starts at ``min_size`` unless given).
     - ``backoff_type`` (``"rand_exp"``), ``backoff_min`` (1.0), ``backoff_max``
       (30.0): reconnect delays, see :mod:`dbpool.actors.backoff`.
       ``"stop"`` makes a failed connect stop the pool.
@@ -113,6 +119,9 @@ class PoolOptions:
     """
 
     pool_size: int = 10
+    min_size: int | None = None
+    max_size: int | None = None
+    max_idle: float = 600.0
     name: str = "dbpool"
     backoff_type: str = "rand_exp"
     backoff_min: float | None = None
@@ -153,9 +162,29 @@ class PoolOptions:
         """``barge_window`` in seconds, its default (half of ``queue_target``) resolved."""
         return self.queue_target / 2 if self.barge_window is None else self.barge_window
 
+    @property
+    def elastic(self) -> bool:
+        """Whether the pool grows and shrinks by itself (``min_size < max_size``)."""
+        return self.min_size != self.max_size
+
     def __post_init__(self) -> None:
-        if not isinstance(self.pool_size, int) or self.pool_size < 1:
-            raise ConfigurationError(f"pool_size must be an integer >= 1, got {self.pool_size!r}")
+        for name in ("pool_size", "min_size", "max_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
+        # Unset bounds are the size itself: a pool of fixed size (frozen, hence setattr).
+        if self.min_size is None:
+            object.__setattr__(self, "min_size", self.pool_size)
+        if self.max_size is None:
+            object.__setattr__(self, "max_size", max(self.pool_size, self.min_size or 0))
+        assert self.min_size is not None and self.max_size is not None
+        if not self.min_size <= self.pool_size <= self.max_size:
+            raise ConfigurationError(
+                f"min_size <= pool_size <= max_size must hold, got {self.min_size}, "
+                f"{self.pool_size}, {self.max_size}")
+        if not isinstance(self.max_idle, int | float) or self.max_idle <= 0:
+            raise ConfigurationError(f"max_idle must be a positive number, got {self.max_idle!r}")
         backoff.new(self.backoff_type, self.backoff_min, self.backoff_max)  # validates
         for name in ("after_connect_timeout", "idle_interval", "ping_timeout", "max_seconds",
                      "timeout", "queue_target", "queue_interval", "reconnect_log_interval"):
@@ -231,6 +260,9 @@ class PoolOptions:
             raise ConfigurationError(
                 f"unknown pool option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
+        if options.get("min_size") is not None and "pool_size" not in options:
+            # An elastic pool starts at its minimum.
+            options = {**options, "pool_size": options["min_size"]}
         return cls(**options)
 
 
@@ -241,6 +273,9 @@ class PoolStartOptions(TypedDict, total=False):
     """
 
     pool_size: int
+    min_size: int | None
+    max_size: int | None
+    max_idle: float
     name: str
     backoff_type: Literal["stop", "exp", "rand", "rand_exp"]
     backoff_min: float | None

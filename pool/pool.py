@@ -314,7 +314,8 @@ class Pool(PoolCalls, AsyncPoolCalls):
 
     def resize(self, size: int) -> None:
         """Keep ``size`` connections open from now on, as HikariCP's
-        ``setMaximumPoolSize`` does at run time.
+        ``setMaximumPoolSize`` does at run time.  An elastic pool's size is
+        then fixed (``min_size`` and ``max_size`` become ``size``).
 
         Growing opens the new connections in the background.  Shrinking closes
         idle connections past the new size at once and lent ones when they are
@@ -382,7 +383,8 @@ class Pool(PoolCalls, AsyncPoolCalls):
         up, down, in_use = len(breaker.up), len(breaker.parked), len(core.loans)
         metrics = {"ready_conn_count": ready, "checkout_queue_length": waiting,
                    "health": breaker.state, "paused": core.queue.paused,
-                   "pool_size": core.options.pool_size,
+                   "pool_size": core.options.pool_size, "min_size": core.options.min_size,
+                   "max_size": core.options.max_size,
                    "connections": {"idle": max(0, up - in_use), "in_use": in_use,
                                    "connecting": max(0, core.options.pool_size - up - down),
                                    "down": down},

@@ -14,6 +14,8 @@ Contract:
   them if ``disconnect_all`` or ``max_lifetime`` says so, else ping them.
 - Every ``queue_interval`` it polls the checkout queue (CoDel load
   shedding); every ``disconnect_all_every`` it calls ``disconnect_all``.
+- An elastic pool (``min_size < max_size``): every ``queue_target`` it
+  grows or shrinks as :mod:`dbpool.pool.elastic` decides.
 - It passes :class:`~dbpool.actors.messages.Listen` and ``Unlisten`` to its
   LISTEN/NOTIFY relay (:mod:`dbpool.actors.relay`), which it starts at the
   first ``Listen``.
@@ -37,6 +39,7 @@ import pykka
 
 from dbpool import telemetry
 from dbpool.actors.connection import ConnectionActor, ConnectionConfig
+from dbpool.actors.listeners import ResizeEvent, deliver
 from dbpool.actors.messages import (
     ConnectFailed,
     ConnectionCrashed,
@@ -55,6 +58,7 @@ from dbpool.actors.supervisor import RestartIntensity
 from dbpool.errors import PoolStoppedError
 
 from .core import PoolCore
+from .elastic import IdleWindow, Sizing, next_size
 from .messages import QueryReply, RunQuery
 
 __all__ = ["PoolActor"]
@@ -75,6 +79,10 @@ class _QueuePoll:
 
 class _PeriodicDisconnectAll:
     """Timer tick: the ``disconnect_all_every`` option."""
+
+
+class _SizeCheck:
+    """Timer tick: an elastic pool's look at its load (see pool/elastic.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +133,8 @@ class PoolActor(pykka.ThreadingActor):
         self.restarts = RestartIntensity(core.options.max_restarts, core.options.max_seconds)
         self._stop_error: BaseException | None = None
         self._workers: ThreadPoolExecutor | None = None
+        #: What an elastic pool saw of its idle connections lately.
+        self._idle_window: IdleWindow | None = None
         #: The LISTEN/NOTIFY relay, once anyone listens, and what wakes it.
         self._relay: tuple[pykka.ActorRef[Any], Waker] | None = None
 
@@ -139,6 +149,8 @@ class PoolActor(pykka.ThreadingActor):
         self._tick_later(self.options.queue_interval, _QueuePoll())
         if self.options.disconnect_all_every is not None:
             self._tick_later(self.options.disconnect_all_every, _PeriodicDisconnectAll())
+        if self.options.elastic:
+            self._tick_later(self.options.queue_target, _SizeCheck())
 
     def on_receive(self, message: Any) -> Any:
         match message:
@@ -153,7 +165,7 @@ class PoolActor(pykka.ThreadingActor):
             case Parked(index):
                 self.breaker.parked_connection(index)
             case Resize(size):
-                self._resize(size)
+                self._resize(size, "resize")
             case _ProbeDue(token):
                 self.breaker.probe_due(token)
             case Availability(action):
@@ -179,6 +191,11 @@ class PoolActor(pykka.ThreadingActor):
             case _QueuePoll():
                 self.queue.poll()
                 self._tick_later(self.options.queue_interval, message)
+            case _SizeCheck() if self.options.elastic:
+                self._size_check()
+                self._tick_later(self.options.queue_target, message)
+            case _SizeCheck():
+                pass  # resized by hand since: fixed
             case _PeriodicDisconnectAll():
                 self.recycler.disconnect_all(self.options.disconnect_all_interval)
                 every = self.options.disconnect_all_every
@@ -229,7 +246,26 @@ class PoolActor(pykka.ThreadingActor):
         ref = ConnectionActor.start(slot, self.config, self.actor_ref)
         self.connections[index] = ref
 
-    def _resize(self, size: int) -> None:
+    def _size_check(self) -> None:
+        options, now = self.options, time.monotonic()
+        assert options.min_size is not None and options.max_size is not None
+        window = self._idle_window
+        if window is None:
+            window = self._idle_window = IdleWindow(options.max_idle, now)
+        window.sample(now, self.queue.counts()[0])
+        size = next_size(Sizing(
+            size=options.pool_size, min_size=options.min_size, max_size=options.max_size,
+            up=len(self.breaker.up),
+            healthy=self.breaker.state == "closed" and not self.queue.paused,
+            longest_wait=self.queue.longest_wait(now), queue_target=options.queue_target,
+            unused=window.low(now)))
+        if size != options.pool_size:
+            window.restart(now)
+            grown = size > options.pool_size
+            self.metrics.add("grown" if grown else "shrunk", abs(size - options.pool_size))
+            self._resize(size, "grow" if grown else "shrink")
+
+    def _resize(self, size: int, reason: str) -> None:
         """Grow by starting connection actors; shrink by retiring the highest indexes:
         idle connections close now, lent ones when they come back, and their actors
         stop.  Nothing in flight is touched."""
@@ -249,9 +285,18 @@ class PoolActor(pykka.ThreadingActor):
                 slot.actor.tell(Retire(slot))
             for index in [index for index in self.breaker.parked if index in going]:
                 self._stop_retired(index)
-        self.core.options = replace(self.core.options, pool_size=size)
+        options = self.core.options
+        if reason == "resize":  # a size set by hand is fixed: elastic sizing stops
+            self.core.options = replace(options, pool_size=size, min_size=size, max_size=size)
+        else:
+            self.core.options = replace(options, pool_size=size)
         self.options = self.core.options
-        logger.info("%s: pool size %d -> %d", self.name, old, size)
+        logger.info("%s: pool size %d -> %d (%s)", self.name, old, size, reason)
+        if size != old:
+            event = ResizeEvent(self.name, size, old, reason)
+            deliver(self.core.listeners, event)
+            telemetry.emit("resize", {"count": 1}, {"pool": self.name, "size": size,
+                                                    "previous": old, "reason": reason})
 
     def _stop_retired(self, index: int) -> None:
         """A retired connection has closed: stop its actor, forget its index."""

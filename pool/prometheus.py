@@ -22,7 +22,8 @@ reads :meth:`~dbpool.pool.Pool.metrics` and reports it, every series with a
   ``dbpool_queue_full_total``, ``dbpool_unavailable_total``,
   ``dbpool_connects_total``, ``dbpool_connect_errors_total``,
   ``dbpool_disconnects_total``, ``dbpool_recycles_total``,
-  ``dbpool_deadlines_total``, ``dbpool_reclaimed_total``;
+  ``dbpool_deadlines_total``, ``dbpool_reclaimed_total``,
+  ``dbpool_grown_total``, ``dbpool_shrunk_total`` (elastic sizing);
 - histograms ``dbpool_queue_wait_seconds``, ``dbpool_usage_seconds`` and
   ``dbpool_connect_seconds``.
 """
@@ -65,6 +66,8 @@ COUNTERS: tuple[tuple[str, str, str], ...] = (
     ("recycles", "recycled", "connections replaced by disconnect_all or max_lifetime"),
     ("deadlines", "deadlines", "loans revoked at their deadline"),
     ("reclaimed", "reclaimed", "abandoned loans taken back"),
+    ("grown", "grown", "connections an elastic pool added under load"),
+    ("shrunk", "shrunk", "connections an elastic pool closed after max_idle unused"),
 )
 #: Histogram series: (metric name without ``dbpool_``/``_seconds``, key, help).
 HISTOGRAMS: tuple[tuple[str, str, str], ...] = (

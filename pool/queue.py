@@ -464,6 +464,11 @@ class CheckoutQueue:
                 taken.append(idle.popleft())
         return taken
 
+    def longest_wait(self, now: float) -> float:
+        """Seconds the longest waiter has waited (0 if none waits)."""
+        with self._lock:
+            return now - self._waiters[0].since if self._waiters else 0.0
+
     def take_slots(self, indexes: set[int]) -> list[Slot]:
         """Remove the idle slots whose index is in ``indexes`` (a resize retires them)."""
         with self._lock:

@@ -216,11 +216,11 @@ class ServeConfig:
         """
         specs: list[tuple[str, str | None, dict[str, Any]]] = []
         if not self.pools or (self.dsn is not None and DEFAULT_POOL not in self.pools):
-            specs.append((DEFAULT_POOL, self.dsn, self.pool_kwargs()))
+            specs.append((DEFAULT_POOL, self.dsn, _elastic_start(self.pool_kwargs())))
         for route, table in self.pools.items():
             options = {**self.pool_kwargs(), **table, "name": route}
             dsn = options.pop("dsn", None)
-            specs.append((route, dsn, options))
+            specs.append((route, dsn, _elastic_start(options)))
         return specs
 
     def policy(self, client: str) -> ClientPolicy:
@@ -564,6 +564,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # -- sources -----------------------------------------------------------------------
+
+
+def _elastic_start(options: dict[str, Any]) -> dict[str, Any]:
+    """An elastic pool (``min_size`` set) starts at its minimum, whatever ``pool_size``
+    (always set here, to its default at least) says."""
+    if options.get("min_size") is not None:
+        return {**options, "pool_size": options["min_size"]}
+    return options
 
 
 def load_config(

@@ -80,6 +80,11 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None,
                 "event": "health", "pool": pool, "time": time.time(),
                 "state": metadata.get("state"), "previous": metadata.get("previous"),
                 "reason": metadata.get("reason")})
+        elif name == "resize":
+            box[0].publish("pool", {
+                "event": "resize", "pool": pool, "time": time.time(),
+                "size": metadata.get("size"), "previous": metadata.get("previous"),
+                "reason": metadata.get("reason")})
         else:
             error = metadata.get("error")
             if error is not None:
@@ -114,7 +119,7 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None,
     #: The pools' own names (in their events and telemetry).
     names: set[str] = set()
     handler_id = f"dbpool-serve-{id(pools)}"
-    telemetry.attach(handler_id, ["connection_error", "health"], on_telemetry)
+    telemetry.attach(handler_id, ["connection_error", "health", "resize"], on_telemetry)
     box.append(front)
     holders: dict[str, DsnHolder] = {}
 

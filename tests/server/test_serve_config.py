@@ -634,3 +634,27 @@ admin = true
     assert (app.max_inflight, app.max_leases, app.admin) == (4, 0, False)
     assert ops.admin and ops.may_use("a") and ops.max_inflight is None
     assert not other.admin and other.may_use("anything")
+
+
+def test_an_elastic_pool_in_the_file_starts_at_its_minimum(tmp_path: Path) -> None:
+    path = tmp_path / "dbpool.toml"
+    path.write_text("""
+dsn = "host=127.0.0.1"
+
+[pool]
+min_size = 2
+max_size = 8
+max_idle = 30.0
+
+[pools.fixed]
+dsn = "host=127.0.0.1"
+pool_size = 3
+min_size = 3
+max_size = 3
+""")
+    config = load("--config", str(path))
+    specs = {name: options for name, _, options in config.pool_specs()}
+    assert {k: specs["default"][k] for k in ("pool_size", "min_size", "max_size")} == {
+        "pool_size": 2, "min_size": 2, "max_size": 8}
+    assert specs["fixed"]["pool_size"] == 3
+    PoolOptions.from_kwargs(specs["default"])  # the pool takes them as they are
