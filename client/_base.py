@@ -57,6 +57,7 @@ __all__ = [
     "page_map",
     "reply_value",
     "request",
+    "spread_endpoints",
     "timed_out",
     "to_result",
     "to_results",
@@ -343,6 +344,46 @@ def _split_tcp(endpoint: str) -> tuple[str, str, str] | None:
     if not colon:
         return None
     return scheme, host.rpartition(";")[2], port  # tcp://source;host:port
+
+
+Resolver = Any  # socket.getaddrinfo's signature
+
+
+def spread_endpoints(endpoints: Sequence[str],
+                     resolve: Resolver = socket.getaddrinfo) -> tuple[str, ...]:
+    """The endpoints a client spreads over: each ``tcp://name:port`` whose name
+    resolves to several addresses of one family (a Kubernetes headless Service, a
+    DNS round robin) becomes one endpoint per address; anything else stays as it is.
+
+    A name that does not resolve stays too: the client says so when it connects.
+    ``localhost`` stays a name (it resolves to 127.0.0.1 and ::1 alike).
+    """
+    spread: list[str] = []
+    for endpoint in endpoints:
+        split = _split_tcp(endpoint)
+        host = split[1] if split is not None else ""
+        if (split is None or split[0] != "tcp" or ";" in endpoint or host in ("", "*")
+                or host == "localhost" or host.startswith("[") or _is_address(host)):
+            spread.append(endpoint)
+            continue
+        try:
+            infos = resolve(host, int(split[2]), type=socket.SOCK_STREAM)
+        except (OSError, ValueError):
+            spread.append(endpoint)
+            continue
+        by_family: dict[int, list[str]] = {}
+        for family, _, _, _, address in infos:
+            found = by_family.setdefault(family, [])
+            if address[0] not in found:
+                found.append(address[0])
+        addresses = max(by_family.values(), key=len, default=[])
+        if len(addresses) < 2:
+            spread.append(endpoint)
+            continue
+        for address in addresses:
+            shown = f"[{address}]" if ":" in address else address
+            spread.append(f"tcp://{shown}:{split[2]}")
+    return tuple(dict.fromkeys(spread))
 
 
 def direct_address(endpoint: str) -> tuple[str, int] | None:

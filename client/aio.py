@@ -126,9 +126,10 @@ class AsyncClient(AsyncRequests):
         client_key: str | None = None,
         pool: str | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        spread: bool = True,
     ) -> None:
         self._identify(endpoint, timeout, events, server_key, client_key, pool,
-                       connect_timeout)
+                       connect_timeout, spread)
         if context is None:
             self._context: zmq.asyncio.Context = zmq.asyncio.Context.instance()
         elif isinstance(context, zmq.asyncio.Context):
@@ -141,7 +142,7 @@ class AsyncClient(AsyncRequests):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._chan: _Channel | None = None
         self._channels: set[_Channel] = set()
-        self._index = 0
+        self._index = self.start
         self._last_id = 0
         self._closed = False
         self._subscriptions: weakref.WeakSet[AsyncSubscription] = weakref.WeakSet()

@@ -75,6 +75,7 @@ class ZmtpConnection:
         """
         deadline = _monotonic() + timeout
         sock = socket.create_connection((self.host, self.port), timeout=max(timeout, 0.001))
+        heard = False  # any byte of the peer's greeting
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(None)
@@ -92,6 +93,7 @@ class ZmtpConnection:
                 if data is None:
                     raise TimeoutError(f"no ZMTP greeting from {self.host}:{self.port} "
                                        f"within {timeout:g} s")
+                heard = True
                 decoder.feed(data)
             sock.sendall(ready())
             self._pump(b"")  # what came with the greeting (the peer's READY, perhaps)
@@ -111,6 +113,12 @@ class ZmtpConnection:
                     raise HandshakeError("the peer sent a message before its READY")
         except PeerClosed as exc:
             self.close()
+            if not heard:
+                # Closed before it said anything: a server going away (or not yet
+                # serving), not a refusal (a CURVE server sends the start of its
+                # greeting first); connecting again, or elsewhere, may work.
+                raise ConnectionResetError(f"{self.host}:{self.port} closed the connection "
+                                           f"before its greeting ({exc})") from None
             raise HandshakeError(f"the peer closed the connection during the handshake "
                                  f"({exc})") from None
         except BaseException:

@@ -161,9 +161,14 @@ class _Channel(threading.local):
 class Client(Requests):
     """A blocking client of ``dbpool serve``.
 
-    ``endpoint`` is the server's request endpoint, or a list of them: the
-    client uses one at a time and moves to the next after a request times
-    out.  ``timeout`` is the seconds a request waits for its reply unless
+    ``endpoint`` is the server's request endpoint, or a list of them (or a
+    ``tcp://`` name that resolves to several addresses, as a Kubernetes
+    headless Service does: one endpoint each).  The client uses one at a
+    time: with ``spread`` (the default) a random one, so that clients spread
+    over the servers, as libpq's ``load_balance_hosts=random``; else the
+    first.  It moves to the next when a request times out or the server
+    cannot be reached.  A client's transactions and streams stay on the
+    server they began on.  ``timeout`` is the seconds a request waits for its reply unless
     the call passes its own ``timeout`` (which is then also sent to the
     server, as the time the request may take there).  ``events`` is the
     server's events endpoint for :meth:`subscribe`; by default the client
@@ -213,17 +218,18 @@ class Client(Requests):
         client_key: str | None = None,
         pool: str | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        spread: bool = True,
         direct: bool = True,
     ) -> None:
         #: Whether a thread may speak ZMTP itself (see the module docstring).
         self.direct = direct
         self._identify(endpoint, timeout, events, server_key, client_key, pool,
-                       connect_timeout)
+                       connect_timeout, spread)
         self._context: zmq.Context[Any] = context if context is not None \
             else zmq.Context.instance()
         self._timeout_ms = _ms(self.timeout)
         self._lock = threading.Lock()
-        self._index = 0
+        self._index = self.start
         self._closed = False
         self._sockets: set[zmq.Socket[Any] | ZmtpConnection] = set()
         self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
@@ -293,7 +299,7 @@ class Client(Requests):
         with self._lock:
             self._sockets.discard(sock)
 
-    def _replace(self, ch: _Channel) -> None:
+    def _replace(self, ch: _Channel, why: str = "no reply") -> None:
         """Close ``ch``'s socket and give it a new one (the next endpoint, if several)."""
         old: zmq.Socket[Any] | ZmtpConnection
         if ch.direct is not None:
@@ -307,7 +313,7 @@ class Client(Requests):
             count = len(self.endpoints)
             if count > 1 and self.endpoints[self._index] == ch.endpoint:
                 self._index = (self._index + 1) % count
-                logger.warning("no reply from %s: moving to %s",
+                logger.warning("%s from %s: moving to %s", why,
                                ch.endpoint, self.endpoints[self._index])
         _close(old)
         if not closed:
@@ -432,37 +438,36 @@ class Client(Requests):
         """Connect ``ch``'s direct connection, as :meth:`_wait_connected` waits for a
         libzmq one: ``no_server`` after :attr:`connect_timeout` (then, with several
         endpoints, the next one at once), ``unauthorized`` for a refused handshake."""
-        tries = len(self.endpoints)
+        count = len(self.endpoints)
+        started, limit = self._connect_window(ch, deadline)
+        failed = 0  # endpoints refused in a row
         while True:
             if self._closed:
                 raise closed_error()
             direct = ch.direct
             assert direct is not None
-            started, limit = self._connect_window(ch, deadline)
-            while True:
-                try:
-                    direct.connect(limit - _monotonic())
-                    logger.debug("connected directly to %s", ch.endpoint)
-                    return direct
-                except HandshakeError as exc:
-                    value = MECHANISM_MISMATCH if exc.mismatch else 0
-                    refused = handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, value,
-                                                ch.endpoint, keyed=False)
-                    assert refused is not None
-                    raise refused from None
-                except OSError as exc:
-                    if self._closed:
-                        raise closed_error() from None
-                    pause = min(_RECONNECT_IVL, limit - _monotonic())
-                    if pause <= 0:
-                        logger.debug("no connection to %s: %s", ch.endpoint, exc)
-                        break
-                    time.sleep(pause)  # libzmq's reconnect interval, as the socket would
-            error = no_server(ch.endpoint, round(_monotonic() - started, 1))
-            self._replace(ch)
-            tries -= 1
-            if tries <= 0 or _monotonic() >= deadline:
-                raise error
+            try:
+                direct.connect(limit - _monotonic())
+                logger.debug("connected directly to %s", ch.endpoint)
+                return direct
+            except HandshakeError as exc:
+                value = MECHANISM_MISMATCH if exc.mismatch else 0
+                refused = handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, value,
+                                            ch.endpoint, keyed=False)
+                assert refused is not None
+                raise refused from None
+            except OSError as exc:
+                if self._closed:
+                    raise closed_error() from None
+                logger.debug("no connection to %s: %s", ch.endpoint, exc)
+                failed += 1
+                if _monotonic() >= limit:
+                    raise no_server(ch.endpoint, round(_monotonic() - started, 1)) from None
+                if count > 1:
+                    # Another server may take it now: the next endpoint at once.
+                    self._replace(ch, why=f"no connection to {ch.endpoint}")
+                if failed % count == 0:  # every one refused: libzmq's reconnect interval
+                    time.sleep(min(_RECONNECT_IVL, max(0.0, limit - _monotonic())))
 
     def _connect_window(self, ch: _Channel, deadline: float) -> tuple[float, float]:
         """``(now, until when)`` a connection may be waited for: :attr:`connect_timeout`,

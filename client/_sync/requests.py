@@ -18,6 +18,7 @@ without I/O are in :mod:`dbpool.client._base`.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
@@ -45,6 +46,7 @@ from .._base import (
     normalize_endpoints,
     page_map,
     request,
+    spread_endpoints,
     to_result,
     to_results,
 )
@@ -86,16 +88,20 @@ class Requests:
 
     def _identify(self, endpoint: str | Sequence[str], timeout: float, events: str | None,
                   server_key: str | None, client_key: str | None, pool: str | None,
-                  connect_timeout: float) -> None:
+                  connect_timeout: float, spread: bool = True) -> None:
         """Set what every client starts with: endpoints, timeouts, session, events, keys,
-        the pool its requests name."""
+        the pool its requests name, and the endpoint it starts with (:attr:`start`)."""
         #: Seconds a request waits for a connection before ``no_server``.
         self.connect_timeout = check_timeout(connect_timeout)
         if pool is not None and (not isinstance(pool, str) or not pool):
             raise ValueError(f"pool must be a pool's name, not {pool!r}")
         #: The server's pool this client's requests go to (None: the server's default).
         self.pool = pool
-        self.endpoints = normalize_endpoints(endpoint)
+        self.endpoints = spread_endpoints(normalize_endpoints(endpoint))
+        #: The index of the endpoint this client starts with: a random one with
+        #: ``spread`` (clients spread over the endpoints, as libpq's
+        #: ``load_balance_hosts=random``), else the first.
+        self.start = random.randrange(len(self.endpoints)) if spread else 0
         self.timeout = check_timeout(timeout)
         self.session = new_session()
         self._events = events

@@ -370,7 +370,7 @@ def test_reconnects_after_the_server_socket_is_rebound(stub: Stub, direct: bool)
 def test_several_endpoints_move_on_after_a_timeout(stub: Stub) -> None:
     dead = Stub(lambda s, r, m: None)
     try:
-        with Client([dead.endpoint, stub.endpoint], timeout=2.0) as client:
+        with Client([dead.endpoint, stub.endpoint], timeout=2.0, spread=False) as client:
             with pytest.raises(ConnectionError, match=f"{dead.endpoint} to 'query' within 0.2 s"):
                 client.query("x", timeout=0.2)
             assert dead.next_op("query")["timeout"] == 0.2

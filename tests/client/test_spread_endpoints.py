@@ -1,0 +1,65 @@
+"""Which endpoints a client spreads over (client/_base.py ``spread_endpoints``), and
+the move to the next endpoint when one refuses the connection."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from dbpool.client import Client
+from dbpool.client._base import spread_endpoints
+
+
+def resolver(table: dict[str, list[tuple[int, str]]]) -> Any:
+    def resolve(host: str, port: int, type: int = 0) -> list[Any]:
+        if host not in table:
+            raise socket.gaierror(f"unknown host {host}")
+        return [(family, socket.SOCK_STREAM, 6, "", (address, port))
+                for family, address in table[host]]
+    return resolve
+
+
+def test_a_name_with_several_addresses_is_one_endpoint_each() -> None:
+    resolve = resolver({
+        "pool.svc": [(socket.AF_INET, "10.0.0.1"), (socket.AF_INET, "10.0.0.2"),
+                     (socket.AF_INET, "10.0.0.2"), (socket.AF_INET6, "fd00::1")],
+        "one.svc": [(socket.AF_INET, "10.0.0.9")],
+        "six.svc": [(socket.AF_INET6, "fd00::1"), (socket.AF_INET6, "fd00::2")],
+    })
+    assert spread_endpoints(["tcp://pool.svc:7432"], resolve) == (
+        "tcp://10.0.0.1:7432", "tcp://10.0.0.2:7432")
+    assert spread_endpoints(["tcp://six.svc:7432"], resolve) == (
+        "tcp://[fd00::1]:7432", "tcp://[fd00::2]:7432")
+    # One address, no answer, or not a name: as it is (libzmq resolves it again later).
+    kept = ["tcp://one.svc:7432", "tcp://nowhere.svc:7432", "tcp://127.0.0.1:7432",
+            "tcp://[::1]:7432", "tcp://localhost:7432", "ipc:///tmp/dbpool",
+            "tcp://*:7432"]
+    assert spread_endpoints(kept, resolve) == tuple(kept)
+    assert spread_endpoints(["tcp://10.0.0.1:7432", "tcp://pool.svc:7432"], resolve) == (
+        "tcp://10.0.0.1:7432", "tcp://10.0.0.2:7432")
+
+
+def test_clients_start_on_every_endpoint_unless_told_not_to() -> None:
+    endpoints = ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2", "tcp://127.0.0.1:3"]
+    starts = {Client(endpoints, spread=True).start for _ in range(60)}
+    assert starts == {0, 1, 2}
+    assert {Client(endpoints, spread=False).start for _ in range(10)} == {0}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_refused_endpoint_is_left_at_once_for_the_next(pg_dsn: str) -> None:
+    from tests.support.remote import ServerProcess
+
+    with ServerProcess(pg_dsn, pool_size=1) as server:
+        dead = f"tcp://127.0.0.1:{_free_port()}"
+        with Client([dead, server.endpoint], timeout=5, connect_timeout=4,
+                    spread=False) as client:
+            started = time.monotonic()
+            assert client.query("SELECT 1").rows == [(1,)]
+            assert time.monotonic() - started < 1.0  # not connect_timeout
