@@ -87,6 +87,12 @@ class ConnectionConfig:
     #: Whether a connection may try to connect on its own; when not (the
     #: pool's circuit breaker is open), it parks until the pool sends Probe.
     may_connect: Callable[[], bool] = lambda: True
+    #: With a shared budget (dbpool.pool.budget): ``claim(index, state)`` takes a
+    #: slot for a new session (False: none free), ``holds(state)`` checks it at pings.
+    claim: Callable[[int, Any], bool] | None = None
+    holds: Callable[[Any], bool] | None = None
+    #: Seconds between a connection's tries for a budget slot (jittered).
+    claim_interval: float = 1.0
 
 
 class ConnectionActor(pykka.ThreadingActor):
@@ -165,6 +171,8 @@ class ConnectionActor(pykka.ThreadingActor):
         except Exception as exc:
             self._connect_failed(self._connect_error(exc, opts))
             return
+        if self.config.claim is not None and not self._claim(state, opts):
+            return
         lifetime = self.config.max_lifetime
         self.slot.mark_connected(
             state, random.uniform(*lifetime) if lifetime is not None else float("inf"))
@@ -177,6 +185,23 @@ class ConnectionActor(pykka.ThreadingActor):
         if self.backoff is not None:
             self.backoff.reset()
         self._release()
+
+    def _claim(self, state: Any, opts: Mapping[str, Any]) -> bool:
+        """Take a budget slot for the new session ``state``; if none is free, close it
+        and try again after ``claim_interval`` (jittered, so that servers take turns)."""
+        assert self.config.claim is not None
+        try:
+            claimed = self.config.claim(self.slot.index, state)
+        except Exception as exc:
+            self.config.driver.disconnect(exc, state)
+            self._connect_failed(self._connect_error(exc, opts))
+            return False
+        if not claimed:
+            self.config.driver.disconnect(None, state)
+            logger.debug("%s: connection %d found no free budget slot",
+                         self.config.pool_name, self.slot.index)
+            self._schedule_connect(self.config.claim_interval * random.uniform(0.5, 1.5))
+        return claimed
 
     def _connect_failed(self, error: ConnectionError) -> None:
         # The pool logs failures, at most one line per reconnect_log_interval.
@@ -200,10 +225,14 @@ class ConnectionActor(pykka.ThreadingActor):
 
     def _ping(self) -> None:
         outcome = self.config.driver.ping(self.slot.driver_state)
-        if isinstance(outcome, Ok):
-            self._release()
-        else:
+        if not isinstance(outcome, Ok):
             self._reconnect(outcome.error, backoff=False)
+        elif self.config.holds is not None and not self.config.holds(self.slot.driver_state):
+            # Its session let the budget slot go: it must not serve beyond the budget.
+            self._reconnect(ConnectionError("the connection no longer holds its budget slot"),
+                            backoff=False)
+        else:
+            self._release()
 
     def _release(self) -> None:
         if not self.config.release(self.slot):  # the pool is stopping, or was drained

@@ -313,7 +313,7 @@ class Client(Requests):
             count = len(self.endpoints)
             if count > 1 and self.endpoints[self._index] == ch.endpoint:
                 self._index = (self._index + 1) % count
-                logger.warning("%s from %s: moving to %s", why,
+                logger.warning("%s: moving from %s to %s", why,
                                ch.endpoint, self.endpoints[self._index])
         _close(old)
         if not closed:
@@ -465,7 +465,7 @@ class Client(Requests):
                     raise no_server(ch.endpoint, round(_monotonic() - started, 1)) from None
                 if count > 1:
                     # Another server may take it now: the next endpoint at once.
-                    self._replace(ch, why=f"no connection to {ch.endpoint}")
+                    self._replace(ch, why="no connection")
                 if failed % count == 0:  # every one refused: libzmq's reconnect interval
                     time.sleep(min(_RECONNECT_IVL, max(0.0, limit - _monotonic())))
 

@@ -35,6 +35,7 @@ from dbpool.telemetry import listened as _listened
 from ._async.lending import alend as _alend
 from ._sync.lending import lend as _lend
 from .breaker import Breaker
+from .budget import Budget
 from .cancels import Canceller
 from .checkin import Checkin
 from .connection import AsyncConnection, Connection
@@ -85,6 +86,9 @@ class PoolCore:
         #: Lent connections by slot index, for the watcher's sweeps.
         self.loans: dict[int, Loan] = {}
         self.recycler = Recycler(self.breaker, options.max_lifetime is not None)
+        #: The connection budget shared with other pools and servers, if any.
+        self.budget = (Budget(options.budget_name, options.max_server_connections, driver)
+                       if options.max_server_connections is not None else None)
         self.canceller = Canceller(options.name)
         #: Where connections go when they come back (the one way back).
         self.checkin = self._make_checkin()

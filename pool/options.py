@@ -27,6 +27,10 @@ class PoolOptions:
       than ``queue_target``, and closes the connections that stayed idle
       for ``max_idle`` (600.0) seconds, down to ``min_size``.  ``pool_size``
       is then the current size (it starts at ``min_size`` unless given).
+    - ``max_server_connections`` (None) and ``budget_name`` (``"dbpool"``): a
+      connection budget shared with every pool, in any process on any host,
+      that names the same budget on the same database: together they hold at
+      most that many connections (:mod:`dbpool.pool.budget`).
     - ``backoff_type`` (``"rand_exp"``), ``backoff_min`` (1.0), ``backoff_max``
       (30.0): reconnect delays, see :mod:`dbpool.actors.backoff`.
       ``"stop"`` makes a failed connect stop the pool.
@@ -122,6 +126,8 @@ class PoolOptions:
     min_size: int | None = None
     max_size: int | None = None
     max_idle: float = 600.0
+    max_server_connections: int | None = None
+    budget_name: str = "dbpool"
     name: str = "dbpool"
     backoff_type: str = "rand_exp"
     backoff_min: float | None = None
@@ -183,6 +189,15 @@ class PoolOptions:
             raise ConfigurationError(
                 f"min_size <= pool_size <= max_size must hold, got {self.min_size}, "
                 f"{self.pool_size}, {self.max_size}")
+        if self.max_server_connections is not None and (
+                not isinstance(self.max_server_connections, int)
+                or isinstance(self.max_server_connections, bool)
+                or self.max_server_connections < 1):
+            raise ConfigurationError(f"max_server_connections must be an integer >= 1 or "
+                                     f"None, got {self.max_server_connections!r}")
+        if not isinstance(self.budget_name, str) or not self.budget_name:
+            raise ConfigurationError(f"budget_name must be a non-empty string, "
+                                     f"got {self.budget_name!r}")
         if not isinstance(self.max_idle, int | float) or self.max_idle <= 0:
             raise ConfigurationError(f"max_idle must be a positive number, got {self.max_idle!r}")
         backoff.new(self.backoff_type, self.backoff_min, self.backoff_max)  # validates
@@ -276,6 +291,8 @@ class PoolStartOptions(TypedDict, total=False):
     min_size: int | None
     max_size: int | None
     max_idle: float
+    max_server_connections: int | None
+    budget_name: str
     name: str
     backoff_type: Literal["stop", "exp", "rand", "rand_exp"]
     backoff_min: float | None

@@ -144,6 +144,9 @@ class Pool(PoolCalls, AsyncPoolCalls):
             show_sensitive_data_on_connection_error=opts.show_sensitive_data_on_connection_error,
             max_lifetime=opts.max_lifetime,
             may_connect=lambda: core.breaker.may_connect,
+            claim=core.budget.claim if core.budget is not None else None,
+            holds=core.budget.holds if core.budget is not None else None,
+            claim_interval=opts.idle_interval,
         )
         ref = PoolActor.start(core, config)
         return handle(core, ref)
@@ -389,6 +392,10 @@ class Pool(PoolCalls, AsyncPoolCalls):
                                    "connecting": max(0, core.options.pool_size - up - down),
                                    "down": down},
                    **core.metrics.snapshot()}
+        budget = core.budget
+        if budget is not None:
+            metrics["budget"] = {"name": budget.name, "size": budget.size, "held": up,
+                                 "wanting": budget.wanting()}
         owned = self._owned_metrics()
         if owned:
             metrics["owned"] = owned

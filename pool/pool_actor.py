@@ -302,6 +302,8 @@ class PoolActor(pykka.ThreadingActor):
         """A retired connection has closed: stop its actor, forget its index."""
         self.checkin.retired.discard(index)
         self.breaker.forget(index)
+        if self.core.budget is not None:
+            self.core.budget.forget(index)
         ref = self.connections.pop(index, None)
         if ref is not None:
             ref.stop(block=False)
