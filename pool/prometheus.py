@@ -15,6 +15,7 @@ reads :meth:`~dbpool.pool.Pool.metrics` and reports it, every series with a
 
 - ``dbpool_connections{state="idle"|"in_use"|"connecting"|"down"}``,
   ``dbpool_waiters``, ``dbpool_pool_size``, ``dbpool_paused``,
+  ``dbpool_budget_slots{state="held"|"wanting"}`` (with a shared budget),
   ``dbpool_breaker_state{state="closed"|"open"|"half_open"}`` (1 for the
   state the circuit is in);
 - counters ``dbpool_checkouts_total``, ``dbpool_queue_waits_total``,
@@ -100,6 +101,10 @@ def pool_metric_families(rows: list[tuple[str, dict[str, Any]]]) -> Iterator[Met
                              labels=["pool"])
     paused = GaugeMetricFamily("dbpool_paused", "1 while the pool is paused or drained",
                                labels=["pool"])
+    budget = GaugeMetricFamily("dbpool_budget_slots",
+                               "slots of the shared connection budget this pool holds, and "
+                               "its connections waiting for one",
+                               labels=["pool", "state"])
     breaker = GaugeMetricFamily("dbpool_breaker_state",
                                 "1 for the state the circuit breaker is in",
                                 labels=["pool", "state"])
@@ -114,6 +119,9 @@ def pool_metric_families(rows: list[tuple[str, dict[str, Any]]]) -> Iterator[Met
         waiters.add_metric([name], metrics["checkout_queue_length"])
         size.add_metric([name], metrics["pool_size"])
         paused.add_metric([name], 1 if metrics["paused"] else 0)
+        if "budget" in metrics:
+            budget.add_metric([name, "held"], metrics["budget"]["held"])
+            budget.add_metric([name, "wanting"], metrics["budget"]["wanting"])
         for state in BREAKER_STATES:
             breaker.add_metric([name, state], 1 if metrics["health"] == state else 0)
         for metric, key, _ in COUNTERS:
@@ -122,7 +130,7 @@ def pool_metric_families(rows: list[tuple[str, dict[str, Any]]]) -> Iterator[Met
             histogram = metrics[key]
             histograms[metric].add_metric([name], histogram_buckets(histogram["buckets"]),
                                           histogram["sum"])
-    yield from (connections, waiters, size, paused, breaker)
+    yield from (connections, waiters, size, paused, breaker, budget)
     yield from counters.values()
     yield from histograms.values()
 

@@ -7,6 +7,7 @@ be there with their labels and types, and move with the traffic.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -96,3 +97,25 @@ def test_an_open_circuit_and_a_timeout_show(pool: Pool) -> None:
     with pool.checkout(), pool.checkout(), pytest.raises(ConnectionError):
         pool.query("SELECT 1", timeout=0.05)
     assert scrape(registry)["dbpool_queue_timeouts_total"][label] >= 1
+
+
+def test_a_shared_budget_and_elastic_sizing_show(pg_dsn: str) -> None:
+    with Pool.start(pg_dsn, min_size=1, max_size=3, name="budgeted",
+                    max_server_connections=2,
+                    budget_name=f"prometheus-{id(pg_dsn)}") as budgeted:
+        budgeted.query("SELECT 1")
+        budgeted.resize(3)  # one more than the budget: it waits for a slot
+        registry = CollectorRegistry()
+        register(budgeted, registry=registry)
+        label = (("pool", "budgeted"),)
+        held = (("pool", "budgeted"), ("state", "held"))
+        wanting = (("pool", "budgeted"), ("state", "wanting"))
+        samples = scrape(registry)
+        deadline = time.monotonic() + 10
+        while (samples["dbpool_budget_slots"][held], samples["dbpool_budget_slots"][wanting]) \
+                != (2, 1):
+            assert time.monotonic() < deadline, samples["dbpool_budget_slots"]
+            samples = scrape(registry)
+        assert samples["dbpool_pool_size"][label] == 3
+        assert samples["dbpool_grown_total"][label] == 0
+        assert "dbpool_shrunk_total" in samples
