@@ -31,6 +31,11 @@ class PoolOptions:
       connection budget shared with every pool, in any process on any host,
       that names the same budget on the same database: together they hold at
       most that many connections (:mod:`dbpool.pool.budget`).
+    - ``replicas`` (none): conninfos of read replicas, each with a pool of its
+      own (the same options, its own circuit breaker); calls marked
+      ``readonly`` go to them, and ``max_replica_lag`` (30.0 seconds; None:
+      no limit) takes a replica that far behind out of rotation
+      (:mod:`dbpool.pool.replicas`).
     - ``backoff_type`` (``"rand_exp"``), ``backoff_min`` (1.0), ``backoff_max``
       (30.0): reconnect delays, see :mod:`dbpool.actors.backoff`.
       ``"stop"`` makes a failed connect stop the pool.
@@ -128,6 +133,8 @@ class PoolOptions:
     max_idle: float = 600.0
     max_server_connections: int | None = None
     budget_name: str = "dbpool"
+    replicas: Sequence[str] = ()
+    max_replica_lag: float | None = 30.0
     name: str = "dbpool"
     backoff_type: str = "rand_exp"
     backoff_min: float | None = None
@@ -198,6 +205,13 @@ class PoolOptions:
         if not isinstance(self.budget_name, str) or not self.budget_name:
             raise ConfigurationError(f"budget_name must be a non-empty string, "
                                      f"got {self.budget_name!r}")
+        if isinstance(self.replicas, str) or not all(
+                isinstance(conninfo, str) and conninfo for conninfo in self.replicas):
+            raise ConfigurationError("replicas must be a list of conninfo strings")
+        if self.max_replica_lag is not None and not (
+                isinstance(self.max_replica_lag, int | float) and self.max_replica_lag > 0):
+            raise ConfigurationError(f"max_replica_lag must be a positive number or None, "
+                                     f"got {self.max_replica_lag!r}")
         if not isinstance(self.max_idle, int | float) or self.max_idle <= 0:
             raise ConfigurationError(f"max_idle must be a positive number, got {self.max_idle!r}")
         backoff.new(self.backoff_type, self.backoff_min, self.backoff_max)  # validates
@@ -293,6 +307,8 @@ class PoolStartOptions(TypedDict, total=False):
     max_idle: float
     max_server_connections: int | None
     budget_name: str
+    replicas: Sequence[str]
+    max_replica_lag: float | None
     name: str
     backoff_type: Literal["stop", "exp", "rand", "rand_exp"]
     backoff_min: float | None

@@ -54,6 +54,7 @@ from .logentry import LogFn
 from .options import PoolOptions, PoolStartOptions, checkout_options
 from .ownership.core import OwnershipCore
 from .pool_actor import Availability, PoolActor, Resize
+from .replicas import ReplicaSet
 
 __all__ = ["AsyncCheckout", "AsyncPoolTransaction", "Checkout", "Pool", "PoolTransaction"]
 
@@ -78,10 +79,12 @@ class Pool(PoolCalls, AsyncPoolCalls):
     #: Whether a plain checkout holds its connection for the thread's other calls.
     _holds_checkouts = False
 
-    def __init__(self, core: PoolCore, ref: pykka.ActorRef[Any]) -> None:
+    def __init__(self, core: PoolCore, ref: pykka.ActorRef[Any],
+                 replicas: ReplicaSet | None = None) -> None:
         self._core = core
         self._default_timeout = core.options.timeout
         self._default_queue = core.options.queue
+        self._replicas = replicas
         #: The pool actor's ActorRef.
         self.ref = ref
 
@@ -149,7 +152,17 @@ class Pool(PoolCalls, AsyncPoolCalls):
             claim_interval=opts.idle_interval,
         )
         ref = PoolActor.start(core, config)
-        return handle(core, ref)
+        replicas = None
+        if opts.replicas:
+            if opts.pool != "queue":
+                raise ConfigurationError("replicas are for pool='queue' pools")
+            replica_options: dict[str, Any] = {**options, "replicas": ()}
+            replicas = ReplicaSet(
+                [Pool.start(replica, driver=driver, **{**replica_options,
+                                                       "name": f"{opts.name}-replica-{i}"})
+                 for i, replica in enumerate(opts.replicas)],
+                opts.max_replica_lag, opts.idle_interval, opts.ping_timeout, opts.name)
+        return handle(core, ref, replicas)
 
     @property
     def name(self) -> str:
@@ -158,6 +171,16 @@ class Pool(PoolCalls, AsyncPoolCalls):
     @property
     def options(self) -> PoolOptions:
         return self._core.options
+
+    @property
+    def replicas(self) -> list[Pool]:
+        """The pools of the read replicas (``replicas`` option), in the order given."""
+        return self._replicas.pools if self._replicas is not None else []
+
+    def replica_status(self) -> list[dict[str, Any]]:
+        """Each replica's ``name``, ``health``, ``lag`` (seconds, None until measured)
+        and whether it is ``in_rotation`` (see :mod:`dbpool.pool.replicas`)."""
+        return self._replicas.status() if self._replicas is not None else []
 
     def lender(self) -> Lender:
         """Non-blocking borrowing, for an event loop that drives connections itself
@@ -346,6 +369,8 @@ class Pool(PoolCalls, AsyncPoolCalls):
         ``with Pool.start(...) as pool:`` closes it at the end of the block.
         (A prepared statement is released by :meth:`close_prepared`.)
         """
+        if self._replicas is not None:
+            self._replicas.close(timeout)
         try:
             self.ref.stop(block=True, timeout=timeout)
         except pykka.ActorDeadError:
@@ -392,6 +417,8 @@ class Pool(PoolCalls, AsyncPoolCalls):
                                    "connecting": max(0, core.options.pool_size - up - down),
                                    "down": down},
                    **core.metrics.snapshot()}
+        if self._replicas is not None:
+            metrics["replicas"] = self._replicas.status()
         budget = core.budget
         if budget is not None:
             metrics["budget"] = {"name": budget.name, "size": budget.size, "held": up,

@@ -27,11 +27,13 @@ from ..copy import CopyData
 from ..loans import Location, caller_location
 from ..logentry import LogFn
 from ..options import checkout_options
+from ..replicas import ReadOnly, ReplicaSet, lost_connection
 from .checkout import AsyncCheckout, AsyncPoolTransaction
 
 if TYPE_CHECKING:
     from ..core import PoolCore
     from ..ownership.owners import Owner
+    from ..pool import Pool
 
 __all__ = ["AsyncPoolCalls"]
 
@@ -47,10 +49,30 @@ class AsyncPoolCalls:
     _default_queue: bool
     #: Whether a plain checkout holds its connection for the caller's other calls.
     _holds_checkouts: bool
+    #: The read replicas (see dbpool.pool.replicas), or None.
+    _replicas: ReplicaSet | None
+
+    def _reader(self, readonly: ReadOnly) -> Pool | None:
+        """The replica for a read-only call, or None: the primary serves it.
+
+        ``readonly="replica"`` with no replica to serve raises
+        ``ConnectionError(reason="unavailable")``.
+        """
+        replica = self._replicas.choose() if self._replicas is not None else None
+        if replica is None and readonly == "replica":
+            raise ConnectionError(f"{self._core.name}: no replica can serve a "
+                                  "readonly='replica' call", reason="unavailable")
+        return replica
+
+    def _read_failed(self, replica: Pool, readonly: ReadOnly, error: BaseException) -> None:
+        """A read failed on ``replica``: re-raise unless it may run on the primary."""
+        if readonly == "replica" or not lost_connection(error) or self._replicas is None:
+            raise error
+        self._replicas.failed(replica, error)
 
     def acheckout(
         self, timeout: float | None = None, queue: bool | None = None, *,
-        caller: Owner | None = None,
+        caller: Owner | None = None, readonly: ReadOnly = False,
     ) -> AsyncCheckout:
         """Lend one connection to this caller: ``with pool.checkout() as conn: ...``
         (``async with pool.acheckout() as conn: ...``).
@@ -64,13 +86,20 @@ class AsyncPoolCalls:
         ``caller`` is for the ownership pool: use that owner's connection.
         An ownership pool's checkout holds its connection for the caller's
         other calls, which could only wait for it otherwise.
+        ``readonly=True`` lends a replica's connection if one can serve (see
+        :mod:`dbpool.pool.replicas`); ``"replica"``, only a replica's.
         """
+        if readonly:
+            replica = self._reader(readonly)
+            if replica is not None:
+                return replica.acheckout(timeout, queue)
         return AsyncCheckout(self._core, timeout, queue, caller=caller,
                              hold=self._holds_checkouts)
 
     async def aquery(
         self, sql: str, params: Params = None, *, timeout: float | None = None,
         queue: bool | None = None, log: LogFn | None = None, caller: Owner | None = None,
+        readonly: ReadOnly = False,
     ) -> Result:
         """Run one statement on a connection checked out for it; return its Result.
 
@@ -80,12 +109,23 @@ class AsyncPoolCalls:
         have been closed by the server and the statement had no effect (the
         session was terminated, or timed out while idle), it runs again on
         another connection, up to the ``checkout_retries`` option.
+
+        ``readonly=True`` runs it on a replica if one can serve, else on the
+        primary; ``"replica"`` only on a replica (see :mod:`dbpool.pool.replicas`).
         """
         core = self._core
         if core.aheld.get() is not None:  # a run or transaction may be open here
             held = core.aheld_conn()
             if held is not None:
                 return await held.query(sql, params, log=log)
+        if readonly:
+            replica = self._reader(readonly)
+            if replica is not None:
+                try:
+                    return await replica.aquery(sql, params, timeout=timeout, queue=queue,
+                                                log=log)
+                except Exception as error:
+                    self._read_failed(replica, readonly, error)
         frame = _getframe(1)  # caller_location(), inlined: the hot path
         conn = await core.alend(self._default_timeout if timeout is None else timeout,
                                 self._default_queue if queue is None else queue,
@@ -197,8 +237,15 @@ class AsyncPoolCalls:
         connection; see :mod:`dbpool.pool.transaction` for the nesting rules.
         A ``BEGIN`` that finds the connection closed by the server is retried
         on another connection, up to ``checkout_retries``.
+        ``readonly=True`` runs it on a replica if one can serve, else on the
+        primary; ``"replica"`` only on a replica (see :mod:`dbpool.pool.replicas`).
         """
         log = opts.pop("log", None)
+        readonly: ReadOnly = opts.pop("readonly", False)
+        if readonly and self._core.aheld_conn() is None:  # not inside a transaction here
+            replica = self._reader(readonly)
+            if replica is not None:
+                return replica.atransaction(fn, log=log, **opts)
         tx = AsyncPoolTransaction(self._core, log, caller_location(), **checkout_options(opts))
         if fn is None:
             return tx

@@ -832,6 +832,21 @@ class PgCluster:
         if self._cleaned:
             raise PgClusterError(f"cluster {self.base_dir} has been cleaned up")
 
+    def standby(self, **settings: SettingValue) -> PgCluster:
+        """A new cluster (not started) that streams from this running one: a
+        ``pg_basebackup -R`` of it on a port of its own, with ``settings``."""
+        standby = PgCluster(bindir=self.bindir, settings=settings)
+        try:
+            shutil.rmtree(standby.data_dir)
+            _run([self.bindir / "pg_basebackup", "-h", self.host, "-p", str(self.port),
+                  "-U", self.user, "-D", standby.data_dir, "-R", "-X", "stream",
+                  "--checkpoint=fast"], cwd=standby.base_dir, timeout=120)
+            standby._write_cluster_conf()  # its own port and socket, not the copied ones
+        except BaseException:
+            standby.cleanup()
+            raise
+        return standby
+
     def _pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return _run(
             [self.bindir / "pg_ctl", args[0], "-D", self.data_dir, *args[1:]],

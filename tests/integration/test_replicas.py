@@ -1,0 +1,161 @@
+"""Read replicas and failover (``replicas``, ``readonly``; dbpool.pool.replicas), on two
+private clusters with synchronous streaming replication, all on loopback.
+
+- 1,000 read-only queries all run where ``pg_is_in_recovery()`` is true,
+  and writes go to the primary; with the replica stopped, read-only queries
+  fall back to the primary with no error, and ``readonly="replica"`` fails
+  fast;
+- a replica whose replay is paused falls behind past ``max_replica_lag`` and
+  leaves the rotation until it catches up;
+- failover: with a multi-host primary (``target_session_attrs=read-write``),
+  after the primary stops and the standby is promoted, writes fail fast
+  while no primary exists, succeed again within ``backoff_max`` + 2 s, and
+  nothing acknowledged before the switch is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from dbpool.errors import ConnectionError
+from dbpool.pool import Pool
+from tests.support.pgcluster import PgCluster
+
+#: Every commit on the primary waits until the standby has it.
+SYNCHRONOUS = {"synchronous_standby_names": "*", "synchronous_commit": "on"}
+BACKOFF = {"backoff_min": 0.1, "backoff_max": 0.5}
+
+
+@pytest.fixture
+def replicated(pg_template: Any) -> Iterator[tuple[PgCluster, PgCluster]]:
+    primary = PgCluster(template=pg_template, settings=SYNCHRONOUS)
+    standby: PgCluster | None = None
+    try:
+        primary.start()
+        standby = primary.standby()
+        standby.start()
+        with psycopg.connect(primary.conninfo(), autocommit=True) as admin:
+            deadline = time.monotonic() + 30
+            while admin.execute("SELECT count(*) FROM pg_stat_replication WHERE sync_state "
+                                "= 'sync'").fetchone() != (1,):
+                assert time.monotonic() < deadline, "the standby never streamed"
+                time.sleep(0.05)
+        yield primary, standby
+    finally:
+        if standby is not None:
+            standby.cleanup()
+        primary.cleanup()
+
+
+def _in_rotation(pool: Pool, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(r["in_rotation"] for r in pool.replica_status()):
+        assert time.monotonic() < deadline, pool.replica_status()
+        time.sleep(0.02)
+
+
+def test_reads_go_to_the_replica_writes_to_the_primary_and_fall_back(
+        replicated: tuple[PgCluster, PgCluster]) -> None:
+    primary, standby = replicated
+    with Pool.start(primary.conninfo(), replicas=[standby.conninfo()], pool_size=2,
+                    idle_interval=0.2, **BACKOFF) as pool:
+        _in_rotation(pool)
+        reads = [pool.query("SELECT pg_is_in_recovery()", readonly=True).rows[0][0]
+                 for _ in range(1000)]
+        assert reads == [True] * 1000
+        assert pool.query("SELECT pg_is_in_recovery()").rows == [(False,)]
+        pool.query("CREATE TABLE written (x int)")
+        pool.query("INSERT INTO written VALUES (1)")
+        # Synchronous replication: the replica has it, and reads it.
+        assert pool.query("SELECT count(*) FROM written", readonly="replica").rows == [(1,)]
+        with pool.transaction(readonly=True) as tx:
+            assert tx.query("SELECT pg_is_in_recovery()").rows == [(True,)]
+        with pool.checkout(readonly=True) as conn:
+            assert conn.query("SELECT pg_is_in_recovery()").rows == [(True,)]
+        with pool.transaction() as tx:  # a read inside a write transaction stays on it
+            assert tx.query("SELECT pg_is_in_recovery()").rows == [(False,)]
+            assert pool.query("SELECT pg_is_in_recovery()", readonly=True).rows == [(False,)]
+
+        standby.stop()
+        fallback = [pool.query("SELECT pg_is_in_recovery()", readonly=True).rows[0][0]
+                    for _ in range(200)]
+        assert fallback[-1] is False  # no error on the way: every read was answered
+        deadline = time.monotonic() + 10
+        while any(r["in_rotation"] for r in pool.replica_status()):
+            assert time.monotonic() < deadline
+            pool.query("SELECT 1", readonly=True)
+        started = time.monotonic()
+        with pytest.raises(ConnectionError) as caught:
+            pool.query("SELECT 1", readonly="replica")
+        assert caught.value.reason == "unavailable" and time.monotonic() - started < 0.5
+
+        standby.start()
+        _in_rotation(pool)
+        assert pool.query("SELECT pg_is_in_recovery()", readonly=True).rows == [(True,)]
+
+
+def test_a_lagging_replica_leaves_the_rotation_until_it_catches_up(
+        replicated: tuple[PgCluster, PgCluster]) -> None:
+    primary, standby = replicated
+    with Pool.start(primary.conninfo(), replicas=[standby.conninfo()], pool_size=2,
+                    idle_interval=0.2, max_replica_lag=1.0, **BACKOFF) as pool, \
+            psycopg.connect(standby.conninfo(), autocommit=True) as on_standby:
+        _in_rotation(pool)
+        on_standby.execute("SELECT pg_wal_replay_pause()")
+        pool.query("CREATE TABLE lagging (x int)")  # received, not replayed
+        deadline = time.monotonic() + 10
+        while any(r["in_rotation"] for r in pool.replica_status()):
+            assert time.monotonic() < deadline, pool.replica_status()
+            time.sleep(0.05)
+        (status,) = pool.replica_status()
+        assert status["lag"] > 1.0 and status["health"] == "closed"
+        assert pool.query("SELECT pg_is_in_recovery()", readonly=True).rows == [(False,)]
+        on_standby.execute("SELECT pg_wal_replay_resume()")
+        _in_rotation(pool)
+        assert pool.query("SELECT count(*) FROM lagging", readonly=True).rows == [(0,)]
+
+
+def test_the_pool_follows_a_promoted_standby(
+        replicated: tuple[PgCluster, PgCluster]) -> None:
+    primary, standby = replicated
+    hosts = (f"host=127.0.0.1,127.0.0.1 port={primary.port},{standby.port} user=postgres "
+             "dbname=postgres target_session_attrs=read-write connect_timeout=2")
+    with Pool.start(hosts, pool_size=2, idle_interval=0.2, **BACKOFF) as pool:
+        pool.query("CREATE TABLE acked (x int)")
+        acknowledged = 0
+        for n in range(100):
+            pool.query("INSERT INTO acked VALUES (%s)", [n])
+            acknowledged += 1
+        primary.stop()
+        # No primary now: writes fail, and fast.
+        failures = 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and failures < 5:
+            started = time.monotonic()
+            try:
+                pool.query("INSERT INTO acked VALUES (-1)", timeout=2.0)
+            except psycopg.OperationalError:
+                failures += 1
+                assert time.monotonic() - started < 2.5
+            else:
+                pytest.fail("a write succeeded with no primary")
+        assert failures == 5
+        with psycopg.connect(standby.conninfo(), autocommit=True) as promote:
+            promote.execute("SELECT pg_promote()")
+        promoted = time.monotonic()
+        while True:
+            try:
+                pool.query("INSERT INTO acked VALUES (100)", timeout=1.0)
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() - promoted < 0.5 + 2, "writes did not resume in time"
+                time.sleep(0.05)
+        assert time.monotonic() - promoted <= 0.5 + 2
+        rows = pool.query("SELECT count(*) FROM acked WHERE x BETWEEN 0 AND 99").rows
+        assert rows == [(acknowledged,)]
+        assert pool.query("SELECT pg_is_in_recovery()").rows == [(False,)]
