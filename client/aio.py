@@ -27,7 +27,7 @@ from collections.abc import (
     Sequence,
 )
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import zmq
 import zmq.asyncio
@@ -443,14 +443,15 @@ class AsyncClient(AsyncRequests):
         self._retire(ch)
         return error
 
-    def transaction(self, *, timeout: float | None = None) -> AsyncTransaction:
+    def transaction(self, *, timeout: float | None = None,
+                    readonly: bool | Literal["replica"] = False) -> AsyncTransaction:
         """An :class:`AsyncTransaction`, begun by ``async with`` or ``await``.
 
         ``async with client.transaction() as tx`` commits when the block
         ends normally and rolls back when it raises; ``tx = await
         client.transaction()`` begins it and leaves the end to the caller.
         """
-        return AsyncTransaction(self, timeout)
+        return AsyncTransaction(self, timeout, readonly)
 
     def _endpoint(self) -> str:
         ch = self._chan

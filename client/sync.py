@@ -36,7 +36,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import zmq
 
@@ -554,14 +554,15 @@ class Client(Requests):
             return closed_error()
         return ConnectionError(f"socket error on {ch.endpoint}: {exc}", reason="error")
 
-    def transaction(self, *, timeout: float | None = None) -> Transaction:
+    def transaction(self, *, timeout: float | None = None,
+                    readonly: bool | Literal["replica"] = False) -> Transaction:
         """Begin a transaction now (op ``begin``) and return it.
 
         As a context manager the transaction commits when the block ends
         normally and rolls back when it raises (the exception propagates).
         While it is open the client sends heartbeats for it.
         """
-        return Transaction(self, timeout).begin()
+        return Transaction(self, timeout, readonly).begin()
 
     def _endpoint(self) -> str:
         return self._ch.endpoint

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
 import psycopg
 
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from dbpool.pool.transaction import Transaction as PoolTransaction
 
 __all__ = ["Connection", "PoolTransport", "RemoteTransport", "connect"]
+
+#: ``connect(readonly=...)``: False, True (a replica if one can serve) or ``"replica"``.
+ReadOnly: TypeAlias = "bool | Literal['replica']"
 
 
 class Transport(Protocol):
@@ -94,13 +97,14 @@ class PoolTransport:
 class RemoteTransport:
     """A client of ``dbpool serve``: a transaction is a lease (``client.transaction()``)."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, readonly: ReadOnly = False) -> None:
         self._client = client
+        self._readonly = readonly
         self._tx: Transaction | None = None
 
     def begin(self, characteristics: str) -> None:
         with _as_dbapi_errors():
-            tx = self._client.transaction()
+            tx = self._client.transaction(readonly=self._readonly)
             self._tx = tx
             if characteristics:  # before the lease's first statement, as PostgreSQL wants
                 tx.query(f"SET TRANSACTION {characteristics}")
@@ -115,16 +119,18 @@ class RemoteTransport:
                     tx.rollback()
 
     def execute(self, sql: str, params: Params) -> Result:
-        target = self._tx if self._tx is not None else self._client
         with _as_dbapi_errors():
-            return target.query(sql, params)
+            if self._tx is not None:
+                return self._tx.query(sql, params)
+            return self._client.query(sql, params, readonly=self._readonly)
 
     def execute_many(self, sql: str, params_seq: Sequence[Params]) -> list[Result]:
         if not params_seq:
             return []
-        target = self._tx if self._tx is not None else self._client
-        with _as_dbapi_errors():
-            return target.batch(sql, list(params_seq))  # one round trip
+        with _as_dbapi_errors():  # one round trip
+            if self._tx is not None:
+                return self._tx.batch(sql, list(params_seq))
+            return self._client.batch(sql, list(params_seq), readonly=self._readonly)
 
     def close(self) -> None:
         self._client.close()
@@ -302,7 +308,7 @@ _ISOLATION_LEVELS = ("SERIALIZABLE", "REPEATABLE READ", "READ COMMITTED", "READ 
 def connect(endpoint: str | Sequence[str] | None = None, *, pool: Pool | str | None = None,
             autocommit: bool = False, timeout: float | None = None,
             hold_timeout: float | None = None, server_key: str | None = None,
-            client_key: str | None = None) -> Connection:
+            client_key: str | None = None, readonly: ReadOnly = False) -> Connection:
     """A DB-API connection.
 
     - ``connect(pool=<Pool>)``: borrow a connection of an in-process pool
@@ -315,6 +321,11 @@ def connect(endpoint: str | Sequence[str] | None = None, *, pool: Pool | str | N
       the next when one does not answer); ``pool`` names the server's pool (default: its
       default pool), ``timeout`` is the client's request timeout, the keys are
       CURVE's (see :class:`dbpool.client.Client`).
+
+    ``readonly=True`` puts the connection on a read replica of the pool if
+    one can serve (else the primary), ``"replica"`` only on a replica (see
+    :mod:`dbpool.pool.replicas`): in-process for the whole connection,
+    through the service for each transaction and statement.
     """
     if endpoint is None:
         from dbpool.pool import Pool
@@ -322,12 +333,12 @@ def connect(endpoint: str | Sequence[str] | None = None, *, pool: Pool | str | N
         if not isinstance(pool, Pool):
             raise psycopg.InterfaceError(
                 "connect() needs pool=<a dbpool Pool>, or an endpoint of dbpool serve")
-        return Connection(PoolTransport(pool.checkout(timeout=timeout), hold_timeout),
-                          autocommit)
+        return Connection(PoolTransport(pool.checkout(timeout=timeout, readonly=readonly),
+                                        hold_timeout), autocommit)
     if pool is not None and not isinstance(pool, str):
         raise psycopg.InterfaceError("through dbpool serve, pool= is the server's pool name")
     from dbpool.client import Client
 
     client = Client(endpoint, 15.0 if timeout is None else timeout, pool=pool,
                     server_key=server_key, client_key=client_key)
-    return Connection(RemoteTransport(client), autocommit)
+    return Connection(RemoteTransport(client, readonly), autocommit)

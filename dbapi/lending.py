@@ -33,13 +33,14 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 from psycopg.pq import TransactionStatus as PgTransactionStatus
 
 from dbpool.errors import RolledBack
 from dbpool.pgconnection import PgConnection
+from dbpool.pool.lender import Lender as PoolLender
 from dbpool.pool.ownership.pool import OwnershipPool
 from dbpool.pool.ownership.sandbox import SandboxState
 from dbpool.pool.transaction import RollbackSignal, Transaction
@@ -78,27 +79,45 @@ class Lender:
     """
 
     def __init__(self, pool: Pool, timeout: float | None = None,
-                 hold_timeout: float | None = None) -> None:
+                 hold_timeout: float | None = None,
+                 readonly: bool | Literal["replica"] = False) -> None:
         self.pool = pool
         self.timeout = timeout
         self.hold_timeout = hold_timeout
+        #: Lend a read replica's connections (see dbpool.pool.replicas): True when
+        #: one can serve, ``"replica"`` only theirs.
+        self.readonly = readonly
         self._lent: dict[int, _Lent] = {}
         # An idle connection is taken without a checkout's waiting machinery: the
         # queue's own try (its rules, metrics and breaker), as dbpool serve takes
         # them.  Not on an ownership pool, whose connections are its owners'.
         self._idle = None if isinstance(pool, OwnershipPool) else pool.lender()
+        self._replica_idle: dict[int, PoolLender] = {}
+
+    def _source(self) -> tuple[Pool, PoolLender | None]:
+        """The pool to lend from now (a replica, for a read-only lender), and its
+        non-blocking lender."""
+        if not self.readonly:
+            return self.pool, self._idle
+        replica = self.pool.replica_for_read(self.readonly == "replica")
+        if replica is None:
+            return self.pool, self._idle
+        idle = self._replica_idle.get(id(replica))
+        if idle is None:
+            idle = self._replica_idle.setdefault(id(replica), replica.lender())
+        return replica, idle
 
     def lend(self) -> psycopg.Connection[Any]:
         """Check a connection out and lend its psycopg connection, in dbpool's mode
         (autocommit on; see the module docstring)."""
-        idle = self._idle
+        source, idle = self._source()
         conn = idle.try_borrow() if idle is not None else None
         back: Callable[[], object]
         if conn is not None:
             back = functools.partial(idle.give_back, conn)  # type: ignore[union-attr]
             reset_deadline = self.hold_timeout is not None  # its loan has none to lift
         else:
-            checkout: Checkout = self.pool.checkout(timeout=self.timeout)
+            checkout: Checkout = source.checkout(timeout=self.timeout)
             conn = checkout.__enter__()
             back = functools.partial(checkout.__exit__, None, None, None)
             reset_deadline = True  # the checkout's: lifted (None) or moved

@@ -177,6 +177,11 @@ class Pool(PoolCalls, AsyncPoolCalls):
         """The pools of the read replicas (``replicas`` option), in the order given."""
         return self._replicas.pools if self._replicas is not None else []
 
+    def replica_for_read(self, only: bool = False) -> Pool | None:
+        """The replica a read-only call would go to now, or None for the primary;
+        with ``only``, ConnectionError (``unavailable``) rather than None."""
+        return self._reader("replica" if only else True)
+
     def replica_status(self) -> list[dict[str, Any]]:
         """Each replica's ``name``, ``health``, ``lag`` (seconds, None until measured)
         and whether it is ``in_rotation`` (see :mod:`dbpool.pool.replicas`)."""

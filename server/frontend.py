@@ -101,6 +101,8 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _SRCFD = int(zmq.SRCFD)
 #: Operations that make a lease (or a stream or copy) for their session.
 _HOLDING_OPS = frozenset({"begin", "stream", "copy_out", "copy_in"})
+#: Operations a ``readonly`` request may send to a replica.
+_READ_OPS = frozenset({"query", "execute", "batch", "stream", "begin", "copy_out"})
 _SNDMORE = int(zmq.SNDMORE)
 _ZMQ_EVENTS = int(zmq.EVENTS)
 _ZMQ_POLLIN = int(zmq.POLLIN)
@@ -321,7 +323,8 @@ class FrontEnd:
         except BaseException:
             pub.close(linger=0)
             raise
-        return EventSocket(pub, lambda: self.served, self._may_use)
+        return EventSocket(pub, lambda: (name for name in self.served if "/" not in name),
+                           self._may_use)
 
     def _watch_events(self) -> None:
         """Poll the event socket for subscriptions (and arm its descriptor)."""
@@ -349,12 +352,20 @@ class FrontEnd:
         self.served[name] = served
         if name == DEFAULT_POOL:
             self.default = served
+        # Each replica is served too, as NAME/replica-N ("/" is in no pool's name),
+        # under the primary's permission; read-only requests go there.
+        for index, replica in enumerate(pool.replicas):
+            route = f"{name}/replica-{index}"
+            reader = self.served[route] = ServedPool(route, replica, owner=name)
+            served.replicas.append(reader)
 
     def remove_pool(self, name: str) -> None:
         """Serve pool ``name`` no more (on the loop): new requests for it are
         ``unknown_pool``, its queued ones fail, and its connections go back to it as
         their work in flight ends (the caller drains and stops the pool)."""
         served = self.served.pop(name)
+        for reader in served.replicas:
+            self.remove_pool(reader.name)
         if self.default is served:
             self.default = None
         served.removed = True
@@ -674,6 +685,20 @@ class FrontEnd:
                 "unknown_pool", f"no pool named {pool_name!r}; this server serves "
                                 f"{', '.join(sorted(self.served))}"))
             return
+        readonly = req.get("readonly", False)
+        if readonly is not False:
+            if readonly is not True and readonly != "replica":
+                self._reply_error(route, rid, protocol_error(
+                    "bad_request", "'readonly' must be true, false or \"replica\""))
+                return
+            # A replica named outright is a replica already; a lease stays where it is.
+            if (served is not None and served.owner == served.name and op in _READ_OPS
+                    and req.get("lease") is None and state.policy.may_use(served.owner)):
+                try:
+                    served = served.reader(readonly) or served
+                except ConnectionError as error:
+                    self._reply_error(route, rid, error_map(error))
+                    return
         policy = state.policy
         holding = op in _HOLDING_OPS and req.get("lease") is None
         refused = None
@@ -1490,9 +1515,9 @@ class FrontEnd:
                 "unknown_pool", f"name a pool ('pool'): this server serves "
                                 f"{', '.join(sorted(self.served))}, and no default"))
         state = job.state
-        if state is not None and not state.policy.may_use(served.name):
+        if state is not None and not state.policy.may_use(served.owner):
             raise RequestError(error_map(PermissionDenied(
-                f"client {state.name!r} may not use pool {served.name!r} (its pools: "
+                f"client {state.name!r} may not use pool {served.owner!r} (its pools: "
                 f"{', '.join(sorted(state.policy.pools or ()))})")))
         return served
 

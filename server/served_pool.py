@@ -32,6 +32,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from dbpool.errors import ConnectionError
 from dbpool.pool.codel import Codel
 
 if TYPE_CHECKING:
@@ -143,10 +144,15 @@ class FairQueue:
 class ServedPool:
     """What the front end keeps for one pool (see the module docstring)."""
 
-    def __init__(self, name: str, pool: Pool) -> None:
+    def __init__(self, name: str, pool: Pool, owner: str | None = None) -> None:
         #: The name requests use for it.
         self.name = name
+        #: The pool whose permission it needs: its own name, or its primary's for a
+        #: replica (served as ``NAME/replica-N``).
+        self.owner = owner or name
         self.pool = pool
+        #: Its replicas' served pools (read-only requests may go there).
+        self.replicas: list[ServedPool] = []
         #: The pool's queue, for a loop that never blocks (see dbpool.pool.lender).
         self.lender: Lender = pool.lender()
         #: Connections held that serve any client.
@@ -171,6 +177,18 @@ class ServedPool:
         #: a connection that prepared statements before the latest count forgets
         #: them before its next request, as their plans may have gone stale.
         self.schema_epoch = 0
+
+    def reader(self, readonly: object) -> ServedPool | None:
+        """The replica a read-only request goes to: the pool's choice (see
+        :mod:`dbpool.pool.replicas`), or None for this pool itself.  With
+        ``readonly="replica"`` and no replica to serve, ConnectionError."""
+        if not self.replicas:
+            if readonly == "replica":
+                raise ConnectionError(f"pool {self.name!r} has no replicas",
+                                      reason="unavailable")
+            return None
+        chosen = self.pool.replica_for_read(readonly == "replica")
+        return next((served for served in self.replicas if served.pool is chosen), None)
 
     def tick(self) -> None:
         """Count the clients active lately (the front end calls it every tick)."""

@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Generic, Protocol, Self, TypeVar
+from typing import Any, Generic, Literal, Protocol, Self, TypeAlias, TypeVar
 
 from dbpool.copy_data import BLOCK_SIZE, CopyData
 from dbpool.driver import Result
@@ -56,6 +56,8 @@ __all__ = ["AsyncCopyTo", "AsyncRequests", "AsyncStream", "AsyncTransaction"]
 logger = logging.getLogger("dbpool.client")
 
 PageT = TypeVar("PageT")
+#: A request's ``readonly``: False, True (a replica if one can serve) or ``"replica"``.
+ReadOnly: TypeAlias = "bool | Literal['replica']"
 _VERSION = VERSION
 _to_result = to_result
 
@@ -128,13 +130,19 @@ class AsyncRequests:
         return f"<{type(self).__name__} {', '.join(self.endpoints)} {state}>"
 
     async def query(self, sql: str, params: Params = None, *,
-                    timeout: float | None = None) -> Result:
+                    timeout: float | None = None, readonly: ReadOnly = False) -> Result:
         """Run one statement and return its result (op ``query``).
 
         ``timeout`` is the seconds to wait for the reply, also sent to the
         server as the time the request may take there (default: the
         client's :attr:`timeout`, and the pool's own on the server).
+        ``readonly=True`` lets the server run it on one of the pool's read
+        replicas, else on the primary; ``"replica"`` only on a replica
+        (``ConnectionError(reason="unavailable")`` if none can serve).  The
+        same holds for :meth:`execute`, :meth:`batch` and :meth:`transaction`.
         """
+        if readonly:
+            return await self._statement("query", sql, params, timeout, None, readonly)
         if timeout is None:
             return _to_result(await self._call(
                 {"v": _VERSION, "op": "query", "sql": sql, "params": params}, None))
@@ -143,17 +151,17 @@ class AsyncRequests:
             timeout))
 
     async def execute(self, sql: str, params: Params = None, *,
-                      timeout: float | None = None) -> Result:
+                      timeout: float | None = None, readonly: ReadOnly = False) -> Result:
         """Run one statement prepared on the server (op ``execute``).
 
         The server prepares it on each connection the first time it runs
         there and executes it by name afterwards.
         """
-        return await self._statement("execute", sql, params, timeout, None)
+        return await self._statement("execute", sql, params, timeout, None, readonly)
 
     async def batch(self, sql_or_statements: str | Iterable[Statement | str],
                     params_seq: Iterable[Params] | None = None, *,
-                    timeout: float | None = None) -> list[Result]:
+                    timeout: float | None = None, readonly: ReadOnly = False) -> list[Result]:
         """Run statements in one round trip on one connection (op ``batch``).
 
         ``batch(sql, params_seq)`` runs ``sql`` once per parameter set;
@@ -161,7 +169,7 @@ class AsyncRequests:
         transaction the batch is atomic; the error of a failed statement
         has its position as ``index``.
         """
-        return await self._batch(sql_or_statements, params_seq, timeout, None)
+        return await self._batch(sql_or_statements, params_seq, timeout, None, readonly)
 
     def stream(self, sql: str, params: Params = None, *, max_rows: int = DEFAULT_MAX_ROWS,
                timeout: float | None = None) -> AsyncStream:
@@ -274,8 +282,10 @@ class AsyncRequests:
         return events_endpoint(events, self._endpoint())
 
     async def _statement(self, op: str, sql: str, params: Params, timeout: float | None,
-                         lease: str | None) -> Result:
+                         lease: str | None, readonly: ReadOnly = False) -> Result:
         msg: dict[str, Any] = {"v": _VERSION, "op": op, "sql": sql, "params": params}
+        if readonly:
+            msg["readonly"] = readonly
         if lease is not None:
             msg["lease"] = lease
             msg["session"] = self.session
@@ -285,8 +295,10 @@ class AsyncRequests:
 
     async def _batch(self, sql_or_statements: str | Iterable[Statement | str],
                      params_seq: Iterable[Params] | None, timeout: float | None,
-                     lease: str | None) -> list[Result]:
+                     lease: str | None, readonly: ReadOnly = False) -> list[Result]:
         msg = {"v": _VERSION, **batch_fields(sql_or_statements, params_seq)}
+        if readonly:
+            msg["readonly"] = readonly
         if lease is not None:
             msg["lease"] = lease
             msg["session"] = self.session
@@ -307,9 +319,11 @@ class AsyncTransaction:
     was ended inside.  While it is open the client sends heartbeats for it.
     """
 
-    def __init__(self, client: AsyncRequests, timeout: float | None) -> None:
+    def __init__(self, client: AsyncRequests, timeout: float | None,
+                 readonly: ReadOnly = False) -> None:
         self._client = client
         self._timeout = timeout
+        self._readonly = readonly
         #: The lease id the server gave (None until begun).
         self.lease: str | None = None
         #: Seconds without a request after which the server ends the lease.
@@ -333,6 +347,8 @@ class AsyncTransaction:
         self._state = "beginning"
         client = self._client
         msg = request("begin", session=client.session)
+        if self._readonly:
+            msg["readonly"] = self._readonly
         if self._timeout is not None:
             msg["timeout"] = self._timeout
         try:
@@ -359,7 +375,7 @@ class AsyncTransaction:
         return await self._client._statement("query", sql, params, timeout, self._lease())
 
     async def execute(self, sql: str, params: Params = None, *,
-                      timeout: float | None = None) -> Result:
+                      timeout: float | None = None, readonly: ReadOnly = False) -> Result:
         """Run one prepared statement in the transaction."""
         return await self._client._statement("execute", sql, params, timeout, self._lease())
 

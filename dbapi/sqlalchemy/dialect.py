@@ -52,7 +52,7 @@ __all__ = ["DbpoolDialect"]
 
 _ISOLATION_LEVELS: tuple[IsolationLevel, ...] = (
     "AUTOCOMMIT", "READ COMMITTED", "READ UNCOMMITTED", "REPEATABLE READ", "SERIALIZABLE")
-_QUERY_KEYS = ("server_key", "client_key", "timeout", "endpoint")
+_QUERY_KEYS = ("server_key", "client_key", "timeout", "endpoint", "readonly")
 
 
 def _psycopg_type_impls() -> dict[Any, Any]:
@@ -111,6 +111,12 @@ class DbpoolDialect(PGDialect):
         for key in ("server_key", "client_key"):
             if key in url.query:
                 kwargs[key] = _single(url, key)
+        if "readonly" in url.query:  # ?readonly=true|replica: a read-only engine
+            value = _single(url, "readonly").lower()
+            if value not in ("true", "false", "replica"):
+                raise exc.ArgumentError(
+                    f"readonly= must be true, false or replica, got {value!r}")
+            kwargs["readonly"] = "replica" if value == "replica" else value == "true"
         if "timeout" in url.query:
             try:
                 kwargs["timeout"] = float(_single(url, "timeout"))

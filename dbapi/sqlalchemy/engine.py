@@ -39,7 +39,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 import sqlalchemy
@@ -59,15 +59,19 @@ logger = logging.getLogger("dbpool.dbapi")
 
 
 def create_engine(pool: Pool, *, timeout: float | None = None,
-                  hold_timeout: float | None = None, **kwargs: Any) -> sqlalchemy.Engine:
+                  hold_timeout: float | None = None, readonly: bool | Literal["replica"] = False,
+                  **kwargs: Any) -> sqlalchemy.Engine:
     """An SQLAlchemy engine whose connections are ``pool``'s (see the module docstring).
 
     ``timeout`` bounds each checkout's wait for a connection (the pool's
     ``timeout`` by default); ``hold_timeout`` how long SQLAlchemy may then hold
-    it (None: until it closes it, as with SQLAlchemy's own pools); ``kwargs`` go
-    to ``sqlalchemy.create_engine``.
+    it (None: until it closes it, as with SQLAlchemy's own pools); ``readonly``
+    makes a read-only engine, whose connections are the pool's read replicas'
+    (True: when one can serve, else the primary's; ``"replica"``: only
+    theirs; see :mod:`dbpool.pool.replicas`); ``kwargs`` go to
+    ``sqlalchemy.create_engine``.
     """
-    lender = Lender(pool, timeout, hold_timeout)
+    lender = Lender(pool, timeout, hold_timeout, readonly)
     #: The connections SQLAlchemy set to AUTOCOMMIT (see _begin_explicitly).
     autocommit: weakref.WeakSet[Any] = weakref.WeakSet()
     engine = sqlalchemy.create_engine(

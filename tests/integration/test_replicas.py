@@ -10,7 +10,11 @@ private clusters with synchronous streaming replication, all on loopback.
 - failover: with a multi-host primary (``target_session_attrs=read-write``),
   after the primary stops and the standby is promoted, writes fail fast
   while no primary exists, succeed again within ``backoff_max`` + 2 s, and
-  nothing acknowledged before the switch is lost.
+  nothing acknowledged before the switch is lost;
+- through ``dbpool serve``: ``readonly`` requests and transactions of the
+  client run on the replica, the others on the primary;
+- the DB-API (in-process and remote) and SQLAlchemy (an engine on a pool,
+  and the ``postgresql+dbpool://`` dialect) read from the replica too.
 """
 
 from __future__ import annotations
@@ -21,9 +25,16 @@ from typing import Any
 
 import psycopg
 import pytest
+import sqlalchemy
+import zmq
 
-from dbpool.errors import ConnectionError
+from dbpool import dbapi
+from dbpool.client import Client
+from dbpool.dbapi.sqlalchemy import create_engine
+from dbpool.errors import ConnectionError, ProtocolError
 from dbpool.pool import Pool
+from dbpool.wire import packb, unpackb
+from tests.support.frontend import front_end
 from tests.support.pgcluster import PgCluster
 
 #: Every commit on the primary waits until the standby has it.
@@ -159,3 +170,78 @@ def test_the_pool_follows_a_promoted_standby(
         rows = pool.query("SELECT count(*) FROM acked WHERE x BETWEEN 0 AND 99").rows
         assert rows == [(acknowledged,)]
         assert pool.query("SELECT pg_is_in_recovery()").rows == [(False,)]
+
+
+def test_remote_reads_go_to_the_replica_through_the_service(
+        replicated: tuple[PgCluster, PgCluster]) -> None:
+    primary, standby = replicated
+    with Pool.start(primary.conninfo(), replicas=[standby.conninfo()], pool_size=2,
+                    idle_interval=0.2, **BACKOFF) as pool:
+        _in_rotation(pool)
+        with front_end(pool) as front, Client(front.endpoint, timeout=10) as client:
+            recovery = "SELECT pg_is_in_recovery()"
+            assert [client.query(recovery, readonly=True).rows[0][0]
+                    for _ in range(100)] == [True] * 100
+            assert client.query(recovery).rows == [(False,)]
+            assert client.execute(recovery, readonly="replica").rows == [(True,)]
+            assert client.batch([(recovery, None)], readonly=True)[0].rows == [(True,)]
+            with client.transaction(readonly=True) as tx:
+                assert tx.query(recovery).rows == [(True,)]
+            with client.transaction() as tx:
+                assert tx.query(recovery).rows == [(False,)]
+            status = client.status()["pools"]
+            assert status["default/replica-0"]["checkouts"] > 0
+            with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as raw:
+                raw.connect(front.endpoint)
+                raw.send(packb({"v": 1, "id": 1, "op": "query", "sql": "SELECT 1",
+                                "readonly": "yes"}))
+                assert raw.poll(5000)
+                assert unpackb(raw.recv())["error"]["code"] == "bad_request"
+            standby.stop()
+            deadline = time.monotonic() + 10
+            while any(r["in_rotation"] for r in pool.replica_status()):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert client.query(recovery, readonly=True).rows == [(False,)]
+            with pytest.raises(ConnectionError) as caught:
+                client.query(recovery, readonly="replica")
+            assert caught.value.reason == "unavailable"
+            assert not isinstance(caught.value, ProtocolError)
+
+
+def test_the_adapters_read_from_the_replica(replicated: tuple[PgCluster, PgCluster]) -> None:
+    primary, standby = replicated
+    recovery = "SELECT pg_is_in_recovery()"
+    with Pool.start(primary.conninfo(), replicas=[standby.conninfo()], pool_size=2,
+                    idle_interval=0.2, **BACKOFF) as pool:
+        _in_rotation(pool)
+        for readonly, expected in ((True, True), (False, False)):
+            conn = dbapi.connect(pool=pool, readonly=readonly)
+            try:
+                cur = conn.cursor()
+                cur.execute(recovery)
+                assert cur.fetchone() == (expected,)
+            finally:
+                conn.close()
+        reader = create_engine(pool, readonly=True)
+        writer = create_engine(pool)
+        with reader.connect() as on_reader, writer.connect() as on_writer:
+            assert on_reader.execute(sqlalchemy.text(recovery)).scalar() is True
+            assert on_writer.execute(sqlalchemy.text(recovery)).scalar() is False
+        reader.dispose()
+        writer.dispose()
+        with front_end(pool) as front:
+            remote = dbapi.connect(front.endpoint, readonly="replica")
+            try:
+                cur = remote.cursor()
+                cur.execute(recovery)  # in a transaction: DB-API begins one
+                assert cur.fetchone() == (True,)
+                remote.commit()
+            finally:
+                remote.close()
+            host, port = front.endpoint.removeprefix("tcp://").rsplit(":", 1)
+            engine = sqlalchemy.create_engine(
+                f"postgresql+dbpool://{host}:{port}/?readonly=true")
+            with engine.connect() as on_remote:
+                assert on_remote.execute(sqlalchemy.text(recovery)).scalar() is True
+            engine.dispose()
