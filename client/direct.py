@@ -113,14 +113,8 @@ class ZmtpConnection:
                     raise HandshakeError("the peer sent a message before its READY")
         except PeerClosed as exc:
             self.close()
-            if not heard:
-                # Closed before it said anything: a server going away (or not yet
-                # serving), not a refusal (a CURVE server sends the start of its
-                # greeting first); connecting again, or elsewhere, may work.
-                raise ConnectionResetError(f"{self.host}:{self.port} closed the connection "
-                                           f"before its greeting ({exc})") from None
             raise HandshakeError(f"the peer closed the connection during the handshake "
-                                 f"({exc})") from None
+                                 f"({exc})", silent=not heard) from None
         except BaseException:
             self.close()
             raise

@@ -441,6 +441,7 @@ class Client(Requests):
         count = len(self.endpoints)
         started, limit = self._connect_window(ch, deadline)
         failed = 0  # endpoints refused in a row
+        silent_once = False
         while True:
             if self._closed:
                 raise closed_error()
@@ -451,6 +452,11 @@ class Client(Requests):
                 logger.debug("connected directly to %s", ch.endpoint)
                 return direct
             except HandshakeError as exc:
+                if exc.silent and not silent_once:
+                    # Closed before a word: a refusal, or a server going away?  Once
+                    # more tells (a server gone refuses the connection outright).
+                    silent_once = True
+                    continue
                 value = MECHANISM_MISMATCH if exc.mismatch else 0
                 refused = handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, value,
                                             ch.endpoint, keyed=False)
@@ -461,6 +467,7 @@ class Client(Requests):
                     raise closed_error() from None
                 logger.debug("no connection to %s: %s", ch.endpoint, exc)
                 failed += 1
+                silent_once = False
                 if _monotonic() >= limit:
                     raise no_server(ch.endpoint, round(_monotonic() - started, 1)) from None
                 if count > 1:

@@ -50,9 +50,12 @@ class HandshakeError(Exception):
     mechanism (a server that requires CURVE).
     """
 
-    def __init__(self, message: str, *, mismatch: bool = False) -> None:
+    def __init__(self, message: str, *, mismatch: bool = False, silent: bool = False) -> None:
         super().__init__(message)
         self.mismatch = mismatch
+        #: The peer closed without a byte of greeting: a server that refuses our
+        #: mechanism may do that, and so may one that is going away.
+        self.silent = silent
 
 
 def greeting() -> bytes:
