@@ -208,9 +208,15 @@ class NotifyRelay(pykka.ThreadingActor):
             if isinstance(outcome, Disconnect):
                 self._lost(outcome.error)
                 return False
-            if not isinstance(outcome, Ok):  # refused, e.g. by a role without rights
-                self.subscribers.pop(channel, None)
-                for ready in self.pending.pop(channel, ()):
+            if not isinstance(outcome, Ok):
+                waiting = self.pending.pop(channel, [])
+                if not waiting:
+                    # Its subscribers listened before (a reconnect): keep them, and
+                    # try again later (a standby in recovery refuses LISTEN).
+                    self._lost(outcome.error)
+                    return False
+                self.subscribers.pop(channel, None)  # refused, e.g. a role without rights
+                for ready in waiting:
                     _fail(ready, outcome.error)
                 continue
             self.listening.add(channel)
@@ -225,13 +231,25 @@ class NotifyRelay(pykka.ThreadingActor):
         try:
             if self.config.configure is not None:
                 opts = dict(self.config.configure(opts))
-            self.state = self.driver.connect(opts)
+            state = self.driver.connect(opts)
         except Exception as exc:
             error = connect_error(self.config, "the notification relay failed to connect",
                                   exc, opts)
             logger.warning("%s", error)
             self._schedule_connect(self.backoff.next())
             return
+        claim = self.config.claim
+        try:  # a shared budget counts this connection too (see dbpool.pool.budget)
+            claimed = claim is None or claim(RELAY_INDEX, state)
+        except Exception as exc:
+            claimed = False
+            logger.warning("%s: the notification relay could not claim a budget slot: %s",
+                           self.config.pool_name, one_line(exc))
+        if not claimed:
+            self.driver.disconnect(None, state)
+            self._schedule_connect(self.config.claim_interval)
+            return
+        self.state = state
         logger.info("%s: the notification relay is connected", self.config.pool_name)
         self.backoff.reset()
         self._last_heard = time.monotonic()

@@ -265,10 +265,21 @@ class Channel:
             self.channel: str = answer["channel"]
             self.topic: str = answer["topic"]
             self.since: int = answer["since"]
-        except (KeyError, TypeError) as exc:
+            #: The event endpoint the answering server publishes on.
+            self.events: str | None = answer.get("events")
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ConnectionError(f"malformed answer to listen: {answer!r:.200}") from exc
         #: The sequence number of the last event seen (None: none yet).
         self.seq: int | None = None
+
+    def moved(self, answer: Any) -> bool:
+        """Whether the answer came from another server than the events heard so far
+        (the client moved to another endpoint): the subscription must follow."""
+        events = answer.get("events") if isinstance(answer, dict) else None
+        if events is None or events == self.events:
+            return False
+        self.events = events
+        return True
 
     def renewed(self, answer: Any) -> Event | None:
         """A gap if the answer to a renewing ``listen`` shows a new beginning."""

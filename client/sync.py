@@ -457,24 +457,35 @@ class Client(Requests):
                     # more tells (a server gone refuses the connection outright).
                     silent_once = True
                     continue
-                value = MECHANISM_MISMATCH if exc.mismatch else 0
-                refused = handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, value,
-                                            ch.endpoint, keyed=False)
-                assert refused is not None
-                raise refused from None
+                if not (exc.silent and count > 1):  # with others to try: passed over
+                    raise self._refused(ch, exc.mismatch) from None
+                reason = str(exc)
             except OSError as exc:
                 if self._closed:
                     raise closed_error() from None
-                logger.debug("no connection to %s: %s", ch.endpoint, exc)
-                failed += 1
-                silent_once = False
-                if _monotonic() >= limit:
-                    raise no_server(ch.endpoint, round(_monotonic() - started, 1)) from None
-                if count > 1:
-                    # Another server may take it now: the next endpoint at once.
-                    self._replace(ch, why="no connection")
-                if failed % count == 0:  # every one refused: libzmq's reconnect interval
-                    time.sleep(min(_RECONNECT_IVL, max(0.0, limit - _monotonic())))
+                if silent_once and count == 1 and not isinstance(exc, ConnectionRefusedError):
+                    # Silent, then cut off: a server that will not have us.
+                    raise self._refused(ch, False) from None
+                reason = str(exc)
+            logger.debug("no connection to %s: %s", ch.endpoint, reason)
+            failed += 1
+            silent_once = False
+            if _monotonic() >= limit:
+                raise no_server(ch.endpoint, round(_monotonic() - started, 1))
+            if count > 1:
+                # Another server may take it now: the next endpoint at once.
+                self._replace(ch, why="no connection")
+            if failed % count == 0:  # every one refused: libzmq's reconnect interval
+                time.sleep(min(_RECONNECT_IVL, max(0.0, limit - _monotonic())))
+
+    @staticmethod
+    def _refused(ch: _Channel, mismatch: bool) -> ConnectionError:
+        """``unauthorized``: the server at ``ch``'s endpoint refused the handshake."""
+        refused = handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                                    MECHANISM_MISMATCH if mismatch else 0, ch.endpoint,
+                                    keyed=False)
+        assert refused is not None
+        return refused
 
     def _connect_window(self, ch: _Channel, deadline: float) -> tuple[float, float]:
         """``(now, until when)`` a connection may be waited for: :attr:`connect_timeout`,

@@ -248,8 +248,12 @@ class Pool(PoolCalls, AsyncPoolCalls):
         ``timeout``), the subscription is dropped and
         :class:`~dbpool.errors.ConnectionError` (``reason="timeout"``) raised.
         ``channel`` is a name as PostgreSQL takes it quoted (case counts).
+        Called from a subscriber (on the relay's thread) it returns at once,
+        and the subscription is in force once the subscriber returns.
         """
         ready = self.start_listening(channel, listener)
+        if threading.current_thread().name.startswith(RELAY_THREAD):
+            return  # a subscriber subscribing as it is called: in force once it returns
         wait = self._default_timeout if timeout is None else timeout
         try:
             ready.result(wait)

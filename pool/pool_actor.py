@@ -212,6 +212,9 @@ class PoolActor(pykka.ThreadingActor):
         for slot in self.queue.close(closed):
             slot.lent_at = None  # back in its actor's hands, which close it
         relays = [self._relay[0]] if self._relay is not None else []
+        if self._relay is not None:
+            self._relay[0].stop(block=False)
+            self._relay[1].wake()  # out of its wait on the connection, to stop now
         for ref in [*self.connections.values(), *relays]:
             try:
                 ref.stop(block=True, timeout=10)
@@ -233,6 +236,8 @@ class PoolActor(pykka.ThreadingActor):
     def _to_relay(self, message: Listen | Unlisten) -> None:
         if self._relay is None or not self._relay[0].is_alive():
             if isinstance(message, Unlisten):
+                if message.done is not None:  # nobody listens: nothing to stop
+                    message.done.set_result(None)
                 return
             waker = Waker()
             ref = NotifyRelay.start(self.config, waker, self.options.idle_interval)

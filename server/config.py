@@ -567,11 +567,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _elastic_start(options: dict[str, Any]) -> dict[str, Any]:
-    """An elastic pool (``min_size`` set) starts at its minimum, whatever ``pool_size``
-    (always set here, to its default at least) says."""
-    if options.get("min_size") is not None:
-        return {**options, "pool_size": options["min_size"]}
-    return options
+    """An elastic pool (``min_size`` set) starts at its minimum; its ``max_size``, if
+    not set, is the ``pool_size`` setting (always set here, to its default at least)."""
+    if options.get("min_size") is None:
+        return options
+    maximum = options.get("max_size")
+    return {**options, "pool_size": options["min_size"],
+            "max_size": options["pool_size"] if maximum is None else maximum}
 
 
 def load_config(

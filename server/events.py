@@ -38,6 +38,11 @@ _OTHERS = tuple(topic.encode() for topic in EVENT_TOPICS)
 #: Messages a slow subscriber may have waiting before it misses some (it can
 #: tell: each notification carries its channel's sequence number).
 SEND_HWM = 50_000
+#: The longest subscription message taken (a pool's name and a channel's fit well).
+MAX_SUBSCRIPTION = 1024
+#: Subscriptions applied per :meth:`EventSocket.read`: a flood of them waits its
+#: turn behind the requests (:attr:`EventSocket.pending` brings the loop back).
+READ_BATCH = 256
 
 
 def allowed(topic: bytes, pools: Iterable[str], may_use: Callable[[str], bool]) -> list[bytes]:
@@ -69,6 +74,9 @@ class EventSocket:
         self.sock = sock
         self._pools = pools
         self._may_use = may_use
+        #: Subscriptions are left to apply (the socket's descriptor, edge-triggered,
+        #: will not say so again): the loop calls :meth:`read` before it sleeps.
+        self.pending = False
 
     @staticmethod
     def configure(sock: zmq.Socket[Any]) -> None:
@@ -76,6 +84,8 @@ class EventSocket:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.XPUB_MANUAL, 1)
         sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        # A subscription is a topic: a subscriber that sends more is cut off.
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION)
 
     @property
     def fd(self) -> int:
@@ -91,10 +101,15 @@ class EventSocket:
     def read(self) -> None:
         """Apply every subscription waiting, each for the subscriber that sent it."""
         sock = self.sock
-        while cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        self.pending = True  # until the socket says it has nothing more
+        for _ in range(READ_BATCH):
+            if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                self.pending = False
+                return
             try:
                 frame = sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
+                self.pending = False
                 return
             data = frame.bytes
             if not data or data[0] not in (0, 1):
@@ -108,8 +123,8 @@ class EventSocket:
             for topic in topics:  # each applies to the subscriber of the last message read
                 sock.setsockopt(option, topic)
             if data[0] == 1 and data[1:].startswith(_NOTIFY) and not topics:
-                logger.info("front end: a subscriber (%s) may not hear %r", user or "anonymous",
-                            data[1:].decode("utf-8", "replace"))
+                logger.debug("front end: a subscriber (%s) may not hear %r",
+                             user or "anonymous", data[1:80].decode("utf-8", "replace"))
 
     def close(self) -> None:
         self.sock.close(linger=0)

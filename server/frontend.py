@@ -247,7 +247,7 @@ class FrontEnd:
         self.events_endpoint = self.events.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.packer = wire.make_packer()
         #: The channels remote clients listen to (see notify.py).
-        self.listens = RemoteListens(self.post, self._publish)
+        self.listens = RemoteListens(self.post, self._publish, lambda: self.events_endpoint)
         #: The largest COPY page or block: half the largest message, to leave room.
         self._block_bytes = max(config.max_message_size // 2, 1)
         # Cross-thread calls into the loop, and the pipe that wakes it.
@@ -430,8 +430,11 @@ class FrontEnd:
                         return
                     if self._has_request():  # the tick's replies may hide new ones
                         continue
+                if self.events.pending:
+                    self.events.read()
                 wake_at = min(self._next_tick, self._release_idle(now))
-                timeout = max(0.0, wake_at - time.monotonic()) * 1000
+                timeout = (0.0 if self.events.pending
+                           else max(0.0, wake_at - time.monotonic()) * 1000)
                 ready = poll(0)
                 if (not ready and spin and now - self._last_work < _SPIN_AFTER
                         and sum(len(pipe.requests) for pipe in pipes.values()) <= 1):
@@ -587,11 +590,17 @@ class FrontEnd:
                          "stay: %s", error)
             return
         if removed:
-            endpoint = self.events_endpoint
-            self._poller.unregister(self._events_fd)
-            self.events.close()
-            self.events = self._bind_events(endpoint)
-            self._watch_events()
+            self.rebind_events()
+
+    def rebind_events(self) -> None:
+        """Bind the event socket afresh (on the loop): its subscribers reconnect and
+        subscribe again, and each subscription is judged again, as the policies and
+        keys are now (a subscriber that lost a pool no longer hears of it)."""
+        endpoint = self.events_endpoint
+        self._poller.unregister(self._events_fd)
+        self.events.close()
+        self.events = self._bind_events(endpoint)
+        self._watch_events()
 
     def _drain_inbox(self) -> None:
         try:

@@ -41,9 +41,14 @@ from dbpool.protocol import LISTEN_TTL, error_map, notify_topic
 
 from .served_pool import ServedPool
 
-__all__ = ["RemoteListens"]
+__all__ = ["MAX_CHANNELS", "RemoteListens"]
 
 logger = logging.getLogger("dbpool.server.notify")
+
+#: Channels the server listens to for remote clients, at most, in all: each is
+#: a LISTEN on the pools' relays and a list PostgreSQL walks at every NOTIFY,
+#: so a client that asks for channel after channel must not grow it for ever.
+MAX_CHANNELS = 1000
 
 
 
@@ -82,9 +87,13 @@ class RemoteListens:
     """
 
     def __init__(self, post: Callable[[Callable[[], None]], None],
-                 publish: Callable[[bytes, dict[str, Any]], None]) -> None:
+                 publish: Callable[[bytes, dict[str, Any]], None],
+                 events: Callable[[], str]) -> None:
         self._post = post
         self._publish = publish
+        #: The event socket's endpoint, as the status map gives it: an answer says
+        #: where its notifications go out (a client that moved servers follows).
+        self._events = events
         self._channels: dict[tuple[str, str], _Channel] = {}
 
     def __len__(self) -> int:
@@ -98,6 +107,11 @@ class RemoteListens:
         now = time.monotonic()
         key = (served.name, channel)
         entry = self._channels.get(key)
+        if entry is None and len(self._channels) >= MAX_CHANNELS:
+            fail({"kind": "connection", "reason": "client_limit",
+                  "message": f"the server listens to {MAX_CHANNELS} channels already, its "
+                             "limit; unused ones go 60 s after their last listen request"})
+            return
         if entry is None:
             entry = self._channels[key] = _Channel(
                 served, channel, notify_topic(served.name, channel), secrets.randbits(52), now)
@@ -167,7 +181,8 @@ class RemoteListens:
     def _confirm(self, entry: _Channel, answer: Callable[[Any], object],
                  nonce: str | None) -> None:
         answer({"pool": entry.served.name, "channel": entry.name,
-                "topic": entry.topic.decode(), "since": entry.since, "seq": entry.seq})
+                "topic": entry.topic.decode(), "since": entry.since, "seq": entry.seq,
+                "events": self._events()})
         if nonce is not None:
             self._send(entry, {"event": "listening", "nonce": nonce})
 

@@ -103,6 +103,9 @@ class Reloader:
                             if front.authority is None else new.policy(state.name))
         self._reload_pools(old, new)
         front.reread_keys()
+        if old.clients != new.clients:
+            # Applied subscriptions outlive a policy: judge them all again.
+            front.rebind_events()
         logger.info("reloaded: %s", new.describe())
 
     def _reload_pools(self, old: ServeConfig, new: ServeConfig) -> None:
@@ -122,7 +125,9 @@ class Reloader:
                 self.holders[route].dsn = dsn
                 front.served[route].pool.disconnect_all(RECYCLE_SPREAD)
             size = options.get("pool_size")
-            if size != old_options.get("pool_size") and isinstance(size, int):
+            # An elastic pool sizes itself: its bounds changed take a restart (below).
+            if (size != old_options.get("pool_size") and isinstance(size, int)
+                    and options.get("min_size") is None):
                 logger.info("reload: pool %s resized to %d", route, size)
                 threading.Thread(target=front.served[route].pool.resize, args=(size,),
                                  name=f"dbpool-resize-{route}", daemon=True).start()

@@ -48,9 +48,12 @@ class Notifications:
     """
 
     def __init__(self, listen: Callable[[str | None], Any],
-                 sub: Subscription, channel: Channel) -> None:
+                 subscribe: Callable[[str], Subscription], channel: Channel,
+                 timeout: float) -> None:
         self._listen = listen
-        self._sub = sub
+        self._subscribe = subscribe
+        self._timeout = timeout
+        self._sub = subscribe(channel.topic)
         self._channel = channel
         #: The pool and channel listened to.
         self.pool, self.channel = channel.pool, channel.channel
@@ -64,7 +67,7 @@ class Notifications:
         """Listen, subscribe, and return once the subscription hears the channel."""
         deadline = time.monotonic() + timeout
         channel = Channel(listen(None))
-        notes = cls(listen, subscribe(channel.topic), channel)
+        notes = cls(listen, subscribe, channel, timeout)
         try:
             notes._join(deadline)
         except BaseException:
@@ -119,7 +122,14 @@ class Notifications:
     def _renew(self, now: float) -> None:
         self._renewed = now
         try:
-            self._renewal(self._listen(None))
+            answer = self._listen(None)
+            self._renewal(answer)
+            if self._channel.moved(answer):
+                # The client moved to another server: hear that one's events now.
+                logger.info("listen on %r moved to %s", self.channel, self._channel.events)
+                self._sub.close()
+                self._sub = self._subscribe(self._channel.topic)
+                self._join(time.monotonic() + self._timeout)
         except (ConnectionError, TimeoutError) as error:  # the server is away: try again
             logger.info("listen on %r not renewed: %s", self.channel, error)
             self._renewed = now - events.RENEW_EVERY + 1.0

@@ -223,3 +223,14 @@ def test_listen_gives_up_at_its_timeout_when_the_database_is_unreachable(
         pool.listen("nowhere", print, timeout=0.5)
     assert info.value.reason == "timeout"
     assert 0.5 <= time.monotonic() - started < 3
+
+
+def test_unlisten_and_stop_do_not_wait_for_the_relay(pg_dsn: str, pools: list[Pool]) -> None:
+    pool = _start(pg_dsn, pools, timeout=5.0, idle_interval=5.0)
+    started = time.monotonic()
+    pool.unlisten("never-listened")  # no relay yet: nothing to wait for
+    assert time.monotonic() - started < 1.0
+    pool.listen(_unique("c"), print)
+    started = time.monotonic()
+    pool.close()  # the relay waits on its connection for idle_interval: woken, it stops
+    assert time.monotonic() - started < 2.0

@@ -34,7 +34,7 @@ import zmq
 import dbpool.client.events as client_events
 import dbpool.server.notify as server_notify
 from dbpool.client import AsyncClient, Client, Event
-from dbpool.errors import PermissionDenied, ProtocolError
+from dbpool.errors import ConnectionError, PermissionDenied, ProtocolError
 from dbpool.pool import Pool
 from dbpool.wire import packb, unpackb
 from tests.server.test_curve import Keys
@@ -274,3 +274,55 @@ def _drain(notes: Any) -> list[Event]:
     while (event := notes.get(1)) is not None:
         events.append(event)
     return events
+
+
+def test_a_subscriber_follows_its_client_to_another_server(
+        pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    channel = _channel("moved")
+    with front_end(pool) as second:
+        first_front = front_end(pool)
+        first = first_front.__enter__()
+        try:
+            client = Client([first.endpoint, second.endpoint], timeout=5, spread=False)
+            notes = client.listen(channel)
+        except BaseException:
+            first_front.__exit__(None, None, None)
+            raise
+        with client, notes:
+            client.query("SELECT pg_notify(%s, 'on the first')", [channel])
+            heard = notes.get(5)
+            assert heard is not None and heard.data["payload"] == "on the first"
+            first_front.__exit__(None, None, None)  # the first server goes away
+            monkeypatch.setattr(client_events, "RENEW_EVERY", 0.0)
+            client.query("SELECT 1")  # the client moves to the second server
+            gap = notes.get(5)
+            assert gap is not None and gap.name == "gap", gap
+            monkeypatch.setattr(client_events, "RENEW_EVERY", 3600.0)
+            client.query("SELECT pg_notify(%s, 'on the second')", [channel])
+            again = notes.get(5)
+            assert again is not None and again.data["payload"] == "on the second", again
+
+
+def test_junk_subscriptions_and_a_channel_flood_hurt_no_other_client(
+        pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server_notify, "MAX_CHANNELS", 3)
+    channel = _channel("kept")
+    with front_end(pool) as front, Client(front.endpoint, timeout=5) as client, \
+            client.listen(channel) as notes, zmq.Context() as ctx, \
+            ctx.socket(zmq.SUB) as junk, ctx.socket(zmq.SUB) as huge:
+        junk.connect(front.events_endpoint)
+        for n in range(3000):  # many subscriptions at once, some of other pools' topics
+            junk.setsockopt(zmq.SUBSCRIBE, f"notify:nope{n}:x".encode() if n % 2
+                            else f"junk-{n}".encode())
+        huge.connect(front.events_endpoint)
+        huge.setsockopt(zmq.SUBSCRIBE, b"x" * 5000)  # over the limit: cut off
+        with Client(front.endpoint, timeout=5) as flooder:
+            flooder.listen(_channel("a")).close()
+            flooder.listen(_channel("b")).close()
+            with pytest.raises(ConnectionError) as caught:
+                flooder.listen(_channel("c"))
+            assert caught.value.reason == "client_limit"
+        client.query("SELECT pg_notify(%s, 'still here')", [channel])
+        heard = notes.get(5)
+        assert heard is not None and heard.data["payload"] == "still here"
+        assert client.query("SELECT 1").rows == [(1,)]

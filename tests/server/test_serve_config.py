@@ -658,3 +658,14 @@ max_size = 3
         "pool_size": 2, "min_size": 2, "max_size": 8}
     assert specs["fixed"]["pool_size"] == 3
     PoolOptions.from_kwargs(specs["default"])  # the pool takes them as they are
+    # min_size alone: elastic up to the pool_size setting, as Pool.start would be.
+    path.write_text("""
+dsn = "host=127.0.0.1"
+pool_size = 10
+
+[pool]
+min_size = 2
+""")
+    specs = {name: options for name, _, options in load("--config", str(path)).pool_specs()}
+    assert {k: specs["default"][k] for k in ("pool_size", "min_size", "max_size")} == {
+        "pool_size": 2, "min_size": 2, "max_size": 10}
