@@ -250,12 +250,8 @@ class ConnectionActor(pykka.ThreadingActor):
         self._notify("disconnected", reason=one_line(error))
 
     def _schedule_connect(self, delay: float) -> None:
-        self._attempt += 1
-        message = Connect(self._attempt)
-        if delay <= 0:
-            self.actor_ref.tell(message)
-        else:
-            self.config.scheduler.tell_later(delay, self.actor_ref, message)
+        self._attempt += 1  # a Connect scheduled before is stale from now on
+        self.config.scheduler.tell_soon(delay, self.actor_ref, Connect(self._attempt))
 
     def _run_after_connect(self) -> BaseException | None:
         """Run after_connect on its own thread so that its timeout can be enforced."""

@@ -303,12 +303,8 @@ class NotifyRelay(pykka.ThreadingActor):
             self.driver.disconnect(error, state)
 
     def _schedule_connect(self, delay: float) -> None:
-        self._attempt += 1
-        message = Connect(self._attempt)
-        if delay <= 0:
-            self.actor_ref.tell(message)
-        else:
-            self.config.scheduler.tell_later(delay, self.actor_ref, message)
+        self._attempt += 1  # a Connect scheduled before is stale from now on
+        self.config.scheduler.tell_soon(delay, self.actor_ref, Connect(self._attempt))
 
 
 def _done(ready: Future[None]) -> None:

@@ -71,6 +71,14 @@ class Scheduler:
 
         return self.call_later(delay, tell)
 
+    def tell_soon(self, delay: float, ref: pykka.ActorRef[Any], message: Any) -> None:
+        """:meth:`tell_later`, but told at once (no trip through this thread) if
+        ``delay`` is not positive."""
+        if delay <= 0:
+            ref.tell(message)
+        else:
+            self.tell_later(delay, ref, message)
+
     def stop(self) -> None:
         """Drop every pending call and end the thread."""
         with self._cond:

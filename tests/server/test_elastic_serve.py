@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from dbpool.client import Client
+from dbpool.client import Client, Event, Subscription
 from tests.support.remote import ServerProcess
 
 
@@ -43,24 +43,14 @@ max_idle = 0.5
         workers = [threading.Thread(target=burst) for _ in range(6)]
         for worker in workers:
             worker.start()
-        seen = []
+        seen: list[Event] = []
         try:
-            deadline = time.monotonic() + 20
-            while not any(e.data.get("reason") == "grow" for e in seen):
-                assert time.monotonic() < deadline, seen
-                event = events.get(1)
-                if event is not None and event.name == "resize":
-                    seen.append(event)
+            _wait_resize(events, seen, "grow", 20)
         finally:
             stop.set()
             for worker in workers:
                 worker.join(30)
-        deadline = time.monotonic() + 10
-        while not any(e.data.get("reason") == "shrink" for e in seen):
-            assert time.monotonic() < deadline, seen
-            event = events.get(1)
-            if event is not None and event.name == "resize":
-                seen.append(event)
+        _wait_resize(events, seen, "shrink", 10)
         grow = next(e for e in seen if e.data["reason"] == "grow")
         assert grow.data["size"] == grow.data["previous"] + 1 and grow.data["pool"]
         deadline = time.monotonic() + 10
@@ -70,3 +60,13 @@ max_idle = 0.5
         status = client.status()["pool"]
         assert (status["min_size"], status["max_size"]) == (1, 4)
         assert status["grown"] >= 1 and status["shrunk"] == status["grown"]
+
+
+def _wait_resize(events: Subscription, seen: list[Event], reason: str, seconds: float) -> None:
+    """Collect ``resize`` events into ``seen`` until one with ``reason`` came."""
+    deadline = time.monotonic() + seconds
+    while not any(e.data.get("reason") == reason for e in seen):
+        assert time.monotonic() < deadline, seen
+        event = events.get(1)
+        if event is not None and event.name == "resize":
+            seen.append(event)
