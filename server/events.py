@@ -100,6 +100,13 @@ class EventSocket:
 
     def read(self) -> None:
         """Apply every subscription waiting, each for the subscriber that sent it."""
+        try:
+            self._read()
+        except zmq.ZMQError:  # closed (a rebind that failed): nothing to apply
+            self.pending = False
+            logger.debug("front end: event socket unreadable", exc_info=True)
+
+    def _read(self) -> None:
         sock = self.sock
         self.pending = True  # until the socket says it has nothing more
         for _ in range(READ_BATCH):

@@ -127,6 +127,8 @@ _COUNTERS = {"lease": "leases", "stream": "streams", "copy": "copies"}
 _PAGE_BYTES = 1 << 20
 #: The longest request timeout accepted (a year): beyond it is a mistake.
 _MAX_TIMEOUT = 365 * 86400.0
+#: Seconds the event socket may take to bind its port again (see rebind_events).
+_REBIND_WITHIN = 2.0
 #: The longest ``nonce`` of a ``listen`` request.
 _MAX_NONCE = 64
 
@@ -599,7 +601,16 @@ class FrontEnd:
         endpoint = self.events_endpoint
         self._poller.unregister(self._events_fd)
         self.events.close()
-        self.events = self._bind_events(endpoint)
+        # libzmq lets the port go in its own I/O thread, a moment after the close.
+        deadline = time.monotonic() + _REBIND_WITHIN
+        while True:
+            try:
+                self.events = self._bind_events(endpoint)
+                break
+            except ConfigurationError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
         self._watch_events()
 
     def _drain_inbox(self) -> None:

@@ -37,8 +37,9 @@ from dbpool.wire import packb, unpackb
 from tests.support.frontend import front_end
 from tests.support.pgcluster import PgCluster
 
-#: Every commit on the primary waits until the standby has it.
-SYNCHRONOUS = {"synchronous_standby_names": "*", "synchronous_commit": "on"}
+#: Every commit on the primary waits until the standby has applied it (so that a
+#: read on the replica right after a write sees it).
+SYNCHRONOUS = {"synchronous_standby_names": "*", "synchronous_commit": "remote_apply"}
 BACKOFF = {"backoff_min": 0.1, "backoff_max": 0.5}
 
 
@@ -118,7 +119,9 @@ def test_a_lagging_replica_leaves_the_rotation_until_it_catches_up(
             psycopg.connect(standby.conninfo(), autocommit=True) as on_standby:
         _in_rotation(pool)
         on_standby.execute("SELECT pg_wal_replay_pause()")
-        pool.query("CREATE TABLE lagging (x int)")  # received, not replayed
+        with pool.transaction() as tx:  # received, not replayed: do not wait for that
+            tx.query("SET LOCAL synchronous_commit TO local")
+            tx.query("CREATE TABLE lagging (x int)")
         deadline = time.monotonic() + 10
         while any(r["in_rotation"] for r in pool.replica_status()):
             assert time.monotonic() < deadline, pool.replica_status()
