@@ -186,8 +186,11 @@ class NotifyRelay(pykka.ThreadingActor):
         subscribers = self.subscribers.get(channel)
         if subscribers is None:
             return
+        # A target (ActorRef or callable) goes with all its subscriptions to the
+        # channel; a Listener, the subscription it is (Pool.listen's own undo).
         subscribers[:] = [] if target is None else [
-            s for s in subscribers if s.target is not target and s.target != target]
+            s for s in subscribers
+            if s is not target and s.target is not target and s.target != target]
         if subscribers:
             return
         del self.subscribers[channel]

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, Unpack, overload
 import pykka
 
 from dbpool.actors.connection import ConnectionConfig
-from dbpool.actors.listeners import ListenerSpec, normalize
+from dbpool.actors.listeners import Listener, ListenerSpec, normalize
 from dbpool.actors.messages import Listen, Unlisten
 from dbpool.actors.relay import THREAD_NAME as RELAY_THREAD
 from dbpool.actors.slot import Slot
@@ -251,21 +251,27 @@ class Pool(PoolCalls, AsyncPoolCalls):
         Called from a subscriber (on the relay's thread) it returns at once,
         and the subscription is in force once the subscriber returns.
         """
-        ready = self.start_listening(channel, listener)
+        subscriber, ready = self._subscribe(channel, listener)
         if threading.current_thread().name.startswith(RELAY_THREAD):
             return  # a subscriber subscribing as it is called: in force once it returns
         wait = self._default_timeout if timeout is None else timeout
         try:
             ready.result(wait)
         except FutureTimeout:
-            target = listener[0] if isinstance(listener, tuple) else listener
-            self.unlisten(channel, target)
+            # This subscription only: the same target may have listened before.
+            try:
+                self.stop_listening(channel, subscriber).result(wait)
+            except FutureTimeout:
+                pass  # the pool is stopping: it listens to nothing then
             raise ConnectionError(f"{self.name}: could not listen to {channel!r} within "
                                   f"{wait:g}s", reason="timeout") from None
 
     def start_listening(self, channel: str, listener: ListenerSpec) -> Future[None]:
         """:meth:`listen` without the wait: the future is done once the pool
         listens to ``channel`` (for an event loop that must not block)."""
+        return self._subscribe(channel, listener)[1]
+
+    def _subscribe(self, channel: str, listener: ListenerSpec) -> tuple[Listener, Future[None]]:
         check_channel(channel)
         (subscriber,) = normalize([listener])
         ready: Future[None] = Future()
@@ -273,7 +279,7 @@ class Pool(PoolCalls, AsyncPoolCalls):
             self.ref.tell(Listen(channel, subscriber, ready))
         except pykka.ActorDeadError:
             raise PoolStoppedError(f"{self.name}: the pool is stopped") from None
-        return ready
+        return subscriber, ready
 
     def unlisten(self, channel: str, listener: object = None) -> None:
         """Unsubscribe ``listener`` (as given to :meth:`listen`, without its tag) from

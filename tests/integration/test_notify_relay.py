@@ -234,3 +234,17 @@ def test_unlisten_and_stop_do_not_wait_for_the_relay(pg_dsn: str, pools: list[Po
     started = time.monotonic()
     pool.close()  # the relay waits on its connection for idle_interval: woken, it stops
     assert time.monotonic() - started < 2.0
+
+
+def test_a_listen_that_times_out_undoes_itself_only(pg_dsn: str, pools: list[Pool]) -> None:
+    pool = _start(pg_dsn, pools)
+    channel = _unique("twice")
+    heard: Recorder[Any] = Recorder()
+    pool.listen(channel, heard)
+    try:  # no time to wait: it times out (and is undone) unless the relay is quicker
+        pool.listen(channel, heard, timeout=0.0)
+    except ConnectionError as error:
+        assert error.reason == "timeout"
+    pool.query("SELECT pg_notify(%s, 'still')", [channel])
+    # The first subscription stands whatever became of the second.
+    assert heard.wait_count(lambda e: e.kind == "notification", 1)[0].payload == "still"
