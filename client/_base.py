@@ -350,7 +350,7 @@ Resolver = Any  # socket.getaddrinfo's signature
 
 
 def spread_endpoints(endpoints: Sequence[str],
-                     resolve: Resolver = socket.getaddrinfo) -> tuple[str, ...]:
+                     resolve: Resolver | None = None) -> tuple[str, ...]:
     """The endpoints a client spreads over: each ``tcp://name:port`` whose name
     resolves to several addresses of one family (a Kubernetes headless Service, a
     DNS round robin) becomes one endpoint per address; anything else stays as it is.
@@ -358,6 +358,7 @@ def spread_endpoints(endpoints: Sequence[str],
     A name that does not resolve stays too: the client says so when it connects.
     ``localhost`` stays a name (it resolves to 127.0.0.1 and ::1 alike).
     """
+    lookup: Resolver = socket.getaddrinfo if resolve is None else resolve
     spread: list[str] = []
     for endpoint in endpoints:
         split = _split_tcp(endpoint)
@@ -367,7 +368,7 @@ def spread_endpoints(endpoints: Sequence[str],
             spread.append(endpoint)
             continue
         try:
-            infos = resolve(host, int(split[2]), type=socket.SOCK_STREAM)
+            infos = lookup(host, int(split[2]), type=socket.SOCK_STREAM)
         except (OSError, ValueError):
             spread.append(endpoint)
             continue

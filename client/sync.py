@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 import weakref
@@ -61,6 +62,7 @@ from ._base import (
     no_server,
     normalize_topics,
     reply_value,
+    spread_endpoints,
     timed_out,
     to_result,
     unresolved,
@@ -475,8 +477,24 @@ class Client(Requests):
             if count > 1:
                 # Another server may take it now: the next endpoint at once.
                 self._replace(ch, why="no connection")
-            if failed % count == 0:  # every one refused: libzmq's reconnect interval
+            if failed % count == 0:  # every one refused
+                if self._resolve_again(ch):  # the names' addresses changed: try them now
+                    count = len(self.endpoints)
+                    continue
                 time.sleep(min(_RECONNECT_IVL, max(0.0, limit - _monotonic())))
+
+    def _resolve_again(self, ch: _Channel) -> bool:
+        """Look the given endpoints' names up again (a rolling update gave the servers
+        new addresses); if the endpoints changed, move ``ch`` to one of the new ones."""
+        fresh = spread_endpoints(self.given_endpoints)
+        with self._lock:
+            if fresh == self.endpoints:
+                return False
+            self.endpoints = fresh
+            self._index = random.randrange(len(fresh)) if self._spread else 0
+        logger.warning("no server answered: the endpoints are now %s", ", ".join(fresh))
+        self._replace(ch, why="new addresses")
+        return True
 
     @staticmethod
     def _refused(ch: _Channel, mismatch: bool) -> ConnectionError:

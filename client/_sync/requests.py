@@ -99,7 +99,10 @@ class Requests:
             raise ValueError(f"pool must be a pool's name, not {pool!r}")
         #: The server's pool this client's requests go to (None: the server's default).
         self.pool = pool
-        self.endpoints = spread_endpoints(normalize_endpoints(endpoint))
+        #: The endpoints as given: names are looked up again when none answers.
+        self.given_endpoints = normalize_endpoints(endpoint)
+        self.endpoints = spread_endpoints(self.given_endpoints)
+        self._spread = spread
         #: The index of the endpoint this client starts with: a random one with
         #: ``spread`` (clients spread over the endpoints, as libpq's
         #: ``load_balance_hosts=random``), else the first.

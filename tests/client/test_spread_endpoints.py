@@ -63,3 +63,31 @@ def test_a_refused_endpoint_is_left_at_once_for_the_next(pg_dsn: str) -> None:
             started = time.monotonic()
             assert client.query("SELECT 1").rows == [(1,)]
             assert time.monotonic() - started < 1.0  # not connect_timeout
+
+
+def test_new_addresses_are_looked_up_when_no_endpoint_answers(
+        pg_dsn: str, monkeypatch: Any) -> None:
+    from tests.support.remote import ServerProcess
+
+    port = _free_port()
+    # The server listens on 127.0.0.3 only; the name first resolves to two loopback
+    # addresses where nothing listens (the pods before a rolling update).
+    with ServerProcess(pg_dsn, pool_size=1, bind=f"tcp://127.0.0.3:{port}") as server:
+        table = {"pool.test": [(socket.AF_INET, "127.0.0.4"), (socket.AF_INET, "127.0.0.5")]}
+        fake, real = resolver(table), socket.getaddrinfo
+
+        def getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+            if host in table:
+                return fake(host, port)
+            return real(host, port, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        with Client(f"tcp://pool.test:{port}", timeout=5, connect_timeout=4,
+                    events=server.events) as client:
+            assert set(client.endpoints) == {f"tcp://127.0.0.4:{port}",
+                                             f"tcp://127.0.0.5:{port}"}
+            table["pool.test"] = [(socket.AF_INET, "127.0.0.3"), (socket.AF_INET, "127.0.0.6")]
+            started = time.monotonic()
+            assert client.query("SELECT 1").rows == [(1,)]
+            assert time.monotonic() - started < 2.0
+            assert f"tcp://127.0.0.3:{port}" in client.endpoints
