@@ -41,7 +41,6 @@ import socket
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import pykka
@@ -97,13 +96,6 @@ class _Wait:
     """Tick: wait on the connection for notifications (told by the relay to itself)."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Down:
-    """The connection was lost, and why: a gap to report once listening again."""
-
-    reason: str
-
-
 class NotifyRelay(pykka.ThreadingActor):
     """Relays pool ``config.pool_name``'s notifications.  See the module docstring."""
 
@@ -127,7 +119,8 @@ class NotifyRelay(pykka.ThreadingActor):
         #: Subscriptions waiting for their channel's LISTEN, by channel.
         self.pending: dict[str, list[Future[None]]] = {}
         self.state: Any = None
-        self.down: _Down | None = None
+        #: Why the connection was lost: a gap to report once listening again.
+        self.down: str | None = None
         self._attempt = 0
         self._last_heard = 0.0
 
@@ -207,7 +200,7 @@ class NotifyRelay(pykka.ThreadingActor):
         """LISTEN to ``channels`` and complete their pending subscriptions; False
         if the connection was lost meanwhile."""
         for channel in channels:
-            outcome: Outcome[None] = self.driver.listen(self.state, channel)
+            outcome: Outcome[Any] = self.driver.listen(self.state, channel)
             if isinstance(outcome, Disconnect):
                 self._lost(outcome.error)
                 return False
@@ -259,7 +252,7 @@ class NotifyRelay(pykka.ThreadingActor):
         if not self._listen(list(self.subscribers)):
             return
         if self.down is not None:
-            reason, self.down = self.down.reason, None
+            reason, self.down = self.down, None
             for channel, subscribers in list(self.subscribers.items()):
                 deliver(subscribers, NotificationGap(self.config.pool_name, channel, reason))
         self.actor_ref.tell(_Wait())
@@ -295,7 +288,7 @@ class NotifyRelay(pykka.ThreadingActor):
         logger.warning("%s: the notification relay lost its connection: %s",
                        self.config.pool_name, reason)
         if self.down is None:
-            self.down = _Down(reason)
+            self.down = reason
         self._disconnect(error)
         self._schedule_connect(self.backoff.next())
 

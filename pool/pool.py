@@ -252,19 +252,12 @@ class Pool(PoolCalls, AsyncPoolCalls):
         and the subscription is in force once the subscriber returns.
         """
         subscriber, ready = self._subscribe(channel, listener)
-        if threading.current_thread().name.startswith(RELAY_THREAD):
-            return  # a subscriber subscribing as it is called: in force once it returns
         wait = self._default_timeout if timeout is None else timeout
-        try:
-            ready.result(wait)
-        except FutureTimeout:
+        if not _settled(ready, wait):
             # This subscription only: the same target may have listened before.
-            try:
-                self.stop_listening(channel, subscriber).result(wait)
-            except FutureTimeout:
-                pass  # the pool is stopping: it listens to nothing then
+            _settled(self.stop_listening(channel, subscriber), wait)
             raise ConnectionError(f"{self.name}: could not listen to {channel!r} within "
-                                  f"{wait:g}s", reason="timeout") from None
+                                  f"{wait:g}s", reason="timeout")
 
     def start_listening(self, channel: str, listener: ListenerSpec) -> Future[None]:
         """:meth:`listen` without the wait: the future is done once the pool
@@ -290,13 +283,7 @@ class Pool(PoolCalls, AsyncPoolCalls):
         (called from a subscriber as it is called, it returns at once and
         takes effect after the notifications being delivered).
         """
-        done = self.stop_listening(channel, listener)
-        if threading.current_thread().name.startswith(RELAY_THREAD):
-            return  # a subscriber unsubscribing as it is called: the relay cannot answer
-        try:
-            done.result(self._default_timeout)
-        except FutureTimeout:  # the pool is stopping
-            pass
+        _settled(self.stop_listening(channel, listener), self._default_timeout)
 
     def stop_listening(self, channel: str, listener: object = None) -> Future[None]:
         """:meth:`unlisten` without the wait: the future is done once ``listener``
@@ -451,6 +438,23 @@ class Pool(PoolCalls, AsyncPoolCalls):
 
     def __repr__(self) -> str:
         return f"<dbpool Pool {self.name!r} size={self.options.pool_size} alive={self.alive}>"
+
+
+def _settled(future: Future[None], timeout: float) -> bool:
+    """Wait up to ``timeout`` for the relay to do what ``future`` stands for; False if
+    it did not (the database is out of reach, or the pool is stopping).
+
+    On the relay's own thread (a subscriber calling back as it is called) it
+    returns True at once: the relay does it once the subscriber returns.  A
+    future that failed raises its error.
+    """
+    if threading.current_thread().name.startswith(RELAY_THREAD):
+        return True
+    try:
+        future.result(timeout)
+    except FutureTimeout:
+        return False
+    return True
 
 
 def _copy_in(

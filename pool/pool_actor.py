@@ -134,7 +134,7 @@ class PoolActor(pykka.ThreadingActor):
         self._stop_error: BaseException | None = None
         self._workers: ThreadPoolExecutor | None = None
         #: What an elastic pool saw of its idle connections lately.
-        self._idle_window: IdleWindow | None = None
+        self._idle_window = IdleWindow(core.options.max_idle, time.monotonic())
         #: The LISTEN/NOTIFY relay, once anyone listens, and what wakes it.
         self._relay: tuple[pykka.ActorRef[Any], Waker] | None = None
 
@@ -211,11 +211,13 @@ class PoolActor(pykka.ThreadingActor):
             f"{self.name}: the pool is stopped" + (f": {error}" if error else ""), cause=error)
         for slot in self.queue.close(closed):
             slot.lent_at = None  # back in its actor's hands, which close it
-        relays = [self._relay[0]] if self._relay is not None else []
+        refs = list(self.connections.values())
         if self._relay is not None:
-            self._relay[0].stop(block=False)
-            self._relay[1].wake()  # out of its wait on the connection, to stop now
-        for ref in [*self.connections.values(), *relays]:
+            relay, waker = self._relay
+            relay.stop(block=False)
+            waker.wake()  # out of its wait on the connection, to stop now
+            refs.append(relay)
+        for ref in refs:
             try:
                 ref.stop(block=True, timeout=10)
             except (pykka.ActorDeadError, pykka.Timeout):
@@ -255,8 +257,6 @@ class PoolActor(pykka.ThreadingActor):
         options, now = self.options, time.monotonic()
         assert options.min_size is not None and options.max_size is not None
         window = self._idle_window
-        if window is None:
-            window = self._idle_window = IdleWindow(options.max_idle, now)
         window.sample(now, self.queue.counts()[0])
         size = next_size(Sizing(
             size=options.pool_size, min_size=options.min_size, max_size=options.max_size,

@@ -32,7 +32,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from dbpool.errors import ConnectionError
 from dbpool.pool.codel import Codel
 
 if TYPE_CHECKING:
@@ -182,11 +181,6 @@ class ServedPool:
         """The replica a read-only request goes to: the pool's choice (see
         :mod:`dbpool.pool.replicas`), or None for this pool itself.  With
         ``readonly="replica"`` and no replica to serve, ConnectionError."""
-        if not self.replicas:
-            if readonly == "replica":
-                raise ConnectionError(f"pool {self.name!r} has no replicas",
-                                      reason="unavailable")
-            return None
         chosen = self.pool.replica_for_read(readonly == "replica")
         return next((served for served in self.replicas if served.pool is chosen), None)
 

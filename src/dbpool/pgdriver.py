@@ -277,11 +277,11 @@ class PgDriver:
 
     # -- the LISTEN/NOTIFY relay's connection ------------------------------
 
-    def listen(self, state: PgState, channel: str) -> Outcome[None]:
+    def listen(self, state: PgState, channel: str) -> Outcome[Result]:
         """``LISTEN channel`` (quoted: any string is a channel name)."""
         return self._relay_statement(state, "LISTEN", channel)
 
-    def unlisten(self, state: PgState, channel: str) -> Outcome[None]:
+    def unlisten(self, state: PgState, channel: str) -> Outcome[Result]:
         """``UNLISTEN channel``."""
         return self._relay_statement(state, "UNLISTEN", channel)
 
@@ -307,14 +307,10 @@ class PgDriver:
         received.clear()
         return Ok(got)
 
-    def _relay_statement(self, state: PgState, command: str, channel: str) -> Outcome[None]:
+    def _relay_statement(self, state: PgState, command: str, channel: str) -> Outcome[Result]:
         _received(state)  # from now on, what arrives during statements is kept too
         statement = sql.SQL(command + " {}").format(sql.Identifier(channel))
-        try:
-            state.cursor.execute(statement)
-        except psycopg.Error as err:
-            return _failure(state, err, False)
-        return _OK_NONE
+        return self._run(state, statement.as_string(state.conn))
 
     # -- transactions ----------------------------------------------------
 
