@@ -56,7 +56,7 @@ from .messages import (
 from .scheduler import Scheduler
 from .slot import Slot
 
-__all__ = ["ConnectionActor", "ConnectionConfig", "connect_error", "one_line"]
+__all__ = ["ConnectionActor", "ConnectionConfig", "connect_error", "one_line", "open_session"]
 
 logger = logging.getLogger("dbpool.actors.connection")
 
@@ -87,9 +87,10 @@ class ConnectionConfig:
     #: Whether a connection may try to connect on its own; when not (the
     #: pool's circuit breaker is open), it parks until the pool sends Probe.
     may_connect: Callable[[], bool] = lambda: True
-    #: With a shared budget (dbpool.pool.budget): ``claim(index, state)`` takes a
-    #: slot for a new session (False: none free), ``holds(state)`` checks it at pings.
-    claim: Callable[[int, Any], bool] | None = None
+    #: With a shared budget (dbpool.pool.budget): ``claim(index, open)`` opens a
+    #: session with ``open`` within the budget (None: no slot free, nothing left
+    #: open), and ``holds(state)`` checks at pings that it still holds its slot.
+    claim: Callable[[int, Callable[[], Any]], Any | None] | None = None
     holds: Callable[[Any], bool] | None = None
     #: Seconds between a connection's tries for a budget slot (jittered).
     claim_interval: float = 1.0
@@ -167,11 +168,14 @@ class ConnectionActor(pykka.ThreadingActor):
             opts = dict(self.config.configure(opts))
         started = time.monotonic()
         try:
-            state = self.config.driver.connect(opts)
+            state = open_session(self.config, self.slot.index, opts)
         except Exception as exc:
             self._connect_failed(self._connect_error(exc, opts))
             return
-        if self.config.claim is not None and not self._claim(state, opts):
+        if state is None:  # no budget slot free: try again, jittered so that servers take turns
+            logger.debug("%s: connection %d found no free budget slot",
+                         self.config.pool_name, self.slot.index)
+            self._schedule_connect(self.config.claim_interval * random.uniform(0.5, 1.5))
             return
         lifetime = self.config.max_lifetime
         self.slot.mark_connected(
@@ -185,23 +189,6 @@ class ConnectionActor(pykka.ThreadingActor):
         if self.backoff is not None:
             self.backoff.reset()
         self._release()
-
-    def _claim(self, state: Any, opts: Mapping[str, Any]) -> bool:
-        """Take a budget slot for the new session ``state``; if none is free, close it
-        and try again after ``claim_interval`` (jittered, so that servers take turns)."""
-        assert self.config.claim is not None
-        try:
-            claimed = self.config.claim(self.slot.index, state)
-        except Exception as exc:
-            self.config.driver.disconnect(exc, state)
-            self._connect_failed(self._connect_error(exc, opts))
-            return False
-        if not claimed:
-            self.config.driver.disconnect(None, state)
-            logger.debug("%s: connection %d found no free budget slot",
-                         self.config.pool_name, self.slot.index)
-            self._schedule_connect(self.config.claim_interval * random.uniform(0.5, 1.5))
-        return claimed
 
     def _connect_failed(self, error: ConnectionError) -> None:
         # The pool logs failures, at most one line per reconnect_log_interval.
@@ -306,6 +293,15 @@ class ConnectionActor(pykka.ThreadingActor):
     def _connect_error(self, exc: Exception, opts: Mapping[str, Any]) -> ConnectionError:
         return connect_error(
             self.config, f"connection {self.slot.index} failed to connect", exc, opts)
+
+
+def open_session(config: ConnectionConfig, index: int, opts: Mapping[str, Any]) -> Any | None:
+    """Connect with ``opts`` for connection ``index`` (the driver's state); within the
+    pool's budget, if it has one, and None when no slot of it is free now."""
+    driver = config.driver
+    if config.claim is None:
+        return driver.connect(opts)
+    return config.claim(index, lambda: driver.connect(opts))
 
 
 def connect_error(config: ConnectionConfig, what: str, exc: Exception,

@@ -49,7 +49,7 @@ from dbpool.driver import Disconnect, Notification, Ok, Outcome
 from dbpool.errors import ConnectionError, PoolStoppedError
 
 from . import backoff as backoff_mod
-from .connection import ConnectionConfig, connect_error, one_line
+from .connection import ConnectionConfig, connect_error, one_line, open_session
 from .listeners import Listener, NotificationEvent, NotificationGap, deliver
 from .messages import Connect, Listen, Unlisten
 
@@ -227,22 +227,15 @@ class NotifyRelay(pykka.ThreadingActor):
         try:
             if self.config.configure is not None:
                 opts = dict(self.config.configure(opts))
-            state = self.driver.connect(opts)
+            # A shared budget counts this connection too (see dbpool.pool.budget).
+            state = open_session(self.config, RELAY_INDEX, opts)
         except Exception as exc:
             error = connect_error(self.config, "the notification relay failed to connect",
                                   exc, opts)
             logger.warning("%s", error)
             self._schedule_connect(self.backoff.next())
             return
-        claim = self.config.claim
-        try:  # a shared budget counts this connection too (see dbpool.pool.budget)
-            claimed = claim is None or claim(RELAY_INDEX, state)
-        except Exception as exc:
-            claimed = False
-            logger.warning("%s: the notification relay could not claim a budget slot: %s",
-                           self.config.pool_name, one_line(exc))
-        if not claimed:
-            self.driver.disconnect(None, state)
+        if state is None:  # no budget slot free
             self._schedule_connect(self.config.claim_interval)
             return
         self.state = state

@@ -39,6 +39,7 @@ from .budget import Budget
 from .cancels import Canceller
 from .checkin import Checkin
 from .connection import AsyncConnection, Connection
+from .lender import Lender
 from .loans import Loan, LoanWatcher, Location
 from .metrics import PoolMetrics
 from .options import PoolOptions
@@ -87,7 +88,9 @@ class PoolCore:
         self.loans: dict[int, Loan] = {}
         self.recycler = Recycler(self.breaker, options.max_lifetime is not None)
         #: The connection budget shared with other pools and servers, if any.
-        self.budget = (Budget(options.budget_name, options.max_server_connections, driver)
+        self.budget = (Budget(options.budget_name, options.max_server_connections, driver,
+                              lender=Lender(self), up=self.breaker.up,
+                              interval=options.idle_interval)
                        if options.max_server_connections is not None else None)
         self.canceller = Canceller(options.name)
         #: Where connections go when they come back (the one way back).

@@ -92,15 +92,17 @@ class Lender:
             if conn is not None:
                 return conn
 
-    def wait(self, callback: Callable[[Offer | None, BaseException | None], None]) -> Any:
-        """Queue for the next connection; return a handle for :meth:`cancel_wait`.
+    def wait(self, callback: Callable[[Offer | None, BaseException | None], None], *,
+             first: bool = False) -> Any:
+        """Queue for the next connection (with ``first``, ahead of the callers already
+        waiting); return a handle for :meth:`cancel_wait`.
 
         ``callback(offer, None)`` or ``callback(None, error)`` is called once,
         on any thread (under the queue's lock: hand over to your own thread
         and return).  Raises ``ConnectionError`` at once if the queue takes no
         more waiters.
         """
-        return self._core.queue.wait(callback)
+        return self._core.queue.wait(callback, first)
 
     def cancel_wait(self, waiter: Any) -> bool:
         """Leave the queue; False if the callback has been called already."""
@@ -117,12 +119,17 @@ class Lender:
 
     def wants_back(self, conn: Connection) -> bool:
         """Whether the pool wants ``conn`` back as soon as its work is done: the pool
-        shrank past it, or the recycler is due to replace it (``max_lifetime``,
-        ``disconnect_all``)."""
+        shrank past it, the recycler is due to replace it (``max_lifetime``,
+        ``disconnect_all``), or the connection budget needs it for a moment (to
+        reserve a slot with)."""
         slot = conn._slot
-        if slot.index in self._core.checkin.retired:
+        core = self._core
+        if slot.index in core.checkin.retired:
             return True
-        recycler = self._core.recycler
+        budget = core.budget
+        if budget is not None and budget.asks_back(slot.index):
+            return True
+        recycler = core.recycler
         return recycler.recycling and recycler.reason(slot) is not None
 
     def give_back(self, conn: Connection) -> None:

@@ -147,7 +147,7 @@ class Pool(PoolCalls, AsyncPoolCalls):
             show_sensitive_data_on_connection_error=opts.show_sensitive_data_on_connection_error,
             max_lifetime=opts.max_lifetime,
             may_connect=lambda: core.breaker.may_connect,
-            claim=core.budget.claim if core.budget is not None else None,
+            claim=core.budget.connect if core.budget is not None else None,
             holds=core.budget.holds if core.budget is not None else None,
             claim_interval=opts.idle_interval,
         )

@@ -223,9 +223,11 @@ class CheckoutQueue:
         return bool(self._waiters)
 
     def wait(
-        self, callback: Callable[[Slot | None, BaseException | None], object]
+        self, callback: Callable[[Slot | None, BaseException | None], object],
+        first: bool = False,
     ) -> _CallbackWaiter:
-        """Queue a waiter served by ``callback(slot, error)`` (see :class:`_CallbackWaiter`).
+        """Queue a waiter served by ``callback(slot, error)`` (see :class:`_CallbackWaiter`);
+        with ``first``, ahead of the others.
 
         Raises like :meth:`get` if the queue is closed or full.  The waiter
         waits until served or :meth:`cancel_wait`; its caller keeps time.
@@ -239,6 +241,8 @@ class CheckoutQueue:
                 callback(self._lend_idle(now), None)
                 return waiter
             self._enqueue(waiter, True)
+            if first:
+                self._waiters.rotate(1)  # from the back to the front
             return waiter
 
     def cancel_wait(self, waiter: _CallbackWaiter) -> bool:

@@ -133,3 +133,15 @@ def test_the_default_window_is_half_the_queue_target() -> None:
     assert PoolOptions(queue_target=0.2).barge_seconds == 0.1
     assert PoolOptions(barge_window=0).barge_seconds == 0
     assert PoolOptions(barge_window=0.01, queue_target=0.2).barge_seconds == 0.01
+
+
+def test_a_waiter_queued_first_is_served_before_those_already_waiting(clock: Clock) -> None:
+    # The connection budget's reservation borrows this way (dbpool.pool.budget).
+    queue = CheckoutQueue(barge_window=0.0)
+    slot = lent(queue, 0)
+    earlier = waiter(queue)
+    clock.now += 0.1
+    first: list[Any] = []
+    queue.wait(lambda slot, error: first.append(slot if error is None else error), first=True)
+    queue.put(slot)
+    assert (first, earlier) == ([slot], [])

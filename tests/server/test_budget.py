@@ -1,12 +1,14 @@
 """One connection budget across servers (``max_server_connections``; dbpool.pool.budget).
 
 In-process: two pools naming one budget hold no more than it together, and
-one takes up what the other gave back.  Then the issue's case, on real
-server processes and real PostgreSQL: three ``dbpool serve`` processes with
+one takes up what the other gave back; a pool that holds a slot opens no
+session while the budget is full (it reserves first); a probe leaves a
+reserved slot alone.  Then the issue's case, on real server processes and
+real PostgreSQL: three ``dbpool serve`` processes with
 ``max_server_connections = 6`` (each wanting 3), under full load from 16
-client processes, sampled in ``pg_stat_activity`` every 50 ms, never hold
-more than 6 connections together; after one is killed with SIGKILL, the
-other two hold all 6 within 5 s.
+client processes, sampled in ``pg_stat_activity`` every 50 ms, never have
+more than 6 connections open together; after one is killed with SIGKILL,
+the other two hold all 6 within 5 s.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import psycopg
 import pytest
 
 from dbpool.errors import ConfigurationError
+from dbpool.pgdriver import PgDriver
 from dbpool.pool import Pool
 from tests.support.remote import ServerProcess
 
@@ -96,6 +99,60 @@ def test_a_session_that_lets_its_slot_go_is_replaced(pg_dsn: str) -> None:
             time.sleep(0.05)
         assert pool.query("SELECT pg_backend_pid()").rows[0][0] != first_pid
         assert _counts(admin, budget, app) == (1, 1)
+
+
+class _CountingDriver(PgDriver):
+    """The psycopg driver, counting the sessions it opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sessions = 0
+
+    def connect(self, opts: Any) -> Any:
+        self.sessions += 1
+        return super().connect(opts)
+
+
+def test_a_pool_that_holds_a_slot_opens_no_session_while_the_budget_is_full(
+        pg_dsn: str) -> None:
+    budget, app = _unique("budget"), _unique("app")
+    driver = _CountingDriver()
+    with psycopg.connect(pg_dsn, autocommit=True) as admin, \
+            Pool.start(pg_dsn, driver=driver, pool_size=3, max_server_connections=2,
+                       budget_name=budget, idle_interval=0.1,
+                       connect_kwargs={"application_name": app}) as pool:
+        deadline = time.monotonic() + 10
+        while pool.metrics()["budget"]["held"] < 2:
+            assert time.monotonic() < deadline, pool.metrics()["budget"]
+            time.sleep(0.02)
+        opened = driver.sessions
+        # Ten rounds of the wanting connection's tries: each finds the budget full
+        # through a connection it borrows, and opens nothing.
+        for _ in range(20):
+            assert pool.query("SELECT 1", timeout=10).rows == [(1,)]
+            time.sleep(0.05)
+        assert pool.metrics()["budget"]["wanting"] == 1
+        assert driver.sessions == opened
+        assert _counts(admin, budget, app) == (2, 2)
+
+
+def test_a_probe_leaves_a_reserved_slot_alone(pg_dsn: str) -> None:
+    budget, app = _unique("budget"), _unique("app")
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        # Another server's connection reserved slot 0 of a budget of 1 (its lock
+        # (key, size + 0)) and is about to open the session that takes it.
+        admin.execute("SELECT pg_advisory_lock(%s, 1)", [_key(budget)])
+        with Pool.start(pg_dsn, pool_size=1, max_server_connections=1, budget_name=budget,
+                        idle_interval=0.1, connect_kwargs={"application_name": app}) as pool:
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:  # several probes, none keeps the slot
+                assert _counts(admin, budget, app)[1] == 0
+                time.sleep(0.02)
+            assert pool.metrics()["budget"] == {"name": budget, "size": 1, "held": 0,
+                                                "wanting": 1}
+            admin.execute("SELECT pg_advisory_unlock(%s, 1)", [_key(budget)])
+            assert pool.query("SELECT 1", timeout=10).rows == [(1,)]
+            assert _counts(admin, budget, app) == (1, 1)
 
 
 def test_the_budget_options_are_checked() -> None:
@@ -183,9 +240,10 @@ def test_three_servers_never_hold_more_than_the_budget(
     most_held = max(held for _, _, held in samples)
     most_open = max(total for _, total, _ in samples)
     print(f"\nbudget 6: {len(samples)} samples; most holding a slot {most_held}, most open "
-          f"{most_open} (a connection trying for a slot is open for a moment); after the "
-          f"kill, all 6 held again in {took_up} s; queries ok/failed per client: {served}")
+          f"{most_open}; after the kill, all 6 held again in {took_up} s; queries ok/failed "
+          f"per client: {served}")
     assert holders_before == 6
     assert most_held <= 6
+    assert most_open <= 6
     assert took_up is not None and took_up <= 5.0
     assert sum(ok for ok, _ in served) > 0
