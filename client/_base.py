@@ -15,15 +15,16 @@ import secrets
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from dbpool.driver import Column, Result
 from dbpool.errors import ConnectionError, ProtocolError
-from dbpool.keys import HANDSHAKE_EVENTS, ClientKeys, handshake_failure
+from dbpool.keys import HANDSHAKE_EVENTS, MECHANISM_MISMATCH, ClientKeys, handshake_failure
 from dbpool.protocol import VERSION, error_from_map
+from dbpool.zmtp import HandshakeError
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -385,6 +386,42 @@ def spread_endpoints(endpoints: Sequence[str],
             shown = f"[{address}]" if ":" in address else address
             spread.append(f"tcp://{shown}:{split[2]}")
     return tuple(dict.fromkeys(spread))
+
+
+#: Seconds between connection attempts of a direct connection (libzmq's
+#: ``RECONNECT_IVL`` as the client sets it).
+RECONNECT_INTERVAL = 0.1
+
+
+def after_failed_connect(error: BaseException, silent_once: bool,
+                         endpoints: int) -> Literal["again", "refused", "retry"]:
+    """What a direct connection does after a failed attempt (``error``, an ``OSError``
+    or a :class:`~dbpool.zmtp.HandshakeError`): ``"again"`` at once, ``"refused"``
+    (the server will not have us: ``unauthorized``), or ``"retry"`` (after
+    :data:`RECONNECT_INTERVAL`, or on another endpoint).
+
+    A peer that closed without a word (``silent``) may be refusing our mechanism
+    or going away: once more tells, as a server gone refuses the connection
+    outright.  With other endpoints to try, a silent one is passed over.
+    """
+    if isinstance(error, HandshakeError):
+        if error.silent and not silent_once:
+            return "again"
+        if not (error.silent and endpoints > 1):
+            return "refused"
+        return "retry"
+    if silent_once and endpoints == 1 and not isinstance(error, ConnectionRefusedError):
+        return "refused"  # silent, then cut off: a server that will not have us
+    return "retry"
+
+
+def refused(endpoint: str, mismatch: bool) -> ConnectionError:
+    """``unauthorized``: the server at ``endpoint`` refused a direct connection's
+    handshake (``mismatch``: it wants another security mechanism)."""
+    error = handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                              MECHANISM_MISMATCH if mismatch else 0, endpoint, keyed=False)
+    assert error is not None
+    return error
 
 
 def direct_address(endpoint: str) -> tuple[str, int] | None:

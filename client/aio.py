@@ -1,10 +1,15 @@
 """The asyncio client: :class:`AsyncClient`, :class:`AsyncTransaction`, :class:`AsyncStream`.
 
 An :class:`AsyncClient` belongs to the event loop it first sends from.  It
-has one ``DEALER`` socket (``zmq.asyncio``) and a reader task that hands
-each reply to the request waiting for its ``id``, so any number of tasks may
-have requests in flight at once; the server answers them in the order they
-complete.
+has one ``DEALER`` connection, whose replies go to the requests waiting for
+their ``id``, so any number of tasks may have requests in flight at once;
+the server answers them in the order they complete.  To a plain
+``tcp://host:port`` endpoint without CURVE keys the connection speaks ZMTP
+on the loop's own transport (:mod:`dbpool.client.direct_async`); other
+endpoints, clients with keys and ``direct=False`` use a ``zmq.asyncio``
+socket and a reader task.  A direct connection that the server closes fails
+the requests in flight on it at once (``reason="timeout"``: they may have
+run), as the sync client's does.
 
 When a request times out, the socket it used is retired: new requests go
 out on a new socket (to the next endpoint, if there are several) and the
@@ -16,6 +21,7 @@ for open transactions and streams come from a task of the client's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import weakref
@@ -27,7 +33,7 @@ from collections.abc import (
     Sequence,
 )
 from types import TracebackType
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeAlias, TypeVar, cast
 
 import zmq
 import zmq.asyncio
@@ -35,6 +41,7 @@ import zmq.asyncio
 from dbpool.errors import ConnectionError
 from dbpool.protocol import VERSION
 from dbpool.wire import WireError, make_packer, unpackb
+from dbpool.zmtp import HandshakeError
 
 from ._async.requests import AsyncCopyTo, AsyncRequests, AsyncStream
 from ._async.requests import AsyncTransaction as _AsyncTransaction
@@ -43,20 +50,25 @@ from ._base import (
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT,
     DEFAULT_TOPICS,
+    RECONNECT_INTERVAL,
     Handshakes,
     Keepalive,
+    after_failed_connect,
     closed_error,
     configure_socket,
+    direct_address,
     error_from_reply,
     handshake_monitor,
     malformed_reply,
     no_server,
     normalize_topics,
+    refused,
     request,
     timed_out,
     to_result,
     unresolved,
 )
+from .direct_async import AsyncZmtpConnection
 from .events import AsyncSubscription
 
 __all__ = ["AsyncClient", "AsyncCopyTo", "AsyncStream", "AsyncTransaction"]
@@ -79,14 +91,18 @@ class _Expired(Exception):
     """A request's time ran out (see AsyncClient._expiring)."""
 
 
+#: Hands one reply of a channel's to the future of its request.
+Resolve = Callable[["_Channel | _DirectChannel", bytes], None]
+
+
 class _Channel:
     """A request socket, its reader task and the futures of its requests in flight."""
 
-    __slots__ = ("direct", "endpoint", "monitor", "pending", "reader", "resolved", "retired",
-                 "send", "sock", "watcher")
+    __slots__ = ("direct", "endpoint", "monitor", "pending", "reader", "resolve", "resolved",
+                 "retired", "send", "sock", "watcher")
 
     def __init__(self, endpoint: str, sock: zmq.asyncio.Socket,
-                 monitor: zmq.asyncio.Socket) -> None:
+                 monitor: zmq.asyncio.Socket, resolve: Resolve) -> None:
         self.endpoint = endpoint
         self.sock = sock
         #: The same socket without asyncio's futures: what can be sent or read now
@@ -95,6 +111,7 @@ class _Channel:
         self.direct: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
         #: Reports how ``sock``'s handshakes end (see dbpool.keys.handshake_failure).
         self.monitor = monitor
+        self.resolve = resolve
         self.send: Callable[[bytes], asyncio.Future[Any]] = sock.send  # type: ignore[assignment]
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.reader: asyncio.Task[None] | None = None
@@ -102,6 +119,82 @@ class _Channel:
         self.retired = False
         #: Whether the endpoint's host name was found to resolve.
         self.resolved = False
+
+    def send_now(self, body: bytes) -> bool:
+        """Send ``body`` if it can go out at once (False: not connected yet, as
+        IMMEDIATE holds messages until a connection is, or the queue is full)."""
+        try:
+            self.direct.send(body, _NOBLOCK)
+        except _Again:
+            return False
+        # A send may take in replies without the socket's descriptor saying so
+        # (ZeroMQ's is edge-triggered): read what came.
+        if cast(int, self.direct.get(_EVENTS)) & _POLLIN:
+            self.read_now()
+        return True
+
+    def read_now(self) -> None:
+        """Resolve the requests whose replies have come, without waiting for more."""
+        recv_now, resolve = self.direct.recv, self.resolve
+        while True:
+            try:
+                data = recv_now(_NOBLOCK)
+            except _Again:
+                return
+            resolve(self, data)
+
+    def close(self) -> None:
+        for task in (self.reader, self.watcher):
+            if task is not None:
+                task.cancel()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+
+class _DirectChannel:
+    """A channel on a direct connection (:mod:`dbpool.client.direct_async`): as
+    :class:`_Channel`, without libzmq.  Its ``reader`` is the task that connects."""
+
+    __slots__ = ("address", "conn", "connected", "endpoint", "pending", "reader", "resolved",
+                 "retired", "watcher")
+
+    def __init__(self, endpoint: str, address: tuple[str, int]) -> None:
+        self.endpoint = endpoint
+        self.address = address
+        self.conn: AsyncZmtpConnection | None = None
+        #: Done once connected; its error is a refused handshake's.
+        self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.reader: asyncio.Task[None] | None = None
+        self.watcher: asyncio.Task[None] | None = None
+        self.retired = False
+        self.resolved = False
+
+    def send_now(self, body: bytes) -> bool:
+        conn = self.conn
+        return conn is not None and conn.send(body)
+
+    def send(self, body: bytes) -> asyncio.Future[Any]:
+        """A future done once ``body`` was sent, connected first."""
+        return asyncio.ensure_future(self._send_connected(body))
+
+    async def _send_connected(self, body: bytes) -> None:
+        await asyncio.shield(self.connected)
+        if not self.send_now(body):
+            raise ConnectionError(f"the connection to {self.endpoint} closed before the "
+                                  "request was sent", reason="no_server")
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+        if self.conn is not None:
+            self.conn.close()
+        if not self.connected.done():
+            self.connected.cancel()
+
+
+#: Either kind of channel.
+AnyChannel: TypeAlias = "_Channel | _DirectChannel"
 
 
 class AsyncClient(AsyncRequests):
@@ -127,9 +220,11 @@ class AsyncClient(AsyncRequests):
         pool: str | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         spread: bool = True,
+        direct: bool = True,
     ) -> None:
         self._identify(endpoint, timeout, events, server_key, client_key, pool,
                        connect_timeout, spread)
+        self._direct = direct
         if context is None:
             self._context: zmq.asyncio.Context = zmq.asyncio.Context.instance()
         elif isinstance(context, zmq.asyncio.Context):
@@ -140,8 +235,8 @@ class AsyncClient(AsyncRequests):
         self._pack = packer.pack
         self._reset_packer = packer.reset
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._chan: _Channel | None = None
-        self._channels: set[_Channel] = set()
+        self._chan: AnyChannel | None = None
+        self._channels: set[AnyChannel] = set()
         self._index = self.start
         self._last_id = 0
         self._closed = False
@@ -153,7 +248,7 @@ class AsyncClient(AsyncRequests):
 
     # -- sockets ------------------------------------------------------------------------
 
-    def _open_channel(self) -> _Channel:
+    def _open_channel(self) -> AnyChannel:
         if self._closed:
             raise closed_error()
         loop = asyncio.get_running_loop()
@@ -162,6 +257,14 @@ class AsyncClient(AsyncRequests):
         elif self._loop is not loop:
             raise RuntimeError("an AsyncClient belongs to the event loop it was first used in")
         endpoint = self.endpoints[self._index]
+        address = direct_address(endpoint) if self._direct and self.keys is None else None
+        if address is not None:
+            direct = _DirectChannel(endpoint, address)
+            direct.reader = loop.create_task(self._connect_direct(direct),
+                                             name=f"dbpool-client-connect {endpoint}")
+            self._chan = direct
+            self._channels.add(direct)
+            return direct
         sock = self._context.socket(zmq.DEALER)
         monitor: zmq.asyncio.Socket | None = None
         try:
@@ -173,7 +276,7 @@ class AsyncClient(AsyncRequests):
                 monitor.close(linger=0)
             sock.close(linger=0)
             raise
-        ch = _Channel(endpoint, sock, monitor)
+        ch = _Channel(endpoint, sock, monitor, self._resolve)
         ch.reader = loop.create_task(self._read(ch), name=f"dbpool-client-reader {endpoint}")
         ch.watcher = loop.create_task(self._watch_handshakes(ch),
                                       name=f"dbpool-client-handshakes {endpoint}")
@@ -182,34 +285,56 @@ class AsyncClient(AsyncRequests):
         logger.debug("connected a request socket to %s", endpoint)
         return ch
 
-    def _close_channel(self, ch: _Channel) -> None:
+    async def _connect_direct(self, ch: _DirectChannel) -> None:
+        """Connect ``ch``, retrying every 100 ms as libzmq does, until connected or
+        refused (the requests' own waits give up on it: see :meth:`_connect_failure`)."""
+        host, port = ch.address
+        silent_once = False
+        while True:
+            try:
+                ch.conn = await AsyncZmtpConnection.open(
+                    host, port, functools.partial(self._resolve, ch),
+                    functools.partial(self._direct_lost, ch))
+                logger.debug("connected directly to %s", ch.endpoint)
+                ch.connected.set_result(None)
+                return
+            except (HandshakeError, OSError) as exc:
+                verdict = after_failed_connect(exc, silent_once, len(self.endpoints))
+                if verdict == "refused":
+                    mismatch = isinstance(exc, HandshakeError) and exc.mismatch
+                    ch.connected.set_exception(refused(ch.endpoint, mismatch))
+                    ch.connected.exception()  # retrieved: its senders raise it
+                    return
+            silent_once = verdict == "again"
+            if not silent_once:
+                await asyncio.sleep(RECONNECT_INTERVAL)
+
+    def _direct_lost(self, ch: _DirectChannel, exc: BaseException | None) -> None:
+        """The server closed ``ch``'s connection: its requests in flight fail now (they
+        may have run), and the next request opens a new channel."""
+        why = f" ({exc})" if exc is not None else ""
+        for fut in ch.pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(
+                    f"{ch.endpoint} closed the connection before replying{why}: the "
+                    "request may have run", reason="timeout"))
+        logger.debug("%s closed the connection%s", ch.endpoint, why)
+        self._retire(ch)
+        self._close_channel(ch)
+
+    def _close_channel(self, ch: AnyChannel) -> None:
         """Close ``ch`` now; its requests still in flight raise ConnectionError."""
         self._channels.discard(ch)
         if self._chan is ch:
             self._chan = None
-        if ch.reader is not None:
-            ch.reader.cancel()
-        if ch.watcher is not None:
-            ch.watcher.cancel()
-        ch.monitor.close(linger=0)
-        ch.sock.close(linger=0)
+        ch.close()
         for fut in ch.pending.values():
             if not fut.done():
                 fut.set_exception(closed_error() if self._closed else ConnectionError(
                     f"the socket to {ch.endpoint} was closed", reason="error"))
 
-    def _read_now(self, ch: _Channel) -> None:
-        """Resolve the requests whose replies have come, without waiting for more."""
-        recv_now = ch.direct.recv
-        while True:
-            try:
-                data = recv_now(_NOBLOCK)
-            except _Again:
-                return
-            self._resolve(ch, data)
-
     @staticmethod
-    def _resolve(ch: _Channel, data: bytes) -> None:
+    def _resolve(ch: AnyChannel, data: bytes) -> None:
         """Hand one reply to the future of its request."""
         try:
             reply = _unpackb(data)
@@ -227,7 +352,7 @@ class AsyncClient(AsyncRequests):
         if not fut.done():
             fut.set_result(reply)
 
-    def _retire(self, ch: _Channel) -> None:
+    def _retire(self, ch: AnyChannel) -> None:
         """Send no more on ``ch``; close it once its last request in flight ends."""
         if ch.retired:
             return
@@ -249,7 +374,7 @@ class AsyncClient(AsyncRequests):
         try:
             while True:
                 self._resolve(ch, await recv())
-                self._read_now(ch)
+                ch.read_now()
         except zmq.ZMQError as exc:
             if not ch.sock.closed:
                 logger.error("the reader of %s failed: %s", ch.endpoint, exc)
@@ -296,7 +421,7 @@ class AsyncClient(AsyncRequests):
         sent = False
         tries = len(self.endpoints)
         try:
-            if self._send_now(ch, body):  # the common case
+            if ch.send_now(body):  # the common case
                 sent = True
                 reply = await self._expiring(fut, wait)
             else:
@@ -340,19 +465,6 @@ class AsyncClient(AsyncRequests):
                 raise malformed_reply(ch.endpoint, msg["op"], "neither 'ok' nor 'error'") \
                     from None
         raise error_from_reply(reply)
-
-    def _send_now(self, ch: _Channel, body: bytes) -> bool:
-        """Send ``body`` on ``ch`` if it can go out at once (False: not connected yet,
-        as IMMEDIATE holds messages until a connection is, or the queue is full)."""
-        try:
-            ch.direct.send(body, _NOBLOCK)
-        except _Again:
-            return False
-        # A send may take in replies without the socket's descriptor saying so
-        # (ZeroMQ's is edge-triggered): read what came.
-        if cast(int, ch.direct.get(_EVENTS)) & _POLLIN:
-            self._read_now(ch)
-        return True
 
     def _expiring(self, fut: asyncio.Future[dict[str, Any]],
                   wait: float) -> asyncio.Future[dict[str, Any]]:
@@ -410,7 +522,7 @@ class AsyncClient(AsyncRequests):
         if earliest is not None:
             self._expiry_timer = loop.call_at(earliest, self._expire)
 
-    async def _connect_failure(self, ch: _Channel, send: asyncio.Future[Any],
+    async def _connect_failure(self, ch: AnyChannel, send: asyncio.Future[Any],
                                fut: asyncio.Future[dict[str, Any]]) -> ConnectionError | None:
         """Wait for ``send`` to go out; None once it has.  Raises a refused handshake's
         error (which fails ``fut``); returns ``no_server`` (the channel retired) if no
@@ -436,7 +548,7 @@ class AsyncClient(AsyncRequests):
         self._retire(ch)
         return error
 
-    def _timed_out(self, ch: _Channel, msg: dict[str, Any], wait: float,
+    def _timed_out(self, ch: AnyChannel, msg: dict[str, Any], wait: float,
                    *, sent: bool) -> ConnectionError:
         error = timed_out(ch.endpoint, msg.get("op"), wait, sent)
         logger.debug("%s; retiring the socket", error)

@@ -42,7 +42,6 @@ from typing import Any, Literal, TypeVar
 import zmq
 
 from dbpool.errors import ConnectionError
-from dbpool.keys import MECHANISM_MISMATCH, handshake_failure
 from dbpool.protocol import VERSION
 from dbpool.wire import WireError, make_packer, packb, unpackb
 from dbpool.zmtp import HandshakeError
@@ -52,8 +51,10 @@ from ._base import (
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT,
     DEFAULT_TOPICS,
+    RECONNECT_INTERVAL,
     Handshakes,
     Keepalive,
+    after_failed_connect,
     closed_error,
     configure_socket,
     direct_address,
@@ -61,6 +62,7 @@ from ._base import (
     malformed_reply,
     no_server,
     normalize_topics,
+    refused,
     reply_value,
     spread_endpoints,
     timed_out,
@@ -85,11 +87,6 @@ _monotonic = time.monotonic
 _unpackb = unpackb
 _to_result = to_result
 _VERSION = VERSION
-
-
-#: Seconds between connection attempts of a direct connection (libzmq's
-#: ``RECONNECT_IVL`` as the client sets it).
-_RECONNECT_IVL = 0.1
 
 
 def _ms(seconds: float) -> int:
@@ -453,21 +450,16 @@ class Client(Requests):
                 direct.connect(limit - _monotonic())
                 logger.debug("connected directly to %s", ch.endpoint)
                 return direct
-            except HandshakeError as exc:
-                if exc.silent and not silent_once:
-                    # Closed before a word: a refusal, or a server going away?  Once
-                    # more tells (a server gone refuses the connection outright).
-                    silent_once = True
-                    continue
-                if not (exc.silent and count > 1):  # with others to try: passed over
-                    raise self._refused(ch, exc.mismatch) from None
-                reason = str(exc)
-            except OSError as exc:
+            except (HandshakeError, OSError) as exc:
                 if self._closed:
                     raise closed_error() from None
-                if silent_once and count == 1 and not isinstance(exc, ConnectionRefusedError):
-                    # Silent, then cut off: a server that will not have us.
-                    raise self._refused(ch, False) from None
+                verdict = after_failed_connect(exc, silent_once, count)
+                if verdict == "refused":
+                    raise refused(ch.endpoint, isinstance(exc, HandshakeError)
+                                  and exc.mismatch) from None
+                if verdict == "again":
+                    silent_once = True
+                    continue
                 reason = str(exc)
             logger.debug("no connection to %s: %s", ch.endpoint, reason)
             failed += 1
@@ -481,7 +473,7 @@ class Client(Requests):
                 if self._resolve_again(ch):  # the names' addresses changed: try them now
                     count = len(self.endpoints)
                     continue
-                time.sleep(min(_RECONNECT_IVL, max(0.0, limit - _monotonic())))
+                time.sleep(min(RECONNECT_INTERVAL, max(0.0, limit - _monotonic())))
 
     def _resolve_again(self, ch: _Channel) -> bool:
         """Look the given endpoints' names up again (a rolling update gave the servers
@@ -495,15 +487,6 @@ class Client(Requests):
         logger.warning("no server answered: the endpoints are now %s", ", ".join(fresh))
         self._replace(ch, why="new addresses")
         return True
-
-    @staticmethod
-    def _refused(ch: _Channel, mismatch: bool) -> ConnectionError:
-        """``unauthorized``: the server at ``ch``'s endpoint refused the handshake."""
-        refused = handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                                    MECHANISM_MISMATCH if mismatch else 0, ch.endpoint,
-                                    keyed=False)
-        assert refused is not None
-        return refused
 
     def _connect_window(self, ch: _Channel, deadline: float) -> tuple[float, float]:
         """``(now, until when)`` a connection may be waited for: :attr:`connect_timeout`,
