@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import time
 import weakref
 from collections import deque
@@ -64,6 +65,7 @@ from ._base import (
     normalize_topics,
     refused,
     request,
+    spread_endpoints,
     timed_out,
     to_result,
     unresolved,
@@ -290,6 +292,7 @@ class AsyncClient(AsyncRequests):
         refused (the requests' own waits give up on it: see :meth:`_connect_failure`)."""
         host, port = ch.address
         silent_once = False
+        started = time.monotonic()
         while True:
             try:
                 ch.conn = await AsyncZmtpConnection.open(
@@ -304,6 +307,12 @@ class AsyncClient(AsyncRequests):
                     mismatch = isinstance(exc, HandshakeError) and exc.mismatch
                     ch.connected.set_exception(refused(ch.endpoint, mismatch))
                     ch.connected.exception()  # retrieved: its senders raise it
+                    return
+                if len(self.endpoints) > 1 and isinstance(exc, ConnectionRefusedError):
+                    # Another server may take it now: the next endpoint at once.
+                    ch.connected.set_exception(
+                        no_server(ch.endpoint, round(time.monotonic() - started, 1)))
+                    ch.connected.exception()
                     return
             silent_once = verdict == "again"
             if not silent_once:
@@ -420,6 +429,7 @@ class AsyncClient(AsyncRequests):
         wait = self.timeout if timeout is None else timeout
         sent = False
         tries = len(self.endpoints)
+        looked_up = False  # the endpoints' names, again, once every one failed
         try:
             if ch.send_now(body):  # the common case
                 sent = True
@@ -436,7 +446,9 @@ class AsyncClient(AsyncRequests):
                             if error is not None:
                                 tries -= 1
                                 if tries <= 0:
-                                    raise error
+                                    if looked_up or not await self._resolve_again():
+                                        raise error
+                                    looked_up, tries = True, len(self.endpoints)
                                 del ch.pending[rid]
                                 if not ch.pending:
                                     self._close_channel(ch)
@@ -539,6 +551,10 @@ class AsyncClient(AsyncRequests):
         await asyncio.wait((send, fut), timeout=self.connect_timeout,
                            return_when=asyncio.FIRST_COMPLETED)
         if send.done():
+            error = None if send.cancelled() else send.exception()
+            if isinstance(error, ConnectionError) and error.reason == "no_server":
+                self._retire(ch)  # refused, with other endpoints to try
+                return error
             return None
         send.cancel()
         if fut.done():
@@ -547,6 +563,19 @@ class AsyncClient(AsyncRequests):
         logger.debug("%s; retiring the socket", error)
         self._retire(ch)
         return error
+
+    async def _resolve_again(self) -> bool:
+        """Look the given endpoints' names up again (a rolling update gave the servers
+        new addresses); whether the endpoints changed (then the next channel opens on
+        one of the new ones)."""
+        fresh = await asyncio.get_running_loop().run_in_executor(
+            None, spread_endpoints, self.given_endpoints)
+        if fresh == self.endpoints:
+            return False
+        self.endpoints = fresh
+        self._index = random.randrange(len(fresh)) if self._spread else 0
+        logger.warning("no server answered: the endpoints are now %s", ", ".join(fresh))
+        return True
 
     def _timed_out(self, ch: AnyChannel, msg: dict[str, Any], wait: float,
                    *, sent: bool) -> ConnectionError:

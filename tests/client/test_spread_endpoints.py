@@ -1,5 +1,6 @@
-"""Which endpoints a client spreads over (client/_base.py ``spread_endpoints``), and
-the move to the next endpoint when one refuses the connection."""
+"""Which endpoints a client spreads over (client/_base.py ``spread_endpoints``), the
+move to the next endpoint when one refuses the connection, and the names looked up
+again when none answers: for the sync client and the asyncio one."""
 
 from __future__ import annotations
 
@@ -91,3 +92,44 @@ def test_new_addresses_are_looked_up_when_no_endpoint_answers(
             assert client.query("SELECT 1").rows == [(1,)]
             assert time.monotonic() - started < 2.0
             assert f"tcp://127.0.0.3:{port}" in client.endpoints
+
+
+def test_the_async_client_leaves_a_refused_endpoint_at_once_and_looks_names_up_again(
+        pg_dsn: str, monkeypatch: Any) -> None:
+    import asyncio
+
+    from dbpool.client import AsyncClient
+    from tests.support.remote import ServerProcess
+
+    port = _free_port()
+    with ServerProcess(pg_dsn, pool_size=1, bind=f"tcp://127.0.0.3:{port}") as server:
+        table = {"pool.test": [(socket.AF_INET, "127.0.0.4"), (socket.AF_INET, "127.0.0.5")]}
+        fake, real = resolver(table), socket.getaddrinfo
+
+        def getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+            if host in table:
+                return fake(host, port)
+            return real(host, port, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+        async def run() -> None:
+            # A dead endpoint before a live one: left at once, not after connect_timeout.
+            async with AsyncClient([f"tcp://127.0.0.4:{port}", server.endpoint], timeout=5,
+                                   connect_timeout=4, spread=False) as client:
+                started = time.monotonic()
+                assert (await client.query("SELECT 1")).rows == [(1,)]
+                assert time.monotonic() - started < 1.0
+            # Every address of the name refuses; then it resolves to the server's.
+            async with AsyncClient(f"tcp://pool.test:{port}", timeout=5, connect_timeout=4,
+                                   events=server.events) as client:
+                assert set(client.endpoints) == {f"tcp://127.0.0.4:{port}",
+                                                 f"tcp://127.0.0.5:{port}"}
+                table["pool.test"] = [(socket.AF_INET, "127.0.0.3"),
+                                      (socket.AF_INET, "127.0.0.6")]
+                started = time.monotonic()
+                assert (await client.query("SELECT 1")).rows == [(1,)]
+                assert time.monotonic() - started < 2.0
+                assert f"tcp://127.0.0.3:{port}" in client.endpoints
+
+        asyncio.run(run())
