@@ -182,6 +182,13 @@ class Pool(PoolCalls, AsyncPoolCalls):
         with ``only``, ConnectionError (``unavailable``) rather than None."""
         return self._reader("replica" if only else True)
 
+    def replica_failed(self, replica: Pool, error: BaseException) -> None:
+        """A read lost its connection on ``replica`` (one of :attr:`replicas`): it leaves
+        the rotation for a moment.  For a caller that routes reads itself (``dbpool
+        serve``, which then runs the read again on this pool)."""
+        if self._replicas is not None:
+            self._replicas.failed(replica, error)
+
     def replica_status(self) -> list[dict[str, Any]]:
         """Each replica's ``name``, ``health``, ``lag`` (seconds, None until measured)
         and whether it is ``in_rotation`` (see :mod:`dbpool.pool.replicas`)."""

@@ -1048,6 +1048,9 @@ class FrontEnd:
                 job.stale_plan = False
                 self._send(pipe, job, job.statements, NEVER)
                 return
+            if (isinstance(outcome, BaseException) and pipe.broken is not None
+                    and self._read_again(job, outcome)):
+                return
             if job.finish is not None:
                 job.finish(job, outcome, pipe)
             elif isinstance(outcome, BaseException):
@@ -1065,6 +1068,29 @@ class FrontEnd:
             self._fail(job, error)
         finally:
             self._settle(pipe)
+
+    def _read_again(self, job: Job, error: BaseException) -> bool:
+        """A read sent to a replica (``readonly: true``) lost its connection there: run
+        it again on the primary, as an in-process read does (what ran on a replica
+        wrote nothing), and the replica leaves the rotation for a moment.  Whether it
+        was sent again."""
+        served = job.served
+        if (served is None or served.owner == served.name or job.req.get("readonly") is not True
+                or not job.shared or job.statements is None or job.replanned):
+            return False
+        primary = self.served.get(served.owner)
+        if primary is None or primary.removed:
+            return False
+        primary.pool.replica_failed(served.pool, error)
+        job.replanned = True
+        job.results = []
+        job.served = primary
+        try:
+            self._statements(job, list(job.statements), NEVER)
+        except RequestError:  # the server is stopping: it fails as it would have
+            job.served = served
+            return False
+        return True
 
     def _finish_batch(self, job: Job, outcome: Outcome, pipe: Pipe) -> None:
         if isinstance(outcome, BaseException):

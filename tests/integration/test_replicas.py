@@ -12,13 +12,15 @@ private clusters with synchronous streaming replication, all on loopback.
   while no primary exists, succeed again within ``backoff_max`` + 2 s, and
   nothing acknowledged before the switch is lost;
 - through ``dbpool serve``: ``readonly`` requests and transactions of the
-  client run on the replica, the others on the primary;
+  client run on the replica, the others on the primary, and a read that
+  loses its replica connection mid-flight runs again on the primary;
 - the DB-API (in-process and remote) and SQLAlchemy (an engine on a pool,
   and the ``postgresql+dbpool://`` dialect) read from the replica too.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -200,6 +202,21 @@ def test_remote_reads_go_to_the_replica_through_the_service(
                                 "readonly": "yes"}))
                 assert raw.poll(5000)
                 assert unpackb(raw.recv())["error"]["code"] == "bad_request"
+            # A read whose replica connection is lost mid-flight runs again on the primary.
+            sleeper = "SELECT pg_is_in_recovery() FROM pg_sleep(2)"
+            outcome: list[Any] = []
+            reader = threading.Thread(target=lambda: outcome.append(
+                client.query(sleeper, readonly=True).rows))
+            reader.start()
+            with psycopg.connect(standby.conninfo(), autocommit=True) as admin:
+                deadline = time.monotonic() + 10
+                while admin.execute("SELECT count(pg_terminate_backend(pid)) FROM "
+                                    "pg_stat_activity WHERE query = %s",
+                                    [sleeper]).fetchone() != (1,):
+                    assert time.monotonic() < deadline, "the read never reached the replica"
+                    time.sleep(0.02)
+            reader.join(15)
+            assert outcome == [[(False,)]]
             standby.stop()
             deadline = time.monotonic() + 10
             while any(r["in_rotation"] for r in pool.replica_status()):
