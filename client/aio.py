@@ -97,15 +97,30 @@ class _Expired(Exception):
 Resolve = Callable[["_Channel | _DirectChannel", bytes], None]
 
 
-class _Channel:
+class _Requests:
+    """What either kind of channel has: its endpoint, the futures of its requests in
+    flight, its tasks, and whether it takes no new requests (``retired``)."""
+
+    __slots__ = ("endpoint", "pending", "reader", "resolved", "retired", "watcher")
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.reader: asyncio.Task[None] | None = None
+        self.watcher: asyncio.Task[None] | None = None
+        self.retired = False
+        #: Whether the endpoint's host name was found to resolve.
+        self.resolved = False
+
+
+class _Channel(_Requests):
     """A request socket, its reader task and the futures of its requests in flight."""
 
-    __slots__ = ("direct", "endpoint", "monitor", "pending", "reader", "resolve", "resolved",
-                 "retired", "send", "sock", "watcher")
+    __slots__ = ("direct", "monitor", "resolve", "send", "sock")
 
     def __init__(self, endpoint: str, sock: zmq.asyncio.Socket,
                  monitor: zmq.asyncio.Socket, resolve: Resolve) -> None:
-        self.endpoint = endpoint
+        super().__init__(endpoint)
         self.sock = sock
         #: The same socket without asyncio's futures: what can be sent or read now
         #: goes straight through (a future and its event bookkeeping cost more than
@@ -115,12 +130,6 @@ class _Channel:
         self.monitor = monitor
         self.resolve = resolve
         self.send: Callable[[bytes], asyncio.Future[Any]] = sock.send  # type: ignore[assignment]
-        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.reader: asyncio.Task[None] | None = None
-        self.watcher: asyncio.Task[None] | None = None
-        self.retired = False
-        #: Whether the endpoint's host name was found to resolve.
-        self.resolved = False
 
     def send_now(self, body: bytes) -> bool:
         """Send ``body`` if it can go out at once (False: not connected yet, as
@@ -153,24 +162,18 @@ class _Channel:
         self.sock.close(linger=0)
 
 
-class _DirectChannel:
+class _DirectChannel(_Requests):
     """A channel on a direct connection (:mod:`dbpool.client.direct_async`): as
     :class:`_Channel`, without libzmq.  Its ``reader`` is the task that connects."""
 
-    __slots__ = ("address", "conn", "connected", "endpoint", "pending", "reader", "resolved",
-                 "retired", "watcher")
+    __slots__ = ("address", "conn", "connected")
 
     def __init__(self, endpoint: str, address: tuple[str, int]) -> None:
-        self.endpoint = endpoint
+        super().__init__(endpoint)
         self.address = address
         self.conn: AsyncZmtpConnection | None = None
         #: Done once connected; its error is a refused handshake's.
         self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.reader: asyncio.Task[None] | None = None
-        self.watcher: asyncio.Task[None] | None = None
-        self.retired = False
-        self.resolved = False
 
     def send_now(self, body: bytes) -> bool:
         conn = self.conn

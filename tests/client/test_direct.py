@@ -11,10 +11,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
-import zmq
 
 from dbpool.client import Client
 from dbpool.client._base import direct_address
@@ -23,19 +21,7 @@ from dbpool.errors import ConnectionError
 from dbpool.wire import packb, unpackb
 from dbpool.zmtp import Command, Decoder, HandshakeError, frame, greeting
 from dbpool.zmtp import ready as ready_frame
-
-WAIT = 5.0
-
-
-@pytest.fixture
-def router() -> Iterator[tuple[zmq.Socket[bytes], int]]:
-    ctx = zmq.Context.instance()
-    sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    yield sock, port
-    sock.close(linger=0)
+from tests.client.conftest import WAIT, Router
 
 
 def _connected(port: int) -> ZmtpConnection:
@@ -45,7 +31,7 @@ def _connected(port: int) -> ZmtpConnection:
 
 
 def test_messages_both_ways_with_short_and_long_frames(
-        router: tuple[zmq.Socket[bytes], int]) -> None:
+        router: Router) -> None:
     sock, port = router
     conn = _connected(port)
     try:
@@ -61,7 +47,7 @@ def test_messages_both_ways_with_short_and_long_frames(
 
 
 def test_a_multipart_message_gives_its_last_frame_and_the_next_message_follows(
-        router: tuple[zmq.Socket[bytes], int]) -> None:
+        router: Router) -> None:
     sock, port = router
     conn = _connected(port)
     try:
@@ -76,7 +62,7 @@ def test_a_multipart_message_gives_its_last_frame_and_the_next_message_follows(
         conn.close()
 
 
-def test_recv_returns_none_at_its_deadline(router: tuple[zmq.Socket[bytes], int]) -> None:
+def test_recv_returns_none_at_its_deadline(router: Router) -> None:
     _, port = router
     conn = _connected(port)
     try:
@@ -87,16 +73,10 @@ def test_recv_returns_none_at_its_deadline(router: tuple[zmq.Socket[bytes], int]
         conn.close()
 
 
-def test_heartbeats_are_answered_so_a_slow_reply_still_arrives() -> None:
-    # The ROUTER pings every 20 ms and drops a peer that has not answered within
-    # 150 ms; the reply comes after 600 ms.  Without PONGs the connection is gone.
-    ctx = zmq.Context.instance()
-    sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, 20)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 150)
-    sock.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
+def test_heartbeats_are_answered_so_a_slow_reply_still_arrives(
+        pinging_router: Router) -> None:
+    # The reply comes after 600 ms: without PONGs the ROUTER has dropped us by then.
+    sock, port = pinging_router
     conn = _connected(port)
     try:
         conn.send(b"slow")
@@ -109,25 +89,15 @@ def test_heartbeats_are_answered_so_a_slow_reply_still_arrives() -> None:
             timer.join()
     finally:
         conn.close()
-        sock.close(linger=0)
 
 
-def test_a_curve_server_ends_the_handshake() -> None:
+def test_a_curve_server_ends_the_handshake(curve_router: Router) -> None:
     # libzmq closes at once on a NULL greeting, without a greeting of its own, so
     # all the client can say is that the handshake failed (the client's message then
     # asks whether the server requires CURVE: tests/server/test_curve.py).
-    ctx = zmq.Context.instance()
-    sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    _, secret = zmq.curve_keypair()
-    sock.curve_server = True
-    sock.curve_secretkey = secret
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    try:
-        with pytest.raises(HandshakeError, match="closed the connection during the handshake"):
-            ZmtpConnection("127.0.0.1", port).connect(WAIT)
-    finally:
-        sock.close(linger=0)
+    _, port = curve_router
+    with pytest.raises(HandshakeError, match="closed the connection during the handshake"):
+        ZmtpConnection("127.0.0.1", port).connect(WAIT)
 
 
 def test_a_peer_that_is_not_zeromq_is_refused() -> None:
@@ -150,7 +120,7 @@ def test_a_peer_that_is_not_zeromq_is_refused() -> None:
         listener.close()
 
 
-def test_idle_check_sees_a_closed_connection(router: tuple[zmq.Socket[bytes], int]) -> None:
+def test_idle_check_sees_a_closed_connection(router: Router) -> None:
     sock, port = router
     conn = _connected(port)
     try:
@@ -198,7 +168,7 @@ def test_which_endpoints_are_spoken_directly(endpoint: str,
 
 
 def test_the_client_fails_at_once_when_the_connection_closes_before_the_reply(
-        router: tuple[zmq.Socket[bytes], int]) -> None:
+        router: Router) -> None:
     sock, port = router
     with Client(f"tcp://127.0.0.1:{port}", timeout=WAIT * 2) as client:
         assert client._ch.direct is not None
@@ -219,7 +189,7 @@ def test_the_client_fails_at_once_when_the_connection_closes_before_the_reply(
 
 
 def test_the_client_answers_through_a_plain_router(
-        router: tuple[zmq.Socket[bytes], int]) -> None:
+        router: Router) -> None:
     sock, port = router
     with Client(f"tcp://127.0.0.1:{port}", timeout=WAIT) as client:
         def answer() -> None:

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
-import zmq
 
 from dbpool.client import AsyncClient
 from dbpool.client.aio import _Channel, _DirectChannel
@@ -22,21 +20,9 @@ from dbpool.client.direct_async import AsyncZmtpConnection
 from dbpool.errors import ConnectionError
 from dbpool.wire import packb, unpackb
 from dbpool.zmtp import HandshakeError, frame, greeting, ready
-
-WAIT = 5.0
+from tests.client.conftest import WAIT, Router
 
 pytestmark = pytest.mark.asyncio
-
-
-@pytest.fixture
-def router() -> Iterator[tuple[zmq.Socket[bytes], int]]:
-    ctx = zmq.Context.instance()
-    sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    yield sock, port
-    sock.close(linger=0)
 
 
 class _Inbox:
@@ -63,7 +49,7 @@ async def _open(port: int) -> tuple[AsyncZmtpConnection, _Inbox]:
 
 
 async def test_messages_both_ways_with_short_and_long_frames(
-        router: tuple[zmq.Socket[bytes], int]) -> None:
+        router: Router) -> None:
     sock, port = router
     conn, inbox = await _open(port)
     try:
@@ -113,14 +99,9 @@ async def test_what_is_sent_in_one_turn_of_the_loop_leaves_in_one_write() -> Non
     assert [inbox.messages.get_nowait() for _ in range(3)] == [b"x", b"y" * 300, b"z"]
 
 
-async def test_heartbeats_are_answered_so_a_slow_reply_still_arrives() -> None:
-    ctx = zmq.Context.instance()
-    sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, 20)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 150)
-    sock.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
+async def test_heartbeats_are_answered_so_a_slow_reply_still_arrives(
+        pinging_router: Router) -> None:
+    sock, port = pinging_router
     conn, inbox = await _open(port)
     try:
         conn.send(b"slow")
@@ -131,28 +112,18 @@ async def test_heartbeats_are_answered_so_a_slow_reply_still_arrives() -> None:
         assert not inbox.lost.done()
     finally:
         conn.close()
-        sock.close(linger=0)
 
 
-async def test_a_curve_server_ends_the_handshake() -> None:
-    ctx = zmq.Context.instance()
-    sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    _, secret = zmq.curve_keypair()
-    sock.curve_server = True
-    sock.curve_secretkey = secret
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    try:
-        # libzmq closes on a NULL greeting, with or without a part of its own.
-        with pytest.raises(HandshakeError,
-                           match=r"closed the connection during the handshake|CURVE"):
-            await _open(port)
-    finally:
-        sock.close(linger=0)
+async def test_a_curve_server_ends_the_handshake(curve_router: Router) -> None:
+    _, port = curve_router
+    # libzmq closes on a NULL greeting, with or without a part of its own.
+    with pytest.raises(HandshakeError,
+                       match=r"closed the connection during the handshake|CURVE"):
+        await _open(port)
 
 
 async def test_the_client_speaks_directly_and_answers_through_a_plain_router(
-        router: tuple[zmq.Socket[bytes], int]) -> None:
+        router: Router) -> None:
     sock, port = router
 
     def answer() -> None:
@@ -175,7 +146,7 @@ async def test_the_client_speaks_directly_and_answers_through_a_plain_router(
 
 
 async def test_the_client_fails_at_once_when_the_connection_closes_before_the_reply(
-        router: tuple[zmq.Socket[bytes], int]) -> None:
+        router: Router) -> None:
     sock, port = router
     async with AsyncClient(f"tcp://127.0.0.1:{port}", timeout=WAIT * 2) as client:
         started = time.monotonic()

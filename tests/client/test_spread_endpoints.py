@@ -66,28 +66,39 @@ def test_a_refused_endpoint_is_left_at_once_for_the_next(pg_dsn: str) -> None:
             assert time.monotonic() - started < 1.0  # not connect_timeout
 
 
+def _before_a_rolling_update(monkeypatch: Any) -> dict[str, list[tuple[int, str]]]:
+    """``pool.test`` resolves to two loopback addresses where nothing listens (the pods
+    before a rolling update); the table returned is what it resolves to."""
+    table = {"pool.test": [(socket.AF_INET, "127.0.0.4"), (socket.AF_INET, "127.0.0.5")]}
+    fake, real = resolver(table), socket.getaddrinfo
+
+    def getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host in table:
+            return fake(host, port)
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return table
+
+
+def _after_it(table: dict[str, list[tuple[int, str]]]) -> None:
+    """The new pods: the server's address (127.0.0.3) and one where nothing listens."""
+    table["pool.test"] = [(socket.AF_INET, "127.0.0.3"), (socket.AF_INET, "127.0.0.6")]
+
+
 def test_new_addresses_are_looked_up_when_no_endpoint_answers(
         pg_dsn: str, monkeypatch: Any) -> None:
     from tests.support.remote import ServerProcess
 
     port = _free_port()
-    # The server listens on 127.0.0.3 only; the name first resolves to two loopback
-    # addresses where nothing listens (the pods before a rolling update).
+    # The server listens on 127.0.0.3 only.
     with ServerProcess(pg_dsn, pool_size=1, bind=f"tcp://127.0.0.3:{port}") as server:
-        table = {"pool.test": [(socket.AF_INET, "127.0.0.4"), (socket.AF_INET, "127.0.0.5")]}
-        fake, real = resolver(table), socket.getaddrinfo
-
-        def getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
-            if host in table:
-                return fake(host, port)
-            return real(host, port, *args, **kwargs)
-
-        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        table = _before_a_rolling_update(monkeypatch)
         with Client(f"tcp://pool.test:{port}", timeout=5, connect_timeout=4,
                     events=server.events) as client:
             assert set(client.endpoints) == {f"tcp://127.0.0.4:{port}",
                                              f"tcp://127.0.0.5:{port}"}
-            table["pool.test"] = [(socket.AF_INET, "127.0.0.3"), (socket.AF_INET, "127.0.0.6")]
+            _after_it(table)
             started = time.monotonic()
             assert client.query("SELECT 1").rows == [(1,)]
             assert time.monotonic() - started < 2.0
@@ -103,15 +114,7 @@ def test_the_async_client_leaves_a_refused_endpoint_at_once_and_looks_names_up_a
 
     port = _free_port()
     with ServerProcess(pg_dsn, pool_size=1, bind=f"tcp://127.0.0.3:{port}") as server:
-        table = {"pool.test": [(socket.AF_INET, "127.0.0.4"), (socket.AF_INET, "127.0.0.5")]}
-        fake, real = resolver(table), socket.getaddrinfo
-
-        def getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
-            if host in table:
-                return fake(host, port)
-            return real(host, port, *args, **kwargs)
-
-        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        table = _before_a_rolling_update(monkeypatch)
 
         async def run() -> None:
             # A dead endpoint before a live one: left at once, not after connect_timeout.
@@ -125,8 +128,7 @@ def test_the_async_client_leaves_a_refused_endpoint_at_once_and_looks_names_up_a
                                    events=server.events) as client:
                 assert set(client.endpoints) == {f"tcp://127.0.0.4:{port}",
                                                  f"tcp://127.0.0.5:{port}"}
-                table["pool.test"] = [(socket.AF_INET, "127.0.0.3"),
-                                      (socket.AF_INET, "127.0.0.6")]
+                _after_it(table)
                 started = time.monotonic()
                 assert (await client.query("SELECT 1")).rows == [(1,)]
                 assert time.monotonic() - started < 2.0
