@@ -180,11 +180,20 @@ class _DirectChannel(_Requests):
         return conn is not None and conn.send(body)
 
     def send(self, body: bytes) -> asyncio.Future[Any]:
-        """A future done once ``body`` was sent, connected first."""
-        return asyncio.ensure_future(self._send_connected(body))
+        """A future done once ``body`` was sent, connected first.  Its error is also
+        its request's (or the request gave up on it), so nobody need retrieve it."""
+        send = asyncio.ensure_future(self._send_connected(body))
+        send.add_done_callback(_retrieved)
+        return send
 
     async def _send_connected(self, body: bytes) -> None:
-        await asyncio.shield(self.connected)
+        try:
+            await asyncio.shield(self.connected)
+        except asyncio.CancelledError:
+            if not self.connected.cancelled():
+                raise  # this send itself was cancelled
+            raise ConnectionError(f"the connection to {self.endpoint} was closed",
+                                  reason="error") from None
         if not self.send_now(body):
             raise ConnectionError(f"the connection to {self.endpoint} closed before the "
                                   "request was sent", reason="no_server")
@@ -196,6 +205,11 @@ class _DirectChannel(_Requests):
             self.conn.close()
         if not self.connected.done():
             self.connected.cancel()
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 #: Either kind of channel.
@@ -431,6 +445,7 @@ class AsyncClient(AsyncRequests):
         ch.pending[rid] = fut
         wait = self.timeout if timeout is None else timeout
         sent = False
+        send: asyncio.Future[Any] | None = None
         tries = len(self.endpoints)
         looked_up = False  # the endpoints' names, again, once every one failed
         try:
@@ -470,6 +485,8 @@ class AsyncClient(AsyncRequests):
             raise ConnectionError(f"socket error on {ch.endpoint}: {exc}", reason="error") \
                 from None
         finally:
+            if send is not None and not sent:
+                send.cancel()  # given up (timed out, cancelled): it must not go out later
             ch.pending.pop(rid, None)
             if ch.retired and not ch.pending:
                 self._close_channel(ch)
@@ -558,6 +575,8 @@ class AsyncClient(AsyncRequests):
             if isinstance(error, ConnectionError) and error.reason == "no_server":
                 self._retire(ch)  # refused, with other endpoints to try
                 return error
+            if error is not None and fut.done():
+                await fut  # the channel's own error (closed, refused) for this request
             return None
         send.cancel()
         if fut.done():

@@ -14,18 +14,19 @@ not simply connect and try: while the budget is full, every such try would
 be one backend too many for a moment.  A pool that already holds a slot
 therefore **reserves before it connects** (:meth:`Budget.connect`):
 
-1. it borrows one of its own idle connections and, in a transaction there,
-   takes the reservation lock ``(key, size + k)`` of a slot ``k`` that it
-   then finds free;
+1. it borrows one of its own connections (the next one checked in) and
+   there takes the reservation lock ``(key, size + k)`` of a slot ``k``
+   that it then finds free;
 2. only then does it open the new session, which takes slot ``k`` itself;
-3. the borrowed connection's transaction ends, which drops the reservation.
+3. the borrowed connection lets the reservation go, and goes back.
 
 While the budget is full, step 1 finds nothing and no session is opened.  A
 pool that holds no slot at all (it is starting, or lost every connection)
-has no session to reserve with: one of its connections at a time *probes*,
-connecting and taking a slot whose reservation is free.  Only a pool that
-joins a budget that is already full can thus exceed it, by one session for
-a few milliseconds once per ``idle_interval``.  For a hard limit that
+has no session to reserve with: one of its connections *probes*, at most
+once per ``idle_interval``, connecting and taking a slot whose reservation
+is free.  Only a pool that joins a budget that is already full can thus
+exceed it, by one session for a few milliseconds once per
+``idle_interval``.  For a hard limit that
 PostgreSQL enforces before a session starts, also give the role a
 ``CONNECTION LIMIT``.
 
@@ -80,13 +81,15 @@ _PROBE = (f"SELECT k FROM ({_ORDER}) AS slots WHERE CASE "
           "THEN pg_advisory_unlock(%(key)s, %(size)s + k) "
           "ELSE NOT pg_advisory_unlock(%(key)s, k) END "
           "ELSE false END LIMIT 1")
-#: A reservation, in the borrowed connection's transaction: the first slot
-#: (not its own) whose reservation it takes and which it then finds free.
+#: A reservation, on the borrowed connection: the first slot (not its own)
+#: whose reservation it takes and which it then finds free (it keeps the
+#: reservation only if so).
 _RESERVE = (f"SELECT k FROM ({_ORDER}) AS slots WHERE k <> %(own)s AND CASE "
-            "WHEN pg_try_advisory_xact_lock(%(key)s, %(size)s + k) THEN CASE "
+            "WHEN pg_try_advisory_lock(%(key)s, %(size)s + k) THEN CASE "
             "WHEN pg_try_advisory_lock(%(key)s, k) THEN pg_advisory_unlock(%(key)s, k) "
-            "ELSE false END "
+            "ELSE NOT pg_advisory_unlock(%(key)s, %(size)s + k) END "
             "ELSE false END LIMIT 1")
+_UNRESERVE = "SELECT pg_advisory_unlock(%s, %s)"
 _TAKE = "SELECT pg_try_advisory_lock(%s, %s)"
 # A two-number advisory lock shows in pg_locks as classid, objid, objsubid = 2.
 _HOLDS = ("SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND granted "
@@ -121,8 +124,10 @@ class Budget:
         self._interval = interval
         self._lock = threading.Lock()
         self._wanting: set[int] = set()
-        #: One probe at a time per pool: its other connections reserve through it.
+        #: One probe at a time per pool, and one per ``interval``: its other
+        #: connections reserve through the one that took a slot.
         self._probing = threading.Lock()
+        self._probed_at = -float("inf")
         #: When the pool last took a slot while it held none (see the docstring).
         self._first_at = -float("inf")
         #: The slot each connection's session holds, by connection index.
@@ -138,13 +143,19 @@ class Budget:
 
         A failure to connect, or a database error on the new session, propagates.
         """
-        with self._probing:  # wait for a probe of this pool to finish
-            probe = not self._others_up(index)
-            if probe:
+        if not self._others_up(index):
+            now = time.monotonic()
+            if now - self._probed_at < self._interval or not self._probing.acquire(
+                    blocking=False):
+                return self._outcome(index, None)  # another connection probes
+            try:
+                self._probed_at = now
                 state = self._probe(index, open_session)
                 if state is not None:
                     self._first_at = time.monotonic()
                 return self._outcome(index, state)
+            finally:
+                self._probing.release()
         if (time.monotonic() - self._first_at < 2 * self._interval  # others may be starting
                 or not self._reserving.acquire(blocking=False)):  # another one reserves
             return self._outcome(index, None)
@@ -183,6 +194,7 @@ class Budget:
         holder = self._borrow()
         if holder is None:
             return None
+        slot = None
         try:
             slot = self._reserve(holder)
             if slot is None:
@@ -199,7 +211,7 @@ class Budget:
             self._slots[index] = slot
             return state
         finally:
-            self._end(holder)
+            self._end(holder, slot)
 
     def _borrow(self) -> Connection | None:
         """One of the pool's connections, ahead of the callers waiting, up to
@@ -220,42 +232,45 @@ class Budget:
             waiter = lender.wait(offer, first=True)
         except Exception:  # the queue takes no waiters now
             return None
-        self._asked = -1
+        with self._lock:
+            self._asked = -1
         try:
             if not came.wait(self._interval) and lender.cancel_wait(waiter):
                 return None
             came.wait()
         finally:
-            self._asked = None
+            with self._lock:
+                self._asked = None
         return lender.take(offered[0]) if offered[0] is not None else None
 
     def asks_back(self, index: int) -> bool:
         """Whether the budget wants lent connection ``index`` back for a moment: while
         it waits for one to reserve with, it asks the first one this is called for."""
-        asked = self._asked
-        if asked is None:
+        if self._asked is None:  # the common case, without the lock
             return False
-        if asked == -1:
-            self._asked = asked = index
-        return asked == index
+        with self._lock:
+            if self._asked == -1:
+                self._asked = index
+            return self._asked == index
 
-    def _end(self, holder: Connection) -> None:
-        """End the reservation's transaction on ``holder`` and give it back."""
-        try:
-            holder.driver_state.cursor.execute("ROLLBACK")
-        except psycopg.Error as exc:
-            holder.mark_broken(exc)
+    def _end(self, holder: Connection, slot: int | None) -> None:
+        """Let reservation ``slot`` (if any) go on ``holder``, and give it back."""
+        if slot is not None:
+            try:
+                holder.driver_state.cursor.execute(_UNRESERVE, (self.key, self.size + slot))
+            except psycopg.Error as exc:  # replaced: the reservation ends with its session
+                holder.mark_broken(exc)
         self._lender.give_back(holder)
 
     def _reserve(self, holder: Connection) -> int | None:
-        """Reserve a free slot in a transaction on ``holder``; its number, or None."""
+        """Reserve a free slot on ``holder``; its number, or None."""
         state = holder.driver_state
         own = self._slots.get(holder.index, -1)
         try:
-            state.cursor.execute("BEGIN")
             row = state.cursor.execute(_RESERVE, {**self._params(), "own": own}).fetchone()
-        except psycopg.Error:  # if the connection is lost, so is the ROLLBACK: see _end
+        except psycopg.Error as exc:
             logger.debug("%s: reserving a budget slot failed", self.name, exc_info=True)
+            holder.mark_broken(exc)  # replaced: whatever it held ends with its session
             return None
         return None if row is None else int(row[0])
 

@@ -79,7 +79,8 @@ class Lender:
     def has_waiters(self) -> bool:
         """Whether other callers wait for a connection (a borrower should give back
         the ones it does not need at once)."""
-        return bool(self._queue._waiters)
+        queue = self._queue
+        return bool(queue._waiters) or queue._first is not None
 
     def try_borrow(self) -> Connection | None:
         """An idle connection, lent now, or None if none is idle."""
@@ -94,8 +95,9 @@ class Lender:
 
     def wait(self, callback: Callable[[Offer | None, BaseException | None], None], *,
              first: bool = False) -> Any:
-        """Queue for the next connection (with ``first``, ahead of the callers already
-        waiting); return a handle for :meth:`cancel_wait`.
+        """Queue for the next connection (with ``first``, the next one checked in, ahead
+        of the callers waiting: see :meth:`CheckoutQueue.wait`); return a handle for
+        :meth:`cancel_wait`.
 
         ``callback(offer, None)`` or ``callback(None, error)`` is called once,
         on any thread (under the queue's lock: hand over to your own thread

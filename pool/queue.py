@@ -138,6 +138,9 @@ class CheckoutQueue:
         self._lock = threading.Lock()
         self._idle: deque[Slot] = deque()
         self._waiters: deque[_AnyWaiter] = deque()
+        #: A waiter served before all the others and outside CoDel (wait(first=True)):
+        #: the connection budget's reservation (dbpool.pool.budget).  One at a time.
+        self._first: _CallbackWaiter | None = None
         self._closed: BaseException | None = None
         #: The circuit breaker's error while the database is unavailable: checkouts
         #: and waiters fail with it at once.
@@ -226,28 +229,48 @@ class CheckoutQueue:
         self, callback: Callable[[Slot | None, BaseException | None], object],
         first: bool = False,
     ) -> _CallbackWaiter:
-        """Queue a waiter served by ``callback(slot, error)`` (see :class:`_CallbackWaiter`);
-        with ``first``, ahead of the others.
+        """Queue a waiter served by ``callback(slot, error)`` (see :class:`_CallbackWaiter`).
 
         Raises like :meth:`get` if the queue is closed or full.  The waiter
         waits until served or :meth:`cancel_wait`; its caller keeps time.
+        With ``first`` it is served by the next checkin, before the waiters and
+        outside CoDel, and it neither counts as waiting nor moves the queue's
+        longest wait; one such waiter at a time (another raises
+        ``ConnectionError``).
         """
         with self._lock:
             now = time.monotonic()
             waiter = _CallbackWaiter(now, callback)
+            if first:
+                return self._wait_first(waiter, now)
             if self._idle and self._closed is None and not self._blocked and (
                 not self._waiters or self._may_barge(now)
             ):  # a slot came back since the caller's try_get
                 callback(self._lend_idle(now), None)
                 return waiter
             self._enqueue(waiter, True)
-            if first:
-                self._waiters.rotate(1)  # from the back to the front
             return waiter
+
+    def _wait_first(self, waiter: _CallbackWaiter, now: float) -> _CallbackWaiter:
+        if self._closed is not None:
+            raise self._closed
+        if self._unavailable is not None:
+            raise self._unavailable
+        if self._first is not None:
+            raise ConnectionError(f"{self.name}: a caller already waits first",
+                                  reason="queue_full")
+        if self._idle and not self._blocked:
+            waiter.wake(self._lend_idle(now), None)
+        else:
+            self._first = waiter
+        return waiter
 
     def cancel_wait(self, waiter: _CallbackWaiter) -> bool:
         """Withdraw a waiter; False if it was served (or failed) already."""
         with self._lock:
+            if waiter is self._first:
+                self._first = None
+                return True
             try:
                 self._waiters.remove(waiter)
             except ValueError:
@@ -318,6 +341,10 @@ class CheckoutQueue:
             if self._closed is not None:
                 slot.lent_at = None
                 return False
+            if self._first is not None and not self._blocked:
+                first, self._first = self._first, None
+                self._serve(first, slot, now)
+                return True
             waiters = self._waiters
             if self._blocked or (not waiters and (self._idle or now < self._codel.next)):
                 # Nobody waits and CoDel has no interval to close: just park it.
@@ -395,6 +422,9 @@ class CheckoutQueue:
 
     def _settle(self, now: float) -> None:
         """Hand idle slots to waiters (no thread barged in within the window)."""
+        if self._first is not None and self._idle and not self._blocked:
+            first, self._first = self._first, None
+            self._serve(first, self._idle.popleft(), now)
         while self._idle and self._waiters and not self._blocked:
             slot = self._idle.popleft()
             if not self._dequeue(now, slot):
@@ -431,6 +461,9 @@ class CheckoutQueue:
             waiters = self._waiters if error is not None else deque()
             if error is not None:
                 self._waiters = deque()
+                if self._first is not None:
+                    waiters.append(self._first)
+                    self._first = None
             else:
                 self._settle(time.monotonic())
         for waiter in waiters:
@@ -486,6 +519,9 @@ class CheckoutQueue:
         with self._lock:
             self._closed = error
             waiters, self._waiters = self._waiters, deque()
+            if self._first is not None:
+                waiters.append(self._first)
+                self._first = None
             idle, self._idle = list(self._idle), deque()
         for waiter in waiters:
             waiter.wake(None, error)

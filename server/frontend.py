@@ -1076,7 +1076,8 @@ class FrontEnd:
         was sent again."""
         served = job.served
         if (served is None or served.owner == served.name or job.req.get("readonly") is not True
-                or not job.shared or job.statements is None or job.replanned):
+                or not job.shared or job.statements is None or job.replanned
+                or job.deadline <= time.monotonic()):  # its client has given up on it
             return False
         primary = self.served.get(served.owner)
         if primary is None or primary.removed:

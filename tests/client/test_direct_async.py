@@ -9,10 +9,12 @@ send in one turn of the loop, and fails at once when the connection closes.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 
 import pytest
+import zmq
 
 from dbpool.client import AsyncClient
 from dbpool.client.aio import _Channel, _DirectChannel
@@ -160,3 +162,42 @@ async def test_the_client_fails_at_once_when_the_connection_closes_before_the_re
             assert isinstance(result, ConnectionError), result
             assert result.reason == "timeout"
             assert "closed the connection before replying" in str(result)
+
+
+async def test_a_request_given_up_while_connecting_is_never_sent_later() -> None:
+    with socket.socket() as probe:  # a free port, with nothing listening yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with AsyncClient(f"tcp://127.0.0.1:{port}", timeout=WAIT) as client:
+        # A ping that waits on, which keeps the connection being made...
+        answered = asyncio.ensure_future(client.ping())
+        # ...and a request that gives up meanwhile: it must never go out.
+        with pytest.raises(ConnectionError):
+            await client.execute("SELECT 'given up'", timeout=0.3)
+        ctx = zmq.Context.instance()
+        sock: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(f"tcp://127.0.0.1:{port}")
+        try:
+            routing_id, body = await asyncio.to_thread(sock.recv_multipart)
+            request = unpackb(body)
+            assert request["op"] == "ping"
+            sock.send_multipart([routing_id, packb({"id": request["id"], "ok": "pong"})])
+            assert await answered > 0
+            assert not sock.poll(300), unpackb(sock.recv_multipart()[1])
+        finally:
+            sock.close(linger=0)
+
+
+async def test_closing_the_client_while_it_connects_fails_the_request_plainly() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts, never greets
+    port = listener.getsockname()[1]
+    try:
+        client = AsyncClient(f"tcp://127.0.0.1:{port}", timeout=WAIT)
+        request = asyncio.ensure_future(client.ping())
+        await asyncio.sleep(0.2)
+        await client.close()
+        with pytest.raises(ConnectionError):
+            await request
+    finally:
+        listener.close()

@@ -13,7 +13,8 @@ private clusters with synchronous streaming replication, all on loopback.
   nothing acknowledged before the switch is lost;
 - through ``dbpool serve``: ``readonly`` requests and transactions of the
   client run on the replica, the others on the primary, and a read that
-  loses its replica connection mid-flight runs again on the primary;
+  loses its replica connection mid-flight runs again on the primary, unless
+  its client has given up on it;
 - the DB-API (in-process and remote) and SQLAlchemy (an engine on a pool,
   and the ``postgresql+dbpool://`` dialect) read from the replica too.
 """
@@ -36,6 +37,7 @@ from dbpool.dbapi.sqlalchemy import create_engine
 from dbpool.errors import ConnectionError, ProtocolError
 from dbpool.pool import Pool
 from dbpool.wire import packb, unpackb
+from tests.support.faultproxy import ProxyFactory
 from tests.support.frontend import front_end
 from tests.support.pgcluster import PgCluster
 
@@ -265,3 +267,35 @@ def test_the_adapters_read_from_the_replica(replicated: tuple[PgCluster, PgClust
             with engine.connect() as on_remote:
                 assert on_remote.execute(sqlalchemy.text(recovery)).scalar() is True
             engine.dispose()
+
+
+def test_a_remote_read_past_its_deadline_is_not_run_again_on_the_primary(
+        pg_dsn: str, fault_proxy: ProxyFactory) -> None:
+    # The "replica" is the same database behind a proxy, so that its network can go
+    # away under a read; the read counts on a sequence, which shows whether it ran.
+    sequence = f"replica_read_{time.monotonic_ns()}"
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE SEQUENCE {sequence}")
+        try:
+            info = psycopg.conninfo.conninfo_to_dict(pg_dsn)
+            proxy = fault_proxy(str(info.get("host", "127.0.0.1")), int(info.get("port", 5432)))
+            with Pool.start(pg_dsn, replicas=[proxy.wrap_conninfo(pg_dsn)], pool_size=1,
+                            idle_interval=0.2) as pool:
+                _in_rotation(pool)
+                replica = pool.replicas[0]
+                with front_end(pool, timeout=0.5) as front, \
+                        Client(front.endpoint, timeout=1.0) as client:
+                    assert client.query("SELECT 1", readonly=True).rows == [(1,)]
+                    lost = replica.metrics()["disconnects"]
+                    proxy.blackhole(True)  # the read hangs there past its deadline
+                    with pytest.raises(ConnectionError):
+                        client.query(f"SELECT nextval('{sequence}')", readonly=True)
+                    deadline = time.monotonic() + 10
+                    while replica.metrics()["disconnects"] == lost:  # dropped as stuck
+                        assert time.monotonic() < deadline, "the stuck read was never dropped"
+                        time.sleep(0.05)
+                    assert client.query("SELECT 1").rows == [(1,)]  # the primary serves
+            row = admin.execute(f"SELECT is_called FROM {sequence}").fetchone()
+            assert row == (False,), "the read ran on the primary after its client gave up"
+        finally:
+            admin.execute(f"DROP SEQUENCE {sequence}")
