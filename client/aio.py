@@ -172,8 +172,9 @@ class _DirectChannel(_Requests):
         super().__init__(endpoint)
         self.address = address
         self.conn: AsyncZmtpConnection | None = None
-        #: Done once connected; its error is a refused handshake's.
+        #: Done once connected; its error is a refused handshake's (its senders raise it).
         self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.connected.add_done_callback(_retrieved)
 
     def send_now(self, body: bytes) -> bool:
         conn = self.conn
@@ -323,13 +324,11 @@ class AsyncClient(AsyncRequests):
                 if verdict == "refused":
                     mismatch = isinstance(exc, HandshakeError) and exc.mismatch
                     ch.connected.set_exception(refused(ch.endpoint, mismatch))
-                    ch.connected.exception()  # retrieved: its senders raise it
                     return
                 if len(self.endpoints) > 1 and isinstance(exc, ConnectionRefusedError):
                     # Another server may take it now: the next endpoint at once.
                     ch.connected.set_exception(
                         no_server(ch.endpoint, round(time.monotonic() - started, 1)))
-                    ch.connected.exception()
                     return
             silent_once = verdict == "again"
             if not silent_once:

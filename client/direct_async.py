@@ -15,15 +15,11 @@ tasks, many requests share a system call.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 
 from dbpool.zmtp import Command, Decoder, HandshakeError, frame, greeting, ready
 
 __all__ = ["AsyncZmtpConnection"]
-
-logger = logging.getLogger("dbpool.client.direct")
-
 
 class AsyncZmtpConnection(asyncio.Protocol):
     """One ZMTP connection, as a ``DEALER``, on an asyncio transport.

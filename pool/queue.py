@@ -342,8 +342,7 @@ class CheckoutQueue:
                 slot.lent_at = None
                 return False
             if self._first is not None and not self._blocked:
-                first, self._first = self._first, None
-                self._serve(first, slot, now)
+                self._serve_first(slot, now)
                 return True
             waiters = self._waiters
             if self._blocked or (not waiters and (self._idle or now < self._codel.next)):
@@ -410,6 +409,19 @@ class CheckoutQueue:
         self.metrics.queue_wait.observe(now - waiter.since)
         waiter.wake(slot, None)
 
+    def _serve_first(self, slot: Slot, now: float) -> None:
+        first, self._first = self._first, None
+        assert first is not None
+        self._serve(first, slot, now)
+
+    def _take_waiters(self) -> deque[_AnyWaiter]:
+        """Every waiter, the first one too, leaving none (to fail them)."""
+        waiters, self._waiters = self._waiters, deque()
+        if self._first is not None:
+            waiters.append(self._first)
+            self._first = None
+        return waiters
+
     def _arm_settle(self) -> None:
         if not self._settle_armed and self._call_later is not None:
             self._settle_armed = True
@@ -423,8 +435,7 @@ class CheckoutQueue:
     def _settle(self, now: float) -> None:
         """Hand idle slots to waiters (no thread barged in within the window)."""
         if self._first is not None and self._idle and not self._blocked:
-            first, self._first = self._first, None
-            self._serve(first, self._idle.popleft(), now)
+            self._serve_first(self._idle.popleft(), now)
         while self._idle and self._waiters and not self._blocked:
             slot = self._idle.popleft()
             if not self._dequeue(now, slot):
@@ -458,13 +469,8 @@ class CheckoutQueue:
         with self._lock:
             self._unavailable = error
             self._blocked = error is not None or self._paused
-            waiters = self._waiters if error is not None else deque()
-            if error is not None:
-                self._waiters = deque()
-                if self._first is not None:
-                    waiters.append(self._first)
-                    self._first = None
-            else:
+            waiters = self._take_waiters() if error is not None else deque()
+            if error is None:
                 self._settle(time.monotonic())
         for waiter in waiters:
             self.metrics.unavailable += 1
@@ -518,10 +524,7 @@ class CheckoutQueue:
         """Refuse all further checkouts with ``error``; fail the waiters; return idle slots."""
         with self._lock:
             self._closed = error
-            waiters, self._waiters = self._waiters, deque()
-            if self._first is not None:
-                waiters.append(self._first)
-                self._first = None
+            waiters = self._take_waiters()
             idle, self._idle = list(self._idle), deque()
         for waiter in waiters:
             waiter.wake(None, error)
