@@ -13,18 +13,20 @@ import logging
 import math
 import secrets
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, Literal, TypeAlias
 
 import zmq
+from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
+from dbpool import curve
 from dbpool.driver import Column, Result
 from dbpool.errors import ConnectionError, ProtocolError
 from dbpool.keys import HANDSHAKE_EVENTS, MECHANISM_MISMATCH, ClientKeys, handshake_failure
 from dbpool.protocol import VERSION, error_from_map
-from dbpool.zmtp import HandshakeError
+from dbpool.zmtp import Handshake, HandshakeError, NullHandshake
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -46,6 +48,7 @@ __all__ = [
     "copy_page",
     "copy_started",
     "direct_address",
+    "direct_handshake",
     "error_from_reply",
     "events_endpoint",
     "handshake_monitor",
@@ -415,13 +418,34 @@ def after_failed_connect(error: BaseException, silent_once: bool,
     return "retry"
 
 
-def refused(endpoint: str, mismatch: bool) -> ConnectionError:
+def refused(endpoint: str, error: BaseException, keyed: bool) -> ConnectionError:
     """``unauthorized``: the server at ``endpoint`` refused a direct connection's
-    handshake (``mismatch``: it wants another security mechanism)."""
-    error = handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                              MECHANISM_MISMATCH if mismatch else 0, endpoint, keyed=False)
-    assert error is not None
-    return error
+    handshake with ``error``, as libzmq's monitor would tell it: a ZAP status
+    (our key is not authorized), another security mechanism, or a failed
+    handshake (``keyed``: the client has CURVE keys)."""
+    status = error.status if isinstance(error, HandshakeError) else None
+    if status is not None and status.isdigit():
+        event, value = zmq.EVENT_HANDSHAKE_FAILED_AUTH, int(status)
+    elif isinstance(error, HandshakeError) and error.mismatch:
+        event, value = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, MECHANISM_MISMATCH
+    else:
+        event, value = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, 0
+    failure = handshake_failure(event, value, endpoint, keyed=keyed)
+    assert failure is not None
+    return failure
+
+
+def direct_handshake(keys: ClientKeys | None) -> Callable[[], Handshake] | None:
+    """What makes a direct connection's handshake: ``NULL`` without ``keys``, CURVE
+    with them, or None when only libzmq can (keys, and no PyNaCl: see the ``curve``
+    extra)."""
+    if keys is None:
+        return NullHandshake
+    if not curve.AVAILABLE:
+        return None
+    server, public, secret = (z85.decode(keys.server), z85.decode(keys.client.public),
+                              z85.decode(keys.client.secret))
+    return partial(curve.CurveClient, server, public, secret)
 
 
 def direct_address(endpoint: str) -> tuple[str, int] | None:

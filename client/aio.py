@@ -4,10 +4,11 @@ An :class:`AsyncClient` belongs to the event loop it first sends from.  It
 has one ``DEALER`` connection, whose replies go to the requests waiting for
 their ``id``, so any number of tasks may have requests in flight at once;
 the server answers them in the order they complete.  To a plain
-``tcp://host:port`` endpoint without CURVE keys the connection speaks ZMTP
-on the loop's own transport (:mod:`dbpool.client.direct_async`); other
-endpoints, clients with keys and ``direct=False`` use a ``zmq.asyncio``
-socket and a reader task.  A direct connection that the server closes fails
+``tcp://host:port`` endpoint the connection speaks ZMTP on the loop's own
+transport (:mod:`dbpool.client.direct_async`), with CURVE keys too when
+PyNaCl is installed (:mod:`dbpool.curve`); other endpoints, clients with
+keys but without PyNaCl, and ``direct=False`` use a ``zmq.asyncio`` socket
+and a reader task.  A direct connection that the server closes fails
 the requests in flight on it at once (``reason="timeout"``: they may have
 run), as the sync client's does.
 
@@ -58,6 +59,7 @@ from ._base import (
     closed_error,
     configure_socket,
     direct_address,
+    direct_handshake,
     error_from_reply,
     handshake_monitor,
     malformed_reply,
@@ -245,6 +247,8 @@ class AsyncClient(AsyncRequests):
         self._identify(endpoint, timeout, events, server_key, client_key, pool,
                        connect_timeout, spread)
         self._direct = direct
+        #: What makes a direct connection's handshake, or None: libzmq's transport.
+        self._handshake = direct_handshake(self.keys)
         if context is None:
             self._context: zmq.asyncio.Context = zmq.asyncio.Context.instance()
         elif isinstance(context, zmq.asyncio.Context):
@@ -277,7 +281,8 @@ class AsyncClient(AsyncRequests):
         elif self._loop is not loop:
             raise RuntimeError("an AsyncClient belongs to the event loop it was first used in")
         endpoint = self.endpoints[self._index]
-        address = direct_address(endpoint) if self._direct and self.keys is None else None
+        address = (direct_address(endpoint) if self._direct and self._handshake is not None
+                   else None)
         if address is not None:
             direct = _DirectChannel(endpoint, address)
             direct.reader = loop.create_task(self._connect_direct(direct),
@@ -313,17 +318,17 @@ class AsyncClient(AsyncRequests):
         started = time.monotonic()
         while True:
             try:
+                assert self._handshake is not None
                 ch.conn = await AsyncZmtpConnection.open(
                     host, port, functools.partial(self._resolve, ch),
-                    functools.partial(self._direct_lost, ch))
+                    functools.partial(self._direct_lost, ch), self._handshake())
                 logger.debug("connected directly to %s", ch.endpoint)
                 ch.connected.set_result(None)
                 return
             except (HandshakeError, OSError) as exc:
                 verdict = after_failed_connect(exc, silent_once, len(self.endpoints))
                 if verdict == "refused":
-                    mismatch = isinstance(exc, HandshakeError) and exc.mismatch
-                    ch.connected.set_exception(refused(ch.endpoint, mismatch))
+                    ch.connected.set_exception(refused(ch.endpoint, exc, self.keys is not None))
                     return
                 if len(self.endpoints) > 1 and isinstance(exc, ConnectionRefusedError):
                     # Another server may take it now: the next endpoint at once.

@@ -6,9 +6,9 @@ client that sends one request and waits for its reply, that is two thread
 wake-ups per round trip in the client alone, and on a 2-core machine each
 costs about as much as the query (``docs/performance.md``).  Here the
 caller's thread writes the request and reads the reply itself, as a
-``DEALER`` with the ``NULL`` mechanism: the server's ``ROUTER`` (or any
-ZeroMQ peer) cannot tell it from a libzmq ``DEALER``.  A client with CURVE
-keys uses libzmq.
+``DEALER`` with the ``NULL`` mechanism, or CURVE (:mod:`dbpool.curve`):
+the server's ``ROUTER`` (or any ZeroMQ peer) cannot tell it from a libzmq
+``DEALER``.
 """
 
 from __future__ import annotations
@@ -19,15 +19,17 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 
 from dbpool.zmtp import (
     LONG,
     Command,
     Decoder,
+    Handshake,
     HandshakeError,
+    NullHandshake,
     frame,
     greeting,
-    ready,
 )
 
 __all__ = ["PeerClosed", "ZmtpConnection"]
@@ -51,13 +53,20 @@ class ZmtpConnection:
     Not thread-safe: one thread uses it (the sync client keeps one per
     thread).  :meth:`close` may come from another thread; the owner's
     pending call then fails with :class:`PeerClosed` or ``OSError``.
+    ``handshake`` makes each connection's security mechanism (``NULL`` by
+    default; :class:`dbpool.curve.CurveClient` for CURVE).
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int,
+                 handshake: Callable[[], Handshake] = NullHandshake) -> None:
         self.host = host
         self.port = port
+        self._handshake = handshake
         self._sock: socket.socket | None = None
         self._decoder = Decoder()
+        #: How a frame goes out: plain, or sealed by the mechanism (CURVE).
+        self._frame: Callable[..., bytes] = frame
+        self._sealed = False
         #: What the decoder gave and nobody took yet: messages, and the handshake's
         #: commands (PING and PONG are answered and dropped as they come).
         self._events: deque[list[bytes] | Command] = deque()
@@ -80,14 +89,15 @@ class ZmtpConnection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(None)
             self._sock = sock
-            self._decoder = Decoder()
+            handshake = self._handshake()
+            self._decoder = decoder = Decoder(mechanism=handshake.mechanism)
+            self._frame, self._sealed = frame, False
             self._events.clear()
             self._timeout = None
-            # READY only once the peer's greeting says it speaks NULL: a server that
-            # wants CURVE then closes cleanly, having read all we sent, where unread
-            # bytes would make its close a reset that hides its greeting.
-            sock.sendall(greeting())
-            decoder = self._decoder
+            # Our first command only once the peer's greeting names our mechanism: a
+            # server that wants another then closes cleanly, having read all we sent,
+            # where unread bytes would make its close a reset that hides its greeting.
+            sock.sendall(greeting(handshake.mechanism, handshake.as_server))
             while not decoder.greeted():
                 data = self._read(sock, deadline)
                 if data is None:
@@ -95,22 +105,22 @@ class ZmtpConnection:
                                        f"within {timeout:g} s")
                 heard = True
                 decoder.feed(data)
-            sock.sendall(ready())
+            sock.sendall(handshake.first())
             self._pump(b"")  # what came with the greeting (the peer's READY, perhaps)
-            while True:
+            while not handshake.done:
                 command = self._next(deadline)
                 if command is None:
                     raise TimeoutError(f"no ZMTP handshake from {self.host}:{self.port} "
                                        f"within {timeout:g} s")
-                if isinstance(command, Command):
-                    if command.name == b"READY":
-                        return
-                    if command.name == b"ERROR":
-                        reason = command.data[1:1 + command.data[0]] if command.data else b""
-                        raise HandshakeError("the peer refused the handshake: "
-                                             + reason.decode("utf-8", "replace"))
-                else:
+                if not isinstance(command, Command):
                     raise HandshakeError("the peer sent a message before its READY")
+                answer = handshake.step(command)
+                if answer:
+                    sock.sendall(answer)
+            box = handshake.box
+            if box is not None:
+                decoder.unseal = box.unseal
+                self._frame, self._sealed = box.seal, True
         except PeerClosed as exc:
             self.close()
             raise HandshakeError(f"the peer closed the connection during the handshake "
@@ -124,13 +134,13 @@ class ZmtpConnection:
         sock = self._sock
         if sock is None:
             raise PeerClosed("not connected")
-        sock.sendall(frame(body))
+        sock.sendall(self._frame(body))
 
     def recv(self, deadline: float) -> bytes | None:
         """The body of the next message, or None if none came by ``deadline``
         (:func:`time.monotonic`).  A message of several frames gives its last."""
         sock = self._sock
-        if not self._events and sock is not None and self._decoder.empty:
+        if not self._events and sock is not None and self._decoder.empty and not self._sealed:
             # The common case, without the decoder: one read brings exactly one reply.
             data = self._read(sock, deadline)
             if data is None:
@@ -206,7 +216,7 @@ class ZmtpConnection:
             if isinstance(event, Command) and event.name in (b"PING", b"PONG"):
                 if event.name == b"PING" and self._sock is not None:
                     context = event.data[2:18]  # after the 2-octet TTL, at most 16 octets
-                    self._sock.sendall(frame(b"\x04PONG" + context, command=True))
+                    self._sock.sendall(self._frame(b"\x04PONG" + context, command=True))
                 continue
             events.append(event)
 

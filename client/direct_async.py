@@ -5,8 +5,9 @@ Why: a ``zmq.asyncio`` socket moves every message through libzmq's I/O
 thread, which cost the asyncio client about 11 µs of CPU per request on top
 of its own 18 µs (``docs/performance.md``).  Here the loop writes the
 requests and reads the replies itself, as a ``DEALER`` with the ``NULL``
-mechanism, which the server's ``ROUTER`` (or any ZeroMQ peer) cannot tell
-from a libzmq ``DEALER``.  It is :mod:`dbpool.client.direct` for asyncio.
+mechanism or CURVE (:mod:`dbpool.curve`), which the server's ``ROUTER`` (or
+any ZeroMQ peer) cannot tell from a libzmq ``DEALER``.  It is
+:mod:`dbpool.client.direct` for asyncio.
 
 Requests written in one turn of the loop leave in one ``send``: with many
 tasks, many requests share a system call.
@@ -17,7 +18,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from dbpool.zmtp import Command, Decoder, HandshakeError, frame, greeting, ready
+from dbpool.zmtp import (
+    Command,
+    Decoder,
+    Handshake,
+    HandshakeError,
+    NullHandshake,
+    frame,
+    greeting,
+)
 
 __all__ = ["AsyncZmtpConnection"]
 
@@ -27,13 +36,19 @@ class AsyncZmtpConnection(asyncio.Protocol):
     Open it with :meth:`open`.  Each message that comes after the handshake
     goes to ``on_message`` (its last frame); ``on_lost(error)`` is called once
     if the connection ends after the handshake, unless :meth:`close` ended it.
+    ``handshake`` is its security mechanism (``NULL`` when None).
     """
 
     def __init__(self, on_message: Callable[[bytes], object],
-                 on_lost: Callable[[BaseException | None], object]) -> None:
+                 on_lost: Callable[[BaseException | None], object],
+                 handshake: Handshake | None = None) -> None:
         self._on_message = on_message
         self._on_lost = on_lost
-        self._decoder = Decoder()
+        self._handshake = handshake = handshake or NullHandshake()
+        self._decoder = Decoder(mechanism=handshake.mechanism)
+        #: How a frame goes out: plain, or sealed by the mechanism (CURVE).
+        self._frame: Callable[..., bytes] = frame
+        self._sealed = False
         self._transport: asyncio.Transport | None = None
         self._greeted = False
         #: Whether any byte came from the peer: a close before one is *silent*.
@@ -44,14 +59,15 @@ class AsyncZmtpConnection(asyncio.Protocol):
 
     @classmethod
     async def open(cls, host: str, port: int, on_message: Callable[[bytes], object],
-                   on_lost: Callable[[BaseException | None], object]) -> AsyncZmtpConnection:
+                   on_lost: Callable[[BaseException | None], object],
+                   handshake: Handshake | None = None) -> AsyncZmtpConnection:
         """Connect to ``host:port`` and shake hands.
 
         Raises ``OSError`` (refused, unreachable) or :class:`HandshakeError`
         (its ``silent`` set if the peer closed without a byte of greeting);
         cancel it to give up.
         """
-        conn = cls(on_message, on_lost)
+        conn = cls(on_message, on_lost, handshake)
         loop = asyncio.get_running_loop()
         try:
             await loop.create_connection(lambda: conn, host, port)
@@ -71,7 +87,7 @@ class AsyncZmtpConnection(asyncio.Protocol):
         out = self._out
         if not out:
             asyncio.get_running_loop().call_soon(self._flush)
-        out.append(frame(body))
+        out.append(self._frame(body))
         return True
 
     def _flush(self) -> None:
@@ -98,14 +114,15 @@ class AsyncZmtpConnection(asyncio.Protocol):
             transport.abort()
             return
         self._transport = transport
-        # READY only once the peer's greeting says it speaks NULL (see
-        # dbpool.client.direct: a CURVE server then closes cleanly).
-        transport.write(greeting())
+        # Our first command only once the peer's greeting names our mechanism (see
+        # dbpool.client.direct: a server that wants another then closes cleanly).
+        handshake = self._handshake
+        transport.write(greeting(handshake.mechanism, handshake.as_server))
 
     def data_received(self, data: bytes) -> None:
         self._heard = True
         decoder = self._decoder
-        if self._ready.done() and decoder.empty:
+        if self._ready.done() and decoder.empty and not self._sealed:
             # The common case, without the decoder: whole short single-frame replies.
             pos, end = 0, len(data)
             on_message = self._on_message
@@ -125,7 +142,7 @@ class AsyncZmtpConnection(asyncio.Protocol):
                     return
                 self._greeted = True
                 assert self._transport is not None
-                self._transport.write(ready())
+                self._transport.write(self._handshake.first())
             for event in decoder.events():
                 if isinstance(event, Command):
                     self._command(event)
@@ -137,18 +154,20 @@ class AsyncZmtpConnection(asyncio.Protocol):
             self._fail(exc)
 
     def _command(self, command: Command) -> None:
-        name = command.name
-        if name == b"PING":
-            if self._transport is not None:
-                context = command.data[2:18]  # after the 2-octet TTL, at most 16 octets
-                self._transport.write(frame(b"\x04PONG" + context, command=True))
-        elif name == b"READY":
-            if not self._ready.done():
+        if not self._ready.done():
+            handshake = self._handshake
+            answer = handshake.step(command)
+            if answer and self._transport is not None:
+                self._transport.write(answer)
+            if handshake.done:
+                box = handshake.box
+                if box is not None:
+                    self._decoder.unseal = box.unseal
+                    self._frame, self._sealed = box.seal, True
                 self._ready.set_result(None)
-        elif name == b"ERROR" and not self._ready.done():
-            reason = command.data[1:1 + command.data[0]] if command.data else b""
-            raise HandshakeError("the peer refused the handshake: "
-                                 + reason.decode("utf-8", "replace"))
+        elif command.name == b"PING" and self._transport is not None:
+            context = command.data[2:18]  # after the 2-octet TTL, at most 16 octets
+            self._transport.write(self._frame(b"\x04PONG" + context, command=True))
 
     def _fail(self, error: HandshakeError) -> None:
         if not self._ready.done():

@@ -15,16 +15,18 @@ stopped by :meth:`Client.close`.
 
 Transport
 ---------
-To a plain ``tcp://host:port`` endpoint without CURVE keys, a thread's
-``DEALER`` is :class:`~dbpool.client.direct.ZmtpConnection`: ZeroMQ's wire
+To a plain ``tcp://host:port`` endpoint, a thread's ``DEALER`` is
+:class:`~dbpool.client.direct.ZmtpConnection`: ZeroMQ's wire
 protocol spoken on a TCP socket by the calling thread itself, which saves
 the two wake-ups of libzmq's I/O thread per round trip.  It behaves as the
 libzmq socket does: it connects on the first request (retrying every
 100 ms for ``connect_timeout``), reconnects after the server closed the
 connection, and is replaced after a timeout.  One difference: when the
 connection closes while a reply is awaited, the request fails at once
-(``reason="timeout"``: no reply came) rather than at its deadline.  Other
-endpoints, and clients with keys, use libzmq.
+(``reason="timeout"``: no reply came) rather than at its deadline.  With
+CURVE keys it speaks CURVE itself (:mod:`dbpool.curve`) when PyNaCl is
+installed (the ``curve`` extra).  Other endpoints, and clients with keys but
+without PyNaCl, use libzmq.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from ._base import (
     closed_error,
     configure_socket,
     direct_address,
+    direct_handshake,
     handshake_monitor,
     malformed_reply,
     no_server,
@@ -183,7 +186,7 @@ class Client(Requests):
     resolve says so at once); with several endpoints it tries the next at
     once.  ``direct=False`` keeps libzmq for every endpoint (see the module
     docstring: by default a thread speaks ZeroMQ's protocol itself on a
-    ``tcp://`` endpoint without keys).  ``reason="timeout"`` is for a request
+    ``tcp://`` endpoint).  ``reason="timeout"`` is for a request
     sent to a live server that did not answer in time.
 
     ``server_key`` (the server's public key) and ``client_key`` (this
@@ -270,10 +273,10 @@ class Client(Requests):
         endpoint = self.endpoints[self._index]
         ch.resolved = False
         ch.endpoint = endpoint
-        address = (direct_address(endpoint) if self.direct and self.keys is None
-                   else None)
-        if address is not None:
-            direct = ZmtpConnection(*address)
+        handshake = direct_handshake(self.keys) if self.direct else None
+        address = direct_address(endpoint) if handshake is not None else None
+        if address is not None and handshake is not None:
+            direct = ZmtpConnection(*address, handshake)
             with self._lock:
                 if self._closed:
                     raise closed_error()
@@ -455,8 +458,7 @@ class Client(Requests):
                     raise closed_error() from None
                 verdict = after_failed_connect(exc, silent_once, count)
                 if verdict == "refused":
-                    raise refused(ch.endpoint, isinstance(exc, HandshakeError)
-                                  and exc.mismatch) from None
+                    raise refused(ch.endpoint, exc, self.keys is not None) from None
                 if verdict == "again":
                     silent_once = True
                     continue

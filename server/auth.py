@@ -1,9 +1,12 @@
-"""Who may talk to ``dbpool serve``: CURVE authentication through ZAP.
+"""Who may talk to ``dbpool serve``: CURVE authentication.
 
 With ``curve_secret_key`` and ``authorized_keys`` set, the server's request
 (ROUTER) and event (PUB) sockets are CURVE servers, and every handshake is
-decided by pyzmq's ZAP authenticator against the authorized keys: the
-public-key files (``NAME.key``) in the ``authorized_keys`` folder.  A
+decided against the authorized keys: the public-key files (``NAME.key``) in
+the ``authorized_keys`` folder.  libzmq's sockets ask through ZAP (pyzmq's
+authenticator); the front end's own ROUTER, which speaks CURVE itself when
+PyNaCl is installed (:mod:`dbpool.curve`), asks :meth:`Authority.callback`
+directly (:meth:`Authority.handshake`).  A
 client's name is its file's stem.  A client whose key is not there never
 completes a handshake: it gets no reply and no event, and its socket's
 monitor tells it why at once (see :func:`dbpool.keys.handshake_failure`).
@@ -24,7 +27,9 @@ from typing import Any
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
+from dbpool.curve import CurveServer
 from dbpool.errors import ConfigurationError
 from dbpool.keys import KeyPair, load_key_pair, load_public_key
 
@@ -101,6 +106,12 @@ class Authority:
         sock.curve_publickey = self.keys.public
         sock.curve_secretkey = self.keys.secret
         sock.zap_domain = DOMAIN.encode()
+
+    def handshake(self) -> CurveServer:
+        """The CURVE handshake of one connection to the front end's own ROUTER
+        (:mod:`dbpool.server.direct_router`), authorized as ZAP authorizes libzmq's."""
+        return CurveServer(z85.decode(self.keys.public), z85.decode(self.keys.secret),
+                           lambda key: self.callback(DOMAIN, z85.encode(key)))
 
     def callback(self, domain: str, key: bytes) -> bool:
         """ZAP's question (on its thread): may the holder of ``key`` (Z85) connect?"""

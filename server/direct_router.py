@@ -6,9 +6,12 @@ own, two thread wake-ups per request on top of the front end's, and on a
 (``docs/performance.md``).  Here the front end's thread accepts the
 connections, reads the requests and writes the replies itself, on sockets
 in its own ``poll`` set.  It speaks ZeroMQ's protocol (:mod:`dbpool.zmtp`)
-with the ``NULL`` mechanism, so any ZeroMQ ``DEALER`` or ``REQ``, in any
-language, talks to it as to a libzmq ``ROUTER``.  A server with CURVE keys
-uses libzmq's ``ROUTER`` (:class:`dbpool.server.frontend.FrontEnd` picks).
+with the ``NULL`` mechanism or CURVE (:mod:`dbpool.curve`), so any ZeroMQ
+``DEALER`` or ``REQ``, in any language, talks to it as to a libzmq
+``ROUTER``.  With CURVE, a client whose key is not authorized gets
+libzmq's ``ERROR`` (ZAP status ``400``) and is disconnected, and each
+request carries its connection's ``User-Id`` (the client's public key, Z85)
+as libzmq's would.
 
 What a libzmq ``ROUTER`` does that clients rely on, it does too:
 
@@ -40,12 +43,14 @@ import zmq
 from dbpool.zmtp import (
     Command,
     Decoder,
+    Handshake,
     HandshakeError,
+    NullHandshake,
     TooLarge,
+    error_command,
+    error_reason,
     frame,
     greeting,
-    properties,
-    ready,
 )
 
 __all__ = ["OUTPUT_LIMIT", "DirectRouter", "Origin", "bindable"]
@@ -70,24 +75,32 @@ Handler = Callable[[list[bytes], "Origin"], None]
 
 class Origin:
     """A request's connection, as the front end reads a libzmq message's properties:
-    ``get(zmq.SRCFD)`` is its descriptor; there is no ``User-Id`` without CURVE."""
+    ``get(zmq.SRCFD)`` is its descriptor, ``get("User-Id")`` the public key (Z85)
+    its CURVE handshake authenticated, None without CURVE."""
 
-    __slots__ = ("fd",)
+    __slots__ = ("fd", "user_id")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.user_id: str | None = None
 
     def get(self, name: Any) -> Any:
-        return self.fd if name == _SRCFD else None
+        if name == _SRCFD:
+            return self.fd
+        return self.user_id if name == "User-Id" else None
 
 
 class _Peer:
-    __slots__ = ("decoder", "fd", "origin", "out", "ready", "routing_id", "sock")
+    __slots__ = ("decoder", "fd", "frame", "handshake", "origin", "out", "ready",
+                 "routing_id", "sock")
 
-    def __init__(self, sock: socket.socket, max_size: int) -> None:
+    def __init__(self, sock: socket.socket, max_size: int, handshake: Handshake) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.decoder = Decoder(max_size)
+        self.handshake = handshake
+        self.decoder = Decoder(max_size + handshake.overhead, handshake.mechanism)
+        #: How a frame goes out: plain, or sealed by the mechanism (CURVE).
+        self.frame: Callable[..., bytes] = frame
         self.origin = Origin(self.fd)
         self.out = bytearray()
         self.ready = False
@@ -122,13 +135,16 @@ class DirectRouter:
     reply.  ``on_connect(fd)`` and ``on_disconnect(fd)`` report each client
     connection that completed its handshake and each that closed.
     ``output_limit`` is the bytes of replies that may wait for one client
-    (see the module docstring).
+    (see the module docstring).  ``handshake`` makes each connection's
+    security mechanism: ``NULL`` when None, or a
+    :class:`dbpool.curve.CurveServer` that authorizes the client's key.
     """
 
     def __init__(self, host: str, port: int, poller: select.poll, max_size: int,
                  handle: Handler, on_connect: Callable[[int], None],
                  on_disconnect: Callable[[int], None], *,
-                 output_limit: int = OUTPUT_LIMIT) -> None:
+                 output_limit: int = OUTPUT_LIMIT,
+                 handshake: Callable[[], Handshake] | None = None) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -151,6 +167,7 @@ class DirectRouter:
         self._handle = handle
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
+        self._handshake = handshake or (lambda: NullHandshake(b"ROUTER"))
         self._peers: dict[int, _Peer] = {}
         self._by_id: dict[bytes, _Peer] = {}
         poller.register(self._listener_fd, _POLLIN)
@@ -177,9 +194,10 @@ class DirectRouter:
         peer = self._by_id.get(route[0])
         if peer is None:
             return
-        data = frame(body)
+        seal = peer.frame
+        data = seal(body)
         if len(route) > 1:
-            data = b"".join([frame(part, more=True) for part in route[1:]]) + data
+            data = b"".join([seal(part, more=True) for part in route[1:]]) + data
         out = peer.out
         if not out:  # the common case: straight out, with no copy
             sent = self._send_some(peer, data)
@@ -204,11 +222,13 @@ class DirectRouter:
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = _Peer(sock, self._max_size)
+            handshake = self._handshake()
+            peer = _Peer(sock, self._max_size, handshake)
             self._peers[peer.fd] = peer
             self._poller.register(peer.fd, _POLLIN)
-            # Greeting and READY at once: NULL needs nothing of the client's first.
-            peer.out += greeting() + ready(b"ROUTER")
+            # Greeting and READY at once for NULL, which needs nothing of the client's
+            # first; CURVE waits for the client's HELLO.
+            peer.out += greeting(handshake.mechanism, as_server=True) + handshake.first()
             self._flush(peer)
 
     def _read(self, peer: _Peer) -> None:
@@ -235,35 +255,51 @@ class DirectRouter:
                     self._handle(event, peer.origin)
                 if peer.fd not in self._peers:  # dropped on the way (a failed write)
                     return
-        except (HandshakeError, TooLarge) as error:
-            self._drop(peer, str(error))
+        except HandshakeError as failure:
+            if failure.status is not None and not peer.ready:  # refused: say so, as libzmq
+                self._write(peer, error_command(failure.status.encode()))
+            self._drop(peer, str(failure))
+        except TooLarge as failure:
+            self._drop(peer, str(failure))
 
     def _command(self, peer: _Peer, command: Command) -> None:
         name = command.name
-        if name == b"READY" and not peer.ready:
-            found = properties(command.data)
-            kind = found.get(b"socket-type", b"")
-            if kind not in _PEERS:
-                raise HandshakeError(f"a {kind.decode('ascii', 'replace') or 'nameless'} "
-                                     "socket cannot talk to a ROUTER")
-            wanted = found.get(b"identity", b"")
-            # libzmq's rule: a peer's own id if it has one that is free (ids that
-            # start with a zero byte are libzmq's to make).
-            if wanted and wanted[0] != 0 and wanted not in self._by_id:
-                peer.routing_id = wanted
-            else:
-                peer.routing_id = b"\x00" + struct.pack(">I", next(_ROUTING_IDS) & 0xFFFFFFFF)
-            self._by_id[peer.routing_id] = peer
-            peer.ready = True
-            self._on_connect(peer.fd)
+        if not peer.ready:
+            handshake = peer.handshake
+            answer = handshake.step(command)
+            if answer:
+                self._write(peer, answer)
+            if handshake.done:
+                self._connected(peer, handshake)
         elif name == b"PING":
-            self._write(peer, frame(b"\x04PONG" + command.data[2:18], command=True))
+            self._write(peer, peer.frame(b"\x04PONG" + command.data[2:18], command=True))
         elif name == b"ERROR":
-            raise HandshakeError("the client sent ERROR: "
-                                 + command.data[1:1 + (command.data[:1] or b"\0")[0]]
-                                 .decode("utf-8", "replace"))
-        elif name not in (b"PONG", b"READY"):
+            raise HandshakeError("the client sent ERROR: " + error_reason(command.data))
+        elif name != b"PONG":
             logger.debug("direct router: command %r ignored", name)
+
+    def _connected(self, peer: _Peer, handshake: Handshake) -> None:
+        """``peer``'s handshake is done: give it a routing id and take its requests."""
+        found = handshake.properties
+        kind = found.get(b"socket-type", b"")
+        if kind not in _PEERS:
+            raise HandshakeError(f"a {kind.decode('ascii', 'replace') or 'nameless'} "
+                                 "socket cannot talk to a ROUTER")
+        wanted = found.get(b"identity", b"")
+        # libzmq's rule: a peer's own id if it has one that is free (ids that
+        # start with a zero byte are libzmq's to make).
+        if wanted and wanted[0] != 0 and wanted not in self._by_id:
+            peer.routing_id = wanted
+        else:
+            peer.routing_id = b"\x00" + struct.pack(">I", next(_ROUTING_IDS) & 0xFFFFFFFF)
+        self._by_id[peer.routing_id] = peer
+        box = handshake.box
+        if box is not None:
+            peer.decoder.unseal = box.unseal
+            peer.frame = box.seal
+            peer.origin.user_id = handshake.user_id
+        peer.ready = True
+        self._on_connect(peer.fd)
 
     def _write(self, peer: _Peer, data: bytes) -> None:
         peer.out += data

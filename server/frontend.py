@@ -47,7 +47,7 @@ import zmq
 from psycopg import pq
 from zmq.utils.monitor import recv_monitor_message
 
-from dbpool import wire
+from dbpool import curve, wire
 from dbpool.driver import CopyDirection
 from dbpool.errors import (
     ConfigurationError,
@@ -213,16 +213,18 @@ class FrontEnd:
             authority.start(self.context)
         self._poller = select.poll()
         #: The request socket: the front end's own ROUTER (direct_router.py) on a
-        #: plain TCP endpoint, else libzmq's (CURVE, ipc, interface names).
+        #: plain TCP endpoint, else libzmq's (ipc, interface names, and CURVE
+        #: without PyNaCl).
         self._direct: DirectRouter | None = None
         self.router: zmq.Socket[Any] | None = None
-        address = bindable(config.bind) if authority is None else None
+        address = bindable(config.bind) if authority is None or curve.AVAILABLE else None
         try:
             if address is not None:
                 try:
                     self._direct = DirectRouter(
                         *address, self._poller, 4 * config.max_message_size, self._serve,
-                        self._client_connected, self._client_disconnected)
+                        self._client_connected, self._client_disconnected,
+                        handshake=None if authority is None else authority.handshake)
                 except OSError as error:
                     raise _bind_failed("bind", config.bind, error.strerror or error) from None
                 self.endpoint = self._direct.endpoint

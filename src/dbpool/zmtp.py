@@ -4,8 +4,9 @@ Both ends of ``dbpool serve`` can speak it themselves on a TCP socket
 instead of going through libzmq, whose I/O thread costs two thread wake-ups
 per message on each side (``docs/performance.md``): the sync client
 (:mod:`dbpool.client.direct`) and the server's request socket
-(:mod:`dbpool.server.direct_router`).  What they speak is the ``NULL``
-security mechanism only; with CURVE (RFC 26) both use libzmq.
+(:mod:`dbpool.server.direct_router`).  The ``NULL`` mechanism is all here;
+CURVE (RFC 26) is :mod:`dbpool.curve`, which the decoder takes as its
+:attr:`Decoder.unseal` once the handshake is done.
 
 :class:`Decoder` turns bytes into messages and commands; :func:`frame`,
 :func:`greeting` and :func:`ready` make the bytes to send.
@@ -14,24 +15,33 @@ security mechanism only; with CURVE (RFC 26) both use libzmq.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 __all__ = [
+    "COMMAND",
     "GREETING_SIZE",
+    "LONG",
+    "MORE",
     "Command",
     "Decoder",
+    "Handshake",
     "HandshakeError",
+    "NullHandshake",
+    "Sealer",
     "TooLarge",
+    "error_command",
+    "error_reason",
     "frame",
     "greeting",
+    "metadata",
     "properties",
     "ready",
 ]
 
-#: Signature (with the padding libzmq sends), version 3.1, NULL, not as-server, filler.
-_GREETING = (b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f" + bytes((3, 1))
-             + b"NULL".ljust(20, b"\x00") + b"\x00" + bytes(31))
+#: Signature (with the padding libzmq sends) and version 3.1.
+_SIGNATURE = b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f" + bytes((3, 1))
 GREETING_SIZE = 64
 
 MORE = 0x01
@@ -44,24 +54,41 @@ _unpack_length = struct.Struct(">I").unpack_from
 
 
 class HandshakeError(Exception):
-    """The peer does not speak ZMTP 3 with ``NULL``, or refused us (its ERROR's reason).
+    """The peer does not speak ZMTP 3 with our mechanism, broke its rules, or
+    refused us (its ERROR's reason).
 
     :attr:`mismatch` is True when the peer speaks ZMTP with another security
-    mechanism (a server that requires CURVE).
+    mechanism (a server that requires CURVE, or one without it).
     """
 
-    def __init__(self, message: str, *, mismatch: bool = False, silent: bool = False) -> None:
+    def __init__(self, message: str, *, mismatch: bool = False, silent: bool = False,
+                 status: str | None = None) -> None:
         super().__init__(message)
         self.mismatch = mismatch
         #: The peer closed without a byte of greeting: a server that refuses our
         #: mechanism may do that, and so may one that is going away.
         self.silent = silent
+        #: The reason of the peer's ERROR command (a ZAP status such as ``"400"``
+        #: when a CURVE server did not authorize our key), or None.
+        self.status = status
 
 
-def greeting() -> bytes:
-    """This side's greeting: ZMTP 3.1, mechanism ``NULL`` (whose handshake ignores
-    the as-server bit, so both ends send the same)."""
-    return _GREETING
+def greeting(mechanism: bytes = b"NULL", as_server: bool = False) -> bytes:
+    """This side's greeting: ZMTP 3.1 with ``mechanism`` (``NULL``'s handshake
+    ignores the as-server bit, so both of its ends send the same)."""
+    return (_SIGNATURE + mechanism.ljust(20, b"\x00") + (b"\x01" if as_server else b"\x00")
+            + bytes(31))
+
+
+def error_command(reason: bytes) -> bytes:
+    """The ``ERROR`` command refusing a handshake for ``reason`` (at most 255 bytes)."""
+    reason = reason[:255]
+    return frame(b"\x05ERROR" + bytes((len(reason),)) + reason, command=True)
+
+
+def error_reason(data: bytes) -> str:
+    """The reason an ``ERROR`` command's body (after its name) gives."""
+    return data[1:1 + data[0]].decode("utf-8", "replace") if data else ""
 
 
 def frame(body: bytes, *, more: bool = False, command: bool = False) -> bytes:
@@ -73,11 +100,15 @@ def frame(body: bytes, *, more: bool = False, command: bool = False) -> bytes:
     return bytes((flags, size)) + body
 
 
+def metadata(socket_type: bytes) -> bytes:
+    """A handshake's metadata (RFC 23): our ``Socket-Type`` property."""
+    name = b"Socket-Type"
+    return bytes((len(name),)) + name + _pack_length(len(socket_type)) + socket_type
+
+
 def ready(socket_type: bytes = b"DEALER") -> bytes:
     """The ``READY`` command of the NULL mechanism, with our ``Socket-Type``."""
-    name = b"Socket-Type"
-    return frame(b"\x05READY" + bytes((len(name),)) + name
-                 + _pack_length(len(socket_type)) + socket_type, command=True)
+    return frame(b"\x05READY" + metadata(socket_type), command=True)
 
 
 def properties(data: bytes) -> dict[bytes, bytes]:
@@ -119,13 +150,18 @@ class Decoder:
     :meth:`feed` takes what was read; :meth:`events` yields each complete
     message (``list[bytes]``, its frames) and each :class:`Command`, in
     order.  The greeting is checked first: anything but ZMTP 3 with
-    ``NULL`` raises :class:`HandshakeError`.
+    ``mechanism`` raises :class:`HandshakeError`.
     """
 
-    def __init__(self, max_size: int | None = None) -> None:
+    def __init__(self, max_size: int | None = None, mechanism: bytes = b"NULL") -> None:
         #: The largest frame taken; a larger one raises :class:`TooLarge` as soon as
         #: its size is read, before its body is buffered.
         self.max_size = max_size
+        self.mechanism = mechanism
+        #: Once a secure mechanism's handshake is done: what turns each frame that
+        #: came into the ``(flags, body)`` it carries (CURVE's ``MESSAGE``,
+        #: :meth:`dbpool.curve.Box.unseal`).
+        self.unseal: Callable[[bytes], tuple[int, bytes]] | None = None
         self._buffer = bytearray()
         self._pos = 0
         self._greeted = False
@@ -174,6 +210,8 @@ class Decoder:
                 break
             body = bytes(buffer[start:start + size])
             self._pos = start + size
+            if self.unseal is not None:
+                flags, body = self.unseal(body)
             if flags & COMMAND:
                 length = body[0] if body else 0
                 yield Command(body[1:1 + length], body[1 + length:])
@@ -187,13 +225,82 @@ class Decoder:
             del buffer[:self._pos]
             self._pos = 0
 
-    @staticmethod
-    def _check_greeting(data: bytes) -> None:
+    def _check_greeting(self, data: bytes) -> None:
         if data[0] != 0xFF or data[9] != 0x7F:
             raise HandshakeError("the peer does not speak ZMTP (no ZeroMQ signature)")
         if data[10] < 3:
             raise HandshakeError(f"the peer speaks ZMTP {data[10]}.{data[11]}, not 3")
         mechanism = data[12:32].rstrip(b"\x00")
-        if mechanism != b"NULL":
+        if mechanism != self.mechanism:
             raise HandshakeError(f"the peer wants the {mechanism.decode('ascii', 'replace')} "
                                  "security mechanism", mismatch=True)
+
+
+class Sealer(Protocol):
+    """What a secure mechanism does to each frame after its handshake
+    (:class:`dbpool.curve.Box`)."""
+
+    def seal(self, body: bytes, *, more: bool = False, command: bool = False) -> bytes: ...
+
+    def unseal(self, body: bytes) -> tuple[int, bytes]: ...
+
+
+class Handshake(Protocol):
+    """One side of a security mechanism's handshake, after the greetings.
+
+    :meth:`first` is what to send once the peer's greeting is read; :meth:`step`
+    takes each command the peer sends and returns what to send back (``b""``
+    for nothing), raising :class:`HandshakeError` when the peer fails or
+    refuses it.  When :attr:`done`, :attr:`properties` is the peer's metadata
+    and :attr:`box` (None for ``NULL``) seals and unseals every frame.
+    """
+
+    mechanism: bytes
+    as_server: bool
+    #: Bytes the mechanism adds to each frame (a decoder's size limit allows them).
+    overhead: int
+    properties: dict[bytes, bytes]
+    #: Who the peer proved to be (a CURVE server's client key, Z85), or None.
+    user_id: str | None
+
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def box(self) -> Sealer | None: ...
+
+    def first(self) -> bytes: ...
+
+    def step(self, command: Command) -> bytes: ...
+
+
+class NullHandshake:
+    """``NULL`` (RFC 23): each side sends ``READY`` with its ``Socket-Type``; done
+    on the peer's."""
+
+    mechanism = b"NULL"
+    as_server = False
+    overhead = 0
+    box: Sealer | None = None
+    user_id: str | None = None
+
+    def __init__(self, socket_type: bytes = b"DEALER") -> None:
+        self._socket_type = socket_type
+        self.done = False
+        self.properties: dict[bytes, bytes] = {}
+
+    def first(self) -> bytes:
+        return ready(self._socket_type)
+
+    def step(self, command: Command) -> bytes:
+        if command.name == b"READY" and not self.done:
+            self.properties = properties(command.data)
+            self.done = True
+            return b""
+        if command.name == b"ERROR":
+            reason = error_reason(command.data)
+            raise HandshakeError(f"the peer refused the handshake: {reason}", status=reason)
+        if command.name in (b"PING", b"PONG"):
+            return b""
+        raise HandshakeError(f"an unexpected {command.name.decode('ascii', 'replace')} "
+                             "command in the handshake")

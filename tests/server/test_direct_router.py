@@ -6,7 +6,8 @@ handler that answers as the test says, and talks to it with pyzmq's
 peers is the point.  The whole server runs on it in every server test; here
 are the cases a ROUTER of one's own must get right: routing ids, the REQ
 envelope, heartbeats, oversized frames, junk, and a client that does not
-read its replies.
+read its replies; and CURVE: libzmq's clients served and identified, an
+unknown key refused as libzmq refuses it, and a forged message dropped.
 """
 
 from __future__ import annotations
@@ -20,8 +21,12 @@ from typing import Any
 
 import pytest
 import zmq
+import zmq.utils.monitor
+from zmq.utils import z85
 
+from dbpool import curve
 from dbpool.server.direct_router import DirectRouter, Origin, bindable
+from dbpool.zmtp import Command, Decoder, Handshake, frame, greeting
 
 WAIT = 5.0
 
@@ -32,24 +37,29 @@ class Harness:
     """A DirectRouter on a poll loop in a thread; ``reply(frames)`` answers each message."""
 
     def __init__(self, reply: Reply, *, max_size: int = 1 << 20,
-                 output_limit: int | None = None) -> None:
+                 output_limit: int | None = None,
+                 handshake: Callable[[], Handshake] | None = None) -> None:
         self.reply = reply
         self.poller = select.poll()
         self.connected: list[int] = []
         self.disconnected: list[int] = []
         self.requests: list[list[bytes]] = []
+        #: Each request's ``User-Id``, as the front end reads it.
+        self.users: list[str | None] = []
         self.changed = threading.Condition()
         kwargs: dict[str, Any] = {} if output_limit is None else {"output_limit": output_limit}
         self.router = DirectRouter("127.0.0.1", 0, self.poller, max_size, self._handle,
-                                   self._on_connect, self._on_disconnect, **kwargs)
+                                   self._on_connect, self._on_disconnect, handshake=handshake,
+                                   **kwargs)
         self.endpoint = self.router.endpoint
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _handle(self, frames: list[bytes], origin: Origin) -> None:
-        assert origin.get(zmq.SRCFD) == origin.fd and origin.get("User-Id") is None
+        assert origin.get(zmq.SRCFD) == origin.fd
         with self.changed:
+            self.users.append(origin.get("User-Id"))
             self.requests.append(frames)
             self.changed.notify_all()
         body = self.reply(frames)
@@ -143,6 +153,7 @@ def test_a_peer_identity_is_its_routing_id(echo: Harness,
         dealer.send(b"x")
         assert dealer.recv() == b"x"
         assert echo.requests[0][0] == b"worker-7"
+        assert echo.users == [None]  # no User-Id without CURVE
     finally:
         dealer.close(linger=0)
 
@@ -233,3 +244,148 @@ def test_a_client_that_does_not_read_is_disconnected_and_others_are_served(
 ])
 def test_which_binds_are_served_directly(endpoint: str, address: tuple[str, int] | None) -> None:
     assert bindable(endpoint) == address
+
+
+# -- CURVE (dbpool.curve) ---------------------------------------------------------------
+
+needs_curve = pytest.mark.skipif(not (curve.AVAILABLE and zmq.has("curve")),
+                                 reason="PyNaCl or libzmq's CURVE missing")
+
+
+class Curve:
+    """A server key pair and one authorized client pair, as libzmq makes them (Z85)."""
+
+    def __init__(self) -> None:
+        self.server_public, self.server_secret = zmq.curve_keypair()
+        self.client_public, self.client_secret = zmq.curve_keypair()
+
+    def handshake(self) -> curve.CurveServer:
+        return curve.CurveServer(z85.decode(self.server_public), z85.decode(self.server_secret),
+                                 lambda key: key == z85.decode(self.client_public))
+
+    def client_options(self, public: bytes | None = None,
+                       secret: bytes | None = None) -> dict[int, Any]:
+        return {zmq.CURVE_SERVERKEY: self.server_public,
+                zmq.CURVE_PUBLICKEY: public or self.client_public,
+                zmq.CURVE_SECRETKEY: secret or self.client_secret}
+
+
+@pytest.fixture
+def curve_echo() -> Iterator[tuple[Harness, Curve]]:
+    keys = Curve()
+    harness = Harness(lambda frames: frames[-1][::-1], handshake=keys.handshake)
+    yield harness, keys
+    harness.close()
+
+
+@needs_curve
+def test_libzmq_curve_dealers_are_served_and_carry_their_key(
+        curve_echo: tuple[Harness, Curve], context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    harness, keys = curve_echo
+    dealer = _socket(context, zmq.DEALER, harness.endpoint, keys.client_options())
+    try:
+        for size in (0, 1, 255, 256, 70_000, 900_000):
+            body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+            dealer.send(body)
+            assert dealer.recv() == body[::-1]
+        dealer.send_multipart([b"first", b"last"])  # MORE travels sealed
+        assert dealer.recv() == b"tsal"
+        assert harness.requests[-1][1:] == [b"first", b"last"]
+        assert set(harness.users) == {keys.client_public.decode()}
+    finally:
+        dealer.close(linger=0)
+
+
+@needs_curve
+def test_an_unknown_key_gets_libzmqs_refusal_and_the_others_are_served(
+        curve_echo: tuple[Harness, Curve], context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    harness, keys = curve_echo
+    stranger = context.socket(zmq.DEALER)
+    stranger.setsockopt(zmq.LINGER, 0)
+    for option, value in keys.client_options(*zmq.curve_keypair()).items():
+        stranger.setsockopt(option, value)
+    monitor = stranger.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    monitor.setsockopt(zmq.RCVTIMEO, int(WAIT * 1000))
+    friend = _socket(context, zmq.DEALER, harness.endpoint, keys.client_options())
+    try:
+        stranger.connect(harness.endpoint)
+        stranger.send(b"let me in", zmq.NOBLOCK)
+        event = zmq.utils.monitor.recv_monitor_message(monitor)
+        assert (event["event"], event["value"]) == (zmq.EVENT_HANDSHAKE_FAILED_AUTH, 400)
+        friend.send(b"hello")
+        assert friend.recv() == b"olleh"
+        assert [frames[-1] for frames in harness.requests] == [b"hello"]
+    finally:
+        stranger.disable_monitor()
+        monitor.close(linger=0)
+        stranger.close(linger=0)
+        friend.close(linger=0)
+
+
+@needs_curve
+def test_curve_heartbeats_are_answered_sealed(
+        curve_echo: tuple[Harness, Curve], context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    harness, keys = curve_echo
+    dealer = _socket(context, zmq.DEALER, harness.endpoint,
+                     {**keys.client_options(), zmq.HEARTBEAT_IVL: 20, zmq.HEARTBEAT_TIMEOUT: 150})
+    try:
+        dealer.send(b"a")
+        assert dealer.recv() == b"a"
+        time.sleep(0.6)  # the heartbeats' time to fail, if unanswered or unreadable
+        dealer.send(b"b")
+        assert dealer.recv() == b"b"
+        assert len(harness.connected) == 1 and not harness.disconnected
+    finally:
+        dealer.close(linger=0)
+
+
+def _curve_connection(harness: Harness, keys: Curve) -> tuple[socket.socket, curve.Box]:
+    """A raw socket through the CURVE handshake, and its box: to send what libzmq never
+    would."""
+    host, port = harness.endpoint[6:].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=WAIT)
+    client = curve.CurveClient(z85.decode(keys.server_public), z85.decode(keys.client_public),
+                               z85.decode(keys.client_secret))
+    decoder = Decoder(mechanism=curve.MECHANISM)
+    sock.sendall(greeting(curve.MECHANISM))
+    while not decoder.greeted():
+        decoder.feed(sock.recv(4096))
+    sock.sendall(client.first())
+    while not client.done:
+        events = list(decoder.events())
+        if not events:
+            decoder.feed(sock.recv(4096))
+        for event in events:
+            assert isinstance(event, Command)
+            sock.sendall(client.step(event))
+    assert client.box is not None
+    return sock, client.box
+
+
+@needs_curve
+@pytest.mark.parametrize("attack", ["replayed", "tampered", "plain"])
+def test_a_forged_message_closes_only_its_connection(
+        curve_echo: tuple[Harness, Curve], context: zmq.Context[zmq.Socket[bytes]],
+        attack: str) -> None:
+    harness, keys = curve_echo
+    friend = _socket(context, zmq.DEALER, harness.endpoint, keys.client_options())
+    sock, box = _curve_connection(harness, keys)
+    try:
+        sealed = box.seal(b"genuine")
+        sock.sendall(sealed)
+        harness.wait_for(lambda: len(harness.requests) == 1, "the genuine message served")
+        if attack == "replayed":
+            forged = sealed
+        elif attack == "tampered":
+            forged = bytearray(box.seal(b"genuine"))
+            forged[-1] ^= 1
+        else:
+            forged = frame(b"not sealed")
+        sock.sendall(bytes(forged))
+        harness.wait_for(lambda: len(harness.disconnected) == 1, "the forger dropped")
+        assert [frames[-1] for frames in harness.requests] == [b"genuine"]
+        friend.send(b"still served")
+        assert friend.recv() == b"devres llits"
+    finally:
+        sock.close()
+        friend.close(linger=0)
