@@ -1126,10 +1126,16 @@ class FrontEnd:
                               "expires_in": self.config.lease_max})
 
         def start(pipe: Pipe) -> None:
-            pipe.owner = job  # held for this job until begun
-            self._send(pipe, job, [("BEGIN", None)])
+            if pipe.broken is not None:
+                self._fail(job, ConnectionError(f"connection lost: {pipe.broken}"))
+                self._settle(pipe)
+                return
+            # No round trip to PostgreSQL: the BEGIN leaves with the lease's first
+            # request, in its Sync (Pipe.begin_pending).
+            pipe.begin_pending = True
+            begun(job, [], pipe)
 
-        job.finish, job.start, job.needs_own = begun, start, True
+        job.start, job.needs_own = start, True
         self._dispatch(job)
 
     def _op_commit(self, job: Job) -> None:
@@ -1305,6 +1311,9 @@ class FrontEnd:
         replaced if the lease left session state on it."""
         pipe = lease.pipe
         pipe.owner = None
+        # A transaction that ran nothing never began: what ends it (COMMIT, ROLLBACK)
+        # runs outside any, as PostgreSQL allows, with its usual result.
+        pipe.begin_pending = False
         if lease.dirty:
             pipe.retire(ConnectionError(
                 f"a {lease.kind} ran statements whose effects outlive the transaction "
@@ -1428,10 +1437,29 @@ class FrontEnd:
             self._repoll(pipe)
 
         if lease is not None:
+            if lease.pipe.begin_pending:
+                self._begin_then(lease.pipe, job, start)
+                return
             start(lease.pipe)
             return
         job.start, job.needs_own = start, True
         self._dispatch(job)
+
+    def _begin_then(self, pipe: Pipe, job: Job, start: Callable[[Pipe], None]) -> None:
+        """Send the lease's deferred BEGIN on its own, then ``start`` what cannot take it
+        in its Sync (a COPY leaves pipeline mode)."""
+
+        def begun(job: Job, outcome: Outcome, pipe: Pipe) -> None:
+            if isinstance(outcome, BaseException):
+                self._fail(job, outcome)
+            elif pipe.inflight:  # the client sent more on the lease meanwhile
+                self._answer_error(job, protocol_error(
+                    "busy", "the transaction has requests in flight; a COPY needs it idle"))
+            else:
+                start(pipe)
+
+        job.finish = begun
+        self._send(pipe, job, [])
 
     def _op_copy_read(self, job: Job) -> None:
         copying = self._copy_of(job, "out")

@@ -130,9 +130,9 @@ class Job:
     answers with the one statement's result.
     """
 
-    __slots__ = ("client", "deadline", "finish", "holding", "needs_own", "op", "prepares",
-                 "ran_prepared", "replanned", "req", "results", "rid", "route", "served",
-                 "shared", "stale_plan", "start", "started", "state", "statements")
+    __slots__ = ("begins", "client", "deadline", "finish", "holding", "needs_own", "op",
+                 "prepares", "ran_prepared", "replanned", "req", "results", "rid", "route",
+                 "served", "shared", "stale_plan", "start", "started", "state", "statements")
 
     def __init__(self, route: list[bytes], rid: int, op: str, req: dict[str, Any],
                  deadline: float) -> None:
@@ -173,6 +173,9 @@ class Job:
         self.stale_plan = False
         #: Whether it was sent again after a prepared statement's plan went stale.
         self.replanned = False
+        #: Whether its statements went out after the lease's deferred BEGIN, in the
+        #: same Sync (see :attr:`Pipe.begin_pending`).
+        self.begins = False
 
 
 def _ignore(job: Job, outcome: Outcome, pipe: Pipe) -> None:
@@ -231,6 +234,12 @@ class Pipe:
         self.lease_prepared: list[Any] = []
         #: The COPY this connection is running, out of pipeline mode (see copy.py).
         self.copy: Copy | None = None
+        #: A lease began on it and its BEGIN has not gone out: it leaves with the
+        #: next request's statements, in their Sync, so that a transaction's begin
+        #: costs no round trip to PostgreSQL (PostgreSQL takes a transaction's
+        #: snapshot at its first statement anyway).  Sharing the Sync means a BEGIN
+        #: that fails skips those statements rather than let them run outside it.
+        self.begin_pending = False
         pgconn.nonblocking = 1
         pgconn.enter_pipeline_mode()
 
@@ -298,6 +307,10 @@ class Pipe:
         if state.stale_statements and self.owner is None:  # in no transaction: drop them
             self._deallocate_stale()
         try:
+            begins = self.begin_pending
+            if begins:
+                pgconn.send_query_params(b"BEGIN", None, result_format=_TEXT)
+                position = 1
             for text, params, types, formats in converted:
                 name = None
                 if prepare:
@@ -329,6 +342,9 @@ class Pipe:
         except psycopg.Error as error:
             self.lose(error)
             raise
+        if begins:
+            self.begin_pending = False
+            job.begins = True
         job.prepares = prepares
         job.ran_prepared = ran_prepared
         job.shared = self.owner is None
@@ -490,6 +506,17 @@ class Pipe:
                 if status != _FATAL:  # a failed Prepare is the request's error
                     skip.add(position)
             job.results = [r for i, r in enumerate(results) if i not in skip]
+        if job.begins:
+            begun = job.results[0] if job.results else None
+            if begun is None or begun.status != _COMMAND_OK:
+                # The lease's later requests may be on their way already, and must not
+                # run outside its transaction: the connection goes, and they fail.
+                error = (self.error(begun) if begun is not None
+                         else psycopg.OperationalError("the transaction's BEGIN gave no result"))
+                self.lose(error)
+                self.complete(self, job, error)
+                return
+            job.results = job.results[1:]
         if job.finish is not _ignore:  # the pipe's own DEALLOCATEs: nothing to learn
             self._after_statements(job)
         try:
