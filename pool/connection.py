@@ -114,7 +114,12 @@ class Connection:
         ``"error"`` inside one.
         """
         if log is None and self._core.log is None:  # the hot path: nothing to time
-            state = self._state()
+            # _state(), inlined for a loan in force, not broken, with no transaction
+            # tracked; anything else goes through it, to raise or check.
+            if self._loan.claim and self._broken is None and self._tracked is None:
+                state = self._driver_state
+            else:
+                state = self._state()
             try:  # _callback(), inlined
                 outcome = self._driver.handle_execute(sql, params, _NO_OPTS, state)
             except BaseException as error:

@@ -8,8 +8,8 @@ a round trip to the server for nothing it will look at.  So
 once; the server ends the transaction (and releases its locks) as soon as the
 command arrives, and the connection's next use reads the answer first:
 
-- any psycopg operation on the connection, since all of them go through
-  :meth:`PgConnection.wait`, which settles first;
+- any psycopg operation on the connection, since all of them go through the
+  connection's ``wait``, which settles first while the answer is pending;
 - the pool's next checkout and ping of it (:class:`dbpool.pgdriver.PgDriver`),
   which settle with a deadline and replace the connection if the
   ``ROLLBACK`` failed (the connection was lost).
@@ -69,6 +69,10 @@ class PgConnection(psycopg.Connection[Row]):
             # psycopg forgets its prepared statements at every rollback (it deallocates
             # them at the next use: see settle()); so do we, as it would.
             self._prepared.clear()
+            # Every psycopg operation calls self.wait() first.  Only while the answer
+            # is pending does it find this instance's wait, which settles first; the
+            # rest of the time psycopg's own serves, and a query pays nothing for it.
+            vars(self)["wait"] = self._settle_then_wait
 
     def settle(self, deadline: float = _FOREVER) -> None:
         """Read the answer to an unawaited ``ROLLBACK``, waiting for it until
@@ -78,20 +82,22 @@ class PgConnection(psycopg.Connection[Row]):
         if not self.rollback_pending:
             return
         self.rollback_pending = False
+        vars(self).pop("wait", None)  # psycopg's wait again (see rollback_unawaited)
         results = read_results(self.pgconn, deadline)
         if results is None:
             raise psycopg.OperationalError("no answer to a ROLLBACK in time: connection unusable")
         for result in results:
             if result.status != _COMMAND_OK:
                 raise psycopg.errors.error_from_result(result, encoding=self.info.encoding)
-        super().wait(self._prepared.maintain_gen(self))
+        self.wait(self._prepared.maintain_gen(self))
 
-    def wait(self, gen: PQGen[Any], interval: float = 0.1, timeout: float | None = None) -> Any:
+    def _settle_then_wait(
+        self, gen: PQGen[Any], interval: float = 0.1, timeout: float | None = None
+    ) -> Any:
         """psycopg's :meth:`psycopg.Connection.wait`, once an unawaited ``ROLLBACK``
-        has been settled: every operation through psycopg comes here first."""
-        if self.rollback_pending:
-            self.settle()
-        return super().wait(gen, interval, timeout)
+        has been settled: the connection's ``wait`` while one is pending."""
+        self.settle()
+        return self.wait(gen, interval, timeout)
 
 
 def read_results(pgconn: pq.abc.PGconn, deadline: float) -> list[pq.abc.PGresult] | None:

@@ -68,6 +68,7 @@ CANCEL_TIMEOUT = 5.0
 _POLL_OK = pq.PollingStatus.OK
 _POLL_FAILED = pq.PollingStatus.FAILED
 _POLL_READING = pq.PollingStatus.READING
+_BAD = int(pq.ConnStatus.BAD)  # an enum member lookup costs more per checkout
 
 NETWORK_DEFAULTS: Mapping[str, Any] = {
     "connect_timeout": 5,
@@ -108,6 +109,9 @@ class PgState:
     #: statement converter, kept across its loans (making one costs more than a query).
     remote_transformer: Any = None
     remote_converter: Any = None
+    #: The statement text run here last, known not to be a COPY: run again in a row,
+    #: as a statement often is, it skips the check (which costs a call per statement).
+    plain_sql: str | None = None
     #: Seconds a ping may wait for its answer.
     ping_timeout: float = 5.0
     #: Our own descriptor of the connection's socket (see PgDriver.interrupt).
@@ -200,7 +204,7 @@ class PgDriver:
 
     def checkout(self, state: PgState) -> Outcome[None]:
         conn = state.conn
-        if conn.closed:
+        if conn.pgconn.status == _BAD:  # conn.closed, without the cost of its property
             return Disconnect(psycopg.OperationalError("the connection is closed"))
         if conn.rollback_pending:  # its last user did not wait for its ROLLBACK
             try:
@@ -358,8 +362,11 @@ class PgDriver:
         self, query: Query | str, params: Params, opts: Options, state: PgState
     ) -> Outcome[Result]:
         cur = state.cursor
-        if is_copy(query if isinstance(query, str) else query.sql):
-            return Error(copy_refused())  # psycopg would refuse it only once it is running
+        text = query if isinstance(query, str) else query.sql
+        if text is not state.plain_sql:  # the same text (str is immutable) passed already
+            if is_copy(text):
+                return Error(copy_refused())  # psycopg would refuse it only once it is running
+            state.plain_sql = text
         try:
             if isinstance(query, str):
                 cur.execute(query, params)
@@ -368,8 +375,8 @@ class PgDriver:
             else:
                 cur.execute(self._execute_sql(query, params, state))
             if "timed" not in opts:
-                return Ok(_result(cur))
-            return Ok(_timed_result(cur))
+                return Ok(_result(state))
+            return Ok(_timed_result(state))
         except _CALL_ERRORS as err:
             return _failure(state, err)
 
@@ -430,7 +437,7 @@ class PgDriver:
         try:
             # Not prepared: the cursor's name is never seen again.
             cur.execute(fetch, prepare=False)
-            batch = _result(cur) if "timed" not in opts else _timed_result(cur)
+            batch = _result(state) if "timed" not in opts else _timed_result(state)
         except psycopg.Error as err:
             return _failure(state, err)
         status: FetchStatus = "cont" if batch.rowcount == max_rows else "halt"
@@ -518,7 +525,7 @@ class PgDriver:
             state.cursor.execute(statement)
         except psycopg.Error as err:
             return _failure(state, err, retry_safe)
-        return Ok(_result(state.cursor))
+        return Ok(_result(state))
 
 
 _OK_NONE: Ok[None] = Ok(None)
@@ -561,17 +568,20 @@ def _status(state: PgState) -> TransactionStatus:
 _TUPLES_OK = int(pq.ExecStatus.TUPLES_OK)  # an enum member lookup costs more per query
 
 
-def _result(cur: psycopg.Cursor[Any]) -> Result:
+def _result(state: PgState) -> Result:
+    """The result of the statement ``state``'s cursor ran last."""
+    cur = state.cursor
     pgresult = cur.pgresult
     if pgresult is None or pgresult.status != _TUPLES_OK:
         return Result([], [], cur.rowcount, cur.statusmessage)
-    return _PgResult(pgresult, cur.connection, cur.fetchall())
+    # state.conn is the cursor's connection, without the cost of its property.
+    return _PgResult(pgresult, state.conn, cur.fetchall())
 
 
-def _timed_result(cur: psycopg.Cursor[Any]) -> Result:
+def _timed_result(state: PgState) -> Result:
     """:func:`_result`, with the time psycopg takes to decode the rows."""
     started = time.perf_counter()
-    result = _result(cur)
+    result = _result(state)
     result.decode_time = time.perf_counter() - started
     return result
 
