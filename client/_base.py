@@ -254,12 +254,17 @@ def error_from_reply(reply: Mapping[str, Any]) -> Exception:
     """The exception for an error reply (``error_from_map``).
 
     A batch's error map carries ``index``, the statement that failed: it is
-    set as the exception's ``index`` attribute and added as a note.
+    set as the exception's ``index`` attribute and added as a note.  The error
+    of a transaction's first request sent with its begin carries ``lease``,
+    the transaction it began: set as ``lease`` (see ``AsyncTransaction._first``).
     """
     error = reply["error"]
     if not isinstance(error, Mapping):
         return ProtocolError(f"malformed error in reply: {error!r:.200}", code="malformed")
     exc = error_from_map(error)
+    lease = error.get("lease")
+    if lease is not None:  # a transaction's first request failed in it: it began
+        exc.lease = lease  # type: ignore[attr-defined]
     index = error.get("index")
     if isinstance(index, int):
         try:

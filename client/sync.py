@@ -577,13 +577,15 @@ class Client(Requests):
 
     def transaction(self, *, timeout: float | None = None,
                     readonly: bool | Literal["replica"] = False) -> Transaction:
-        """Begin a transaction now (op ``begin``) and return it.
+        """A transaction, which begins with its first request: that request carries
+        the begin, one round trip for both (:meth:`Transaction.begin` begins it
+        at once instead).  Its :attr:`~Transaction.lease` is None until then.
 
         As a context manager the transaction commits when the block ends
         normally and rolls back when it raises (the exception propagates).
         While it is open the client sends heartbeats for it.
         """
-        return Transaction(self, timeout, readonly).begin()
+        return Transaction(self, timeout, readonly).deferred()
 
     def _endpoint(self) -> str:
         return self._ch.endpoint

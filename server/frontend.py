@@ -722,7 +722,7 @@ class FrontEnd:
                     self._reply_error(route, rid, error_map(error))
                     return
         policy = state.policy
-        holding = op in _HOLDING_OPS and req.get("lease") is None
+        holding = (op in _HOLDING_OPS or req.get("begin") is True) and req.get("lease") is None
         refused = None
         if policy.max_inflight is not None and state.inflight >= policy.max_inflight:
             refused = f"{policy.max_inflight} requests in flight"
@@ -736,7 +736,7 @@ class FrontEnd:
             return
         now = time.monotonic()
         session = req.get("session")
-        if type(session) is str and (op in _HOLDING_OPS or session in self._sessions):
+        if type(session) is str and (holding or op in _HOLDING_OPS or session in self._sessions):
             self._peers.note(session, origin.get(_SRCFD), now)
         job = Job(route, rid, str(op), req, now + timeout)
         job.started = now
@@ -780,10 +780,14 @@ class FrontEnd:
 
     def _answer_error(self, job: Job, error: dict[str, Any]) -> None:
         self._answered(job, str(error.get("kind", "protocol")))
+        if job.opened is not None:  # the transaction began: its client must end it
+            error = {**error, "lease": self._lease_map(job.opened)}
         self._reply_error(job.route, job.rid, error)
 
     def _reply(self, job: Job, value: Any) -> bool:
         """Answer ``job`` with ``value``; False if it had to answer ``unsupported_type``."""
+        if job.opened is not None:
+            value = {"lease": self._lease_map(job.opened), "result": value}
         self._answered(job, "ok")
         try:
             body = self.packer.pack({"id": job.rid, "ok": value})
@@ -999,10 +1003,17 @@ class FrontEnd:
         if job.req.get("lease") is not None:
             lease = self._owned(job, "lease", job.req["lease"])
             _check_idle_of_copy(lease)
-            _check_scopes(statements, lease)
+            if _check_scopes(statements, in_lease=True):
+                lease.dirty = True
             self._send(lease.pipe, job, statements, prepare)
             return
-        _check_scopes(statements, None)
+        begin = job.req.get("begin")
+        if begin is not None:
+            if begin is not True:
+                raise _bad("'begin' must be true")
+            self._begin_with(job, statements, prepare)
+            return
+        _check_scopes(statements, in_lease=False)
         if self._draining:
             raise _stopping()
         pipe = self._pipe_for(job)
@@ -1011,6 +1022,35 @@ class FrontEnd:
             return
         job.start = lambda pipe: self._send(pipe, job, statements, prepare)
         self._queue(job)
+
+    def _begin_with(self, job: Job, statements: list[Statement], prepare: int) -> None:
+        """A transaction's first request, sent with its begin (``begin: true``): open a
+        lease as ``begin`` does and run the statements on it, its BEGIN in their Sync
+        (Pipe.begin_pending).  The reply, or the error, names the lease: a statement
+        that fails leaves the transaction open and aborted, as it would have."""
+        session = _session(job.req)
+        dirty = _check_scopes(statements, in_lease=True)
+
+        def start(pipe: Pipe) -> None:
+            if pipe.broken is not None:
+                self._fail(job, ConnectionError(f"connection lost: {pipe.broken}"))
+                self._settle(pipe)
+                return
+            lease = Lease("lease", session, pipe, time.monotonic(), self.config.lease_max)
+            lease.dirty = dirty
+            pipe.owner = lease
+            self._add_lease(lease, job)
+            job.opened = lease
+            pipe.begin_pending = True
+            self._send(pipe, job, statements, prepare)
+
+        job.start, job.needs_own = start, True
+        self._dispatch(job)
+
+    def _lease_map(self, lease: Lease) -> dict[str, Any]:
+        """What a client learns of a transaction it began (op ``begin``)."""
+        return {"lease": lease.id, "heartbeat_timeout": self.config.heartbeat_timeout,
+                "expires_in": self.config.lease_max}
 
     def _send(self, pipe: Pipe, job: Job, statements: Sequence[Statement],
               prepare: int = NEVER) -> None:
@@ -1121,9 +1161,7 @@ class FrontEnd:
             lease = Lease("lease", session, pipe, time.monotonic(), self.config.lease_max)
             pipe.owner = lease
             self._add_lease(lease, job)
-            self._reply(job, {"lease": lease.id,
-                              "heartbeat_timeout": self.config.heartbeat_timeout,
-                              "expires_in": self.config.lease_max})
+            self._reply(job, self._lease_map(lease))
 
         def start(pipe: Pipe) -> None:
             if pipe.broken is not None:
@@ -2011,20 +2049,21 @@ def _session(req: dict[str, Any]) -> str:
     return session
 
 
-def _check_scopes(statements: Sequence[Statement], lease: Lease | None) -> None:
-    """Refuse what may not run where it was sent; mark a lease that changes its session.
+def _check_scopes(statements: Sequence[Statement], in_lease: bool) -> bool:
+    """Refuse what may not run where it was sent; whether it changes the session (then
+    the lease it runs in is dirty).
 
     See :mod:`dbpool.statement_scope` and ``docs/protocol.md`` (Isolation).
     """
+    dirty = False
     for index, (sql, _) in enumerate(statements):
         scope = scope_of(sql)
         if scope == "statement":
             continue
         if scope == "copy":
             error = copy_refused()
-        elif lease is not None:
-            if scope == "session":
-                lease.dirty = True
+        elif in_lease:
+            dirty = dirty or scope == "session"
             continue
         else:
             error = _refused(sql)
@@ -2032,6 +2071,7 @@ def _check_scopes(statements: Sequence[Statement], lease: Lease | None) -> None:
         if len(statements) > 1:
             refusal["index"] = index
         raise RequestError(refusal)
+    return dirty
 
 
 def _refused(sql: str) -> StatementNotAllowed:

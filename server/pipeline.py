@@ -131,8 +131,9 @@ class Job:
     """
 
     __slots__ = ("begins", "client", "deadline", "finish", "holding", "needs_own", "op",
-                 "prepares", "ran_prepared", "replanned", "req", "results", "rid", "route",
-                 "served", "shared", "stale_plan", "start", "started", "state", "statements")
+                 "opened", "prepares", "ran_prepared", "replanned", "req", "results", "rid",
+                 "route", "served", "shared", "stale_plan", "start", "started", "state",
+                 "statements")
 
     def __init__(self, route: list[bytes], rid: int, op: str, req: dict[str, Any],
                  deadline: float) -> None:
@@ -176,6 +177,9 @@ class Job:
         #: Whether its statements went out after the lease's deferred BEGIN, in the
         #: same Sync (see :attr:`Pipe.begin_pending`).
         self.begins = False
+        #: The lease it opened, for a transaction's first request sent with its
+        #: begin (``begin: true``): its reply, or its error, names it.
+        self.opened: Any = None
 
 
 def _ignore(job: Job, outcome: Outcome, pipe: Pipe) -> None:

@@ -290,19 +290,19 @@ class Requests:
     def _statement(self, op: str, sql: str, params: Params, timeout: float | None,
                          lease: str | None, readonly: ReadOnly = False) -> Result:
         msg: dict[str, Any] = {"v": _VERSION, "op": op, "sql": sql, "params": params}
-        if readonly:
-            msg["readonly"] = readonly
-        if lease is not None:
-            msg["lease"] = lease
-            msg["session"] = self.session
-        if timeout is not None:
-            msg["timeout"] = timeout
-        return _to_result(self._call(msg, timeout))
+        return _to_result(self._call(self._addressed(msg, timeout, lease, readonly),
+                                            timeout))
 
     def _batch(self, sql_or_statements: str | Iterable[Statement | str],
                      params_seq: Iterable[Params] | None, timeout: float | None,
                      lease: str | None, readonly: ReadOnly = False) -> list[Result]:
         msg = {"v": _VERSION, **batch_fields(sql_or_statements, params_seq)}
+        return to_results(self._call(self._addressed(msg, timeout, lease, readonly),
+                                           timeout))
+
+    def _addressed(self, msg: dict[str, Any], timeout: float | None, lease: str | None,
+                   readonly: ReadOnly = False) -> dict[str, Any]:
+        """``msg`` with where it runs (a lease, or a replica) and its timeout."""
         if readonly:
             msg["readonly"] = readonly
         if lease is not None:
@@ -310,15 +310,18 @@ class Requests:
             msg["session"] = self.session
         if timeout is not None:
             msg["timeout"] = timeout
-        return to_results(self._call(msg, timeout))
+        return msg
 
 
 class Transaction:
     """A transaction on a connection the server leased to this client's session.
 
-    :meth:`begin` (or entering it as a context manager) sends ``begin``.
-    Its :meth:`query`, :meth:`execute`, :meth:`batch`, :meth:`stream` and
-    copies run on the leased connection.  :meth:`commit` or
+    :meth:`begin` sends ``begin`` at once.  Entered as a context manager, the
+    transaction begins with its first request instead: that request carries
+    ``begin: true`` and the server opens the lease and runs it in one round
+    trip (:attr:`lease` is None until then, and a block that sends nothing
+    begins nothing).  Its :meth:`query`, :meth:`execute`, :meth:`batch`,
+    :meth:`stream` and copies run on the leased connection.  :meth:`commit` or
     :meth:`rollback` ends it; calls before it began or after it ended raise
     :class:`~dbpool.errors.TransactionError`.  As a context manager it
     commits on a normal exit and rolls back when the block raises, unless it
@@ -341,16 +344,17 @@ class Transaction:
 
     @property
     def active(self) -> bool:
-        """True from begin until :meth:`commit` or :meth:`rollback`."""
-        return self._state == "active"
+        """True from begin (or entering the ``with`` block) until :meth:`commit` or
+        :meth:`rollback`."""
+        return self._state in ("active", "deferred")
 
     def begin(self) -> Self:
         """Begin the transaction (op ``begin``) unless it already began; return it."""
         if self._state == "active":
             return self
-        if self._state != "new":
+        if self._state not in ("new", "deferred"):
             raise TransactionError("the transaction has ended", status="idle")
-        self._state = "beginning"
+        before, self._state = self._state, "beginning"
         client = self._client
         msg = request("begin", session=client.session)
         if self._readonly:
@@ -359,14 +363,52 @@ class Transaction:
             msg["timeout"] = self._timeout
         try:
             value = client._call(msg, self._timeout)
-            self.lease, self.heartbeat_timeout, self.expires_in = lease_map(
-                value, client._endpoint())
+            self._opened(value)
         except BaseException:
-            self._state = "new"
+            self._state = before
             raise
+        return self
+
+    def _first(self, msg: dict[str, Any], timeout: float | None) -> Any:
+        """Send the deferred transaction's first request with its begin (``begin:
+        true``); return the request's own ``ok`` value.  A statement that fails
+        still began the transaction (its error names the lease): it is then open
+        and aborted, as it would be after a separate ``begin``."""
+        client = self._client
+        msg["begin"] = True
+        msg["session"] = client.session
+        if self._readonly:
+            msg["readonly"] = self._readonly
+        self._state = "beginning"
+        try:
+            value = client._call(msg, timeout)
+        except BaseException as error:
+            lease = getattr(error, "lease", None)
+            if lease is None:  # it never began: the next request begins it
+                self._state = "deferred"
+                raise
+            self._opened(lease)
+            raise
+        if not isinstance(value, dict) or "result" not in value:
+            self._state = "deferred"
+            raise ProtocolError(f"malformed reply to a request with its begin from "
+                                f"{client._endpoint()}: {value!r:.200}", code="malformed")
+        self._opened(value.get("lease"))
+        return value["result"]
+
+    def _opened(self, value: Any) -> None:
+        """The server's lease map: the transaction is open."""
+        client = self._client
+        self.lease, self.heartbeat_timeout, self.expires_in = lease_map(
+            value, client._endpoint())
         self._state = "active"
         self._keepalive = client._heartbeat.add(self.heartbeat_timeout)
-        return self
+
+    def _begun(self) -> str:
+        """The lease, the transaction begun for it if it was deferred (a stream's first
+        page asks: its request cannot carry the begin)."""
+        self.begin()
+        return self._lease()
 
     def _lease(self) -> str:
         if self._state != "active" or self.lease is None:
@@ -378,36 +420,53 @@ class Transaction:
     def query(self, sql: str, params: Params = None, *,
                     timeout: float | None = None) -> Result:
         """Run one statement in the transaction."""
+        if self._state == "deferred":
+            msg = {"v": _VERSION, "op": "query", "sql": sql, "params": params}
+            return _to_result(self._first(self._client._addressed(msg, timeout, None),
+                                                timeout))
         return self._client._statement("query", sql, params, timeout, self._lease())
 
     def execute(self, sql: str, params: Params = None, *,
                       timeout: float | None = None, readonly: ReadOnly = False) -> Result:
         """Run one prepared statement in the transaction."""
+        if self._state == "deferred":
+            msg = {"v": _VERSION, "op": "execute", "sql": sql, "params": params}
+            return _to_result(self._first(self._client._addressed(msg, timeout, None),
+                                                timeout))
         return self._client._statement("execute", sql, params, timeout, self._lease())
 
     def batch(self, sql_or_statements: str | Iterable[Statement | str],
                     params_seq: Iterable[Params] | None = None, *,
                     timeout: float | None = None) -> list[Result]:
         """Run a batch in the transaction."""
+        if self._state == "deferred":
+            msg = {"v": _VERSION, **batch_fields(sql_or_statements, params_seq)}
+            return to_results(self._first(self._client._addressed(msg, timeout, None),
+                                                timeout))
         return self._client._batch(sql_or_statements, params_seq, timeout,
                                          self._lease())
 
     def stream(self, sql: str, params: Params = None, *, max_rows: int = DEFAULT_MAX_ROWS,
                timeout: float | None = None) -> Stream:
         """A stream on the transaction's connection."""
-        return Stream(self._client, sql, params, max_rows, timeout, self._lease())
+        return Stream(self._client, sql, params, max_rows, timeout, self._pending())
 
     def copy_to(self, sql: str, params: Params = None, *, page_bytes: int = DEFAULT_PAGE_BYTES,
                 timeout: float | None = None) -> CopyTo:
         """A ``COPY ... TO STDOUT`` in the transaction."""
-        return CopyTo(self._client, sql, params, page_bytes, timeout, self._lease())
+        return CopyTo(self._client, sql, params, page_bytes, timeout, self._pending())
 
     def copy_from(self, sql: str, data: CopyData | Iterable[bytes | str],
                         params: Params = None, *, block_bytes: int = BLOCK_SIZE,
                         timeout: float | None = None) -> Result:
         """A ``COPY ... FROM STDIN`` in the transaction."""
         return _copy_from(self._client, sql, data, params, block_bytes, timeout,
-                                self._lease())
+                                self._begun())
+
+    def _pending(self) -> str | Transaction:
+        """What a stream or copy runs in: the lease, or this transaction while its begin
+        waits for a request (the stream's first page then begins it)."""
+        return self if self._state == "deferred" else self._lease()
 
     def commit(self, *, timeout: float | None = None) -> Result:
         """Commit (op ``commit``) and end the transaction, even if the commit fails."""
@@ -418,6 +477,9 @@ class Transaction:
         return self._end("rollback", timeout)
 
     def _end(self, op: str, timeout: float | None) -> Result:
+        if self._state == "deferred":  # it never began: nothing to end on the server
+            self._state = "ended"
+            return Result([], [], -1, op.upper())
         lease = self._lease()
         self._state = "ended"
         client = self._client
@@ -429,11 +491,22 @@ class Transaction:
         finally:
             client._heartbeat.remove(self._keepalive)
 
+    def deferred(self) -> Self:
+        """Have it begin with its first request (see the class), unless it began."""
+        if self._state == "new":
+            self._state = "deferred"
+        return self
+
     def __enter__(self) -> Self:
+        if self._state in ("new", "deferred"):
+            return self.deferred()
         return self.begin()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
+        if self._state == "deferred":  # nothing was sent: nothing began
+            self._state = "ended"
+            return
         if self._state != "active":
             return
         if exc_type is None:
@@ -466,9 +539,10 @@ class _Paged(Generic[PageT]):
     kind = ""
 
     def __init__(self, client: Requests, timeout: float | None,
-                 lease: str | None) -> None:
+                 lease: str | Transaction | None) -> None:
         self._client = client
         self._timeout = timeout
+        #: The lease it runs in, or the transaction that begins with it (deferred).
         self._lease = lease
         #: The server's id of it, once it started.
         self.id: str | None = None
@@ -502,6 +576,8 @@ class _Paged(Generic[PageT]):
             return None
         client = self._client
         if self.id is None:
+            if isinstance(self._lease, Transaction):
+                self._lease = self._lease._begun()
             msg = self._first()
             if self._lease is not None:
                 msg["lease"] = self._lease
@@ -587,7 +663,7 @@ class Stream(_Paged[Result]):
     kind = "stream"
 
     def __init__(self, client: Requests, sql: str, params: Params, max_rows: int,
-                 timeout: float | None, lease: str | None) -> None:
+                 timeout: float | None, lease: str | Transaction | None) -> None:
         super().__init__(client, timeout, lease)
         self._sql = sql
         self._params = params
@@ -627,7 +703,7 @@ class CopyTo(_Paged[bytes]):
     kind = "copy"
 
     def __init__(self, client: Requests, sql: str, params: Params, page_bytes: int,
-                 timeout: float | None, lease: str | None) -> None:
+                 timeout: float | None, lease: str | Transaction | None) -> None:
         super().__init__(client, timeout, lease)
         self._sql = sql
         self._params = params

@@ -180,6 +180,9 @@ class Stub:
 
     def value(self, msg: dict[str, Any]) -> Any:
         op = msg["op"]
+        if msg.get("begin") is True:  # a transaction's first request, with its begin
+            return {"lease": self.value({"op": "begin"}),
+                    "result": self.value({**msg, "begin": None})}
         if op == "ping":
             return "pong"
         if op == "status":
@@ -450,17 +453,20 @@ def test_malformed_replies_raise_protocol_error() -> None:
 
 def test_transaction_commits_on_exit_with_lease_and_session(stub: Stub, client: Client) -> None:
     with client.transaction() as tx:
-        assert tx.lease == "L1" and tx.active
+        assert tx.lease is None and tx.active  # it begins with its first request
         tx.query("q1")
+        assert tx.lease == "L1"
         tx.execute("q2", [1])
         tx.batch("q3", [[1]])
+        tx.query("q4")
     assert not tx.active
-    begin = stub.next_op("begin")
-    assert begin["session"] == client.session and len(client.session) == 32
-    for op in ("query", "execute", "batch", "commit"):
+    first = stub.next_op("query")
+    assert first["begin"] is True and "lease" not in first
+    assert first["session"] == client.session and len(client.session) == 32
+    for op in ("execute", "batch", "query", "commit"):
         msg = stub.next_op(op)
         assert (msg["lease"], msg["session"]) == ("L1", client.session), op
-    assert stub.ops["rollback"].empty()
+    assert stub.ops["begin"].empty() and stub.ops["rollback"].empty()
     with pytest.raises(TransactionError):
         tx.query("after")
 
@@ -486,7 +492,7 @@ def test_heartbeats_while_a_transaction_is_open_and_not_after() -> None:
     stub = Stub(heartbeat_timeout=0.15)  # a heartbeat every 50 ms
     try:
         client = Client(stub.endpoint, timeout=2.0)
-        tx = client.transaction()
+        tx = client.transaction().begin()
         for _ in range(3):
             assert stub.next_op("heartbeat")["session"] == client.session
         tx.commit()
@@ -644,8 +650,13 @@ def test_async_timeout_transaction_stream_and_heartbeats() -> None:
             with pytest.raises(TransactionError):
                 await tx.query("after")
             with pytest.raises(RuntimeError):
-                async with client.transaction():
+                async with client.transaction() as failed:
+                    await failed.query("before the boom")
                     raise RuntimeError("boom")
+            assert stub.next_op("query")["sql"] == "fast"
+            first = stub.next_op("query")  # the transaction's first request began it
+            assert first["sql"] == "in tx" and first["begin"] is True
+            assert "lease" not in first and first["session"] == client.session
             assert stub.next_op("commit")["lease"] == "L1"
             assert stub.next_op("rollback")["session"] == client.session
 

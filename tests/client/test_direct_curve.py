@@ -164,9 +164,9 @@ def test_the_clients_say_which_refusal_it_was(server: CurveRouter) -> None:
         assert caught.value.reason == "unauthorized"
     other = KeyPair(*zmq.curve_keypair())
     with Client(endpoint, timeout=WAIT, server_key=other.public.decode(),
-                client_key=server.client.secret.decode()) as client:
-        with pytest.raises(ConnectionError, match="is server_key the server's public key"):
-            client.query("SELECT 1")
+                client_key=server.client.secret.decode()) as client, \
+            pytest.raises(ConnectionError, match="is server_key the server's public key"):
+        client.query("SELECT 1")
 
 
 async def _async_round_trips(server: CurveRouter) -> None:

@@ -1848,7 +1848,7 @@ def _begin_patiently(client: Client) -> Any:
     deadline = time.monotonic() + VICTIM_TIMEOUT
     while True:
         try:
-            return client.transaction()
+            return client.transaction().begin()
         except PoolConnectionError as error:
             if error.reason != "queue_timeout" or time.monotonic() > deadline:
                 raise

@@ -1,6 +1,9 @@
 """A remote transaction's BEGIN leaves with its first request (server/pipeline.py,
 ``Pipe.begin_pending``): ``begin`` costs no round trip to PostgreSQL, and the
-transaction is still one transaction whatever its first request is.
+transaction is still one transaction whatever its first request is.  And a
+``with client.transaction()`` block sends no ``begin`` at all: its first
+request carries ``begin: true`` (the client's ``AsyncTransaction._first``), so
+a transaction of N statements makes N + 1 round trips, not N + 2.
 
 Against a ``dbpool serve`` child process and the machine's PostgreSQL, with a
 direct psycopg connection watching ``pg_stat_activity``.
@@ -8,13 +11,15 @@ direct psycopg connection watching ``pg_stat_activity``.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
 
-from dbpool.client import Client
+from dbpool.client import AsyncClient, Client
 from tests.support.remote import ServerProcess
 
 TIMEOUT = 10.0
@@ -113,3 +118,97 @@ def test_a_stream_as_the_first_request_is_inside_the_transaction(
         assert tx.query("SELECT now()").rows == rows[:1]
         tx.rollback()
     assert client.query(f"SELECT count(*) FROM {table}").rows == [(0,)]
+
+
+# -- the client's side: a transaction begins with its first request (begin: true) --------
+
+
+class _Counted:
+    """The requests a client sends, by op (its ``_call`` wrapped)."""
+
+    def __init__(self, client: Client) -> None:
+        self.ops: list[str] = []
+        call = client._call
+
+        def counted(msg: dict[str, Any], timeout: float | None) -> Any:
+            self.ops.append(msg["op"] + ("+begin" if msg.get("begin") else ""))
+            return call(msg, timeout)
+
+        client._call = counted  # type: ignore[method-assign]
+
+
+def test_a_with_block_begins_with_its_first_request(client: Client, table: str) -> None:
+    sent = _Counted(client)
+    with client.transaction() as tx:
+        assert tx.active and tx.lease is None  # nothing sent yet
+        tx.query(f"INSERT INTO {table} VALUES (1)")
+        assert tx.lease is not None
+        tx.execute(f"INSERT INTO {table} VALUES (%s)", [2])
+    assert sent.ops == ["query+begin", "execute", "commit"]
+    assert client.query(f"SELECT count(*) FROM {table}").rows == [(2,)]
+    with client.transaction() as tx:
+        tx.batch([f"INSERT INTO {table} VALUES (3)", f"INSERT INTO {table} VALUES (4)"])
+        tx.rollback()
+    assert sent.ops[3:] == ["query", "batch+begin", "rollback"]
+    assert client.query(f"SELECT count(*) FROM {table}").rows == [(2,)]
+
+
+def test_a_with_block_that_sends_nothing_begins_nothing(client: Client) -> None:
+    sent = _Counted(client)
+    with client.transaction():
+        pass
+    with client.transaction() as tx:
+        assert tx.commit().command == "COMMIT"
+    with pytest.raises(RuntimeError), client.transaction():
+        raise RuntimeError("boom")
+    assert sent.ops == []
+
+
+def test_a_failed_first_request_leaves_its_transaction_open_and_aborted(
+        client: Client, pg_dsn: str) -> None:
+    with client.transaction() as tx:
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            tx.query("SELECT 1 / 0")
+        assert tx.active and tx.lease is not None  # it began: the error named its lease
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            tx.query("SELECT 1")
+        tx.rollback()
+    assert _in_transaction(pg_dsn) == []
+    assert client.query("SELECT 1").rows == [(1,)]
+
+
+@pytest.mark.parametrize("first", ["stream", "copy_to", "copy_from"])
+def test_a_stream_or_copy_first_in_a_with_block_begins_the_transaction(
+        client: Client, table: str, first: str) -> None:
+    with client.transaction() as tx:
+        if first == "stream":
+            with tx.stream("SELECT now()", max_rows=10) as pages:
+                started = [row for page in pages for row in page.rows]
+        elif first == "copy_to":
+            with tx.copy_to("COPY (SELECT 1) TO STDOUT") as copy:
+                assert copy.read() == b"1\n"
+            started = tx.query("SELECT now()").rows
+        else:
+            tx.copy_from(f"COPY {table} FROM STDIN", b"1\n")
+            started = tx.query("SELECT now()").rows
+        tx.query(f"INSERT INTO {table} VALUES (2)")
+        assert tx.query("SELECT now()").rows == started  # one transaction throughout
+        tx.rollback()
+    assert client.query(f"SELECT count(*) FROM {table}").rows == [(0,)]
+
+
+def test_the_async_client_begins_with_its_first_request(
+        server: ServerProcess, table: str) -> None:
+    async def main() -> None:
+        async with AsyncClient(server.endpoint, timeout=TIMEOUT) as client:
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                async with client.transaction() as tx:
+                    assert tx.lease is None
+                    await tx.query("SELECT 1 / 0")
+            assert tx.lease is not None and not tx.active  # began, then rolled back
+            async with client.transaction() as tx:
+                await tx.query(f"INSERT INTO {table} VALUES (1)")
+                assert tx.lease is not None
+            assert (await client.query(f"SELECT count(*) FROM {table}")).rows == [(1,)]
+
+    asyncio.run(main())

@@ -65,7 +65,7 @@ def test_metrics_are_scraped_while_clients_run_and_move_with_the_traffic(pg_dsn:
             status, text = get(server, "/metrics")
             assert status == 200
             before, types = parse(text)
-            with client.transaction() as tx:
+            with client.transaction().begin() as tx:  # op begin, then a query on its lease
                 tx.query("SELECT 1")
                 with pytest.raises(psycopg.errors.DivisionByZero):  # outcome "sql"
                     client.query("SELECT 1/0")

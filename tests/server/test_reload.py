@@ -86,7 +86,7 @@ def test_reloads_under_load_cost_the_clients_nothing(pg_dsn: str, tmp_path: Path
                 # 1. a limit
                 reload(server, path, base + "max_leases = 0\n", "reloaded:")
                 with pytest.raises(ConnectionError) as caught:
-                    client.transaction()
+                    client.transaction().begin()
                 assert caught.value.reason == "client_limit"
                 # 2. a pool added
                 with_extra = base + f'[pools.extra]\ndsn = "{pg_dsn}"\npool_size = 1\n'

@@ -286,7 +286,7 @@ def test_heartbeats_keep_an_idle_transaction_alive(
     server = servers.start(pg_dsn, "--heartbeat-timeout", str(HEARTBEAT))
     with Client(server.endpoint, timeout=5) as client, \
             Client(server.endpoint, timeout=5) as observer:
-        tx = client.transaction()
+        tx = client.transaction().begin()
         assert tx.heartbeat_timeout == HEARTBEAT
         tx.query(f"INSERT INTO {table} VALUES (1)")
         # Idle (no request of the transaction's) for three heartbeat timeouts; only
@@ -341,7 +341,7 @@ def test_lease_max_ends_a_transaction_despite_heartbeats(
     with Client(server.endpoint, timeout=5) as client, \
             Client(server.endpoint, timeout=5) as observer:
         began = time.monotonic()
-        tx = client.transaction()
+        tx = client.transaction().begin()
         assert tx.expires_in == 1.0
         tx.query(f"INSERT INTO {table} VALUES (3)")
         wait_for(lambda: open_leases(observer) == 0, 10, "lease_max to end the lease")
@@ -370,7 +370,7 @@ def test_leaving_a_transaction_whose_lease_ended_logs_no_warning(
     with Client(server.endpoint, timeout=5) as client, \
             Client(server.endpoint, timeout=5) as observer, \
             caplog.at_level(logging.DEBUG, logger="dbpool.client"), \
-            pytest.raises(ValueError, match="the caller's own"), client.transaction():
+            pytest.raises(ValueError, match="the caller's own"), client.transaction().begin():
         wait_for(lambda: open_leases(observer) == 0, 10, "lease_max to end the lease")
         raise ValueError("the caller's own error")
     records = [r for r in caplog.records if r.name.startswith("dbpool.client")]
@@ -679,7 +679,7 @@ def test_sigterm_lets_an_in_flight_query_finish_and_exits_0(
 
         # While it drains, work that needs a connection of its own is refused.
         with pytest.raises(PoolStoppedError) as info:
-            late.transaction()
+            late.transaction().begin()
         assert info.value.reason == "stopped"
         assert late.status()["server"]["draining"] is True
         assert running(pg_dsn, marker) == 1, "the test took too long: the drain is over"

@@ -119,7 +119,7 @@ def test_a_client_limited_to_one_pool_is_refused_the_others(
             with pytest.raises(PermissionDenied, match="may not use pool"):
                 client.query("SELECT 1")
             with pytest.raises(PermissionDenied):
-                client.transaction()
+                client.transaction().begin()
         assert isinstance(PermissionDenied("x"), PermissionError)
         with on_a.transaction() as tx:
             assert tx.query("SELECT 2").rows == [(2,)]
@@ -156,9 +156,12 @@ def test_max_inflight_holds_exactly(server: ServerProcess, keys: Keys) -> None:
 def test_max_leases_holds_exactly(server: ServerProcess, keys: Keys) -> None:
     with keys.client(server, "limited", timeout=10, pool="a") as limited, \
             keys.client(server, "ops", timeout=10, pool="b") as other:
-        tx = limited.transaction()
+        tx = limited.transaction().begin()
         with pytest.raises(ConnectionError) as caught:
-            limited.transaction()
+            limited.transaction().begin()
+        assert caught.value.reason == "client_limit"
+        with pytest.raises(ConnectionError) as caught, limited.transaction() as deferred:
+            deferred.query("SELECT 1")  # a transaction that begins with its first request
         assert caught.value.reason == "client_limit"
         with pytest.raises(ConnectionError) as streamed:
             list(limited.stream("SELECT generate_series(1, 3)"))
@@ -383,6 +386,6 @@ def test_without_curve_everyone_is_the_anonymous_client(pg_dsn: str, tmp_path: P
         assert one.query("SELECT 1").rows == [(1,)]
         for client in (one, two):
             with pytest.raises(ConnectionError) as caught:
-                client.transaction()
+                client.transaction().begin()
             assert caught.value.reason == "client_limit"
         assert [entry["name"] for entry in two.admin("clients")] == ["anonymous"]
