@@ -106,21 +106,13 @@ class ZmtpConnection:
                 heard = True
                 decoder.feed(data)
             sock.sendall(handshake.first())
-            self._pump(b"")  # what came with the greeting (the peer's READY, perhaps)
-            while not handshake.done:
-                command = self._next(deadline)
-                if command is None:
+            # What came with the greeting first (the peer's READY, perhaps), then reads.
+            while not self._shake(sock, handshake):
+                data = self._read(sock, deadline)
+                if data is None:
                     raise TimeoutError(f"no ZMTP handshake from {self.host}:{self.port} "
                                        f"within {timeout:g} s")
-                if not isinstance(command, Command):
-                    raise HandshakeError("the peer sent a message before its READY")
-                answer = handshake.step(command)
-                if answer:
-                    sock.sendall(answer)
-            box = handshake.box
-            if box is not None:
-                decoder.unseal = box.unseal
-                self._frame, self._sealed = box.seal, True
+                decoder.feed(data)
         except PeerClosed as exc:
             self.close()
             raise HandshakeError(f"the peer closed the connection during the handshake "
@@ -128,6 +120,24 @@ class ZmtpConnection:
         except BaseException:
             self.close()
             raise
+
+    def _shake(self, sock: socket.socket, handshake: Handshake) -> bool:
+        """Take the handshake's commands the decoder holds, answering each; whether the
+        handshake is done.  The moment it is, the decoder unseals what follows in the
+        same read (a plain frame there is refused, never taken as a reply)."""
+        for event in self._decoder.events():
+            if handshake.done:
+                self._keep(event)
+                continue
+            if not isinstance(event, Command):
+                raise HandshakeError("the peer sent a message before its READY")
+            answer = handshake.step(event)
+            if answer:
+                sock.sendall(answer)
+            if handshake.done and handshake.box is not None:
+                self._decoder.unseal = handshake.box.unseal
+                self._frame, self._sealed = handshake.box.seal, True
+        return handshake.done
 
     def send(self, body: bytes) -> None:
         """Send one single-frame message (blocks while the kernel's buffer is full)."""
@@ -211,14 +221,21 @@ class ZmtpConnection:
         """Decode what was read into :attr:`_events`, answering PINGs (RFC 37)."""
         decoder = self._decoder
         decoder.feed(data)
-        events = self._events
-        for event in decoder.events():
-            if isinstance(event, Command) and event.name in (b"PING", b"PONG"):
-                if event.name == b"PING" and self._sock is not None:
-                    context = event.data[2:18]  # after the 2-octet TTL, at most 16 octets
-                    self._sock.sendall(self._frame(b"\x04PONG" + context, command=True))
-                continue
-            events.append(event)
+        try:
+            for event in decoder.events():
+                self._keep(event)
+        except HandshakeError as error:  # after the handshake: a frame that does not unseal
+            self.close()
+            raise PeerClosed(f"the server broke the protocol: {error}") from None
+
+    def _keep(self, event: list[bytes] | Command) -> None:
+        """Queue ``event`` for :meth:`recv`, or answer it (PING) or drop it (PONG)."""
+        if isinstance(event, Command) and event.name in (b"PING", b"PONG"):
+            if event.name == b"PING" and self._sock is not None:
+                context = event.data[2:18]  # after the 2-octet TTL, at most 16 octets
+                self._sock.sendall(self._frame(b"\x04PONG" + context, command=True))
+            return
+        self._events.append(event)
 
     def _set_timeout(self, sock: socket.socket, seconds: float) -> None:
         """Bound the next blocking ``recv`` by the kernel's ``SO_RCVTIMEO``: unlike

@@ -172,7 +172,12 @@ class AsyncZmtpConnection(asyncio.Protocol):
     def _fail(self, error: HandshakeError) -> None:
         if not self._ready.done():
             self._ready.set_exception(error)
+            self.close()
+            return
+        lost = not self._closed  # after the handshake: a frame that does not unseal
         self.close()
+        if lost:
+            self._on_lost(error)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None

@@ -35,6 +35,7 @@ import logging
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -53,12 +54,18 @@ from dbpool.zmtp import (
     greeting,
 )
 
-__all__ = ["OUTPUT_LIMIT", "DirectRouter", "Origin", "bindable"]
+__all__ = ["HANDSHAKE_TIMEOUT", "OUTPUT_LIMIT", "DirectRouter", "Origin", "bindable"]
 
 logger = logging.getLogger("dbpool.server.direct_router")
 
 #: Bytes of replies that may wait for one client before it is disconnected.
 OUTPUT_LIMIT = 64 << 20
+#: Seconds a connection may take to finish its handshake (libzmq's HANDSHAKE_IVL):
+#: one that does not is closed, so that it holds no descriptor for ever.
+HANDSHAKE_TIMEOUT = 30.0
+#: The largest frame before the handshake is done: its commands are small, and an
+#: unauthenticated peer gets no large buffer.
+_HANDSHAKE_FRAME = 8192
 #: Bytes read from one connection per readable event: one recv serves many
 #: pipelined requests, and a busy client cannot keep the loop from the others.
 _READ_SIZE = 1 << 18
@@ -91,14 +98,15 @@ class Origin:
 
 
 class _Peer:
-    __slots__ = ("decoder", "fd", "frame", "handshake", "origin", "out", "ready",
-                 "routing_id", "sock")
+    __slots__ = ("accepted", "decoder", "fd", "frame", "handshake", "origin", "out",
+                 "ready", "routing_id", "sock")
 
-    def __init__(self, sock: socket.socket, max_size: int, handshake: Handshake) -> None:
+    def __init__(self, sock: socket.socket, handshake: Handshake, accepted: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.handshake = handshake
-        self.decoder = Decoder(max_size + handshake.overhead, handshake.mechanism)
+        self.accepted = accepted
+        self.decoder = Decoder(_HANDSHAKE_FRAME, handshake.mechanism)
         #: How a frame goes out: plain, or sealed by the mechanism (CURVE).
         self.frame: Callable[..., bytes] = frame
         self.origin = Origin(self.fd)
@@ -223,7 +231,7 @@ class DirectRouter:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             handshake = self._handshake()
-            peer = _Peer(sock, self._max_size, handshake)
+            peer = _Peer(sock, handshake, time.monotonic())
             self._peers[peer.fd] = peer
             self._poller.register(peer.fd, _POLLIN)
             # Greeting and READY at once for NULL, which needs nothing of the client's
@@ -269,6 +277,8 @@ class DirectRouter:
             answer = handshake.step(command)
             if answer:
                 self._write(peer, answer)
+                if peer.fd not in self._peers:  # the write failed: it is gone
+                    return
             if handshake.done:
                 self._connected(peer, handshake)
         elif name == b"PING":
@@ -293,6 +303,7 @@ class DirectRouter:
         else:
             peer.routing_id = b"\x00" + struct.pack(">I", next(_ROUTING_IDS) & 0xFFFFFFFF)
         self._by_id[peer.routing_id] = peer
+        peer.decoder.max_size = self._max_size + handshake.overhead
         box = handshake.box
         if box is not None:
             peer.decoder.unseal = box.unseal
@@ -345,6 +356,13 @@ class DirectRouter:
                 raise
         if peer.ready:
             self._on_disconnect(fd)
+
+    def expire(self, now: float) -> None:
+        """Close the connections that have not finished their handshake within
+        :data:`HANDSHAKE_TIMEOUT` of ``now`` (the front end calls it every tick)."""
+        late = now - HANDSHAKE_TIMEOUT
+        for peer in [p for p in self._peers.values() if not p.ready and p.accepted < late]:
+            self._drop(peer, f"no handshake within {HANDSHAKE_TIMEOUT:g} s")
 
     def close(self) -> None:
         """Close every connection and the listener."""

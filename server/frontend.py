@@ -1844,6 +1844,8 @@ class FrontEnd:
         """Deadlines of queued and running requests, silent sessions, old leases."""
         self._next_tick = now + _TICK
         self._trimmer.tick(now, self._departures)
+        if self._direct is not None:
+            self._direct.expire(now)
         self.listens.expire(now)
         for served in self.served.values():
             served.tick()

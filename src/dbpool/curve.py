@@ -74,6 +74,11 @@ _WELCOME_SIZE = 160  # after "\x07WELCOME": nonce, box [S' + cookie]
 _INITIATE_MIN = 248  # after "\x08INITIATE": cookie, nonce, box [C + vouch], no metadata
 
 
+def _check_keys(*keys: bytes) -> None:
+    if any(len(key) != 32 for key in keys):
+        raise ValueError("a CURVE key is 32 bytes (40 characters of Z85)")
+
+
 def _open(box: bytes, nonce: bytes, public: bytes, secret: bytes, what: str) -> bytes:
     try:
         return bytes(_sodium.crypto_box_open(box, nonce, public, secret))
@@ -149,6 +154,7 @@ class CurveClient:
                  socket_type: bytes = b"DEALER") -> None:
         if not AVAILABLE:
             raise RuntimeError("CURVE without libzmq needs PyNaCl: pip install 'dbpool[curve]'")
+        _check_keys(server_key, public, secret)
         self._server = server_key
         self._public = public
         self._secret = secret
@@ -239,6 +245,7 @@ class CurveServer:
                  socket_type: bytes = b"ROUTER") -> None:
         if not AVAILABLE:
             raise RuntimeError("CURVE without libzmq needs PyNaCl: pip install 'dbpool[curve]'")
+        _check_keys(public, secret)
         self._public = public
         self._secret = secret
         self._authorize = authorize
@@ -327,4 +334,5 @@ class CurveServer:
         sealed = _sodium.crypto_box_easy_afternm(metadata(self._socket_type),
                                                  b"CurveZMQREADY---" + ready_short, key)
         self.box = Box(key, self._nonce + 1, nonce, client=False)
+        self._short_secret = self._cookie_key = b""  # of no more use: not kept in memory
         return frame(b"\x05READY" + ready_short + sealed, command=True)

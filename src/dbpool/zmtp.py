@@ -155,7 +155,8 @@ class Decoder:
 
     def __init__(self, max_size: int | None = None, mechanism: bytes = b"NULL") -> None:
         #: The largest frame taken; a larger one raises :class:`TooLarge` as soon as
-        #: its size is read, before its body is buffered.
+        #: its size is read, before its body is buffered.  The frames of one
+        #: message may not add up to more either.
         self.max_size = max_size
         self.mechanism = mechanism
         #: Once a secure mechanism's handshake is done: what turns each frame that
@@ -212,11 +213,19 @@ class Decoder:
             self._pos = start + size
             if self.unseal is not None:
                 flags, body = self.unseal(body)
+            elif not flags & COMMAND and self.mechanism != b"NULL":
+                # Before a secure handshake ends only its commands may come: a frame
+                # kept now would reach the application unauthenticated.
+                raise HandshakeError("a message frame before the security handshake ended")
             if flags & COMMAND:
                 length = body[0] if body else 0
                 yield Command(body[1:1 + length], body[1 + length:])
             elif flags & MORE:
                 self._parts.append(body)
+                if self.max_size is not None and \
+                        sum(len(part) for part in self._parts) > self.max_size:
+                    raise TooLarge(f"a message of {len(self._parts)} frames is over the limit "
+                                   f"of {self.max_size} bytes")
             else:
                 parts, self._parts = self._parts, []
                 parts.append(body)

@@ -10,6 +10,7 @@ from a wrong server key.  Without PyNaCl a client with keys keeps libzmq.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from dbpool.client.direct_async import AsyncZmtpConnection
 from dbpool.errors import ConnectionError
 from dbpool.keys import ClientKeys, KeyPair
 from dbpool.wire import packb, unpackb
-from dbpool.zmtp import HandshakeError
+from dbpool.zmtp import Command, Decoder, HandshakeError, frame, greeting
 from tests.client.conftest import WAIT
 
 pytestmark = pytest.mark.skipif(not (curve.AVAILABLE and zmq.has("curve")),
@@ -235,3 +236,65 @@ def test_without_pynacl_a_client_with_keys_keeps_libzmq(monkeypatch: pytest.Monk
     monkeypatch.setattr(curve, "AVAILABLE", False)
     assert direct_handshake(keys) is None
     assert direct_handshake(None) is not None  # NULL needs no PyNaCl
+
+
+def _forging_server(extra: bytes) -> tuple[int, threading.Thread]:
+    """A CURVE server (dbpool.curve's) that sends ``extra`` in the same write as its READY,
+    as an attacker on the path could append to it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    server, client = KeyPair(*zmq.curve_keypair()), KeyPair(*zmq.curve_keypair())
+    keys = (z85.decode(server.public), z85.decode(client.public), z85.decode(client.secret))
+
+    def serve() -> None:
+        sock, _ = listener.accept()
+        listener.close()
+        handshake = curve.CurveServer(keys[0], z85.decode(server.secret), lambda key: True)
+        decoder = Decoder(mechanism=curve.MECHANISM)
+        with sock:
+            sock.sendall(greeting(curve.MECHANISM, as_server=True))
+            while not handshake.done:
+                data = sock.recv(4096)
+                if not data:
+                    return
+                decoder.feed(data)
+                for event in decoder.events():
+                    assert isinstance(event, Command)
+                    answer = handshake.step(event)
+                    sock.sendall(answer + extra if handshake.done else answer)
+            sock.recv(4096)  # until the client closes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    _forging_server.keys = keys  # type: ignore[attr-defined]
+    return listener.getsockname()[1], thread
+
+
+@pytest.mark.parametrize("transport", ["sync", "asyncio"])
+def test_a_plain_frame_that_comes_with_the_ready_is_refused(transport: str) -> None:
+    port, thread = _forging_server(frame(b"a forged reply"))
+    server_key, public, secret = _forging_server.keys  # type: ignore[attr-defined]
+
+    def handshake() -> curve.CurveClient:
+        return curve.CurveClient(server_key, public, secret)
+
+    if transport == "sync":
+        conn = ZmtpConnection("127.0.0.1", port, handshake)
+        with pytest.raises(HandshakeError, match="not a MESSAGE"):
+            conn.connect(WAIT)
+    else:  # READY and the frame come in one read: READY completes, the frame ends it
+        async def main() -> None:
+            messages: list[bytes] = []
+            lost: asyncio.Future[BaseException | None] = (
+                asyncio.get_running_loop().create_future())
+            try:
+                conn = await asyncio.wait_for(AsyncZmtpConnection.open(
+                    "127.0.0.1", port, messages.append, lost.set_result, handshake()), WAIT)
+            except HandshakeError as error:  # (or the frame came in a read of its own)
+                assert "not a MESSAGE" in str(error)
+                return
+            error = await asyncio.wait_for(lost, WAIT)
+            assert isinstance(error, HandshakeError) and "not a MESSAGE" in str(error)
+            assert messages == [] and not conn.send(b"request")  # closed, nothing taken
+
+        asyncio.run(main())
+    thread.join(WAIT)

@@ -25,8 +25,9 @@ import zmq.utils.monitor
 from zmq.utils import z85
 
 from dbpool import curve
+from dbpool.server import direct_router
 from dbpool.server.direct_router import DirectRouter, Origin, bindable
-from dbpool.zmtp import Command, Decoder, Handshake, frame, greeting
+from dbpool.zmtp import Command, Decoder, Handshake, HandshakeError, frame, greeting
 
 WAIT = 5.0
 
@@ -81,6 +82,7 @@ class Harness:
         while not self._stop:
             for fd, mask in self.poller.poll(20):
                 self.router.event(fd, mask)
+            self.router.expire(time.monotonic())  # as the front end's tick does
 
     def wait_for(self, predicate: Callable[[], bool], what: str) -> None:
         with self.changed:
@@ -354,7 +356,10 @@ def _curve_connection(harness: Harness, keys: Curve) -> tuple[socket.socket, cur
     while not client.done:
         events = list(decoder.events())
         if not events:
-            decoder.feed(sock.recv(4096))
+            data = sock.recv(4096)
+            if not data:
+                raise ConnectionResetError("the server closed the connection")
+            decoder.feed(data)
         for event in events:
             assert isinstance(event, Command)
             sock.sendall(client.step(event))
@@ -389,3 +394,96 @@ def test_a_forged_message_closes_only_its_connection(
     finally:
         sock.close()
         friend.close(linger=0)
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Read until the server closes ``sock`` (True) or :data:`WAIT` passes (False)."""
+    sock.settimeout(WAIT)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+@needs_curve
+@pytest.mark.parametrize("smuggled", ["a frame of a message", "the first of several frames"])
+def test_no_message_frame_is_taken_before_the_curve_handshake_ends(
+        curve_echo: tuple[Harness, Curve], context: zmq.Context[zmq.Socket[bytes]],
+        smuggled: str) -> None:
+    # Kept, a frame sent before HELLO would be glued to the first authenticated
+    # message (or, with MORE, pile up unauthenticated without end).
+    harness, keys = curve_echo
+    host, port = harness.endpoint[6:].rsplit(":", 1)
+    client = curve.CurveClient(z85.decode(keys.server_public), z85.decode(keys.client_public),
+                               z85.decode(keys.client_secret))
+    with socket.create_connection((host, int(port)), timeout=WAIT) as sock:
+        sock.sendall(greeting(curve.MECHANISM)
+                     + frame(b"INJECTED", more=smuggled != "a frame of a message")
+                     + client.first())
+        assert _closed_by_server(sock)
+    friend = _socket(context, zmq.DEALER, harness.endpoint, keys.client_options())
+    try:
+        friend.send(b"served")
+        assert friend.recv() == b"devres"
+        assert harness.requests == [[harness.requests[0][0], b"served"]]
+    finally:
+        friend.close(linger=0)
+
+
+def test_a_message_of_many_frames_is_held_to_the_size_limit(
+        context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    harness = Harness(lambda frames: frames[-1], max_size=100_000)
+    flooder = _socket(context, zmq.DEALER, harness.endpoint)
+    try:
+        flooder.send_multipart([b"x" * 60_000] * 3)  # each frame fits, together they do not
+        harness.wait_for(lambda: len(harness.disconnected) == 1, "the flooder dropped")
+        assert harness.requests == []
+    finally:
+        flooder.close(linger=0)
+        harness.close()
+
+
+def test_a_connection_that_never_shakes_hands_is_closed_and_the_others_stay(
+        monkeypatch: pytest.MonkeyPatch, echo: Harness,
+        context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    monkeypatch.setattr(direct_router, "HANDSHAKE_TIMEOUT", 0.3)
+    dealer = _socket(context, zmq.DEALER, echo.endpoint)
+    host, port = echo.endpoint[6:].rsplit(":", 1)
+    try:
+        dealer.send(b"first")
+        assert dealer.recv() == b"tsrif"
+        with socket.create_connection((host, int(port)), timeout=WAIT) as silent:
+            started = time.monotonic()
+            assert _closed_by_server(silent)  # greeted, then closed: it never answered
+            assert time.monotonic() - started >= 0.25
+        time.sleep(0.4)  # past the timeout: the DEALER's finished handshake keeps it
+        dealer.send(b"second")
+        assert dealer.recv() == b"dnoces"
+        assert len(echo.connected) == 1 and not echo.disconnected
+    finally:
+        dealer.close(linger=0)
+
+
+@needs_curve
+def test_a_peer_whose_ready_cannot_be_written_is_never_connected(
+        curve_echo: tuple[Harness, Curve]) -> None:
+    harness, keys = curve_echo
+    router = harness.router
+    write = router._send_some
+
+    def failing_ready(peer: Any, data: bytes | bytearray) -> int | None:
+        if b"\x05READY" in bytes(data[:20]):  # as a connection reset just then
+            router._drop(peer, "write failed: reset")
+            return None
+        return write(peer, data)
+
+    router._send_some = failing_ready  # type: ignore[method-assign]
+    with pytest.raises((OSError, HandshakeError)):
+        _curve_connection(harness, keys)
+    time.sleep(0.3)  # a negative check: nothing connects
+    assert harness.connected == [] and harness.disconnected == []
+    assert router._by_id == {} and router._peers == {}
