@@ -22,7 +22,6 @@ from collections import deque
 from collections.abc import Callable
 
 from dbpool.zmtp import (
-    LONG,
     Command,
     Decoder,
     Handshake,
@@ -36,7 +35,6 @@ __all__ = ["PeerClosed", "ZmtpConnection"]
 
 logger = logging.getLogger("dbpool.client.direct")
 
-_unpack_size = struct.Struct(">Q").unpack_from
 _monotonic = time.monotonic
 
 #: Bytes read per ``recv``: a reply of a ``SELECT`` fits many times over.
@@ -66,7 +64,6 @@ class ZmtpConnection:
         self._decoder = Decoder()
         #: How a frame goes out: plain, or sealed by the mechanism (CURVE).
         self._frame: Callable[..., bytes] = frame
-        self._sealed = False
         #: What the decoder gave and nobody took yet: messages, and the handshake's
         #: commands (PING and PONG are answered and dropped as they come).
         self._events: deque[list[bytes] | Command] = deque()
@@ -91,7 +88,7 @@ class ZmtpConnection:
             self._sock = sock
             handshake = self._handshake()
             self._decoder = decoder = Decoder(mechanism=handshake.mechanism)
-            self._frame, self._sealed = frame, False
+            self._frame = frame
             self._events.clear()
             self._timeout = None
             # Our first command only once the peer's greeting names our mechanism: a
@@ -136,7 +133,7 @@ class ZmtpConnection:
                 sock.sendall(answer)
             if handshake.done and handshake.box is not None:
                 self._decoder.unseal = handshake.box.unseal
-                self._frame, self._sealed = handshake.box.seal, True
+                self._frame = handshake.box.seal
         return handshake.done
 
     def send(self, body: bytes) -> None:
@@ -150,17 +147,19 @@ class ZmtpConnection:
         """The body of the next message, or None if none came by ``deadline``
         (:func:`time.monotonic`).  A message of several frames gives its last."""
         sock = self._sock
-        if not self._events and sock is not None and self._decoder.empty and not self._sealed:
-            # The common case, without the decoder: one read brings exactly one reply.
+        if not self._events and sock is not None and self._decoder.empty:
+            # The common case: one read brings exactly one reply (Decoder.single).
             data = self._read(sock, deadline)
             if data is None:
                 return None
-            size = len(data)
-            if size >= 2 and data[0] == 0 and data[1] == size - 2:
-                return data[2:]
-            if size >= 9 and data[0] == LONG and _unpack_size(data, 1)[0] == size - 9:
-                return data[9:]
-            self._pump(data)
+            try:
+                body = self._decoder.single(data)
+            except HandshakeError as error:  # a frame that does not unseal
+                self.close()
+                raise PeerClosed(f"the server broke the protocol: {error}") from None
+            if body is not None:
+                return body
+            self._pump(b"")
         while True:
             event = self._next(deadline)
             if event is None:

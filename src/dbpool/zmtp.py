@@ -167,11 +167,36 @@ class Decoder:
         self._pos = 0
         self._greeted = False
         self._parts: list[bytes] = []
+        #: What :meth:`single` unsealed that :meth:`events` is to take: (flags, body).
+        self._held: list[tuple[int, bytes]] = []
 
     @property
     def empty(self) -> bool:
         """Whether nothing is buffered: the greeting was read and no frame is part-read."""
-        return self._greeted and not self._buffer and not self._parts
+        return self._greeted and not self._buffer and not self._parts and not self._held
+
+    def single(self, data: bytes) -> bytes | None:
+        """The message ``data`` is when it is exactly one whole frame ending a message and
+        nothing is buffered: the usual reply, taken without :meth:`feed` and
+        :meth:`events`.  Otherwise None, and ``data`` waits for :meth:`events`, as does
+        a sealed frame that turned out to be a command or part of a message."""
+        if self.empty and (self.unseal is not None or self.mechanism == b"NULL"):
+            size = len(data)
+            body: bytes | None = None
+            if size >= 2 and data[0] == 0 and data[1] == size - 2:
+                body = data[2:]
+            elif size >= 9 and data[0] == LONG and _unpack_size(data, 1)[0] == size - 9:
+                body = data[9:]
+            if body is not None and (self.max_size is None or len(body) <= self.max_size):
+                if self.unseal is None:
+                    return body
+                flags, body = self.unseal(body)
+                if not flags:
+                    return body
+                self._held.append((flags, body))
+                return None
+        self.feed(data)
+        return None
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -190,6 +215,11 @@ class Decoder:
     def events(self) -> Iterator[list[bytes] | Command]:
         if not self.greeted():
             return
+        held, self._held = self._held, []
+        for flags, body in held:
+            event = self._take(flags, body)
+            if event is not None:
+                yield event
         buffer = self._buffer
         while True:
             pos, end = self._pos, len(buffer)
@@ -217,22 +247,28 @@ class Decoder:
                 # Before a secure handshake ends only its commands may come: a frame
                 # kept now would reach the application unauthenticated.
                 raise HandshakeError("a message frame before the security handshake ended")
-            if flags & COMMAND:
-                length = body[0] if body else 0
-                yield Command(body[1:1 + length], body[1 + length:])
-            elif flags & MORE:
-                self._parts.append(body)
-                if self.max_size is not None and \
-                        sum(len(part) for part in self._parts) > self.max_size:
-                    raise TooLarge(f"a message of {len(self._parts)} frames is over the limit "
-                                   f"of {self.max_size} bytes")
-            else:
-                parts, self._parts = self._parts, []
-                parts.append(body)
-                yield parts
+            event = self._take(flags, body)
+            if event is not None:
+                yield event
         if self._pos:  # keep what is left unparsed at the front
             del buffer[:self._pos]
             self._pos = 0
+
+    def _take(self, flags: int, body: bytes) -> list[bytes] | Command | None:
+        """What a frame completes: a command, a message, or nothing yet (a part)."""
+        if flags & COMMAND:
+            length = body[0] if body else 0
+            return Command(body[1:1 + length], body[1 + length:])
+        parts = self._parts
+        if flags & MORE:
+            parts.append(body)
+            if self.max_size is not None and sum(len(part) for part in parts) > self.max_size:
+                raise TooLarge(f"a message of {len(parts)} frames is over the limit "
+                               f"of {self.max_size} bytes")
+            return None
+        self._parts = []
+        parts.append(body)
+        return parts
 
     def _check_greeting(self, data: bytes) -> None:
         if data[0] != 0xFF or data[9] != 0x7F:
