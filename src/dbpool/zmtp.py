@@ -173,7 +173,8 @@ class Decoder:
     @property
     def empty(self) -> bool:
         """Whether nothing is buffered: the greeting was read and no frame is part-read."""
-        return self._greeted and not self._buffer and not self._parts and not self._held
+        return (self._greeted and len(self._buffer) == self._pos and not self._parts
+                and not self._held)
 
     def single(self, data: bytes) -> bytes | None:
         """The message ``data`` is when it is exactly one whole frame ending a message and

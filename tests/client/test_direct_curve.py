@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import zmq
+from nacl import bindings as nacl_bindings
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
@@ -298,3 +299,24 @@ def test_a_plain_frame_that_comes_with_the_ready_is_refused(transport: str) -> N
 
         asyncio.run(main())
     thread.join(WAIT)
+
+
+def test_a_sealed_frame_taken_whole_that_is_no_reply_waits_for_events() -> None:
+    # Decoder.single unseals a frame that a read brought whole; a command (a PING
+    # to answer) or the first part of a message goes on to events(), in order.
+    server_public, server_secret = nacl_bindings.crypto_box_keypair()
+    client_public, client_secret = nacl_bindings.crypto_box_keypair()
+    server = curve.Box(nacl_bindings.crypto_box_beforenm(client_public, server_secret), 0, 0,
+                       client=False)
+    client = curve.Box(nacl_bindings.crypto_box_beforenm(server_public, client_secret), 0, 0,
+                       client=True)
+    decoder = Decoder(mechanism=curve.MECHANISM)
+    decoder.feed(greeting(curve.MECHANISM, as_server=True))
+    assert decoder.greeted()
+    decoder.unseal = client.unseal
+    assert decoder.single(server.seal(b"reply")) == b"reply"
+    assert decoder.single(server.seal(b"\x04PING\x00\x00", command=True)) is None
+    assert decoder.single(server.seal(b"first", more=True)) is None
+    decoder.feed(server.seal(b"last"))
+    assert list(decoder.events()) == [Command(b"PING", b"\x00\x00"), [b"first", b"last"]]
+    assert decoder.empty
