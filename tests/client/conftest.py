@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import zmq
@@ -12,6 +14,23 @@ import zmq
 WAIT = 5.0
 
 Router = tuple[zmq.Socket[bytes], int]
+
+if TYPE_CHECKING:
+    from dbpool.client.direct import ZmtpConnection
+
+
+def a_slow_reply_arrives(conn: ZmtpConnection, sock: zmq.Socket[bytes]) -> None:
+    """Send a request on ``conn`` and have ``sock`` (a ROUTER that pings and drops peers
+    that do not answer in 150 ms) reply 600 ms later: the reply arrives only if ``conn``
+    answered the PINGs meanwhile."""
+    conn.send(b"slow")
+    routing_id = sock.recv_multipart()[0]
+    timer = threading.Timer(0.6, lambda: sock.send_multipart([routing_id, b"done"]))
+    timer.start()
+    try:
+        assert conn.recv(time.monotonic() + WAIT) == b"done"
+    finally:
+        timer.join()
 
 
 def _router(**options: Any) -> Iterator[Router]:

@@ -21,7 +21,7 @@ from dbpool.errors import ConnectionError
 from dbpool.wire import packb, unpackb
 from dbpool.zmtp import Command, Decoder, HandshakeError, frame, greeting
 from dbpool.zmtp import ready as ready_frame
-from tests.client.conftest import WAIT, Router
+from tests.client.conftest import WAIT, Router, a_slow_reply_arrives
 
 
 def _connected(port: int) -> ZmtpConnection:
@@ -79,14 +79,7 @@ def test_heartbeats_are_answered_so_a_slow_reply_still_arrives(
     sock, port = pinging_router
     conn = _connected(port)
     try:
-        conn.send(b"slow")
-        routing_id, _ = sock.recv_multipart()
-        timer = threading.Timer(0.6, lambda: sock.send_multipart([routing_id, b"done"]))
-        timer.start()
-        try:
-            assert conn.recv(time.monotonic() + WAIT) == b"done"
-        finally:
-            timer.join()
+        a_slow_reply_arrives(conn, sock)
     finally:
         conn.close()
 

@@ -31,7 +31,7 @@ from dbpool.errors import ConnectionError
 from dbpool.keys import ClientKeys, KeyPair
 from dbpool.wire import packb, unpackb
 from dbpool.zmtp import Command, Decoder, HandshakeError, frame, greeting
-from tests.client.conftest import WAIT
+from tests.client.conftest import WAIT, a_slow_reply_arrives
 
 pytestmark = pytest.mark.skipif(not (curve.AVAILABLE and zmq.has("curve")),
                                 reason="PyNaCl or libzmq's CURVE missing")
@@ -126,15 +126,7 @@ def test_sealed_heartbeats_are_answered_so_a_slow_reply_still_arrives(
     conn = ZmtpConnection("127.0.0.1", pinging_server.port, pinging_server.handshake)
     conn.connect(WAIT)
     try:
-        conn.send(b"slow")
-        routing_id, _ = pinging_server.recv()
-        timer = threading.Timer(
-            0.6, lambda: pinging_server.sock.send_multipart([routing_id, b"done"]))
-        timer.start()
-        try:
-            assert conn.recv(time.monotonic() + WAIT) == b"done"
-        finally:
-            timer.join()
+        a_slow_reply_arrives(conn, pinging_server.sock)
     finally:
         conn.close()
 
