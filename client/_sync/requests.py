@@ -420,31 +420,29 @@ class Transaction:
     def query(self, sql: str, params: Params = None, *,
                     timeout: float | None = None) -> Result:
         """Run one statement in the transaction."""
-        if self._state == "deferred":
-            msg = {"v": _VERSION, "op": "query", "sql": sql, "params": params}
-            return _to_result(self._first(self._client._addressed(msg, timeout, None),
-                                                timeout))
-        return self._client._statement("query", sql, params, timeout, self._lease())
+        msg = {"v": _VERSION, "op": "query", "sql": sql, "params": params}
+        return _to_result(self._run(msg, timeout))
 
     def execute(self, sql: str, params: Params = None, *,
                       timeout: float | None = None, readonly: ReadOnly = False) -> Result:
         """Run one prepared statement in the transaction."""
-        if self._state == "deferred":
-            msg = {"v": _VERSION, "op": "execute", "sql": sql, "params": params}
-            return _to_result(self._first(self._client._addressed(msg, timeout, None),
-                                                timeout))
-        return self._client._statement("execute", sql, params, timeout, self._lease())
+        msg = {"v": _VERSION, "op": "execute", "sql": sql, "params": params}
+        return _to_result(self._run(msg, timeout))
 
     def batch(self, sql_or_statements: str | Iterable[Statement | str],
                     params_seq: Iterable[Params] | None = None, *,
                     timeout: float | None = None) -> list[Result]:
         """Run a batch in the transaction."""
+        msg = {"v": _VERSION, **batch_fields(sql_or_statements, params_seq)}
+        return to_results(self._run(msg, timeout))
+
+    def _run(self, msg: dict[str, Any], timeout: float | None) -> Any:
+        """Send a request of the transaction, on its lease or, while it waits for its
+        first request, with its begin; return the reply's ``ok`` value."""
+        client = self._client
         if self._state == "deferred":
-            msg = {"v": _VERSION, **batch_fields(sql_or_statements, params_seq)}
-            return to_results(self._first(self._client._addressed(msg, timeout, None),
-                                                timeout))
-        return self._client._batch(sql_or_statements, params_seq, timeout,
-                                         self._lease())
+            return self._first(client._addressed(msg, timeout, None), timeout)
+        return client._call(client._addressed(msg, timeout, self._lease()), timeout)
 
     def stream(self, sql: str, params: Params = None, *, max_rows: int = DEFAULT_MAX_ROWS,
                timeout: float | None = None) -> Stream:
