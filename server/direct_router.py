@@ -251,8 +251,16 @@ class DirectRouter:
             self._drop(peer, None)
             return
         decoder = peer.decoder
-        decoder.feed(data)
         try:
+            if peer.ready:
+                # The common case: one read holds exactly one request (Decoder.single);
+                # anything else it keeps for events().
+                body = decoder.single(data)
+                if body is not None:
+                    self._handle([peer.routing_id, body], peer.origin)
+                    return
+            else:
+                decoder.feed(data)
             for event in decoder.events():
                 if isinstance(event, Command):
                     self._command(peer, event)

@@ -285,6 +285,8 @@ class FrontEnd:
         self._sessions: dict[str, set[str]] = {}
         self._ended: OrderedDict[str, str] = OrderedDict()
         self._next_tick = 0.0
+        #: When idle connections are next due back to their pools (_release_idle).
+        self._idle_due = 0.0
         self._last_work = 0.0
         self._draining = False
         self._drain_until = _INF
@@ -421,12 +423,15 @@ class FrontEnd:
         """
         poll, pipes, spin = self._poller.poll, self._pipes, self.config.spin
         direct = self._direct
+        monotonic = time.monotonic
+        # Only libzmq's ROUTER needs reading outside poll (see _read_requests).
+        read_requests = self._read_requests if self.router is not None else None
         try:
             while True:
-                self.last_loop = time.monotonic()
-                self._read_requests()
+                now = self.last_loop = monotonic()
+                if read_requests is not None:
+                    read_requests()
                 self._flush()
-                now = time.monotonic()
                 if now >= self._next_tick:
                     self._tick(now)
                     self._flush()
@@ -436,9 +441,11 @@ class FrontEnd:
                         continue
                 if self.events.pending:
                     self.events.read()
-                wake_at = min(self._next_tick, self._release_idle(now))
+                if now >= self._idle_due:
+                    self._idle_due = self._release_idle(now)
+                wake_at = min(self._next_tick, self._idle_due)
                 timeout = (0.0 if self.events.pending
-                           else max(0.0, wake_at - time.monotonic()) * 1000)
+                           else max(0.0, wake_at - monotonic()) * 1000)
                 ready = poll(0)
                 if (not ready and spin and now - self._last_work < _SPIN_AFTER
                         and sum(len(pipe.requests) for pipe in pipes.values()) <= 1):
@@ -446,7 +453,7 @@ class FrontEnd:
                 if not ready:
                     ready = poll(timeout)
                 if ready:
-                    self._last_work = time.monotonic()
+                    self._last_work = monotonic()
                 for fd, mask in ready:
                     pipe = pipes.get(fd)
                     if pipe is None:
@@ -1705,38 +1712,11 @@ class FrontEnd:
             if pipe.inflight:
                 return
         elif pipe.broken is None and pipe.retiring is None:
-            each, contended = served.pipes_each(), served.active > 1
-
-            def may_take(job: Job) -> bool:  # a job that needs its own: an empty pipe
-                if job.needs_own and pipe.inflight:
-                    return False
-                if not contended:
-                    return True
-                held = _pipes_of(shared, job.client)  # over its share: none until it drains
-                return held < each or (held == each and _count_of(pipe, job.client) > 0)
-
             now = time.monotonic()
-            codel = served.codel
-            while (queued and pipe.inflight < self.depth and not pipe.cancelling
-                   and not blocked and pipe.takes_more(now)):
-                taken = queued.popleft_where(may_take)
-                if taken is None:
-                    break
-                job = taken
-                if job.started and not codel.serve(now, job.started,
-                                                   min(job.started, queued.oldest() or _INF)):
-                    self._shed(served, job, now)
-                    continue
-                if pipe not in shared and not job.needs_own:
-                    shared.append(pipe)
-                elif job.needs_own and pipe in shared:
-                    shared.remove(pipe)
-                assert job.start is not None
-                job.start(pipe)
-                if job.needs_own:
-                    return
+            if queued and self._serve_queued(pipe, served, blocked, now):
+                return
             if not queued:
-                codel.empty(now)
+                served.codel.empty(now)
             if pipe.inflight:
                 if pipe.owner is None and pipe not in shared:
                     shared.append(pipe)
@@ -1744,7 +1724,8 @@ class FrontEnd:
             if not (lender.has_waiters or self._draining or blocked):
                 # Idle now, but the next request is likely close behind: keep it
                 # for _LINGER (see _release_idle), unless others wait for it.
-                pipe.idle_since = time.monotonic()
+                pipe.idle_since = now
+                self._idle_due = min(self._idle_due, now + _LINGER)
                 if pipe not in shared:
                     shared.append(pipe)
                 return
@@ -1753,6 +1734,41 @@ class FrontEnd:
         self._release(pipe)
         if queued:
             self._want_connection(served)
+
+    def _serve_queued(self, pipe: Pipe, served: ServedPool, blocked: bool,
+                      now: float) -> bool:
+        """Start what ``served``'s queue may run on ``pipe`` (see :meth:`_settle`);
+        whether a job that needs a connection of its own took it."""
+        queued, shared = served.queued, served.shared
+        each, contended = served.pipes_each(), served.active > 1
+
+        def may_take(job: Job) -> bool:  # a job that needs its own: an empty pipe
+            if job.needs_own and pipe.inflight:
+                return False
+            if not contended:
+                return True
+            held = _pipes_of(shared, job.client)  # over its share: none until it drains
+            return held < each or (held == each and _count_of(pipe, job.client) > 0)
+
+        codel = served.codel
+        while (queued and pipe.inflight < self.depth and not pipe.cancelling
+               and not blocked and pipe.takes_more(now)):
+            job = queued.popleft_where(may_take)
+            if job is None:
+                break
+            if job.started and not codel.serve(now, job.started,
+                                               min(job.started, queued.oldest() or _INF)):
+                self._shed(served, job, now)
+                continue
+            if pipe not in shared and not job.needs_own:
+                shared.append(pipe)
+            elif job.needs_own and pipe in shared:
+                shared.remove(pipe)
+            assert job.start is not None
+            job.start(pipe)
+            if job.needs_own:
+                return True
+        return False
 
     def _release_idle(self, now: float) -> float:
         """Give back connections idle for ``_LINGER``; return when to look again.
@@ -1843,6 +1859,8 @@ class FrontEnd:
     def _tick(self, now: float) -> None:
         """Deadlines of queued and running requests, silent sessions, old leases."""
         self._next_tick = now + _TICK
+        # Waiters in the pool, a pause or a drain may want idle connections back sooner.
+        self._idle_due = 0.0
         self._trimmer.tick(now, self._departures)
         if self._direct is not None:
             self._direct.expire(now)
