@@ -31,7 +31,7 @@ from dbpool.zmtp import (
     greeting,
 )
 
-__all__ = ["PeerClosed", "ZmtpConnection"]
+__all__ = ["POLL_TIMES", "PeerClosed", "ZmtpConnection"]
 
 logger = logging.getLogger("dbpool.client.direct")
 
@@ -39,6 +39,8 @@ _monotonic = time.monotonic
 
 #: Bytes read per ``recv``: a reply of a ``SELECT`` fits many times over.
 _READ_SIZE = 1 << 16
+#: How long a reply is polled for, in round trips of ``spin``.
+POLL_TIMES = 3
 
 
 class PeerClosed(Exception):
@@ -52,14 +54,22 @@ class ZmtpConnection:
     thread).  :meth:`close` may come from another thread; the owner's
     pending call then fails with :class:`PeerClosed` or ``OSError``.
     ``handshake`` makes each connection's security mechanism (``NULL`` by
-    default; :class:`dbpool.curve.CurveClient` for CURVE).
+    default; :class:`dbpool.curve.CurveClient` for CURVE).  ``spin`` (seconds,
+    0 for never) is the round trip below which :meth:`recv` polls for its reply
+    rather than sleep: see :meth:`_poll`.
     """
 
     def __init__(self, host: str, port: int,
-                 handshake: Callable[[], Handshake] = NullHandshake) -> None:
+                 handshake: Callable[[], Handshake] = NullHandshake,
+                 spin: float = 0.0) -> None:
         self.host = host
         self.port = port
         self._handshake = handshake
+        self.spin = spin
+        #: When the last message went out, and the recent round trips' moving average
+        #: (0 at first: the first reply is polled for).
+        self._sent_at = 0.0
+        self._round_trip = 0.0
         self._sock: socket.socket | None = None
         self._decoder = Decoder()
         #: How a frame goes out: plain, or sealed by the mechanism (CURVE).
@@ -142,6 +152,7 @@ class ZmtpConnection:
         if sock is None:
             raise PeerClosed("not connected")
         sock.sendall(self._frame(body))
+        self._sent_at = _monotonic()
 
     def recv(self, deadline: float) -> bytes | None:
         """The body of the next message, or None if none came by ``deadline``
@@ -149,9 +160,14 @@ class ZmtpConnection:
         sock = self._sock
         if not self._events and sock is not None and self._decoder.empty:
             # The common case: one read brings exactly one reply (Decoder.single).
-            data = self._read(sock, deadline)
+            data = None
+            if self._round_trip < self.spin:
+                data = self._poll(sock, deadline)
             if data is None:
-                return None
+                data = self._read(sock, deadline)
+                if data is None:
+                    return None
+            self._round_trip += (_monotonic() - self._sent_at - self._round_trip) * 0.25
             try:
                 body = self._decoder.single(data)
             except HandshakeError as error:  # a frame that does not unseal
@@ -215,6 +231,34 @@ class ZmtpConnection:
         if not data:
             raise PeerClosed("the server closed the connection")
         return data
+
+    def _poll(self, sock: socket.socket, deadline: float) -> bytes | None:
+        """What has arrived, polled for without sleeping for up to ``POLL_TIMES``
+        :attr:`spin` (at most until ``deadline``), the CPU yielded between polls;
+        None if nothing came.
+
+        Why: waking a thread that sleeps in ``recv`` costs the sender (the
+        server, for every reply) a wake-up, which on a VM costs about as much
+        as a query, and costs the woken thread its latency.  A thread that
+        polls is awake when its reply lands.  It polls only while the recent
+        round trips were shorter than :attr:`spin`: a busy server answers
+        later than that, and polling would then take the CPU from it.
+        """
+        until = min(deadline, _monotonic() + POLL_TIMES * self.spin)
+        recv, dontwait, yield_cpu = sock.recv, socket.MSG_DONTWAIT, os.sched_yield
+        while True:
+            try:
+                data = recv(_READ_SIZE, dontwait)
+            except BlockingIOError:
+                if _monotonic() >= until:
+                    return None
+                yield_cpu()
+                continue
+            except OSError as error:
+                raise PeerClosed(str(error)) from None
+            if not data:
+                raise PeerClosed("the server closed the connection")
+            return data
 
     def _pump(self, data: bytes) -> None:
         """Decode what was read into :attr:`_events`, answering PINGs (RFC 37)."""

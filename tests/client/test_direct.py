@@ -11,8 +11,10 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Any, cast
 
 import pytest
+import zmq
 
 from dbpool.client import Client
 from dbpool.client._base import direct_address
@@ -227,3 +229,102 @@ def test_a_ready_that_comes_with_the_greeting_completes_the_handshake() -> None:
         conn.close()
         thread.join(WAIT)
         listener.close()
+
+
+class _RecordingSocket:
+    """A connection's socket that records the flags of each ``recv``: whether the
+    read polled (``MSG_DONTWAIT``) or could sleep."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.reads: list[int] = []
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        self.reads.append(flags)
+        return self._sock.recv(size, flags)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _recording(port: int, spin: float) -> tuple[ZmtpConnection, _RecordingSocket]:
+    conn = ZmtpConnection("127.0.0.1", port, spin=spin)
+    conn.connect(WAIT)
+    recording = _RecordingSocket(cast(socket.socket, conn._sock))
+    conn._sock = cast(socket.socket, recording)
+    return conn, recording
+
+
+def _exchange(conn: ZmtpConnection, sock: zmq.Socket[bytes], delay: float) -> None:
+    """One round trip whose reply the ROUTER sends ``delay`` seconds after the request."""
+    def answer() -> None:
+        routing_id, body = sock.recv_multipart()
+        time.sleep(delay)  # the peer's own slowness: the case under test
+        sock.send_multipart([routing_id, body[::-1]])
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    conn.send(b"ping")
+    assert conn.recv(time.monotonic() + WAIT) == b"gnip"
+    thread.join(WAIT)
+
+
+def _slept(reads: list[int]) -> bool:
+    return any(not flags & socket.MSG_DONTWAIT for flags in reads)
+
+
+def test_a_reply_within_the_spin_is_polled_for_without_sleeping(router: Router) -> None:
+    sock, port = router
+    conn, recording = _recording(port, spin=0.1)
+    try:
+        _exchange(conn, sock, delay=0.02)
+        assert recording.reads and not _slept(recording.reads)
+        assert len(recording.reads) > 1  # it polled more than once before the reply
+    finally:
+        conn.close()
+
+
+def test_a_reply_later_than_the_polling_is_slept_for(router: Router) -> None:
+    sock, port = router
+    conn, recording = _recording(port, spin=0.002)
+    try:
+        _exchange(conn, sock, delay=0.1)  # polled for 6 ms, then slept
+        assert recording.reads[0] & socket.MSG_DONTWAIT
+        assert _slept(recording.reads)
+    finally:
+        conn.close()
+
+
+def test_after_a_slow_round_trip_a_thread_sleeps_at_once(router: Router) -> None:
+    sock, port = router
+    conn, recording = _recording(port, spin=0.005)
+    try:
+        _exchange(conn, sock, delay=0.1)
+        recording.reads.clear()
+        _exchange(conn, sock, delay=0.0)
+        assert not recording.reads[0] & socket.MSG_DONTWAIT
+    finally:
+        conn.close()
+
+
+def test_spin_zero_never_polls(router: Router) -> None:
+    sock, port = router
+    conn, recording = _recording(port, spin=0.0)
+    try:
+        for _ in range(3):
+            _exchange(conn, sock, delay=0.0)
+        assert not any(flags & socket.MSG_DONTWAIT for flags in recording.reads)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("spin", [-0.001, 2.0, "0.1", None])
+def test_the_client_refuses_a_spin_out_of_range(spin: Any) -> None:
+    with pytest.raises(ValueError, match="spin"):
+        Client("tcp://127.0.0.1:1", spin=spin)
+
+
+def test_the_clients_spin_reaches_its_connections(router: Router) -> None:
+    _, port = router
+    with Client(f"tcp://127.0.0.1:{port}", spin=0.01) as client:
+        assert client._ch.direct is not None and client._ch.direct.spin == 0.01
