@@ -2042,7 +2042,7 @@ def _each(pools: list[ServedPool], action: Callable[[Pool], None],
 
 def _pipes_of(pipes: list[Pipe], client: Any) -> int:
     """How many of ``pipes`` have requests of ``client`` in flight."""
-    return sum(1 for pipe in pipes if _count_of(pipe, client))
+    return sum(1 for pipe in pipes if client in pipe.clients)
 
 
 def _bind(sock: zmq.Socket[Any], endpoint: str, setting: str) -> None:
@@ -2066,7 +2066,7 @@ def _may_join(pipe: Pipe, client: Any, held: int, each: int) -> bool:
 
 def _count_of(pipe: Pipe, client: Any) -> int:
     """How many of ``client``'s requests ``pipe`` has in flight."""
-    return sum(1 for job in pipe.requests if job.client == client)
+    return pipe.clients.get(client, 0)
 
 
 # -- request fields --------------------------------------------------------------

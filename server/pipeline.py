@@ -219,6 +219,9 @@ class Pipe:
         self.converter: Converter = state.remote_converter
         self.encoding = state.conn.info.encoding
         self.requests: deque[Job] = deque()
+        #: How many of :attr:`requests` each client has (for the front end's fair
+        #: share: a count, not a scan of every connection's requests per request).
+        self.clients: dict[Hashable, int] = {}
         #: Why the connection is unusable, once it is.
         self.broken: BaseException | None = None
         #: Why it must take no new requests and be replaced once those in flight end.
@@ -367,7 +370,7 @@ class Pipe:
         job.shared = self.owner is None
         if not self.requests:
             self.progress = _monotonic()
-        self.requests.append(job)
+        self._add(job)
 
     def _deallocate_stale(self) -> None:
         """Send ``DEALLOCATE`` for the prepared statements found stale, as a request of
@@ -381,7 +384,23 @@ class Pipe:
         job = Job([], 0, "deallocate", {}, float("inf"))
         job.finish = _ignore
         job.shared = True
+        self._add(job)
+
+    def _add(self, job: Job) -> None:
         self.requests.append(job)
+        clients = self.clients
+        clients[job.client] = clients.get(job.client, 0) + 1
+
+    def _take(self) -> Job:
+        """The first request, off the connection."""
+        job = self.requests.popleft()
+        clients = self.clients
+        left = clients[job.client] - 1
+        if left:
+            clients[job.client] = left
+        else:
+            del clients[job.client]
+        return job
 
     def _after_statements(self, job: Job) -> None:
         """Keep the connection's prepared statements true to what its results say.
@@ -493,7 +512,7 @@ class Pipe:
                         now = _monotonic()
                         self.service += 0.25 * (now - self.progress - self.service)
                         self.progress = now
-                    self._finish(requests.popleft())
+                    self._finish(self._take())
                 elif status in _EXPECTED:
                     requests[0].results.append(result)
                 else:
@@ -552,6 +571,7 @@ class Pipe:
             return
         self.break_(error)
         jobs, self.requests = self.requests, deque()
+        self.clients = {}
         self.preparing.clear()
         for job in jobs:
             try:
