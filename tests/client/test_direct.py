@@ -11,6 +11,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import pytest
@@ -247,12 +249,17 @@ class _RecordingSocket:
         return getattr(self._sock, name)
 
 
-def _recording(port: int, spin: float) -> tuple[ZmtpConnection, _RecordingSocket]:
+@contextmanager
+def _recording(port: int, spin: float) -> Iterator[tuple[ZmtpConnection, _RecordingSocket]]:
+    """A connection with ``spin`` to the ROUTER on ``port``, and its recording socket."""
     conn = ZmtpConnection("127.0.0.1", port, spin=spin)
     conn.connect(WAIT)
     recording = _RecordingSocket(cast(socket.socket, conn._sock))
     conn._sock = cast(socket.socket, recording)
-    return conn, recording
+    try:
+        yield conn, recording
+    finally:
+        conn.close()
 
 
 def _exchange(conn: ZmtpConnection, sock: zmq.Socket[bytes], delay: float) -> None:
@@ -275,47 +282,35 @@ def _slept(reads: list[int]) -> bool:
 
 def test_a_reply_within_the_spin_is_polled_for_without_sleeping(router: Router) -> None:
     sock, port = router
-    conn, recording = _recording(port, spin=0.1)
-    try:
+    with _recording(port, spin=0.1) as (conn, recording):
         _exchange(conn, sock, delay=0.02)
-        assert recording.reads and not _slept(recording.reads)
-        assert len(recording.reads) > 1  # it polled more than once before the reply
-    finally:
-        conn.close()
+    assert recording.reads and not _slept(recording.reads)
+    assert len(recording.reads) > 1  # it polled more than once before the reply
 
 
 def test_a_reply_later_than_the_polling_is_slept_for(router: Router) -> None:
     sock, port = router
-    conn, recording = _recording(port, spin=0.002)
-    try:
+    with _recording(port, spin=0.002) as (conn, recording):
         _exchange(conn, sock, delay=0.1)  # polled for 6 ms, then slept
-        assert recording.reads[0] & socket.MSG_DONTWAIT
-        assert _slept(recording.reads)
-    finally:
-        conn.close()
+    assert recording.reads[0] & socket.MSG_DONTWAIT
+    assert _slept(recording.reads)
 
 
 def test_after_a_slow_round_trip_a_thread_sleeps_at_once(router: Router) -> None:
     sock, port = router
-    conn, recording = _recording(port, spin=0.005)
-    try:
+    with _recording(port, spin=0.005) as (conn, recording):
         _exchange(conn, sock, delay=0.1)
         recording.reads.clear()
         _exchange(conn, sock, delay=0.0)
-        assert not recording.reads[0] & socket.MSG_DONTWAIT
-    finally:
-        conn.close()
+    assert not recording.reads[0] & socket.MSG_DONTWAIT
 
 
 def test_spin_zero_never_polls(router: Router) -> None:
     sock, port = router
-    conn, recording = _recording(port, spin=0.0)
-    try:
+    with _recording(port, spin=0.0) as (conn, recording):
         for _ in range(3):
             _exchange(conn, sock, delay=0.0)
-        assert not any(flags & socket.MSG_DONTWAIT for flags in recording.reads)
-    finally:
-        conn.close()
+    assert not any(flags & socket.MSG_DONTWAIT for flags in recording.reads)
 
 
 @pytest.mark.parametrize("spin", [-0.001, 2.0, "0.1", None])
