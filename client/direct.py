@@ -31,7 +31,7 @@ from dbpool.zmtp import (
     greeting,
 )
 
-__all__ = ["POLL_TIMES", "PeerClosed", "ZmtpConnection"]
+__all__ = ["PeerClosed", "ZmtpConnection"]
 
 logger = logging.getLogger("dbpool.client.direct")
 
@@ -40,7 +40,7 @@ _monotonic = time.monotonic
 #: Bytes read per ``recv``: a reply of a ``SELECT`` fits many times over.
 _READ_SIZE = 1 << 16
 #: How long a reply is polled for, in round trips of ``spin``.
-POLL_TIMES = 3
+_POLL_TIMES = 3
 
 
 class PeerClosed(Exception):
@@ -233,7 +233,7 @@ class ZmtpConnection:
         return data
 
     def _poll(self, sock: socket.socket, deadline: float) -> bytes | None:
-        """What has arrived, polled for without sleeping for up to ``POLL_TIMES``
+        """What has arrived, polled for without sleeping for up to ``_POLL_TIMES``
         :attr:`spin` (at most until ``deadline``), the CPU yielded between polls;
         None if nothing came.
 
@@ -244,7 +244,7 @@ class ZmtpConnection:
         round trips were shorter than :attr:`spin`: a busy server answers
         later than that, and polling would then take the CPU from it.
         """
-        until = min(deadline, _monotonic() + POLL_TIMES * self.spin)
+        until = min(deadline, _monotonic() + _POLL_TIMES * self.spin)
         recv, dontwait, yield_cpu = sock.recv, socket.MSG_DONTWAIT, os.sched_yield
         while True:
             try:

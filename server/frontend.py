@@ -1763,8 +1763,8 @@ class FrontEnd:
                 return False
             if not contended:
                 return True
-            held = _pipes_of(shared, job.client)  # over its share: none until it drains
-            return held < each or (held == each and _count_of(pipe, job.client) > 0)
+            # Over its share: none until it drains.
+            return _may_join(pipe, job.client, _pipes_of(shared, job.client), each)
 
         codel = served.codel
         while (queued and pipe.inflight < self.depth and not pipe.cancelling

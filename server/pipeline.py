@@ -272,10 +272,9 @@ class Pipe:
 
     def packs(self, now: float) -> bool:
         """Whether a request should go behind those in flight now, rather than to an
-        idle connection (see SHORT_REQUEST).  Asked of a connection with requests;
-        never of one that is broken or retiring, which must drain."""
-        return (self.service < SHORT_REQUEST and now - self.progress < SHORT_REQUEST
-                and self.broken is None and self.retiring is None)
+        idle connection (see SHORT_REQUEST).  Asked of a shared connection with
+        requests (a broken or retiring one leaves the shared list at once)."""
+        return self.service < SHORT_REQUEST and now - self.progress < SHORT_REQUEST
 
     def events(self) -> int:
         """What the loop should poll its socket for."""
