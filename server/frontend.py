@@ -9,12 +9,10 @@ anything else:
   connection borrowed from the pool, through libpq's pipeline
   (:class:`~dbpool.server.pipeline.Pipe`); the reply goes out when the
   results arrive;
-- it queues the request behind those in flight on a connection it holds
-  whose statements are short (``SHORT_REQUEST`` in pipeline.py: packed, they
-  cost the database no wake-up each), else takes an idle connection, one it
-  holds or the pool's, else queues it on a busy one (at most
-  ``pipeline_depth`` requests each), else it waits in the pool's queue like
-  any caller, so remote and in-process callers share the pool fairly;
+- it takes an idle connection from the pool when one is free, else queues
+  the request on a connection it holds already (at most ``pipeline_depth``
+  requests each), else waits in the pool's queue like any caller, so remote
+  and in-process callers share the pool fairly;
 - a connection with nothing in flight goes back to the pool at once;
 - a ``begin`` or ``stream`` holds a connection for one client session
   (a lease) until it ends, by request or because the session fell silent
@@ -1648,10 +1646,6 @@ class FrontEnd:
     def _pipe_for(self, job: Job) -> Pipe | None:
         """A connection for a job now: one of ours, the pool's, or None (queue it).
 
-        In order: one busy with short statements (``Pipe.packs``), an idle one
-        of ours, an idle one of the pool's, the least busy of ours that takes
-        more; never more of ours per client than its fair share.
-
         None while the pool holds checkouts (paused, or its circuit open): the
         job then waits in the pool's queue, or fails at once, like any caller.
         """
@@ -1665,22 +1659,11 @@ class FrontEnd:
         shared = served.shared
         each = served.pipes_each()
         held = _pipes_of(shared, client) if served.active > 1 else 0
-        now = time.monotonic()
-        idle: Pipe | None = None
         for pipe in shared:
-            if pipe.cancelling:
-                continue
-            inflight = len(pipe.requests)
-            if not inflight:
-                if idle is None and held < each:
-                    idle = pipe
-            elif (not job.needs_own and inflight < self.depth and pipe.packs(now)
-                  and _may_join(pipe, client, held, each)):
+            if not pipe.requests and not pipe.cancelling and held < each:
+                if job.needs_own:
+                    shared.remove(pipe)
                 return pipe
-        if idle is not None:
-            if job.needs_own:
-                shared.remove(idle)
-            return idle
         borrowed = self._borrow(served) if held < each else None
         if borrowed is not None:
             if not job.needs_own:
@@ -1691,6 +1674,7 @@ class FrontEnd:
         # The least busy pipe with room (one pass: this runs for every request).
         best: Pipe | None = None
         fewest = self.depth
+        now = time.monotonic()
         for pipe in shared:
             inflight = len(pipe.requests)
             if inflight < fewest and not pipe.cancelling and pipe.takes_more(now) and \

@@ -67,14 +67,6 @@ PIPELINE_BEHIND = 0.002
 #: above what a busy loop takes to come back to a connection (under 1 ms), so
 #: that only statements that are long in themselves count.
 LONG_REQUEST = 0.005
-#: A request goes behind those in flight on a busy connection, even when an
-#: idle one is at hand, while that connection's requests lately took less than
-#: this each and the one it runs now has run less than this (seconds).  Behind
-#: statements this short, the database reads the next request before it sleeps
-#: and the front end reads several results at once: no wake-up of a backend
-#: and no loop iteration per request, which on a busy host cost more than such
-#: a statement itself.  Behind a longer one, the idle connection runs it at once.
-SHORT_REQUEST = 0.001
 
 #: ``(sql, params)``: one statement of a request.
 Statement: TypeAlias = tuple[str, Any]
@@ -269,12 +261,6 @@ class Pipe:
         # runs ends, and never idles for a round trip.
         return inflight < 2 or (self.service < LONG_REQUEST
                                 and now - self.progress < PIPELINE_BEHIND)
-
-    def packs(self, now: float) -> bool:
-        """Whether a request should go behind those in flight now, rather than to an
-        idle connection (see SHORT_REQUEST).  Asked of a shared connection with
-        requests (a broken or retiring one leaves the shared list at once)."""
-        return self.service < SHORT_REQUEST and now - self.progress < SHORT_REQUEST
 
     def events(self) -> int:
         """What the loop should poll its socket for."""

@@ -1,23 +1,22 @@
-"""Short statements share a busy connection; a long one runs alone (issue 20).
+"""One client's long statement does not hold up another client's query.
 
-``dbpool serve`` queues a request behind those in flight on a connection
-whose statements are short (``SHORT_REQUEST`` in ``server/pipeline.py``)
-before it takes an idle one: packed, they cost PostgreSQL no wake-up each.
-Behind a statement that has run longer, a request takes an idle connection
-and runs at once.  Real server process, real PostgreSQL.
+While an idle connection is at hand, ``dbpool serve`` never queues a
+request behind another client's statement on a busy one: that statement
+may run long, and past its deadline the connection is dropped with every
+request on it (issue 20 tried queueing short statements behind each other;
+the fuzz campaign's victim then failed this way).  Real server process,
+real PostgreSQL.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections import Counter
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 
-from dbpool.client import AsyncClient, Client
+from dbpool.client import Client
 from tests.support.events import wait_for
 from tests.support.remote import ServerProcess
 
@@ -29,27 +28,6 @@ def server(pg_dsn: str) -> Iterator[ServerProcess]:
         yield served
     finally:
         served.kill()
-
-
-def test_concurrent_short_statements_share_a_connection(server: ServerProcess) -> None:
-    """Eight tasks' ``SELECT``s, always several in flight at once, on a pool of
-    four: spread over idle connections, the busiest would run about a quarter
-    of them; packed, most go behind one another on one connection."""
-    tasks, each = 8, 150
-
-    async def run() -> Counter[int]:
-        pids: Counter[int] = Counter()
-        async with AsyncClient(server.endpoint, timeout=10) as client:
-            async def task() -> None:
-                for _ in range(each):
-                    pids[(await client.query("SELECT pg_backend_pid()")).rows[0][0]] += 1
-            await asyncio.gather(*(task() for _ in range(tasks)))
-        return pids
-
-    pids = asyncio.run(run())
-    assert sum(pids.values()) == tasks * each
-    busiest = pids.most_common(1)[0][1]
-    assert busiest > 0.6 * tasks * each, pids
 
 
 def test_a_request_does_not_wait_behind_a_long_statement(server: ServerProcess,
