@@ -54,6 +54,8 @@ from dbpool.zmtp import (
     greeting,
 )
 
+from .poller import Poller
+
 __all__ = ["HANDSHAKE_TIMEOUT", "OUTPUT_LIMIT", "DirectRouter", "Origin", "bindable"]
 
 logger = logging.getLogger("dbpool.server.direct_router")
@@ -148,7 +150,7 @@ class DirectRouter:
     :class:`dbpool.curve.CurveServer` that authorizes the client's key.
     """
 
-    def __init__(self, host: str, port: int, poller: select.poll, max_size: int,
+    def __init__(self, host: str, port: int, poller: Poller, max_size: int,
                  handle: Handler, on_connect: Callable[[int], None],
                  on_disconnect: Callable[[int], None], *,
                  output_limit: int = OUTPUT_LIMIT,

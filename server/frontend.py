@@ -81,6 +81,7 @@ from .pipeline import (
     Statement,
     first_error,
 )
+from .poller import Poller
 from .served_pool import DEFAULT_POOL, ServedPool
 
 if TYPE_CHECKING:
@@ -211,7 +212,7 @@ class FrontEnd:
         self.authority = authority
         if authority is not None:
             authority.start(self.context)
-        self._poller = select.poll()
+        self._poller = Poller()
         #: The request socket: the front end's own ROUTER (direct_router.py) on a
         #: plain TCP endpoint, else libzmq's (ipc, interface names, and CURVE
         #: without PyNaCl).
@@ -247,6 +248,7 @@ class FrontEnd:
                 authority.stop()
             if self._own_context:
                 self.context.term()
+            self._poller.close()
             raise
         self.events_endpoint = self.events.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.packer = wire.make_packer()
@@ -444,8 +446,7 @@ class FrontEnd:
                 if now >= self._idle_due:
                     self._idle_due = self._release_idle(now)
                 wake_at = min(self._next_tick, self._idle_due)
-                timeout = (0.0 if self.events.pending
-                           else max(0.0, wake_at - monotonic()) * 1000)
+                timeout = 0.0 if self.events.pending else max(0.0, wake_at - monotonic())
                 ready = poll(0)
                 if (not ready and spin and now - self._last_work < _SPIN_AFTER
                         and sum(len(pipe.requests) for pipe in pipes.values()) <= 1):
@@ -1997,6 +1998,7 @@ class FrontEnd:
         self.events.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        self._poller.close()
         if self.authority is not None:
             self.authority.stop()
         if self._own_context:

@@ -12,7 +12,6 @@ unknown key refused as libzmq refuses it, and a forged message dropped.
 
 from __future__ import annotations
 
-import select
 import socket
 import threading
 import time
@@ -27,6 +26,7 @@ from zmq.utils import z85
 from dbpool import curve
 from dbpool.server import direct_router
 from dbpool.server.direct_router import DirectRouter, Origin, bindable
+from dbpool.server.poller import Poller
 from dbpool.zmtp import Command, Decoder, Handshake, HandshakeError, frame, greeting
 
 WAIT = 5.0
@@ -41,7 +41,7 @@ class Harness:
                  output_limit: int | None = None,
                  handshake: Callable[[], Handshake] | None = None) -> None:
         self.reply = reply
-        self.poller = select.poll()
+        self.poller = Poller()
         self.connected: list[int] = []
         self.disconnected: list[int] = []
         self.requests: list[list[bytes]] = []
@@ -80,7 +80,7 @@ class Harness:
 
     def _run(self) -> None:
         while not self._stop:
-            for fd, mask in self.poller.poll(20):
+            for fd, mask in self.poller.poll(0.02):
                 self.router.event(fd, mask)
             self.router.expire(time.monotonic())  # as the front end's tick does
 
