@@ -101,7 +101,7 @@ class Origin:
 
 class _Peer:
     __slots__ = ("accepted", "decoder", "fd", "frame", "handshake", "origin", "out",
-                 "ready", "routing_id", "sock")
+                 "ready", "routing_id", "sent", "sock")
 
     def __init__(self, sock: socket.socket, handshake: Handshake, accepted: float) -> None:
         self.sock = sock
@@ -115,6 +115,8 @@ class _Peer:
         self.out = bytearray()
         self.ready = False
         self.routing_id = b""
+        #: Whether a reply went straight out to it this round (see DirectRouter.send).
+        self.sent = False
 
 
 def bindable(endpoint: str) -> tuple[str, int] | None:
@@ -180,6 +182,10 @@ class DirectRouter:
         self._handshake = handshake or (lambda: NullHandshake(b"ROUTER"))
         self._peers: dict[int, _Peer] = {}
         self._by_id: dict[bytes, _Peer] = {}
+        #: This round's peers that were sent a reply, and those with replies held
+        #: for the round's end (see send and end_round).
+        self._sent: list[_Peer] = []
+        self._held: list[_Peer] = []
         poller.register(self._listener_fd, _POLLIN)
 
     def owns(self, fd: int) -> bool:
@@ -200,7 +206,16 @@ class DirectRouter:
 
     def send(self, route: list[bytes], body: bytes) -> None:
         """Queue ``body`` for the connection ``route[0]`` names, after the rest of the
-        route (a ``REQ``'s empty delimiter); dropped if that connection is gone."""
+        route (a ``REQ``'s empty delimiter); dropped if that connection is gone.
+
+        A connection's first reply in a round of the front end's loop goes out at
+        once; the replies that follow it in the same round wait for
+        :meth:`end_round` and leave in one write.  So a client that sends one
+        request at a time waits for nothing, and one that pipelines many (an
+        ``AsyncClient`` of many tasks) costs one ``send`` per round, not one per
+        reply: on loopback each ``send`` runs the receiver's TCP path and may
+        wake it.
+        """
         peer = self._by_id.get(route[0])
         if peer is None:
             return
@@ -209,17 +224,44 @@ class DirectRouter:
         if len(route) > 1:
             data = b"".join([seal(part, more=True) for part in route[1:]]) + data
         out = peer.out
-        if not out:  # the common case: straight out, with no copy
+        if not out and not peer.sent:  # the common case: straight out, with no copy
+            peer.sent = True
+            self._sent.append(peer)
             sent = self._send_some(peer, data)
             if sent is None or sent == len(data):
                 return
             out += memoryview(data)[sent:]
             self._poller.modify(peer.fd, _POLLIN | _POLLOUT)
             return
+        if not out:  # a second reply this round: held for the round's end
+            self._held.append(peer)
         out += data
         if len(out) > self._output_limit:
             self._drop(peer, f"{len(out)} bytes of replies wait for it (it does not read "
                              f"them): over the limit of {self._output_limit}")
+
+    def end_round(self) -> None:
+        """Write the replies held this round, one write per connection (the front end
+        calls it before it polls); the next reply to each goes out at once again."""
+        held = self._held
+        if held:
+            peers = self._peers
+            for peer in held:
+                out = peer.out
+                if not out or peers.get(peer.fd) is not peer:  # written, or dropped since
+                    continue
+                sent = self._send_some(peer, out)
+                if sent is None:
+                    continue
+                del out[:sent]
+                if out:  # the rest when the socket takes it
+                    self._poller.modify(peer.fd, _POLLIN | _POLLOUT)
+            held.clear()
+        sent_to = self._sent
+        if sent_to:
+            for peer in sent_to:
+                peer.sent = False
+            sent_to.clear()
 
     def _accept(self) -> None:
         while True:
@@ -375,7 +417,8 @@ class DirectRouter:
             self._drop(peer, f"no handshake within {HANDSHAKE_TIMEOUT:g} s")
 
     def close(self) -> None:
-        """Close every connection and the listener."""
+        """Write the replies held, then close every connection and the listener."""
+        self.end_round()
         for peer in list(self._peers.values()):
             self._drop(peer, None)
         try:

@@ -445,6 +445,8 @@ class FrontEnd:
                     self.events.read()
                 if now >= self._idle_due:
                     self._idle_due = self._release_idle(now)
+                if direct is not None:
+                    direct.end_round()
                 wake_at = min(self._next_tick, self._idle_due)
                 timeout = 0.0 if self.events.pending else max(0.0, wake_at - monotonic())
                 ready = poll(0)

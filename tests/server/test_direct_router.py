@@ -83,6 +83,7 @@ class Harness:
             for fd, mask in self.poller.poll(0.02):
                 self.router.event(fd, mask)
             self.router.expire(time.monotonic())  # as the front end's tick does
+            self.router.end_round()  # as the front end does before it polls
 
     def wait_for(self, predicate: Callable[[], bool], what: str) -> None:
         with self.changed:
@@ -135,6 +136,32 @@ def test_dealers_get_their_own_replies(echo: Harness,
     finally:
         for dealer in dealers:
             dealer.close(linger=0)
+
+
+def test_replies_to_pipelined_requests_leave_together(
+        echo: Harness, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """A connection's first reply in a round goes out at once, the rest at the round's
+    end in one write: 200 pipelined requests cost a few writes, not 200."""
+    writes: list[int] = []
+    send_some = echo.router._send_some
+
+    def counted(peer: Any, data: bytes | bytearray) -> int | None:
+        writes.append(len(data))
+        return send_some(peer, data)
+
+    echo.router._send_some = counted  # type: ignore[method-assign]
+    dealer = _socket(context, zmq.DEALER, echo.endpoint)
+    try:
+        dealer.send(b"warm")
+        assert dealer.recv() == b"mraw"
+        writes.clear()
+        for i in range(200):  # libzmq writes queued messages in batches
+            dealer.send(b"%03d" % i)
+        assert [dealer.recv() for _ in range(200)] == [(b"%03d" % i)[::-1]
+                                                       for i in range(200)]
+        assert len(writes) < 50, f"{len(writes)} writes for 200 replies"
+    finally:
+        dealer.close(linger=0)
 
 
 def test_a_req_socket_gets_its_envelope_back(echo: Harness,
