@@ -244,8 +244,11 @@ class AsyncClient(AsyncRequests):
         spread: bool = True,
         direct: bool = True,
     ) -> None:
+        # No DNS here: a constructor may run on the event loop (see _look_up).
         self._identify(endpoint, timeout, events, server_key, client_key, pool,
-                       connect_timeout, spread)
+                       connect_timeout, spread, look_up=False)
+        self._looked_up = False
+        self._lookup: asyncio.Future[None] | None = None
         self._direct = direct
         #: What makes a direct connection's handshake, or None: libzmq's transport.
         self._handshake = direct_handshake(self.keys)
@@ -435,7 +438,9 @@ class AsyncClient(AsyncRequests):
         """
         ch = self._chan
         if ch is None:
-            ch = self._open_channel()
+            if not self._looked_up:
+                await self._look_up()
+            ch = self._chan or self._open_channel()
         rid = self._last_id = self._last_id + 1
         msg["id"] = rid
         if self.pool is not None:
@@ -589,6 +594,23 @@ class AsyncClient(AsyncRequests):
         logger.debug("%s; retiring the socket", error)
         self._retire(ch)
         return error
+
+    async def _look_up(self) -> None:
+        """Spread the given endpoints (as the sync client does in its constructor), in
+        a thread so that a slow DNS lookup does not stall the event loop: once, for
+        the first request, which the requests made meanwhile wait for."""
+        lookup = self._lookup
+        if lookup is None:
+            lookup = self._lookup = asyncio.ensure_future(self._spread_given())
+        await asyncio.shield(lookup)  # one caller's cancellation is not the others'
+
+    async def _spread_given(self) -> None:
+        spread = await asyncio.get_running_loop().run_in_executor(
+            None, spread_endpoints, self.given_endpoints)
+        self._looked_up = True
+        if spread != self.endpoints:
+            self.endpoints = spread
+            self._index = random.randrange(len(spread)) if self._spread else 0
 
     async def _resolve_again(self) -> bool:
         """Look the given endpoints' names up again (a rolling update gave the servers

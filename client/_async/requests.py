@@ -87,9 +87,13 @@ class AsyncRequests:
 
     def _identify(self, endpoint: str | Sequence[str], timeout: float, events: str | None,
                   server_key: str | None, client_key: str | None, pool: str | None,
-                  connect_timeout: float, spread: bool = True) -> None:
+                  connect_timeout: float, spread: bool = True, look_up: bool = True) -> None:
         """Set what every client starts with: endpoints, timeouts, session, events, keys,
-        the pool its requests name, and the endpoint it starts with (:attr:`start`)."""
+        the pool its requests name, and the endpoint it starts with (:attr:`start`).
+
+        With ``look_up`` false the endpoints' names are not looked up here: the
+        client spreads them itself before it first connects (the asyncio client,
+        which must not block its event loop on DNS)."""
         #: Seconds a request waits for a connection before ``no_server``.
         self.connect_timeout = check_timeout(connect_timeout)
         if pool is not None and (not isinstance(pool, str) or not pool):
@@ -98,7 +102,10 @@ class AsyncRequests:
         self.pool = pool
         #: The endpoints as given: names are looked up again when none answers.
         self.given_endpoints = normalize_endpoints(endpoint)
-        self.endpoints = spread_endpoints(self.given_endpoints)
+        #: The endpoints requests go to: those given, with each name that resolves to
+        #: several addresses spread into one endpoint per address (spread_endpoints).
+        self.endpoints = (spread_endpoints(self.given_endpoints) if look_up
+                          else self.given_endpoints)
         self._spread = spread
         #: The index of the endpoint this client starts with: a random one with
         #: ``spread`` (clients spread over the endpoints, as libpq's

@@ -5,7 +5,9 @@ again when none answers: for the sync client and the asyncio one."""
 from __future__ import annotations
 
 import socket
+import threading
 import time
+from collections import Counter
 from typing import Any
 
 from dbpool.client import Client
@@ -115,6 +117,17 @@ def test_the_async_client_leaves_a_refused_endpoint_at_once_and_looks_names_up_a
     port = _free_port()
     with ServerProcess(pg_dsn, pool_size=1, bind=f"tcp://127.0.0.3:{port}") as server:
         table = _before_a_rolling_update(monkeypatch)
+        lookups: Counter[str] = Counter()
+        looked_up_before = socket.getaddrinfo
+
+        def getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+            lookups[host] += 1
+            found = looked_up_before(host, port, *args, **kwargs)
+            if host == "pool.test":
+                _after_it(table)  # the rolling update happens after the first look
+            return found
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
         async def run() -> None:
             # A dead endpoint before a live one: left at once, not after connect_timeout.
@@ -126,12 +139,59 @@ def test_the_async_client_leaves_a_refused_endpoint_at_once_and_looks_names_up_a
             # Every address of the name refuses; then it resolves to the server's.
             async with AsyncClient(f"tcp://pool.test:{port}", timeout=5, connect_timeout=4,
                                    events=server.events) as client:
-                assert set(client.endpoints) == {f"tcp://127.0.0.4:{port}",
-                                                 f"tcp://127.0.0.5:{port}"}
-                _after_it(table)
+                # Not looked up yet: the first request does it, off the loop.
+                assert client.endpoints == (f"tcp://pool.test:{port}",)
+                looked_up = lookups["pool.test"]
                 started = time.monotonic()
                 assert (await client.query("SELECT 1")).rows == [(1,)]
                 assert time.monotonic() - started < 2.0
                 assert f"tcp://127.0.0.3:{port}" in client.endpoints
+                # Once at the first request (the pods before the update), once again
+                # when neither of their addresses answered.
+                assert lookups["pool.test"] == looked_up + 2
+
+        asyncio.run(run())
+
+
+def test_the_async_client_looks_names_up_off_its_event_loop(
+        pg_dsn: str, monkeypatch: Any) -> None:
+    """A slow DNS lookup must not stall every task on the loop: the constructor looks
+    nothing up (it may run on the loop), and the first request does it in a thread,
+    once, however many requests start together."""
+    import asyncio
+
+    from dbpool.client import AsyncClient
+    from tests.support.remote import ServerProcess
+
+    port = _free_port()
+    with ServerProcess(pg_dsn, pool_size=2, bind=f"tcp://127.0.0.3:{port}") as server:
+        table = {"pool.test": [(socket.AF_INET, "127.0.0.3"), (socket.AF_INET, "127.0.0.3"),
+                               (socket.AF_INET, "127.0.0.7")]}
+        fake, real = resolver(table), socket.getaddrinfo
+        threads: list[int] = []
+
+        def getaddrinfo(host: str, port: Any, *args: Any, **kwargs: Any) -> Any:
+            if host not in table:
+                return real(host, port, *args, **kwargs)
+            threads.append(threading.get_ident())
+            return fake(host, port)
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+        async def run() -> None:
+            loop_thread = threading.get_ident()
+            client = AsyncClient(f"tcp://pool.test:{port}", timeout=5, connect_timeout=4,
+                                 events=server.events, spread=False)
+            try:
+                assert threads == []
+                results = await asyncio.gather(*(client.query("SELECT %s::int", [i])
+                                                  for i in range(20)))
+                assert [r.rows for r in results] == [[(i,)] for i in range(20)]
+                assert len(threads) == 1 and loop_thread not in threads
+                # Spread as the sync client spreads it in its constructor.
+                assert client.endpoints == (f"tcp://127.0.0.3:{port}",
+                                            f"tcp://127.0.0.7:{port}")
+            finally:
+                await client.close()
 
         asyncio.run(run())
