@@ -224,8 +224,9 @@ class AsyncClient(AsyncRequests):
 
     The arguments are :class:`~dbpool.client.Client`'s; ``context`` may be a
     ``zmq.asyncio.Context`` or a plain one (shadowed).  Sockets and tasks are
-    made on first use, inside the loop.  Use ``async with`` or ``await
-    client.close()``.
+    made on first use, inside the loop, and so is the lookup of the
+    endpoints' names, which runs in a thread: making a client never blocks
+    the loop.  Use ``async with`` or ``await client.close()``.
     """
 
     _heartbeat: _Heartbeat
