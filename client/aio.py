@@ -248,7 +248,7 @@ class AsyncClient(AsyncRequests):
         # No DNS here: a constructor may run on the event loop (see _look_up).
         self._identify(endpoint, timeout, events, server_key, client_key, pool,
                        connect_timeout, spread, look_up=False)
-        self._looked_up = False
+        #: The lookup of the endpoints' names (see _look_up), once started.
         self._lookup: asyncio.Future[None] | None = None
         self._direct = direct
         #: What makes a direct connection's handshake, or None: libzmq's transport.
@@ -439,7 +439,8 @@ class AsyncClient(AsyncRequests):
         """
         ch = self._chan
         if ch is None:
-            if not self._looked_up:
+            lookup = self._lookup
+            if lookup is None or not lookup.done():
                 await self._look_up()
             ch = self._chan or self._open_channel()
         rid = self._last_id = self._last_id + 1
@@ -608,7 +609,6 @@ class AsyncClient(AsyncRequests):
     async def _spread_given(self) -> None:
         spread = await asyncio.get_running_loop().run_in_executor(
             None, spread_endpoints, self.given_endpoints)
-        self._looked_up = True
         if spread != self.endpoints:
             self.endpoints = spread
             self._index = random.randrange(len(spread)) if self._spread else 0

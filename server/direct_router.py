@@ -247,14 +247,8 @@ class DirectRouter:
         if held:
             peers = self._peers
             for peer in held:
-                out = peer.out
-                if not out or peers.get(peer.fd) is not peer:  # written, or dropped since
-                    continue
-                sent = self._send_some(peer, out)
-                if sent is None:
-                    continue
-                del out[:sent]
-                if out:  # the rest when the socket takes it
+                # Skipped if written meanwhile, or dropped; the rest when the socket takes it.
+                if peer.out and peers.get(peer.fd) is peer and self._write_out(peer):
                     self._poller.modify(peer.fd, _POLLIN | _POLLOUT)
             held.clear()
         sent_to = self._sent
@@ -369,13 +363,19 @@ class DirectRouter:
         self._flush(peer)
 
     def _flush(self, peer: _Peer) -> None:
+        left = self._write_out(peer) if peer.out else False
+        if left is not None:
+            self._poller.modify(peer.fd, _POLLIN | _POLLOUT if left else _POLLIN)
+
+    def _write_out(self, peer: _Peer) -> bool | None:
+        """Write what the socket takes of ``peer``'s waiting bytes: whether some are
+        left, or None if the connection failed (and was dropped)."""
         out = peer.out
-        if out:
-            sent = self._send_some(peer, out)
-            if sent is None:
-                return
-            del out[:sent]
-        self._poller.modify(peer.fd, _POLLIN | _POLLOUT if out else _POLLIN)
+        sent = self._send_some(peer, out)
+        if sent is None:
+            return None
+        del out[:sent]
+        return bool(out)
 
     def _send_some(self, peer: _Peer, data: bytes | bytearray) -> int | None:
         """Write what the socket takes of ``data`` now: the bytes written, or None if
