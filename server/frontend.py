@@ -1029,7 +1029,13 @@ class FrontEnd:
         pipe = self._pipe_for(job)
         if pipe is not None:
             self._send(pipe, job, statements, prepare)
-            return
+        else:
+            self._queue_statements(job, statements, prepare)
+
+    def _queue_statements(self, job: Job, statements: list[Statement], prepare: int) -> None:
+        """Queue ``job`` to run ``statements`` once a connection is free.  Apart from
+        :meth:`_statements`, which runs for every request: its closure is made only for
+        a request that waits."""
         job.start = lambda pipe: self._send(pipe, job, statements, prepare)
         self._queue(job)
 
@@ -1712,7 +1718,7 @@ class FrontEnd:
             # pipe drains and goes back rather than being kept for ever.
             if pipe in shared:
                 shared.remove(pipe)
-            if pipe.inflight:
+            if pipe.requests:
                 return
         elif pipe.broken is None and pipe.retiring is None:
             now = time.monotonic()
@@ -1720,7 +1726,7 @@ class FrontEnd:
                 return
             if not queued:
                 served.codel.empty(now)
-            if pipe.inflight:
+            if pipe.requests:
                 if pipe.owner is None and pipe not in shared:
                     shared.append(pipe)
                 return
@@ -1732,7 +1738,7 @@ class FrontEnd:
                 if pipe not in shared:
                     shared.append(pipe)
                 return
-        elif pipe.inflight:
+        elif pipe.requests:
             return
         self._release(pipe)
         if queued:
@@ -1746,7 +1752,7 @@ class FrontEnd:
         each, contended = served.pipes_each(), served.active > 1
 
         def may_take(job: Job) -> bool:  # a job that needs its own: an empty pipe
-            if job.needs_own and pipe.inflight:
+            if job.needs_own and pipe.requests:
                 return False
             if not contended:
                 return True
@@ -1754,7 +1760,7 @@ class FrontEnd:
             return _may_join(pipe, job.client, _pipes_of(shared, job.client), each)
 
         codel = served.codel
-        while (queued and pipe.inflight < self.depth and not pipe.cancelling
+        while (queued and len(pipe.requests) < self.depth and not pipe.cancelling
                and not blocked and pipe.takes_more(now)):
             job = queued.popleft_where(may_take)
             if job is None:
@@ -1821,8 +1827,12 @@ class FrontEnd:
 
     def _want_connection(self, served: ServedPool) -> None:
         """Wait in the pool's queue for the head of ours (one waiter at a time)."""
-        if served.waiter is not None or not served.queued:
-            return
+        if served.waiter is None and served.queued:
+            self._wait_for_offer(served)
+
+    def _wait_for_offer(self, served: ServedPool) -> None:
+        """Join the pool's queue for ``served``.  Apart from :meth:`_want_connection`,
+        which runs for every queued request: its closure is made only when it waits."""
 
         def on_offer(offer: Offer | None, error: BaseException | None) -> None:
             # Any thread, under the pool queue's lock: hand over to the loop.
