@@ -152,7 +152,7 @@ def run_many_tasks(dsn: str, backend: Backend | None, bouncer_binary: str | None
                                         unavailable)
         if bouncer is not None and bouncer.proc is not None:
             bouncer_dsn = bouncer.dsn
-            contenders["pgbouncer"] = (lambda: _pgbouncer(bouncer_dsn, tasks), bouncer.proc.pid)
+            contenders["pgbouncer"] = (lambda: _pgbouncer(bouncer_dsn, tasks), bouncer.pid)
         if server is not None:
             contenders["dbpool"] = (lambda: _dbpool(server), server.pid)
         turns = asyncio.run(_turns(contenders, tasks, duration, rounds)) if contenders else []

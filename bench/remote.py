@@ -22,7 +22,10 @@ What it measures, all in one run on one machine:
   rotates from round to round, each running for ``duration`` seconds from a
   start barrier.  A cell is the median over the rounds, a ratio the median
   of the per-round ratios (a virtual machine's speed swings within seconds;
-  turns paired within a round cancel most of that).
+  turns paired within a round cancel most of that).  Each turn also reports
+  where the CPU went, in microseconds per query: in the client processes, in
+  the pooler's process and in PostgreSQL's (not for direct psycopg, whose
+  backends exit with the turn).
 - **Single-client latency**: the median time of one query, timed in the
   worker, at 1 process, for each contender.
 - **Batch**: one client sending ``client.batch("SELECT 1", [()] * 100)`` over
@@ -89,8 +92,11 @@ from .servers import (
     DbpoolServer,
     ServerError,
     client_class,
+    cpu_seconds,
     find_pgbouncer,
+    median_cpu,
     one_line,
+    postgres_cpu_seconds,
     start_poolers,
 )
 from .table import cell, ratio
@@ -193,6 +199,8 @@ class TurnResult:
     seconds: float
     latency_us: float | None = None  # median per call, if timed
     error: str | None = None
+    #: CPU seconds the worker process used while it ran them.
+    cpu_seconds: float = 0.0
 
 
 class _Contenders:
@@ -275,6 +283,7 @@ def _run_turn(step: Callable[[], object], duration: float, timed: bool,
     latencies: list[float] = []
     error = None
     clock = time.perf_counter
+    cpu_began = time.process_time()
     began = clock()
     end = began + duration
     try:
@@ -295,7 +304,8 @@ def _run_turn(step: Callable[[], object], duration: float, timed: bool,
         error = one_line(exc)
     seconds = clock() - began
     latency = statistics.median(latencies) * 1e6 if latencies else None
-    return TurnResult(count * per_call, seconds, latency, error)
+    return TurnResult(count * per_call, seconds, latency, error,
+                      time.process_time() - cpu_began)
 
 
 def _worker(spec: WorkerSpec, conn: Connection, barrier: Barrier) -> None:
@@ -367,12 +377,21 @@ class _Workers:
             raise RuntimeError("a worker process exited") from None
         raise RuntimeError(f"a worker process sent nothing within {timeout:g}s")
 
-    def turn(self, name: str, duration: float, timed: bool) -> list[TurnResult]:
+    def turn(self, name: str, duration: float, timed: bool,
+             pooler: int | None) -> tuple[list[TurnResult], float | None, float]:
+        """Run one turn of contender ``name``: every worker's figures, and the CPU
+        seconds the pooler's process (pid ``pooler``; None for no pooler) and
+        PostgreSQL used from the start barrier until the last worker reported."""
         for pipe in self.pipes:
             pipe.send(("run", name, duration, timed))
         self.barrier.wait(STARTUP_TIMEOUT)
+        pooler_before = cpu_seconds(pooler) if pooler is not None else None
+        postgres_before = postgres_cpu_seconds()
         results: list[TurnResult] = [self._recv(p, duration + 60) for p in self.pipes]
-        return results
+        pooler_after = cpu_seconds(pooler) if pooler is not None else None
+        pooler_used = (None if pooler_before is None or pooler_after is None
+                       else pooler_after - pooler_before)
+        return results, pooler_used, postgres_cpu_seconds() - postgres_before
 
     def close(self) -> None:
         for pipe in self.pipes:
@@ -521,6 +540,10 @@ class Turn:
     per_second: float  # the sum of the processes' own rates
     latency_us: float | None = None
     errors: list[str] = field(default_factory=list)
+    #: CPU µs per statement: the client processes', the pooler's, PostgreSQL's.
+    client_us: float | None = None
+    server_us: float | None = None
+    postgres_us: float | None = None
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -554,6 +577,12 @@ def _scenario(dsn: str, backend: Backend | None, bouncer_binary: str | None,
         bouncer, server = start_poolers(stack, dsn, backend, bouncer_binary, size, unavailable)
         bouncer_dsn = bouncer.dsn if bouncer is not None else None
         endpoint = server.endpoint if server is not None else None
+        # Each contender's pooler process, whose CPU its turns report (psycopg has none).
+        poolers: dict[str, int] = {}
+        if bouncer is not None:
+            poolers["pgbouncer"] = bouncer.pid
+        if server is not None:
+            poolers["dbpool"] = poolers[BATCH] = server.pid
         curve = None
         if CURVE not in unavailable:
             try:
@@ -561,6 +590,7 @@ def _scenario(dsn: str, backend: Backend | None, bouncer_binary: str | None,
                 stack.callback(secured.stop)
                 assert secured.keys is not None
                 curve = (secured.endpoint, *secured.keys)
+                poolers[CURVE] = secured.pid
             except ServerError as exc:
                 unavailable[CURVE] = str(exc)
         spec = WorkerSpec(dsn, bouncer_dsn, endpoint, batch=processes == 1, curve=curve)
@@ -577,7 +607,8 @@ def _scenario(dsn: str, backend: Backend | None, bouncer_binary: str | None,
             for round_ in range(rounds):
                 shift = round_ % len(names)
                 for name in names[shift:] + names[:shift]:
-                    turns.append(_turn(workers, name, processes, size, round_, duration))
+                    turns.append(_turn(workers, name, processes, size, round_, duration,
+                                       poolers.get(name)))
         except (threading.BrokenBarrierError, RuntimeError) as exc:
             # A worker died or hung: the rest of this scenario cannot be measured.
             logger.error("%s processes: the workers failed (%s); scenario abandoned",
@@ -592,19 +623,29 @@ def _scenario(dsn: str, backend: Backend | None, bouncer_binary: str | None,
 
 
 def _turn(workers: _Workers, name: str, processes: int, size: int, round_: int,
-          duration: float) -> Turn:
-    results = workers.turn(name, duration, timed=processes == 1)
+          duration: float, pooler: int | None) -> Turn:
+    results, pooler_cpu, postgres_cpu = workers.turn(name, duration, processes == 1, pooler)
     errors = sorted({r.error for r in results if r.error})
     if errors:
         logger.warning("%s at %s processes, round %s: %s", name, processes, round_ + 1,
                        "; ".join(errors))
+    statements = sum(r.count for r in results)
+
+    def per_statement(seconds: float | None) -> float | None:
+        return None if seconds is None or not statements else round(seconds / statements * 1e6, 1)
+
     return Turn(name, processes, size, round_,
-                statements=sum(r.count for r in results),
+                statements=statements,
                 seconds=statistics.mean(r.seconds for r in results),
                 # Each process ran for its own measured time: add up the rates.
                 per_second=sum(r.count / r.seconds for r in results if r.seconds > 0),
                 latency_us=_median([r.latency_us for r in results if r.latency_us is not None]),
-                errors=errors)
+                errors=errors,
+                client_us=per_statement(sum(r.cpu_seconds for r in results)),
+                server_us=per_statement(pooler_cpu),
+                # Read off PostgreSQL's processes before and after: a direct connection's
+                # backend exits with its turn, and its CPU leaves the count with it.
+                postgres_us=per_statement(postgres_cpu) if pooler is not None else None)
 
 
 def run_remote(
@@ -699,7 +740,9 @@ def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds
         curve_ratio = _paired_ratio(here, CURVE, "dbpool", lambda t: t.per_second)
         scenarios.append({"processes": n, "pool_size": pool_size_for(n), "qps": qps,
                           "dbpool/pgbouncer": None if ratio is None else round(ratio, 3),
-                          "curve/plain": None if curve_ratio is None else round(curve_ratio, 3)})
+                          "curve/plain": None if curve_ratio is None else round(curve_ratio, 3),
+                          "cpu_us_per_query": {name: median_cpu(here, name)
+                                               for name in CONTENDERS}})
 
     single = [t for t in turns if t.processes == 1]
     latency: dict[str, Any] = {}
@@ -792,6 +835,14 @@ def _print_report(report: dict[str, Any]) -> None:
         print(f"{row['processes']:>9} {row['pool_size']:>4} "
               + " ".join(cell(row["qps"][n], 12) for n in CONTENDERS)
               + " " + ratio(row["dbpool/pgbouncer"], 17) + " " + ratio(row["curve/plain"], 12))
+    print("\nwhere a query's CPU went, µs per query (median over rounds):")
+    print(f"{'processes':>9} {'contender':>12} {'client':>8} {'pooler':>8} {'postgres':>8}")
+    for row in report["scenarios"]:
+        for name in CONTENDERS:
+            cpu = row["cpu_us_per_query"][name]
+            if cpu["client"] is not None:
+                print(f"{row['processes']:>9} {name:>12} " + " ".join(
+                    cell(cpu[where], 8, ".1f") for where in ("client", "server", "postgres")))
     latency = report["latency_us"]
     print("\nsingle-client latency, µs per query (1 process, median):")
     for name in CONTENDERS:

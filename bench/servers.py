@@ -26,7 +26,7 @@ from psycopg.conninfo import make_conninfo
 if TYPE_CHECKING:
     from dbpool.client import Client
 
-__all__ = ["SERVER_TIMEOUT", "Backend", "DbpoolServer", "PgBouncer", "ServerError",
+__all__ = ["SERVER_TIMEOUT", "Backend", "CpuTurn", "DbpoolServer", "PgBouncer", "ServerError",
            "client_class", "cpu_seconds", "find_pgbouncer", "one_line", "postgres_cpu_seconds",
            "rss_of", "start_poolers"]
 
@@ -124,6 +124,11 @@ class PgBouncer:
             f"pidfile = {self.dir / 'pgbouncer.pid'}",
             "",
         ])
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def start(self) -> PgBouncer:
         """Start it and wait until it answers; ServerError (and cleaned up) if it does not."""
@@ -420,7 +425,27 @@ def cpu_now(pid: int) -> CpuReading:
     return time.process_time(), cpu_seconds(pid), postgres_cpu_seconds()
 
 
-def median_cpu(turns: Iterable[PairedTurn], contender: str) -> dict[str, float | None]:
+class CpuTurn(Protocol):
+    """What :func:`median_cpu` reads of a turn: whose it was, its errors, and its CPU
+    µs per unit done (None where it could not be read)."""
+
+    @property
+    def contender(self) -> str: ...
+
+    @property
+    def errors(self) -> list[str]: ...
+
+    @property
+    def client_us(self) -> float | None: ...
+
+    @property
+    def server_us(self) -> float | None: ...
+
+    @property
+    def postgres_us(self) -> float | None: ...
+
+
+def median_cpu(turns: Iterable[CpuTurn], contender: str) -> dict[str, float | None]:
     """``contender``'s median CPU µs per unit done, over its turns without errors, by
     where it went (``client``, ``server``, ``postgres``)."""
     mine = [t for t in turns if t.contender == contender and not t.errors]

@@ -382,7 +382,7 @@ def run_tpcb(dsn: str, backend: Backend | None, bouncer_binary: str | None,
                 except psycopg.Error as exc:
                     unavailable["tpcb pgbouncer"] = one_line(exc)
                 else:
-                    contenders["pgbouncer"] = (_pgbouncer(conn), bouncer.proc.pid)
+                    contenders["pgbouncer"] = (_pgbouncer(conn), bouncer.pid)
             admin = stack.enter_context(psycopg.connect(dsn, autocommit=True))
             _warm_up(contenders, admin, rng, unavailable)
             admin.execute("TRUNCATE pgbench_history")

@@ -34,6 +34,13 @@ def test_a_short_remote_benchmark_measures_every_contender_and_judges_every_targ
     (scenario,) = report["scenarios"]
     for contender in ("psycopg", "pgbouncer", "dbpool"):
         assert scenario["qps"][contender] > 0, (contender, scenario)
+    # Where each contender's CPU went, per query.  A direct connection has no pooler,
+    # and its backend's CPU leaves with it at the end of its turn: only its client's.
+    cpu = scenario["cpu_us_per_query"]
+    for contender in ("pgbouncer", "dbpool"):
+        assert all(cpu[contender][where] > 0 for where in ("client", "server", "postgres")), cpu
+    assert cpu["psycopg"]["client"] > 0, cpu
+    assert cpu["psycopg"]["server"] is None and cpu["psycopg"]["postgres"] is None, cpu
     assert report["pgbouncer"]["version"]
     assert report["latency_us"]["dbpool"] > 0 and report["latency_us"]["pgbouncer"] > 0
     assert report["batch"]["dbpool_statements_per_second"] > 0
