@@ -1033,9 +1033,11 @@ class FrontEnd:
             self._queue_statements(job, statements, prepare)
 
     def _queue_statements(self, job: Job, statements: list[Statement], prepare: int) -> None:
-        """Queue ``job`` to run ``statements`` once a connection is free.  Apart from
-        :meth:`_statements`, which runs for every request: its closure is made only for
-        a request that waits."""
+        """Queue ``job`` to run ``statements`` once a connection is free.
+
+        Kept out of :meth:`_statements`: Python makes a function's closure cells as
+        the function is entered, so there they would cost every request, not only
+        those that wait."""
         job.start = lambda pipe: self._send(pipe, job, statements, prepare)
         self._queue(job)
 
@@ -1831,8 +1833,10 @@ class FrontEnd:
             self._wait_for_offer(served)
 
     def _wait_for_offer(self, served: ServedPool) -> None:
-        """Join the pool's queue for ``served``.  Apart from :meth:`_want_connection`,
-        which runs for every queued request: its closure is made only when it waits."""
+        """Join the pool's queue for ``served``.
+
+        Kept out of :meth:`_want_connection`, which runs for every queued request,
+        for the reason :meth:`_queue_statements` gives."""
 
         def on_offer(offer: Offer | None, error: BaseException | None) -> None:
             # Any thread, under the pool queue's lock: hand over to the loop.
