@@ -98,6 +98,9 @@ logger = logging.getLogger("dbpool.server.frontend")
 _INF = float("inf")
 #: A SELECT's status: the one answer that needs no look for a failure.
 _TUPLES_OK = int(pq.ExecStatus.TUPLES_OK)
+_SQLSTATE = pq.DiagnosticField.SQLSTATE
+#: PostgreSQL's SQLSTATE for a statement stopped by a cancel request.
+_QUERY_CANCELED = b"57014"
 _NOBLOCK = int(zmq.NOBLOCK)
 _SRCFD = int(zmq.SRCFD)
 #: Operations that make a lease (or a stream or copy) for their session.
@@ -1096,13 +1099,16 @@ class FrontEnd:
 
     def _complete(self, pipe: Pipe, job: Job, outcome: Outcome) -> None:
         """A job's results are in (the pipe calls this): answer, then reuse the pipe."""
-        if pipe.cancelling and not pipe.requests:
-            pipe.cancelling = False
+        hit = pipe.cancelling is not None and pipe.cancelling is not job
+        if pipe.cancelling is not None and not pipe.requests:
+            pipe.cancelling = None
         try:
             if (job.shared and not job.replanned and job.statements is not None
-                    and job.stale_plan):
+                    and (job.stale_plan or (hit and _cancelled(outcome)
+                                            and job.deadline > time.monotonic()))):
                 # Outside a lease the failure rolled the whole request back: run it
-                # again, unprepared (its statements are prepared afresh later).
+                # again, unprepared (a stale plan's statements are prepared afresh
+                # later; a cancel meant for the request before it is spent).
                 job.replanned = True
                 job.results = []
                 job.stale_plan = False
@@ -1670,8 +1676,15 @@ class FrontEnd:
         shared = served.shared
         each = served.pipes_each()
         held = _pipes_of(shared, client) if served.active > 1 else 0
+        if not job.needs_own:
+            # Statements still to leave this iteration: joining them shares their write.
+            depth = self.depth
+            for pipe in self._dirty:
+                if (pipe.served is served and 0 < len(pipe.requests) < depth
+                        and pipe.joinable() and _may_join(pipe, client, held, each)):
+                    return pipe
         for pipe in shared:
-            if not pipe.requests and not pipe.cancelling and held < each:
+            if not pipe.requests and pipe.cancelling is None and held < each:
                 if job.needs_own:
                     shared.remove(pipe)
                 return pipe
@@ -1688,7 +1701,7 @@ class FrontEnd:
         now = time.monotonic()
         for pipe in shared:
             inflight = len(pipe.requests)
-            if inflight < fewest and not pipe.cancelling and pipe.takes_more(now) and \
+            if inflight < fewest and pipe.cancelling is None and pipe.takes_more(now) and \
                     _may_join(pipe, client, held, each):
                 best, fewest = pipe, inflight
         return best
@@ -1762,7 +1775,7 @@ class FrontEnd:
             return _may_join(pipe, job.client, _pipes_of(shared, job.client), each)
 
         codel = served.codel
-        while (queued and len(pipe.requests) < self.depth and not pipe.cancelling
+        while (queued and len(pipe.requests) < self.depth and pipe.cancelling is None
                and not blocked and pipe.takes_more(now)):
             job = queued.popleft_where(may_take)
             if job is None:
@@ -1906,10 +1919,11 @@ class FrontEnd:
         stuck = now - _STUCK_AFTER
         for pipe in list(self._pipes.values()):
             requests = pipe.requests
-            # A cancel stops whatever runs when it lands, so only a job alone on
-            # its connection is cancelled, and nothing joins it until it ends.
-            if len(requests) == 1 and requests[0].deadline <= now and not pipe.cancelling:
-                pipe.cancelling = True
+            # The first request runs (the others wait their turn in the pipeline).  A
+            # cancel stops whatever runs when it lands: should the first end before,
+            # the one after it is hit, and runs again (see _complete).
+            if requests and requests[0].deadline <= now and pipe.cancelling is not requests[0]:
+                pipe.cancelling = requests[0]
                 self._cancel(pipe)
             elif requests and requests[0].deadline <= stuck and pipe.broken is None:
                 self._drop_stuck(pipe)
@@ -2132,6 +2146,14 @@ def _refused(sql: str) -> StatementNotAllowed:
         "(SET LOCAL, or SET there; the connection is then replaced when the transaction "
         "ends), or set it in the server's connection options; nothing was run",
         scope=scope)
+
+
+def _cancelled(outcome: Outcome) -> bool:
+    """Whether a request's statements failed for a cancel (``query_canceled``)."""
+    if isinstance(outcome, BaseException):
+        return False
+    failed = first_error(outcome)
+    return failed is not None and outcome[failed].error_field(_SQLSTATE) == _QUERY_CANCELED
 
 
 def _check_idle_of_copy(lease: Lease) -> None:

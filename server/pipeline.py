@@ -67,6 +67,14 @@ PIPELINE_BEHIND = 0.002
 #: above what a busy loop takes to come back to a connection (under 1 ms), so
 #: that only statements that are long in themselves count.
 LONG_REQUEST = 0.005
+#: A request may join requests queued on a connection that have not left yet,
+#: rather than take an idle connection, when each of those runs one statement
+#: whose last timed run took less than this (seconds).  They then share one
+#: write, one wake-up of PostgreSQL's backend and, mostly, one read: less CPU
+#: per request on both sides, which on a busy machine is throughput.  Behind a
+#: statement never timed, or lately long, the request would wait for it, so it
+#: goes elsewhere (see :attr:`Pipe.unsent_short`).
+SHORT_REQUEST = 0.001
 
 #: ``(sql, params)``: one statement of a request.
 Statement: TypeAlias = tuple[str, Any]
@@ -75,6 +83,7 @@ Statement: TypeAlias = tuple[str, Any]
 Outcome: TypeAlias = "list[pq.abc.PGresult] | BaseException"
 
 _send_pipeline_sync = pipeline_sync_sender()
+_UNTIMED = float("inf")
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
 _TEXT = pq.Format.TEXT
@@ -229,8 +238,13 @@ class Pipe:
         self.progress = 0.0
         #: How long its requests ran lately, each once first (a moving average, s).
         self.service = 0.0
-        #: A cancel was sent for its one request: it takes no more until that ends.
-        self.cancelling = False
+        #: The request a cancel was sent for (past its deadline): the connection takes
+        #: no more requests until those it has end.
+        self.cancelling: Job | None = None
+        #: Requests queued since the last flush (their statements wait in libpq), and
+        #: whether each runs one statement known to be short (see SHORT_REQUEST).
+        self.unsent = 0
+        self.unsent_short = True
         #: Statements whose Prepare is in flight: (query, types) -> name.  Until
         #: PostgreSQL confirms one, other requests run it unnamed, so that a
         #: Prepare skipped after an earlier failure can never break them.
@@ -261,6 +275,12 @@ class Pipe:
         # runs ends, and never idles for a round trip.
         return inflight < 2 or (self.service < LONG_REQUEST
                                 and now - self.progress < PIPELINE_BEHIND)
+
+    def joinable(self) -> bool:
+        """Whether a request may join this connection's requests that have not left
+        yet, though an idle connection may be at hand (see SHORT_REQUEST)."""
+        return (self.unsent > 0 and self.unsent_short and self.owner is None
+                and self.broken is None and self.cancelling is None)
 
     def events(self) -> int:
         """What the loop should poll its socket for."""
@@ -355,6 +375,10 @@ class Pipe:
         job.prepares = prepares
         job.ran_prepared = ran_prepared
         job.shared = self.owner is None
+        self.unsent += 1
+        if self.unsent_short and (len(statements) != 1 or self.served.statement_times.get(
+                statements[0][0], _UNTIMED) >= SHORT_REQUEST):
+            self.unsent_short = False
         if not self.requests:
             self.progress = _monotonic()
         self._add(job)
@@ -465,6 +489,7 @@ class Pipe:
 
     def flush(self) -> None:
         """Send what libpq holds; what the socket cannot take now waits for writability."""
+        self.unsent, self.unsent_short = 0, True
         if self.copy is not None:
             self.copy.flush()
             return
@@ -494,12 +519,21 @@ class Pipe:
                     if requests[0].shared and pgconn.transaction_status in _OPEN:
                         self.lose(_left_open())
                         return
-                    if not finished:
+                    job = self._take()
+                    if not finished:  # the others that finished in this read took ~0
                         finished = True
                         now = _monotonic()
-                        self.service += 0.25 * (now - self.progress - self.service)
+                        took = now - self.progress
+                        self.service += 0.25 * (took - self.service)
                         self.progress = now
-                    self._finish(self._take())
+                        statements = job.statements
+                        if statements is not None and len(statements) == 1:
+                            times = self.served.statement_times
+                            sql = statements[0][0]
+                            if len(times) >= MAX_COUNTED and sql not in times:
+                                times.clear()  # many one-off statements: start afresh
+                            times[sql] = took
+                    self._finish(job)
                 elif status in _EXPECTED:
                     requests[0].results.append(result)
                 else:

@@ -176,6 +176,9 @@ class ServedPool:
         #: a connection that prepared statements before the latest count forgets
         #: them before its next request, as their plans may have gone stale.
         self.schema_epoch = 0
+        #: How long each statement run alone in a request took at its last timed run
+        #: (seconds, by its SQL text), for pipeline.SHORT_REQUEST.
+        self.statement_times: dict[str, float] = {}
 
     def reader(self, readonly: object) -> ServedPool | None:
         """The replica a read-only request goes to: the pool's choice (see

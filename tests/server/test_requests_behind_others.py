@@ -1,0 +1,196 @@
+"""Requests pipelined behind another client's on one connection.
+
+``dbpool serve`` lets a request go behind others on a connection (libpq's
+pipeline, a Sync after each request) when that saves work: behind a busy
+connection's request when no connection is idle, and behind short
+statements that have not left yet, which then share one write and one
+wake-up of PostgreSQL.  What is checked here, with real PostgreSQL and the
+front end on a thread of the test:
+
+- a request that arrives with others, in one read, joins their connection
+  when their statements are known to be short; it does not when they are
+  not (never run yet, or lately long), and takes an idle connection;
+- a request behind one that runs past its deadline is not lost with it:
+  the one in front is cancelled, and the one behind runs;
+- if that cancel lands late, on the request behind (the one in front ended
+  first), that request runs again: PostgreSQL rolled it back whole.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+import dbpool.server.pipeline as pipeline
+from dbpool import wire
+from dbpool.client import Client
+from dbpool.client.direct import ZmtpConnection
+from dbpool.errors import ConnectionError
+from dbpool.pool import Pool
+from dbpool.protocol import VERSION
+from dbpool.server.frontend import FrontEnd
+from dbpool.zmtp import frame
+from tests.support.events import wait_for
+from tests.support.frontend import front_end
+from tests.support.remote import pool_whole
+
+PID_SQL = "SELECT pg_backend_pid()"
+
+
+@pytest.fixture
+def pool(pg_dsn: str) -> Iterator[Pool]:
+    with Pool.start(pg_dsn, pool_size=4) as started:
+        yield started
+
+
+def _connect(front: FrontEnd) -> ZmtpConnection:
+    """A raw connection to ``front``, once every connection of its pool is idle."""
+    with Client(front.endpoint, timeout=10) as client:
+        wait_for(lambda: pool_whole(client, 4), timeout=10, what="the pool's 4 connections")
+    host, port = front.endpoint.removeprefix("tcp://").rsplit(":", 1)
+    conn = ZmtpConnection(host, int(port))
+    conn.connect(5.0)
+    return conn
+
+
+def _together(conn: ZmtpConnection, sqls: list[str]) -> list[dict[str, Any]]:
+    """Send a query request per statement in one write (so that the server reads
+    them in one go) and return the replies, in order."""
+    requests = [wire.packb({"v": VERSION, "id": i + 1, "op": "query", "sql": sql})
+                for i, sql in enumerate(sqls)]
+    data = b"".join(frame(body) for body in requests)
+    sent = 0
+    while sent < len(data):
+        sent += os.write(conn.fileno(), data[sent:])
+    deadline = time.monotonic() + 10
+    replies: dict[int, dict[str, Any]] = {}
+    while len(replies) < len(sqls):
+        body = conn.recv(deadline)
+        assert body is not None, f"{len(replies)} of {len(sqls)} replies came"
+        reply = wire.unpackb(body)
+        replies[reply["id"]] = reply
+    return [replies[i + 1] for i in range(len(sqls))]
+
+
+def _pids(replies: list[dict[str, Any]]) -> set[int]:
+    assert all("ok" in reply for reply in replies), replies
+    return {reply["ok"]["rows"][0][0] for reply in replies}
+
+
+def test_requests_that_arrive_together_share_a_connection_behind_short_statements(
+        pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What counts as short on a loaded test machine: the rule, not the threshold.
+    monkeypatch.setattr(pipeline, "SHORT_REQUEST", 0.5)
+    with front_end(pool) as front:
+        conn = _connect(front)
+        try:
+            for _ in range(3):  # the statement's record: short
+                assert len(_pids(_together(conn, [PID_SQL]))) == 1
+            pids = _pids(_together(conn, [PID_SQL] * 6))
+        finally:
+            conn.close()
+    assert len(pids) == 1, f"6 requests sent together ran on {len(pids)} connections"
+
+
+def test_requests_do_not_join_statements_not_known_to_be_short(
+        pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "SHORT_REQUEST", 0.5)
+    long_sql = "SELECT pg_backend_pid() FROM pg_sleep(0.6)"
+    with front_end(pool) as front:
+        conn = _connect(front)
+        try:
+            # Never run before: nothing says it is short.
+            first = _together(conn, [f"{PID_SQL} /* new */", PID_SQL])
+            # Run before, and long: the request after it takes another connection.
+            _together(conn, [long_sql])
+            second = _together(conn, [long_sql, PID_SQL])
+        finally:
+            conn.close()
+    assert len(_pids(first)) == 2
+    assert len(_pids(second)) == 2
+
+
+def _running(watcher: psycopg.Connection[Any], tag: str) -> bool:
+    row = watcher.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s "
+        "AND pid <> pg_backend_pid()", (f"%{tag}%",)).fetchone()
+    return bool(row and row[0])
+
+
+def _in_thread(call: Any) -> tuple[threading.Thread, list[Any]]:
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_request_behind_one_past_its_deadline_runs(pg_dsn: str) -> None:
+    """Pool of one: B goes behind A, which runs past its deadline.  A is cancelled
+    at its deadline, and B answers (it was dropped with A's connection, 2 s later)."""
+    tag = f"behind-{uuid.uuid4().hex}"
+    with Pool.start(pg_dsn, pool_size=1) as pool, front_end(pool) as front, \
+            psycopg.connect(pg_dsn, autocommit=True) as watcher, \
+            Client(front.endpoint, timeout=10) as b:
+        b.query("SELECT 1")
+        with Client(front.endpoint) as a:
+            a_thread, a_outcome = _in_thread(
+                lambda: a.query(f"SELECT 1 FROM pg_sleep(30) /* {tag}-a */", timeout=0.5))
+            wait_for(lambda: _running(watcher, f"{tag}-a"), timeout=10,
+                     what="A's statement to run")
+            started = time.monotonic()
+            assert b.query("SELECT 41 + 1").rows == [(42,)]
+            took = time.monotonic() - started
+            a_thread.join(10)
+        assert isinstance(a_outcome[0], ConnectionError)
+        assert took < 2.0, f"B answered after {took:.2f} s"
+        assert not _running(watcher, f"{tag}-a"), "A still runs"
+
+
+def test_a_request_hit_by_a_cancel_meant_for_the_one_before_runs_again(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A passes its deadline and its cancel is held back until B, behind it, runs:
+    the cancel lands on B, which the server runs again, and B answers."""
+    tag = f"behind-{uuid.uuid4().hex}"
+    cancel = FrontEnd._cancel
+    late: list[threading.Thread] = []
+
+    def late_cancel(self: FrontEnd, pipe: Any) -> None:
+        def when_b_runs() -> None:
+            with psycopg.connect(pg_dsn, autocommit=True) as watcher:
+                wait_for(lambda: _running(watcher, f"{tag}-b"), timeout=10,
+                         what="B's statement to run")
+            cancel(self, pipe)
+
+        thread = threading.Thread(target=when_b_runs, daemon=True)
+        late.append(thread)
+        thread.start()
+
+    monkeypatch.setattr(FrontEnd, "_cancel", late_cancel)
+    with Pool.start(pg_dsn, pool_size=1) as pool, front_end(pool) as front, \
+            psycopg.connect(pg_dsn, autocommit=True) as watcher, \
+            Client(front.endpoint, timeout=10) as b:
+        b.query("SELECT 1")
+        with Client(front.endpoint) as a:
+            a_thread, _ = _in_thread(
+                lambda: a.query(f"SELECT 1 FROM pg_sleep(0.6) /* {tag}-a */", timeout=0.2))
+            wait_for(lambda: _running(watcher, f"{tag}-a"), timeout=10,
+                     what="A's statement to run")
+            result = b.query(f"SELECT 7 FROM pg_sleep(1) /* {tag}-b */")
+            a_thread.join(10)
+        assert late, "no cancel was sent for A"
+        late[0].join(10)
+        assert result.rows == [(7,)]
