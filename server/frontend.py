@@ -9,10 +9,15 @@ anything else:
   connection borrowed from the pool, through libpq's pipeline
   (:class:`~dbpool.server.pipeline.Pipe`); the reply goes out when the
   results arrive;
-- it takes an idle connection from the pool when one is free, else queues
-  the request on a connection it holds already (at most ``pipeline_depth``
-  requests each), else waits in the pool's queue like any caller, so remote
-  and in-process callers share the pool fairly;
+- it joins the requests that arrived with it, on their connection, when
+  their statements are known to be short (:data:`~dbpool.server.pipeline.SHORT_REQUEST`):
+  they leave in one write; else it takes an idle connection from the pool
+  when one is free, else queues the request on a connection it holds
+  already (at most ``pipeline_depth`` requests each), else waits in the
+  pool's queue like any caller, so remote and in-process callers share the
+  pool fairly;
+- a request past its deadline is cancelled; a request behind it that the
+  cancel hits instead (the first ended as it was sent) runs again;
 - a connection with nothing in flight goes back to the pool at once;
 - a ``begin`` or ``stream`` holds a connection for one client session
   (a lease) until it ends, by request or because the session fell silent
