@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -138,25 +139,35 @@ def _in_thread(call: Any) -> tuple[threading.Thread, list[Any]]:
     return thread, outcome
 
 
+@contextmanager
+def _a_running(pg_dsn: str, tag: str, seconds: float,
+               timeout: float) -> Iterator[tuple[Client, psycopg.Connection[Any], list[Any]]]:
+    """A pool of one behind a front end, client A's ``pg_sleep(seconds)`` running on
+    its connection with a request timeout of ``timeout``: yields client B, a watcher
+    connection and A's outcome (there once the block ends)."""
+    with Pool.start(pg_dsn, pool_size=1) as pool, front_end(pool) as front, \
+            psycopg.connect(pg_dsn, autocommit=True) as watcher, \
+            Client(front.endpoint, timeout=10) as b, Client(front.endpoint) as a:
+        b.query("SELECT 1")
+        a_thread, a_outcome = _in_thread(lambda: a.query(
+            f"SELECT 1 FROM pg_sleep({seconds}) /* {tag}-a */", timeout=timeout))
+        wait_for(lambda: _running(watcher, f"{tag}-a"), timeout=10,
+                 what="A's statement to run")
+        yield b, watcher, a_outcome
+        a_thread.join(10)
+
+
 def test_a_request_behind_one_past_its_deadline_runs(pg_dsn: str) -> None:
     """Pool of one: B goes behind A, which runs past its deadline.  A is cancelled
     at its deadline, and B answers (it was dropped with A's connection, 2 s later)."""
     tag = f"behind-{uuid.uuid4().hex}"
-    with Pool.start(pg_dsn, pool_size=1) as pool, front_end(pool) as front, \
-            psycopg.connect(pg_dsn, autocommit=True) as watcher, \
-            Client(front.endpoint, timeout=10) as b:
-        b.query("SELECT 1")
-        with Client(front.endpoint) as a:
-            a_thread, a_outcome = _in_thread(
-                lambda: a.query(f"SELECT 1 FROM pg_sleep(30) /* {tag}-a */", timeout=0.5))
-            wait_for(lambda: _running(watcher, f"{tag}-a"), timeout=10,
-                     what="A's statement to run")
-            started = time.monotonic()
-            assert b.query("SELECT 41 + 1").rows == [(42,)]
-            took = time.monotonic() - started
-            a_thread.join(10)
-        assert isinstance(a_outcome[0], ConnectionError)
-        assert took < 2.0, f"B answered after {took:.2f} s"
+    with _a_running(pg_dsn, tag, 30, timeout=0.5) as (b, watcher, a_outcome):
+        started = time.monotonic()
+        assert b.query("SELECT 41 + 1").rows == [(42,)]
+        took = time.monotonic() - started
+    assert isinstance(a_outcome[0], ConnectionError)
+    assert took < 2.0, f"B answered after {took:.2f} s"
+    with psycopg.connect(pg_dsn, autocommit=True) as watcher:
         assert not _running(watcher, f"{tag}-a"), "A still runs"
 
 
@@ -180,17 +191,8 @@ def test_a_request_hit_by_a_cancel_meant_for_the_one_before_runs_again(
         thread.start()
 
     monkeypatch.setattr(FrontEnd, "_cancel", late_cancel)
-    with Pool.start(pg_dsn, pool_size=1) as pool, front_end(pool) as front, \
-            psycopg.connect(pg_dsn, autocommit=True) as watcher, \
-            Client(front.endpoint, timeout=10) as b:
-        b.query("SELECT 1")
-        with Client(front.endpoint) as a:
-            a_thread, _ = _in_thread(
-                lambda: a.query(f"SELECT 1 FROM pg_sleep(0.6) /* {tag}-a */", timeout=0.2))
-            wait_for(lambda: _running(watcher, f"{tag}-a"), timeout=10,
-                     what="A's statement to run")
-            result = b.query(f"SELECT 7 FROM pg_sleep(1) /* {tag}-b */")
-            a_thread.join(10)
-        assert late, "no cancel was sent for A"
-        late[0].join(10)
-        assert result.rows == [(7,)]
+    with _a_running(pg_dsn, tag, 0.6, timeout=0.2) as (b, _, _):
+        result = b.query(f"SELECT 7 FROM pg_sleep(1) /* {tag}-b */")
+    assert late, "no cancel was sent for A"
+    late[0].join(10)
+    assert result.rows == [(7,)]
