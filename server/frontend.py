@@ -1685,8 +1685,8 @@ class FrontEnd:
             # Statements still to leave this iteration: joining them shares their write.
             depth = self.depth
             for pipe in self._dirty:
-                if (pipe.served is served and 0 < len(pipe.requests) < depth
-                        and pipe.joinable() and _may_join(pipe, client, held, each)):
+                if (pipe.served is served and len(pipe.requests) < depth and pipe.joinable()
+                        and _may_join(pipe, client, held, each) and pipe in shared):
                     return pipe
         for pipe in shared:
             if not pipe.requests and pipe.cancelling is None and held < each:

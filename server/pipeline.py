@@ -280,7 +280,7 @@ class Pipe:
         """Whether a request may join this connection's requests that have not left
         yet, though an idle connection may be at hand (see SHORT_REQUEST)."""
         return (self.unsent > 0 and self.unsent_short and self.owner is None
-                and self.broken is None and self.cancelling is None)
+                and self.broken is None and self.retiring is None and self.cancelling is None)
 
     def events(self) -> int:
         """What the loop should poll its socket for."""
