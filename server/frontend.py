@@ -124,9 +124,13 @@ _LINGER = 0.002
 _SPIN_AFTER = 0.001
 #: How often the loop checks deadlines, heartbeats and lease ages (seconds).
 _TICK = 0.05
-#: A connection with a request this long past its deadline (a cancel sent and
-#: unanswered) is dropped: nothing comes back through a partition.
+#: A connection whose first request has not answered this long after a cancel was
+#: sent for it (past its deadline) is dropped: nothing comes back through a partition.
 _STUCK_AFTER = 2.0
+#: How long after it was sent a cancel may still land, on the request it was meant
+#: for or, if that one ended first, on the next (seconds; the pool's cancel threads
+#: send it within milliseconds).
+_CANCEL_LANDS = 1.0
 #: Ended lease and stream ids remembered, to answer "expired" rather than "unknown".
 _ENDED_MEMORY = 10_000
 _MAX_ROWS = 500
@@ -1104,13 +1108,16 @@ class FrontEnd:
 
     def _complete(self, pipe: Pipe, job: Job, outcome: Outcome) -> None:
         """A job's results are in (the pipe calls this): answer, then reuse the pipe."""
-        hit = pipe.cancelling is not None and pipe.cancelling is not job
-        if pipe.cancelling is not None and not pipe.requests:
-            pipe.cancelling = None
+        hit = False
+        if pipe.cancel_sent and _cancelled(outcome):  # the cancel landed, here: spent
+            hit = (pipe.cancel_for is not job
+                   and time.monotonic() - pipe.cancel_sent < _CANCEL_LANDS)
+            pipe.cancel_for, pipe.cancel_sent = None, 0.0
+        if pipe.cancelling and not pipe.requests:
+            pipe.cancelling = False
         try:
             if (job.shared and not job.replanned and job.statements is not None
-                    and (job.stale_plan or (hit and _cancelled(outcome)
-                                            and job.deadline > time.monotonic()))):
+                    and (job.stale_plan or (hit and job.deadline > time.monotonic()))):
                 # Outside a lease the failure rolled the whole request back: run it
                 # again, unprepared (a stale plan's statements are prepared afresh
                 # later; a cancel meant for the request before it is spent).
@@ -1368,7 +1375,7 @@ class FrontEnd:
             self._send_quietly(pipe, f'CLOSE "{lease.cursor.decode()}"')
             return
         if pipe.inflight:
-            self._cancel(pipe)
+            self._cancel(pipe, pipe.requests[0])
         self._unhold(lease)
         self._send_quietly(pipe, "ROLLBACK")
 
@@ -1563,7 +1570,7 @@ class FrontEnd:
         copy = copying.copy
         if copy is not None and copy.phase != "done":
             if copy.direction == "out":
-                self._cancel(copying.pipe)
+                self._cancel(copying.pipe, None)
             copy.abort("the client closed the COPY")
         self._copy_progress(copying)
 
@@ -1689,7 +1696,7 @@ class FrontEnd:
                         and _may_join(pipe, client, held, each) and pipe in shared):
                     return pipe
         for pipe in shared:
-            if not pipe.requests and pipe.cancelling is None and held < each:
+            if not pipe.requests and not pipe.cancelling and held < each:
                 if job.needs_own:
                     shared.remove(pipe)
                 return pipe
@@ -1706,7 +1713,7 @@ class FrontEnd:
         now = time.monotonic()
         for pipe in shared:
             inflight = len(pipe.requests)
-            if inflight < fewest and pipe.cancelling is None and pipe.takes_more(now) and \
+            if inflight < fewest and not pipe.cancelling and pipe.takes_more(now) and \
                     _may_join(pipe, client, held, each):
                 best, fewest = pipe, inflight
         return best
@@ -1780,7 +1787,7 @@ class FrontEnd:
             return _may_join(pipe, job.client, _pipes_of(shared, job.client), each)
 
         codel = served.codel
-        while (queued and len(pipe.requests) < self.depth and pipe.cancelling is None
+        while (queued and len(pipe.requests) < self.depth and not pipe.cancelling
                and not blocked and pipe.takes_more(now)):
             job = queued.popleft_where(may_take)
             if job is None:
@@ -1885,8 +1892,16 @@ class FrontEnd:
             if not all_of_them:
                 return
 
-    def _cancel(self, pipe: Pipe) -> None:
-        """Cancel the statement running on ``pipe`` (sent by the pool's cancel threads)."""
+    def _cancel(self, pipe: Pipe, target: Job | None) -> None:
+        """Cancel the statement running on ``pipe``, meant for ``target`` (None: a COPY);
+        should it land on a request after that one, the request runs again (see
+        :meth:`_complete`)."""
+        pipe.cancel_for, pipe.cancel_sent = target, time.monotonic()
+        self._send_cancel(pipe)
+
+    def _send_cancel(self, pipe: Pipe) -> None:
+        """Ask PostgreSQL to cancel what runs on ``pipe`` (the pool's cancel threads send
+        it, so it lands a moment later)."""
         pipe.served.lender.cancel(pipe.conn)
 
     # -- time ----------------------------------------------------------------
@@ -1927,10 +1942,11 @@ class FrontEnd:
             # The first request runs (the others wait their turn in the pipeline).  A
             # cancel stops whatever runs when it lands: should the first end before,
             # the one after it is hit, and runs again (see _complete).
-            if requests and requests[0].deadline <= now and pipe.cancelling is not requests[0]:
-                pipe.cancelling = requests[0]
-                self._cancel(pipe)
-            elif requests and requests[0].deadline <= stuck and pipe.broken is None:
+            if requests and requests[0].deadline <= now and pipe.cancel_for is not requests[0]:
+                pipe.cancelling = True
+                self._cancel(pipe, requests[0])
+            elif (requests and pipe.cancel_for is requests[0] and pipe.cancel_sent <= stuck
+                    and pipe.broken is None):
                 self._drop_stuck(pipe)
         if self._peers.watching:
             self._release_the_dead(now)
@@ -1955,15 +1971,16 @@ class FrontEnd:
         self._answer_error(job, error_map(drop_error(served.lender.name, now - job.started)))
 
     def _drop_stuck(self, pipe: Pipe) -> None:
-        """A connection that has not answered for :data:`_STUCK_AFTER` past a request's
-        deadline, even to a cancel: the network is gone, or PostgreSQL is.  Fail what
-        waits on it and drop it (its socket shut, so nothing more is waited for)."""
-        logger.warning("front end: a connection gave no answer %gs past a request's "
-                       "deadline; dropping it", _STUCK_AFTER)
+        """A connection that has not answered for :data:`_STUCK_AFTER` after a cancel
+        for its first request (past its deadline): the network is gone, or PostgreSQL
+        is.  Fail what waits on it and drop it (its socket shut, so nothing more is
+        waited for)."""
+        logger.warning("front end: a connection gave no answer %gs after a cancel; "
+                       "dropping it", _STUCK_AFTER)
         pipe.served.lender.interrupt(pipe.conn)
         pipe.lose(ConnectionError(
-            f"no answer from PostgreSQL within the request's timeout (and {_STUCK_AFTER:g}s "
-            "more); its connection was dropped", reason="deadline"))
+            f"no answer from PostgreSQL within the request's timeout, nor {_STUCK_AFTER:g}s "
+            "after a cancel; its connection was dropped", reason="deadline"))
         self._watch(pipe)
 
     def _copy_tick(self, copying: Lease, now: float) -> None:
@@ -1982,7 +1999,7 @@ class FrontEnd:
             self._expire(copying, "no answer from PostgreSQL within the request's timeout")
         elif job.deadline <= now and not copy.cancelling:
             copy.cancelling = True
-            self._cancel(copying.pipe)
+            self._cancel(copying.pipe, None)
 
     # -- stopping --------------------------------------------------------------
 

@@ -75,6 +75,9 @@ LONG_REQUEST = 0.005
 #: statement never timed, or lately long, the request would wait for it, so it
 #: goes elsewhere (see :attr:`Pipe.unsent_short`).
 SHORT_REQUEST = 0.001
+#: Statements longer than this (characters) are not timed for SHORT_REQUEST: their
+#: texts are not kept, and nothing joins them.
+MAX_TIMED_TEXT = 4096
 
 #: ``(sql, params)``: one statement of a request.
 Statement: TypeAlias = tuple[str, Any]
@@ -91,6 +94,7 @@ _SYNC = int(pq.ExecStatus.PIPELINE_SYNC)
 _FATAL = int(pq.ExecStatus.FATAL_ERROR)
 _TUPLES = int(pq.ExecStatus.TUPLES_OK)
 _COMMAND_OK = int(pq.ExecStatus.COMMAND_OK)
+_SUCCEEDED = frozenset({_TUPLES, _COMMAND_OK})
 _BAD = int(pq.ConnStatus.BAD)
 #: A transaction still open after a Sync.  (libpq reports ACTIVE instead while
 #: more requests are in flight behind it, so this check sees the last one only:
@@ -238,9 +242,13 @@ class Pipe:
         self.progress = 0.0
         #: How long its requests ran lately, each once first (a moving average, s).
         self.service = 0.0
-        #: The request a cancel was sent for (past its deadline): the connection takes
-        #: no more requests until those it has end.
-        self.cancelling: Job | None = None
+        #: A cancel was sent for its first request (past its deadline): it takes no more
+        #: requests until those it has end.
+        self.cancelling = False
+        #: The request the last cancel sent on it was for (None: a COPY's), and when it
+        #: was sent: 0.0 once it landed (see FrontEnd._complete).
+        self.cancel_for: Job | None = None
+        self.cancel_sent = 0.0
         #: Requests queued since the last flush (their statements wait in libpq), and
         #: whether each runs one statement known to be short (see SHORT_REQUEST).
         self.unsent = 0
@@ -277,10 +285,12 @@ class Pipe:
                                 and now - self.progress < PIPELINE_BEHIND)
 
     def joinable(self) -> bool:
-        """Whether a request may join this connection's requests that have not left
-        yet, though an idle connection may be at hand (see SHORT_REQUEST)."""
-        return (self.unsent > 0 and self.unsent_short and self.owner is None
-                and self.broken is None and self.retiring is None and self.cancelling is None)
+        """Whether a request may join this connection's requests, though an idle
+        connection may be at hand: none of them has left yet (nothing runs there that
+        it would wait for), and each is known to be short (see SHORT_REQUEST)."""
+        return (0 < self.unsent == len(self.requests) and self.unsent_short
+                and self.owner is None and self.broken is None and self.retiring is None
+                and not self.cancelling)
 
     def events(self) -> int:
         """What the loop should poll its socket for."""
@@ -377,7 +387,7 @@ class Pipe:
         job.shared = self.owner is None
         self.unsent += 1
         if self.unsent_short and (len(statements) != 1 or self.served.statement_times.get(
-                statements[0][0], _UNTIMED) >= SHORT_REQUEST):
+                statements[0][0], _UNTIMED) >= SHORT_REQUEST):  # (not timed: _UNTIMED)
             self.unsent_short = False
         if not self.requests:
             self.progress = _monotonic()
@@ -527,7 +537,12 @@ class Pipe:
                         self.service += 0.25 * (took - self.service)
                         self.progress = now
                         statements = job.statements
-                        if statements is not None and len(statements) == 1:
+                        results = job.results
+                        # A run that failed (a cancel, an error) says nothing of how long
+                        # the statement takes; a long text is not kept.
+                        if (statements is not None and len(statements) == 1 and results
+                                and results[-1].status in _SUCCEEDED
+                                and len(statements[0][0]) <= MAX_TIMED_TEXT):
                             times = self.served.statement_times
                             sql = statements[0][0]
                             if len(times) >= MAX_COUNTED and sql not in times:

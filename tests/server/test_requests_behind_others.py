@@ -141,10 +141,10 @@ def _in_thread(call: Any) -> tuple[threading.Thread, list[Any]]:
 
 @contextmanager
 def _a_running(pg_dsn: str, tag: str, seconds: float,
-               timeout: float) -> Iterator[tuple[Client, psycopg.Connection[Any], list[Any]]]:
+               timeout: float) -> Iterator[tuple[FrontEnd, Client, list[Any]]]:
     """A pool of one behind a front end, client A's ``pg_sleep(seconds)`` running on
-    its connection with a request timeout of ``timeout``: yields client B, a watcher
-    connection and A's outcome (there once the block ends)."""
+    its connection with a request timeout of ``timeout``: yields the front end,
+    client B and A's outcome (there once the block ends)."""
     with Pool.start(pg_dsn, pool_size=1) as pool, front_end(pool) as front, \
             psycopg.connect(pg_dsn, autocommit=True) as watcher, \
             Client(front.endpoint, timeout=10) as b, Client(front.endpoint) as a:
@@ -153,20 +153,31 @@ def _a_running(pg_dsn: str, tag: str, seconds: float,
             f"SELECT 1 FROM pg_sleep({seconds}) /* {tag}-a */", timeout=timeout))
         wait_for(lambda: _running(watcher, f"{tag}-a"), timeout=10,
                  what="A's statement to run")
-        yield b, watcher, a_outcome
+        yield front, b, a_outcome
         a_thread.join(10)
+
+
+def _behind(front: FrontEnd) -> bool:
+    """Whether a connection of ``front`` has two requests (read from the test's thread:
+    a snapshot is enough)."""
+    return any(len(pipe.requests) == 2 for pipe in list(front._pipes.values()))
 
 
 def test_a_request_behind_one_past_its_deadline_runs(pg_dsn: str) -> None:
     """Pool of one: B goes behind A, which runs past its deadline.  A is cancelled
     at its deadline, and B answers (it was dropped with A's connection, 2 s later)."""
     tag = f"behind-{uuid.uuid4().hex}"
-    with _a_running(pg_dsn, tag, 30, timeout=0.5) as (b, watcher, a_outcome):
+    with _a_running(pg_dsn, tag, 30, timeout=1.0) as (front, b, a_outcome):
         started = time.monotonic()
-        assert b.query("SELECT 41 + 1").rows == [(42,)]
+        b_thread, b_outcome = _in_thread(lambda: b.query("SELECT 41 + 1"))
+        wait_for(lambda: _behind(front), timeout=10, what="B behind A")
+        b_thread.join(10)
         took = time.monotonic() - started
-    assert isinstance(a_outcome[0], ConnectionError)
-    assert took < 2.0, f"B answered after {took:.2f} s"
+    # A's client gives up at its timeout, or hears of the cancel first.
+    assert isinstance(a_outcome[0], ConnectionError | psycopg.errors.QueryCanceled), a_outcome
+    assert b_outcome and not isinstance(b_outcome[0], Exception), b_outcome
+    assert b_outcome[0].rows == [(42,)]
+    assert took < 2.5, f"B answered after {took:.2f} s"
     with psycopg.connect(pg_dsn, autocommit=True) as watcher:
         assert not _running(watcher, f"{tag}-a"), "A still runs"
 
@@ -174,25 +185,58 @@ def test_a_request_behind_one_past_its_deadline_runs(pg_dsn: str) -> None:
 def test_a_request_hit_by_a_cancel_meant_for_the_one_before_runs_again(
         pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A passes its deadline and its cancel is held back until B, behind it, runs:
-    the cancel lands on B, which the server runs again, and B answers."""
+    the cancel lands on B, which the server runs again, and B answers a whole run
+    (1 s) after the cancel."""
     tag = f"behind-{uuid.uuid4().hex}"
-    cancel = FrontEnd._cancel
-    late: list[threading.Thread] = []
+    send_cancel = FrontEnd._send_cancel
+    sent_at: list[float] = []
 
     def late_cancel(self: FrontEnd, pipe: Any) -> None:
         def when_b_runs() -> None:
             with psycopg.connect(pg_dsn, autocommit=True) as watcher:
                 wait_for(lambda: _running(watcher, f"{tag}-b"), timeout=10,
                          what="B's statement to run")
-            cancel(self, pipe)
+            sent_at.append(time.monotonic())
+            send_cancel(self, pipe)
 
-        thread = threading.Thread(target=when_b_runs, daemon=True)
-        late.append(thread)
-        thread.start()
+        threading.Thread(target=when_b_runs, daemon=True).start()
 
-    monkeypatch.setattr(FrontEnd, "_cancel", late_cancel)
-    with _a_running(pg_dsn, tag, 0.6, timeout=0.2) as (b, _, _):
-        result = b.query(f"SELECT 7 FROM pg_sleep(1) /* {tag}-b */")
-    assert late, "no cancel was sent for A"
-    late[0].join(10)
-    assert result.rows == [(7,)]
+    monkeypatch.setattr(FrontEnd, "_send_cancel", late_cancel)
+    with _a_running(pg_dsn, tag, 1.5, timeout=1.0) as (front, b, _):
+        b_thread, b_outcome = _in_thread(
+            lambda: b.query(f"SELECT 7 FROM pg_sleep(1) /* {tag}-b */"))
+        wait_for(lambda: _behind(front), timeout=10, what="B behind A")
+        b_thread.join(15)
+        done = time.monotonic()
+    assert sent_at, "no cancel was sent for A"
+    assert b_outcome and not isinstance(b_outcome[0], Exception), b_outcome
+    assert b_outcome[0].rows == [(7,)]
+    # Hit at its start, B ran again whole; a cancel that missed it would leave < 1 s.
+    assert done - sent_at[0] >= 0.9, f"B answered {done - sent_at[0]:.2f} s after the cancel"
+
+
+def test_a_connection_is_dropped_only_when_a_cancel_goes_unanswered(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """B waits behind A (which takes 2.5 s) well past B's own deadline, with C behind
+    B.  When A ends, B is cancelled, and its cancel takes 0.3 s to land: the
+    connection, which answers, is kept, and C runs (it was dropped with B's
+    connection, B's deadline having passed 2 s before)."""
+    tag = f"behind-{uuid.uuid4().hex}"
+    send_cancel = FrontEnd._send_cancel
+
+    def slow_cancel(self: FrontEnd, pipe: Any) -> None:
+        threading.Timer(0.3, send_cancel, (self, pipe)).start()
+
+    monkeypatch.setattr(FrontEnd, "_send_cancel", slow_cancel)
+    with _a_running(pg_dsn, tag, 2.5, timeout=30) as (front, b, a_outcome), \
+            Client(front.endpoint, timeout=30) as c:
+        b_thread, b_outcome = _in_thread(
+            lambda: b.query("SELECT 2 FROM pg_sleep(5)", timeout=0.2))
+        wait_for(lambda: _behind(front), timeout=10, what="B behind A")
+        c_thread, c_outcome = _in_thread(lambda: c.query("SELECT 3"))
+        c_thread.join(15)
+        b_thread.join(15)
+    assert a_outcome and not isinstance(a_outcome[0], Exception), a_outcome
+    assert b_outcome and isinstance(b_outcome[0], Exception)
+    assert c_outcome and not isinstance(c_outcome[0], Exception), c_outcome
+    assert c_outcome[0].rows == [(3,)]
