@@ -51,33 +51,49 @@ def pool(pg_dsn: str) -> Iterator[Pool]:
         yield started
 
 
-def _connect(front: FrontEnd) -> ZmtpConnection:
+def _connect(front: FrontEnd, size: int = 4) -> ZmtpConnection:
     """A raw connection to ``front``, once every connection of its pool is idle."""
     with Client(front.endpoint, timeout=10) as client:
-        wait_for(lambda: pool_whole(client, 4), timeout=10, what="the pool's 4 connections")
+        wait_for(lambda: pool_whole(client, size), timeout=10,
+                 what=f"the pool's {size} connections")
     host, port = front.endpoint.removeprefix("tcp://").rsplit(":", 1)
     conn = ZmtpConnection(host, int(port))
     conn.connect(5.0)
     return conn
 
 
-def _together(conn: ZmtpConnection, sqls: list[str]) -> list[dict[str, Any]]:
-    """Send a query request per statement in one write (so that the server reads
-    them in one go) and return the replies, in order."""
-    requests = [wire.packb({"v": VERSION, "id": i + 1, "op": "query", "sql": sql})
-                for i, sql in enumerate(sqls)]
+Statement = str | tuple[str, list[Any]]
+
+
+def _send_together(conn: ZmtpConnection, statements: list[Statement]) -> None:
+    """Send a query request per statement (SQL, or SQL and parameters) in one write,
+    so that the server reads them in one go; their ids count from 1."""
+    requests = []
+    for i, statement in enumerate(statements):
+        sql, params = (statement, None) if isinstance(statement, str) else statement
+        requests.append(wire.packb({"v": VERSION, "id": i + 1, "op": "query", "sql": sql,
+                                    "params": params}))
     data = b"".join(frame(body) for body in requests)
     sent = 0
     while sent < len(data):
         sent += os.write(conn.fileno(), data[sent:])
+
+
+def _replies(conn: ZmtpConnection, count: int) -> list[dict[str, Any]]:
+    """The replies to the ``count`` requests sent together, in order."""
     deadline = time.monotonic() + 10
     replies: dict[int, dict[str, Any]] = {}
-    while len(replies) < len(sqls):
+    while len(replies) < count:
         body = conn.recv(deadline)
-        assert body is not None, f"{len(replies)} of {len(sqls)} replies came"
+        assert body is not None, f"{len(replies)} of {count} replies came"
         reply = wire.unpackb(body)
         replies[reply["id"]] = reply
-    return [replies[i + 1] for i in range(len(sqls))]
+    return [replies[i + 1] for i in range(count)]
+
+
+def _together(conn: ZmtpConnection, statements: list[Statement]) -> list[dict[str, Any]]:
+    _send_together(conn, statements)
+    return _replies(conn, len(statements))
 
 
 def _pids(replies: list[dict[str, Any]]) -> set[int]:
@@ -116,6 +132,54 @@ def test_requests_do_not_join_statements_not_known_to_be_short(
             conn.close()
     assert len(_pids(first)) == 2
     assert len(_pids(second)) == 2
+
+
+def test_a_run_that_failed_does_not_make_a_statement_short(
+        pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long statement that once failed at once (a bad parameter) is still known to
+    be long: the request after it takes another connection."""
+    monkeypatch.setattr(pipeline, "SHORT_REQUEST", 0.5)
+    sleep = "SELECT pg_backend_pid() FROM pg_sleep(%s)"
+    with front_end(pool) as front:
+        conn = _connect(front)
+        try:
+            _together(conn, [(sleep, [0.6])])
+            failed = _together(conn, [(sleep, ["not a number"])])
+            after = _together(conn, [(sleep, [0.6]), PID_SQL])
+        finally:
+            conn.close()
+    assert "error" in failed[0], failed
+    assert len(_pids(after)) == 2
+
+
+def test_requests_join_only_a_connection_on_which_nothing_runs(
+        pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pool of one, A's statement running: of two short requests that arrive
+    together, the first goes behind A (no connection is idle), and the second does
+    not join it there (A runs, and may run long): it waits in the server's queue."""
+    monkeypatch.setattr(pipeline, "SHORT_REQUEST", 0.5)
+    tag = f"behind-{uuid.uuid4().hex}"
+    with Pool.start(pg_dsn, pool_size=1) as one, front_end(one) as front, \
+            psycopg.connect(pg_dsn, autocommit=True) as watcher, \
+            Client(front.endpoint, timeout=10) as a, \
+            Client(front.endpoint, timeout=10) as observer:
+        conn = _connect(front, 1)
+        try:
+            for _ in range(3):  # the statement's record: short
+                _together(conn, [PID_SQL])
+            a_thread, a_outcome = _in_thread(
+                lambda: a.query(f"SELECT 1 FROM pg_sleep(1) /* {tag}-a */"))
+            wait_for(lambda: _running(watcher, f"{tag}-a"), timeout=10,
+                     what="A's statement to run")
+            _send_together(conn, [PID_SQL, PID_SQL])
+            wait_for(lambda: observer.status()["server"]["queued"] == 1, timeout=5,
+                     what="the second request in the server's queue")
+            replies = _replies(conn, 2)
+            a_thread.join(10)
+        finally:
+            conn.close()
+    assert len(_pids(replies)) == 1
+    assert a_outcome and not isinstance(a_outcome[0], Exception), a_outcome
 
 
 def _running(watcher: psycopg.Connection[Any], tag: str) -> bool:
