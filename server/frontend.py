@@ -293,6 +293,9 @@ class FrontEnd:
         self._count_clients()  # asking ZMQ_EVENTS arms the (edge-triggered) descriptor
         self._pipes: dict[int, Pipe] = {}  # by socket
         self._dirty: set[Pipe] = set()  # pipes to flush before the loop sleeps
+        #: Of those, the ones a request may join (Pipe.joinable) as their first unsent
+        #: request went out; asked again before use, since that may have changed.
+        self._joinable: list[Pipe] = []
         self.leases: dict[str, Lease] = {}
         #: What each client is doing now, by name (see clients.py).
         self.client_states: dict[str, ClientState] = {}
@@ -558,6 +561,7 @@ class FrontEnd:
                     self._poller.modify(pipe.fd, pipe.events())
             if pipe.broken is not None and not pipe.inflight:
                 self._settle(pipe)
+        self._joinable.clear()  # nothing is left unsent
 
     def _count_clients(self) -> None:
         """Read libzmq's monitor of the ROUTER's connections."""
@@ -1105,6 +1109,8 @@ class FrontEnd:
             self._settle(pipe)
             return
         self._dirty.add(pipe)
+        if pipe.unsent == 1 and pipe.joinable():
+            self._joinable.append(pipe)
 
     def _complete(self, pipe: Pipe, job: Job, outcome: Outcome) -> None:
         """A job's results are in (the pipe calls this): answer, then reuse the pipe."""
@@ -1691,7 +1697,7 @@ class FrontEnd:
         if not job.needs_own:
             # Statements still to leave this iteration: joining them shares their write.
             depth = self.depth
-            for pipe in self._dirty:
+            for pipe in self._joinable:
                 if (pipe.served is served and len(pipe.requests) < depth and pipe.joinable()
                         and _may_join(pipe, client, held, each) and pipe in shared):
                     return pipe
