@@ -84,6 +84,7 @@ from .pipeline import (
     Outcome,
     Pipe,
     Statement,
+    cancelled,
     first_error,
 )
 from .poller import Poller
@@ -103,9 +104,6 @@ logger = logging.getLogger("dbpool.server.frontend")
 _INF = float("inf")
 #: A SELECT's status: the one answer that needs no look for a failure.
 _TUPLES_OK = int(pq.ExecStatus.TUPLES_OK)
-_SQLSTATE = pq.DiagnosticField.SQLSTATE
-#: PostgreSQL's SQLSTATE for a statement stopped by a cancel request.
-_QUERY_CANCELED = b"57014"
 _NOBLOCK = int(zmq.NOBLOCK)
 _SRCFD = int(zmq.SRCFD)
 #: Operations that make a lease (or a stream or copy) for their session.
@@ -1115,7 +1113,7 @@ class FrontEnd:
     def _complete(self, pipe: Pipe, job: Job, outcome: Outcome) -> None:
         """A job's results are in (the pipe calls this): answer, then reuse the pipe."""
         hit = False
-        if pipe.cancel_sent and _cancelled(outcome):  # the cancel landed, here: spent
+        if pipe.cancel_sent and cancelled(outcome):  # the cancel landed, here: spent
             hit = (pipe.cancel_for is not job
                    and time.monotonic() - pipe.cancel_sent < _CANCEL_LANDS)
             pipe.cancel_for, pipe.cancel_sent = None, 0.0
@@ -2174,14 +2172,6 @@ def _refused(sql: str) -> StatementNotAllowed:
         "(SET LOCAL, or SET there; the connection is then replaced when the transaction "
         "ends), or set it in the server's connection options; nothing was run",
         scope=scope)
-
-
-def _cancelled(outcome: Outcome) -> bool:
-    """Whether a request's statements failed for a cancel (``query_canceled``)."""
-    if isinstance(outcome, BaseException):
-        return False
-    failed = first_error(outcome)
-    return failed is not None and outcome[failed].error_field(_SQLSTATE) == _QUERY_CANCELED
 
 
 def _check_idle_of_copy(lease: Lease) -> None:

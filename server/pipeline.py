@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from .served_pool import ServedPool
 
 __all__ = ["AT_ONCE", "NEVER", "PREPARE_THRESHOLD", "Job", "Outcome", "Pipe", "Statement",
-           "first_error"]
+           "cancelled", "first_error"]
 
 logger = logging.getLogger("dbpool.server.pipeline")
 
@@ -114,6 +114,8 @@ _FORGETS_STATEMENTS = (b"DISCARD ALL", b"DEALLOCATE")
 #: statement whose result columns changed under it (DDL, here or on another
 #: connection).  It fails every run until the statement is prepared again.
 _STALE_PLAN = b"0A000"
+#: PostgreSQL's SQLSTATE for a statement stopped by a cancel request.
+_QUERY_CANCELED = b"57014"
 #: Command tags of DDL that may change what a prepared statement returns (psycopg
 #: forgets its own prepared statements after the same ones).
 _CHANGES_SCHEMA = (b"DROP", b"ALTER")
@@ -678,3 +680,11 @@ def first_error(results: list[pq.abc.PGresult]) -> int | None:
     return None
 
 
+
+
+def cancelled(outcome: Outcome) -> bool:
+    """Whether a request's statements failed for a cancel (``query_canceled``)."""
+    if isinstance(outcome, BaseException):
+        return False
+    failed = first_error(outcome)
+    return failed is not None and outcome[failed].error_field(_SQLSTATE) == _QUERY_CANCELED

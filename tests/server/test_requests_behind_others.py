@@ -22,9 +22,10 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -43,6 +44,7 @@ from tests.support.frontend import front_end
 from tests.support.remote import pool_whole
 
 PID_SQL = "SELECT pg_backend_pid()"
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -167,7 +169,7 @@ def test_requests_join_only_a_connection_on_which_nothing_runs(
         try:
             for _ in range(3):  # the statement's record: short
                 _together(conn, [PID_SQL])
-            a_thread, a_outcome = _in_thread(
+            a_outcome = _in_thread(
                 lambda: a.query(f"SELECT 1 FROM pg_sleep(1) /* {tag}-a */"))
             # Past PIPELINE_BEHIND: nothing may go behind A but the one that always may.
             wait_for(lambda: _running(watcher, f"{tag}-a", 0.05), timeout=10,
@@ -176,11 +178,11 @@ def test_requests_join_only_a_connection_on_which_nothing_runs(
             wait_for(lambda: observer.status()["server"]["queued"] == 1, timeout=5,
                      what="the second request in the server's queue")
             replies = _replies(conn, 2)
-            a_thread.join(10)
+            a_error = a_outcome.exception(10)
         finally:
             conn.close()
     assert len(_pids(replies)) == 1
-    assert a_outcome and not isinstance(a_outcome[0], Exception), a_outcome
+    assert a_error is None
 
 
 def _running(watcher: psycopg.Connection[Any], tag: str, for_at_least: float = 0.0) -> bool:
@@ -192,36 +194,31 @@ def _running(watcher: psycopg.Connection[Any], tag: str, for_at_least: float = 0
     return bool(row and row[0])
 
 
-def _in_thread(call: Any) -> tuple[threading.Thread, list[Any]]:
-    outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append(call())
-        except Exception as error:
-            outcome.append(error)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
+def _in_thread(call: Callable[[], T]) -> Future[T]:
+    """``call`` on a thread of its own; its outcome as a future."""
+    executor = ThreadPoolExecutor(max_workers=1)
+    try:
+        return executor.submit(call)
+    finally:
+        executor.shutdown(wait=False)
 
 
 @contextmanager
 def _a_running(pg_dsn: str, tag: str, seconds: float,
-               timeout: float) -> Iterator[tuple[FrontEnd, Client, list[Any]]]:
+               timeout: float) -> Iterator[tuple[FrontEnd, Client, Future[Any]]]:
     """A pool of one behind a front end, client A's ``pg_sleep(seconds)`` running on
     its connection with a request timeout of ``timeout``: yields the front end,
-    client B and A's outcome (there once the block ends)."""
+    client B and A's outcome (done once the block ends)."""
     with Pool.start(pg_dsn, pool_size=1) as pool, front_end(pool) as front, \
             psycopg.connect(pg_dsn, autocommit=True) as watcher, \
             Client(front.endpoint, timeout=10) as b, Client(front.endpoint) as a:
         b.query("SELECT 1")
-        a_thread, a_outcome = _in_thread(lambda: a.query(
+        a_outcome = _in_thread(lambda: a.query(
             f"SELECT 1 FROM pg_sleep({seconds}) /* {tag}-a */", timeout=timeout))
         wait_for(lambda: _running(watcher, f"{tag}-a"), timeout=10,
                  what="A's statement to run")
         yield front, b, a_outcome
-        a_thread.join(10)
+        wait([a_outcome], timeout=10)
 
 
 def _behind(front: FrontEnd) -> bool:
@@ -236,14 +233,14 @@ def test_a_request_behind_one_past_its_deadline_runs(pg_dsn: str) -> None:
     tag = f"behind-{uuid.uuid4().hex}"
     with _a_running(pg_dsn, tag, 30, timeout=1.0) as (front, b, a_outcome):
         started = time.monotonic()
-        b_thread, b_outcome = _in_thread(lambda: b.query("SELECT 41 + 1"))
+        b_outcome = _in_thread(lambda: b.query("SELECT 41 + 1"))
         wait_for(lambda: _behind(front), timeout=10, what="B behind A")
-        b_thread.join(10)
+        b_result = b_outcome.result(10)
         took = time.monotonic() - started
     # A's client gives up at its timeout, or hears of the cancel first.
-    assert isinstance(a_outcome[0], ConnectionError | psycopg.errors.QueryCanceled), a_outcome
-    assert b_outcome and not isinstance(b_outcome[0], Exception), b_outcome
-    assert b_outcome[0].rows == [(42,)]
+    a_error = a_outcome.exception(0)
+    assert isinstance(a_error, ConnectionError | psycopg.errors.QueryCanceled), a_error
+    assert b_result.rows == [(42,)]
     assert took < 2.5, f"B answered after {took:.2f} s"
     with psycopg.connect(pg_dsn, autocommit=True) as watcher:
         assert not _running(watcher, f"{tag}-a"), "A still runs"
@@ -270,14 +267,13 @@ def test_a_request_hit_by_a_cancel_meant_for_the_one_before_runs_again(
 
     monkeypatch.setattr(FrontEnd, "_send_cancel", late_cancel)
     with _a_running(pg_dsn, tag, 1.5, timeout=1.0) as (front, b, _):
-        b_thread, b_outcome = _in_thread(
+        b_outcome = _in_thread(
             lambda: b.query(f"SELECT 7 FROM pg_sleep(1) /* {tag}-b */"))
         wait_for(lambda: _behind(front), timeout=10, what="B behind A")
-        b_thread.join(15)
+        b_result = b_outcome.result(15)
         done = time.monotonic()
     assert sent_at, "no cancel was sent for A"
-    assert b_outcome and not isinstance(b_outcome[0], Exception), b_outcome
-    assert b_outcome[0].rows == [(7,)]
+    assert b_result.rows == [(7,)]
     # Hit at its start, B ran again whole; a cancel that missed it would leave < 1 s.
     assert done - sent_at[0] >= 0.9, f"B answered {done - sent_at[0]:.2f} s after the cancel"
 
@@ -297,13 +293,10 @@ def test_a_connection_is_dropped_only_when_a_cancel_goes_unanswered(
     monkeypatch.setattr(FrontEnd, "_send_cancel", slow_cancel)
     with _a_running(pg_dsn, tag, 2.5, timeout=30) as (front, b, a_outcome), \
             Client(front.endpoint, timeout=30) as c:
-        b_thread, b_outcome = _in_thread(
-            lambda: b.query("SELECT 2 FROM pg_sleep(5)", timeout=0.2))
+        b_outcome = _in_thread(lambda: b.query("SELECT 2 FROM pg_sleep(5)", timeout=0.2))
         wait_for(lambda: _behind(front), timeout=10, what="B behind A")
-        c_thread, c_outcome = _in_thread(lambda: c.query("SELECT 3"))
-        c_thread.join(15)
-        b_thread.join(15)
-    assert a_outcome and not isinstance(a_outcome[0], Exception), a_outcome
-    assert b_outcome and isinstance(b_outcome[0], Exception)
-    assert c_outcome and not isinstance(c_outcome[0], Exception), c_outcome
-    assert c_outcome[0].rows == [(3,)]
+        c_result = _in_thread(lambda: c.query("SELECT 3")).result(15)
+        b_error = b_outcome.exception(15)
+    assert a_outcome.exception(0) is None
+    assert b_error is not None
+    assert c_result.rows == [(3,)]
