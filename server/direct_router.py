@@ -313,8 +313,8 @@ class DirectRouter:
             if failure.status is not None and not peer.ready:  # refused: say so, as libzmq
                 self._write(peer, error_command(failure.status.encode()))
             self._drop(peer, str(failure))
-        except TooLarge as failure:
-            self._drop(peer, str(failure))
+        except TooLarge as too_large:
+            self._drop(peer, str(too_large))
 
     def _command(self, peer: _Peer, command: Command) -> None:
         name = command.name

@@ -676,8 +676,8 @@ class FrontEnd:
             return
         try:
             req = wire.unpackb(body)
-        except wire.WireError as error:
-            self._reply_error(route, None, protocol_error("malformed", str(error)))
+        except wire.WireError as malformed:
+            self._reply_error(route, None, protocol_error("malformed", str(malformed)))
             return
         if type(req) is not dict:
             self._reply_error(route, None, protocol_error(
@@ -742,8 +742,8 @@ class FrontEnd:
                     and req.get("lease") is None and state.policy.may_use(served.owner)):
                 try:
                     served = served.reader(readonly) or served
-                except ConnectionError as error:
-                    self._reply_error(route, rid, error_map(error))
+                except ConnectionError as unreachable:
+                    self._reply_error(route, rid, error_map(unreachable))
                     return
         policy = state.policy
         holding = (op in _HOLDING_OPS or req.get("begin") is True) and req.get("lease") is None
@@ -775,9 +775,9 @@ class FrontEnd:
             handler(job)
         except RequestError as error:
             self._answer_error(job, error.error)
-        except Exception as error:  # a bug: answer it and keep serving everyone else
+        except Exception as bug:  # answer it and keep serving everyone else
             logger.exception("front end: %s request %d failed", op, rid)
-            self._answer_error(job, error_map(error))
+            self._answer_error(job, error_map(bug))
 
     def _state_of(self, name: str) -> ClientState:
         state = self.client_states.get(name)

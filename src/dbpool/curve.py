@@ -176,7 +176,6 @@ class CurveClient:
     mechanism = MECHANISM
     as_server = False
     overhead = OVERHEAD
-    user_id: str | None = None
 
     def __init__(self, server_key: bytes, public: bytes, secret: bytes,
                  socket_type: bytes = b"DEALER") -> None:
@@ -191,6 +190,7 @@ class CurveClient:
         self._nonce = 0
         self._key = b""  # precomputed from S' and c', after WELCOME
         self.box: Box | None = None
+        self.user_id: str | None = None  # the server's is not reported
         self.properties: dict[bytes, bytes] = {}
 
     @property

@@ -327,11 +327,12 @@ class NullHandshake:
     mechanism = b"NULL"
     as_server = False
     overhead = 0
-    box: Sealer | None = None
-    user_id: str | None = None
 
     def __init__(self, socket_type: bytes = b"DEALER") -> None:
         self._socket_type = socket_type
+        # Set here, not as class defaults: a compiled (mypyc) class would not have them.
+        self.box: Sealer | None = None
+        self.user_id: str | None = None
         self.done = False
         self.properties: dict[bytes, bytes] = {}
 
