@@ -83,6 +83,8 @@ from typing import Any
 
 import psycopg
 
+from dbpool.compiled import build_name
+
 from .many_tasks import TASKS, run_many_tasks
 from .many_tasks import THRESHOLD as MANY_TASKS_THRESHOLD
 from .overload import TARGET as OVERLOAD_TARGET
@@ -800,6 +802,7 @@ def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds
     return {
         "workload": SQL,
         "cpus": os.cpu_count(),
+        "dbpool_build": build_name(),
         "rounds": rounds,
         "duration": duration,
         "processes": list(processes),
@@ -821,7 +824,8 @@ def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds
 def _print_report(report: dict[str, Any]) -> None:
     print(f"\n{report['workload']!r} over the network, queries per second from client "
           f"processes ({report['cpus']} CPUs; median of {report['rounds']} rounds of "
-          f"{report['duration']:g}s; ratio: median of per-round ratios)\n")
+          f"{report['duration']:g}s; ratio: median of per-round ratios)")
+    print(f"dbpool serve: {report['dbpool_build']}\n")
     for name, why in report["unavailable"].items():
         first = why.splitlines()[0] if why else ""
         print(f"  {name}: {first}")

@@ -31,6 +31,7 @@ from typing import Any
 
 from dbpool import telemetry
 from dbpool.actors.listeners import ConnectionEvent, HealthEvent
+from dbpool.compiled import build_name
 from dbpool.pool import Pool
 
 from .auth import Authority
@@ -114,7 +115,7 @@ def serve(config: ServeConfig, *, ready: threading.Event | None = None,
             cleanup.callback(metrics.stop)
         front = FrontEnd({}, config, authority=authority)
         cleanup.pop_all()
-    logger.info("starting %s", config.describe())
+    logger.info("starting %s; %s", config.describe(), build_name())
     pools: dict[str, Pool] = {}
     #: The pools' own names (in their events and telemetry).
     names: set[str] = set()

@@ -3,6 +3,7 @@
 - every ``dbpool`` command line they run (the Dockerfile's command and
   health check, the Kubernetes container command, probes and preStop hook)
   parses with the CLI as it is;
+- the Dockerfile copies everything the package's build reads;
 - the TOML they ship (deploy/dbpool.toml, the ConfigMap's) loads;
 - the Kubernetes manifests validate against the Kubernetes schemas, offline
   (kubernetes-validate, also run by CI), and the YAML lints clean (yamllint).
@@ -15,6 +16,7 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,20 @@ def test_every_dbpool_command_line_parses(command: list[str]) -> None:
     assert command[0] == "dbpool"
     args = build_parser().parse_args(command[1:])  # an unknown flag exits 2 here
     assert isinstance(args, argparse.Namespace)
+
+
+def test_the_dockerfile_copies_what_the_build_reads() -> None:
+    """The image is built from the files the Dockerfile copies: the build backend
+    and its setup.py, the metadata, and every folder a package is mapped to."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = {"pyproject.toml", "README.md", "setup.py",
+              *project["build-system"]["backend-path"],
+              *(folder.split("/")[0]
+                for folder in project["tool"]["setuptools"]["package-dir"].values())}
+    text = (DEPLOY / "Dockerfile").read_text()
+    copied = {source.rstrip("/") for line in re.findall(r"^COPY (.+)$", text, re.MULTILINE)
+              for source in line.split()[:-1]}
+    assert needed <= copied, f"the Dockerfile does not copy {sorted(needed - copied)}"
 
 
 def test_the_shipped_configurations_load(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from dbpool.server import direct_router
 from dbpool.server.direct_router import DirectRouter, Origin, bindable
 from dbpool.server.poller import Poller
 from dbpool.zmtp import Command, Decoder, Handshake, HandshakeError, frame, greeting
+from tests.support.compiled import replaces_methods
 
 WAIT = 5.0
 
@@ -138,6 +139,7 @@ def test_dealers_get_their_own_replies(echo: Harness,
             dealer.close(linger=0)
 
 
+@replaces_methods
 def test_replies_to_pipelined_requests_leave_together(
         echo: Harness, context: zmq.Context[zmq.Socket[bytes]]) -> None:
     """A connection's first reply in a round goes out at once, the rest at the round's
@@ -495,6 +497,7 @@ def test_a_connection_that_never_shakes_hands_is_closed_and_the_others_stay(
         dealer.close(linger=0)
 
 
+@replaces_methods
 @needs_curve
 def test_a_peer_whose_ready_cannot_be_written_is_never_connected(
         curve_echo: tuple[Harness, Curve]) -> None:

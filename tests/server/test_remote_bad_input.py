@@ -29,6 +29,7 @@ import pytest
 import zmq
 
 from dbpool import wire
+from tests.support.compiled import replaces_methods
 from tests.support.pgcluster import PgCluster
 from tests.support.remote import ServerProcess
 
@@ -963,6 +964,7 @@ def test_wrong_dsn_password_never_leaks(pg_password_cluster: PgCluster, ctx: zmq
     assert wrong not in repr(status) and wrong not in repr(reply)
 
 
+@replaces_methods
 def test_a_bug_outside_any_handler_costs_that_request_only(
     pg_dsn: str, ctx: zmq.Context[Any], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -39,6 +39,7 @@ from dbpool.pool import Pool
 from dbpool.protocol import VERSION
 from dbpool.server.frontend import FrontEnd
 from dbpool.zmtp import frame
+from tests.support.compiled import replaces_methods
 from tests.support.events import wait_for
 from tests.support.frontend import front_end
 from tests.support.remote import pool_whole
@@ -246,6 +247,7 @@ def test_a_request_behind_one_past_its_deadline_runs(pg_dsn: str) -> None:
         assert not _running(watcher, f"{tag}-a"), "A still runs"
 
 
+@replaces_methods
 def test_a_request_hit_by_a_cancel_meant_for_the_one_before_runs_again(
         pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A passes its deadline and its cancel is held back until B, behind it, runs:
@@ -278,6 +280,7 @@ def test_a_request_hit_by_a_cancel_meant_for_the_one_before_runs_again(
     assert done - sent_at[0] >= 0.9, f"B answered {done - sent_at[0]:.2f} s after the cancel"
 
 
+@replaces_methods
 def test_a_connection_is_dropped_only_when_a_cancel_goes_unanswered(
         pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """B waits behind A (which takes 2.5 s) well past B's own deadline, with C behind
