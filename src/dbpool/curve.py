@@ -119,25 +119,25 @@ class Box:
         #: Where libsodium writes, reused: a connection seals and unseals one frame at
         #: a time, and PyNaCl's bindings would allocate and check on every call (half
         #: of a request's cost of CURVE, measured).
-        self._buffer = _ffi.new("unsigned char[]", 4096)
+        self._buffer = _ffi.new("char[]", 4096)
 
     def _room(self, size: int) -> Any:
         buffer = self._buffer
         if len(buffer) < size:
-            buffer = self._buffer = _ffi.new("unsigned char[]", size)
+            buffer = self._buffer = _ffi.new("char[]", size)
         return buffer
 
     def seal(self, body: bytes, *, more: bool = False, command: bool = False) -> bytes:
         """``body`` as one ``MESSAGE`` frame, ready to write (as
         :func:`dbpool.zmtp.frame` makes a plain one)."""
-        self._nonce += 1
-        short = _pack_nonce(self._nonce)
+        nonce = self._nonce = self._nonce + 1
+        short = nonce.to_bytes(8, "big")
         plain = _FLAGS[(_SEALED_MORE if more else 0) | (_SEALED_COMMAND if command else 0)] + body
         size = len(plain) + 16
         buffer = self._room(size)
-        _lib.crypto_box_easy_afternm(buffer, plain, len(plain), self._seal_prefix + short,
+        _lib.crypto_box_easy_afternm(buffer, plain, size - 16, self._seal_prefix + short,
                                      self._key)
-        return b"".join((_head(size + 16), _MESSAGE, short, _ffi.buffer(buffer, size)[:]))
+        return b"".join((_head(size + 16), _MESSAGE, short, _ffi.unpack(buffer, size)))
 
     def unseal(self, body: bytes) -> tuple[int, bytes]:
         """The flags (as a plain frame's: :data:`dbpool.zmtp.MORE`,
@@ -148,20 +148,21 @@ class Box:
         """
         if body[:8] != _MESSAGE or len(body) < OVERHEAD:
             raise HandshakeError("CURVE: a frame that is not a MESSAGE")
-        nonce = _unpack_nonce(body, 8)[0]
+        short = body[8:16]
+        nonce = int.from_bytes(short, "big")
         if nonce <= self._peer_nonce:
             raise HandshakeError("CURVE: a MESSAGE nonce that does not go up (a replay?)")
         size = len(body) - 16
         buffer = self._room(size)
-        if _lib.crypto_box_open_easy_afternm(buffer, _ffi.from_buffer(body) + 16, size,
-                                             self._unseal_prefix + body[8:16],
-                                             self._key) != 0:
+        if _lib.crypto_box_open_easy_afternm(buffer, body[16:], size,
+                                             self._unseal_prefix + short, self._key) != 0:
             raise HandshakeError("CURVE: a MESSAGE that does not open")
         self._peer_nonce = nonce
-        sealed_flags = buffer[0]
+        plain: bytes = _ffi.unpack(buffer, size - 16)
+        sealed_flags = plain[0]
         flags = ((MORE if sealed_flags & _SEALED_MORE else 0)
                  | (COMMAND if sealed_flags & _SEALED_COMMAND else 0))
-        return flags, _ffi.buffer(buffer + 1, size - 17)[:]
+        return flags, plain[1:]
 
 
 class CurveClient:
