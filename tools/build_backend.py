@@ -9,21 +9,21 @@ the compiled modules use at build time, so only that build asks for them.
 from __future__ import annotations
 
 import os
+import tomllib
 from typing import Any
 
 from setuptools import build_meta
 from setuptools.build_meta import *  # noqa: F403  (the PEP 517 hooks, unchanged)
 
-# The mypy that checks the project (mypyc is part of it), and the libraries the
-# compiled modules import, whose types mypyc compiles against.
-COMPILE_REQUIRES = [
-    "mypy==2.4.1",
-    "pykka>=4.0",
-    "psycopg[binary]>=3.3,<3.4",
-    "pyzmq>=25",
-    "msgpack>=1.0",
-    "pynacl>=1.5",
-]
+
+def compile_requires() -> list[str]:
+    """The mypy that checks the project (mypyc is part of it), and the libraries the
+    compiled modules import, whose types mypyc compiles against: the runtime
+    dependencies and the ``curve`` extra, as pyproject.toml lists them."""
+    with open("pyproject.toml", "rb") as file:  # hooks run in the source tree
+        project = tomllib.load(file)["project"]
+    return ["mypy==2.4.1", *project["dependencies"],
+            *project["optional-dependencies"]["curve"]]
 
 
 def compiling() -> bool:
@@ -33,7 +33,7 @@ def compiling() -> bool:
 
 def get_requires_for_build_wheel(config_settings: dict[str, Any] | None = None) -> list[str]:
     requires: list[str] = build_meta.get_requires_for_build_wheel(config_settings)
-    return requires + COMPILE_REQUIRES if compiling() else requires
+    return requires + compile_requires() if compiling() else requires
 
 
 def get_requires_for_build_editable(config_settings: dict[str, Any] | None = None) -> list[str]:

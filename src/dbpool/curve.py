@@ -154,15 +154,15 @@ class Box:
             raise HandshakeError("CURVE: a MESSAGE nonce that does not go up (a replay?)")
         size = len(body) - 16
         buffer = self._room(size)
-        if _lib.crypto_box_open_easy_afternm(buffer, body[16:], size,
+        # The box read in place and the body copied out once: a reply may be large.
+        if _lib.crypto_box_open_easy_afternm(buffer, _ffi.from_buffer(body) + 16, size,
                                              self._unseal_prefix + short, self._key) != 0:
             raise HandshakeError("CURVE: a MESSAGE that does not open")
         self._peer_nonce = nonce
-        plain: bytes = _ffi.unpack(buffer, size - 16)
-        sealed_flags = plain[0]
+        sealed_flags = ord(buffer[0])
         flags = ((MORE if sealed_flags & _SEALED_MORE else 0)
                  | (COMMAND if sealed_flags & _SEALED_COMMAND else 0))
-        return flags, plain[1:]
+        return flags, _ffi.unpack(buffer + 1, size - 17)
 
 
 class CurveClient:
