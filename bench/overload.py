@@ -258,6 +258,12 @@ async def _pgbouncer(bouncer: PgBouncer) -> AsyncIterator[tuple[Request, Extras]
         kwargs={"autocommit": True, "prepare_threshold": None})
     await pool.open(wait=True, timeout=120)
     loop = asyncio.get_running_loop()
+    # A request hung up at its deadline goes back to the pool closed, on purpose, and
+    # psycopg_pool warns of each: thousands of lines a run, all expected (PgBouncer's
+    # log counts what they cost it: server_connections_closed).
+    pool_log = logging.getLogger("psycopg.pool")
+    pool_log_level = pool_log.level
+    pool_log.setLevel(logging.ERROR)
     try:
         async def fetch(conn: AsyncConnection[Any]) -> object:
             cur = await conn.execute(SQL)
@@ -284,6 +290,7 @@ async def _pgbouncer(bouncer: PgBouncer) -> AsyncIterator[tuple[Request, Extras]
         yield query, extras
     finally:
         await pool.close()
+        pool_log.setLevel(pool_log_level)
 
 
 def _count_in_log(bouncer: PgBouncer, text: str) -> int | None:

@@ -552,16 +552,22 @@ def _median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _paired_ratio(turns: list[Turn], ours: str, theirs: str,
-                  key: Callable[[Turn], float | None]) -> float | None:
-    """The median over rounds of ``key(ours) / key(theirs)``, rounds where both ran."""
+def _paired_ratios(turns: list[Turn], ours: str, theirs: str,
+                   key: Callable[[Turn], float | None]) -> list[float]:
+    """``key(ours) / key(theirs)`` in each round where both ran, in round order."""
     by_round: dict[int, dict[str, float]] = {}
     for t in turns:
         value = key(t)
         if value is not None and not t.errors and value > 0:
             by_round.setdefault(t.round, {})[t.contender] = value
-    ratios = [r[ours] / r[theirs] for r in by_round.values() if ours in r and theirs in r]
-    return _median(ratios)
+    return [r[ours] / r[theirs] for _, r in sorted(by_round.items())
+            if ours in r and theirs in r]
+
+
+def _paired_ratio(turns: list[Turn], ours: str, theirs: str,
+                  key: Callable[[Turn], float | None]) -> float | None:
+    """The median over rounds of ``key(ours) / key(theirs)``, rounds where both ran."""
+    return _median(_paired_ratios(turns, ours, theirs, key))
 
 
 def _progress(as_json: bool, text: str) -> None:
@@ -650,11 +656,17 @@ def _turn(workers: _Workers, name: str, processes: int, size: int, round_: int,
                 postgres_us=per_statement(postgres_cpu) if pooler is not None else None)
 
 
+#: Rounds per scenario by default.  Why 7, not 3: on a 2-core VM one round's ratio
+#: ranges over tens of percent from the next (the table prints them), so the median
+#: of 3 could land either side of a target that the median of 7 judges steadily.
+ROUNDS = 7
+
+
 def run_remote(
     dsn: str,
     processes: Sequence[int] = DEFAULT_PROCESSES,
     duration: float = 1.0,
-    rounds: int = 3,
+    rounds: int = ROUNDS,
     as_json: bool = False,
     idle_clients: int = IDLE_CLIENTS,
     tasks: int = TASKS,
@@ -738,11 +750,15 @@ def _report(turns: list[Turn], processes: Sequence[int], duration: float, rounds
         for name in CONTENDERS:
             median = _median([t.per_second for t in here if t.contender == name and not t.errors])
             qps[name] = None if median is None else round(median)
-        ratio = _paired_ratio(here, "dbpool", "pgbouncer", lambda t: t.per_second)
-        curve_ratio = _paired_ratio(here, CURVE, "dbpool", lambda t: t.per_second)
+        ratios = _paired_ratios(here, "dbpool", "pgbouncer", lambda t: t.per_second)
+        curve_ratios = _paired_ratios(here, CURVE, "dbpool", lambda t: t.per_second)
+        ratio, curve_ratio = _median(ratios), _median(curve_ratios)
         scenarios.append({"processes": n, "pool_size": pool_size_for(n), "qps": qps,
                           "dbpool/pgbouncer": None if ratio is None else round(ratio, 3),
                           "curve/plain": None if curve_ratio is None else round(curve_ratio, 3),
+                          # Each round's own ratio: how far apart the rounds were.
+                          "rounds": {"dbpool/pgbouncer": [round(r, 3) for r in ratios],
+                                     "curve/plain": [round(r, 3) for r in curve_ratios]},
                           "cpu_us_per_query": {name: median_cpu(here, name)
                                                for name in CONTENDERS}})
 
@@ -839,6 +855,13 @@ def _print_report(report: dict[str, Any]) -> None:
         print(f"{row['processes']:>9} {row['pool_size']:>4} "
               + " ".join(cell(row["qps"][n], 12) for n in CONTENDERS)
               + " " + ratio(row["dbpool/pgbouncer"], 17) + " " + ratio(row["curve/plain"], 12))
+    print("\neach round's own ratio, lowest to highest (the VM's noise: a median is only as "
+          "sure as their spread):")
+    for row in report["scenarios"]:
+        for what, ratios in row["rounds"].items():
+            if ratios:
+                print(f"{row['processes']:>9} {what:>17}: "
+                      + " ".join(f"{r:.2f}" for r in sorted(ratios)))
     print("\nwhere a query's CPU went, µs per query (median over rounds):")
     print(f"{'processes':>9} {'contender':>12} {'client':>8} {'pooler':>8} {'postgres':>8}")
     for row in report["scenarios"]:

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds per contender per round (--remote: at least 1.0)")
     bench.add_argument("--rounds", type=int, default=None,
                        help="rounds per scenario; cells are medians over them "
-                            "(default: 10, or 3 with --remote)")
+                            "(default: 10, or 7 with --remote)")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
     bench.add_argument("--stream-rows", type=int, metavar="N",
                        help="instead, stream N rows through pool.stream and report the "
@@ -254,7 +254,7 @@ def _bench(args: argparse.Namespace) -> int:
         run_fairness(dsn, duration=max(args.duration, 3.0), as_json=args.json)
         return 0
     if args.remote:
-        from .bench.remote import parse_processes, run_remote
+        from .bench.remote import ROUNDS, parse_processes, run_remote
 
         try:
             processes = parse_processes(args.processes)
@@ -262,7 +262,7 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"dbpool bench: --processes: {exc}", file=sys.stderr)
             return 2
         report = run_remote(dsn, processes=processes, duration=max(args.duration, 1.0),
-                            rounds=args.rounds if args.rounds is not None else 3,
+                            rounds=args.rounds if args.rounds is not None else ROUNDS,
                             as_json=args.json, tasks=max(args.tasks, 0),
                             overload_seconds=max(args.overload_seconds, 0.0))
         return 0 if report["ok"] else 1

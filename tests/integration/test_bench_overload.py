@@ -11,6 +11,7 @@ their whole deadline.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -35,10 +36,19 @@ def report(pg_dsn: str) -> dict[str, Any]:
     if bouncer is None:
         pytest.skip("pgbouncer is not installed (CI installs it)")
     unavailable: dict[str, str] = {}
-    measured = run_overload(pg_dsn, Backend.resolve(pg_dsn), bouncer, seconds=SECONDS,
-                            unavailable=unavailable)
+    # What psycopg_pool logs through the run (as a user's logging would show it).
+    pool_records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = pool_records.append  # type: ignore[assignment]
+    handler.addFilter(lambda record: record.name.startswith("psycopg.pool"))
+    logging.getLogger().addHandler(handler)
+    try:
+        measured = run_overload(pg_dsn, Backend.resolve(pg_dsn), bouncer, seconds=SECONDS,
+                                unavailable=unavailable)
+    finally:
+        logging.getLogger().removeHandler(handler)
     assert not unavailable, unavailable
-    return measured
+    return {**measured, "pool_records": pool_records}
 
 
 def test_twice_the_capacity_is_offered_and_every_request_is_accounted_for(
@@ -72,6 +82,17 @@ def test_pgbouncers_queue_grows_until_requests_wait_out_their_deadline(
     assert row["steady_p99_ms"] > 0.5 * REQUEST_TIMEOUT * 1000, row
     assert row["timed_out"] > 0, row
     assert row["error_median_ms"] >= 0.99 * REQUEST_TIMEOUT * 1000, row
+
+
+def test_the_connections_hung_up_at_deadlines_are_not_logged_one_by_one(
+    report: dict[str, Any],
+) -> None:
+    # Each request that timed out went back to psycopg_pool closed; it warns of each
+    # unless the benchmark quiets it, which buried the report under thousands of lines.
+    assert report["contenders"]["pgbouncer"]["timed_out"] > 0
+    warned = [r.getMessage() for r in report["pool_records"] if r.levelno >= logging.WARNING]
+    assert warned == [], warned[:3]
+    assert logging.getLogger("psycopg.pool").level == logging.NOTSET  # as it was before
 
 
 def test_dbpool_sheds_its_queue_and_serves_at_the_pools_capacity(

@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from dbpool.bench.remote import Turn, _print_report, _report
 from dbpool.bench.servers import find_pgbouncer
 
 
@@ -64,3 +65,26 @@ def test_a_short_remote_benchmark_measures_every_contender_and_judges_every_targ
     assert statuses["tpcb_transaction"] in ("PASS", "FAIL")
     assert statuses["tpcb_batch"] in ("PASS", "FAIL")
     assert statuses["overload_p99"] == "SKIPPED"  # its own test runs it (test_bench_overload)
+
+
+def test_the_report_judges_by_the_median_round_and_shows_every_rounds_ratio(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Three rounds at 4 processes whose ratios are 0.5, 1.5 and 1.0 (in that order):
+    # the target is judged on their median, and each round's ratio is kept and shown.
+    rates = {"pgbouncer": [100.0, 100.0, 100.0], "dbpool": [50.0, 150.0, 100.0],
+             "dbpool_curve": [45.0, 120.0, 100.0]}
+    turns = [Turn(name, 4, 4, round_, statements=int(rate), seconds=1.0, per_second=rate)
+             for name, by_round in rates.items() for round_, rate in enumerate(by_round)]
+    report = _report(turns, [4], 1.0, 3, None, {}, None, None, None, None)
+    (scenario,) = report["scenarios"]
+    assert scenario["dbpool/pgbouncer"] == 1.0
+    assert scenario["rounds"]["dbpool/pgbouncer"] == [0.5, 1.5, 1.0]
+    assert scenario["rounds"]["curve/plain"] == [0.9, 0.8, 1.0]
+    assert scenario["curve/plain"] == 0.9
+    statuses = {t["name"]: (t["status"], t["value"]) for t in report["targets"]}
+    assert statuses["throughput_4"] == ("PASS", 1.0)
+    _print_report({**report, "elapsed_seconds": 9.0})
+    printed = capsys.readouterr().out
+    assert "        4  dbpool/pgbouncer: 0.50 1.00 1.50" in printed, printed
+    assert "        4       curve/plain: 0.80 0.90 1.00" in printed, printed
