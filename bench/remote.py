@@ -855,8 +855,8 @@ def _print_report(report: dict[str, Any]) -> None:
         print(f"{row['processes']:>9} {row['pool_size']:>4} "
               + " ".join(cell(row["qps"][n], 12) for n in CONTENDERS)
               + " " + ratio(row["dbpool/pgbouncer"], 17) + " " + ratio(row["curve/plain"], 12))
-    print("\neach round's own ratio, lowest to highest (the VM's noise: a median is only as "
-          "sure as their spread):")
+    print("\neach round's own ratio, lowest to highest (a median is only as sure as their "
+          "spread):")
     for row in report["scenarios"]:
         for what, ratios in row["rounds"].items():
             if ratios:
