@@ -17,9 +17,10 @@ from setuptools.build_meta import *  # noqa: F403  (the PEP 517 hooks, unchanged
 
 
 def compile_requires() -> list[str]:
-    """The mypy that checks the project (mypyc is part of it), and the libraries the
-    compiled modules import, whose types mypyc compiles against: the runtime
-    dependencies and the ``curve`` extra, as pyproject.toml lists them."""
+    """mypy, pinned so that a build's C is the same from one build to the next
+    (mypyc is part of it), and the libraries the compiled modules import, whose
+    types mypyc compiles against: the runtime dependencies and the ``curve``
+    extra, as pyproject.toml lists them."""
     with open("pyproject.toml", "rb") as file:  # hooks run in the source tree
         project = tomllib.load(file)["project"]
     return ["mypy==2.4.1", *project["dependencies"],

@@ -74,7 +74,6 @@ _SEALED_MORE = 0x01
 _SEALED_COMMAND = 0x02
 #: The flags byte of a sealed frame, by value.
 _FLAGS = [bytes((flags,)) for flags in range(4)]
-_pack_nonce = struct.Struct(">Q").pack
 _pack_size = struct.Struct(">BQ").pack
 
 
@@ -82,7 +81,6 @@ def _head(size: int) -> bytes:
     """The frame header of a ``MESSAGE`` of ``size`` bytes (as :func:`dbpool.zmtp.frame`)."""
     return bytes((0, size)) if size <= 255 else _pack_size(LONG, size)
 
-_unpack_nonce = struct.Struct(">Q").unpack_from
 _MESSAGE = b"\x07MESSAGE"
 _HELLO_SIZE = 194  # after "\x05HELLO": version, padding, C', nonce, signature box
 _WELCOME_SIZE = 160  # after "\x07WELCOME": nonce, box [S' + cookie]
@@ -200,7 +198,7 @@ class CurveClient:
 
     def _next_nonce(self) -> bytes:
         self._nonce += 1
-        return _pack_nonce(self._nonce)
+        return self._nonce.to_bytes(8, "big")
 
     def first(self) -> bytes:
         """``HELLO``: ``C'``, and 64 zeros boxed from ``C'`` to ``S`` (the padding
@@ -249,7 +247,7 @@ class CurveClient:
         except _CryptoError:
             raise HandshakeError("CURVE: the server's READY does not open") from None
         self.properties = properties(bytes(plain))
-        self.box = Box(self._key, self._nonce, _unpack_nonce(data, 0)[0], client=True)
+        self.box = Box(self._key, self._nonce, int.from_bytes(data[:8], "big"), client=True)
 
 
 class CurveServer:
@@ -317,7 +315,7 @@ class CurveServer:
         _open(data[114:], b"CurveZMQHELLO---" + short, client_short, self._secret,
               "HELLO (does it have this server's public key?)")
         self._client_short = client_short
-        self._peer_nonce = _unpack_nonce(short, 0)[0]
+        self._peer_nonce = int.from_bytes(short, "big")
         self._short_public, self._short_secret = _sodium.crypto_box_keypair()
         self._cookie_key = os.urandom(32)
         cookie_nonce = os.urandom(16)
@@ -339,7 +337,7 @@ class CurveServer:
         if cookie != self._client_short + self._short_secret:
             raise HandshakeError("CURVE: the INITIATE's cookie is not this connection's")
         short = data[96:104]
-        nonce = _unpack_nonce(short, 0)[0]
+        nonce = int.from_bytes(short, "big")
         if nonce <= self._peer_nonce:
             raise HandshakeError("CURVE: an INITIATE nonce that does not go up")
         key = bytes(_sodium.crypto_box_beforenm(self._client_short, self._short_secret))
@@ -359,7 +357,7 @@ class CurveServer:
                                  status=UNAUTHORIZED.decode())
         self.user_id = z85.encode(client_key).decode()
         self.properties = found
-        ready_short = _pack_nonce(self._nonce + 1)
+        ready_short = (self._nonce + 1).to_bytes(8, "big")
         sealed = _sodium.crypto_box_easy_afternm(metadata(self._socket_type),
                                                  b"CurveZMQREADY---" + ready_short, key)
         self.box = Box(key, self._nonce + 1, nonce, client=False)
