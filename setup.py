@@ -22,8 +22,8 @@ HERE = Path(__file__).resolve().parent
 
 # What every remote request passes through: the service's request loop, its
 # pipes to PostgreSQL and its ZMTP router; the client's ZMTP connection; and,
-# at both ends, the message codec, ZMTP's framing and CURVE's boxes.  Measured
-# in docs/performance.md.
+# at both ends, the message codec, ZMTP's framing and CURVE's boxes, and the
+# round-trip average the client's polling keeps.  Measured in docs/performance.md.
 COMPILED = [
     "dbpool/server/frontend.py",
     "dbpool/server/pipeline.py",
@@ -32,6 +32,7 @@ COMPILED = [
     "dbpool/wire.py",
     "dbpool/zmtp.py",
     "dbpool/curve.py",
+    "dbpool/spin.py",
 ]
 
 

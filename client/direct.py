@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from dbpool.spin import POLL_TIMES, moving_average
 from dbpool.zmtp import (
     Command,
     Decoder,
@@ -39,8 +40,6 @@ _monotonic = time.monotonic
 
 #: Bytes read per ``recv``: a reply of a ``SELECT`` fits many times over.
 _READ_SIZE = 1 << 16
-#: How long a reply is polled for, in round trips of ``spin``.
-_POLL_TIMES = 3
 
 
 class PeerClosed(Exception):
@@ -167,7 +166,7 @@ class ZmtpConnection:
                 data = self._read(sock, deadline)
                 if data is None:
                     return None
-            self._round_trip += (_monotonic() - self._sent_at - self._round_trip) * 0.25
+            self._round_trip = moving_average(self._round_trip, _monotonic() - self._sent_at)
             try:
                 body = self._decoder.single(data)
             except HandshakeError as error:  # a frame that does not unseal
@@ -233,7 +232,7 @@ class ZmtpConnection:
         return data
 
     def _poll(self, sock: socket.socket, deadline: float) -> bytes | None:
-        """What has arrived, polled for without sleeping for up to ``_POLL_TIMES``
+        """What has arrived, polled for without sleeping for up to ``POLL_TIMES``
         :attr:`spin` (at most until ``deadline``), the CPU yielded between polls;
         None if nothing came.
 
@@ -244,7 +243,7 @@ class ZmtpConnection:
         round trips were shorter than :attr:`spin`: a busy server answers
         later than that, and polling would then take the CPU from it.
         """
-        until = min(deadline, _monotonic() + _POLL_TIMES * self.spin)
+        until = min(deadline, _monotonic() + POLL_TIMES * self.spin)
         recv, dontwait, yield_cpu = sock.recv, socket.MSG_DONTWAIT, os.sched_yield
         while True:
             try:

@@ -45,6 +45,7 @@ import zmq
 
 from dbpool.errors import ConnectionError
 from dbpool.protocol import VERSION
+from dbpool.spin import DEFAULT_SPIN
 from dbpool.wire import WireError, make_packer, packb, unpackb
 from dbpool.zmtp import HandshakeError
 
@@ -90,10 +91,6 @@ _monotonic = time.monotonic
 _unpackb = unpackb
 _to_result = to_result
 _VERSION = VERSION
-#: The round trip below which a thread polls for its reply (see Client): a
-#: lone caller's round trip to a nearby server is about 100 µs, a busy
-#: server's more than 500 µs.
-DEFAULT_SPIN = 0.0003
 
 
 def _ms(seconds: float) -> int:

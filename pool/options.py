@@ -10,6 +10,7 @@ from typing import Any, Literal, TypedDict
 from dbpool.actors import backoff
 from dbpool.actors.listeners import ListenerSpec
 from dbpool.errors import ConfigurationError
+from dbpool.spin import DEFAULT_SPIN
 
 __all__ = ["PoolOptions", "PoolStartOptions", "checkout_options"]
 
@@ -48,6 +49,12 @@ class PoolOptions:
       reconnects after a backoff step.
     - ``ping_timeout`` (5.0): a ping that has no answer by then counts as a
       lost connection (a blackholed network never answers);
+    - ``spin`` (0.0003): while a connection's recent round trips to the
+      server took less than this many seconds, a thread waiting for an
+      answer polls the socket for up to three times that, yielding the CPU
+      between polls, instead of sleeping (see
+      :meth:`dbpool.pgconnection.PgConnection.wait`): a lone caller's
+      round trip halves; 0 always sleeps.
     - ``idle_interval`` (1.0): how often idle connections are pinged;
       ``idle_limit`` (pool_size): the most pinged per interval, oldest first.
     - ``connection_listeners``: ActorRefs and callables told of connected and
@@ -144,6 +151,7 @@ class PoolOptions:
     after_connect_timeout: float = 15.0
     idle_interval: float = 1.0
     ping_timeout: float = 5.0
+    spin: float = DEFAULT_SPIN
     idle_limit: int | None = None
     connection_listeners: Sequence[ListenerSpec] = ()
     max_restarts: int = 3
@@ -220,6 +228,8 @@ class PoolOptions:
             value = getattr(self, name)
             if not isinstance(value, int | float) or value <= 0:
                 raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
+        if type(self.spin) not in (int, float) or not 0 <= self.spin <= 1:
+            raise ConfigurationError(f"spin must be from 0 to 1 second, got {self.spin!r}")
         if not isinstance(self.breaker_threshold, int) or self.breaker_threshold < 1:
             raise ConfigurationError(
                 f"breaker_threshold must be an integer >= 1, got {self.breaker_threshold!r}")
@@ -318,6 +328,7 @@ class PoolStartOptions(TypedDict, total=False):
     after_connect_timeout: float
     idle_interval: float
     ping_timeout: float
+    spin: float
     idle_limit: int | None
     connection_listeners: Sequence[ListenerSpec]
     max_restarts: int

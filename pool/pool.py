@@ -134,6 +134,7 @@ class Pool(PoolCalls, AsyncPoolCalls):
             pool_name=opts.name,
             driver=driver,
             connect_opts={"conninfo": conninfo, "ping_timeout": opts.ping_timeout,
+                          "spin": opts.spin,
                           **opts.connect_kwargs},
             scheduler=core.scheduler,
             release=core.checkin.from_actor,

@@ -54,7 +54,7 @@ __all__ = ["CANCEL_TIMEOUT", "NETWORK_DEFAULTS", "PgCopy", "PgDriver", "PgState"
 logger = logging.getLogger("dbpool.pgdriver")
 
 #: Option keys that belong to dbpool, never passed on to libpq.
-_POOL_KEYS = frozenset({"pool_index", "conninfo", "ping_timeout"})
+_POOL_KEYS = frozenset({"pool_index", "conninfo", "ping_timeout", "spin"})
 
 #: libpq's network settings unless the DSN or ``connect_kwargs`` set them.  A
 #: connect or a statement must not wait for ever on a network that drops
@@ -165,6 +165,7 @@ class PgDriver:
             if key not in given and key not in kwargs:
                 kwargs[key] = value
         conn: PgConnection[Any] = PgConnection.connect(conninfo, autocommit=True, **kwargs)
+        conn.spin = float(opts.get("spin", 0.0))
         state = PgState(conn=conn, cursor=conn.cursor(),
                         ping_timeout=float(opts.get("ping_timeout", 5.0)))
         try:

@@ -1,0 +1,30 @@
+"""Polling for an answer that comes soon, rather than sleeping until it lands.
+
+A thread that sleeps on a socket is woken by the kernel when its answer
+arrives; on a VM that wake-up costs about as much as a short query, and the
+sender pays part of it.  A thread that polls, yielding the CPU between polls,
+is awake when the answer lands.  Polling pays only while answers come soon
+and a CPU is free to poll on, so both of dbpool's waiters poll only while
+the recent round trips (their moving average) were shorter than ``spin``,
+and then for at most :data:`POLL_TIMES` times ``spin``:
+
+- the remote client's direct transport (:class:`dbpool.client.direct.ZmtpConnection`);
+- the pool's psycopg connections (:class:`dbpool.pgconnection.PgConnection`),
+  and only while no other thread of the process waits on one.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DEFAULT_SPIN", "POLL_TIMES", "moving_average"]
+
+#: The round trip (seconds) below which a waiter polls: a lone caller's round
+#: trip to a nearby server is about 100 µs, a busy server's more than 500 µs.
+DEFAULT_SPIN = 0.0003
+#: How long an answer is polled for, in round trips of ``spin``.
+POLL_TIMES = 3
+
+
+def moving_average(average: float, sample: float) -> float:
+    """The recent round trips' average, ``sample`` taken in: a quarter's weight, so
+    that one long statement turns polling off for a few calls, not for good."""
+    return average + (sample - average) * 0.25
