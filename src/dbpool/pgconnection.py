@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import select
+import threading
 import time
 from collections.abc import Generator
 from typing import Any
@@ -59,6 +60,9 @@ _READY_W = int(Ready.W)
 #: The connections a thread waits on, in this process (set.add and discard are
 #: atomic under the GIL, where a counter's += is not).
 _WAITING: set[PgConnection[Any]] = set()
+#: When a wait on a connection last ended, and in which thread: ``[time, thread id]``.
+_LAST_WAIT: list[Any] = [0.0, None]
+_get_ident = threading.get_ident
 
 
 class PgConnection(psycopg.Connection[Row]):
@@ -78,28 +82,31 @@ class PgConnection(psycopg.Connection[Row]):
         """psycopg's wait, polling first for an answer that comes soon.
 
         While this connection's recent round trips took less than :attr:`spin`,
-        and no other thread of the process waits on a dbpool connection, the
-        thread polls its socket, yielding the CPU between polls, for up to
+        and no other thread of the process waits on a dbpool connection or has
+        just done so, the thread polls its socket, yielding the CPU between polls, for up to
         :data:`~dbpool.spin.POLL_TIMES` times that, and sleeps in psycopg's wait
         only after (why: :mod:`dbpool.spin`).  Threads that would poll side by
         side sleep instead: they would take the CPU, and the GIL, from each
-        other and from the server (at 4 threads on 4 connections, polling cost
-        a third of the pool's queries a second).  A wait with a ``timeout``
-        (psycopg's own, for a cancel) never polls.
+        other and from the server (polling with 64 threads on 10 connections
+        cost a quarter of the pool's queries a second, and at 4 on 4 a third).
+        A wait with a ``timeout`` (psycopg's own, for a cancel) never polls.
         """
         spin = self.spin
         if not spin or timeout is not None:
             return super().wait(gen, interval, timeout)
         started = _monotonic()
-        waiting = _WAITING
+        waiting, last, me = _WAITING, _LAST_WAIT, _get_ident()
         waiting.add(self)
-        if self._round_trip < spin and len(waiting) == 1:
+        if (self._round_trip < spin and len(waiting) == 1
+                and (last[1] == me or started - last[0] > POLL_TIMES * spin)):
             gen = self._polled(gen, started + POLL_TIMES * spin)
         try:
             return super().wait(gen, interval, timeout)
         finally:
             waiting.discard(self)
-            self._round_trip = moving_average(self._round_trip, _monotonic() - started)
+            last[0] = ended = _monotonic()
+            last[1] = me
+            self._round_trip = moving_average(self._round_trip, ended - started)
 
     def _polled(self, gen: PQGen[RV], until: float) -> Generator[Wait, Ready | int, RV]:
         """``gen``, its waits polled for until ``until`` (``time.monotonic()``), and

@@ -131,6 +131,18 @@ def test_a_thread_sleeps_while_another_thread_waits_on_the_database(
     assert slept >= 100, slept
 
 
+def test_a_thread_sleeps_right_after_another_thread_waited_then_polls_again(
+    connect: Callable[[float], PgState], sleeps: Callable[[Callable[[], object]], int],
+) -> None:
+    # A wide window (3 x 0.1 s): the other thread's wait ends well inside it.
+    other, mine = connect(0.1), connect(0.1)
+    worker = threading.Thread(target=_selects(other, 1))
+    worker.start()
+    worker.join()
+    assert sleeps(_selects(mine, 1)) >= 1  # the other thread waited just now
+    assert sleeps(_selects(mine, 20)) == 0  # now the last one to wait was this thread
+
+
 def test_long_round_trips_turn_polling_off_until_short_ones_bring_the_average_down(
     connect: Callable[[float], PgState], sleeps: Callable[[Callable[[], object]], int],
 ) -> None:
