@@ -76,16 +76,17 @@ class PgConnection(psycopg.Connection[Row]):
     spin = 0.0
     #: The recent waits' moving average (0 at first: the first answer is polled for).
     _round_trip = 0.0
-    _poller: tuple[int, Any] | None = None
+    #: ``[socket, select.poll object, the events it is registered for]``, made once.
+    _poller: list[Any] | None = None
 
     def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:
         """psycopg's wait, polling first for an answer that comes soon.
 
         While this connection's recent round trips took less than :attr:`spin`,
         and no other thread of the process waits on a dbpool connection or has
-        just done so, the thread polls its socket, yielding the CPU between polls, for up to
-        :data:`~dbpool.spin.POLL_TIMES` times that, and sleeps in psycopg's wait
-        only after (why: :mod:`dbpool.spin`).  Threads that would poll side by
+        just done so, the thread polls its socket, yielding the CPU between
+        polls, for up to :data:`~dbpool.spin.POLL_TIMES` times that, and sleeps
+        in psycopg's wait only after (why: :mod:`dbpool.spin`).  Threads that would poll side by
         side sleep instead: they would take the CPU, and the GIL, from each
         other and from the server (polling with 64 threads on 10 connections
         cost a quarter of the pool's queries a second, and at 4 on 4 a third).
@@ -114,17 +115,17 @@ class PgConnection(psycopg.Connection[Row]):
         fd = self.pgconn.socket
         poller = self._poller
         if poller is None or poller[0] != fd:
-            poller = self._poller = (fd, select.poll())
-            poller[1].register(fd, _POLLIN)
+            poll = select.poll()
+            poll.register(fd, _POLLIN)
+            poller = self._poller = [fd, poll, _POLLIN]
         poll = poller[1]
-        mask = _POLLIN
         try:
             wait = next(gen)
             while True:
                 ready = 0
-                if (wanted := _POLL_MASKS[wait]) != mask:
+                if (wanted := _POLL_MASKS[wait]) != poller[2]:
                     poll.modify(fd, wanted)
-                    mask = wanted
+                    poller[2] = wanted
                 while True:
                     if events := poll.poll(0):
                         event = events[0][1]

@@ -143,6 +143,18 @@ def test_a_thread_sleeps_right_after_another_thread_waited_then_polls_again(
     assert sleeps(_selects(mine, 20)) == 0  # now the last one to wait was this thread
 
 
+def test_a_statement_too_big_to_send_at_once_runs_while_polled_for(
+    connect: Callable[[float], PgState], sleeps: Callable[[Callable[[], object]], int],
+) -> None:
+    state = connect(SPIN)
+    big = "x" * 20_000_000  # far more than a socket buffer: psycopg waits to write
+    state.cursor.execute("SELECT length(%s)", [big])
+    assert state.cursor.fetchall() == [(len(big),)]
+    _selects(state, 20)()  # the average, raised by the big one, falls again
+    # and the statements after it are polled for as before:
+    assert sleeps(_selects(state, 20)) == 0
+
+
 def test_long_round_trips_turn_polling_off_until_short_ones_bring_the_average_down(
     connect: Callable[[float], PgState], sleeps: Callable[[Callable[[], object]], int],
 ) -> None:
