@@ -50,11 +50,11 @@ class PoolOptions:
     - ``ping_timeout`` (5.0): a ping that has no answer by then counts as a
       lost connection (a blackholed network never answers);
     - ``spin`` (0.0003): while a connection's recent round trips to the
-      server took less than this many seconds, a thread waiting for an
-      answer polls the socket for up to three times that, yielding the CPU
-      between polls, instead of sleeping (see
-      :meth:`dbpool.pgconnection.PgConnection.wait`): a lone caller's
-      round trip halves; 0 always sleeps.
+      server took less than this many seconds, and no other thread waits on
+      a connection or has just done so, a thread waiting for an answer polls
+      the socket for up to three times that, yielding the CPU between polls,
+      instead of sleeping (see :meth:`dbpool.pgconnection.PgConnection.wait`):
+      a lone caller's round trip halves; 0 always sleeps.
     - ``idle_interval`` (1.0): how often idle connections are pinged;
       ``idle_limit`` (pool_size): the most pinged per interval, oldest first.
     - ``connection_listeners``: ActorRefs and callables told of connected and

@@ -10,7 +10,9 @@ and then for at most :data:`POLL_TIMES` times ``spin``:
 
 - the remote client's direct transport (:class:`dbpool.client.direct.ZmtpConnection`);
 - the pool's psycopg connections (:class:`dbpool.pgconnection.PgConnection`),
-  and only while no other thread of the process waits on one.
+  and only while no other thread of the process waits on one or has just
+  done so (threads polling side by side take the CPU and the GIL from each
+  other).
 """
 
 from __future__ import annotations
