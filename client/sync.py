@@ -45,7 +45,7 @@ import zmq
 
 from dbpool.errors import ConnectionError
 from dbpool.protocol import VERSION
-from dbpool.spin import DEFAULT_SPIN
+from dbpool.spin import DEFAULT_SPIN, checked_spin
 from dbpool.wire import WireError, make_packer, packb, unpackb
 from dbpool.zmtp import HandshakeError
 
@@ -234,10 +234,8 @@ class Client(Requests):
     ) -> None:
         #: Whether a thread may speak ZMTP itself (see the module docstring).
         self.direct = direct
-        if type(spin) not in (int, float) or not 0 <= spin <= 1:
-            raise ValueError(f"spin must be from 0 to 1 second, not {spin!r}")
         #: The round trip below which a thread polls for its reply (see the docstring).
-        self.spin = float(spin)
+        self.spin = checked_spin(spin)
         self._identify(endpoint, timeout, events, server_key, client_key, pool,
                        connect_timeout, spread)
         self._context: zmq.Context[Any] = context if context is not None \

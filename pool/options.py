@@ -10,7 +10,7 @@ from typing import Any, Literal, TypedDict
 from dbpool.actors import backoff
 from dbpool.actors.listeners import ListenerSpec
 from dbpool.errors import ConfigurationError
-from dbpool.spin import DEFAULT_SPIN
+from dbpool.spin import DEFAULT_SPIN, checked_spin
 
 __all__ = ["PoolOptions", "PoolStartOptions", "checkout_options"]
 
@@ -228,8 +228,7 @@ class PoolOptions:
             value = getattr(self, name)
             if not isinstance(value, int | float) or value <= 0:
                 raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
-        if type(self.spin) not in (int, float) or not 0 <= self.spin <= 1:
-            raise ConfigurationError(f"spin must be from 0 to 1 second, got {self.spin!r}")
+        checked_spin(self.spin)
         if not isinstance(self.breaker_threshold, int) or self.breaker_threshold < 1:
             raise ConfigurationError(
                 f"breaker_threshold must be an integer >= 1, got {self.breaker_threshold!r}")

@@ -89,7 +89,7 @@ class PgConnection(psycopg.Connection[Row]):
         in psycopg's wait only after (why: :mod:`dbpool.spin`).  Threads that would poll side by
         side sleep instead: they would take the CPU, and the GIL, from each
         other and from the server (polling with 64 threads on 10 connections
-        cost a quarter of the pool's queries a second, and at 4 on 4 a third).
+        cost almost half of the pool's queries a second, and at 4 on 4 a third).
         A wait with a ``timeout`` (psycopg's own, for a cancel) never polls.
         """
         spin = self.spin

@@ -17,7 +17,9 @@ and then for at most :data:`POLL_TIMES` times ``spin``:
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_SPIN", "POLL_TIMES", "moving_average"]
+from dbpool.errors import ConfigurationError
+
+__all__ = ["DEFAULT_SPIN", "POLL_TIMES", "checked_spin", "moving_average"]
 
 #: The round trip (seconds) below which a waiter polls: a lone caller's round
 #: trip to a nearby server is about 100 µs, a busy server's more than 500 µs.
@@ -30,3 +32,11 @@ def moving_average(average: float, sample: float) -> float:
     """The recent round trips' average, ``sample`` taken in: a quarter's weight, so
     that one long statement turns polling off for a few calls, not for good."""
     return average + (sample - average) * 0.25
+
+
+def checked_spin(value: object) -> float:
+    """``value`` as a ``spin`` (seconds, from 0 to 1); ``ConfigurationError`` (a
+    ``ValueError``) for anything else, a bool included."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ConfigurationError(f"spin must be from 0 to 1 second, got {value!r}")
+    return float(value)
