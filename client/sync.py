@@ -45,7 +45,7 @@ import zmq
 
 from dbpool.errors import ConnectionError
 from dbpool.protocol import VERSION
-from dbpool.spin import DEFAULT_SPIN, checked_spin
+from dbpool.spin import CLIENT_SPIN, checked_spin
 from dbpool.wire import WireError, make_packer, packb, unpackb
 from dbpool.zmtp import HandshakeError
 
@@ -188,7 +188,7 @@ class Client(Requests):
     once.  ``direct=False`` keeps libzmq for every endpoint (see the module
     docstring: by default a thread speaks ZeroMQ's protocol itself on a
     ``tcp://`` endpoint).  On such a connection, while its recent round trips
-    took less than ``spin`` seconds (300 µs), a thread waiting for its reply
+    took less than ``spin`` seconds (1 ms), a thread waiting for its reply
     polls for it, for up to three times that, yielding the CPU between polls,
     instead of sleeping: a sleeping thread costs the server a wake-up per reply,
     which on a VM costs as much as a short query.  This halves a lone caller's
@@ -230,7 +230,7 @@ class Client(Requests):
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         spread: bool = True,
         direct: bool = True,
-        spin: float = DEFAULT_SPIN,
+        spin: float = CLIENT_SPIN,
     ) -> None:
         #: Whether a thread may speak ZMTP itself (see the module docstring).
         self.direct = direct
