@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import struct
 import time
@@ -77,6 +78,9 @@ class ZmtpConnection:
         #: commands (PING and PONG are answered and dropped as they come).
         self._events: deque[list[bytes] | Command] = deque()
         self._timeout: float | None = None
+        #: Polls the socket for :meth:`idle_check`: a ``poll`` that finds nothing costs
+        #: a third of a ``recv`` that fails with ``EAGAIN`` (measured), on every request.
+        self._idle_poll: select.poll | None = None
 
     @property
     def connected(self) -> bool:
@@ -95,6 +99,8 @@ class ZmtpConnection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(None)
             self._sock = sock
+            self._idle_poll = idle_poll = select.poll()
+            idle_poll.register(sock, select.POLLIN)
             handshake = self._handshake()
             self._decoder = decoder = Decoder(mechanism=handshake.mechanism)
             self._frame = frame
@@ -192,6 +198,9 @@ class ZmtpConnection:
         sock = self._sock
         if sock is None:
             raise PeerClosed("not connected")
+        idle_poll = self._idle_poll
+        if idle_poll is not None and not idle_poll.poll(0):
+            return  # nothing came: no reply, no PING, no close (POLLHUP and POLLERR show too)
         try:
             data = sock.recv(_READ_SIZE, socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -294,6 +303,7 @@ class ZmtpConnection:
     def close(self) -> None:
         """Close the socket at once (pending data is dropped, as with ``LINGER=0``)."""
         sock, self._sock = self._sock, None
+        self._idle_poll = None
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
