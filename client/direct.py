@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from dbpool.spin import POLL_TIMES, moving_average
+from dbpool.spin import LATE_YIELD, POLL_TIMES, SLEEPS_AFTER_LATE_YIELD, moving_average
 from dbpool.zmtp import (
     Command,
     Decoder,
@@ -70,6 +70,8 @@ class ZmtpConnection:
         #: (0 at first: the first reply is polled for).
         self._sent_at = 0.0
         self._round_trip = 0.0
+        #: Replies still to be slept for, not polled for, since a yield came back late.
+        self._sleeps_left = 0
         self._sock: socket.socket | None = None
         self._decoder = Decoder()
         #: How a frame goes out: plain, or sealed by the mechanism (CURVE).
@@ -167,7 +169,10 @@ class ZmtpConnection:
             # The common case: one read brings exactly one reply (Decoder.single).
             data = None
             if self._round_trip < self.spin:
-                data = self._poll(sock, deadline)
+                if self._sleeps_left:
+                    self._sleeps_left -= 1
+                else:
+                    data = self._poll(sock, deadline)
             if data is None:
                 data = self._read(sock, deadline)
                 if data is None:
@@ -251,21 +256,37 @@ class ZmtpConnection:
         polls is awake when its reply lands.  It polls only while the recent
         round trips were shorter than :attr:`spin`: a busy server answers
         later than that, and polling would then take the CPU from it.
+
+        A yield that comes back late (after :data:`~dbpool.spin.LATE_YIELD`
+        times :attr:`spin`) ends the polling, and the next
+        :data:`~dbpool.spin.SLEEPS_AFTER_LATE_YIELD` replies are slept for:
+        the CPU had more threads to run than it could, and a thread that polls
+        among them only queues, taking turns from the server.
         """
-        until = min(deadline, _monotonic() + POLL_TIMES * self.spin)
+        spin = self.spin
+        began = _monotonic()  # of the last read, and of the yield before it
+        until = min(deadline, began + POLL_TIMES * spin)
+        late = LATE_YIELD * spin
         recv, dontwait, yield_cpu = sock.recv, socket.MSG_DONTWAIT, os.sched_yield
         while True:
             try:
                 data = recv(_READ_SIZE, dontwait)
             except BlockingIOError:
-                if _monotonic() >= until:
+                now = _monotonic()
+                if now >= until:
                     return None
+                if now - began > late:
+                    self._sleeps_left = SLEEPS_AFTER_LATE_YIELD
+                    return None
+                began = now
                 yield_cpu()
                 continue
             except OSError as error:
                 raise PeerClosed(str(error)) from None
             if not data:
                 raise PeerClosed("the server closed the connection")
+            if _monotonic() - began > late:
+                self._sleeps_left = SLEEPS_AFTER_LATE_YIELD
             return data
 
     def _pump(self, data: bytes) -> None:

@@ -8,7 +8,10 @@ and a CPU is free to poll on, so both of dbpool's waiters poll only while
 the recent round trips (their moving average) were shorter than ``spin``,
 and then for at most :data:`POLL_TIMES` times ``spin``:
 
-- the remote client's direct transport (:class:`dbpool.client.direct.ZmtpConnection`);
+- the remote client's direct transport (:class:`dbpool.client.direct.ZmtpConnection`),
+  which also sleeps for its next answers after a yield that came back late
+  (:data:`LATE_YIELD`): the CPU then has more threads to run than it can,
+  and polling among them only takes turns from the server;
 - the pool's psycopg connections (:class:`dbpool.pgconnection.PgConnection`),
   and only while no other thread of the process waits on one or has just
   done so (threads polling side by side take the CPU and the GIL from each
@@ -19,7 +22,15 @@ from __future__ import annotations
 
 from dbpool.errors import ConfigurationError
 
-__all__ = ["CLIENT_SPIN", "DEFAULT_SPIN", "POLL_TIMES", "checked_spin", "moving_average"]
+__all__ = [
+    "CLIENT_SPIN",
+    "DEFAULT_SPIN",
+    "LATE_YIELD",
+    "POLL_TIMES",
+    "SLEEPS_AFTER_LATE_YIELD",
+    "checked_spin",
+    "moving_average",
+]
 
 #: The pool's round trip (seconds) below which a waiter polls: a lone caller's
 #: round trip to PostgreSQL nearby is about 100 µs, a busy server's more than 500 µs.
@@ -33,6 +44,16 @@ DEFAULT_SPIN = 0.0003
 CLIENT_SPIN = 0.001
 #: How long an answer is polled for, in round trips of ``spin``.
 POLL_TIMES = 3
+#: A yield that lasts longer than this share of ``spin`` came back late: the CPU
+#: ran other threads meanwhile, so there are more to run than CPUs, and a CPU
+#: would not go idle for a sleeping waiter.  Sixteen client processes on 2 cores
+#: came back after 560-1000 µs, their whole round trip; four, mostly within 150 µs.
+LATE_YIELD = 0.25
+#: Answers a waiter then sleeps for before it polls again.  Polling among more
+#: runnable threads than CPUs only queues the waiter, and takes turns from the
+#: server it waits on: sixteen client processes on 2 cores did 26% more queries
+#: a second sleeping (``docs/performance.md``).
+SLEEPS_AFTER_LATE_YIELD = 32
 
 
 def moving_average(average: float, sample: float) -> float:

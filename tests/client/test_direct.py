@@ -8,6 +8,7 @@ it must refuse to talk to, and peers that are not ZeroMQ at all.
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from dbpool.client import Client
 from dbpool.client._base import direct_address
 from dbpool.client.direct import PeerClosed, ZmtpConnection
 from dbpool.errors import ConnectionError
+from dbpool.spin import LATE_YIELD, SLEEPS_AFTER_LATE_YIELD
 from dbpool.wire import packb, unpackb
 from dbpool.zmtp import Command, Decoder, HandshakeError, frame, greeting
 from dbpool.zmtp import ready as ready_frame
@@ -249,12 +251,33 @@ class _RecordingSocket:
         return getattr(self._sock, name)
 
 
+class _LateSocket(_RecordingSocket):
+    """A recording socket whose next polling read is held up for ``hold`` seconds,
+    as a thread's is when the CPU it yielded runs other threads meanwhile:
+    after the reply came (``with_reply``), or before it can have."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock)
+        self.hold = 0.0
+        self.with_reply = False
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        if self.hold and flags & socket.MSG_DONTWAIT:
+            if self.with_reply:
+                select.select([self._sock], [], [], WAIT)
+            time.sleep(self.hold)
+            self.hold = 0.0
+        return super().recv(size, flags)
+
+
 @contextmanager
-def _recording(port: int, spin: float) -> Iterator[tuple[ZmtpConnection, _RecordingSocket]]:
+def _recording(port: int, spin: float,
+               kind: type[_RecordingSocket] = _RecordingSocket,
+               ) -> Iterator[tuple[ZmtpConnection, Any]]:
     """A connection with ``spin`` to the ROUTER on ``port``, and its recording socket."""
     conn = ZmtpConnection("127.0.0.1", port, spin=spin)
     conn.connect(WAIT)
-    recording = _RecordingSocket(cast(socket.socket, conn._sock))
+    recording = kind(cast(socket.socket, conn._sock))
     conn._sock = cast(socket.socket, recording)
     try:
         yield conn, recording
@@ -323,3 +346,21 @@ def test_the_clients_spin_reaches_its_connections(router: Router) -> None:
     _, port = router
     with Client(f"tcp://127.0.0.1:{port}", spin=0.01) as client:
         assert client._ch.direct is not None and client._ch.direct.spin == 0.01
+
+
+@pytest.mark.parametrize("with_reply", [False, True], ids=["before the reply", "with the reply"])
+def test_after_a_yield_that_came_back_late_the_next_replies_are_slept_for(
+        router: Router, with_reply: bool) -> None:
+    sock, port = router
+    spin = 0.02
+    with _recording(port, spin=spin, kind=_LateSocket) as (conn, late):
+        late.hold, late.with_reply = LATE_YIELD * spin * 2, with_reply
+        _exchange(conn, sock, delay=0.0 if with_reply else 0.05)
+        assert late.reads[0] & socket.MSG_DONTWAIT  # it polled, and came back late
+        late.reads.clear()
+        for _ in range(SLEEPS_AFTER_LATE_YIELD):
+            _exchange(conn, sock, delay=0.0)
+        assert late.reads and not any(flags & socket.MSG_DONTWAIT for flags in late.reads)
+        late.reads.clear()
+        _exchange(conn, sock, delay=0.0)  # the CPU is its own again: it polls
+        assert late.reads[0] & socket.MSG_DONTWAIT
