@@ -34,7 +34,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from zmq.utils import z85
 
@@ -60,38 +60,43 @@ except ImportError:  # the ``curve`` extra is not installed: libzmq does CURVE
 else:
     AVAILABLE = True
     # Looked up once: an attribute of cffi's ``lib`` costs about a quarter of the
-    # call itself (measured), and every frame makes two such calls.
-    _seal_into = _lib.crypto_box_easy_afternm
-    _open_into = _lib.crypto_box_open_easy_afternm
-    _unpack = _ffi.unpack
-    _from_buffer = _ffi.from_buffer
+    # call itself (measured), and every frame makes two such calls.  Final, so that
+    # the compiled build reads them as constants, not from the module's dict.
+    _seal_into: Final = _lib.crypto_box_easy_afternm
+    _open_into: Final = _lib.crypto_box_open_easy_afternm
+    _unpack: Final = _ffi.unpack
+    _from_buffer: Final = _ffi.from_buffer
 
 #: A ``MESSAGE`` body below this size is unsealed from a copy of its box; a larger one
 #: in place, through a cffi view of it, which costs more than copying a small one.
-_COPY_BELOW = 2048
+_COPY_BELOW: Final = 2048
 
 __all__ = ["AVAILABLE", "MECHANISM", "OVERHEAD", "Box", "CurveClient", "CurveServer"]
 
 MECHANISM = b"CURVE"
 #: Bytes a frame grows by as a ``MESSAGE``: its name, the nonce, the MAC, the flags.
-OVERHEAD = 8 + 8 + 16 + 1
+OVERHEAD: Final = 8 + 8 + 16 + 1
 #: The ZAP status a server answers a key it does not authorize with (libzmq's).
 UNAUTHORIZED = b"400"
 
 #: A sealed frame's flags are libzmq's message flags, not the wire's (zmtp.MORE and
 #: zmtp.COMMAND): a PING sealed with the wire's COMMAND bit reads as a message.
-_SEALED_MORE = 0x01
-_SEALED_COMMAND = 0x02
+_SEALED_MORE: Final = 0x01
+_SEALED_COMMAND: Final = 0x02
 #: The flags byte of a sealed frame, by value.
-_FLAGS = [bytes((flags,)) for flags in range(4)]
-_pack_size = struct.Struct(">BQ").pack
+_FLAGS: Final = [bytes((flags,)) for flags in range(4)]
+_pack_size: Final = struct.Struct(">BQ").pack
+_MESSAGE: Final = b"\x07MESSAGE"
+#: A short ``MESSAGE`` frame's header and name, by the frame's size (built once: a
+#: ``bytes((0, size))`` per frame cost a tenth of :meth:`Box.seal`, measured).
+_SHORT_HEADS: Final = [bytes((0, size)) + _MESSAGE for size in range(256)]
 
 
 def _head(size: int) -> bytes:
-    """The frame header of a ``MESSAGE`` of ``size`` bytes (as :func:`dbpool.zmtp.frame`)."""
-    return bytes((0, size)) if size <= 255 else _pack_size(LONG, size)
+    """The frame header and name of a ``MESSAGE`` of ``size`` bytes (as
+    :func:`dbpool.zmtp.frame` makes a header)."""
+    return _SHORT_HEADS[size] if size <= 255 else _pack_size(LONG, size) + _MESSAGE
 
-_MESSAGE = b"\x07MESSAGE"
 _HELLO_SIZE = 194  # after "\x05HELLO": version, padding, C', nonce, signature box
 _WELCOME_SIZE = 160  # after "\x07WELCOME": nonce, box [S' + cookie]
 _INITIATE_MIN = 248  # after "\x08INITIATE": cookie, nonce, box [C + vouch], no metadata
@@ -116,24 +121,29 @@ class Box:
     them; a nonce that does not go up is refused, so no ``MESSAGE`` can be
     replayed."""
 
-    __slots__ = ("_buffer", "_key", "_nonce", "_peer_nonce", "_seal_prefix", "_unseal_prefix")
+    __slots__ = ("_buffer", "_key", "_nonce", "_peer_nonce", "_room_size", "_seal_prefix",
+                 "_unseal_prefix")
 
     def __init__(self, key: bytes, nonce: int, peer_nonce: int, client: bool) -> None:
         self._key = key
         self._nonce = nonce
-        self._peer_nonce = peer_nonce
+        #: The peer's last nonce as sent: 8 bytes, big-endian, so that comparing them
+        #: compares the numbers, with no conversion per frame.
+        self._peer_nonce = peer_nonce.to_bytes(8, "big")
         self._seal_prefix = b"CurveZMQMESSAGEC" if client else b"CurveZMQMESSAGES"
         self._unseal_prefix = b"CurveZMQMESSAGES" if client else b"CurveZMQMESSAGEC"
         #: Where libsodium writes, reused: a connection seals and unseals one frame at
         #: a time, and PyNaCl's bindings would allocate and check on every call (half
         #: of a request's cost of CURVE, measured).
         self._buffer = _ffi.new("char[]", 4096)
+        self._room_size = 4096
 
     def _room(self, size: int) -> Any:
-        buffer = self._buffer
-        if len(buffer) < size:
-            buffer = self._buffer = _ffi.new("char[]", size)
-        return buffer
+        """The buffer, grown to ``size`` bytes if it is smaller."""
+        if self._room_size < size:
+            self._buffer = _ffi.new("char[]", size)
+            self._room_size = size
+        return self._buffer
 
     def seal(self, body: bytes, *, more: bool = False, command: bool = False) -> bytes:
         """``body`` as one ``MESSAGE`` frame, ready to write (as
@@ -144,7 +154,7 @@ class Box:
         size = len(plain) + 16
         buffer = self._room(size)
         _seal_into(buffer, plain, size - 16, self._seal_prefix + short, self._key)
-        return b"".join((_head(size + 16), _MESSAGE, short, _unpack(buffer, size)))
+        return b"".join((_head(size + 16), short, _unpack(buffer, size)))
 
     def unseal(self, body: bytes) -> tuple[int, bytes]:
         """The flags (as a plain frame's: :data:`dbpool.zmtp.MORE`,
@@ -153,11 +163,10 @@ class Box:
         Raises :class:`~dbpool.zmtp.HandshakeError` for anything else: another
         frame, a nonce that does not go up, a box that does not open.
         """
-        if body[:8] != _MESSAGE or len(body) < OVERHEAD:
+        if len(body) < OVERHEAD or body[:8] != _MESSAGE:
             raise HandshakeError("CURVE: a frame that is not a MESSAGE")
         short = body[8:16]
-        nonce = int.from_bytes(short, "big")
-        if nonce <= self._peer_nonce:
+        if short <= self._peer_nonce:
             raise HandshakeError("CURVE: a MESSAGE nonce that does not go up (a replay?)")
         size = len(body) - 16
         buffer = self._room(size)
@@ -165,11 +174,14 @@ class Box:
         box = body[16:] if size < _COPY_BELOW else _from_buffer(body) + 16
         if _open_into(buffer, box, size, self._unseal_prefix + short, self._key) != 0:
             raise HandshakeError("CURVE: a MESSAGE that does not open")
-        self._peer_nonce = nonce
-        sealed_flags = ord(buffer[0])
+        self._peer_nonce = short
+        plain: bytes = _unpack(buffer, size - 16)
+        sealed_flags = plain[0]
+        if not sealed_flags:
+            return 0, plain[1:]
         flags = ((MORE if sealed_flags & _SEALED_MORE else 0)
                  | (COMMAND if sealed_flags & _SEALED_COMMAND else 0))
-        return flags, _unpack(buffer + 1, size - 17)
+        return flags, plain[1:]
 
 
 class CurveClient:
