@@ -21,6 +21,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Final
 
 from dbpool.spin import LATE_YIELD, POLL_TIMES, SLEEPS_AFTER_LATE_YIELD, moving_average
 from dbpool.zmtp import (
@@ -41,6 +42,11 @@ _monotonic = time.monotonic
 
 #: Bytes read per ``recv``: a reply of a ``SELECT`` fits many times over.
 _READ_SIZE = 1 << 16
+
+
+#: The connections whose threads poll for a reply now (set.add and discard are
+#: atomic under the GIL).
+_POLLING: Final[set[ZmtpConnection]] = set()
 
 
 class PeerClosed(Exception):
@@ -261,33 +267,41 @@ class ZmtpConnection:
         times :attr:`spin`) ends the polling, and the next
         :data:`~dbpool.spin.SLEEPS_AFTER_LATE_YIELD` replies are slept for:
         the CPU had more threads to run than it could, and a thread that polls
-        among them only queues, taking turns from the server.
+        among them only queues, taking turns from the server.  Unless another
+        thread of this process polls too: then the yield may have waited for
+        that thread's hold of the GIL, and polling side by side still pays
+        (16 threads of one process did 7% fewer queries a second sleeping).
         """
         spin = self.spin
         began = _monotonic()  # of the last read, and of the yield before it
         until = min(deadline, began + POLL_TIMES * spin)
         late = LATE_YIELD * spin
         recv, dontwait, yield_cpu = sock.recv, socket.MSG_DONTWAIT, os.sched_yield
-        while True:
-            try:
-                data = recv(_READ_SIZE, dontwait)
-            except BlockingIOError:
-                now = _monotonic()
-                if now >= until:
-                    return None
-                if now - began > late:
+        polling = _POLLING
+        polling.add(self)
+        try:
+            while True:
+                try:
+                    data = recv(_READ_SIZE, dontwait)
+                except BlockingIOError:
+                    now = _monotonic()
+                    if now >= until:
+                        return None
+                    if now - began > late and len(polling) == 1:
+                        self._sleeps_left = SLEEPS_AFTER_LATE_YIELD
+                        return None
+                    began = now
+                    yield_cpu()
+                    continue
+                except OSError as error:
+                    raise PeerClosed(str(error)) from None
+                if not data:
+                    raise PeerClosed("the server closed the connection")
+                if _monotonic() - began > late and len(polling) == 1:
                     self._sleeps_left = SLEEPS_AFTER_LATE_YIELD
-                    return None
-                began = now
-                yield_cpu()
-                continue
-            except OSError as error:
-                raise PeerClosed(str(error)) from None
-            if not data:
-                raise PeerClosed("the server closed the connection")
-            if _monotonic() - began > late:
-                self._sleeps_left = SLEEPS_AFTER_LATE_YIELD
-            return data
+                return data
+        finally:
+            polling.discard(self)
 
     def _pump(self, data: bytes) -> None:
         """Decode what was read into :attr:`_events`, answering PINGs (RFC 37)."""

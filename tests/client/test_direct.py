@@ -27,7 +27,7 @@ from dbpool.spin import LATE_YIELD, SLEEPS_AFTER_LATE_YIELD
 from dbpool.wire import packb, unpackb
 from dbpool.zmtp import Command, Decoder, HandshakeError, frame, greeting
 from dbpool.zmtp import ready as ready_frame
-from tests.client.conftest import WAIT, Router, a_slow_reply_arrives
+from tests.client.conftest import WAIT, Router, _router, a_slow_reply_arrives
 
 
 def _connected(port: int) -> ZmtpConnection:
@@ -364,3 +364,33 @@ def test_after_a_yield_that_came_back_late_the_next_replies_are_slept_for(
         late.reads.clear()
         _exchange(conn, sock, delay=0.0)  # the CPU is its own again: it polls
         assert late.reads[0] & socket.MSG_DONTWAIT
+
+
+def test_a_late_yield_while_another_thread_polls_keeps_the_polling(router: Router) -> None:
+    # Threads of one process that poll side by side take the GIL from each other:
+    # a yield that came back late says nothing of the CPU then.
+    sock, port = router
+    other_sock, other_port = next(other_router := _router())
+    other_polls = threading.Event()
+
+    class _Signalling(_RecordingSocket):
+        def recv(self, size: int, flags: int = 0) -> bytes:
+            if flags & socket.MSG_DONTWAIT:
+                other_polls.set()
+            return super().recv(size, flags)
+
+    spin = 0.02
+    try:
+        with _recording(other_port, spin=0.5, kind=_Signalling) as (other, _), \
+                _recording(port, spin=spin, kind=_LateSocket) as (conn, late):
+            poller = threading.Thread(target=_exchange, args=(other, other_sock, 0.5))
+            poller.start()
+            assert other_polls.wait(WAIT)
+            late.hold = LATE_YIELD * spin * 2
+            _exchange(conn, sock, delay=0.0)
+            late.reads.clear()
+            _exchange(conn, sock, delay=0.0)
+            assert late.reads[0] & socket.MSG_DONTWAIT  # it polls on
+            poller.join(WAIT)
+    finally:
+        other_router.close()
