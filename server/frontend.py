@@ -1372,6 +1372,16 @@ class FrontEnd:
                 copying.copy = None
             pipe.copy = None
             pipe.break_(ConnectionError(f"a COPY was left unfinished: {why}"))
+            holder = lease.holder()
+            if holder is not lease and holder.id in self.leases:
+                # The transaction the COPY ran in loses its connection with it: it ends
+                # now, its other streams with it, so that nothing is sent on that
+                # connection once it is given back (its socket's number may by then be
+                # another connection's).
+                lost = f"connection lost: a COPY was left unfinished ({why})"
+                for other in [s for s in self.leases.values() if s.lease is holder]:
+                    self._forget(other, lost)
+                self._forget(holder, lost)
             pipe.owner = None
             self._watch(pipe)
             return
@@ -1836,15 +1846,20 @@ class FrontEnd:
         return wake_at
 
     def _release(self, pipe: Pipe) -> None:
+        """Give ``pipe``'s connection back to its pool; a second call does nothing."""
+        if self._pipes.get(pipe.fd) is not pipe:
+            # Released already: its socket's number may now be another connection's,
+            # which must stay watched, and the pool must not get it back twice.
+            return
         self._dirty.discard(pipe)
         served = pipe.served
         if pipe in served.shared:
             served.shared.remove(pipe)
-        if self._pipes.pop(pipe.fd, None) is not None:
-            try:
-                self._poller.unregister(pipe.fd)
-            except KeyError:
-                pass
+        del self._pipes[pipe.fd]
+        try:
+            self._poller.unregister(pipe.fd)
+        except KeyError:
+            pass
         if pipe.owner is not None:  # a lease whose connection broke
             lease = pipe.owner
             if isinstance(lease, Lease):

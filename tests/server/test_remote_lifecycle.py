@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -326,6 +327,39 @@ def test_a_silent_session_loses_its_lease(
     assert reply["error"]["kind"] == "connection"
     assert reply["error"]["reason"] == "lease_expired"
     assert rows_of(pg_dsn, table) == []
+
+
+def test_a_copy_left_unfinished_in_a_transaction_ends_the_transaction(
+        servers: Servers, raw_peers: Callable[[str], RawPeer], pg_dsn: str,
+        table: str) -> None:
+    # The COPY's connection is lost with it, so its transaction must end at once:
+    # left open, it kept a connection given back already, and ending it later gave
+    # that connection back a second time, unwatching whichever new connection had
+    # its socket's number (a fuzz campaign's victim then waited for ever).
+    size = 2
+    server = servers.start(pg_dsn, "--heartbeat-timeout", str(HEARTBEAT), pool_size=size)
+    peer = raw_peers(server.endpoint)
+    session = uuid.uuid4().hex
+    lease = peer.call("begin", session=session)["ok"]["lease"]
+    copying = peer.call("copy_in", sql=f"COPY {table} FROM STDIN", lease=lease,
+                        session=session)
+    copy = copying["ok"]["copy"]
+    # A request on the transaction half a heartbeat later: refused (the COPY runs),
+    # but it keeps the transaction heard from after the COPY falls silent.
+    time.sleep(HEARTBEAT / 2)
+    busy = peer.call("query", sql="SELECT 1", params=None, lease=lease, session=session)
+    assert busy["error"]["code"] == "busy", busy
+    server.wait_output(rf"copy {re.escape(copy[:8])} of session {re.escape(session[:8])}"
+                       rf"\.\.\.: no heartbeat from its client within {HEARTBEAT:g}s")
+
+    reply = peer.call("commit", lease=lease, session=session)
+    assert reply["error"]["reason"] == "lease_expired", reply
+    assert "COPY was left unfinished" in reply["error"]["message"], reply
+    with Client(server.endpoint, timeout=5) as observer:
+        wait_for(lambda: pool_whole(observer, size), 10, "the pool to be whole again")
+        for _ in range(20):  # every connection serves, watched
+            assert observer.query("SELECT 1").rows == [(1,)]
+    assert "lease " + lease[:8] not in server.output()  # it never expired on its own
 
 
 # -- 3. lease_max -------------------------------------------------------------------------
