@@ -301,14 +301,21 @@ def test_heartbeats_keep_an_idle_transaction_alive(
     assert "no heartbeat" not in server.output()
 
 
+def _raw_lease(servers: Servers, raw_peers: Callable[[str], RawPeer], pg_dsn: str,
+               size: int) -> tuple[ServerProcess, RawPeer, str, dict[str, Any]]:
+    """A server with a heartbeat timeout of :data:`HEARTBEAT`, a raw peer (which sends
+    no heartbeats), its session, and the reply to the ``begin`` it sent."""
+    server = servers.start(pg_dsn, "--heartbeat-timeout", str(HEARTBEAT), pool_size=size)
+    peer = raw_peers(server.endpoint)
+    session = uuid.uuid4().hex
+    return server, peer, session, peer.call("begin", session=session)
+
+
 def test_a_silent_session_loses_its_lease(
         servers: Servers, raw_peers: Callable[[str], RawPeer], pg_dsn: str,
         table: str) -> None:
     size = 4
-    server = servers.start(pg_dsn, "--heartbeat-timeout", str(HEARTBEAT), pool_size=size)
-    peer = raw_peers(server.endpoint)
-    session = uuid.uuid4().hex
-    begun = peer.call("begin", session=session)
+    server, peer, session, begun = _raw_lease(servers, raw_peers, pg_dsn, size)
     assert begun["ok"]["heartbeat_timeout"] == HEARTBEAT
     lease = begun["ok"]["lease"]
     inserted = peer.call("query", sql=f"INSERT INTO {table} VALUES (2)", params=None,
@@ -337,10 +344,8 @@ def test_a_copy_left_unfinished_in_a_transaction_ends_the_transaction(
     # that connection back a second time, unwatching whichever new connection had
     # its socket's number (a fuzz campaign's victim then waited for ever).
     size = 2
-    server = servers.start(pg_dsn, "--heartbeat-timeout", str(HEARTBEAT), pool_size=size)
-    peer = raw_peers(server.endpoint)
-    session = uuid.uuid4().hex
-    lease = peer.call("begin", session=session)["ok"]["lease"]
+    server, peer, session, begun = _raw_lease(servers, raw_peers, pg_dsn, size)
+    lease = begun["ok"]["lease"]
     copying = peer.call("copy_in", sql=f"COPY {table} FROM STDIN", lease=lease,
                         session=session)
     copy = copying["ok"]["copy"]
