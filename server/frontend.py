@@ -1357,10 +1357,7 @@ class FrontEnd:
                        extra={"client": lease.client.name if lease.client else None,
                               "pool": lease.pipe.served.name, "reason": why})
         pipe = lease.pipe
-        children = [s for s in self.leases.values() if s.lease is lease]
-        for stream in children:
-            self._forget(stream, why)
-        self._forget(lease, why)
+        children = self._forget_with_streams(lease, why)
         if lease.kind == "copy" and lease.finished:
             return  # its COPY ended and the connection went on; only a reply was owed
         if pipe.copy is not None:  # a COPY runs there: no way back but a new connection
@@ -1371,18 +1368,9 @@ class FrontEnd:
                                                         reason="lease_expired"))
                 copying.copy = None
             pipe.copy = None
+            # The owner stays: a transaction the COPY ran in loses its connection with
+            # it, and ends when the broken connection is given back (_release).
             pipe.break_(ConnectionError(f"a COPY was left unfinished: {why}"))
-            holder = lease.holder()
-            if holder is not lease and holder.id in self.leases:
-                # The transaction the COPY ran in loses its connection with it: it ends
-                # now, its other streams with it, so that nothing is sent on that
-                # connection once it is given back (its socket's number may by then be
-                # another connection's).
-                lost = f"connection lost: a COPY was left unfinished ({why})"
-                for other in [s for s in self.leases.values() if s.lease is holder]:
-                    self._forget(other, lost)
-                self._forget(holder, lost)
-            pipe.owner = None
             self._watch(pipe)
             return
         if lease.kind == "stream" and lease.lease is not None:
@@ -1440,6 +1428,14 @@ class FrontEnd:
         self.counters[_COUNTERS[lease.kind]] += 1
         if not self._peers.alive(lease.session):  # the client died while it began
             self.post(lambda: self._release_if_gone(lease.session))
+
+    def _forget_with_streams(self, lease: Lease, why: str) -> list[Lease]:
+        """Forget ``lease`` and the streams and copies that run in it; return those."""
+        children = [s for s in self.leases.values() if s.lease is lease]
+        for stream in children:
+            self._forget(stream, why)
+        self._forget(lease, why)
+        return children
 
     def _forget(self, lease: Lease, why: str) -> None:
         self.leases.pop(lease.id, None)
@@ -1862,8 +1858,10 @@ class FrontEnd:
             pass
         if pipe.owner is not None:  # a lease whose connection broke
             lease = pipe.owner
-            if isinstance(lease, Lease):
-                self._forget(lease, f"connection lost: {pipe.broken}")
+            if isinstance(lease, Lease) and lease.id in self.leases:
+                # Its streams too: nothing may be sent on this connection once it is
+                # back in the pool, where its socket's number may become another's.
+                self._forget_with_streams(lease, f"connection lost: {pipe.broken}")
             pipe.owner = None
         served.lender.give_back(pipe.release())
 
