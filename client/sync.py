@@ -91,6 +91,9 @@ _monotonic = time.monotonic
 _unpackb = unpackb
 _to_result = to_result
 _VERSION = VERSION
+#: The share of a heartbeat interval after which a heartbeat that could not be
+#: sent (no connection yet) is tried again.
+_HEARTBEAT_RETRY = 0.1
 
 
 def _ms(seconds: float) -> int:
@@ -651,7 +654,10 @@ class _Heartbeat:
     the heartbeat timeout while anything is held and waits on an event
     otherwise, so :meth:`stop` ends it at once.  The heartbeats are not
     awaited: their replies are read and dropped before the next one goes
-    out, and a heartbeat that cannot be sent (no connection) is skipped.
+    out.  The thread's socket is connected as soon as something is held, so
+    the first heartbeat finds a connection; one that cannot be sent (no
+    connection, as after a move to another endpoint) is tried again a tenth
+    of an interval later.
     """
 
     def __init__(self, client: Client) -> None:
@@ -707,31 +713,37 @@ class _Heartbeat:
                 if interval is None:
                     self._wake.wait()
                     continue
-                delay = max(last, since) + interval - _monotonic()
-                if delay > 0:
-                    self._wake.wait(delay)
-                    continue
                 client = self._client()
                 if client is None or client.closed:
                     return
                 current = client._current_endpoint()
                 if sock is None or current != endpoint:
+                    # Connected as soon as something is held, not when the first
+                    # heartbeat is due: the socket is IMMEDIATE, so a send on a
+                    # connection still being made would be refused.
                     if sock is not None:
                         sock.close(linger=0)
                     sock, _ = client._new_socket(current, register=False)
                     endpoint = current
                 del client
+                delay = max(last, since) + interval - _monotonic()
+                if delay > 0:
+                    self._wake.wait(delay)
+                    continue
                 self._drain(sock)
                 ids += 1
                 body = packb({"v": _VERSION, "id": ids, "op": "heartbeat",
                               "session": self._session})
+                last = _monotonic()
                 try:
                     sock.send(body, _NOBLOCK)
                 except _Again:
-                    logger.debug("heartbeat skipped: not connected to %s", endpoint)
+                    # Tried again a tenth of an interval later rather than a whole
+                    # one, which would leave the server a third of its timeout.
+                    logger.debug("heartbeat not sent yet: not connected to %s", endpoint)
+                    last -= interval * (1 - _HEARTBEAT_RETRY)
                 else:
                     self.sent += 1
-                last = _monotonic()
         except Exception:
             logger.exception("the heartbeat thread failed; leases may expire")
         finally:

@@ -28,6 +28,7 @@ from psycopg import errors as pg_errors
 from zmq.utils.monitor import recv_monitor_message
 
 from dbpool.client import AsyncClient, Client, Event
+from dbpool.client import sync as sync_client
 from dbpool.client._base import events_endpoint
 from dbpool.client.commands import format_result, query_command, status_command
 from dbpool.driver import Column, Result
@@ -506,6 +507,74 @@ def test_heartbeats_while_a_transaction_is_open_and_not_after() -> None:
         assert not thread.is_alive() and time.monotonic() - start < 0.5
     finally:
         stub.close()
+
+
+def test_the_first_heartbeat_goes_out_one_interval_after_the_begin() -> None:
+    # The heartbeat thread's socket is IMMEDIATE: one connected only when the first
+    # heartbeat is due refuses it, and the server would hear of the session only
+    # two intervals after the begin, a third of its timeout before expiry.
+    interval = 0.5
+    stub = Stub(heartbeat_timeout=3 * interval)
+    try:
+        with Client(stub.endpoint, timeout=2.0) as client:
+            client.transaction().begin()
+            begun = time.monotonic()
+            stub.next_op("heartbeat")
+            assert time.monotonic() - begun < 1.5 * interval
+            assert client._heartbeat.sent == 1
+    finally:
+        stub.close()
+
+
+class _RefusingSocket:
+    """A heartbeat socket whose first ``refusals`` sends find no connection."""
+
+    def __init__(self, refusals: int) -> None:
+        self.refusals = refusals
+        self.attempts: queue.Queue[float] = queue.Queue()
+
+    def send(self, body: bytes, flags: int = 0) -> None:
+        self.attempts.put(time.monotonic())
+        if self.refusals:
+            self.refusals -= 1
+            raise zmq.Again()
+
+    def recv(self, flags: int = 0) -> bytes:
+        raise zmq.Again()
+
+    def close(self, linger: int | None = None) -> None:
+        pass
+
+
+class _HeartbeatOwner:
+    """What the heartbeat thread asks of its client, with a refusing socket."""
+
+    def __init__(self, sock: _RefusingSocket) -> None:
+        self.session = "s"
+        self.closed = False
+        self.sock = sock
+
+    def _current_endpoint(self) -> str:
+        return "tcp://127.0.0.1:1"
+
+    def _new_socket(self, endpoint: str, *, register: bool = True) -> tuple[Any, None]:
+        return self.sock, None
+
+
+def test_a_heartbeat_that_finds_no_connection_is_tried_again_soon() -> None:
+    interval = 1.0
+    sock = _RefusingSocket(refusals=1)
+    owner = _HeartbeatOwner(sock)
+    heartbeat = sync_client._Heartbeat(owner)  # type: ignore[arg-type]
+    heartbeat.add(3 * interval)
+    try:
+        refused = sock.attempts.get(timeout=WAIT)
+        sent = sock.attempts.get(timeout=WAIT)
+        # Not a whole interval later, which would leave the server a third of its timeout.
+        assert sent - refused < 0.5 * interval
+        assert heartbeat.sent == 1
+    finally:
+        heartbeat.stop()
 
 
 def test_stream_pages_rows_and_close(stub: Stub, client: Client) -> None:
