@@ -12,6 +12,7 @@ import asyncio
 import socket
 import threading
 import time
+import tracemalloc
 
 import pytest
 import zmq
@@ -68,6 +69,29 @@ async def test_messages_both_ways_with_short_and_long_frames(
         sock.send_multipart([routing_id, b"first", b"last"])
         sock.send_multipart([routing_id, b"next"])
         assert [await inbox.next(), await inbox.next()] == [b"last", b"next"]
+    finally:
+        conn.close()
+
+
+async def test_a_short_reply_is_read_without_a_large_allocation(router: Router) -> None:
+    # asyncio's plain Protocol reads 256 KiB at a time, which glibc serves with an
+    # mmap per read: every reply paid three system calls and fresh pages.
+    sock, port = router
+    conn, inbox = await _open(port)
+    try:
+        conn.send(b"warm")
+        routing_id, _ = await asyncio.to_thread(sock.recv_multipart)
+        sock.send_multipart([routing_id, b"up"])
+        assert await inbox.next() == b"up"
+        tracemalloc.start()
+        try:
+            for i in range(20):
+                sock.send_multipart([routing_id, b"%02d" % i])
+                assert await inbox.next() == b"%02d" % i
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 32 * 1024, f"{peak} bytes allocated at once for 2-byte replies"
     finally:
         conn.close()
 

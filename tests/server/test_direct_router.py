@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -137,6 +138,27 @@ def test_dealers_get_their_own_replies(echo: Harness,
     finally:
         for dealer in dealers:
             dealer.close(linger=0)
+
+
+def test_a_short_request_is_read_without_a_large_allocation(
+        echo: Harness, context: zmq.Context[zmq.Socket[bytes]]) -> None:
+    # recv(256 KiB) per read: glibc served each with an mmap, so every request paid
+    # three system calls and fresh pages until its threshold happened to rise.
+    dealer = _socket(context, zmq.DEALER, echo.endpoint)
+    try:
+        dealer.send(b"warm")
+        assert dealer.recv() == b"mraw"
+        tracemalloc.start()
+        try:
+            for i in range(20):
+                dealer.send(b"%02d" % i)
+                assert dealer.recv() == (b"%02d" % i)[::-1]
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 32 * 1024, f"{peak} bytes allocated at once for 2-byte requests"
+    finally:
+        dealer.close(linger=0)
 
 
 @replaces_methods
