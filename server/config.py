@@ -47,7 +47,8 @@ pool_options       (none)               (none)                    {}: the TOML [
   connection included; ``pipeline_depth`` (>= 1) is how many statements from
   different clients may be queued on one connection; ``grace`` is how long a
   shutdown waits for requests in flight; ``spin`` is how long the request
-  loop polls before it sleeps while traffic is steady (see
+  loop polls before it sleeps while traffic is steady, for a client's next
+  request or a short statement's answer, not through a long one (see
   :mod:`dbpool.server.frontend`).
 - ``backoff_type``, ``backoff_min`` and ``backoff_max`` are the delays
   between reconnect attempts (see :mod:`dbpool.actors.backoff`; ``stop``

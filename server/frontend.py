@@ -31,8 +31,8 @@ Why one thread: a pykka message or a thread hop costs as much as a whole
 ``SELECT 1`` here, and the GIL would serialize worker threads anyway.  The
 loop spends its time in libzmq and libpq, and pipelining lets one round trip
 to PostgreSQL carry several clients' statements.  For the same reason, while
-traffic is steady the loop polls for up to ``spin`` seconds before it sleeps
-(:meth:`FrontEnd._spin`).
+traffic is steady the loop polls for up to ``spin`` seconds before it sleeps,
+while what it waits for is due soon (:meth:`FrontEnd._spin`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import select
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
@@ -193,6 +193,27 @@ class Lease:
     def holder(self) -> Lease:
         """The lease that holds the connection: the transaction a stream runs in, or itself."""
         return self.lease or self
+
+
+def _answer_due(pipes: Iterable[Pipe], spin: float, now: float) -> bool:
+    """Whether what the loop waits for should come within ``spin``: a client's next
+    request (no request in flight), or the answer to the one request in flight,
+    while it has run for less than ``spin``.
+
+    With more requests in flight there is work to wake up for anyway, and the CPU
+    is better left to others.  A long statement, or a large result that arrives in
+    many reads, would be spun for after every read: a 100,000-row result cost the
+    server 2.4 times the CPU with the spin (114 ms against 48, measured) and came
+    no sooner.
+    """
+    waiting = 0
+    for pipe in pipes:
+        requests = len(pipe.requests)
+        if requests:
+            waiting += requests
+            if waiting > 1 or now - pipe.progress > spin:
+                return False
+    return True
 
 
 class FrontEnd:
@@ -464,7 +485,7 @@ class FrontEnd:
                 timeout = 0.0 if self.events.pending else max(0.0, wake_at - monotonic())
                 ready = poll(0)
                 if (not ready and spin and now - self._last_work < _SPIN_AFTER
-                        and sum(len(pipe.requests) for pipe in pipes.values()) <= 1):
+                        and _answer_due(pipes.values(), spin, now)):
                     ready = self._spin(poll, spin)
                 if not ready:
                     ready = poll(timeout)
@@ -504,9 +525,8 @@ class FrontEnd:
         is steady (work within the last ``_SPIN_AFTER``), the loop keeps
         polling for a moment before it sleeps.  ``sched_yield`` between
         polls gives the core to any other runnable thread.  It spins only at
-        low concurrency (at most one request in flight): with more, there is
-        work to wake up for anyway, and the CPU is better left to others.
-        An idle server never spins.
+        low concurrency, while what it waits for is due soon (see
+        :func:`_answer_due`).  An idle server never spins.
         """
         until = time.monotonic() + seconds
         ready: list[tuple[int, int]] = []
