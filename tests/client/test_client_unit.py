@@ -520,7 +520,8 @@ def test_the_first_heartbeat_goes_out_one_interval_after_the_begin() -> None:
             client.transaction().begin()
             begun = time.monotonic()
             stub.next_op("heartbeat")
-            assert time.monotonic() - begun < 1.5 * interval
+            # One interval, give or take the thread's scheduling; never under two before.
+            assert time.monotonic() - begun < 1.9 * interval
             assert client._heartbeat.sent == 1
     finally:
         stub.close()
@@ -570,8 +571,9 @@ def test_a_heartbeat_that_finds_no_connection_is_tried_again_soon() -> None:
     try:
         refused = sock.attempts.get(timeout=WAIT)
         sent = sock.attempts.get(timeout=WAIT)
-        # Not a whole interval later, which would leave the server a third of its timeout.
-        assert sent - refused < 0.5 * interval
+        # A tenth of an interval later; a whole one before, which would leave the server
+        # a third of its timeout.
+        assert sent - refused < 0.9 * interval
         assert heartbeat.sent == 1
     finally:
         heartbeat.stop()
