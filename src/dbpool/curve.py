@@ -136,6 +136,8 @@ class Box:
         #: a time, and PyNaCl's bindings would allocate and check on every call (half
         #: of a request's cost of CURVE, measured).
         self._buffer = _ffi.new("char[]", 4096)
+        #: The buffer's size, kept beside it: ``len`` of a cffi array is a call, on
+        #: every frame, where this is a field read in the compiled build.
         self._room_size = 4096
 
     def _room(self, size: int) -> Any:
